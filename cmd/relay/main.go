@@ -1,0 +1,97 @@
+// Command relay gives unmodified servers zero-downtime restarts: it binds
+// the listening sockets once and hands them to each new generation of the
+// server through systemd socket activation.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/relaysh/relay/socketpass"
+)
+
+// Exit codes. A child's own status is passed through as relay's.
+const (
+	exitOK       = 0
+	exitFailure  = 1   // relay could not do what it was asked
+	exitUsage    = 2   // bad flags, arguments or configuration
+	exitShimExec = 127 // the exec shim could not run the command
+)
+
+func main() {
+	os.Exit(realMain(os.Args, os.Stderr))
+}
+
+func realMain(args []string, stderr io.Writer) int {
+	if socketpass.IsShim(args) {
+		err := socketpass.RunShim(args)
+		fmt.Fprintf(stderr, "relay: %v\n", err)
+		return exitShimExec
+	}
+	err := newApp(stderr).Run(args)
+	return exitCode(err, stderr)
+}
+
+func newApp(stderr io.Writer) *cli.App {
+	return &cli.App{
+		Name:      "relay",
+		Usage:     "zero-downtime restarts for unmodified servers",
+		ErrWriter: stderr,
+		Description: "relay binds your server's listening sockets once and starts the server with systemd\n" +
+			"socket activation (fds 3.., LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it\n" +
+			"starts a new generation on the same sockets, waits until that generation is ready,\n" +
+			"and only then stops the old one. Run 'relay run --help' for the details.",
+		Commands:             []*cli.Command{runCommand()},
+		HideHelpCommand:      true,
+		EnableBashCompletion: false,
+		// Exit codes are decided in exitCode, never inside cli.
+		ExitErrHandler: func(*cli.Context, error) {},
+		OnUsageError:   onUsageError,
+	}
+}
+
+// usageError is bad input from the command line.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+func onUsageError(c *cli.Context, err error, _ bool) error {
+	name := "relay"
+	if c.Command != nil && c.Command.Name != "" {
+		name += " " + c.Command.Name
+	}
+	return usageError{fmt.Errorf("%w (see '%s --help')", err, name)}
+}
+
+// childExit carries the child's status out as relay's exit code.
+type childExit struct {
+	code int
+}
+
+func (e childExit) Error() string { return fmt.Sprintf("child exited with code %d", e.code) }
+
+func exitCode(err error, stderr io.Writer) int {
+	if err == nil {
+		return exitOK
+	}
+	var ce childExit
+	if errors.As(err, &ce) {
+		return ce.code
+	}
+	// One line, whatever the error holds.
+	msg := strings.ReplaceAll(strings.TrimSpace(err.Error()), "\n", " | ")
+	fmt.Fprintf(stderr, "relay: %s\n", msg)
+	var ue usageError
+	if errors.As(err, &ue) {
+		return exitUsage
+	}
+	return exitFailure
+}

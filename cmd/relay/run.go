@@ -1,0 +1,290 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/oklog/run"
+	"github.com/urfave/cli/v2"
+
+	"github.com/relaysh/relay/health"
+	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/signals"
+	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/supervisor"
+)
+
+const runDescription = `relay binds every --listen socket once, for its whole life, and starts COMMAND with
+systemd socket activation: the sockets are fds 3, 4, ... in --listen order, and the
+child's environment has LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (the child's own
+pid), plus RELAY_GENERATION, a private NOTIFY_SOCKET and RELAY_HEALTH_ADDR.
+
+Signals to relay:
+   HUP              restart: start a new generation on the same sockets, wait until it is
+                    ready (--health), keep both serving for --drain, then send the old one
+                    --stop-signal and SIGKILL its process group after --stop-timeout.
+                    A new generation that fails is killed; the old one is never touched.
+   TERM, INT, QUIT  stop every generation gracefully and exit with the child's status.
+                    A second one kills them at once.
+   USR1, USR2, WINCH  forwarded to the serving child.
+
+Listen forms (each may start with NAME= to set its LISTEN_FDNAMES entry):
+   :8080  127.0.0.1:8080  [::1]:8080   TCP           (default name tcp-PORT)
+   udp:127.0.0.1:5353                  UDP           (default name udp-PORT)
+   unix:/run/app.sock                  unix stream   (default name unix-FILENAME)
+
+Readiness (--health) must be specific to the new child: both generations accept on
+the same sockets, so a probe the old one could answer proves nothing.
+   notify                     the child sends READY=1 to its own NOTIFY_SOCKET (sd_notify)
+   http://{health_addr}/path  GET must answer 2xx; {health_addr} is a loopback address relay
+                              picks for each child and passes as RELAY_HEALTH_ADDR (and as
+                              {health_addr}/{health_port} in COMMAND's arguments)
+   tcp://{health_addr}        a TCP connect must succeed
+   exec:CMD ARGS              CMD must exit 0; it gets RELAY_CHILD_PID, RELAY_GENERATION and
+                              RELAY_HEALTH_ADDR; {pid} is replaced in ARGS. No shell is used.
+   delay:2s                   the weakest form: only waits, proves nothing`
+
+const runExamples = `
+Examples:
+   relay run --listen :8080 -- ./server --config prod.yaml
+   relay run --listen http=:8080 --listen admin=127.0.0.1:9090 --drain 2s -- ./server
+   relay run --listen :8080 --health 'http://{health_addr}/healthz' -- ./server --health-addr '{health_addr}'
+   relay run --listen unix:/run/app/app.sock --socket-mode 0660 --stop-signal QUIT -- nginx -g 'daemon off;'
+   kill -HUP $(pidof relay)     # restart`
+
+func runCommand() *cli.Command {
+	return &cli.Command{
+		Name:        "run",
+		Usage:       "run COMMAND on relay's sockets and restart it without downtime",
+		UsageText:   "relay run --listen ADDR [--listen ADDR ...] [options] -- COMMAND [ARG...]",
+		Description: runDescription + "\n" + runExamples,
+		Flags: []cli.Flag{
+			&cli.StringSliceFlag{Name: "listen", Aliases: []string{"l"}, Usage: "`ADDR` to listen on; repeat for more sockets (see the forms above)"},
+			&cli.StringFlag{Name: "socket-mode", Value: "0660", Usage: "permission `MODE` of unix sockets relay creates"},
+			&cli.StringFlag{Name: "health", Value: "notify", Usage: "readiness `CHECK` of each new generation: notify, http://…, tcp://…, exec:CMD or delay:DURATION"},
+			&cli.DurationFlag{Name: "health-timeout", Value: supervisor.DefaultHealthTimeout, Usage: "how long a new generation may take to become ready before it is killed and the restart rolled back"},
+			&cli.DurationFlag{Name: "drain", Value: 0, Usage: "how long the old and the new generation both serve before the old one is told to stop"},
+			&cli.StringFlag{Name: "stop-signal", Value: "TERM", Usage: "`SIGNAL` that asks a generation to stop (nginx and unicorn want QUIT, haproxy USR1, lighttpd INT)"},
+			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "how long a generation may take to stop before its process group gets SIGKILL"},
+			&cli.IntFlag{Name: "max-draining", Value: supervisor.DefaultMaxDraining, Usage: "old generations that may still be running; a restart past it waits for the oldest to exit"},
+			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log `FORMAT`: text or json"},
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log `LEVEL`: debug, info, warn or error"},
+		},
+		Action: runAction,
+	}
+}
+
+func runAction(c *cli.Context) error {
+	opts, err := parseRunFlags(c)
+	if err != nil {
+		return err
+	}
+	log := newLogger(c.App.ErrWriter, opts.logFormat, opts.logLevel)
+
+	listeners, err := socketpass.Bind(opts.listens, socketpass.BindOptions{UnixMode: opts.socketMode})
+	if err != nil {
+		return err
+	}
+	defer socketpass.CloseAll(listeners)
+	var addrs []string
+	for i, l := range listeners {
+		log.Info("listening", "fd", socketpass.FirstFD+i, "name", l.Spec.Name, "network", string(l.Spec.Network), "addr", l.Addr)
+		addrs = append(addrs, l.Addr)
+	}
+	warnAboutHealth(log, opts.health, addrs)
+
+	runtimeDir, err := makeRuntimeDir()
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(runtimeDir)
+
+	rp, err := reaper.New(log)
+	if err != nil {
+		return err
+	}
+	defer rp.Close()
+
+	sup, err := supervisor.New(supervisor.Config{
+		Command:       opts.command,
+		Env:           os.Environ(),
+		Listeners:     listeners,
+		Health:        opts.health,
+		HealthTimeout: opts.healthTimeout,
+		Drain:         opts.drain,
+		StopSignal:    opts.stopSignal,
+		StopTimeout:   opts.stopTimeout,
+		MaxDraining:   opts.maxDraining,
+		RuntimeDir:    runtimeDir,
+		Reaper:        rp,
+		Log:           log,
+		Stderr:        c.App.ErrWriter,
+	})
+	if err != nil {
+		return err
+	}
+
+	var outcome supervisor.Outcome
+	var g run.Group
+	g.Add(func() error {
+		var err error
+		outcome, err = sup.Run()
+		return err
+	}, func(error) { sup.Stop(false) })
+	ctx, cancel := context.WithCancel(context.Background())
+	g.Add(func() error {
+		return signalLoop(ctx, sup)
+	}, func(error) { cancel() })
+	if err := g.Run(); err != nil {
+		return err
+	}
+	if outcome.Child != nil {
+		log.Info("relay exiting", "child_status", outcome.Child.String(), "exit_code", outcome.Child.ExitCode())
+		return childExit{code: outcome.Child.ExitCode()}
+	}
+	return nil
+}
+
+// signalLoop turns signals sent to relay into supervisor requests until the
+// supervisor is done or ctx ends.
+func signalLoop(ctx context.Context, sup *supervisor.Supervisor) error {
+	sigC := make(chan os.Signal, 8)
+	signal.Notify(sigC, signals.Handled()...)
+	defer signal.Stop(sigC)
+	stopping := false
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-sup.Done():
+			return nil
+		case sig := <-sigC:
+			switch signals.Decide(sig, stopping) {
+			case signals.Restart:
+				sup.RequestRestart("signal " + signals.Name(sig.(syscall.Signal)))
+			case signals.Stop:
+				stopping = true
+				sup.Stop(false)
+			case signals.StopNow:
+				sup.Stop(true)
+			case signals.Forward:
+				sup.Forward(sig.(syscall.Signal))
+			}
+		}
+	}
+}
+
+type runOptions struct {
+	listens                           []socketpass.Spec
+	socketMode                        os.FileMode
+	health                            health.Spec
+	healthTimeout, drain, stopTimeout time.Duration
+	stopSignal                        syscall.Signal
+	maxDraining                       int
+	logFormat                         string
+	logLevel                          slog.Level
+	command                           supervisor.Command
+}
+
+func parseRunFlags(c *cli.Context) (runOptions, error) {
+	var o runOptions
+	var err error
+	if c.Args().Len() == 0 {
+		return o, usagef("no command to run; put it after the flags: relay run --listen :8080 -- ./server")
+	}
+	for _, v := range c.StringSlice("listen") {
+		s, err := socketpass.ParseListen(v)
+		if err != nil {
+			return o, usageError{err}
+		}
+		o.listens = append(o.listens, s)
+	}
+	if len(o.listens) == 0 {
+		return o, usagef("no --listen address; give at least one, e.g. --listen :8080")
+	}
+	if o.socketMode, err = socketpass.FileMode(c.String("socket-mode")); err != nil {
+		return o, usageError{err}
+	}
+	if o.health, err = health.Parse(c.String("health")); err != nil {
+		return o, usageError{err}
+	}
+	if o.stopSignal, err = signals.Parse(c.String("stop-signal")); err != nil {
+		return o, usageError{fmt.Errorf("--stop-signal: %w", err)}
+	}
+	o.healthTimeout, o.drain, o.stopTimeout = c.Duration("health-timeout"), c.Duration("drain"), c.Duration("stop-timeout")
+	if o.healthTimeout <= 0 || o.stopTimeout <= 0 || o.drain < 0 {
+		return o, usagef("--health-timeout and --stop-timeout must be positive and --drain not negative")
+	}
+	if o.maxDraining = c.Int("max-draining"); o.maxDraining < 1 {
+		return o, usagef("--max-draining %d: must be at least 1", o.maxDraining)
+	}
+	o.logFormat = c.String("log-format")
+	if o.logFormat != "text" && o.logFormat != "json" {
+		return o, usagef("--log-format %q: use text or json", o.logFormat)
+	}
+	if err := o.logLevel.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		return o, usagef("--log-level %q: use debug, info, warn or error", c.String("log-level"))
+	}
+	args := c.Args().Slice()
+	path, err := exec.LookPath(args[0])
+	if err != nil {
+		return o, usageError{commandError(args[0], err)}
+	}
+	o.command = supervisor.Command{Path: path, Args: args}
+	return o, nil
+}
+
+func commandError(name string, err error) error {
+	switch {
+	case errors.Is(err, exec.ErrNotFound):
+		return fmt.Errorf("command %q not found in PATH; give a path such as ./%s: %w", name, name, err)
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("command %q does not exist; check the path: %w", name, err)
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("command %q is not executable; chmod +x it: %w", name, err)
+	}
+	return fmt.Errorf("command %q cannot be run: %w", name, err)
+}
+
+func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func warnAboutHealth(log *slog.Logger, spec health.Spec, addrs []string) {
+	if shared := spec.SharedTarget(addrs); shared != "" {
+		log.Warn("the readiness check probes a shared listener, so it cannot tell generations apart: the old generation may answer for the new one; probe {health_addr} instead",
+			"check", spec.String(), "shared_addr", shared)
+	}
+	if spec.Weak() {
+		log.Warn("--health delay only waits and proves nothing about the new child; prefer notify, or http/tcp on {health_addr}", "check", spec.String())
+	}
+	if spec.Kind == health.Notify {
+		log.Info("readiness: waiting for READY=1 on each child's own NOTIFY_SOCKET; a server that does not speak sd_notify needs another --health")
+	}
+}
+
+// makeRuntimeDir creates the private directory for the children's notify
+// sockets: under $XDG_RUNTIME_DIR when set, else the temporary directory.
+func makeRuntimeDir() (string, error) {
+	base := os.Getenv("XDG_RUNTIME_DIR")
+	if st, err := os.Stat(base); base == "" || err != nil || !st.IsDir() {
+		base = os.TempDir()
+	}
+	dir, err := os.MkdirTemp(base, "relay-")
+	if err != nil {
+		return "", fmt.Errorf("creating relay's runtime directory in %s: %w", base, err)
+	}
+	return dir, nil
+}

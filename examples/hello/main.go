@@ -1,0 +1,355 @@
+// Command hello is a small HTTP server meant to be run under relay, and meant
+// to be copied: it shows everything a backend needs to do to take part in
+// zero-downtime restarts.
+//
+//   - It takes its listening sockets from relay via systemd socket activation
+//     (fds 3.., LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES), and falls back to
+//     binding -addr itself when started on its own.
+//   - It tells relay it is ready with sd_notify READY=1 once it is serving.
+//   - On SIGTERM (relay's "you are the old generation now") it stops with the
+//     lame-duck pattern, so that no request is dropped while the new
+//     generation takes over the same sockets. See shutdown below.
+//
+// Endpoints:
+//
+//	GET /         200 "hello from pid <pid> generation <gen>\n"
+//	              with headers X-Pid and X-Generation
+//	GET /healthz  200 "ok\n" while serving, 503 once shutting down
+//
+// Run "hello -h" for the flags.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/activation"
+	"github.com/coreos/go-systemd/v22/daemon"
+)
+
+func main() {
+	os.Exit(run())
+}
+
+// namedListener is a listening socket plus the name it was passed under
+// (LISTEN_FDNAMES), or a descriptive name when we bound it ourselves.
+type namedListener struct {
+	name string
+	ln   net.Listener
+}
+
+// run is main without os.Exit, so that deferred calls run. It returns the
+// process exit code.
+func run() int {
+	addr := flag.String("addr", "127.0.0.1:8080",
+		"address to bind when no sockets are passed in (standalone mode)")
+	healthAddr := flag.String("health-addr", "",
+		"private address to bind for /healthz (default $RELAY_HEALTH_ADDR; empty: none)")
+	startup := flag.Duration("startup", 0,
+		"simulated startup work before serving and reporting ready")
+	work := flag.Duration("work", 0,
+		"simulated work per request to /")
+	lameDuck := flag.Duration("lame-duck", time.Second,
+		"how long to keep answering after stopping to accept, before shutting down")
+	shutdownTimeout := flag.Duration("shutdown-timeout", 10*time.Second,
+		"how long Shutdown waits for in-flight requests after the lame duck")
+	flag.Parse()
+
+	// Every log line carries pid and generation, so that the interleaved
+	// output of two generations during a restart can be told apart.
+	pid := os.Getpid()
+	gen := os.Getenv("RELAY_GENERATION")
+	if gen == "" {
+		gen = "0"
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).
+		With("pid", pid, "generation", gen)
+
+	if *healthAddr == "" {
+		*healthAddr = os.Getenv("RELAY_HEALTH_ADDR")
+	}
+
+	// Take the sockets first: this also unsets LISTEN_* so that they do not
+	// leak into anything we might start.
+	listeners, err := publicListeners(log, *addr)
+	if err != nil {
+		log.Error("no listeners", "err", err)
+		return 1
+	}
+	for _, l := range listeners {
+		log.Info("listener", "name", l.name, "addr", l.ln.Addr().String())
+	}
+
+	// The private health listener is bound by this process itself. relay gives
+	// every generation its own address, so a successful probe there proves
+	// that THIS process is ready, whereas a probe on the shared socket might
+	// be answered by the other generation.
+	var health net.Listener
+	if *healthAddr != "" {
+		health, err = net.Listen("tcp", *healthAddr)
+		if err != nil {
+			log.Error("bind health address", "addr", *healthAddr, "err", err)
+			return 1
+		}
+		log.Info("health listener", "addr", health.Addr().String())
+	}
+
+	// Ask for the stop signals before the (possibly slow) startup, so that a
+	// stop during startup is handled by us rather than killing us mid-way.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT)
+	defer signal.Stop(sigs)
+
+	// Simulated slow initialisation (loading config, warming caches, ...).
+	// While we sleep, connections queue in the shared kernel socket and the
+	// previous generation, if any, keeps accepting them.
+	if *startup > 0 {
+		log.Info("starting up", "duration", *startup)
+		select {
+		case <-time.After(*startup):
+		case sig := <-sigs:
+			log.Info("signal during startup, exiting", "signal", sig.String())
+			return 0
+		}
+	}
+
+	// draining flips /healthz to 503 once shutdown has begun.
+	var draining atomic.Bool
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		if *work > 0 {
+			select {
+			case <-time.After(*work):
+			case <-r.Context().Done():
+				return // client went away
+			}
+		}
+		w.Header().Set("X-Pid", strconv.Itoa(pid))
+		w.Header().Set("X-Generation", gen)
+		fmt.Fprintf(w, "hello from pid %d generation %s\n", pid, gen)
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		if draining.Load() {
+			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprint(w, "ok\n")
+	})
+
+	// During the lame duck every response carries "Connection: close" (see
+	// shutdown): net/http closes the connection after such a response, and
+	// the client's next request opens a new connection, which lands on the
+	// new generation.
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if draining.Load() {
+			w.Header().Set("Connection", "close")
+		}
+		mux.ServeHTTP(w, r)
+	})
+
+	srv := &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+
+	// One Serve goroutine per listener. serveErr receives only unexpected
+	// errors; the ones caused by closing the listener are normal.
+	serveErr := make(chan error, len(listeners)+1)
+	var wg sync.WaitGroup
+	serve := func(name string, ln net.Listener) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := srv.Serve(ln)
+			if errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
+				// Closed by us (lame duck) or by srv.Shutdown.
+				log.Info("stopped accepting", "listener", name)
+				return
+			}
+			serveErr <- fmt.Errorf("serve %s: %w", name, err)
+		}()
+	}
+	for _, l := range listeners {
+		serve(l.name, l.ln)
+	}
+	if health != nil {
+		serve("health", health)
+	}
+
+	// Everything is being served: tell relay. Without NOTIFY_SOCKET (not
+	// under relay or systemd) SdNotify does nothing and reports false.
+	sent, err := daemon.SdNotify(false, daemon.SdNotifyReady)
+	switch {
+	case err != nil:
+		log.Warn("ready, but sd_notify failed", "err", err)
+	case sent:
+		log.Info("ready, sent READY=1")
+	default:
+		log.Info("ready, NOTIFY_SOCKET not set, no notification sent")
+	}
+
+	select {
+	case sig := <-sigs:
+		log.Info("stopping", "signal", sig.String())
+	case err := <-serveErr:
+		log.Error("serve failed, stopping", "err", err)
+		shutdown(log, srv, listeners, &draining, sigs, 0, *shutdownTimeout)
+		return 1
+	}
+	if !shutdown(log, srv, listeners, &draining, sigs, *lameDuck, *shutdownTimeout) {
+		return 1
+	}
+	wg.Wait()
+	log.Info("exiting")
+	return 0
+}
+
+// shutdown stops the server with the lame-duck pattern and reports whether
+// every connection was finished cleanly.
+//
+// Why not just srv.Shutdown? Shutdown marks the server as shutting down and
+// from then on a connection that reads a request closes without answering it.
+// Two kinds of request get caught by that:
+//
+//   - one per idle keep-alive connection: the client may already have sent
+//     its next request on a connection that looked idle to us;
+//   - at high connection rates, a few connections that were just accepted
+//     and whose first request had not been read yet.
+//
+// The clients see a connection closed without a response (EOF / reset), in
+// the middle of what should be a zero-downtime restart. So instead:
+//
+//  1. Stop accepting: close our listeners. Under relay these are dups of the
+//     sockets relay holds, so this closes them only in this process; the
+//     kernel socket stays open in relay and the new generation keeps
+//     accepting from it. Connections still in the kernel's accept queue are
+//     taken by the new generation, not lost.
+//  2. Set draining: from now on every response carries "Connection: close"
+//     (see the handler wrapper in run), so each client gets its current and
+//     next request answered and then reconnects, to the new generation.
+//     /healthz answers 503.
+//  3. Keep serving for the lame-duck period, so that in-flight requests,
+//     requests arriving on keep-alive connections and connections already
+//     accepted all get their answer.
+//  4. srv.SetKeepAlivesEnabled(false) and srv.Shutdown, which by now have
+//     (almost) nothing left to cut off; with a timeout for slow requests.
+//
+// Why set "Connection: close" per response in step 2 rather than calling
+// srv.SetKeepAlivesEnabled(false) there (which also makes every response
+// carry "Connection: close")? SetKeepAlivesEnabled(false) additionally closes
+// all currently idle connections at once, and a busy keep-alive client is
+// "idle" in the short gap between receiving a response and sending its next
+// request: closing it then loses that request just like Shutdown would. The
+// per-response header lets those clients finish cleanly. Connections that
+// stayed idle for the whole lame duck are closed in step 4; a client that
+// sends on one at that very moment can still lose the race, as with any
+// keep-alive connection the server closes (IdleTimeout has the same race),
+// which is why well-behaved HTTP clients retry idempotent requests that fail
+// this way.
+//
+// The private health listener (if any) stays open during the lame duck so a
+// probe sees 503 rather than "connection refused"; Shutdown closes it.
+func shutdown(log *slog.Logger, srv *http.Server, listeners []namedListener,
+	draining *atomic.Bool, sigs <-chan os.Signal, lameDuck, timeout time.Duration) bool {
+	// (1) Stop accepting on the public sockets.
+	for _, l := range listeners {
+		if err := l.ln.Close(); err != nil {
+			log.Warn("close listener", "name", l.name, "err", err)
+		}
+	}
+	// (2) Every further response says "Connection: close"; fail health checks.
+	draining.Store(true)
+
+	// (3) Lame duck: keep answering what we already have. A second signal
+	// cuts it short.
+	if lameDuck > 0 {
+		log.Info("lame duck", "duration", lameDuck)
+		select {
+		case <-time.After(lameDuck):
+		case sig := <-sigs:
+			log.Info("second signal, ending lame duck early", "signal", sig.String())
+		}
+	}
+
+	// (4) Close what is still idle, finish in-flight requests, close the rest.
+	srv.SetKeepAlivesEnabled(false)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		log.Warn("shutdown incomplete, closing remaining connections", "err", err)
+		srv.Close()
+		return false
+	}
+	log.Info("shutdown complete")
+	return true
+}
+
+// publicListeners returns the stream listeners passed in by relay (or
+// systemd). If no sockets were passed at all, it binds addr itself so the
+// program can also run standalone.
+func publicListeners(log *slog.Logger, addr string) ([]namedListener, error) {
+	if _, activated := os.LookupEnv("LISTEN_FDS"); !activated {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		log.Info("no sockets passed in, bound -addr", "addr", addr)
+		return []namedListener{{name: "addr", ln: &closeOnceListener{Listener: ln}}}, nil
+	}
+
+	// activation.Files is what activation.ListenersWithNames uses underneath.
+	// We call it directly so we can log, rather than silently skip, the
+	// sockets that are not stream listeners (UDP, datagram unix sockets).
+	// It checks LISTEN_PID against our pid and unsets the LISTEN_* variables.
+	files := activation.Files(true)
+	if len(files) == 0 {
+		// LISTEN_FDS was set but LISTEN_PID is not ours (or LISTEN_FDS is 0):
+		// binding -addr ourselves now would likely just collide with the
+		// supervisor's socket, so fail loudly instead.
+		return nil, errors.New("LISTEN_FDS is set but no sockets were passed to this pid (check LISTEN_PID)")
+	}
+	var out []namedListener
+	for _, f := range files {
+		// FileListener dups the fd; the original is closed right after.
+		ln, err := net.FileListener(f)
+		f.Close()
+		if err != nil {
+			log.Warn("ignoring passed socket: not a stream listener", "name", f.Name(), "err", err)
+			continue
+		}
+		out = append(out, namedListener{name: f.Name(), ln: &closeOnceListener{Listener: ln}})
+	}
+	if len(out) == 0 {
+		return nil, errors.New("none of the passed sockets is a stream listener")
+	}
+	return out, nil
+}
+
+// closeOnceListener makes Close idempotent. We close the listeners ourselves
+// at the start of the lame duck, and srv.Shutdown closes every listener it
+// still tracks; without this, a second Close would make Shutdown return a
+// spurious "use of closed network connection" error.
+type closeOnceListener struct {
+	net.Listener
+	once sync.Once
+	err  error
+}
+
+func (l *closeOnceListener) Close() error {
+	l.once.Do(func() { l.err = l.Listener.Close() })
+	return l.err
+}

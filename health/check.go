@@ -1,0 +1,234 @@
+package health
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/relaysh/relay/reaper"
+)
+
+// Probe intervals: the first retry comes after firstInterval and the
+// interval doubles up to maxInterval, so a child that becomes ready is seen
+// within milliseconds early on and within maxInterval later.
+const (
+	firstInterval = 2 * time.Millisecond
+	maxInterval   = 100 * time.Millisecond
+	// attemptLimit bounds one http, tcp or exec attempt.
+	attemptLimit = 5 * time.Second
+	// outputLimit bounds what an exec check's output keeps for the log.
+	outputLimit = 2048
+)
+
+// Starter starts processes; the reaper is one.
+type Starter interface {
+	Start(path string, argv []string, attr reaper.Attr) (*reaper.Process, error)
+}
+
+// Child is what a check knows of the child it checks.
+type Child struct {
+	Vars
+	// NotifyReady is closed when the child sends READY=1 on its own
+	// notify socket.
+	NotifyReady <-chan struct{}
+}
+
+// Checker runs one Spec against children.
+type Checker struct {
+	spec    Spec
+	starter Starter
+	env     []string
+	client  *http.Client
+}
+
+// NewChecker returns a Checker for spec. Exec checks are started through
+// starter with env plus the child's variables.
+func NewChecker(spec Spec, starter Starter, env []string) *Checker {
+	c := &Checker{spec: spec, starter: starter, env: env}
+	if spec.Kind == HTTP {
+		c.client = &http.Client{
+			Transport: &http.Transport{
+				// A fresh connection per probe: a pooled one could
+				// be held by another generation's server.
+				DisableKeepAlives: true,
+				Proxy:             nil,
+				// The private address is on loopback and often has a
+				// self-signed certificate; the probe asks "is it
+				// up", not "is it trusted".
+				TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, //nolint:gosec
+			},
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}
+	}
+	return c
+}
+
+// Spec returns the checked spec.
+func (c *Checker) Spec() Spec { return c.spec }
+
+// Wait returns nil once the child is ready, or an error that wraps ctx's
+// error and says what the last attempt saw.
+func (c *Checker) Wait(ctx context.Context, ch Child) error {
+	switch c.spec.Kind {
+	case Notify:
+		select {
+		case <-ch.NotifyReady:
+			return nil
+		case <-ctx.Done():
+			return fmt.Errorf("no READY=1 on the child's NOTIFY_SOCKET: %w", ctx.Err())
+		}
+	case Delay:
+		t := time.NewTimer(c.spec.Delay)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			return nil
+		case <-ctx.Done():
+			return fmt.Errorf("waiting %s: %w", c.spec.Delay, ctx.Err())
+		}
+	}
+	interval := firstInterval
+	var last error
+	for attempt := 1; ; attempt++ {
+		last = c.attempt(ctx, ch)
+		if last == nil {
+			return nil
+		}
+		t := time.NewTimer(interval)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("%d attempts, last: %v: %w", attempt, last, ctx.Err())
+		case <-t.C:
+		}
+		interval = min(2*interval, maxInterval)
+	}
+}
+
+func (c *Checker) attempt(ctx context.Context, ch Child) error {
+	ctx, cancel := context.WithTimeout(ctx, attemptLimit)
+	defer cancel()
+	switch c.spec.Kind {
+	case HTTP:
+		return c.httpAttempt(ctx, Expand(c.spec.Target, ch.Vars))
+	case TCP:
+		var d net.Dialer
+		conn, err := d.DialContext(ctx, "tcp", Expand(c.spec.Target, ch.Vars))
+		if err != nil {
+			return err
+		}
+		return conn.Close()
+	case Exec:
+		return c.execAttempt(ctx, ch)
+	}
+	return fmt.Errorf("unknown check kind %q", c.spec.Kind)
+}
+
+func (c *Checker) httpAttempt(ctx context.Context, target string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("User-Agent", "relay-health")
+	resp, err := c.client.Do(req)
+	if err != nil {
+		return err
+	}
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return fmt.Errorf("GET %s: %s", target, resp.Status)
+	}
+	return nil
+}
+
+func (c *Checker) execAttempt(ctx context.Context, ch Child) error {
+	argv := make([]string, len(c.spec.Argv))
+	for i, a := range c.spec.Argv {
+		argv[i] = Expand(a, ch.Vars)
+	}
+	path, err := exec.LookPath(argv[0])
+	if err != nil {
+		return fmt.Errorf("finding check command: %w", err)
+	}
+	_, port, _ := net.SplitHostPort(ch.HealthAddr)
+	env := append(append([]string(nil), c.env...),
+		EnvChildPid+"="+strconv.Itoa(ch.Pid),
+		EnvGeneration+"="+strconv.Itoa(ch.Generation),
+		EnvHealthAddr+"="+ch.HealthAddr,
+		EnvHealthPort+"="+port,
+	)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return fmt.Errorf("creating pipe for check output: %w", err)
+	}
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		pr.Close()
+		pw.Close()
+		return fmt.Errorf("opening %s: %w", os.DevNull, err)
+	}
+	p, err := c.starter.Start(path, argv, reaper.Attr{Env: env, Files: []*os.File{devnull, pw, pw}, NewGroup: true})
+	pw.Close()
+	devnull.Close()
+	if err != nil {
+		pr.Close()
+		return fmt.Errorf("starting check %s: %w", path, err)
+	}
+	outC := make(chan []byte, 1)
+	go func() {
+		defer pr.Close()
+		b, _ := io.ReadAll(io.LimitReader(pr, outputLimit))
+		io.Copy(io.Discard, pr) // drain, so the check never blocks writing
+		outC <- b
+	}()
+	select {
+	case <-p.Done():
+	case <-ctx.Done():
+		p.SignalGroup(syscall.SIGKILL)
+		<-p.Done()
+		p.SignalGroup(syscall.SIGKILL) // anything it left in its group
+		return fmt.Errorf("check %s did not finish: %w", c.spec.Target, ctx.Err())
+	}
+	p.SignalGroup(syscall.SIGKILL)
+	st := p.Status()
+	if st.ExitCode() == 0 {
+		return nil
+	}
+	var out []byte
+	select {
+	case out = <-outC:
+	case <-time.After(100 * time.Millisecond):
+		// A process the check left behind still holds the pipe.
+	}
+	out = bytes.TrimSpace(out)
+	if len(out) > 0 {
+		return fmt.Errorf("check %s: %s: %s", c.spec.Target, st, out)
+	}
+	return fmt.Errorf("check %s: %s", c.spec.Target, st)
+}
+
+// PickHealthAddr reserves a free loopback port for a child's private health
+// address. The port is only reserved while this function runs: the child
+// must bind it soon after it starts.
+func PickHealthAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("picking a private health port: %w", err)
+	}
+	addr := l.Addr().String()
+	if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+		return "", fmt.Errorf("picking a private health port: %w", err)
+	}
+	return addr, nil
+}

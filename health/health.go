@@ -1,0 +1,172 @@
+// Package health decides when a new generation is ready to serve.
+//
+// Every generation accepts on the same shared sockets, so a probe that the
+// old generation could answer proves nothing about the new one. The checks
+// here are made specific to one child: its own NOTIFY_SOCKET (notify), a
+// private loopback address relay picks for each child and hands it through
+// RELAY_HEALTH_ADDR or the {health_addr} placeholder (http, tcp), or a
+// command that is told the child's pid (exec). delay is the weakest form:
+// it only waits.
+package health
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Kind is the form of a readiness check.
+type Kind string
+
+// The kinds of check.
+const (
+	Notify Kind = "notify"
+	HTTP   Kind = "http"
+	TCP    Kind = "tcp"
+	Exec   Kind = "exec"
+	Delay  Kind = "delay"
+)
+
+// Placeholders substituted in --health specs and in the child's arguments.
+const (
+	PlaceholderHealthAddr = "{health_addr}"
+	PlaceholderHealthPort = "{health_port}"
+	PlaceholderGeneration = "{generation}"
+	PlaceholderPid        = "{pid}" // in checks only: unknown before exec
+)
+
+// Environment variables relay sets for each child and each exec check.
+const (
+	EnvGeneration = "RELAY_GENERATION"
+	EnvHealthAddr = "RELAY_HEALTH_ADDR"
+	EnvHealthPort = "RELAY_HEALTH_PORT"
+	EnvChildPid   = "RELAY_CHILD_PID"
+)
+
+// Spec is a parsed --health value.
+type Spec struct {
+	Kind Kind
+	// Raw is the value as given.
+	Raw string
+	// Target is the URL (http), host:port (tcp) or command (exec), with
+	// placeholders still in it.
+	Target string
+	// Argv is the exec check's command, split on white space.
+	Argv []string
+	// Delay is the wait of a delay check.
+	Delay time.Duration
+}
+
+// Parse parses a --health value.
+func Parse(value string) (Spec, error) {
+	s := Spec{Raw: value}
+	switch {
+	case value == "notify":
+		s.Kind = Notify
+	case strings.HasPrefix(value, "http://"), strings.HasPrefix(value, "https://"):
+		s.Kind, s.Target = HTTP, value
+		u, err := url.Parse(Expand(value, Vars{HealthAddr: "127.0.0.1:1", Generation: 1, Pid: 1}))
+		if err != nil || u.Host == "" {
+			return Spec{}, fmt.Errorf("--health %q: not a valid URL; want e.g. http://{health_addr}/healthz", value)
+		}
+	case strings.HasPrefix(value, "tcp://"):
+		s.Kind, s.Target = TCP, strings.TrimPrefix(value, "tcp://")
+		if _, _, err := net.SplitHostPort(Expand(s.Target, Vars{HealthAddr: "127.0.0.1:1"})); err != nil {
+			return Spec{}, fmt.Errorf("--health %q: want tcp://host:port, e.g. tcp://{health_addr}", value)
+		}
+	case strings.HasPrefix(value, "exec:"):
+		s.Kind, s.Target = Exec, strings.TrimPrefix(value, "exec:")
+		s.Argv = strings.Fields(s.Target)
+		if len(s.Argv) == 0 {
+			return Spec{}, fmt.Errorf("--health %q: exec: needs a command, e.g. exec:./check-ready", value)
+		}
+		if _, err := exec.LookPath(s.Argv[0]); err != nil {
+			return Spec{}, fmt.Errorf("--health %q: check command %q not found: %w", value, s.Argv[0], err)
+		}
+	case strings.HasPrefix(value, "delay:"):
+		d, err := time.ParseDuration(strings.TrimPrefix(value, "delay:"))
+		if err != nil || d < 0 {
+			return Spec{}, fmt.Errorf("--health %q: want a duration such as delay:2s", value)
+		}
+		s.Kind, s.Delay = Delay, d
+	default:
+		return Spec{}, fmt.Errorf("--health %q: unknown check; use notify, http://…, tcp://…, exec:CMD or delay:DURATION", value)
+	}
+	return s, nil
+}
+
+// Vars are the per-child values substituted into placeholders.
+type Vars struct {
+	Pid        int
+	Generation int
+	HealthAddr string
+}
+
+// Expand substitutes the placeholders in s.
+func Expand(s string, v Vars) string {
+	if !strings.Contains(s, "{") {
+		return s
+	}
+	_, port, _ := net.SplitHostPort(v.HealthAddr)
+	return strings.NewReplacer(
+		PlaceholderHealthAddr, v.HealthAddr,
+		PlaceholderHealthPort, port,
+		PlaceholderGeneration, strconv.Itoa(v.Generation),
+		PlaceholderPid, strconv.Itoa(v.Pid),
+	).Replace(s)
+}
+
+// UsesPrivateAddr reports whether the check goes to the child's private
+// health address rather than to a fixed one.
+func (s Spec) UsesPrivateAddr() bool {
+	return strings.Contains(s.Target, PlaceholderHealthAddr) || strings.Contains(s.Target, PlaceholderHealthPort)
+}
+
+// SharedTarget returns which of the shared listener addresses the check
+// probes, or "" if none. Such a probe cannot tell generations apart: an old
+// generation accepting on the same socket may answer it.
+func (s Spec) SharedTarget(listenerAddrs []string) string {
+	if (s.Kind != HTTP && s.Kind != TCP) || s.UsesPrivateAddr() {
+		return ""
+	}
+	hostport := s.Target
+	if s.Kind == HTTP {
+		u, err := url.Parse(s.Target)
+		if err != nil {
+			return ""
+		}
+		hostport = u.Host
+		if u.Port() == "" {
+			hostport = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
+		}
+	}
+	host, port, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return ""
+	}
+	for _, a := range listenerAddrs {
+		lh, lp, err := net.SplitHostPort(a)
+		if err != nil || lp != port {
+			continue
+		}
+		lip, ip := net.ParseIP(lh), net.ParseIP(host)
+		if lip == nil || lip.IsUnspecified() || ip == nil || ip.IsLoopback() || lip.Equal(ip) || host == "localhost" {
+			return a
+		}
+	}
+	return ""
+}
+
+// Weak reports whether the check proves nothing about the child's state.
+func (s Spec) Weak() bool { return s.Kind == Delay }
+
+// String names the check for logs, e.g. "http http://{health_addr}/healthz".
+func (s Spec) String() string { return s.Raw }
+
+// ErrTimeout is wrapped by Wait when the timeout passes first.
+var ErrTimeout = errors.New("readiness timeout")

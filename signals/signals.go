@@ -1,0 +1,88 @@
+// Package signals holds relay's signal policy: what each signal sent to
+// relay means, and how signal names on the command line are read.
+package signals
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Action is what relay does on a signal.
+type Action int
+
+// The actions.
+const (
+	// Ignore: nothing (SIGPIPE, so a closed log reader never kills relay).
+	Ignore Action = iota
+	// Restart: start a new generation (SIGHUP).
+	Restart
+	// Stop: stop every generation gracefully, then exit (SIGTERM, SIGINT).
+	Stop
+	// StopNow: kill every generation at once, then exit (a second
+	// SIGINT or SIGTERM while stopping).
+	StopNow
+	// Forward: pass the signal on to the serving child (SIGUSR1, SIGUSR2,
+	// SIGWINCH).
+	Forward
+)
+
+func (a Action) String() string {
+	return [...]string{"ignore", "restart", "stop", "stop-now", "forward"}[a]
+}
+
+// Handled lists the signals relay takes over; pass them to signal.Notify.
+func Handled() []os.Signal {
+	return []os.Signal{
+		syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT,
+		syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH, syscall.SIGPIPE,
+	}
+}
+
+// Decide returns the action for sig. stopping says whether a graceful stop
+// is already under way: a second stop request then means stop now.
+func Decide(sig os.Signal, stopping bool) Action {
+	switch sig {
+	case syscall.SIGHUP:
+		return Restart
+	case syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT:
+		if stopping {
+			return StopNow
+		}
+		return Stop
+	case syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH:
+		return Forward
+	}
+	return Ignore
+}
+
+// Parse reads a signal given as a name ("TERM", "SIGTERM", "term") or a
+// number ("15").
+func Parse(s string) (syscall.Signal, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		if n <= 0 || n > 64 {
+			return 0, fmt.Errorf("signal %q: number out of range 1-64", s)
+		}
+		return syscall.Signal(n), nil
+	}
+	name := strings.ToUpper(s)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	if sig := unix.SignalNum(name); sig != 0 {
+		return sig, nil
+	}
+	return 0, fmt.Errorf("unknown signal %q; use a name such as TERM, QUIT, INT or USR1", s)
+}
+
+// Name returns the short name of sig, such as "TERM".
+func Name(sig syscall.Signal) string {
+	if n := unix.SignalName(sig); n != "" {
+		return strings.TrimPrefix(n, "SIG")
+	}
+	return strconv.Itoa(int(sig))
+}

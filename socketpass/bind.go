@@ -1,0 +1,276 @@
+package socketpass
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+)
+
+// listenBacklog is passed to listen(2); the kernel caps it at
+// net.core.somaxconn.
+const listenBacklog = 65535
+
+// Listener is one socket relay holds for its whole life.
+//
+// The socket is created in blocking mode and wrapped in an *os.File at once,
+// so the os package never registers it with Go's network poller (relay
+// never accepts on it and must not wake on its traffic), and File.Fd never
+// has a reason to change its file status flags, which every generation
+// shares.
+type Listener struct {
+	Spec Spec
+	// Addr is the bound address: host:port, or the unix socket path.
+	Addr string
+
+	file *os.File
+	// For a unix socket relay created: the inode, so that only that file
+	// is removed at exit.
+	dev, ino uint64
+}
+
+// File returns the socket. It stays owned by the Listener: do not close it.
+func (l *Listener) File() *os.File { return l.file }
+
+// Close closes relay's copy of the socket and, for a unix socket, removes
+// the path if it is still the socket relay created.
+func (l *Listener) Close() error {
+	err := l.file.Close()
+	if l.Spec.Network == Unix && l.ino != 0 {
+		var st unix.Stat_t
+		if unix.Lstat(l.Addr, &st) == nil && st.Dev == l.dev && st.Ino == l.ino {
+			if rmErr := os.Remove(l.Addr); rmErr != nil && err == nil {
+				err = fmt.Errorf("removing unix socket %s: %w", l.Addr, rmErr)
+			}
+		}
+	}
+	return err
+}
+
+// BindOptions tune Bind.
+type BindOptions struct {
+	// UnixMode is the permission given to unix socket files.
+	UnixMode os.FileMode
+}
+
+// Bind binds every spec, in order. On error, the sockets bound so far are
+// closed again.
+func Bind(specs []Spec, opts BindOptions) ([]*Listener, error) {
+	var out []*Listener
+	for _, s := range specs {
+		l, err := bindOne(s, opts)
+		if err != nil {
+			CloseAll(out)
+			return nil, err
+		}
+		out = append(out, l)
+	}
+	return out, nil
+}
+
+// CloseAll closes every listener and returns the first error.
+func CloseAll(ls []*Listener) error {
+	var first error
+	for _, l := range ls {
+		if err := l.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+func bindOne(s Spec, opts BindOptions) (*Listener, error) {
+	var (
+		l   *Listener
+		err error
+	)
+	switch s.Network {
+	case Unix:
+		l, err = bindUnix(s, opts.UnixMode)
+	case TCP, UDP:
+		l, err = bindInet(s)
+	default:
+		err = fmt.Errorf("unknown network %q", s.Network)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if !s.NameGiven {
+		l.Spec.Name = DefaultName(s.Network, l.Addr)
+	}
+	return l, nil
+}
+
+func bindInet(s Spec) (*Listener, error) {
+	sotype := unix.SOCK_STREAM
+	if s.Network == UDP {
+		sotype = unix.SOCK_DGRAM
+	}
+	host, portStr, err := net.SplitHostPort(s.Address)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", s, err)
+	}
+	port, _ := strconv.Atoi(portStr)
+
+	var (
+		family int
+		sa     unix.Sockaddr
+		v6only = true
+	)
+	switch ip := parseHost(host); {
+	case host == "":
+		// All addresses: one dual-stack IPv6 socket, as Go's net package
+		// does, or plain IPv4 where IPv6 is off.
+		family, sa, v6only = unix.AF_INET6, &unix.SockaddrInet6{Port: port}, false
+	case ip == nil:
+		addrs, err := net.DefaultResolver.LookupIPAddr(context.Background(), host)
+		if err != nil || len(addrs) == 0 {
+			return nil, fmt.Errorf("listen %s: cannot resolve host %q: %w", s, host, err)
+		}
+		family, sa = inetSockaddr(pickAddr(addrs), port)
+	default:
+		family, sa = inetSockaddr(ip, port)
+	}
+
+	fd, err := unix.Socket(family, sotype|unix.SOCK_CLOEXEC, 0)
+	if err != nil && family == unix.AF_INET6 && host == "" {
+		family, sa = unix.AF_INET, &unix.SockaddrInet4{Port: port}
+		fd, err = unix.Socket(family, sotype|unix.SOCK_CLOEXEC, 0)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: creating socket: %w", s, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			unix.Close(fd)
+		}
+	}()
+	if sotype == unix.SOCK_STREAM {
+		// Lets relay bind while old connections sit in TIME_WAIT. This is
+		// not SO_REUSEPORT: no second socket can join this address.
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return nil, fmt.Errorf("listen %s: setting SO_REUSEADDR: %w", s, err)
+		}
+	}
+	if family == unix.AF_INET6 {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, boolInt(v6only)); err != nil {
+			return nil, fmt.Errorf("listen %s: setting IPV6_V6ONLY: %w", s, err)
+		}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return nil, bindError(s, err)
+	}
+	if sotype == unix.SOCK_STREAM {
+		if err := unix.Listen(fd, listenBacklog); err != nil {
+			return nil, fmt.Errorf("listen %s: %w", s, err)
+		}
+	}
+	bound, err := unix.Getsockname(fd)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: reading bound address: %w", s, err)
+	}
+	ok = true
+	return &Listener{
+		Spec: s,
+		Addr: sockaddrString(bound),
+		file: os.NewFile(uintptr(fd), s.String()),
+	}, nil
+}
+
+func bindUnix(s Spec, mode os.FileMode) (*Listener, error) {
+	path := s.Address
+	dir := filepath.Dir(path)
+	if st, err := os.Stat(dir); err != nil {
+		return nil, fmt.Errorf("listen %s: directory %s does not exist or is unreadable (%w); create it first", s, dir, err)
+	} else if !st.IsDir() {
+		return nil, fmt.Errorf("listen %s: %s is not a directory", s, dir)
+	}
+	if err := removeStaleSocket(s, path); err != nil {
+		return nil, err
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: creating socket: %w", s, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			unix.Close(fd)
+		}
+	}()
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		return nil, bindError(s, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return nil, fmt.Errorf("listen %s: checking the new socket file: %w", s, err)
+	}
+	created := func() {
+		if !ok {
+			os.Remove(path)
+		}
+	}
+	defer created()
+	// Set the mode before listen(2): nobody can connect until then, so no
+	// client ever sees the socket with the umask's permissions.
+	if err := unix.Fchmodat(unix.AT_FDCWD, path, uint32(mode.Perm()), 0); err != nil {
+		return nil, fmt.Errorf("listen %s: setting mode %#o: %w", s, mode.Perm(), err)
+	}
+	if err := unix.Listen(fd, listenBacklog); err != nil {
+		return nil, fmt.Errorf("listen %s: %w", s, err)
+	}
+	ok = true
+	return &Listener{
+		Spec: s,
+		Addr: path,
+		file: os.NewFile(uintptr(fd), s.String()),
+		dev:  st.Dev,
+		ino:  st.Ino,
+	}, nil
+}
+
+// removeStaleSocket removes a socket file left behind by a process that is
+// gone. A live socket, or a file that is not a socket, is an error.
+func removeStaleSocket(s Spec, path string) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); errors.Is(err, unix.ENOENT) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("listen %s: checking existing path: %w", s, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return fmt.Errorf("listen %s: %s exists and is not a socket; remove it or choose another path", s, path)
+	}
+	c, err := net.Dial("unix", path)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("listen %s: address already in use: a live process listens on %s; stop it or choose another path", s, path)
+	}
+	if !errors.Is(err, unix.ECONNREFUSED) {
+		return fmt.Errorf("listen %s: probing existing socket %s: %w", s, path, err)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("listen %s: removing stale socket %s: %w", s, path, err)
+	}
+	return nil
+}
+
+func bindError(s Spec, err error) error {
+	switch {
+	case errors.Is(err, unix.EADDRINUSE):
+		return fmt.Errorf("listen %s: address already in use: another process holds %s; stop it or choose another address: %w", s, s.Address, err)
+	case errors.Is(err, unix.EACCES) && s.Network != Unix:
+		return fmt.Errorf("listen %s: permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE: %w", s, err)
+	case errors.Is(err, unix.EADDRNOTAVAIL):
+		return fmt.Errorf("listen %s: address not available on this machine: %w", s, err)
+	case errors.Is(err, unix.ENOENT):
+		return fmt.Errorf("listen %s: directory %s does not exist; create it first: %w", s, filepath.Dir(s.Address), err)
+	}
+	return fmt.Errorf("listen %s: binding: %w", s, err)
+}

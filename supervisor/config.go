@@ -1,0 +1,118 @@
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/relaysh/relay/health"
+	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/socketpass"
+)
+
+// Command is what a generation runs.
+type Command struct {
+	// Path is the resolved executable.
+	Path string
+	// Args is the argv, Args[0] included. {health_addr}, {health_port}
+	// and {generation} are substituted for each generation.
+	Args []string
+}
+
+// Config configures a Supervisor.
+type Config struct {
+	Command   Command
+	Dir       string   // working directory of the children; "" for relay's
+	Env       []string // base environment of the children
+	Listeners []*socketpass.Listener
+
+	Health        health.Spec
+	HealthTimeout time.Duration
+	// Drain is how long the old and the new generation both serve before
+	// the old one gets its stop signal.
+	Drain       time.Duration
+	StopSignal  syscall.Signal
+	StopTimeout time.Duration
+	// MaxDraining bounds the old generations still alive (draining or
+	// stopping). A restart that would go past it waits for the oldest to
+	// exit before it starts its new generation; StopTimeout bounds that
+	// wait. At most MaxDraining+1 generations are alive at once.
+	MaxDraining int
+	// RestartBackoff is the first delay before replacing a crashed
+	// child; it doubles with each failure in a row up to MaxBackoff.
+	RestartBackoff time.Duration
+	MaxBackoff     time.Duration
+
+	// RuntimeDir is a private (0700) directory for the per-child notify
+	// sockets.
+	RuntimeDir string
+	Stdin      *os.File
+	Stdout     *os.File
+	// Stderr receives the children's stderr, byte for byte.
+	Stderr io.Writer
+
+	Reaper *reaper.Reaper
+	Log    *slog.Logger
+}
+
+// Defaults used where a Config field is zero.
+const (
+	DefaultHealthTimeout  = 60 * time.Second
+	DefaultStopTimeout    = 30 * time.Second
+	DefaultMaxDraining    = 1
+	DefaultRestartBackoff = 100 * time.Millisecond
+	DefaultMaxBackoff     = 30 * time.Second
+)
+
+func (c *Config) setDefaults() error {
+	if c.Command.Path == "" || len(c.Command.Args) == 0 {
+		return errors.New("no command to run")
+	}
+	if c.Reaper == nil {
+		return errors.New("no reaper")
+	}
+	if c.RuntimeDir == "" {
+		return errors.New("no runtime directory")
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	if c.HealthTimeout <= 0 {
+		c.HealthTimeout = DefaultHealthTimeout
+	}
+	if c.StopTimeout <= 0 {
+		c.StopTimeout = DefaultStopTimeout
+	}
+	if c.StopSignal == 0 {
+		c.StopSignal = syscall.SIGTERM
+	}
+	if c.MaxDraining == 0 {
+		c.MaxDraining = DefaultMaxDraining
+	}
+	if c.MaxDraining < 0 {
+		return fmt.Errorf("max draining %d is negative", c.MaxDraining)
+	}
+	if c.RestartBackoff <= 0 {
+		c.RestartBackoff = DefaultRestartBackoff
+	}
+	if c.MaxBackoff < c.RestartBackoff {
+		c.MaxBackoff = max(DefaultMaxBackoff, c.RestartBackoff)
+	}
+	if c.Health.Kind == "" {
+		c.Health.Kind, c.Health.Raw = health.Notify, "notify"
+	}
+	if c.Stdin == nil {
+		c.Stdin = os.Stdin
+	}
+	if c.Stdout == nil {
+		c.Stdout = os.Stdout
+	}
+	if c.Stderr == nil {
+		c.Stderr = os.Stderr
+	}
+	return nil
+}

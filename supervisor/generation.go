@@ -1,0 +1,165 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/relaysh/relay/health"
+	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/socketpass"
+)
+
+// State is where a generation is in its life.
+type State string
+
+// The states of a generation.
+const (
+	Starting State = "starting" // started, not yet proven ready
+	Serving  State = "serving"  // ready, and the newest ready generation
+	Draining State = "draining" // replaced, still serving for the drain window
+	Stopping State = "stopping" // sent its stop signal
+	Exited   State = "exited"   // its main process is gone
+)
+
+const (
+	stderrTailBytes = 4096
+	stderrTailLines = 10
+	// stderrGrace bounds how long an exit report waits for the last of the
+	// child's stderr, which a process it left behind may keep open.
+	stderrGrace = 250 * time.Millisecond
+)
+
+// generation is one start of the command. The supervisor's loop owns every
+// field but the ones its helper goroutines set before they post an event.
+type generation struct {
+	n          int
+	cmd        Command
+	proc       *reaper.Process
+	log        *slog.Logger
+	state      State
+	started    time.Time
+	readyAt    time.Time
+	healthAddr string
+	notify     *health.NotifySocket
+	stderr     *tailBuffer
+
+	cancelCheck context.CancelFunc
+	// failure is why a starting generation was killed, if it was.
+	failure error
+	// killTimer sends SIGKILL to the group after the stop timeout.
+	killTimer *time.Timer
+	status    reaper.Status
+	// pidForNotify is the pid, for the notify socket's goroutine.
+	pidForNotify atomic.Int64
+}
+
+func (g *generation) pid() int { return g.proc.Pid }
+
+// spawn starts generation n of cmd. The returned generation is Starting;
+// its exit is posted to the supervisor as an exitEvent.
+func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
+	g := &generation{n: n, cmd: cmd, state: Starting, stderr: newTailBuffer(stderrTailBytes)}
+	var err error
+	if g.healthAddr, err = health.PickHealthAddr(); err != nil {
+		return nil, err
+	}
+	vars := health.Vars{Generation: n, HealthAddr: g.healthAddr}
+	notifyPath := filepath.Join(s.cfg.RuntimeDir, "gen-"+strconv.Itoa(n)+".notify")
+	if g.notify, err = health.ListenNotify(notifyPath, func(m health.NotifyMessage) { s.onNotify(g, m) }); err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			g.notify.Close()
+		}
+	}()
+
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("creating the child's stderr pipe: %w", err)
+	}
+	defer pw.Close()
+
+	args := make([]string, len(cmd.Args))
+	for i, a := range cmd.Args {
+		args[i] = health.Expand(a, vars)
+	}
+	_, port, _ := net.SplitHostPort(g.healthAddr)
+	env := socketpass.ChildEnv(s.cfg.Env, s.cfg.Listeners,
+		socketpass.EnvNotifySocket+"="+notifyPath,
+		health.EnvGeneration+"="+strconv.Itoa(n),
+		health.EnvHealthAddr+"="+g.healthAddr,
+		health.EnvHealthPort+"="+port,
+	)
+	files := []*os.File{s.cfg.Stdin, s.cfg.Stdout, pw}
+	for _, l := range s.cfg.Listeners {
+		files = append(files, l.File())
+	}
+	path, argv := socketpass.ShimArgv(cmd.Path, args)
+	g.started = time.Now()
+	g.proc, err = s.cfg.Reaper.Start(path, argv, reaper.Attr{Dir: s.cfg.Dir, Env: env, Files: files, NewGroup: true})
+	if err != nil {
+		pr.Close()
+		return nil, fmt.Errorf("starting %s: %w", cmd.Path, err)
+	}
+	ok = true
+	g.log = s.cfg.Log.With("gen", n, "pid", g.proc.Pid)
+	g.pidForNotify.Store(int64(g.proc.Pid))
+
+	copied := make(chan struct{})
+	go func() {
+		defer close(copied)
+		defer pr.Close()
+		// Pass the bytes on untouched, and keep the tail for reports.
+		io.Copy(io.MultiWriter(s.cfg.Stderr, g.stderr), pr)
+	}()
+	go func() {
+		<-g.proc.Done()
+		t := time.NewTimer(stderrGrace)
+		select {
+		case <-copied:
+		case <-t.C:
+		}
+		t.Stop()
+		s.post(exitEvent{g: g, status: g.proc.Status()})
+	}()
+	return g, nil
+}
+
+// startCheck runs the readiness check of a starting generation and posts
+// its result as a checkEvent.
+func (s *Supervisor) startCheck(g *generation) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HealthTimeout)
+	g.cancelCheck = cancel
+	child := health.Child{
+		Vars:        health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
+		NotifyReady: g.notify.Ready(),
+	}
+	go func() {
+		err := s.checker.Wait(ctx, child)
+		if err != nil && ctx.Err() == context.DeadlineExceeded {
+			err = fmt.Errorf("not ready within --health-timeout %s: %w", s.cfg.HealthTimeout, err)
+		}
+		s.post(checkEvent{g: g, err: err})
+	}()
+}
+
+func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
+	// Runs on the notify socket's goroutine: only read immutable fields.
+	l := s.cfg.Log.With("gen", g.n, "pid", g.pidForNotify.Load())
+	if st, ok := m.Vars["STATUS"]; ok {
+		l.Info("child status", "status", st)
+	}
+	if m.Vars["READY"] == "1" {
+		l.Debug("child sent READY=1")
+	}
+}

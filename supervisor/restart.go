@@ -1,0 +1,297 @@
+package supervisor
+
+import (
+	"fmt"
+	"syscall"
+	"time"
+
+	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/signals"
+)
+
+func (s *Supervisor) beginRestart(run *restartRun) {
+	run.begun = time.Now()
+	s.restart = run
+	if run.reason != "start" {
+		s.cfg.Log.Info("restart begun", "reason", run.reason)
+	}
+	s.advance()
+}
+
+// advance starts the restart's new generation once the bound on old
+// generations allows it.
+func (s *Supervisor) advance() {
+	run := s.restart
+	if run == nil || run.gen != nil || s.stopping {
+		return
+	}
+	// The new generation will push the serving one into the old ones.
+	if s.serving != nil && len(s.old) >= s.cfg.MaxDraining {
+		if !run.waitLogged {
+			run.waitLogged = true
+			s.cfg.Log.Info("waiting for an old generation to exit before starting a new one",
+				"old_generations", len(s.old), "max_draining", s.cfg.MaxDraining)
+		}
+		return
+	}
+	cmd := s.command
+	if run.cmd != nil {
+		cmd = *run.cmd
+	}
+	s.nextGen++
+	g, err := s.spawn(s.nextGen, cmd)
+	if err != nil {
+		s.cfg.Log.Error("starting new generation", "gen", s.nextGen, "err", err)
+		s.stats.RestartsRolledBack++
+		s.finishRestart(Result{Generation: s.nextGen, Reason: err.Error()})
+		return
+	}
+	run.gen = g
+	s.starting = g
+	g.log.Info("generation starting", "cmd", cmd.Args, "check", s.cfg.Health.String(), "health_addr", g.healthAddr)
+	s.startCheck(g)
+}
+
+func (s *Supervisor) onCheck(g *generation, err error) {
+	if g != s.starting || g.state != Starting {
+		return // the generation already exited or the stop took it
+	}
+	if err != nil {
+		g.failure = err
+		g.log.Warn("new generation failed its readiness check; killing it", "err", err)
+		signalGroup(g, syscall.SIGKILL)
+		return // the rollback completes when it has exited
+	}
+	s.promote(g)
+}
+
+// promote makes a ready generation the serving one and sends the one it
+// replaces into its drain window.
+func (s *Supervisor) promote(g *generation) {
+	run := s.restart
+	g.state = Serving
+	g.readyAt = time.Now()
+	g.cancelCheck()
+	s.everReady = true
+	s.starting = nil
+	s.command = g.cmd
+	g.log.Info("generation ready", "ready_after", g.readyAt.Sub(g.started).Round(time.Microsecond),
+		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond))
+	prev := s.serving
+	s.serving = g
+	if prev == nil {
+		s.finishRestart(s.resultFor(g, true, ""))
+		return
+	}
+	prev.state = Draining
+	s.old = append(s.old, prev)
+	if s.cfg.Drain <= 0 {
+		s.stopGen(prev)
+		s.finishRestart(s.resultFor(g, true, ""))
+		return
+	}
+	prev.log.Info("old generation draining", "drain", s.cfg.Drain)
+	run.prev = prev
+	run.drainTimer = time.AfterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run}) })
+}
+
+func (s *Supervisor) onDrainEnd(run *restartRun) {
+	if run != s.restart {
+		return
+	}
+	if run.prev.state == Draining {
+		s.stopGen(run.prev)
+	}
+	s.finishRestart(s.resultFor(run.gen, true, ""))
+}
+
+// stopGen sends g its stop signal, and SIGKILL to its group after the stop
+// timeout.
+func (s *Supervisor) stopGen(g *generation) {
+	g.state = Stopping
+	g.log.Info("stopping generation", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
+	signalGroup(g, s.cfg.StopSignal)
+	s.armKill(g)
+}
+
+func (s *Supervisor) armKill(g *generation) {
+	if g.killTimer == nil {
+		g.killTimer = time.AfterFunc(s.cfg.StopTimeout, func() { s.post(killEvent{g: g}) })
+	}
+}
+
+func (s *Supervisor) onKillTimeout(g *generation) {
+	if g.state == Exited && !g.proc.GroupAlive() {
+		return
+	}
+	g.log.Warn("did not stop within the stop timeout; killing its process group",
+		"stop_timeout", s.cfg.StopTimeout, "signal", "KILL")
+	signalGroup(g, syscall.SIGKILL)
+}
+
+func (s *Supervisor) onExit(g *generation, st reaper.Status) {
+	prev := g.state
+	g.state, g.status = Exited, st
+	s.lastExit = g
+	if g.cancelCheck != nil {
+		g.cancelCheck()
+	}
+	if err := g.notify.Close(); err != nil {
+		g.log.Debug("closing notify socket", "err", err)
+	}
+	if g.proc.GroupAlive() {
+		// Processes of its group outlived it: stop them too.
+		if prev != Stopping {
+			signalGroup(g, s.cfg.StopSignal)
+		}
+		s.armKill(g)
+		s.lingering = append(s.lingering, g)
+	} else if g.killTimer != nil {
+		g.killTimer.Stop()
+	}
+
+	switch {
+	case g == s.starting:
+		s.starting = nil
+		s.rollback(g)
+	case g == s.serving:
+		s.serving = nil
+		if s.stopping {
+			g.log.Info("generation exited", "status", st.String())
+			break
+		}
+		g.log.Error("serving child exited on its own", "status", st.String(), "stderr_tail", g.stderr.Lines(stderrTailLines))
+		if time.Since(g.readyAt) >= stableAfter {
+			s.crashes = 0
+		}
+		s.scheduleReplace()
+	default:
+		s.old = remove(s.old, g)
+		g.log.Info("old generation exited", "status", st.String())
+		s.advance()
+	}
+}
+
+// rollback reports a new generation that failed; whatever served before
+// it was never touched.
+func (s *Supervisor) rollback(g *generation) {
+	reason := g.failure
+	if reason == nil {
+		reason = fmt.Errorf("exited before it was ready: %s", g.status)
+	}
+	if s.stopping {
+		g.log.Info("new generation exited during stop", "status", g.status.String())
+		s.finishRestart(s.resultFor(g, false, ErrStopping.Error()))
+		return
+	}
+	tail := g.stderr.Lines(stderrTailLines)
+	attrs := []any{"reason", reason.Error(), "stderr_tail", tail}
+	if s.serving != nil {
+		attrs = append(attrs, "still_serving_gen", s.serving.n, "still_serving_pid", s.serving.pid())
+	}
+	g.log.Error("new generation failed; rolled back", attrs...)
+	s.stats.RestartsRolledBack++
+	if !s.everReady {
+		s.fatal = fmt.Errorf("generation %d (pid %d) never became ready: %w", g.n, g.pid(), reason)
+		if tail != "" {
+			s.fatal = fmt.Errorf("%w; its stderr ended with: %s", s.fatal, tail)
+		}
+		s.finishRestart(s.resultFor(g, false, reason.Error()))
+		s.beginStop(false)
+		return
+	}
+	s.finishRestart(s.resultFor(g, false, reason.Error()))
+}
+
+func (s *Supervisor) resultFor(g *generation, ok bool, reason string) Result {
+	r := Result{OK: ok, Reason: reason}
+	if g != nil {
+		r.Generation, r.Pid = g.n, g.pid()
+		if !g.readyAt.IsZero() {
+			r.ReadyAfter = g.readyAt.Sub(g.started)
+		}
+		if !ok {
+			r.StderrTail = g.stderr.Lines(stderrTailLines)
+		}
+	}
+	return r
+}
+
+// finishRestart ends the restart under way and starts the queued one, or a
+// replacement if nothing serves.
+func (s *Supervisor) finishRestart(res Result) {
+	run := s.restart
+	s.restart = nil
+	res.Duration = time.Since(run.begun)
+	if res.OK && run.reason != "start" {
+		s.stats.RestartsOK++
+	}
+	if run.reason != "start" || !res.OK {
+		s.cfg.Log.Log(nil, logLevel(res.OK), "restart finished", "ok", res.OK, "gen", res.Generation,
+			"pid", res.Pid, "took", res.Duration.Round(time.Microsecond), "reason", run.reason)
+	}
+	s.answer(run, res)
+	if s.stopping {
+		return
+	}
+	if next := s.queued; next != nil {
+		s.queued = nil
+		s.beginRestart(next)
+		return
+	}
+	if s.serving == nil {
+		if !res.OK {
+			s.crashes++
+		}
+		s.scheduleReplace()
+	}
+}
+
+func (s *Supervisor) answer(run *restartRun, res Result) {
+	for _, w := range run.waiters {
+		w <- res // buffered, one answer per waiter
+	}
+	run.waiters = nil
+}
+
+// scheduleReplace starts a replacement for a crashed child after an
+// exponential backoff. The sockets stay open meanwhile, so clients wait in
+// the kernel's backlog instead of being refused.
+func (s *Supervisor) scheduleReplace() {
+	if s.replaceTimer != nil || s.restart != nil || s.stopping {
+		return
+	}
+	delay := s.cfg.RestartBackoff
+	for i := 0; i < s.crashes && delay < s.cfg.MaxBackoff; i++ {
+		delay *= 2
+	}
+	delay = min(delay, s.cfg.MaxBackoff)
+	s.crashes++
+	s.cfg.Log.Warn("no generation is serving; starting a replacement", "after", delay, "failures_in_a_row", s.crashes)
+	s.replaceTimer = time.AfterFunc(delay, func() { s.post(replaceEvent{}) })
+}
+
+// checkLingering forgets the groups whose last process has gone.
+func (s *Supervisor) checkLingering() {
+	kept := s.lingering[:0]
+	for _, g := range s.lingering {
+		if g.proc.GroupAlive() {
+			kept = append(kept, g)
+			continue
+		}
+		if g.killTimer != nil {
+			g.killTimer.Stop()
+		}
+		g.log.Debug("process group gone")
+	}
+	s.lingering = kept
+}
+
+func remove(gs []*generation, g *generation) []*generation {
+	for i, x := range gs {
+		if x == g {
+			return append(gs[:i], gs[i+1:]...)
+		}
+	}
+	return gs
+}

@@ -1,0 +1,351 @@
+// Package supervisor runs the generations of one command on relay's shared
+// sockets and owns the restart state machine.
+//
+// One goroutine, Run's, owns all state. Other goroutines talk to it by
+// sending requests (with a reply channel where they want an answer) and
+// events (a child exited, a check finished, a timer fired), so no lock
+// guards the generations.
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/relaysh/relay/health"
+	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/signals"
+)
+
+// stableAfter is how long a generation must have served for its crash to
+// count as a fresh failure rather than one more in a crash loop.
+const stableAfter = 30 * time.Second
+
+// ErrStopping is returned for requests made while relay stops.
+var ErrStopping = errors.New("relay is stopping")
+
+// Supervisor runs the generations of one command.
+type Supervisor struct {
+	cfg     Config
+	checker *health.Checker
+
+	reqC   chan any
+	eventC chan any
+	doneC  chan struct{}
+
+	// The state below is owned by Run's goroutine.
+	nextGen      int
+	command      Command
+	serving      *generation
+	starting     *generation
+	old          []*generation // draining or stopping; main process alive
+	lingering    []*generation // main process gone; its group is not
+	restart      *restartRun   // the restart under way, if any
+	queued       *restartRun   // requests made during it, coalesced
+	everReady    bool
+	crashes      int
+	replaceTimer *time.Timer
+	stopping     bool
+	exitGen      *generation // serving when the stop began
+	lastExit     *generation
+	fatal        error
+	stats        Stats
+}
+
+// Stats counts restarts.
+type Stats struct {
+	RestartsOK         int
+	RestartsRolledBack int
+	Replacements       int
+}
+
+// Result is the outcome of one restart.
+type Result struct {
+	OK bool
+	// Generation and Pid name the new generation, if one was started.
+	Generation int
+	Pid        int
+	// Reason says why a restart was rolled back.
+	Reason string
+	// StderrTail is the end of a failed child's stderr.
+	StderrTail string
+	// ReadyAfter is from the child's start to its readiness.
+	ReadyAfter time.Duration
+	// Duration is from the request to the outcome.
+	Duration time.Duration
+}
+
+// Outcome is how Run ended.
+type Outcome struct {
+	// Child is the exit status of the generation that was serving when
+	// the stop began (or of the last one to exit). Nil if none ran.
+	Child *reaper.Status
+}
+
+// New returns a Supervisor for cfg. Call Run to start it.
+func New(cfg Config) (*Supervisor, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, fmt.Errorf("configuring supervisor: %w", err)
+	}
+	return &Supervisor{
+		cfg:     cfg,
+		checker: health.NewChecker(cfg.Health, cfg.Reaper, cfg.Env),
+		reqC:    make(chan any),
+		eventC:  make(chan any, 16),
+		doneC:   make(chan struct{}),
+		command: cfg.Command,
+	}, nil
+}
+
+type (
+	restartReq struct {
+		reason string
+		cmd    *Command
+		reply  chan Result // buffered; nil for fire and forget
+	}
+	stopReq    struct{ now bool }
+	forwardReq struct{ sig syscall.Signal }
+
+	exitEvent struct {
+		g      *generation
+		status reaper.Status
+	}
+	checkEvent struct {
+		g   *generation
+		err error
+	}
+	drainEvent   struct{ run *restartRun }
+	killEvent    struct{ g *generation }
+	replaceEvent struct{}
+)
+
+// restartRun is one restart, from request to outcome.
+type restartRun struct {
+	reason     string
+	cmd        *Command // nil: the current command
+	waiters    []chan Result
+	begun      time.Time
+	gen        *generation // the new generation, once started
+	prev       *generation // the generation it replaces, in its drain window
+	drainTimer *time.Timer
+	waitLogged bool
+}
+
+// post delivers an event from a helper goroutine, unless Run has returned.
+func (s *Supervisor) post(ev any) {
+	select {
+	case s.eventC <- ev:
+	case <-s.doneC:
+	}
+}
+
+func (s *Supervisor) request(r any) error {
+	select {
+	case s.reqC <- r:
+		return nil
+	case <-s.doneC:
+		return ErrStopping
+	}
+}
+
+// RequestRestart asks for a restart and returns at once, as SIGHUP does.
+// A request made during a restart is coalesced into one more restart.
+func (s *Supervisor) RequestRestart(reason string) error {
+	return s.request(restartReq{reason: reason})
+}
+
+// Restart asks for a restart and waits for its outcome. If cmd is not nil
+// the new generation runs it, and it becomes the command for later
+// generations once that generation is ready.
+func (s *Supervisor) Restart(reason string, cmd *Command) (Result, error) {
+	reply := make(chan Result, 1)
+	if err := s.request(restartReq{reason: reason, cmd: cmd, reply: reply}); err != nil {
+		return Result{}, err
+	}
+	select {
+	case r := <-reply:
+		return r, nil
+	case <-s.doneC:
+		select {
+		case r := <-reply:
+			return r, nil
+		default:
+			return Result{}, ErrStopping
+		}
+	}
+}
+
+// Stop stops every generation: gracefully, or at once with SIGKILL.
+func (s *Supervisor) Stop(now bool) { s.request(stopReq{now: now}) }
+
+// Forward sends sig to the serving child's main process.
+func (s *Supervisor) Forward(sig syscall.Signal) { s.request(forwardReq{sig: sig}) }
+
+// Done is closed when Run has returned.
+func (s *Supervisor) Done() <-chan struct{} { return s.doneC }
+
+// Run starts the first generation and supervises until stopped. It
+// returns an error if the first generation never becomes ready.
+func (s *Supervisor) Run() (Outcome, error) {
+	defer close(s.doneC)
+	s.beginRestart(&restartRun{reason: "start"})
+	for !s.finished() {
+		select {
+		case r := <-s.reqC:
+			s.handleRequest(r)
+		case ev := <-s.eventC:
+			s.handleEvent(ev)
+		case <-s.cfg.Reaper.Orphans():
+			s.checkLingering()
+		}
+	}
+	var out Outcome
+	switch {
+	case s.exitGen != nil:
+		out.Child = &s.exitGen.status
+	case s.lastExit != nil:
+		out.Child = &s.lastExit.status
+	}
+	return out, s.fatal
+}
+
+func (s *Supervisor) finished() bool {
+	return s.stopping && s.serving == nil && s.starting == nil && len(s.old) == 0 && len(s.lingering) == 0
+}
+
+func (s *Supervisor) handleRequest(r any) {
+	switch r := r.(type) {
+	case restartReq:
+		s.onRestartRequest(r)
+	case stopReq:
+		s.beginStop(r.now)
+	case forwardReq:
+		if s.serving == nil {
+			s.cfg.Log.Warn("no serving child to forward the signal to", "signal", signals.Name(r.sig))
+			return
+		}
+		if err := s.serving.proc.Signal(r.sig); err != nil {
+			s.serving.log.Warn("forwarding signal", "signal", signals.Name(r.sig), "err", err)
+			return
+		}
+		s.serving.log.Info("forwarded signal", "signal", signals.Name(r.sig))
+	}
+}
+
+func (s *Supervisor) handleEvent(ev any) {
+	switch ev := ev.(type) {
+	case exitEvent:
+		s.onExit(ev.g, ev.status)
+	case checkEvent:
+		s.onCheck(ev.g, ev.err)
+	case drainEvent:
+		s.onDrainEnd(ev.run)
+	case killEvent:
+		s.onKillTimeout(ev.g)
+	case replaceEvent:
+		s.replaceTimer = nil
+		if s.serving == nil && s.restart == nil && !s.stopping {
+			s.stats.Replacements++
+			s.beginRestart(&restartRun{reason: "replace crashed child"})
+		}
+	}
+}
+
+func (s *Supervisor) onRestartRequest(r restartReq) {
+	if s.stopping {
+		if r.reply != nil {
+			r.reply <- Result{Reason: ErrStopping.Error()}
+		}
+		return
+	}
+	run := &restartRun{reason: r.reason, cmd: r.cmd}
+	if r.reply != nil {
+		run.waiters = append(run.waiters, r.reply)
+	}
+	if s.restart == nil {
+		if s.replaceTimer != nil {
+			s.replaceTimer.Stop()
+			s.replaceTimer = nil
+		}
+		s.beginRestart(run)
+		return
+	}
+	// Coalesce: every request made during this restart is answered by the
+	// one restart that runs after it, so nobody is told "done" for a
+	// restart that began before it asked.
+	if s.queued == nil {
+		s.queued = run
+		s.cfg.Log.Info("restart requested during a restart; queued", "reason", r.reason)
+		return
+	}
+	s.queued.waiters = append(s.queued.waiters, run.waiters...)
+	if r.cmd != nil {
+		s.queued.cmd = r.cmd
+	}
+	s.cfg.Log.Info("restart requested during a restart; coalesced with the queued one", "reason", r.reason)
+}
+
+func (s *Supervisor) beginStop(now bool) {
+	if !s.stopping {
+		s.stopping = true
+		s.exitGen = s.serving
+		s.cfg.Log.Info("stopping", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
+		if s.replaceTimer != nil {
+			s.replaceTimer.Stop()
+			s.replaceTimer = nil
+		}
+		if s.queued != nil {
+			s.answer(s.queued, Result{Reason: ErrStopping.Error()})
+			s.queued = nil
+		}
+		if run := s.restart; run != nil && run.prev != nil {
+			// The new generation already serves; the stop ends the drain.
+			run.drainTimer.Stop()
+			s.finishRestart(s.resultFor(run.gen, true, ""))
+		}
+	}
+	for _, g := range s.alive() {
+		if g.cancelCheck != nil {
+			g.cancelCheck()
+		}
+		switch {
+		case now:
+			g.log.Warn("killing generation now", "signal", "KILL")
+			signalGroup(g, syscall.SIGKILL)
+		case g.state != Stopping:
+			s.stopGen(g)
+		}
+	}
+	if now {
+		for _, g := range s.lingering {
+			signalGroup(g, syscall.SIGKILL)
+		}
+	}
+}
+
+// alive lists the generations whose main process is alive.
+func (s *Supervisor) alive() []*generation {
+	var gs []*generation
+	for _, g := range []*generation{s.serving, s.starting} {
+		if g != nil {
+			gs = append(gs, g)
+		}
+	}
+	return append(gs, s.old...)
+}
+
+func signalGroup(g *generation, sig syscall.Signal) {
+	if err := g.proc.SignalGroup(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		g.log.Warn("signalling process group", "signal", signals.Name(sig), "err", err)
+	}
+}
+
+func logLevel(ok bool) slog.Level {
+	if ok {
+		return slog.LevelInfo
+	}
+	return slog.LevelError
+}
