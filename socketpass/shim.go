@@ -49,8 +49,14 @@ func RunShim(args []string) error {
 			out = append(out, kv)
 		}
 	}
-	if _, ok := os.LookupEnv(EnvListenFDs); ok {
+	passed := 0
+	if v, ok := os.LookupEnv(EnvListenFDs); ok {
 		out = append(out, EnvListenPID+"="+strconv.Itoa(os.Getpid()))
+		passed, _ = strconv.Atoi(v)
+	}
+	// Only stdin, stdout, stderr and the passed sockets cross the exec.
+	if err := CloseOnExecFrom(FirstFD + passed); err != nil {
+		return err
 	}
 	for {
 		err := unix.Exec(path, argv, out)
@@ -59,4 +65,24 @@ func RunShim(args []string) error {
 		}
 		return fmt.Errorf("exec %s: %w", path, err)
 	}
+}
+
+// CloseOnExecFrom marks every fd from lowest up close-on-exec, so that no fd
+// relay inherited or opened reaches a child unless it is passed on purpose.
+func CloseOnExecFrom(lowest int) error {
+	err := unix.CloseRange(uint(lowest), ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
+	if err == nil {
+		return nil
+	}
+	// Kernels before 5.11: walk the fd table.
+	ents, rerr := os.ReadDir("/proc/self/fd")
+	if rerr != nil {
+		return fmt.Errorf("marking fds close-on-exec: %w", errors.Join(err, rerr))
+	}
+	for _, e := range ents {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd >= lowest {
+			unix.CloseOnExec(fd)
+		}
+	}
+	return nil
 }

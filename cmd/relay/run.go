@@ -88,6 +88,10 @@ func runAction(c *cli.Context) error {
 		return err
 	}
 	log := newLogger(c.App.ErrWriter, opts.logFormat, opts.logLevel)
+	// Nothing relay inherited may reach a child by accident.
+	if err := socketpass.CloseOnExecFrom(3); err != nil {
+		return err
+	}
 
 	listeners, err := socketpass.Bind(opts.listens, socketpass.BindOptions{UnixMode: opts.socketMode})
 	if err != nil {

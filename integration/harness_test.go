@@ -1,0 +1,427 @@
+// Package integration runs the real relay binary with real children on
+// loopback. The binaries are built once, with -race, in TestMain.
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// bins holds the paths of the binaries built for this run.
+type bins struct {
+	relay, hello, testchild string
+}
+
+// built is set once by TestMain, before any test runs, and only read after.
+var built bins
+
+func TestMain(m *testing.M) {
+	os.Exit(runTests(m))
+}
+
+func runTests(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "relay-integration-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	built = bins{
+		relay:     filepath.Join(dir, "relay"),
+		hello:     filepath.Join(dir, "hello"),
+		testchild: filepath.Join(dir, "testchild"),
+	}
+	for _, b := range []struct {
+		out, pkg string
+		race     bool
+	}{
+		{built.relay, "./cmd/relay", true},
+		{built.hello, "./examples/hello", false},
+		{built.testchild, "./integration/testchild", false},
+	} {
+		args := []string{"build", "-o", b.out}
+		if b.race {
+			args = append(args, "-race")
+		}
+		cmd := exec.Command("go", append(args, b.pkg)...)
+		cmd.Dir = ".."
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintf(os.Stderr, "building %s: %v\n", b.pkg, err)
+			return 1
+		}
+	}
+	return m.Run()
+}
+
+// logLine is one JSON log line of relay's.
+type logLine map[string]any
+
+func (l logLine) str(k string) string {
+	switch v := l[k].(type) {
+	case string:
+		return v
+	case float64:
+		return strconv.FormatFloat(v, 'f', -1, 64)
+	case nil:
+		return ""
+	default:
+		return fmt.Sprint(v)
+	}
+}
+
+func (l logLine) num(k string) int {
+	n, _ := strconv.Atoi(l.str(k))
+	return n
+}
+
+// relayProc is a running relay under test.
+type relayProc struct {
+	t    *testing.T
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	logs []logLine
+	raw  bytes.Buffer // every stderr line, relay's and the children's
+	// changed is closed and replaced whenever a line arrives.
+	changed chan struct{}
+	exited  chan struct{}
+	waitErr error
+}
+
+// startRelay starts relay with args (JSON logs are added) and waits until
+// it has bound its sockets.
+func startRelay(t *testing.T, env []string, args ...string) *relayProc {
+	t.Helper()
+	return startRelayExtra(t, env, nil, args...)
+}
+
+// startRelayExtra is startRelay with extra inherited files at fds 3...
+func startRelayExtra(t *testing.T, env []string, extra []*os.File, args ...string) *relayProc {
+	t.Helper()
+	full := append([]string{"run", "--log-format", "json", "--log-level", "debug"}, args...)
+	cmd := exec.Command(built.relay, full...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.ExtraFiles = extra
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout = io.Discard
+	r := &relayProc{t: t, cmd: cmd, changed: make(chan struct{}), exited: make(chan struct{})}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	scanDone := make(chan struct{})
+	go func() {
+		defer close(scanDone)
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			line := sc.Bytes()
+			r.mu.Lock()
+			r.raw.Write(line)
+			r.raw.WriteByte('\n')
+			var l logLine
+			if json.Unmarshal(line, &l) == nil && l["msg"] != nil {
+				r.logs = append(r.logs, l)
+			}
+			close(r.changed)
+			r.changed = make(chan struct{})
+			r.mu.Unlock()
+		}
+	}()
+	go func() {
+		<-scanDone
+		r.waitErr = cmd.Wait()
+		close(r.exited)
+		r.mu.Lock()
+		close(r.changed)
+		r.changed = make(chan struct{})
+		r.mu.Unlock()
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-r.exited:
+		default:
+			cmd.Process.Signal(syscall.SIGKILL)
+			<-r.exited
+		}
+		if t.Failed() {
+			t.Logf("relay stderr:\n%s", r.output())
+		}
+	})
+	return r
+}
+
+func (r *relayProc) output() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.raw.String()
+}
+
+func (r *relayProc) pid() int { return r.cmd.Process.Pid }
+
+// waitFor waits until pred holds for some log line at index >= from and
+// returns that line and the index after it.
+func (r *relayProc) waitFor(from int, timeout time.Duration, what string, pred func(logLine) bool) (logLine, int) {
+	r.t.Helper()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		r.mu.Lock()
+		for i := from; i < len(r.logs); i++ {
+			if pred(r.logs[i]) {
+				l := r.logs[i]
+				r.mu.Unlock()
+				return l, i + 1
+			}
+		}
+		from = len(r.logs)
+		changed := r.changed
+		r.mu.Unlock()
+		select {
+		case <-changed:
+		case <-r.exited:
+			// One more pass over what arrived, then give up.
+			r.mu.Lock()
+			n := len(r.logs)
+			r.mu.Unlock()
+			if from >= n {
+				r.t.Fatalf("relay exited (%v) while waiting for %s", r.waitErr, what)
+			}
+		case <-deadline.C:
+			r.t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+	}
+}
+
+// waitMsg waits for a log line with msg (and gen, if gen > 0).
+func (r *relayProc) waitMsg(from int, msg string, gen int) (logLine, int) {
+	r.t.Helper()
+	return r.waitFor(from, 30*time.Second, fmt.Sprintf("%q gen %d", msg, gen), func(l logLine) bool {
+		return l.str("msg") == msg && (gen == 0 || l.num("gen") == gen)
+	})
+}
+
+// count counts the log lines with msg.
+func (r *relayProc) count(msg string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, l := range r.logs {
+		if l.str("msg") == msg {
+			n++
+		}
+	}
+	return n
+}
+
+// listenAddrs waits for the "listening" lines and returns the bound
+// addresses by name, in order.
+func (r *relayProc) listenAddrs(n int) []logLine {
+	r.t.Helper()
+	var out []logLine
+	from := 0
+	for len(out) < n {
+		var l logLine
+		l, from = r.waitMsg(from, "listening", 0)
+		out = append(out, l)
+	}
+	return out
+}
+
+// wait waits for relay to exit and returns its exit code.
+func (r *relayProc) wait(timeout time.Duration) int {
+	r.t.Helper()
+	select {
+	case <-r.exited:
+	case <-time.After(timeout):
+		r.t.Fatalf("relay did not exit within %s", timeout)
+	}
+	if r.cmd.ProcessState == nil {
+		r.t.Fatalf("relay: %v", r.waitErr)
+	}
+	return r.cmd.ProcessState.ExitCode()
+}
+
+func (r *relayProc) signal(sig syscall.Signal) {
+	r.t.Helper()
+	if err := r.cmd.Process.Signal(sig); err != nil {
+		r.t.Fatalf("signalling relay: %v", err)
+	}
+}
+
+// get does one request on a new connection and returns the answering pid.
+func get(client *http.Client, url string) (int, error) {
+	resp, err := client.Get(url)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, fmt.Errorf("reading body: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("status %s: %s", resp.Status, body)
+	}
+	return strconv.Atoi(resp.Header.Get("X-Pid"))
+}
+
+func newConnClient() *http.Client {
+	return &http.Client{
+		Timeout:   10 * time.Second,
+		Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil},
+	}
+}
+
+// load runs workers that each send requests on a new connection per request
+// until stop is closed or limit passes.
+type load struct {
+	mu       sync.Mutex
+	requests int
+	failures []error
+	pids     map[int]int // pid -> responses
+	firstAt  map[int]time.Time
+	stopC    chan struct{}
+	wg       sync.WaitGroup
+}
+
+func startLoad(url string, workers int, limit time.Duration) *load {
+	ld := &load{pids: map[int]int{}, firstAt: map[int]time.Time{}, stopC: make(chan struct{})}
+	deadline := time.Now().Add(limit)
+	client := newConnClient()
+	for i := 0; i < workers; i++ {
+		ld.wg.Add(1)
+		go func() {
+			defer ld.wg.Done()
+			for time.Now().Before(deadline) {
+				select {
+				case <-ld.stopC:
+					return
+				default:
+				}
+				pid, err := get(client, url)
+				now := time.Now()
+				ld.mu.Lock()
+				ld.requests++
+				if err != nil {
+					ld.failures = append(ld.failures, err)
+				} else {
+					if ld.pids[pid] == 0 {
+						ld.firstAt[pid] = now
+					}
+					ld.pids[pid]++
+				}
+				ld.mu.Unlock()
+			}
+		}()
+	}
+	return ld
+}
+
+func (ld *load) stop() {
+	close(ld.stopC)
+	ld.wg.Wait()
+}
+
+// served reports how many responses pid gave so far.
+func (ld *load) served(pid int) (int, time.Time) {
+	ld.mu.Lock()
+	defer ld.mu.Unlock()
+	return ld.pids[pid], ld.firstAt[pid]
+}
+
+func (ld *load) summary() (requests int, failures []error) {
+	ld.mu.Lock()
+	defer ld.mu.Unlock()
+	return ld.requests, append([]error(nil), ld.failures...)
+}
+
+// waitUntil polls cond, for conditions that no event announces (a process
+// gone from /proc). Bounded by timeout.
+func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// processGone reports whether pid has exited and been reaped: a zombie
+// still counts as present.
+func processGone(pid int) bool {
+	_, err := os.Stat(fmt.Sprintf("/proc/%d", pid))
+	return err != nil
+}
+
+func isZombie(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i > 0 && len(s) > i+2 && s[i+2] == 'Z'
+}
+
+// children lists the pids whose parent is pid.
+func children(pid int) []int {
+	var out []int
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
+}
+
+// cpuTime returns a process's user+system CPU time.
+func cpuTime(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	// utime and stime are fields 14 and 15 of stat, 12 and 13 here.
+	ut, _ := strconv.Atoi(fields[11])
+	st, _ := strconv.Atoi(fields[12])
+	const ticks = 100 // USER_HZ on Linux
+	return time.Duration(ut+st) * time.Second / ticks
+}
+
+func httpURL(addr string) string { return "http://" + addr + "/" }
+
+func mustFreeTCPAddr(t *testing.T) (net.Listener, string) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l, l.Addr().String()
+}

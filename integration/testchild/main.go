@@ -1,0 +1,242 @@
+// Command testchild is the child process of relay's integration tests. Its
+// behaviour is chosen by flags and by a mode file the test can rewrite
+// between generations.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
+)
+
+// Report is what -report writes: the child's view of what relay gave it.
+type Report struct {
+	Pid            int               `json:"pid"`
+	Env            map[string]string `json:"env"`
+	FDs            map[int]string    `json:"fds"`             // fd -> readlink target
+	Inherited      []int             `json:"inherited"`       // fds without FD_CLOEXEC
+	SocketFamilies map[int]int       `json:"socket_families"` // fd -> AF_*
+	SocketTypes    map[int]int       `json:"socket_types"`    // fd -> SOCK_*
+	SocketAddrs    map[int]string    `json:"socket_addrs"`
+}
+
+func main() {
+	var (
+		report         = flag.String("report", "", "write a Report as JSON to this file at start")
+		modeFile       = flag.String("mode-file", "", "read the mode (serve, exit, never-ready, hang) from this file")
+		mode           = flag.String("mode", "serve", "mode when no -mode-file is given")
+		ignoreTerm     = flag.Bool("ignore-term", false, "ignore SIGTERM and start a grandchild that ignores it too")
+		grandchildPid  = flag.String("grandchild-pid", "", "with -ignore-term: write the grandchild's pid here")
+		sleeper        = flag.Bool("sleeper", false, "be the grandchild: ignore SIGTERM and sleep")
+		exitCodeOnTerm = flag.Int("exit-on-term", 0, "exit code after SIGTERM")
+		setNonblock    = flag.Int("set-nonblock-gen", 0, "in this generation, set O_NONBLOCK on fd 3 and serve; other generations leave the sockets' flags alone and do not accept")
+	)
+	flag.Parse()
+	if *sleeper {
+		signal.Ignore(syscall.SIGTERM)
+		time.Sleep(time.Hour)
+		return
+	}
+	gen, _ := strconv.Atoi(os.Getenv("RELAY_GENERATION"))
+	if *report != "" {
+		if err := writeReport(*report); err != nil {
+			fmt.Fprintln(os.Stderr, "testchild: report:", err)
+			os.Exit(1)
+		}
+	}
+	m := *mode
+	if *modeFile != "" {
+		b, err := os.ReadFile(*modeFile)
+		if err == nil {
+			m = strings.TrimSpace(string(b))
+		}
+	}
+	fmt.Fprintf(os.Stderr, "testchild: pid %d generation %d mode %s\n", os.Getpid(), gen, m)
+	switch m {
+	case "exit":
+		fmt.Fprintln(os.Stderr, "testchild: cannot open database: exiting with 3 on purpose")
+		os.Exit(3)
+	case "hang":
+		signal.Ignore(syscall.SIGTERM)
+		fmt.Fprintln(os.Stderr, "testchild: hanging on purpose")
+		select {}
+	}
+	if *ignoreTerm {
+		signal.Ignore(syscall.SIGTERM)
+		gc := exec.Command("/proc/self/exe", "-sleeper")
+		if err := gc.Start(); err != nil {
+			fmt.Fprintln(os.Stderr, "testchild: grandchild:", err)
+			os.Exit(1)
+		}
+		if *grandchildPid != "" {
+			writeFileAtomic(*grandchildPid, []byte(strconv.Itoa(gc.Process.Pid)))
+		}
+	}
+	termC := make(chan os.Signal, 1)
+	if !*ignoreTerm {
+		signal.Notify(termC, syscall.SIGTERM)
+	}
+
+	if *setNonblock != 0 && *setNonblock != gen {
+		// Leave the shared sockets exactly as they are.
+		daemon.SdNotify(false, daemon.SdNotifyReady)
+		<-termC
+		os.Exit(*exitCodeOnTerm)
+	}
+
+	ready := m != "never-ready"
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pid", strconv.Itoa(os.Getpid()))
+		fmt.Fprintf(w, "pid=%d gen=%d\n", os.Getpid(), gen)
+	})
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if !ready {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	if addr := os.Getenv("RELAY_HEALTH_ADDR"); addr != "" {
+		if l, err := net.Listen("tcp", addr); err == nil {
+			go http.Serve(l, mux)
+		}
+	}
+	if ready {
+		serveInherited(mux)
+		daemon.SdNotify(false, daemon.SdNotifyReady)
+	}
+	<-termC
+	os.Exit(*exitCodeOnTerm)
+}
+
+// serveInherited serves HTTP on the passed stream sockets and echoes the
+// pid on passed datagram sockets.
+func serveInherited(mux *http.ServeMux) {
+	n, _ := strconv.Atoi(os.Getenv("LISTEN_FDS"))
+	for fd := 3; fd < 3+n; fd++ {
+		f := os.NewFile(uintptr(fd), "fd"+strconv.Itoa(fd))
+		if typ, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); typ == unix.SOCK_DGRAM {
+			pc, err := net.FilePacketConn(f)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "testchild: udp:", err)
+				os.Exit(1)
+			}
+			go func() {
+				buf := make([]byte, 512)
+				for {
+					_, from, err := pc.ReadFrom(buf)
+					if err != nil {
+						return
+					}
+					pc.WriteTo([]byte("pid="+strconv.Itoa(os.Getpid())), from)
+				}
+			}()
+			continue
+		}
+		l, err := net.FileListener(f)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "testchild: listener:", err)
+			os.Exit(1)
+		}
+		go http.Serve(l, mux)
+	}
+}
+
+func writeReport(path string) error {
+	r := Report{
+		Pid: os.Getpid(), Env: map[string]string{}, FDs: map[int]string{},
+		SocketFamilies: map[int]int{}, SocketTypes: map[int]int{}, SocketAddrs: map[int]string{},
+	}
+	for _, kv := range os.Environ() {
+		k, v, _ := strings.Cut(kv, "=")
+		r.Env[k] = v
+	}
+	// Read the fd table with raw calls so that no fd of our own is open
+	// while we look, apart from the directory's.
+	dfd, err := unix.Open("/proc/self/fd", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, 8192)
+	var names []string
+	for {
+		n, err := unix.ReadDirent(dfd, buf)
+		if err != nil {
+			unix.Close(dfd)
+			return err
+		}
+		if n == 0 {
+			break
+		}
+		_, _, names = unix.ParseDirent(buf[:n], -1, names)
+	}
+	unix.Close(dfd)
+	for _, name := range names {
+		fd, err := strconv.Atoi(name)
+		if err != nil || fd == dfd {
+			continue
+		}
+		target, err := os.Readlink(filepath.Join("/proc/self/fd", name))
+		if err != nil {
+			continue
+		}
+		r.FDs[fd] = target
+		// Whatever this process opened itself (the Go runtime keeps
+		// cgroup files open) is close-on-exec; what crossed the exec
+		// into it is not.
+		if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && flags&unix.FD_CLOEXEC == 0 {
+			r.Inherited = append(r.Inherited, fd)
+		}
+		if strings.HasPrefix(target, "socket:") {
+			sa, err := unix.Getsockname(fd)
+			if err == nil {
+				r.SocketAddrs[fd] = sockaddrString(sa)
+			}
+			r.SocketFamilies[fd], _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
+			r.SocketTypes[fd], _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+		}
+	}
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(path, b)
+}
+
+func sockaddrString(sa unix.Sockaddr) string {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
+	case *unix.SockaddrInet6:
+		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
+	case *unix.SockaddrUnix:
+		return a.Name
+	}
+	return ""
+}
+
+func writeFileAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return errors.Join(err, os.Remove(tmp))
+	}
+	return nil
+}
