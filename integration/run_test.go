@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
@@ -31,22 +30,7 @@ func TestChildGetsSocketActivationEnvironment(t *testing.T) {
 	addrs := r.listenAddrs(2)
 	ready, _ := r.waitMsg(0, "generation ready", 1)
 
-	var b []byte
-	var rep struct {
-		Pid            int               `json:"pid"`
-		Env            map[string]string `json:"env"`
-		FDs            map[string]string `json:"fds"`
-		Inherited      []int             `json:"inherited"`
-		SocketAddrs    map[string]string `json:"socket_addrs"`
-		SocketFamilies map[string]int    `json:"socket_families"`
-	}
-	b, err = os.ReadFile(report)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := json.Unmarshal(b, &rep); err != nil {
-		t.Fatal(err)
-	}
+	rep := readReport(t, report)
 	if rep.Pid != ready.num("pid") {
 		t.Errorf("report from pid %d, relay says the child is pid %d", rep.Pid, ready.num("pid"))
 	}

@@ -39,8 +39,9 @@ func main() {
 		report         = flag.String("report", "", "write a Report as JSON to this file at start")
 		modeFile       = flag.String("mode-file", "", "read the mode (serve, exit, never-ready, hang) from this file")
 		mode           = flag.String("mode", "serve", "mode when no -mode-file is given")
-		ignoreTerm     = flag.Bool("ignore-term", false, "ignore SIGTERM and start a grandchild that ignores it too")
-		grandchildPid  = flag.String("grandchild-pid", "", "with -ignore-term: write the grandchild's pid here")
+		ignoreTerm     = flag.Bool("ignore-term", false, "ignore SIGTERM")
+		grandchild     = flag.Bool("grandchild", false, "start a grandchild, in this process group, that ignores SIGTERM")
+		grandchildPid  = flag.String("grandchild-pid", "", "with -grandchild: write the grandchild's pid here")
 		sleeper        = flag.Bool("sleeper", false, "be the grandchild: ignore SIGTERM and sleep")
 		exitCodeOnTerm = flag.Int("exit-on-term", 0, "exit code after SIGTERM")
 		setNonblock    = flag.Int("set-nonblock-gen", 0, "in this generation, set O_NONBLOCK on fd 3 and serve; other generations leave the sockets' flags alone and do not accept")
@@ -77,6 +78,8 @@ func main() {
 	}
 	if *ignoreTerm {
 		signal.Ignore(syscall.SIGTERM)
+	}
+	if *grandchild {
 		gc := exec.Command("/proc/self/exe", "-sleeper")
 		if err := gc.Start(); err != nil {
 			fmt.Fprintln(os.Stderr, "testchild: grandchild:", err)
