@@ -52,6 +52,12 @@ func newApp(stderr io.Writer) *cli.App {
 		// Exit codes are decided in exitCode, never inside cli.
 		ExitErrHandler: func(*cli.Context, error) {},
 		OnUsageError:   onUsageError,
+		Action: func(c *cli.Context) error {
+			if c.Args().Present() {
+				return usagef("unknown command %q; run 'relay --help' for the commands", c.Args().First())
+			}
+			return cli.ShowAppHelp(c)
+		},
 	}
 }
 

@@ -78,7 +78,8 @@ func runCommand() *cli.Command {
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log `FORMAT`: text or json"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log `LEVEL`: debug, info, warn or error"},
 		},
-		Action: runAction,
+		Action:       runAction,
+		OnUsageError: onUsageError,
 	}
 }
 

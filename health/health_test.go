@@ -1,0 +1,109 @@
+package health
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParse(t *testing.T) {
+	for _, c := range []struct {
+		in      string
+		kind    Kind
+		wantErr string
+	}{
+		{"notify", Notify, ""},
+		{"http://{health_addr}/healthz", HTTP, ""},
+		{"https://127.0.0.1:8443/", HTTP, ""},
+		{"tcp://{health_addr}", TCP, ""},
+		{"tcp://127.0.0.1:9000", TCP, ""},
+		{"exec:true", Exec, ""},
+		{"delay:1.5s", Delay, ""},
+		{"delay:-1s", "", "delay:2s"},
+		{"tcp://nohost", "", "tcp://host:port"},
+		{"exec:", "", "needs a command"},
+		{"exec:/no/such/check", "", "not found"},
+		{"ready", "", "unknown check"},
+	} {
+		s, err := Parse(c.in)
+		if c.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), c.wantErr) {
+				t.Errorf("Parse(%q) error = %v, want one mentioning %q", c.in, err, c.wantErr)
+			}
+			continue
+		}
+		if err != nil || s.Kind != c.kind {
+			t.Errorf("Parse(%q) = %v, %v; want kind %s", c.in, s.Kind, err, c.kind)
+		}
+	}
+}
+
+func TestSharedTarget(t *testing.T) {
+	listeners := []string{"[::]:8080", "127.0.0.1:9090"}
+	for _, c := range []struct {
+		check, want string
+	}{
+		{"http://127.0.0.1:8080/healthz", "[::]:8080"},
+		{"http://localhost:9090/", "127.0.0.1:9090"},
+		{"tcp://127.0.0.1:9090", "127.0.0.1:9090"},
+		{"http://{health_addr}/healthz", ""},
+		{"http://127.0.0.1:7000/", ""},
+		{"notify", ""},
+	} {
+		s, err := Parse(c.check)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.SharedTarget(listeners); got != c.want {
+			t.Errorf("SharedTarget(%q) = %q, want %q", c.check, got, c.want)
+		}
+	}
+}
+
+// The HTTP check probes the child's private address and retries until the
+// child answers 2xx.
+func TestHTTPCheckWaitsForThePrivateAddress(t *testing.T) {
+	addr, err := PickHealthAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec, err := Parse("http://{health_addr}/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewChecker(spec, nil, nil)
+	done := make(chan error, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go func() { done <- c.Wait(ctx, Child{Vars: Vars{HealthAddr: addr, Generation: 1}}) }()
+
+	// Nothing listens yet: the check must keep trying, not succeed.
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan struct{})
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-ready:
+		default:
+			http.Error(w, "starting", http.StatusServiceUnavailable)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+	})}
+	go srv.Serve(l)
+	defer srv.Close()
+	select {
+	case err := <-done:
+		t.Fatalf("check finished (%v) while the child answered 503", err)
+	default:
+	}
+	close(ready)
+	if err := <-done; err != nil {
+		t.Fatalf("check failed: %v", err)
+	}
+}
