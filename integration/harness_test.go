@@ -68,6 +68,31 @@ func runTests(m *testing.M) int {
 	return m.Run()
 }
 
+// relayNoRace builds relay without -race, for benchmarks, once.
+func relayNoRace(tb testing.TB) string {
+	tb.Helper()
+	noRace.once.Do(func() {
+		noRace.path = filepath.Join(filepath.Dir(built.relay), "relay-norace")
+		cmd := exec.Command("go", "build", "-o", noRace.path, "./cmd/relay")
+		cmd.Dir = ".."
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			noRace.err = fmt.Errorf("building relay: %v: %s", err, out)
+		}
+	})
+	if noRace.err != nil {
+		tb.Fatal(noRace.err)
+	}
+	return noRace.path
+}
+
+// noRace is the relay binary built without -race, on first use.
+var noRace struct {
+	once sync.Once
+	path string
+	err  error
+}
+
 // logLine is one JSON log line of relay's.
 type logLine map[string]any
 
@@ -91,7 +116,7 @@ func (l logLine) num(k string) int {
 
 // relayProc is a running relay under test.
 type relayProc struct {
-	t    *testing.T
+	t    testing.TB
 	cmd  *exec.Cmd
 	mu   sync.Mutex
 	logs []logLine
@@ -104,16 +129,22 @@ type relayProc struct {
 
 // startRelay starts relay with args (JSON logs are added) and waits until
 // it has bound its sockets.
-func startRelay(t *testing.T, env []string, args ...string) *relayProc {
+func startRelay(t testing.TB, env []string, args ...string) *relayProc {
 	t.Helper()
 	return startRelayExtra(t, env, nil, args...)
 }
 
 // startRelayExtra is startRelay with extra inherited files at fds 3...
-func startRelayExtra(t *testing.T, env []string, extra []*os.File, args ...string) *relayProc {
+func startRelayExtra(t testing.TB, env []string, extra []*os.File, args ...string) *relayProc {
+	t.Helper()
+	return startRelayBin(t, built.relay, env, extra, args...)
+}
+
+// startRelayBin starts the relay binary bin.
+func startRelayBin(t testing.TB, bin string, env []string, extra []*os.File, args ...string) *relayProc {
 	t.Helper()
 	full := append([]string{"run", "--log-format", "json", "--log-level", "debug"}, args...)
-	cmd := exec.Command(built.relay, full...)
+	cmd := exec.Command(bin, full...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.ExtraFiles = extra
 	stderr, err := cmd.StderrPipe()
@@ -354,7 +385,7 @@ func (ld *load) summary() (requests int, failures []error) {
 
 // waitUntil polls cond, for conditions that no event announces (a process
 // gone from /proc). Bounded by timeout.
-func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+func waitUntil(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
@@ -417,7 +448,7 @@ func cpuTime(pid int) time.Duration {
 
 func httpURL(addr string) string { return "http://" + addr + "/" }
 
-func mustFreeTCPAddr(t *testing.T) (net.Listener, string) {
+func mustFreeTCPAddr(t testing.TB) (net.Listener, string) {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

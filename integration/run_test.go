@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -72,15 +73,62 @@ func TestChildGetsSocketActivationEnvironment(t *testing.T) {
 // Test 2: restarts under load that opens a new connection per request lose
 // no request, with a backend that shuts down well.
 func TestRestartsUnderLoadLoseNoRequest(t *testing.T) {
-	const restarts = 20
-	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--health", "notify",
+	res := restartUnderLoad(t, built.relay, 20)
+	for _, pid := range res.pids {
+		if res.served[pid] == 0 {
+			t.Errorf("pid %d never answered", pid)
+		}
+	}
+	if len(res.failures) > 0 {
+		t.Errorf("%d of %d requests failed; first: %v", len(res.failures), res.requests, res.failures[0])
+	}
+	if res.maxAlive > 2 {
+		t.Errorf("%d generations were alive at once, want at most 2", res.maxAlive)
+	}
+	t.Logf("restarts=%d requests=%d failures=%d max_alive=%d", res.restarts, res.requests, len(res.failures), res.maxAlive)
+}
+
+// BenchmarkRestartUnderLoad measures one restart of examples/hello under
+// load with a relay built without -race: run with -benchtime=20x for 20
+// restarts. It reports figures and asserts nothing about them.
+func BenchmarkRestartUnderLoad(b *testing.B) {
+	res := restartUnderLoad(b, relayNoRace(b), b.N)
+	b.ReportMetric(float64(res.requests), "requests")
+	b.ReportMetric(float64(len(res.failures)), "failed")
+	b.ReportMetric(float64(res.maxAlive), "max-alive")
+	b.ReportMetric(ms(median(res.hupToReady)), "ms-HUP-to-ready(p50)")
+	b.ReportMetric(ms(slices.Max(res.hupToReady)), "ms-HUP-to-ready(max)")
+	b.ReportMetric(ms(median(res.hupToFirstResponse)), "ms-HUP-to-new-pid-response(p50)")
+	b.ReportMetric(ms(median(res.relayReadyAfter)), "ms-child-start-to-READY(p50)")
+	b.ReportMetric(ms(res.relayCPU), "ms-relay-CPU")
+	b.ReportMetric(res.elapsed.Seconds(), "s-elapsed")
+}
+
+type restartStats struct {
+	restarts           int
+	requests           int
+	failures           []error
+	pids               []int
+	served             map[int]int
+	maxAlive           int
+	hupToReady         []time.Duration // HUP sent to relay's "generation ready" line read
+	hupToFirstResponse []time.Duration // HUP sent to the new pid's first response
+	relayReadyAfter    []time.Duration // relay's own measure: child start to ready
+	relayCPU           time.Duration
+	elapsed            time.Duration
+}
+
+// restartUnderLoad runs examples/hello under relayBin, keeps 8 clients
+// opening a new connection per request, and restarts it n times, each
+// after the previous old generation has exited.
+func restartUnderLoad(tb testing.TB, relayBin string, n int) restartStats {
+	r := startRelayBin(tb, relayBin, nil, nil, "--listen", "127.0.0.1:0", "--health", "notify",
 		"--", built.hello, "-lame-duck", "100ms")
 	addr := r.listenAddrs(1)[0].str("addr")
 	ready, from := r.waitMsg(0, "generation ready", 1)
-	pids := []int{ready.num("pid")}
+	res := restartStats{restarts: n, pids: []int{ready.num("pid")}}
 
-	// Watch how many generations are alive: sampled, since no event says.
-	maxAlive := 0
+	// Count the generations alive: sampled, since no event says.
 	monitorStop := make(chan struct{})
 	monitorDone := make(chan struct{})
 	go func() {
@@ -88,9 +136,7 @@ func TestRestartsUnderLoadLoseNoRequest(t *testing.T) {
 		tick := time.NewTicker(2 * time.Millisecond)
 		defer tick.Stop()
 		for {
-			if n := len(children(r.pid())); n > maxAlive {
-				maxAlive = n
-			}
+			res.maxAlive = max(res.maxAlive, len(children(r.pid())))
 			select {
 			case <-monitorStop:
 				return
@@ -99,56 +145,50 @@ func TestRestartsUnderLoadLoseNoRequest(t *testing.T) {
 		}
 	}()
 
+	start := time.Now()
 	cpuBefore := cpuTime(r.pid())
-	ld := startLoad(httpURL(addr), 8, 5*time.Minute)
-	var sinceHUP, toFirstResponse []time.Duration
-	for i := 0; i < restarts; i++ {
+	ld := startLoad(httpURL(addr), 8, 10*time.Minute)
+	for i := 0; i < n; i++ {
 		gen := i + 2
-		old := pids[len(pids)-1]
+		old := res.pids[len(res.pids)-1]
 		// Let the serving generation answer before it is replaced.
-		waitUntil(t, 10*time.Second, "the serving pid to answer", func() bool { n, _ := ld.served(old); return n > 0 })
+		waitUntil(tb, 10*time.Second, "the serving pid to answer", func() bool { c, _ := ld.served(old); return c > 0 })
 		hup := time.Now()
 		r.signal(syscall.SIGHUP)
 		var l logLine
 		l, from = r.waitMsg(from, "generation ready", gen)
+		res.hupToReady = append(res.hupToReady, time.Since(hup))
+		res.relayReadyAfter = append(res.relayReadyAfter, time.Duration(l.num("ready_after")))
 		pid := l.num("pid")
-		pids = append(pids, pid)
-		sinceHUP = append(sinceHUP, time.Since(hup))
-		waitUntil(t, 10*time.Second, "the new pid to answer", func() bool { n, _ := ld.served(pid); return n > 0 })
+		res.pids = append(res.pids, pid)
+		waitUntil(tb, 10*time.Second, "the new pid to answer", func() bool { c, _ := ld.served(pid); return c > 0 })
 		_, first := ld.served(pid)
-		toFirstResponse = append(toFirstResponse, first.Sub(hup))
+		res.hupToFirstResponse = append(res.hupToFirstResponse, first.Sub(hup))
 		r.waitMsg(from, "old generation exited", gen-1)
 	}
 	ld.stop()
-	cpu := cpuTime(r.pid()) - cpuBefore
+	res.relayCPU = cpuTime(r.pid()) - cpuBefore
+	res.elapsed = time.Since(start)
 	close(monitorStop)
 	<-monitorDone
-
-	requests, failures := ld.summary()
-	for _, pid := range pids {
-		if n, _ := ld.served(pid); n == 0 {
-			t.Errorf("pid %d never answered", pid)
-		}
-	}
-	if len(failures) > 0 {
-		t.Errorf("%d of %d requests failed; first: %v", len(failures), requests, failures[0])
-	}
-	if maxAlive > 2 {
-		t.Errorf("%d generations were alive at once, want at most 2", maxAlive)
-	}
-	slices.Sort(toFirstResponse)
-	slices.Sort(sinceHUP)
-	t.Logf("restarts=%d requests=%d failures=%d max_alive=%d relay_cpu=%s (race build)",
-		restarts, requests, len(failures), maxAlive, cpu)
-	t.Logf("HUP to 'generation ready' (relay log seen by test): median %s, max %s",
-		sinceHUP[len(sinceHUP)/2], sinceHUP[len(sinceHUP)-1])
-	t.Logf("HUP to first response from the new pid: median %s, max %s",
-		toFirstResponse[len(toFirstResponse)/2], toFirstResponse[len(toFirstResponse)-1])
+	res.requests, res.failures = ld.summary()
+	ld.mu.Lock()
+	res.served = maps.Clone(ld.pids)
+	ld.mu.Unlock()
 	r.signal(syscall.SIGTERM)
 	if code := r.wait(30 * time.Second); code != 0 {
-		t.Errorf("relay exit code %d, want 0", code)
+		tb.Errorf("relay exit code %d, want 0", code)
 	}
+	return res
 }
+
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 // Test 3: starting a generation never changes the shared sockets' file
 // status flags, O_NONBLOCK above all.
