@@ -114,3 +114,26 @@ func TestSecondInterruptStopsNow(t *testing.T) {
 		t.Errorf("child outlived relay")
 	}
 }
+
+// USR1, USR2 and WINCH sent to relay reach the serving child.
+func TestSignalsAreForwardedToTheServingChild(t *testing.T) {
+	sigFile := filepath.Join(t.TempDir(), "signals")
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--", built.testchild, "-signal-file", sigFile)
+	r.listenAddrs(1)
+	_, from := r.waitMsg(0, "generation ready", 1)
+	want := ""
+	for _, sig := range []syscall.Signal{syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH} {
+		r.signal(sig)
+		_, from = r.waitMsg(from, "forwarded signal", 1)
+		if want != "" {
+			want += "\n"
+		}
+		want += sig.String()
+		waitUntil(t, 10*time.Second, "the child to see "+sig.String(), func() bool {
+			b, _ := os.ReadFile(sigFile)
+			return string(b) == want
+		})
+	}
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
+}

@@ -209,6 +209,13 @@ func TestStartingAGenerationKeepsSocketFlags(t *testing.T) {
 	if after := fdFlags(t, r.pid(), fd); after != before {
 		t.Errorf("socket flags changed across a restart: %#o before, %#o after", before, after)
 	}
+	// relay holds the socket but must never wake on its traffic: the
+	// socket is in none of relay's epoll sets.
+	for epfd, watched := range epollTargets(t, r.pid()) {
+		if slices.Contains(watched, fd) {
+			t.Errorf("relay's epoll fd %s watches the shared socket (fd %s)", epfd, fd)
+		}
+	}
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
 }
@@ -251,4 +258,55 @@ func fdFlags(t *testing.T, pid int, fd string) int {
 	}
 	t.Fatalf("no flags in fdinfo: %s", b)
 	return 0
+}
+
+// epollTargets lists, for each epoll fd of pid, the fds it watches.
+func epollTargets(t *testing.T, pid int) map[string][]string {
+	t.Helper()
+	dir := filepath.Join("/proc", strconv.Itoa(pid), "fd")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string][]string{}
+	for _, e := range ents {
+		if target, _ := os.Readlink(filepath.Join(dir, e.Name())); target != "anon_inode:[eventpoll]" {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "fdinfo", e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = []string{}
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == "tfd:" {
+				out[e.Name()] = append(out[e.Name()], f[1])
+			}
+		}
+	}
+	if len(out) == 0 {
+		t.Fatalf("relay has no epoll fd; the check would prove nothing")
+	}
+	return out
+}
+
+// BenchmarkRelayCPUUnderSteadyLoad measures relay's own CPU time while
+// examples/hello serves a steady stream of new connections and nothing
+// restarts: each iteration is one second of load. relay holds the sockets
+// but never wakes on their traffic, so the figure should stay near zero.
+func BenchmarkRelayCPUUnderSteadyLoad(b *testing.B) {
+	r := startRelayBin(b, relayNoRace(b), nil, nil, "--listen", "127.0.0.1:0", "--", built.hello)
+	addr := r.listenAddrs(1)[0].str("addr")
+	r.waitMsg(0, "generation ready", 1)
+	b.ResetTimer()
+	cpuBefore := cpuTime(r.pid())
+	ld := startLoad(httpURL(addr), 8, time.Duration(b.N)*time.Second)
+	ld.wg.Wait()
+	cpu := cpuTime(r.pid()) - cpuBefore
+	requests, failures := ld.summary()
+	b.ReportMetric(float64(requests)/float64(b.N), "requests/s")
+	b.ReportMetric(float64(len(failures)), "failed")
+	b.ReportMetric(ms(cpu)/float64(b.N), "ms-relay-CPU/s")
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
 }

@@ -44,6 +44,7 @@ func main() {
 		grandchildPid  = flag.String("grandchild-pid", "", "with -grandchild: write the grandchild's pid here")
 		sleeper        = flag.Bool("sleeper", false, "be the grandchild: ignore SIGTERM and sleep")
 		exitCodeOnTerm = flag.Int("exit-on-term", 0, "exit code after SIGTERM")
+		signalFile     = flag.String("signal-file", "", "write the name of each SIGUSR1, SIGUSR2 or SIGWINCH received to this file")
 		setNonblock    = flag.Int("set-nonblock-gen", 0, "in this generation, set O_NONBLOCK on fd 3 and serve; other generations leave the sockets' flags alone and do not accept")
 	)
 	flag.Parse()
@@ -88,6 +89,17 @@ func main() {
 		if *grandchildPid != "" {
 			writeFileAtomic(*grandchildPid, []byte(strconv.Itoa(gc.Process.Pid)))
 		}
+	}
+	if *signalFile != "" {
+		sigC := make(chan os.Signal, 4)
+		signal.Notify(sigC, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
+		go func() {
+			var got []string
+			for sig := range sigC {
+				got = append(got, sig.String())
+				writeFileAtomic(*signalFile, []byte(strings.Join(got, "\n")))
+			}
+		}()
 	}
 	termC := make(chan os.Signal, 1)
 	if !*ignoreTerm {
