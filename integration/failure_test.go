@@ -261,3 +261,35 @@ func readReport(t *testing.T, path string) report {
 	}
 	return rep
 }
+
+// A new generation that dies during its drain window hands serving back to
+// the old one, which was never told to stop.
+func TestNewChildDyingWhileDrainingRollsBack(t *testing.T) {
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--drain", "1m", "--", built.testchild)
+	addr := r.listenAddrs(1)[0].str("addr")
+	first, from := r.waitMsg(0, "generation ready", 1)
+	r.signal(syscall.SIGHUP)
+	starting, _ := r.waitMsg(from, "generation starting", 2)
+	_, from = r.waitMsg(from, "old generation draining", 1)
+	// Make generation 2, through its private address, exit.
+	newConnClient().Get("http://" + starting.str("health_addr") + "/exit")
+	l, from := r.waitMsg(from, "new generation failed; rolled back", 2)
+	if !strings.Contains(l.str("reason"), "exited during the drain window: exit status 4") {
+		t.Errorf("reason %q", l.str("reason"))
+	}
+	if got := l.num("still_serving_pid"); got != first.num("pid") {
+		t.Errorf("still serving pid %d, want %d", got, first.num("pid"))
+	}
+	l, _ = r.waitMsg(from, "restart finished", 0)
+	if l.str("ok") != "false" {
+		t.Errorf("restart finished ok=%s, want false", l.str("ok"))
+	}
+	if n := r.count("stopping generation"); n != 0 {
+		t.Errorf("%d generations were told to stop, want none", n)
+	}
+	if pid, err := get(newConnClient(), httpURL(addr)); err != nil || pid != first.num("pid") {
+		t.Errorf("after the rollback: pid %d, %v; want the old child %d", pid, err, first.num("pid"))
+	}
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
+}

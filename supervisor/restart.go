@@ -154,6 +154,7 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	case g == s.starting:
 		s.starting = nil
 		s.rollback(g)
+	case g == s.serving && s.revertDrain(g):
 	case g == s.serving:
 		s.serving = nil
 		if s.stopping {
@@ -170,6 +171,28 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		g.log.Info("old generation exited", "status", st.String())
 		s.advance()
 	}
+}
+
+// revertDrain handles a new generation that exits in its drain window,
+// while the generation it replaced still serves: that one keeps serving,
+// and the restart counts as rolled back. It reports whether it applied.
+func (s *Supervisor) revertDrain(g *generation) bool {
+	run := s.restart
+	if s.stopping || run == nil || run.gen != g || run.prev == nil || run.prev.state != Draining {
+		return false
+	}
+	prev := run.prev
+	run.drainTimer.Stop()
+	s.old = remove(s.old, prev)
+	prev.state = Serving
+	s.serving = prev
+	s.command = prev.cmd
+	reason := fmt.Sprintf("exited during the drain window: %s", g.status)
+	g.log.Error("new generation failed; rolled back", "reason", reason, "stderr_tail", g.stderr.Lines(stderrTailLines),
+		"still_serving_gen", prev.n, "still_serving_pid", prev.pid())
+	s.stats.RestartsRolledBack++
+	s.finishRestart(s.resultFor(g, false, reason))
+	return true
 }
 
 // rollback reports a new generation that failed; whatever served before

@@ -301,10 +301,15 @@ func (s *Supervisor) beginStop(now bool) {
 			s.answer(s.queued, Result{Reason: ErrStopping.Error()})
 			s.queued = nil
 		}
-		if run := s.restart; run != nil && run.prev != nil {
+		switch run := s.restart; {
+		case run == nil:
+		case run.prev != nil:
 			// The new generation already serves; the stop ends the drain.
 			run.drainTimer.Stop()
 			s.finishRestart(s.resultFor(run.gen, true, ""))
+		case run.gen == nil:
+			// It was waiting for an old generation to exit.
+			s.finishRestart(Result{Reason: ErrStopping.Error()})
 		}
 	}
 	for _, g := range s.alive() {

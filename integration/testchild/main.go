@@ -127,8 +127,16 @@ func main() {
 		fmt.Fprintln(w, "ok")
 	})
 	if addr := os.Getenv("RELAY_HEALTH_ADDR"); addr != "" {
+		// The private address also takes /exit, so a test can make this
+		// generation, and no other, fail.
+		private := http.NewServeMux()
+		private.Handle("/", mux)
+		private.HandleFunc("/exit", func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintln(os.Stderr, "testchild: exiting with 4 on request")
+			os.Exit(4)
+		})
 		if l, err := net.Listen("tcp", addr); err == nil {
-			go http.Serve(l, mux)
+			go http.Serve(l, private)
 		}
 	}
 	if ready {
