@@ -113,12 +113,16 @@ func Expand(s string, v Vars) string {
 		return s
 	}
 	_, port, _ := net.SplitHostPort(v.HealthAddr)
-	return strings.NewReplacer(
+	pairs := []string{
 		PlaceholderHealthAddr, v.HealthAddr,
 		PlaceholderHealthPort, port,
 		PlaceholderGeneration, strconv.Itoa(v.Generation),
-		PlaceholderPid, strconv.Itoa(v.Pid),
-	).Replace(s)
+	}
+	if v.Pid != 0 {
+		// Known to checks only; a child's own arguments keep {pid}.
+		pairs = append(pairs, PlaceholderPid, strconv.Itoa(v.Pid))
+	}
+	return strings.NewReplacer(pairs...).Replace(s)
 }
 
 // UsesPrivateAddr reports whether the check goes to the child's private

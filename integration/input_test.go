@@ -1,8 +1,10 @@
 package integration
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -136,4 +138,61 @@ func TestSignalsAreForwardedToTheServingChild(t *testing.T) {
 	}
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
+}
+
+// When relay's own stderr goes away (a log reader that exits), the
+// children keep running: relay keeps draining their stderr.
+func TestClosedLogReaderKillsNoChild(t *testing.T) {
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(built.relay, "run", "--log-format", "json", "--listen", "127.0.0.1:0",
+		"--", built.testchild, "-stderr-per-request")
+	cmd.Stderr = pw
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	defer func() {
+		cmd.Process.Kill()
+		<-exited
+	}()
+	var addr string
+	var pid int
+	sc := bufio.NewScanner(pr)
+	for pid == 0 && sc.Scan() {
+		var l logLine
+		if json.Unmarshal(sc.Bytes(), &l) != nil {
+			continue
+		}
+		switch l.str("msg") {
+		case "listening":
+			addr = l.str("addr")
+		case "generation ready":
+			pid = l.num("pid")
+		}
+	}
+	if pid == 0 {
+		t.Fatalf("relay's log ended before the child was ready: %v", sc.Err())
+	}
+	pr.Close() // the log reader goes away
+	client := newConnClient()
+	for i := range 5 {
+		got, err := get(client, httpURL(addr))
+		if err != nil || got != pid {
+			t.Fatalf("request %d: pid %d, %v; want the first child %d still serving", i, got, err, pid)
+		}
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+	case <-time.After(30 * time.Second):
+		t.Fatal("relay did not exit")
+	}
+	if code := cmd.ProcessState.ExitCode(); code != 0 {
+		t.Errorf("relay exit code %d, want 0 (the child's own)", code)
+	}
 }

@@ -30,8 +30,9 @@ type Listener struct {
 
 	file *os.File
 	// For a unix socket relay created: the inode, so that only that file
-	// is removed at exit.
+	// is removed at exit, and the lock on path.lock held until then.
 	dev, ino uint64
+	lock     *os.File
 }
 
 // File returns the socket. It stays owned by the Listener: do not close it.
@@ -48,6 +49,11 @@ func (l *Listener) Close() error {
 				err = fmt.Errorf("removing unix socket %s: %w", l.Addr, rmErr)
 			}
 		}
+	}
+	if l.lock != nil {
+		// The lock file stays: removing it would let two relays lock
+		// different files for the same path.
+		l.lock.Close()
 	}
 	return err
 }
@@ -191,6 +197,19 @@ func bindUnix(s Spec, mode os.FileMode) (*Listener, error) {
 	} else if !st.IsDir() {
 		return nil, fmt.Errorf("listen %s: %s is not a directory", s, dir)
 	}
+	// The lock, held for relay's life, makes the stale-socket check and
+	// the bind one step for every relay: two relays on one path can
+	// never remove each other's socket.
+	lock, err := lockPath(s, path+".lock")
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			lock.Close()
+		}
+	}()
 	if err := removeStaleSocket(s, path); err != nil {
 		return nil, err
 	}
@@ -198,29 +217,29 @@ func bindUnix(s Spec, mode os.FileMode) (*Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: creating socket: %w", s, err)
 	}
-	ok := false
 	defer func() {
 		if !ok {
 			unix.Close(fd)
 		}
 	}()
-	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+	// bind(2) creates the file with the mode the umask leaves, so set the
+	// umask for it rather than chmod the path later, which would follow
+	// a symlink swapped in meanwhile. relay binds before it starts any
+	// other work, so no other file is created under this umask.
+	old := unix.Umask(int(0o777 &^ mode.Perm()))
+	err = unix.Bind(fd, &unix.SockaddrUnix{Name: path})
+	unix.Umask(old)
+	if err != nil {
 		return nil, bindError(s, err)
 	}
-	var st unix.Stat_t
-	if err := unix.Lstat(path, &st); err != nil {
-		return nil, fmt.Errorf("listen %s: checking the new socket file: %w", s, err)
-	}
-	created := func() {
+	defer func() {
 		if !ok {
 			os.Remove(path)
 		}
-	}
-	defer created()
-	// Set the mode before listen(2): nobody can connect until then, so no
-	// client ever sees the socket with the umask's permissions.
-	if err := unix.Fchmodat(unix.AT_FDCWD, path, uint32(mode.Perm()), 0); err != nil {
-		return nil, fmt.Errorf("listen %s: setting mode %#o: %w", s, mode.Perm(), err)
+	}()
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return nil, fmt.Errorf("listen %s: checking the new socket file: %w", s, err)
 	}
 	if err := unix.Listen(fd, listenBacklog); err != nil {
 		return nil, fmt.Errorf("listen %s: %w", s, err)
@@ -230,9 +249,33 @@ func bindUnix(s Spec, mode os.FileMode) (*Listener, error) {
 		Spec: s,
 		Addr: path,
 		file: os.NewFile(uintptr(fd), s.String()),
+		lock: lock,
 		dev:  st.Dev,
 		ino:  st.Ino,
 	}, nil
+}
+
+// lockPath takes an exclusive lock on path, creating it if needed.
+func lockPath(s Spec, path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: opening lock file %s: %w", s, path, err)
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		f.Close()
+		return nil, fmt.Errorf("listen %s: address already in use: another relay holds %s; stop it or choose another path", s, s.Address)
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("listen %s: locking %s: %w", s, path, err)
+	}
+	return f, nil
 }
 
 // removeStaleSocket removes a socket file left behind by a process that is

@@ -120,7 +120,9 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		defer close(copied)
 		defer pr.Close()
 		// Pass the bytes on untouched, and keep the tail for reports.
-		io.Copy(io.MultiWriter(s.cfg.Stderr, g.stderr), pr)
+		// Keep reading even when relay's own stderr fails: closing
+		// the pipe would kill the child with SIGPIPE.
+		io.Copy(passThrough{s.cfg.Stderr, g.stderr}, pr)
 	}()
 	go func() {
 		<-g.proc.Done()
@@ -162,4 +164,15 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 	if m.Vars["READY"] == "1" {
 		l.Debug("child sent READY=1")
 	}
+}
+
+// passThrough writes to out, ignoring its errors, and to tail.
+type passThrough struct {
+	out  io.Writer
+	tail *tailBuffer
+}
+
+func (p passThrough) Write(b []byte) (int, error) {
+	p.out.Write(b) // a closed or full log reader must not stop the copy
+	return p.tail.Write(b)
 }

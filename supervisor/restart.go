@@ -43,6 +43,9 @@ func (s *Supervisor) advance() {
 	if err != nil {
 		s.cfg.Log.Error("starting new generation", "gen", s.nextGen, "err", err)
 		s.stats.RestartsRolledBack++
+		if !s.everReady {
+			s.fatal = fmt.Errorf("starting generation %d: %w", s.nextGen, err)
+		}
 		s.finishRestart(Result{Generation: s.nextGen, Reason: err.Error()})
 		return
 	}
@@ -55,6 +58,13 @@ func (s *Supervisor) advance() {
 func (s *Supervisor) onCheck(g *generation, err error) {
 	if g != s.starting || g.state != Starting {
 		return // the generation already exited or the stop took it
+	}
+	select {
+	case <-g.proc.Done():
+		// It passed its check but has exited since; the exit event,
+		// which waits for the last of its stderr, rolls it back.
+		return
+	default:
 	}
 	if err != nil {
 		g.failure = err
@@ -165,6 +175,9 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		if time.Since(g.readyAt) >= stableAfter {
 			s.crashes = 0
 		}
+		// A restart waiting for an old generation to exit need not
+		// wait any more: nothing serves.
+		s.advance()
 		s.scheduleReplace()
 	default:
 		s.old = remove(s.old, g)
@@ -219,9 +232,6 @@ func (s *Supervisor) rollback(g *generation) {
 		if tail != "" {
 			s.fatal = fmt.Errorf("%w; its stderr ended with: %s", s.fatal, tail)
 		}
-		s.finishRestart(s.resultFor(g, false, reason.Error()))
-		s.beginStop(false)
-		return
 	}
 	s.finishRestart(s.resultFor(g, false, reason.Error()))
 }
@@ -254,6 +264,10 @@ func (s *Supervisor) finishRestart(res Result) {
 			"pid", res.Pid, "took", res.Duration.Round(time.Microsecond), "reason", run.reason)
 	}
 	s.answer(run, res)
+	if s.fatal != nil && !s.stopping {
+		// The first generation never became ready: give up.
+		s.beginStop(false)
+	}
 	if s.stopping {
 		return
 	}
@@ -263,9 +277,6 @@ func (s *Supervisor) finishRestart(res Result) {
 		return
 	}
 	if s.serving == nil {
-		if !res.OK {
-			s.crashes++
-		}
 		s.scheduleReplace()
 	}
 }
@@ -291,7 +302,9 @@ func (s *Supervisor) scheduleReplace() {
 	delay = min(delay, s.cfg.MaxBackoff)
 	s.crashes++
 	s.cfg.Log.Warn("no generation is serving; starting a replacement", "after", delay, "failures_in_a_row", s.crashes)
-	s.replaceTimer = time.AfterFunc(delay, func() { s.post(replaceEvent{}) })
+	s.replaceSeq++
+	seq := s.replaceSeq
+	s.replaceTimer = time.AfterFunc(delay, func() { s.post(replaceEvent{seq: seq}) })
 }
 
 // checkLingering forgets the groups whose last process has gone.

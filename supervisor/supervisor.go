@@ -18,6 +18,7 @@ import (
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/signals"
+	"github.com/relaysh/relay/socketpass"
 )
 
 // stableAfter is how long a generation must have served for its crash to
@@ -48,6 +49,7 @@ type Supervisor struct {
 	everReady    bool
 	crashes      int
 	replaceTimer *time.Timer
+	replaceSeq   int
 	stopping     bool
 	exitGen      *generation // serving when the stop began
 	lastExit     *generation
@@ -92,7 +94,7 @@ func New(cfg Config) (*Supervisor, error) {
 	}
 	return &Supervisor{
 		cfg:     cfg,
-		checker: health.NewChecker(cfg.Health, cfg.Reaper, cfg.Env),
+		checker: health.NewChecker(cfg.Health, cfg.Reaper, socketpass.ChildEnv(cfg.Env, nil)),
 		reqC:    make(chan any),
 		eventC:  make(chan any, 16),
 		doneC:   make(chan struct{}),
@@ -119,7 +121,7 @@ type (
 	}
 	drainEvent   struct{ run *restartRun }
 	killEvent    struct{ g *generation }
-	replaceEvent struct{}
+	replaceEvent struct{ seq int }
 )
 
 // restartRun is one restart, from request to outcome.
@@ -246,6 +248,9 @@ func (s *Supervisor) handleEvent(ev any) {
 	case killEvent:
 		s.onKillTimeout(ev.g)
 	case replaceEvent:
+		if ev.seq != s.replaceSeq || s.replaceTimer == nil {
+			return // a timer that was stopped after it fired
+		}
 		s.replaceTimer = nil
 		if s.serving == nil && s.restart == nil && !s.stopping {
 			s.stats.Replacements++

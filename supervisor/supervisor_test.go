@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"bytes"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -12,7 +13,19 @@ import (
 
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/socketpass"
 )
+
+// TestMain lets this test binary act as relay's exec shim: relay starts
+// children through /proc/self/exe, which here is the test binary.
+func TestMain(m *testing.M) {
+	if socketpass.IsShim(os.Args) {
+		err := socketpass.RunShim(os.Args)
+		fmt.Fprintln(os.Stderr, "exec shim:", err)
+		os.Exit(127)
+	}
+	os.Exit(m.Run())
+}
 
 // logRecorder collects log output and lets a test wait for a line.
 type logRecorder struct {
@@ -127,8 +140,50 @@ func TestFirstGenerationFailureEndsRun(t *testing.T) {
 	logs := newLogRecorder()
 	sup := newTestSupervisor(t, "exec:false", logs)
 	sup.cfg.HealthTimeout = 50 * time.Millisecond
-	_, err := sup.Run()
+	err := runWithin(t, sup, 30*time.Second)
 	if err == nil || !strings.Contains(err.Error(), "never became ready") || !strings.Contains(err.Error(), "not ready within") {
 		t.Fatalf("Run = %v, want a never-ready error", err)
+	}
+}
+
+// A child that exits while its check is passing is never promoted, even
+// when the exit report waits for a process that keeps its stderr open.
+func TestExitedChildIsNeverPromoted(t *testing.T) {
+	logs := newLogRecorder()
+	sup := newTestSupervisor(t, "delay:200ms", logs)
+	// The background sleep, in a session of its own, holds the stderr
+	// pipe for longer than the check takes.
+	sup.command = Command{Path: "/bin/sh", Args: []string{"sh", "-c", "setsid sleep 2 & exit 0"}}
+	err := runWithin(t, sup, 30*time.Second)
+	if err == nil || !strings.Contains(err.Error(), "exited before it was ready") {
+		t.Fatalf("Run = %v, want the first generation rolled back as exited", err)
+	}
+}
+
+// A first generation that cannot even be started ends Run with the reason.
+func TestFirstSpawnFailureEndsRun(t *testing.T) {
+	logs := newLogRecorder()
+	sup := newTestSupervisor(t, "notify", logs)
+	sup.cfg.RuntimeDir = filepath.Join(t.TempDir(), "missing")
+	err := runWithin(t, sup, 30*time.Second)
+	if err == nil || !strings.Contains(err.Error(), "starting generation 1") {
+		t.Fatalf("Run = %v, want a start failure", err)
+	}
+}
+
+// runWithin runs sup, which is expected to end on its own, and fails the
+// test if it has not after timeout.
+func runWithin(t *testing.T, sup *Supervisor, timeout time.Duration) error {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { _, err := sup.Run(); done <- err }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(timeout):
+		sup.Stop(true)
+		<-done
+		t.Fatalf("Run did not end within %s", timeout)
+		return nil
 	}
 }

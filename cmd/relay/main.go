@@ -46,9 +46,11 @@ func newApp(stderr io.Writer) *cli.App {
 			"socket activation (fds 3.., LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it\n" +
 			"starts a new generation on the same sockets, waits until that generation is ready,\n" +
 			"and only then stops the old one. Run 'relay run --help' for the details.",
-		Commands:             []*cli.Command{runCommand()},
-		HideHelpCommand:      true,
-		EnableBashCompletion: false,
+		Commands:        []*cli.Command{runCommand()},
+		HideHelpCommand: true,
+		// "--listen unix:/run/a,b.sock" is one address, not two.
+		DisableSliceFlagSeparator: true,
+		EnableBashCompletion:      false,
 		// Exit codes are decided in exitCode, never inside cli.
 		ExitErrHandler: func(*cli.Context, error) {},
 		OnUsageError:   onUsageError,

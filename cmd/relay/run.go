@@ -9,11 +9,13 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/oklog/run"
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
@@ -70,11 +72,11 @@ func runCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "listen", Aliases: []string{"l"}, Usage: "`ADDR` to listen on; repeat for more sockets (see the forms above)"},
 			&cli.StringFlag{Name: "socket-mode", Value: "0660", Usage: "permission `MODE` of unix sockets relay creates"},
 			&cli.StringFlag{Name: "health", Value: "notify", Usage: "readiness `CHECK` of each new generation: notify, http://…, tcp://…, exec:CMD or delay:DURATION"},
-			&cli.DurationFlag{Name: "health-timeout", Value: supervisor.DefaultHealthTimeout, Usage: "how long a new generation may take to become ready before it is killed and the restart rolled back"},
-			&cli.DurationFlag{Name: "drain", Value: 0, Usage: "how long the old and the new generation both serve before the old one is told to stop"},
+			&cli.DurationFlag{Name: "health-timeout", Value: supervisor.DefaultHealthTimeout, Usage: "`DURATION` a new generation may take to become ready before it is killed and the restart rolled back"},
+			&cli.DurationFlag{Name: "drain", Value: 0, Usage: "`DURATION` the old and the new generation both serve before the old one is told to stop"},
 			&cli.StringFlag{Name: "stop-signal", Value: "TERM", Usage: "`SIGNAL` that asks a generation to stop (nginx and unicorn want QUIT, haproxy USR1, lighttpd INT)"},
-			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "how long a generation may take to stop before its process group gets SIGKILL"},
-			&cli.IntFlag{Name: "max-draining", Value: supervisor.DefaultMaxDraining, Usage: "old generations that may still be running; a restart past it waits for the oldest to exit"},
+			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "`DURATION` a generation may take to stop before its process group gets SIGKILL"},
+			&cli.IntFlag{Name: "max-draining", Value: supervisor.DefaultMaxDraining, Usage: "`N` old generations may still be running; a restart past it waits for the oldest to exit"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log `FORMAT`: text or json"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log `LEVEL`: debug, info, warn or error"},
 		},
@@ -88,6 +90,11 @@ func runAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	// Take over the signals first, so that none sent while relay starts
+	// kills it with the default action; they wait in the buffer.
+	sigC := make(chan os.Signal, 8)
+	signal.Notify(sigC, signals.Handled()...)
+	defer signal.Stop(sigC)
 	log := newLogger(c.App.ErrWriter, opts.logFormat, opts.logLevel)
 	// Nothing relay inherited may reach a child by accident.
 	if err := socketpass.CloseOnExecFrom(3); err != nil {
@@ -146,7 +153,7 @@ func runAction(c *cli.Context) error {
 	}, func(error) { sup.Stop(false) })
 	ctx, cancel := context.WithCancel(context.Background())
 	g.Add(func() error {
-		return signalLoop(ctx, sup)
+		return signalLoop(ctx, sigC, sup)
 	}, func(error) { cancel() })
 	if err := g.Run(); err != nil {
 		return err
@@ -160,10 +167,7 @@ func runAction(c *cli.Context) error {
 
 // signalLoop turns signals sent to relay into supervisor requests until the
 // supervisor is done or ctx ends.
-func signalLoop(ctx context.Context, sup *supervisor.Supervisor) error {
-	sigC := make(chan os.Signal, 8)
-	signal.Notify(sigC, signals.Handled()...)
-	defer signal.Stop(sigC)
+func signalLoop(ctx context.Context, sigC <-chan os.Signal, sup *supervisor.Supervisor) error {
 	stopping := false
 	for {
 		select {
@@ -280,16 +284,26 @@ func warnAboutHealth(log *slog.Logger, spec health.Spec, addrs []string) {
 	}
 }
 
-// makeRuntimeDir creates the private directory for the children's notify
-// sockets: under $XDG_RUNTIME_DIR when set, else the temporary directory.
+// makeRuntimeDir creates the private (0700) directory for the children's
+// notify sockets: under $XDG_RUNTIME_DIR when set, else $TMPDIR or /tmp,
+// whichever first leaves room for a socket path (108 bytes on Linux).
 func makeRuntimeDir() (string, error) {
-	base := os.Getenv("XDG_RUNTIME_DIR")
-	if st, err := os.Stat(base); base == "" || err != nil || !st.IsDir() {
-		base = os.TempDir()
+	const room = len("/relay-0123456789/gen-0123456789.notify")
+	var tried []string
+	for _, base := range []string{os.Getenv("XDG_RUNTIME_DIR"), os.TempDir(), "/tmp"} {
+		if st, err := os.Stat(base); base == "" || err != nil || !st.IsDir() {
+			continue
+		}
+		if len(base)+room >= len(unix.RawSockaddrUnix{}.Path) {
+			tried = append(tried, base+" (path too long for a unix socket)")
+			continue
+		}
+		dir, err := os.MkdirTemp(base, "relay-")
+		if err != nil {
+			tried = append(tried, fmt.Sprintf("%s (%v)", base, err))
+			continue
+		}
+		return dir, nil
 	}
-	dir, err := os.MkdirTemp(base, "relay-")
-	if err != nil {
-		return "", fmt.Errorf("creating relay's runtime directory in %s: %w", base, err)
-	}
-	return dir, nil
+	return "", fmt.Errorf("creating relay's runtime directory: no usable base among %s; set XDG_RUNTIME_DIR or TMPDIR to a short writable directory", strings.Join(tried, ", "))
 }

@@ -44,6 +44,7 @@ func main() {
 		grandchildPid  = flag.String("grandchild-pid", "", "with -grandchild: write the grandchild's pid here")
 		sleeper        = flag.Bool("sleeper", false, "be the grandchild: ignore SIGTERM and sleep")
 		exitCodeOnTerm = flag.Int("exit-on-term", 0, "exit code after SIGTERM")
+		noisy          = flag.Bool("stderr-per-request", false, "write a line to stderr for every request")
 		signalFile     = flag.String("signal-file", "", "write the name of each SIGUSR1, SIGUSR2 or SIGWINCH received to this file")
 		setNonblock    = flag.Int("set-nonblock-gen", 0, "in this generation, set O_NONBLOCK on fd 3 and serve; other generations leave the sockets' flags alone and do not accept")
 	)
@@ -116,6 +117,9 @@ func main() {
 	ready := m != "never-ready"
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if *noisy {
+			fmt.Fprintf(os.Stderr, "testchild: request %s\n", r.URL.Path)
+		}
 		w.Header().Set("X-Pid", strconv.Itoa(os.Getpid()))
 		fmt.Fprintf(w, "pid=%d gen=%d\n", os.Getpid(), gen)
 	})
