@@ -85,7 +85,7 @@ func (c *Checker) Wait(ctx context.Context, ch Child) error {
 		case <-ch.NotifyReady:
 			return nil
 		case <-ctx.Done():
-			return fmt.Errorf("no READY=1 on the child's NOTIFY_SOCKET: %w", ctx.Err())
+			return fmt.Errorf("no READY=1 on the child's NOTIFY_SOCKET (a server that does not call sd_notify needs another --health): %w", ctx.Err())
 		}
 	case Delay:
 		t := time.NewTimer(c.spec.Delay)

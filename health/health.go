@@ -10,7 +10,6 @@
 package health
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -171,6 +170,3 @@ func (s Spec) Weak() bool { return s.Kind == Delay }
 
 // String names the check for logs, e.g. "http http://{health_addr}/healthz".
 func (s Spec) String() string { return s.Raw }
-
-// ErrTimeout is wrapped by Wait when the timeout passes first.
-var ErrTimeout = errors.New("readiness timeout")

@@ -196,3 +196,28 @@ func TestClosedLogReaderKillsNoChild(t *testing.T) {
 		t.Errorf("relay exit code %d, want 0 (the child's own)", code)
 	}
 }
+
+// A second relay on a unix socket path a live relay holds fails clearly and
+// leaves the first one serving.
+func TestSecondRelayOnTheSameUnixPathFails(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "app.sock")
+	r := startRelay(t, nil, "--listen", "unix:"+sock, "--", built.testchild)
+	r.listenAddrs(1)
+	r.waitMsg(0, "generation ready", 1)
+
+	var stderr bytes.Buffer
+	second := exec.Command(built.relay, "run", "--listen", "unix:"+sock, "--", built.testchild)
+	second.Stderr = &stderr
+	err := second.Run()
+	if code := second.ProcessState.ExitCode(); err == nil || code != 1 {
+		t.Errorf("second relay: exit code %d (%v), want 1", code, err)
+	}
+	if !strings.Contains(stderr.String(), "another relay holds "+sock) {
+		t.Errorf("second relay said %q", stderr.String())
+	}
+	if _, err := os.Stat(sock); err != nil {
+		t.Errorf("the first relay's socket is gone: %v", err)
+	}
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
+}

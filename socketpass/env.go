@@ -16,22 +16,17 @@ const (
 // FirstFD is the fd number of the first passed socket (SD_LISTEN_FDS_START).
 const FirstFD = 3
 
-// ownedVars are set by relay for each child, so any inherited value is
-// dropped: a stale LISTEN_PID or NOTIFY_SOCKET would point the child at
-// relay's own sockets or at systemd.
-var ownedVars = []string{
-	EnvListenPID, EnvListenFDs, EnvListenFDNames, EnvNotifySocket,
-	"WATCHDOG_USEC", "WATCHDOG_PID",
-}
-
 // ChildEnv returns base without any variable relay owns or sets in extra,
 // followed by the socket-activation variables for listeners and by extra
 // ("KEY=value" entries). LISTEN_PID is left to the exec shim, which alone
 // knows the child's pid.
 func ChildEnv(base []string, listeners []*Listener, extra ...string) []string {
-	drop := make(map[string]bool, len(ownedVars)+len(extra))
-	for _, k := range ownedVars {
-		drop[k] = true
+	// Variables relay sets for each child: an inherited value is dropped,
+	// since a stale LISTEN_PID or NOTIFY_SOCKET would point the child at
+	// relay's own sockets or at systemd.
+	drop := map[string]bool{
+		EnvListenPID: true, EnvListenFDs: true, EnvListenFDNames: true, EnvNotifySocket: true,
+		"WATCHDOG_USEC": true, "WATCHDOG_PID": true,
 	}
 	for _, kv := range extra {
 		k, _, _ := strings.Cut(kv, "=")
