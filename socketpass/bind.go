@@ -184,7 +184,7 @@ func bindInet(s Spec) (*Listener, error) {
 	ok = true
 	return &Listener{
 		Spec: s,
-		Addr: sockaddrString(bound),
+		Addr: SockaddrString(bound),
 		file: os.NewFile(uintptr(fd), s.String()),
 	}, nil
 }

@@ -36,7 +36,8 @@ func inetSockaddr(ip net.IP, port int) (int, unix.Sockaddr) {
 	return unix.AF_INET6, sa
 }
 
-func sockaddrString(sa unix.Sockaddr) string {
+// SockaddrString formats an address as host:port, or a unix socket path.
+func SockaddrString(sa unix.Sockaddr) string {
 	switch a := sa.(type) {
 	case *unix.SockaddrInet4:
 		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))

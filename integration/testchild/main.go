@@ -21,6 +21,8 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/socketpass"
 )
 
 // Report is what -report writes: the child's view of what relay gave it.
@@ -232,7 +234,7 @@ func writeReport(path string) error {
 		if strings.HasPrefix(target, "socket:") {
 			sa, err := unix.Getsockname(fd)
 			if err == nil {
-				r.SocketAddrs[fd] = sockaddrString(sa)
+				r.SocketAddrs[fd] = socketpass.SockaddrString(sa)
 			}
 			r.SocketFamilies[fd], _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
 			r.SocketTypes[fd], _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
@@ -243,18 +245,6 @@ func writeReport(path string) error {
 		return err
 	}
 	return writeFileAtomic(path, b)
-}
-
-func sockaddrString(sa unix.Sockaddr) string {
-	switch a := sa.(type) {
-	case *unix.SockaddrInet4:
-		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
-	case *unix.SockaddrInet6:
-		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
-	case *unix.SockaddrUnix:
-		return a.Name
-	}
-	return ""
 }
 
 func writeFileAtomic(path string, b []byte) error {
