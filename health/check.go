@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -157,10 +158,6 @@ func (c *Checker) execAttempt(ctx context.Context, ch Child) error {
 	for i, a := range c.spec.Argv {
 		argv[i] = Expand(a, ch.Vars)
 	}
-	path, err := exec.LookPath(argv[0])
-	if err != nil {
-		return fmt.Errorf("finding check command: %w", err)
-	}
 	_, port, _ := net.SplitHostPort(ch.HealthAddr)
 	env := append(append([]string(nil), c.env...),
 		EnvChildPid+"="+strconv.Itoa(ch.Pid),
@@ -168,9 +165,22 @@ func (c *Checker) execAttempt(ctx context.Context, ch Child) error {
 		EnvHealthAddr+"="+ch.HealthAddr,
 		EnvHealthPort+"="+port,
 	)
+	return RunCommand(ctx, c.starter, argv, env)
+}
+
+// RunCommand runs argv (no shell) through starter in a process group of its
+// own, with env, and returns nil if it exits 0. Otherwise the error holds
+// its status and the start of its output. When ctx ends first, the group is
+// killed.
+func RunCommand(ctx context.Context, starter Starter, argv []string, env []string) error {
+	path, err := exec.LookPath(argv[0])
+	if err != nil {
+		return fmt.Errorf("finding command %q: %w", argv[0], err)
+	}
+	cmdline := strings.Join(argv, " ")
 	pr, pw, err := os.Pipe()
 	if err != nil {
-		return fmt.Errorf("creating pipe for check output: %w", err)
+		return fmt.Errorf("creating pipe for the output of %s: %w", cmdline, err)
 	}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
@@ -178,18 +188,18 @@ func (c *Checker) execAttempt(ctx context.Context, ch Child) error {
 		pw.Close()
 		return fmt.Errorf("opening %s: %w", os.DevNull, err)
 	}
-	p, err := c.starter.Start(path, argv, reaper.Attr{Env: env, Files: []*os.File{devnull, pw, pw}, NewGroup: true})
+	p, err := starter.Start(path, argv, reaper.Attr{Env: env, Files: []*os.File{devnull, pw, pw}, NewGroup: true})
 	pw.Close()
 	devnull.Close()
 	if err != nil {
 		pr.Close()
-		return fmt.Errorf("starting check %s: %w", path, err)
+		return fmt.Errorf("starting %s: %w", cmdline, err)
 	}
 	outC := make(chan []byte, 1)
 	go func() {
 		defer pr.Close()
 		b, _ := io.ReadAll(io.LimitReader(pr, outputLimit))
-		io.Copy(io.Discard, pr) // drain, so the check never blocks writing
+		io.Copy(io.Discard, pr) // drain, so the command never blocks writing
 		outC <- b
 	}()
 	select {
@@ -198,7 +208,7 @@ func (c *Checker) execAttempt(ctx context.Context, ch Child) error {
 		p.SignalGroup(syscall.SIGKILL)
 		<-p.Done()
 		p.SignalGroup(syscall.SIGKILL) // anything it left in its group
-		return fmt.Errorf("check %s did not finish: %w", c.spec.Target, ctx.Err())
+		return fmt.Errorf("%s did not finish: %w", cmdline, ctx.Err())
 	}
 	p.SignalGroup(syscall.SIGKILL)
 	st := p.Status()
@@ -209,13 +219,12 @@ func (c *Checker) execAttempt(ctx context.Context, ch Child) error {
 	select {
 	case out = <-outC:
 	case <-time.After(100 * time.Millisecond):
-		// A process the check left behind still holds the pipe.
+		// A process it left behind still holds the pipe.
 	}
-	out = bytes.TrimSpace(out)
-	if len(out) > 0 {
-		return fmt.Errorf("check %s: %s: %s", c.spec.Target, st, out)
+	if out = bytes.TrimSpace(out); len(out) > 0 {
+		return fmt.Errorf("%s: %s: %s", cmdline, st, out)
 	}
-	return fmt.Errorf("check %s: %s", c.spec.Target, st)
+	return fmt.Errorf("%s: %s", cmdline, st)
 }
 
 // PickHealthAddr reserves a free loopback port for a child's private health

@@ -255,11 +255,28 @@ func bindUnix(s Spec, mode os.FileMode) (*Listener, error) {
 	}, nil
 }
 
-// lockPath takes an exclusive lock on path, creating it if needed.
+// lockPath takes the lock that guards a unix socket path.
 func lockPath(s Spec, path string) (*os.File, error) {
+	f, err := Lock(path)
+	if errors.Is(err, ErrLocked) {
+		return nil, fmt.Errorf("listen %s: address already in use: another relay holds %s; stop it or choose another path", s, s.Address)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", s, err)
+	}
+	return f, nil
+}
+
+// ErrLocked is returned by Lock when another process holds the lock.
+var ErrLocked = errors.New("locked by another process")
+
+// Lock takes an exclusive, non-blocking flock on path, creating it (0600,
+// never through a symlink) if needed. The lock lasts until the file is
+// closed or the process exits.
+func Lock(path string) (*os.File, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("listen %s: opening lock file %s: %w", s, path, err)
+		return nil, fmt.Errorf("opening lock file: %w", err)
 	}
 	for {
 		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
@@ -269,15 +286,14 @@ func lockPath(s Spec, path string) (*os.File, error) {
 	}
 	if errors.Is(err, unix.EWOULDBLOCK) {
 		f.Close()
-		return nil, fmt.Errorf("listen %s: address already in use: another relay holds %s; stop it or choose another path", s, s.Address)
+		return nil, fmt.Errorf("%s: %w", path, ErrLocked)
 	}
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("listen %s: locking %s: %w", s, path, err)
+		return nil, fmt.Errorf("locking %s: %w", path, err)
 	}
 	return f, nil
 }
-
 // removeStaleSocket removes a socket file left behind by a process that is
 // gone. A live socket, or a file that is not a socket, is an error.
 func removeStaleSocket(s Spec, path string) error {

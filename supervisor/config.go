@@ -30,6 +30,10 @@ type Config struct {
 	Env       []string // base environment of the children
 	Listeners []*socketpass.Listener
 
+	// Check is a pre-flight command run before each requested restart
+	// (not before crash replacements); nil for none.
+	Check []string
+
 	Health        health.Spec
 	HealthTimeout time.Duration
 	// Drain is how long the old and the new generation both serve before

@@ -57,6 +57,9 @@ type generation struct {
 	// killTimer sends SIGKILL to the group after the stop timeout.
 	killTimer *time.Timer
 	status    reaper.Status
+	// exitWatchers follow the restart that retired this generation, and
+	// are told when it exits.
+	exitWatchers []*waiter
 	// pidForNotify is the pid, for the notify socket's goroutine.
 	pidForNotify atomic.Int64
 }

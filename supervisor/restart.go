@@ -1,12 +1,16 @@
 package supervisor
 
 import (
+	"context"
 	"fmt"
+	"strings"
 	"syscall"
 	"time"
 
+	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/signals"
+	"github.com/relaysh/relay/socketpass"
 )
 
 func (s *Supervisor) beginRestart(run *restartRun) {
@@ -15,6 +19,40 @@ func (s *Supervisor) beginRestart(run *restartRun) {
 	if run.reason != "start" {
 		s.cfg.Log.Info("restart begun", "reason", run.reason)
 	}
+	if len(run.check) > 0 {
+		s.preflight(run)
+		return
+	}
+	s.advance()
+}
+
+// preflight runs the restart's check before any new child starts; its
+// outcome comes back as a preflightEvent.
+func (s *Supervisor) preflight(run *restartRun) {
+	check := strings.Join(run.check, " ")
+	s.cfg.Log.Info("running pre-flight check", "check", check)
+	run.emit(Event{Phase: PhaseChecking, Check: check})
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HealthTimeout)
+	run.cancelPre = cancel
+	env := socketpass.ChildEnv(s.cfg.Env, nil)
+	go func() {
+		err := health.RunCommand(ctx, s.cfg.Reaper, run.check, env)
+		cancel()
+		s.post(preflightEvent{run: run, err: err})
+	}()
+}
+
+func (s *Supervisor) onPreflight(run *restartRun, err error) {
+	if run != s.restart {
+		return // the stop answered it already
+	}
+	run.cancelPre = nil
+	if err != nil {
+		s.cfg.Log.Error("pre-flight check failed; restart refused, nothing changed", "check", strings.Join(run.check, " "), "err", err)
+		s.finishRestart(Result{Refused: true, Reason: "pre-flight check failed: " + err.Error()})
+		return
+	}
+	run.emit(Event{Phase: PhaseChecked, Check: strings.Join(run.check, " ")})
 	s.advance()
 }
 
@@ -29,6 +67,7 @@ func (s *Supervisor) advance() {
 	if s.serving != nil && len(s.old) >= s.cfg.MaxDraining {
 		if !run.waitLogged {
 			run.waitLogged = true
+			run.emit(Event{Phase: PhaseWaitOld, Generation: s.old[0].n, Pid: s.old[0].pid()})
 			s.cfg.Log.Info("waiting for an old generation to exit before starting a new one",
 				"old_generations", len(s.old), "max_draining", s.cfg.MaxDraining)
 		}
@@ -52,6 +91,8 @@ func (s *Supervisor) advance() {
 	run.gen = g
 	s.starting = g
 	g.log.Info("generation starting", "cmd", cmd.Args, "check", s.cfg.Health.String(), "health_addr", g.healthAddr)
+	run.emit(Event{Phase: PhaseStarting, Generation: g.n, Pid: g.pid()})
+	run.emit(Event{Phase: PhaseWaiting, Generation: g.n, Pid: g.pid(), Check: s.cfg.Health.String()})
 	s.startCheck(g)
 }
 
@@ -87,6 +128,7 @@ func (s *Supervisor) promote(g *generation) {
 	s.command = g.cmd
 	g.log.Info("generation ready", "ready_after", g.readyAt.Sub(g.started).Round(time.Microsecond),
 		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond))
+	run.emit(Event{Phase: PhaseReady, Generation: g.n, Pid: g.pid(), DurationMs: ms(g.readyAt.Sub(g.started))})
 	prev := s.serving
 	s.serving = g
 	if prev == nil {
@@ -95,13 +137,13 @@ func (s *Supervisor) promote(g *generation) {
 	}
 	prev.state = Draining
 	s.old = append(s.old, prev)
+	run.prev = prev
 	if s.cfg.Drain <= 0 {
-		s.stopGen(prev)
-		s.finishRestart(s.resultFor(g, true, ""))
+		s.retire(run)
 		return
 	}
 	prev.log.Info("old generation draining", "drain", s.cfg.Drain)
-	run.prev = prev
+	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), DurationMs: ms(s.cfg.Drain)})
 	run.drainTimer = time.AfterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run}) })
 }
 
@@ -109,9 +151,18 @@ func (s *Supervisor) onDrainEnd(run *restartRun) {
 	if run != s.restart {
 		return
 	}
-	if run.prev.state == Draining {
-		s.stopGen(run.prev)
+	s.retire(run)
+}
+
+// retire ends a successful restart: the old generation gets its stop
+// signal, and the callers following the restart are told when it exits.
+func (s *Supervisor) retire(run *restartRun) {
+	prev := run.prev
+	if prev.state == Draining {
+		s.stopGen(prev)
+		run.emit(Event{Phase: PhaseStopping, Generation: prev.n, Pid: prev.pid(), Signal: signals.Name(s.cfg.StopSignal)})
 	}
+	run.watch = prev
 	s.finishRestart(s.resultFor(run.gen, true, ""))
 }
 
@@ -149,6 +200,11 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	if err := g.notify.Close(); err != nil {
 		g.log.Debug("closing notify socket", "err", err)
 	}
+	for _, w := range g.exitWatchers {
+		w.send(Event{Phase: PhaseOldExit, Generation: g.n, Pid: g.pid(), Status: st.String()})
+		w.close()
+	}
+	g.exitWatchers = nil
 	if g.proc.GroupAlive() {
 		// Processes of its group outlived it: stop them too.
 		if prev != Stopping {
@@ -256,8 +312,15 @@ func (s *Supervisor) finishRestart(res Result) {
 	run := s.restart
 	s.restart = nil
 	res.Duration = time.Since(run.begun)
-	if res.OK && run.reason != "start" {
+	switch {
+	case run.reason == "start":
+	case res.OK:
 		s.stats.RestartsOK++
+	case res.Refused:
+		s.stats.Refused++
+	}
+	if run.reason != "start" {
+		s.last = &LastRestart{Result: res, Finished: time.Now(), DurationMs: ms(res.Duration)}
 	}
 	if run.reason != "start" || !res.OK {
 		s.cfg.Log.Log(nil, logLevel(res.OK), "restart finished", "ok", res.OK, "gen", res.Generation,
@@ -281,9 +344,16 @@ func (s *Supervisor) finishRestart(res Result) {
 	}
 }
 
+// answer sends the outcome to every caller following run. If the restart
+// told an old generation to stop, they hear once more when it exits.
 func (s *Supervisor) answer(run *restartRun, res Result) {
 	for _, w := range run.waiters {
-		w <- res // buffered, one answer per waiter
+		w.send(Event{Phase: PhaseDone, Result: &res})
+		if run.watch != nil && run.watch.state != Exited {
+			run.watch.exitWatchers = append(run.watch.exitWatchers, w)
+		} else {
+			w.close()
+		}
 	}
 	run.waiters = nil
 }

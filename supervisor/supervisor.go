@@ -8,6 +8,7 @@
 package supervisor
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -55,29 +56,15 @@ type Supervisor struct {
 	lastExit     *generation
 	fatal        error
 	stats        Stats
+	last         *LastRestart
 }
 
 // Stats counts restarts.
 type Stats struct {
 	RestartsOK         int
 	RestartsRolledBack int
+	Refused            int
 	Replacements       int
-}
-
-// Result is the outcome of one restart.
-type Result struct {
-	OK bool
-	// Generation and Pid name the new generation, if one was started.
-	Generation int
-	Pid        int
-	// Reason says why a restart was rolled back.
-	Reason string
-	// StderrTail is the end of a failed child's stderr.
-	StderrTail string
-	// ReadyAfter is from the child's start to its readiness.
-	ReadyAfter time.Duration
-	// Duration is from the request to the outcome.
-	Duration time.Duration
 }
 
 // Outcome is how Run ended.
@@ -104,9 +91,8 @@ func New(cfg Config) (*Supervisor, error) {
 
 type (
 	restartReq struct {
-		reason string
-		cmd    *Command
-		reply  chan Result // buffered; nil for fire and forget
+		RestartRequest
+		w *waiter // nil for fire and forget
 	}
 	stopReq    struct{ now bool }
 	forwardReq struct{ sig syscall.Signal }
@@ -119,7 +105,11 @@ type (
 		g   *generation
 		err error
 	}
-	drainEvent   struct{ run *restartRun }
+	drainEvent     struct{ run *restartRun }
+	preflightEvent struct {
+		run *restartRun
+		err error
+	}
 	killEvent    struct{ g *generation }
 	replaceEvent struct{ seq int }
 )
@@ -128,10 +118,13 @@ type (
 type restartRun struct {
 	reason     string
 	cmd        *Command // nil: the current command
-	waiters    []chan Result
+	check      []string // pre-flight command; nil for none
+	waiters    []*waiter
+	cancelPre  context.CancelFunc
 	begun      time.Time
 	gen        *generation // the new generation, once started
 	prev       *generation // the generation it replaces, in its drain window
+	watch      *generation // the old generation whose exit callers hear of
 	drainTimer *time.Timer
 	waitLogged bool
 }
@@ -153,31 +146,52 @@ func (s *Supervisor) request(r any) error {
 	}
 }
 
+// RestartRequest asks for a restart.
+type RestartRequest struct {
+	// Reason is logged: "signal HUP", "control", ...
+	Reason string
+	// Command, if not nil, is what the new generation runs. It becomes
+	// the command of later generations once that generation is ready.
+	Command *Command
+	// Check is a pre-flight command run before any new child starts; if
+	// it fails, the restart is refused and nothing changes. Nil means
+	// Config.Check.
+	Check []string
+}
+
 // RequestRestart asks for a restart and returns at once, as SIGHUP does.
 // A request made during a restart is coalesced into one more restart.
 func (s *Supervisor) RequestRestart(reason string) error {
-	return s.request(restartReq{reason: reason})
+	return s.request(restartReq{RestartRequest: RestartRequest{Reason: reason}})
 }
 
-// Restart asks for a restart and waits for its outcome. If cmd is not nil
-// the new generation runs it, and it becomes the command for later
-// generations once that generation is ready.
-func (s *Supervisor) Restart(reason string, cmd *Command) (Result, error) {
-	reply := make(chan Result, 1)
-	if err := s.request(restartReq{reason: reason, cmd: cmd, reply: reply}); err != nil {
+// Restart asks for a restart and returns the channel that follows it: the
+// phases, then PhaseDone with the Result, then PhaseOldExit if an old
+// generation was told to stop. The channel is closed after the last event.
+func (s *Supervisor) Restart(req RestartRequest) (<-chan Event, error) {
+	w := newWaiter()
+	if err := s.request(restartReq{RestartRequest: req, w: w}); err != nil {
+		return nil, err
+	}
+	return w.c, nil
+}
+
+// RestartAndWait is Restart that returns the Result alone.
+func (s *Supervisor) RestartAndWait(req RestartRequest) (Result, error) {
+	events, err := s.Restart(req)
+	if err != nil {
 		return Result{}, err
 	}
-	select {
-	case r := <-reply:
-		return r, nil
-	case <-s.doneC:
-		select {
-		case r := <-reply:
-			return r, nil
-		default:
-			return Result{}, ErrStopping
+	var res *Result
+	for ev := range events {
+		if ev.Result != nil {
+			res = ev.Result
 		}
 	}
+	if res == nil {
+		return Result{}, ErrStopping
+	}
+	return *res, nil
 }
 
 // Stop stops every generation: gracefully, or at once with SIGKILL.
@@ -224,6 +238,8 @@ func (s *Supervisor) handleRequest(r any) {
 		s.onRestartRequest(r)
 	case stopReq:
 		s.beginStop(r.now)
+	case statusReq:
+		r.reply <- s.status()
 	case forwardReq:
 		if s.serving == nil {
 			s.cfg.Log.Warn("no serving child to forward the signal to", "signal", signals.Name(r.sig))
@@ -245,6 +261,8 @@ func (s *Supervisor) handleEvent(ev any) {
 		s.onCheck(ev.g, ev.err)
 	case drainEvent:
 		s.onDrainEnd(ev.run)
+	case preflightEvent:
+		s.onPreflight(ev.run, ev.err)
 	case killEvent:
 		s.onKillTimeout(ev.g)
 	case replaceEvent:
@@ -260,15 +278,16 @@ func (s *Supervisor) handleEvent(ev any) {
 }
 
 func (s *Supervisor) onRestartRequest(r restartReq) {
-	if s.stopping {
-		if r.reply != nil {
-			r.reply <- Result{Reason: ErrStopping.Error()}
-		}
-		return
+	run := &restartRun{reason: r.Reason, cmd: r.Command, check: r.Check}
+	if run.check == nil {
+		run.check = s.cfg.Check
 	}
-	run := &restartRun{reason: r.reason, cmd: r.cmd}
-	if r.reply != nil {
-		run.waiters = append(run.waiters, r.reply)
+	if r.w != nil {
+		run.waiters = append(run.waiters, r.w)
+	}
+	if s.stopping {
+		s.answer(run, Result{Refused: true, Reason: ErrStopping.Error()})
+		return
 	}
 	if s.restart == nil {
 		if s.replaceTimer != nil {
@@ -281,16 +300,20 @@ func (s *Supervisor) onRestartRequest(r restartReq) {
 	// Coalesce: every request made during this restart is answered by the
 	// one restart that runs after it, so nobody is told "done" for a
 	// restart that began before it asked.
+	run.emit(Event{Phase: PhaseQueued})
 	if s.queued == nil {
 		s.queued = run
-		s.cfg.Log.Info("restart requested during a restart; queued", "reason", r.reason)
+		s.cfg.Log.Info("restart requested during a restart; queued", "reason", r.Reason)
 		return
 	}
 	s.queued.waiters = append(s.queued.waiters, run.waiters...)
-	if r.cmd != nil {
-		s.queued.cmd = r.cmd
+	if r.Command != nil {
+		s.queued.cmd = r.Command
 	}
-	s.cfg.Log.Info("restart requested during a restart; coalesced with the queued one", "reason", r.reason)
+	if r.Check != nil {
+		s.queued.check = r.Check
+	}
+	s.cfg.Log.Info("restart requested during a restart; coalesced with the queued one", "reason", r.Reason)
 }
 
 func (s *Supervisor) beginStop(now bool) {
@@ -303,7 +326,7 @@ func (s *Supervisor) beginStop(now bool) {
 			s.replaceTimer = nil
 		}
 		if s.queued != nil {
-			s.answer(s.queued, Result{Reason: ErrStopping.Error()})
+			s.answer(s.queued, Result{Refused: true, Reason: ErrStopping.Error()})
 			s.queued = nil
 		}
 		switch run := s.restart; {
@@ -313,8 +336,12 @@ func (s *Supervisor) beginStop(now bool) {
 			run.drainTimer.Stop()
 			s.finishRestart(s.resultFor(run.gen, true, ""))
 		case run.gen == nil:
-			// It was waiting for an old generation to exit.
-			s.finishRestart(Result{Reason: ErrStopping.Error()})
+			// It was in its pre-flight check, or waiting for an old
+			// generation to exit.
+			if run.cancelPre != nil {
+				run.cancelPre()
+			}
+			s.finishRestart(Result{Refused: true, Reason: ErrStopping.Error()})
 		}
 	}
 	for _, g := range s.alive() {

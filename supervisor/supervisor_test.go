@@ -108,7 +108,7 @@ func TestRestartsDuringARestartAreCoalesced(t *testing.T) {
 	results := make(chan Result, callers)
 	for range callers {
 		go func() {
-			r, err := sup.Restart("test", nil)
+			r, err := sup.RestartAndWait(RestartRequest{Reason: "test"})
 			if err != nil {
 				t.Error(err)
 			}

@@ -1,0 +1,83 @@
+package supervisor
+
+import (
+	"time"
+)
+
+// Phase names a step of a restart, as reported to the caller who asked for
+// it. The names are part of relay's control protocol: keep them stable.
+type Phase string
+
+// The phases of a restart, in the order they can happen.
+const (
+	PhaseQueued   Phase = "queued"          // waiting for the restart under way
+	PhaseChecking Phase = "checking"        // the pre-flight --check runs
+	PhaseChecked  Phase = "checked"         // it passed
+	PhaseWaitOld  Phase = "waiting_for_old" // --max-draining old generations still run
+	PhaseStarting Phase = "starting"        // the new generation was started
+	PhaseWaiting  Phase = "waiting"         // its readiness check runs
+	PhaseReady    Phase = "ready"           // it is ready and serving
+	PhaseDraining Phase = "draining"        // the old generation serves for --drain
+	PhaseStopping Phase = "stopping"        // the old generation got its stop signal
+	PhaseDone     Phase = "done"            // final: see Event.Result
+	PhaseOldExit  Phase = "old_exited"      // after done: the old generation exited
+)
+
+// Event is one step of a restart.
+type Event struct {
+	Phase      Phase   `json:"phase"`
+	Generation int     `json:"generation,omitempty"`
+	Pid        int     `json:"pid,omitempty"`
+	Check      string  `json:"check,omitempty"`
+	Signal     string  `json:"signal,omitempty"`
+	Status     string  `json:"status,omitempty"` // how an old generation exited
+	DurationMs float64 `json:"duration_ms,omitempty"`
+	Result     *Result `json:"result,omitempty"` // with PhaseDone
+}
+
+// Result is the outcome of one restart.
+type Result struct {
+	OK bool `json:"ok"`
+	// Refused is set when nothing was started: the pre-flight check
+	// failed, the command could not be found, or relay is stopping.
+	Refused bool `json:"refused,omitempty"`
+	// Generation and Pid name the new generation, if one was started.
+	Generation int `json:"generation,omitempty"`
+	Pid        int `json:"pid,omitempty"`
+	// Reason says why a restart was rolled back or refused.
+	Reason string `json:"reason,omitempty"`
+	// StderrTail is the end of a failed child's (or check's) stderr.
+	StderrTail string `json:"stderr_tail,omitempty"`
+	// ReadyAfter is from the child's start to its readiness.
+	ReadyAfter time.Duration `json:"ready_after_ns,omitempty"`
+	// Duration is from the request to the outcome.
+	Duration time.Duration `json:"duration_ns"`
+}
+
+// waiterBuffer holds every event of one restart; a restart emits fewer.
+const waiterBuffer = 32
+
+// waiter is one caller following a restart.
+type waiter struct{ c chan Event }
+
+func newWaiter() *waiter { return &waiter{c: make(chan Event, waiterBuffer)} }
+
+// send never blocks the supervisor: a caller that stopped reading loses
+// events, not relay its loop.
+func (w *waiter) send(ev Event) {
+	select {
+	case w.c <- ev:
+	default:
+	}
+}
+
+func (w *waiter) close() { close(w.c) }
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// emit sends ev to every caller following run.
+func (run *restartRun) emit(ev Event) {
+	for _, w := range run.waiters {
+		w.send(ev)
+	}
+}

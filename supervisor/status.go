@@ -1,0 +1,85 @@
+package supervisor
+
+import (
+	"time"
+)
+
+// Status is a snapshot of the supervisor, as `relay status --json` prints
+// it. The field names are part of relay's control protocol: keep them
+// stable, add rather than change.
+type Status struct {
+	Command     []string           `json:"command"`
+	Generations []GenerationStatus `json:"generations"`
+	Restarts    RestartCounts      `json:"restarts"`
+	LastRestart *LastRestart       `json:"last_restart,omitempty"`
+	Stopping    bool               `json:"stopping"`
+}
+
+// GenerationStatus describes one live generation.
+type GenerationStatus struct {
+	Generation int       `json:"generation"`
+	Pid        int       `json:"pid"`
+	State      State     `json:"state"`
+	Started    time.Time `json:"started"`
+	AgeSeconds float64   `json:"age_seconds"`
+	// ReadyAfterMs is from start to readiness; 0 while starting.
+	ReadyAfterMs float64  `json:"ready_after_ms,omitempty"`
+	Command      []string `json:"command"`
+}
+
+// RestartCounts counts restarts since relay started. Crash replacements
+// are counted apart.
+type RestartCounts struct {
+	OK           int  `json:"ok"`
+	RolledBack   int  `json:"rolled_back"`
+	Refused      int  `json:"refused"`
+	Replacements int  `json:"crash_replacements"`
+	InProgress   bool `json:"in_progress"`
+	Queued       bool `json:"queued"`
+}
+
+// LastRestart is the outcome of the last restart that finished.
+type LastRestart struct {
+	Result
+	Finished   time.Time `json:"finished"`
+	DurationMs float64   `json:"duration_ms"`
+}
+
+type statusReq struct{ reply chan Status }
+
+// Status returns a snapshot of the generations and counters.
+func (s *Supervisor) Status() (Status, error) {
+	reply := make(chan Status, 1)
+	if err := s.request(statusReq{reply: reply}); err != nil {
+		return Status{}, err
+	}
+	return <-reply, nil
+}
+
+func (s *Supervisor) status() Status {
+	now := time.Now()
+	st := Status{
+		Command:     s.command.Args,
+		Generations: []GenerationStatus{},
+		Restarts: RestartCounts{
+			OK: s.stats.RestartsOK, RolledBack: s.stats.RestartsRolledBack, Refused: s.stats.Refused,
+			Replacements: s.stats.Replacements, InProgress: s.restart != nil, Queued: s.queued != nil,
+		},
+		LastRestart: s.last,
+		Stopping:    s.stopping,
+	}
+	gens := s.alive()
+	// Oldest first: old generations, then the serving one, then a new one.
+	gens = append(append([]*generation(nil), s.old...), gens[:len(gens)-len(s.old)]...)
+	for _, g := range gens {
+		gs := GenerationStatus{
+			Generation: g.n, Pid: g.pid(), State: g.state, Started: g.started,
+			AgeSeconds: now.Sub(g.started).Seconds(), Command: g.cmd.Args,
+		}
+		if !g.readyAt.IsZero() {
+			gs.ReadyAfterMs = ms(g.readyAt.Sub(g.started))
+		}
+		st.Generations = append(st.Generations, gs)
+	}
+	return st
+}
