@@ -116,11 +116,12 @@ func (l logLine) num(k string) int {
 
 // relayProc is a running relay under test.
 type relayProc struct {
-	t    testing.TB
-	cmd  *exec.Cmd
-	mu   sync.Mutex
-	logs []logLine
-	raw  bytes.Buffer // every stderr line, relay's and the children's
+	t       testing.TB
+	cmd     *exec.Cmd
+	control string // the control socket's path
+	mu      sync.Mutex
+	logs    []logLine
+	raw     bytes.Buffer // every stderr line, relay's and the children's
 	// changed is closed and replaced whenever a line arrives.
 	changed chan struct{}
 	exited  chan struct{}
@@ -141,20 +142,22 @@ func startRelayExtra(t testing.TB, env []string, extra []*os.File, args ...strin
 }
 
 // startRelayBin starts the relay binary bin.
-func startRelayBin(t testing.TB, bin string, env []string, extra []*os.File, args ...string) *relayProc {
-	t.Helper()
-	full := append([]string{"run", "--log-format", "json", "--log-level", "debug"}, args...)
+func startRelayBin(tb testing.TB, bin string, env []string, extra []*os.File, args ...string) *relayProc {
+	tb.Helper()
+	// A control socket of its own: tests never meet another relay's.
+	ctl := filepath.Join(tb.TempDir(), "ctl", "relay.sock")
+	full := append([]string{"run", "--log-format", "json", "--log-level", "debug", "--control", ctl}, args...)
 	cmd := exec.Command(bin, full...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.ExtraFiles = extra
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	cmd.Stdout = io.Discard
-	r := &relayProc{t: t, cmd: cmd, changed: make(chan struct{}), exited: make(chan struct{})}
+	r := &relayProc{t: tb, cmd: cmd, control: ctl, changed: make(chan struct{}), exited: make(chan struct{})}
 	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	scanDone := make(chan struct{})
 	go func() {
@@ -184,15 +187,15 @@ func startRelayBin(t testing.TB, bin string, env []string, extra []*os.File, arg
 		r.changed = make(chan struct{})
 		r.mu.Unlock()
 	}()
-	t.Cleanup(func() {
+	tb.Cleanup(func() {
 		select {
 		case <-r.exited:
 		default:
 			cmd.Process.Signal(syscall.SIGKILL)
 			<-r.exited
 		}
-		if t.Failed() {
-			t.Logf("relay stderr:\n%s", r.output())
+		if tb.Failed() {
+			tb.Logf("relay stderr:\n%s", r.output())
 		}
 	})
 	return r

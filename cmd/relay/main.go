@@ -40,13 +40,14 @@ func realMain(args []string, stderr io.Writer) int {
 func newApp(stderr io.Writer) *cli.App {
 	return &cli.App{
 		Name:      "relay",
+		Writer:    os.Stdout,
 		Usage:     "zero-downtime restarts for unmodified servers",
 		ErrWriter: stderr,
 		Description: "relay binds your server's listening sockets once and starts the server with systemd\n" +
 			"socket activation (fds 3.., LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it\n" +
 			"starts a new generation on the same sockets, waits until that generation is ready,\n" +
 			"and only then stops the old one. Run 'relay run --help' for the details.",
-		Commands:        []*cli.Command{runCommand()},
+		Commands:        []*cli.Command{runCommand(), restartCommand(), statusCommand(), stopCommand()},
 		HideHelpCommand: true,
 		// "--listen unix:/run/a,b.sock" is one address, not two.
 		DisableSliceFlagSeparator: true,
@@ -94,12 +95,19 @@ func exitCode(err error, stderr io.Writer) int {
 	if errors.As(err, &ce) {
 		return ce.code
 	}
+	var rb rolledBackError
+	var ur unreachableError
 	// One line, whatever the error holds.
 	msg := strings.ReplaceAll(strings.TrimSpace(err.Error()), "\n", " | ")
 	fmt.Fprintf(stderr, "relay: %s\n", msg)
 	var ue usageError
-	if errors.As(err, &ue) {
+	switch {
+	case errors.As(err, &ue):
 		return exitUsage
+	case errors.As(err, &rb):
+		return exitRolledBack
+	case errors.As(err, &ur):
+		return exitUnreachable
 	}
 	return exitFailure
 }

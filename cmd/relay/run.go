@@ -17,6 +17,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
 
+	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/signals"
@@ -77,6 +78,9 @@ func runCommand() *cli.Command {
 			&cli.StringFlag{Name: "stop-signal", Value: "TERM", Usage: "`SIGNAL` that asks a generation to stop (nginx and unicorn want QUIT, haproxy USR1, lighttpd INT)"},
 			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "`DURATION` a generation may take to stop before its process group gets SIGKILL"},
 			&cli.IntFlag{Name: "max-draining", Value: supervisor.DefaultMaxDraining, Usage: "`N` old generations may still be running; a restart past it waits for the oldest to exit"},
+			&cli.StringFlag{Name: "name", Value: control.DefaultName, Usage: "`NAME` of this relay, for relay restart/status/stop; sets the default --control path"},
+			&cli.StringFlag{Name: "control", Usage: "`PATH` of the control socket (default: NAME.sock in $XDG_RUNTIME_DIR/relay, /run/relay for root, else $TMPDIR/relay-UID)"},
+			&cli.StringFlag{Name: "check", Usage: "pre-flight `CMD` run before every requested restart, e.g. \"nginx -t\"; if it fails, the restart is refused and nothing changes (split on spaces, no shell)"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log `FORMAT`: text or json"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log `LEVEL`: debug, info, warn or error"},
 		},
@@ -127,6 +131,7 @@ func runAction(c *cli.Context) error {
 
 	sup, err := supervisor.New(supervisor.Config{
 		Command:       opts.command,
+		Check:         opts.check,
 		Env:           os.Environ(),
 		Listeners:     listeners,
 		Health:        opts.health,
@@ -144,8 +149,21 @@ func runAction(c *cli.Context) error {
 		return err
 	}
 
+	info := control.Info{Name: opts.name, Started: time.Now()}
+	for i, l := range listeners {
+		info.Listeners = append(info.Listeners, control.ListenerInfo{
+			FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Address: l.Addr,
+		})
+	}
+	ctl, err := control.Listen(opts.controlPath, sup, info, log)
+	if err != nil {
+		return err
+	}
+	log.Info("control socket", "path", ctl.Path(), "name", opts.name)
+
 	var outcome supervisor.Outcome
 	var g run.Group
+	g.Add(ctl.Serve, func(error) { ctl.Close() })
 	g.Add(func() error {
 		var err error
 		outcome, err = sup.Run()
@@ -198,6 +216,8 @@ type runOptions struct {
 	healthTimeout, drain, stopTimeout time.Duration
 	stopSignal                        syscall.Signal
 	maxDraining                       int
+	name, controlPath                 string
+	check                             []string
 	logFormat                         string
 	logLevel                          slog.Level
 	command                           supervisor.Command
@@ -234,6 +254,16 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 	}
 	if o.maxDraining = c.Int("max-draining"); o.maxDraining < 1 {
 		return o, usagef("--max-draining %d: must be at least 1", o.maxDraining)
+	}
+	o.name = c.String("name")
+	if err := control.ValidateName(o.name); err != nil {
+		return o, usageError{err}
+	}
+	if o.controlPath, err = control.Path(o.name, c.String("control")); err != nil {
+		return o, usageError{err}
+	}
+	if o.check, err = parseCheck(c.String("check")); err != nil {
+		return o, err
 	}
 	o.logFormat = c.String("log-format")
 	if o.logFormat != "text" && o.logFormat != "json" {

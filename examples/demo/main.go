@@ -50,7 +50,8 @@ func demo(restarts, workers int) error {
 		}
 	}
 
-	args := []string{"run", "--listen", "127.0.0.1:0", "--health", "notify", "--log-format", "json", "--", hello, "-lame-duck", "200ms"}
+	args := []string{"run", "--listen", "127.0.0.1:0", "--health", "notify", "--log-format", "json",
+		"--control", filepath.Join(dir, "ctl", "demo.sock"), "--", hello, "-lame-duck", "200ms"}
 	fmt.Printf("\n$ relay %s\n\n", join(args))
 	cmd := exec.Command(relay, args...)
 	stderr, err := cmd.StderrPipe()

@@ -1,0 +1,145 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/relaysh/relay/control"
+	"github.com/relaysh/relay/supervisor"
+)
+
+const restartDescription = `Asks the relay named --name for a restart and follows it: the new generation starts,
+becomes ready, the old one drains and is told to stop, and the old one exits. Each phase is
+printed as it happens. Concurrent requests are serialized and coalesced: every caller gets
+the outcome of a restart that began after it asked.
+
+With -- COMMAND [ARG...], the new generation runs that command instead (a new binary, new
+flags). It becomes the command for later restarts and crash replacements only once that
+generation is ready; if it fails, the old command stays.
+
+Exit status:
+   0  the new generation serves and the old one has been told to stop (and has exited,
+      unless --no-wait)
+   3  the restart was rolled back or refused (pre-flight check failed, command not found);
+      the old generation still serves, untouched
+   4  relay cannot be reached (not running, wrong --name/--control) or refused this user
+   1  any other error
+
+Examples:
+   relay restart --name api
+   relay restart --name api -- ./api-v2 --flag
+   relay restart --name web --check "nginx -t"
+   relay restart --name api --no-wait`
+
+func restartCommand() *cli.Command {
+	return &cli.Command{
+		Name:        "restart",
+		Usage:       "restart a running relay's server and wait for the outcome",
+		UsageText:   "relay restart [--name NAME] [--no-wait] [--check CMD] [-- COMMAND [ARG...]]",
+		Description: restartDescription,
+		Flags: append(clientFlags(),
+			&cli.BoolFlag{Name: "no-wait", Usage: "return once relay has accepted the restart"},
+			&cli.StringFlag{Name: "check", Usage: "pre-flight `CMD` for this restart, instead of relay run's --check (split on spaces, no shell)"},
+		),
+		Action:       restartAction,
+		OnUsageError: onUsageError,
+	}
+}
+
+func restartAction(c *cli.Context) error {
+	path, err := controlPath(c)
+	if err != nil {
+		return err
+	}
+	check, err := parseCheck(c.String("check"))
+	if err != nil {
+		return err
+	}
+	cmd, err := absCommand(c.Args().Slice())
+	if err != nil {
+		return err
+	}
+	req := control.Request{Op: control.OpRestart, Command: cmd, Check: check, NoWait: c.Bool("no-wait")}
+	out := c.App.Writer
+	var result *supervisor.Result
+	err = call(path, req, func(r control.Response) error {
+		switch r.Type {
+		case control.TypeAccepted:
+			fmt.Fprintln(out, "restart accepted")
+		case control.TypeEvent:
+			printEvent(out, r.Event)
+			if r.Event.Result != nil {
+				result = r.Event.Result
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	switch {
+	case c.Bool("no-wait"):
+		return nil
+	case result == nil:
+		return fmt.Errorf("relay closed the connection before the restart finished (is it stopping?)")
+	case !result.OK:
+		return rolledBackError{msg: "restart " + outcomeWord(result) + ": " + result.Reason}
+	}
+	return nil
+}
+
+func outcomeWord(r *supervisor.Result) string {
+	if r.Refused {
+		return "refused"
+	}
+	return "rolled back"
+}
+
+func printEvent(w io.Writer, ev *supervisor.Event) {
+	g := fmt.Sprintf("generation %d (pid %d)", ev.Generation, ev.Pid)
+	switch ev.Phase {
+	case supervisor.PhaseQueued:
+		fmt.Fprintln(w, "queued behind the restart under way")
+	case supervisor.PhaseChecking:
+		fmt.Fprintf(w, "running pre-flight check: %s\n", ev.Check)
+	case supervisor.PhaseChecked:
+		fmt.Fprintln(w, "pre-flight check passed")
+	case supervisor.PhaseWaitOld:
+		fmt.Fprintf(w, "waiting for old %s to exit (--max-draining)\n", g)
+	case supervisor.PhaseStarting:
+		fmt.Fprintf(w, "%s starting\n", g)
+	case supervisor.PhaseWaiting:
+		fmt.Fprintf(w, "waiting for readiness (%s)\n", ev.Check)
+	case supervisor.PhaseReady:
+		fmt.Fprintf(w, "ready after %s\n", msDuration(ev.DurationMs))
+	case supervisor.PhaseDraining:
+		fmt.Fprintf(w, "old %s draining for %s\n", g, msDuration(ev.DurationMs))
+	case supervisor.PhaseStopping:
+		fmt.Fprintf(w, "old %s sent %s\n", g, ev.Signal)
+	case supervisor.PhaseOldExit:
+		fmt.Fprintf(w, "old %s exited (%s)\n", g, ev.Status)
+	case supervisor.PhaseDone:
+		r := ev.Result
+		if r.OK {
+			fmt.Fprintf(w, "restart done: generation %d (pid %d) serving, took %s\n", r.Generation, r.Pid, r.Duration.Round(time.Microsecond*100))
+			return
+		}
+		fmt.Fprintf(w, "restart %s: %s\n", outcomeWord(r), r.Reason)
+		if r.StderrTail != "" {
+			fmt.Fprintf(w, "stderr of generation %d (pid %d), last lines:\n", r.Generation, r.Pid)
+			for _, line := range strings.Split(r.StderrTail, "\n") {
+				fmt.Fprintf(w, "  | %s\n", line)
+			}
+		}
+	default:
+		fmt.Fprintf(w, "%s\n", ev.Phase)
+	}
+}
+
+func msDuration(ms float64) time.Duration {
+	return time.Duration(ms * float64(time.Millisecond)).Round(10 * time.Microsecond)
+}

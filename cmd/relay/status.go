@@ -1,0 +1,97 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/relaysh/relay/control"
+)
+
+func statusCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "status",
+		Usage:     "show a running relay's generations, listeners and restarts",
+		UsageText: "relay status [--name NAME] [--json]",
+		Description: "Prints each live generation (number, pid, state, age, command), the listeners, the\n" +
+			"restart counters and the last restart's outcome. --json prints the same as one JSON\n" +
+			"document, described in the README. Exit status 4 when relay cannot be reached.",
+		Flags:        append(clientFlags(), &cli.BoolFlag{Name: "json", Usage: "print the status as JSON"}),
+		Action:       statusAction,
+		OnUsageError: onUsageError,
+	}
+}
+
+func statusAction(c *cli.Context) error {
+	path, err := controlPath(c)
+	if err != nil {
+		return err
+	}
+	var doc *control.StatusDoc
+	err = call(path, control.Request{Op: control.OpStatus}, func(r control.Response) error {
+		doc = r.Status
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if doc == nil {
+		return fmt.Errorf("relay sent no status")
+	}
+	if c.Bool("json") {
+		enc := json.NewEncoder(c.App.Writer)
+		enc.SetIndent("", "  ")
+		return enc.Encode(doc)
+	}
+	printStatus(c.App.Writer, doc)
+	return nil
+}
+
+func printStatus(w io.Writer, d *control.StatusDoc) {
+	up := time.Since(d.Started).Round(time.Second)
+	fmt.Fprintf(w, "relay %q (pid %d), up %s, control %s\n", d.Name, d.Pid, up, d.Control)
+	if d.Stopping {
+		fmt.Fprintln(w, "STOPPING")
+	}
+	fmt.Fprintf(w, "command: %s\n\n", strings.Join(d.Command, " "))
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LISTENER\tFD\tNETWORK\tADDRESS")
+	for _, l := range d.Listeners {
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\n", l.Name, l.FD, l.Network, l.Address)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tAGE\tREADY AFTER\tCOMMAND")
+	for _, g := range d.Generations {
+		ready := "-"
+		if g.ReadyAfterMs > 0 {
+			ready = msDuration(g.ReadyAfterMs).String()
+		}
+		age := time.Duration(g.AgeSeconds * float64(time.Second)).Round(time.Second)
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\n", g.Generation, g.Pid, g.State, age, ready, strings.Join(g.Command, " "))
+	}
+	tw.Flush()
+	r := d.Restarts
+	fmt.Fprintf(w, "\nrestarts: %d ok, %d rolled back, %d refused, %d crash replacements", r.OK, r.RolledBack, r.Refused, r.Replacements)
+	if r.InProgress {
+		fmt.Fprint(w, "; one in progress")
+	}
+	if r.Queued {
+		fmt.Fprint(w, "; one queued")
+	}
+	fmt.Fprintln(w)
+	if l := d.LastRestart; l != nil {
+		ago := time.Since(l.Finished).Round(time.Second)
+		if l.OK {
+			fmt.Fprintf(w, "last restart: ok, generation %d (pid %d), took %s, %s ago\n", l.Generation, l.Pid, msDuration(l.DurationMs), ago)
+		} else {
+			fmt.Fprintf(w, "last restart: %s after %s, %s ago: %s\n", outcomeWord(&l.Result), msDuration(l.DurationMs), ago, l.Reason)
+		}
+	}
+}

@@ -1,0 +1,75 @@
+package control
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+)
+
+// DefaultName is the name of a relay started without --name.
+const DefaultName = "relay"
+
+// ValidateName checks a --name: 1 to 64 of A-Z a-z 0-9 . _ -, not
+// starting with a dot.
+func ValidateName(name string) error {
+	if name == "" || len(name) > 64 || name[0] == '.' {
+		return fmt.Errorf("--name %q: want 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'", name)
+	}
+	for _, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return fmt.Errorf("--name %q: want 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'", name)
+		}
+	}
+	return nil
+}
+
+// DefaultDir is where control sockets live unless --control says
+// otherwise: $XDG_RUNTIME_DIR/relay when XDG_RUNTIME_DIR is set, else
+// /run/relay for root, else $TMPDIR/relay-UID.
+func DefaultDir() string {
+	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+		return filepath.Join(d, "relay")
+	}
+	if os.Getuid() == 0 {
+		return "/run/relay"
+	}
+	return filepath.Join(os.TempDir(), "relay-"+strconv.Itoa(os.Getuid()))
+}
+
+// Path returns the control socket path for a relay: control if not empty,
+// else NAME.sock in DefaultDir.
+func Path(name, control string) (string, error) {
+	if control != "" {
+		return filepath.Abs(control)
+	}
+	if err := ValidateName(name); err != nil {
+		return "", err
+	}
+	return filepath.Join(DefaultDir(), name+".sock"), nil
+}
+
+// ensurePrivateDir makes sure dir is a directory that only this user can
+// enter: it creates it 0700 if missing, and otherwise refuses a symlink, a
+// directory owned by another user or one open to group or others.
+func ensurePrivateDir(dir string) error {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("creating control directory %s: %w", dir, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return fmt.Errorf("checking control directory %s: %w", dir, err)
+	}
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return fmt.Errorf("control directory %s is not a directory (a symlink?); remove it or use --control", dir)
+	case int(st.Uid) != os.Getuid():
+		return fmt.Errorf("control directory %s belongs to uid %d, not to you (uid %d); use --control", dir, st.Uid, os.Getuid())
+	case st.Mode&0o077 != 0:
+		return fmt.Errorf("control directory %s has mode %#o; it must be private: chmod 700 %s", dir, st.Mode&0o777, dir)
+	}
+	return nil
+}

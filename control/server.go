@@ -1,0 +1,235 @@
+package control
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/supervisor"
+)
+
+const (
+	// maxConns bounds the control connections served at once; more are
+	// answered with an error and closed.
+	maxConns = 64
+	// requestTimeout bounds how long a client may take to send its
+	// request line.
+	requestTimeout = 10 * time.Second
+)
+
+// Info is what relay says of itself in status documents.
+type Info struct {
+	Name      string
+	Started   time.Time
+	Listeners []ListenerInfo
+}
+
+// Server answers control requests for one supervisor.
+type Server struct {
+	path string
+	ln   *net.UnixListener
+	lock *os.File
+	sup  *supervisor.Supervisor
+	info Info
+	log  *slog.Logger
+
+	slots chan struct{}
+	mu    sync.Mutex
+	// held keeps the connections of stop requests open until relay exits,
+	// which is how their clients learn that it has.
+	held []net.Conn
+}
+
+// Listen creates the control socket at path. Its directory must be private
+// (it is created 0700 if missing), the socket is 0600, and a live relay on
+// the same path is never displaced: the lock on PATH.lock decides.
+func Listen(path string, sup *supervisor.Supervisor, info Info, log *slog.Logger) (*Server, error) {
+	if err := ensurePrivateDir(filepath.Dir(path)); err != nil {
+		return nil, err
+	}
+	lock, err := socketpass.Lock(path + ".lock")
+	if errors.Is(err, socketpass.ErrLocked) {
+		return nil, fmt.Errorf("control socket %s: another relay is running with it; give this one another --name or --control", path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	// Holding the lock, any socket file left there is stale.
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		lock.Close()
+		return nil, fmt.Errorf("removing stale control socket %s: %w", path, err)
+	}
+	old := unix.Umask(0o177) // the socket file is created 0600
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	unix.Umask(old)
+	if err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("creating control socket %s: %w", path, err)
+	}
+	return &Server{
+		path: path, ln: ln, lock: lock, sup: sup, info: info, log: log,
+		slots: make(chan struct{}, maxConns),
+	}, nil
+}
+
+// Path is the socket's path.
+func (s *Server) Path() string { return s.path }
+
+// Serve answers connections until Close.
+func (s *Server) Serve() error {
+	for {
+		conn, err := s.ln.AcceptUnix()
+		if errors.Is(err, net.ErrClosed) {
+			return nil
+		}
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			// EMFILE and the like: say so and keep serving.
+			s.log.Warn("accepting a control connection", "err", err)
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		select {
+		case s.slots <- struct{}{}:
+			go func() {
+				defer func() { <-s.slots }()
+				s.serveConn(conn)
+			}()
+		default:
+			writeResponse(conn, Response{Type: TypeError, Error: "too many control connections; try again"})
+			conn.Close()
+		}
+	}
+}
+
+// Close stops accepting and removes the socket. Connections of stop
+// requests stay open until the process exits.
+func (s *Server) Close() error {
+	err := s.ln.Close() // removes the socket file
+	s.lock.Close()
+	return err
+}
+
+func (s *Server) serveConn(conn *net.UnixConn) {
+	keep := false
+	defer func() {
+		if !keep {
+			conn.Close()
+		}
+	}()
+	uid, err := peerUID(conn)
+	if err != nil {
+		s.log.Warn("control connection: reading peer credentials", "err", err)
+		return
+	}
+	if uid != os.Getuid() && uid != 0 {
+		s.log.Warn("control connection refused: wrong user", "peer_uid", uid)
+		writeResponse(conn, Response{Type: TypeError, Error: fmt.Sprintf("permission denied: uid %d may not control this relay (uid %d)", uid, os.Getuid())})
+		return
+	}
+	conn.SetReadDeadline(time.Now().Add(requestTimeout))
+	req, err := DecodeRequest(conn)
+	if err != nil {
+		s.log.Warn("bad control request", "err", err)
+		writeResponse(conn, Response{Type: TypeError, Error: err.Error()})
+		return
+	}
+	conn.SetReadDeadline(time.Time{})
+	switch req.Op {
+	case OpStatus:
+		st, err := s.sup.Status()
+		if err != nil {
+			writeResponse(conn, Response{Type: TypeError, Error: err.Error()})
+			return
+		}
+		writeResponse(conn, Response{Type: TypeStatus, Status: &StatusDoc{
+			Version: Version, Name: s.info.Name, Pid: os.Getpid(), Started: s.info.Started,
+			Control: s.path, Listeners: s.info.Listeners, Status: st,
+		}})
+	case OpStop:
+		s.log.Info("stop requested over the control socket")
+		writeResponse(conn, Response{Type: TypeStopping, Pid: os.Getpid()})
+		s.sup.Stop(false)
+		keep = true
+		s.mu.Lock()
+		s.held = append(s.held, conn)
+		s.mu.Unlock()
+	case OpRestart:
+		s.restart(conn, req)
+	}
+}
+
+func (s *Server) restart(conn *net.UnixConn, req Request) {
+	rr := supervisor.RestartRequest{Reason: "control", Check: req.Check}
+	if len(req.Command) > 0 {
+		path, err := exec.LookPath(req.Command[0])
+		if err != nil {
+			res := supervisor.Result{Refused: true, Reason: fmt.Sprintf("command %q cannot be run: %v", req.Command[0], err)}
+			writeResponse(conn, Response{Type: TypeEvent, Event: &supervisor.Event{Phase: supervisor.PhaseDone, Result: &res}})
+			return
+		}
+		rr.Command = &supervisor.Command{Path: path, Args: req.Command}
+	}
+	events, err := s.sup.Restart(rr)
+	if err != nil {
+		writeResponse(conn, Response{Type: TypeError, Error: err.Error()})
+		return
+	}
+	if req.NoWait {
+		writeResponse(conn, Response{Type: TypeAccepted})
+		return // the events are dropped: sending them never blocks
+	}
+	w := bufio.NewWriter(conn)
+	enc := json.NewEncoder(w)
+	for ev := range events {
+		conn.SetWriteDeadline(time.Now().Add(requestTimeout))
+		if err := enc.Encode(Response{V: Version, Type: TypeEvent, Event: &ev}); err != nil {
+			return // the client went away or stopped reading; the restart goes on
+		}
+		if err := w.Flush(); err != nil {
+			return
+		}
+	}
+}
+
+func writeResponse(conn net.Conn, r Response) {
+	r.V = Version
+	b, err := json.Marshal(r)
+	if err != nil {
+		return
+	}
+	conn.SetWriteDeadline(time.Now().Add(requestTimeout))
+	conn.Write(append(b, '\n'))
+}
+
+func peerUID(conn *net.UnixConn) (int, error) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if credErr != nil {
+		return 0, credErr
+	}
+	return int(cred.Uid), nil
+}
