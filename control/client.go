@@ -30,12 +30,15 @@ func Do(path string, req Request, onResponse func(Response) error) error {
 	if err != nil {
 		return fmt.Errorf("encoding request: %w", err)
 	}
-	if _, err := conn.Write(append(b, '\n')); err != nil {
-		return fmt.Errorf("%w: sending request to %s: %w", ErrUnreachable, path, err)
-	}
+	// relay may refuse a client before reading its request: a failed
+	// write then still leaves relay's reason to read.
+	_, writeErr := conn.Write(append(b, '\n'))
 	r := bufio.NewReaderSize(conn, 64<<10)
 	for {
 		line, err := readLine(r, maxResponse)
+		if err != nil && writeErr != nil {
+			return fmt.Errorf("%w: sending request to %s: %w", ErrUnreachable, path, writeErr)
+		}
 		if err != nil {
 			if errors.Is(err, errEOF) {
 				return nil

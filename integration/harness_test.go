@@ -5,6 +5,7 @@ package integration
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -40,6 +41,11 @@ func runTests(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	// Other users run these binaries in the control socket's tests.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	built = bins{
 		relay:     filepath.Join(dir, "relay"),
 		hello:     filepath.Join(dir, "hello"),
@@ -154,7 +160,8 @@ func startRelayBin(tb testing.TB, bin string, env []string, extra []*os.File, ar
 	if err != nil {
 		tb.Fatal(err)
 	}
-	cmd.Stdout = io.Discard
+	cmd.Stdout = nil // /dev/null: no pipe a leftover child could hold open
+	cmd.WaitDelay = 10 * time.Second
 	r := &relayProc{t: tb, cmd: cmd, control: ctl, changed: make(chan struct{}), exited: make(chan struct{})}
 	if err := cmd.Start(); err != nil {
 		tb.Fatal(err)
@@ -194,6 +201,15 @@ func startRelayBin(tb testing.TB, bin string, env []string, extra []*os.File, ar
 			cmd.Process.Signal(syscall.SIGKILL)
 			<-r.exited
 		}
+		// A relay killed like that leaves its children behind: end
+		// their process groups too.
+		r.mu.Lock()
+		for _, l := range r.logs {
+			if l.str("msg") == "generation starting" {
+				syscall.Kill(-l.num("pid"), syscall.SIGKILL)
+			}
+		}
+		r.mu.Unlock()
 		if tb.Failed() {
 			tb.Logf("relay stderr:\n%s", r.output())
 		}
@@ -458,4 +474,20 @@ func mustFreeTCPAddr(t testing.TB) (net.Listener, string) {
 		t.Fatal(err)
 	}
 	return l, l.Addr().String()
+}
+
+// client runs a relay client command (restart, status, stop) against r's
+// control socket and returns its stdout, stderr and exit code.
+func (r *relayProc) client(sub string, args ...string) (string, string, int) {
+	r.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, built.relay, append([]string{sub, "--control", r.control}, args...)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	if cmd.ProcessState == nil {
+		r.t.Fatalf("relay %s: %v", sub, err)
+	}
+	return stdout.String(), stderr.String(), cmd.ProcessState.ExitCode()
 }

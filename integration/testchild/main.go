@@ -46,6 +46,8 @@ func main() {
 		grandchildPid  = flag.String("grandchild-pid", "", "with -grandchild: write the grandchild's pid here")
 		sleeper        = flag.Bool("sleeper", false, "be the grandchild: ignore SIGTERM and sleep")
 		exitCodeOnTerm = flag.Int("exit-on-term", 0, "exit code after SIGTERM")
+		version        = flag.String("version", "", "answer with this X-Version header")
+		readyGate      = flag.String("ready-gate", "", "before serving, wait until this file holds a number at least RELAY_GENERATION")
 		noisy          = flag.Bool("stderr-per-request", false, "write a line to stderr for every request")
 		signalFile     = flag.String("signal-file", "", "write the name of each SIGUSR1, SIGUSR2 or SIGWINCH received to this file")
 		setNonblock    = flag.Int("set-nonblock-gen", 0, "in this generation, set O_NONBLOCK on fd 3 and serve; other generations leave the sockets' flags alone and do not accept")
@@ -123,6 +125,7 @@ func main() {
 			fmt.Fprintf(os.Stderr, "testchild: request %s\n", r.URL.Path)
 		}
 		w.Header().Set("X-Pid", strconv.Itoa(os.Getpid()))
+		w.Header().Set("X-Version", *version)
 		fmt.Fprintf(w, "pid=%d gen=%d\n", os.Getpid(), gen)
 	})
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -144,6 +147,9 @@ func main() {
 		if l, err := net.Listen("tcp", addr); err == nil {
 			go http.Serve(l, private)
 		}
+	}
+	if *readyGate != "" {
+		waitForGate(*readyGate, gen)
 	}
 	if ready {
 		serveInherited(mux)
@@ -256,4 +262,19 @@ func writeFileAtomic(path string, b []byte) error {
 		return errors.Join(err, os.Remove(tmp))
 	}
 	return nil
+}
+
+// waitForGate waits, for at most a minute, until path holds a number of at
+// least gen: the test opens the gate for one generation at a time.
+func waitForGate(path string, gen int) {
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		b, _ := os.ReadFile(path)
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n >= gen {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	fmt.Fprintln(os.Stderr, "testchild: the ready gate never opened")
+	os.Exit(5)
 }
