@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -322,8 +323,8 @@ func TestStatusJSON(t *testing.T) {
 	first, from := r.waitMsg(0, "generation ready", 1)
 
 	type doc struct {
-		Version   int    `json:"version"`
-		Pid       int    `json:"pid"`
+		Version   int `json:"version"`
+		Pid       int `json:"pid"`
 		Listeners []struct {
 			FD      int    `json:"fd"`
 			Name    string `json:"name"`
@@ -432,6 +433,48 @@ func TestSecondRelayWithTheSameNameFails(t *testing.T) {
 	if _, _, code := r.client("status"); code != 0 {
 		t.Errorf("the first relay's control socket stopped answering: exit %d", code)
 	}
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
+}
+
+// BenchmarkRestartCommand measures `relay restart` end to end with
+// examples/hello (sd_notify readiness, 100 ms lame duck): from starting the
+// command to its "restart done" line (the new generation serves, the old
+// one was told to stop), and to its exit, which also waits for the old
+// generation to exit. relay is built without -race. It reports figures and
+// asserts nothing.
+func BenchmarkRestartCommand(b *testing.B) {
+	bin := relayNoRace(b)
+	r := startRelayBin(b, bin, nil, nil, "--listen", "127.0.0.1:0", "--", built.hello, "-lame-duck", "100ms")
+	r.listenAddrs(1)
+	r.waitMsg(0, "generation ready", 1)
+	var toDone, toExit []time.Duration
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		cmd := exec.Command(bin, "restart", "--control", r.control)
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			if strings.HasPrefix(sc.Text(), "restart done") {
+				toDone = append(toDone, time.Since(start))
+			}
+		}
+		if err := cmd.Wait(); err != nil {
+			b.Fatalf("relay restart: %v", err)
+		}
+		toExit = append(toExit, time.Since(start))
+	}
+	b.StopTimer()
+	b.ReportMetric(ms(median(toDone)), "ms-to-done(p50)")
+	b.ReportMetric(ms(slices.Max(toDone)), "ms-to-done(max)")
+	b.ReportMetric(ms(median(toExit)), "ms-to-exit(p50)")
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
 }

@@ -294,6 +294,7 @@ func Lock(path string) (*os.File, error) {
 	}
 	return f, nil
 }
+
 // removeStaleSocket removes a socket file left behind by a process that is
 // gone. A live socket, or a file that is not a socket, is an error.
 func removeStaleSocket(s Spec, path string) error {

@@ -46,7 +46,7 @@ func newApp(stderr io.Writer) *cli.App {
 		Description: "relay binds your server's listening sockets once and starts the server with systemd\n" +
 			"socket activation (fds 3.., LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it\n" +
 			"starts a new generation on the same sockets, waits until that generation is ready,\n" +
-			"and only then stops the old one. Run 'relay run --help' for the details.",
+			"and only then stops the old one. Run 'relay COMMAND --help' for the details.",
 		Commands:        []*cli.Command{runCommand(), restartCommand(), statusCommand(), stopCommand()},
 		HideHelpCommand: true,
 		// "--listen unix:/run/a,b.sock" is one address, not two.

@@ -30,6 +30,8 @@ systemd socket activation: the sockets are fds 3, 4, ... in --listen order, and 
 child's environment has LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (the child's own
 pid), plus RELAY_GENERATION, a private NOTIFY_SOCKET and RELAY_HEALTH_ADDR.
 
+Control it with 'relay restart', 'relay status' and 'relay stop' (--name NAME), or signals.
+
 Signals to relay:
    HUP              restart: start a new generation on the same sockets, wait until it is
                     ready (--health), keep both serving for --drain, then send the old one
@@ -61,7 +63,8 @@ Examples:
    relay run --listen http=:8080 --listen admin=127.0.0.1:9090 --drain 2s -- ./server
    relay run --listen :8080 --health 'http://{health_addr}/healthz' -- ./server --health-addr '{health_addr}'
    relay run --listen unix:/run/app/app.sock --socket-mode 0660 --stop-signal QUIT -- nginx -g 'daemon off;'
-   kill -HUP $(pidof relay)     # restart`
+   relay restart --name api -- ./server-v2     # restart into a new binary
+   kill -HUP $(pidof relay)                    # restart`
 
 func runCommand() *cli.Command {
 	return &cli.Command{
