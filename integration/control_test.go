@@ -3,6 +3,7 @@ package integration
 import (
 	"bufio"
 	"encoding/json"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -247,6 +248,16 @@ func TestControlSocketSecurity(t *testing.T) {
 		}
 	}
 
+	// A client that connects and says nothing blocks nobody.
+	idle, err := net.Dial("unix", r.control)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	if out, errOut, code := r.client("status"); code != 0 {
+		t.Errorf("relay status beside an idle client: exit %d\n%s%s", code, out, errOut)
+	}
+
 	// Malformed, oversized and unknown requests.
 	for name, req := range map[string]string{
 		"malformed":     "{not json\n",
@@ -477,4 +488,39 @@ func BenchmarkRestartCommand(b *testing.B) {
 	b.ReportMetric(ms(median(toExit)), "ms-to-exit(p50)")
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
+}
+
+// A control socket left by a relay that died is replaced by the next one.
+func TestStaleControlSocketIsReplaced(t *testing.T) {
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--", built.testchild)
+	r.listenAddrs(1)
+	first, _ := r.waitMsg(0, "generation ready", 1)
+	r.cmd.Process.Signal(syscall.SIGKILL)
+	r.wait(30 * time.Second)
+	syscall.Kill(-first.num("pid"), syscall.SIGKILL)
+	if _, err := os.Stat(r.control); err != nil {
+		t.Fatalf("the killed relay left no socket to test with: %v", err)
+	}
+	cmd := exec.Command(built.relay, "run", "--control", r.control, "--listen", "127.0.0.1:0", "--", built.testchild)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+	}()
+	sc := bufio.NewScanner(stderr)
+	for sc.Scan() {
+		if strings.Contains(sc.Text(), "generation ready") {
+			break
+		}
+	}
+	go io.Copy(io.Discard, stderr)
+	if out, errOut, code := r.client("status"); code != 0 || !strings.Contains(out, "pid "+strconv.Itoa(cmd.Process.Pid)) {
+		t.Errorf("relay status against the new relay: exit %d\n%s%s", code, out, errOut)
+	}
 }
