@@ -170,7 +170,7 @@ func TestConcurrentRestarts(t *testing.T) {
 	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--max-draining", "1", "--", built.hello, "-lame-duck", "100ms")
 	addr := r.listenAddrs(1)[0].str("addr")
 	r.waitMsg(0, "generation ready", 1)
-	maxAlive, stopMonitor := monitorChildren(r.pid())
+	stopMonitor := monitorChildren(r.pid())
 	ld := startLoad(httpURL(addr), 8, 5*time.Minute)
 
 	codes := make([]int, callers)
@@ -199,35 +199,36 @@ func TestConcurrentRestarts(t *testing.T) {
 	if len(failures) > 0 {
 		t.Errorf("%d of %d requests failed; first: %v", len(failures), requests, failures[0])
 	}
-	t.Logf("callers=%d restarts_run=%d max_alive=%d requests=%d failures=%d (*maxAlive=%d)",
-		callers, r.count("generation ready")-1, alive, requests, len(failures), *maxAlive)
+	t.Logf("callers=%d restarts_run=%d max_alive=%d requests=%d failures=%d",
+		callers, r.count("generation ready")-1, alive, requests, len(failures))
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
 }
 
-// monitorChildren samples the number of pid's children until the returned
-// stop function is called, which returns the most seen.
-func monitorChildren(pid int) (*int, func() int) {
-	most := new(int)
-	stop := make(chan struct{})
+// monitorChildren samples the number of pid's children, since no event
+// announces them, until the returned stop function is called; it returns
+// the most seen at once.
+func monitorChildren(pid int) (stop func() int) {
+	most := 0
+	stopC := make(chan struct{})
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		tick := time.NewTicker(2 * time.Millisecond)
 		defer tick.Stop()
 		for {
-			*most = max(*most, len(children(pid)))
+			most = max(most, len(children(pid)))
 			select {
-			case <-stop:
+			case <-stopC:
 				return
 			case <-tick.C:
 			}
 		}
 	}()
-	return most, func() int {
-		close(stop)
+	return func() int {
+		close(stopC)
 		<-done
-		return *most
+		return most
 	}
 }
 

@@ -128,23 +128,7 @@ func restartUnderLoad(tb testing.TB, relayBin string, n int) restartStats {
 	ready, from := r.waitMsg(0, "generation ready", 1)
 	res := restartStats{restarts: n, pids: []int{ready.num("pid")}}
 
-	// Count the generations alive: sampled, since no event says.
-	monitorStop := make(chan struct{})
-	monitorDone := make(chan struct{})
-	go func() {
-		defer close(monitorDone)
-		tick := time.NewTicker(2 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			res.maxAlive = max(res.maxAlive, len(children(r.pid())))
-			select {
-			case <-monitorStop:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-
+	stopMonitor := monitorChildren(r.pid())
 	start := time.Now()
 	cpuBefore := cpuTime(r.pid())
 	ld := startLoad(httpURL(addr), 8, 10*time.Minute)
@@ -169,8 +153,7 @@ func restartUnderLoad(tb testing.TB, relayBin string, n int) restartStats {
 	ld.stop()
 	res.relayCPU = cpuTime(r.pid()) - cpuBefore
 	res.elapsed = time.Since(start)
-	close(monitorStop)
-	<-monitorDone
+	res.maxAlive = stopMonitor()
 	res.requests, res.failures = ld.summary()
 	ld.mu.Lock()
 	res.served = maps.Clone(ld.pids)

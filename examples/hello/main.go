@@ -159,8 +159,10 @@ func run() int {
 		mux.ServeHTTP(w, r)
 	})
 
+	busy := newConnTracker()
 	srv := &http.Server{
 		Handler:           handler,
+		ConnState:         busy.track,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       60 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
@@ -207,10 +209,10 @@ func run() int {
 		log.Info("stopping", "signal", sig.String())
 	case err := <-serveErr:
 		log.Error("serve failed, stopping", "err", err)
-		shutdown(log, srv, listeners, &draining, sigs, 0, *shutdownTimeout)
+		shutdown(log, srv, busy, listeners, &draining, sigs, 0, *shutdownTimeout)
 		return 1
 	}
-	if !shutdown(log, srv, listeners, &draining, sigs, *lameDuck, *shutdownTimeout) {
+	if !shutdown(log, srv, busy, listeners, &draining, sigs, *lameDuck, *shutdownTimeout) {
 		return 1
 	}
 	wg.Wait()
@@ -245,7 +247,12 @@ func run() int {
 //  3. Keep serving for the lame-duck period, so that in-flight requests,
 //     requests arriving on keep-alive connections and connections already
 //     accepted all get their answer.
-//  4. srv.SetKeepAlivesEnabled(false) and srv.Shutdown, which by now have
+//  4. Wait, bounded by the shutdown timeout, until no connection is left
+//     whose request has not been answered (net/http's StateNew or
+//     StateActive). On a busy machine a connection accepted just before step
+//     1 may not have had its request read within the lame duck; Shutdown
+//     would then drop that request.
+//  5. srv.SetKeepAlivesEnabled(false) and srv.Shutdown, which by now have
 //     (almost) nothing left to cut off; with a timeout for slow requests.
 //
 // Why set "Connection: close" per response in step 2 rather than calling
@@ -263,7 +270,7 @@ func run() int {
 //
 // The private health listener (if any) stays open during the lame duck so a
 // probe sees 503 rather than "connection refused"; Shutdown closes it.
-func shutdown(log *slog.Logger, srv *http.Server, listeners []namedListener,
+func shutdown(log *slog.Logger, srv *http.Server, busy *connTracker, listeners []namedListener,
 	draining *atomic.Bool, sigs <-chan os.Signal, lameDuck, timeout time.Duration) bool {
 	// (1) Stop accepting on the public sockets.
 	for _, l := range listeners {
@@ -285,10 +292,15 @@ func shutdown(log *slog.Logger, srv *http.Server, listeners []namedListener,
 		}
 	}
 
-	// (4) Close what is still idle, finish in-flight requests, close the rest.
-	srv.SetKeepAlivesEnabled(false)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	// (4) Every connection accepted so far gets its answer.
+	if err := busy.waitIdle(ctx); err != nil {
+		log.Warn("connections still busy after the shutdown timeout", "err", err)
+	}
+
+	// (5) Close what is still idle, finish in-flight requests, close the rest.
+	srv.SetKeepAlivesEnabled(false)
 	if err := srv.Shutdown(ctx); err != nil {
 		log.Warn("shutdown incomplete, closing remaining connections", "err", err)
 		srv.Close()
@@ -352,4 +364,50 @@ type closeOnceListener struct {
 func (l *closeOnceListener) Close() error {
 	l.once.Do(func() { l.err = l.Listener.Close() })
 	return l.err
+}
+
+// connTracker knows which connections have a request not yet answered:
+// those net/http reports as StateNew (accepted, request not read yet) or
+// StateActive (request being served).
+type connTracker struct {
+	mu     sync.Mutex
+	busy   map[net.Conn]bool
+	idleCh chan struct{} // closed when busy becomes empty, if someone waits
+}
+
+func newConnTracker() *connTracker { return &connTracker{busy: make(map[net.Conn]bool)} }
+
+// track is the http.Server ConnState hook.
+func (t *connTracker) track(c net.Conn, state http.ConnState) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if state == http.StateNew || state == http.StateActive {
+		t.busy[c] = true
+		return
+	}
+	delete(t.busy, c)
+	if len(t.busy) == 0 && t.idleCh != nil {
+		close(t.idleCh)
+		t.idleCh = nil
+	}
+}
+
+// waitIdle returns once no connection is busy, or when ctx ends.
+func (t *connTracker) waitIdle(ctx context.Context) error {
+	t.mu.Lock()
+	if len(t.busy) == 0 {
+		t.mu.Unlock()
+		return nil
+	}
+	if t.idleCh == nil {
+		t.idleCh = make(chan struct{})
+	}
+	ch := t.idleCh
+	t.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
