@@ -65,9 +65,9 @@ func ensurePrivateDir(dir string) error {
 	}
 	switch {
 	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
-		return fmt.Errorf("control directory %s is not a directory (a symlink?); remove it or use --control", dir)
+		return fmt.Errorf("control directory %s is not a directory (a symlink?); remove it or choose another directory with --control", dir)
 	case int(st.Uid) != os.Getuid():
-		return fmt.Errorf("control directory %s belongs to uid %d, not to you (uid %d); use --control", dir, st.Uid, os.Getuid())
+		return fmt.Errorf("control directory %s belongs to uid %d, not to you (uid %d); choose another directory with --control", dir, st.Uid, os.Getuid())
 	case st.Mode&0o077 != 0:
 		return fmt.Errorf("control directory %s has mode %#o; it must be private: chmod 700 %s", dir, st.Mode&0o777, dir)
 	}

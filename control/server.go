@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -20,9 +21,12 @@ import (
 )
 
 const (
-	// maxConns bounds the control connections served at once; more are
-	// answered with an error and closed.
+	// maxConns bounds the control connections being read at once; more
+	// are answered with an error and closed. A connection gives its slot
+	// back once its request is read.
 	maxConns = 64
+	// maxStreams bounds the restarts followed at once over the socket.
+	maxStreams = 256
 	// requestTimeout bounds how long a client may take to send its
 	// request line.
 	requestTimeout = 10 * time.Second
@@ -44,8 +48,9 @@ type Server struct {
 	info Info
 	log  *slog.Logger
 
-	slots chan struct{}
-	mu    sync.Mutex
+	slots   chan struct{}
+	streams chan struct{}
+	mu      sync.Mutex
 	// held keeps the connections of stop requests open until relay exits,
 	// which is how their clients learn that it has.
 	held []net.Conn
@@ -65,10 +70,14 @@ func Listen(path string, sup *supervisor.Supervisor, info Info, log *slog.Logger
 	if err != nil {
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
-	// Holding the lock, any socket file left there is stale.
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+	// Holding the lock, a socket left there should be stale; check anyway,
+	// in case the lock file was removed under a live relay.
+	if err := socketpass.RemoveStale(path); err != nil {
 		lock.Close()
-		return nil, fmt.Errorf("removing stale control socket %s: %w", path, err)
+		if errors.Is(err, socketpass.ErrLive) {
+			return nil, fmt.Errorf("control socket %s: another relay is running with it; give this one another --name or --control", path)
+		}
+		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	old := unix.Umask(0o177) // the socket file is created 0600
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
@@ -79,7 +88,7 @@ func Listen(path string, sup *supervisor.Supervisor, info Info, log *slog.Logger
 	}
 	return &Server{
 		path: path, ln: ln, lock: lock, sup: sup, info: info, log: log,
-		slots: make(chan struct{}, maxConns),
+		slots: make(chan struct{}, maxConns), streams: make(chan struct{}, maxStreams),
 	}, nil
 }
 
@@ -105,10 +114,7 @@ func (s *Server) Serve() error {
 		}
 		select {
 		case s.slots <- struct{}{}:
-			go func() {
-				defer func() { <-s.slots }()
-				s.serveConn(conn)
-			}()
+			go s.serveConn(conn)
 		default:
 			writeResponse(conn, Response{Type: TypeError, Error: "too many control connections; try again"})
 			conn.Close()
@@ -131,6 +137,14 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 			conn.Close()
 		}
 	}()
+	slot := true
+	release := func() {
+		if slot {
+			slot = false
+			<-s.slots
+		}
+	}
+	defer release()
 	uid, err := peerUID(conn)
 	if err != nil {
 		s.log.Warn("control connection: reading peer credentials", "err", err)
@@ -149,6 +163,7 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		return
 	}
 	conn.SetReadDeadline(time.Time{})
+	release() // what follows is bounded by its own limits
 	switch req.Op {
 	case OpStatus:
 		st, err := s.sup.Status()
@@ -174,34 +189,58 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 }
 
 func (s *Server) restart(conn *net.UnixConn, req Request) {
+	refuse := func(reason string) {
+		res := supervisor.Result{Refused: true, Reason: reason}
+		writeResponse(conn, Response{Type: TypeEvent, Event: &supervisor.Event{Phase: supervisor.PhaseDone, Result: &res}})
+	}
 	rr := supervisor.RestartRequest{Reason: "control", Check: req.Check}
 	if len(req.Command) > 0 {
 		path, err := exec.LookPath(req.Command[0])
 		if err != nil {
-			res := supervisor.Result{Refused: true, Reason: fmt.Sprintf("command %q cannot be run: %v", req.Command[0], err)}
-			writeResponse(conn, Response{Type: TypeEvent, Event: &supervisor.Event{Phase: supervisor.PhaseDone, Result: &res}})
+			refuse(fmt.Sprintf("command %q cannot be run: %v", req.Command[0], err))
 			return
 		}
 		rr.Command = &supervisor.Command{Path: path, Args: req.Command}
 	}
+	if !req.NoWait {
+		select {
+		case s.streams <- struct{}{}:
+			defer func() { <-s.streams }()
+		default:
+			writeResponse(conn, Response{Type: TypeError, Error: "too many restarts being followed; try again, or use --no-wait"})
+			return
+		}
+	}
 	events, err := s.sup.Restart(rr)
 	if err != nil {
-		writeResponse(conn, Response{Type: TypeError, Error: err.Error()})
+		refuse(err.Error())
 		return
 	}
 	if req.NoWait {
 		writeResponse(conn, Response{Type: TypeAccepted})
 		return // the events are dropped: sending them never blocks
 	}
+	// A client that goes away (Ctrl-C, a CI timeout) ends the stream at
+	// once; the restart itself goes on.
+	gone := make(chan struct{})
+	go func() {
+		io.Copy(io.Discard, conn)
+		close(gone)
+	}()
 	w := bufio.NewWriter(conn)
 	enc := json.NewEncoder(w)
-	for ev := range events {
-		conn.SetWriteDeadline(time.Now().Add(requestTimeout))
-		if err := enc.Encode(Response{V: Version, Type: TypeEvent, Event: &ev}); err != nil {
-			return // the client went away or stopped reading; the restart goes on
-		}
-		if err := w.Flush(); err != nil {
+	for {
+		select {
+		case <-gone:
 			return
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			conn.SetWriteDeadline(time.Now().Add(requestTimeout))
+			if enc.Encode(Response{V: Version, Type: TypeEvent, Event: &ev}) != nil || w.Flush() != nil {
+				return // the client stopped reading
+			}
 		}
 	}
 }

@@ -52,6 +52,10 @@ func TestRestartCommand(t *testing.T) {
 	}
 	writeMode(t, gate, "3")
 	r.waitMsg(from, "generation ready", 3)
+	// A restart refused at once is an error even with --no-wait.
+	if out, errOut, code := r.client("restart", "--no-wait", "--", filepath.Join(t.TempDir(), "missing")); code != 3 {
+		t.Errorf("relay restart --no-wait of a missing binary: exit %d, want 3\n%s%s", code, out, errOut)
+	}
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
 }
@@ -145,12 +149,16 @@ func TestFailingCheckRefusesTheRestart(t *testing.T) {
 		t.Errorf("relay restart --check false: exit %d\n%s%s", code, out, errOut)
 	}
 	out, errOut, code = r.client("restart") // relay run's --check, failing
-	if code != 3 || !strings.Contains(out+errOut, "pre-flight check failed: test -e "+gate) {
+	if code != 3 || !strings.Contains(out+errOut, "pre-flight check failed: /usr/bin/test -e "+gate) {
 		t.Errorf("relay restart with a failing run --check: exit %d\n%s%s", code, out, errOut)
 	}
 	r.signal(syscall.SIGHUP) // the signal path runs the same check
-	_, from = r.waitMsg(from, "pre-flight check failed; restart refused, nothing changed", 0)
-	_, from = r.waitMsg(from, "restart finished", 0)
+	l, _ := r.waitFor(from, 30*time.Second, "the HUP restart's outcome", func(l logLine) bool {
+		return l.str("msg") == "restart finished" && l.str("reason") == "signal HUP"
+	})
+	if l.str("ok") != "false" {
+		t.Errorf("the HUP restart passed a failing check: %v", l)
+	}
 	if n := r.count("generation starting"); n != 1 {
 		t.Errorf("%d generations started, want only the first", n)
 	}
@@ -524,4 +532,50 @@ func TestStaleControlSocketIsReplaced(t *testing.T) {
 	if out, errOut, code := r.client("status"); code != 0 || !strings.Contains(out, "pid "+strconv.Itoa(cmd.Process.Pid)) {
 		t.Errorf("relay status against the new relay: exit %d\n%s%s", code, out, errOut)
 	}
+}
+
+// An old generation that exits while the next restart's pre-flight check
+// runs must not let that restart start its child before the check is done.
+func TestNoChildStartsDuringThePreflightCheck(t *testing.T) {
+	dir := t.TempDir()
+	gate := filepath.Join(dir, "gate")
+	check := filepath.Join(dir, "check.sh")
+	script := "#!/bin/sh\nwhile [ ! -e " + gate + " ]; do sleep 0.01; done\nexit 1\n"
+	if err := os.WriteFile(check, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Old generations ignore TERM, so each lingers until --stop-timeout.
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--stop-timeout", "1s", "--max-draining", "2",
+		"--", built.testchild, "-ignore-term")
+	r.listenAddrs(1)
+	_, from := r.waitMsg(0, "generation ready", 1)
+	if out, errOut, code := r.client("restart", "--no-wait"); code != 0 {
+		t.Fatalf("first restart: exit %d\n%s%s", code, out, errOut)
+	}
+	_, from = r.waitMsg(from, "generation ready", 2)
+
+	type result struct {
+		out  string
+		code int
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, errOut, code := r.client("restart", "--check", check)
+		done <- result{out + errOut, code}
+	}()
+	r.waitMsg(from, "running pre-flight check", 0)
+	r.waitMsg(from, "old generation exited", 1) // during the check
+	writeMode(t, gate, "")
+	res := <-done
+	if res.code != 3 || !strings.Contains(res.out, "pre-flight check failed") {
+		t.Errorf("restart with a failing check: exit %d\n%s", res.code, res.out)
+	}
+	if n := r.count("generation starting"); n != 2 {
+		t.Errorf("%d generations started, want 2: none may start while its check runs", n)
+	}
+	if out, errOut, code := r.client("status"); code != 0 {
+		t.Errorf("relay status afterwards: exit %d\n%s%s", code, out, errOut)
+	}
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
 }

@@ -293,3 +293,32 @@ func TestNewChildDyingWhileDrainingRollsBack(t *testing.T) {
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
 }
+
+// A new generation that dies in its drain window after the old one has
+// exited too leaves nothing serving: the restart fails and a replacement
+// starts.
+func TestNewChildDyingAfterTheOldOneExitedIsReplaced(t *testing.T) {
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--drain", "1m", "--", built.testchild)
+	addr := r.listenAddrs(1)[0].str("addr")
+	first, from := r.waitMsg(0, "generation ready", 1)
+	r.signal(syscall.SIGHUP)
+	starting, _ := r.waitMsg(from, "generation starting", 2)
+	_, from = r.waitMsg(from, "old generation draining", 1)
+	syscall.Kill(first.num("pid"), syscall.SIGKILL)
+	_, from = r.waitMsg(from, "old generation exited", 1)
+	newConnClient().Get("http://" + starting.str("health_addr") + "/exit")
+	l, from := r.waitMsg(from, "new generation failed; rolled back", 2)
+	if !strings.Contains(l.str("reason"), "exited during the drain window") {
+		t.Errorf("reason %q", l.str("reason"))
+	}
+	l, from = r.waitMsg(from, "restart finished", 0)
+	if l.str("ok") != "false" {
+		t.Errorf("restart finished ok=%s, want false", l.str("ok"))
+	}
+	third, _ := r.waitMsg(from, "generation ready", 3)
+	if pid, err := get(newConnClient(), httpURL(addr)); err != nil || pid != third.num("pid") {
+		t.Errorf("after the replacement: pid %d, %v; want %d", pid, err, third.num("pid"))
+	}
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
+}

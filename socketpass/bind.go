@@ -298,25 +298,42 @@ func Lock(path string) (*os.File, error) {
 // removeStaleSocket removes a socket file left behind by a process that is
 // gone. A live socket, or a file that is not a socket, is an error.
 func removeStaleSocket(s Spec, path string) error {
+	err := RemoveStale(path)
+	if errors.Is(err, ErrLive) {
+		return fmt.Errorf("listen %s: address already in use: a live process listens on %s; stop it or choose another path", s, path)
+	}
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", s, err)
+	}
+	return nil
+}
+
+// ErrLive is returned by RemoveStale for a socket something listens on.
+var ErrLive = errors.New("a live process listens on it")
+
+// RemoveStale removes the unix socket at path if nothing listens on it any
+// more. A missing path is fine; a live socket (ErrLive) or a file that is
+// not a socket is an error and is left alone.
+func RemoveStale(path string) error {
 	var st unix.Stat_t
 	if err := unix.Lstat(path, &st); errors.Is(err, unix.ENOENT) {
 		return nil
 	} else if err != nil {
-		return fmt.Errorf("listen %s: checking existing path: %w", s, err)
+		return fmt.Errorf("checking existing path %s: %w", path, err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
-		return fmt.Errorf("listen %s: %s exists and is not a socket; remove it or choose another path", s, path)
+		return fmt.Errorf("%s exists and is not a socket; remove it or choose another path", path)
 	}
 	c, err := net.Dial("unix", path)
 	if err == nil {
 		c.Close()
-		return fmt.Errorf("listen %s: address already in use: a live process listens on %s; stop it or choose another path", s, path)
+		return fmt.Errorf("%s: %w", path, ErrLive)
 	}
 	if !errors.Is(err, unix.ECONNREFUSED) {
-		return fmt.Errorf("listen %s: probing existing socket %s: %w", s, path, err)
+		return fmt.Errorf("probing existing socket %s: %w", path, err)
 	}
 	if err := os.Remove(path); err != nil {
-		return fmt.Errorf("listen %s: removing stale socket %s: %w", s, path, err)
+		return fmt.Errorf("removing stale socket %s: %w", path, err)
 	}
 	return nil
 }

@@ -44,6 +44,8 @@ type Result struct {
 	// Generation and Pid name the new generation, if one was started.
 	Generation int `json:"generation,omitempty"`
 	Pid        int `json:"pid,omitempty"`
+	// Command is what the new generation ran.
+	Command []string `json:"command,omitempty"`
 	// Reason says why a restart was rolled back or refused.
 	Reason string `json:"reason,omitempty"`
 	// StderrTail is the end of a failed child's (or check's) stderr.

@@ -13,10 +13,22 @@ import (
 	"github.com/relaysh/relay/socketpass"
 )
 
+// Reasons of the restarts relay begins by itself.
+const (
+	reasonStart   = "start"
+	reasonReplace = "replace crashed child"
+)
+
+// requested reports whether someone asked for run (a signal or a control
+// request), as opposed to relay's own first start and crash replacements.
+func (run *restartRun) requested() bool {
+	return run.reason != reasonStart && run.reason != reasonReplace
+}
+
 func (s *Supervisor) beginRestart(run *restartRun) {
 	run.begun = time.Now()
 	s.restart = run
-	if run.reason != "start" {
+	if run.reason != reasonStart {
 		s.cfg.Log.Info("restart begun", "reason", run.reason)
 	}
 	if len(run.check) > 0 {
@@ -33,7 +45,7 @@ func (s *Supervisor) preflight(run *restartRun) {
 	s.cfg.Log.Info("running pre-flight check", "check", check)
 	run.emit(Event{Phase: PhaseChecking, Check: check})
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HealthTimeout)
-	run.cancelPre = cancel
+	run.cancelPre = cancel // also marks the check as running: advance waits
 	env := socketpass.ChildEnv(s.cfg.Env, nil)
 	go func() {
 		err := health.RunCommand(ctx, s.cfg.Reaper, run.check, env)
@@ -52,6 +64,7 @@ func (s *Supervisor) onPreflight(run *restartRun, err error) {
 		s.finishRestart(Result{Refused: true, Reason: "pre-flight check failed: " + err.Error()})
 		return
 	}
+	s.cfg.Log.Info("pre-flight check passed", "check", strings.Join(run.check, " "))
 	run.emit(Event{Phase: PhaseChecked, Check: strings.Join(run.check, " ")})
 	s.advance()
 }
@@ -60,8 +73,8 @@ func (s *Supervisor) onPreflight(run *restartRun, err error) {
 // generations allows it.
 func (s *Supervisor) advance() {
 	run := s.restart
-	if run == nil || run.gen != nil || s.stopping {
-		return
+	if run == nil || run.gen != nil || run.cancelPre != nil || s.stopping {
+		return // nothing to start, already started, or the check still runs
 	}
 	// The new generation will push the serving one into the old ones.
 	if s.serving != nil && len(s.old) >= s.cfg.MaxDraining {
@@ -81,7 +94,6 @@ func (s *Supervisor) advance() {
 	g, err := s.spawn(s.nextGen, cmd)
 	if err != nil {
 		s.cfg.Log.Error("starting new generation", "gen", s.nextGen, "err", err)
-		s.stats.RestartsRolledBack++
 		if !s.everReady {
 			s.fatal = fmt.Errorf("starting generation %d: %w", s.nextGen, err)
 		}
@@ -220,7 +232,7 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	case g == s.starting:
 		s.starting = nil
 		s.rollback(g)
-	case g == s.serving && s.revertDrain(g):
+	case g == s.serving && s.failDuringDrain(g):
 	case g == s.serving:
 		s.serving = nil
 		if s.stopping {
@@ -242,24 +254,30 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	}
 }
 
-// revertDrain handles a new generation that exits in its drain window,
-// while the generation it replaced still serves: that one keeps serving,
-// and the restart counts as rolled back. It reports whether it applied.
-func (s *Supervisor) revertDrain(g *generation) bool {
+// failDuringDrain handles a new generation that exits in its drain window.
+// If the generation it replaced is still draining, that one was never told
+// to stop and goes back to serving; if it has exited too, nothing serves
+// and a replacement follows. Either way the restart failed. It reports
+// whether it applied.
+func (s *Supervisor) failDuringDrain(g *generation) bool {
 	run := s.restart
-	if s.stopping || run == nil || run.gen != g || run.prev == nil || run.prev.state != Draining {
+	if s.stopping || run == nil || run.gen != g || run.prev == nil {
 		return false
 	}
 	prev := run.prev
 	run.drainTimer.Stop()
-	s.old = remove(s.old, prev)
-	prev.state = Serving
-	s.serving = prev
 	s.command = prev.cmd
 	reason := fmt.Sprintf("exited during the drain window: %s", g.status)
-	g.log.Error("new generation failed; rolled back", "reason", reason, "stderr_tail", g.stderr.Lines(stderrTailLines),
-		"still_serving_gen", prev.n, "still_serving_pid", prev.pid())
-	s.stats.RestartsRolledBack++
+	attrs := []any{"reason", reason, "stderr_tail", g.stderr.Lines(stderrTailLines)}
+	if prev.state == Draining {
+		s.old = remove(s.old, prev)
+		prev.state = Serving
+		s.serving = prev
+		attrs = append(attrs, "still_serving_gen", prev.n, "still_serving_pid", prev.pid())
+	} else {
+		s.serving = nil
+	}
+	g.log.Error("new generation failed; rolled back", attrs...)
 	s.finishRestart(s.resultFor(g, false, reason))
 	return true
 }
@@ -282,7 +300,6 @@ func (s *Supervisor) rollback(g *generation) {
 		attrs = append(attrs, "still_serving_gen", s.serving.n, "still_serving_pid", s.serving.pid())
 	}
 	g.log.Error("new generation failed; rolled back", attrs...)
-	s.stats.RestartsRolledBack++
 	if !s.everReady {
 		s.fatal = fmt.Errorf("generation %d (pid %d) never became ready: %w", g.n, g.pid(), reason)
 		if tail != "" {
@@ -295,7 +312,7 @@ func (s *Supervisor) rollback(g *generation) {
 func (s *Supervisor) resultFor(g *generation, ok bool, reason string) Result {
 	r := Result{OK: ok, Reason: reason}
 	if g != nil {
-		r.Generation, r.Pid = g.n, g.pid()
+		r.Generation, r.Pid, r.Command = g.n, g.pid(), g.cmd.Args
 		if !g.readyAt.IsZero() {
 			r.ReadyAfter = g.readyAt.Sub(g.started)
 		}
@@ -312,17 +329,18 @@ func (s *Supervisor) finishRestart(res Result) {
 	run := s.restart
 	s.restart = nil
 	res.Duration = time.Since(run.begun)
-	switch {
-	case run.reason == "start":
-	case res.OK:
-		s.stats.RestartsOK++
-	case res.Refused:
-		s.stats.Refused++
-	}
-	if run.reason != "start" {
+	if run.requested() {
+		switch {
+		case res.OK:
+			s.stats.RestartsOK++
+		case res.Refused:
+			s.stats.Refused++
+		default:
+			s.stats.RestartsRolledBack++
+		}
 		s.last = &LastRestart{Result: res, Finished: time.Now(), DurationMs: ms(res.Duration)}
 	}
-	if run.reason != "start" || !res.OK {
+	if run.reason != reasonStart || !res.OK {
 		s.cfg.Log.Log(nil, logLevel(res.OK), "restart finished", "ok", res.OK, "gen", res.Generation,
 			"pid", res.Pid, "took", res.Duration.Round(time.Microsecond), "reason", run.reason)
 	}
@@ -334,8 +352,9 @@ func (s *Supervisor) finishRestart(res Result) {
 	if s.stopping {
 		return
 	}
-	if next := s.queued; next != nil {
-		s.queued = nil
+	if len(s.queued) > 0 {
+		next := s.queued[0]
+		s.queued = s.queued[1:]
 		s.beginRestart(next)
 		return
 	}

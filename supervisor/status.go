@@ -36,6 +36,8 @@ type RestartCounts struct {
 	Replacements int  `json:"crash_replacements"`
 	InProgress   bool `json:"in_progress"`
 	Queued       bool `json:"queued"`
+	// QueuedRestarts counts the distinct restarts waiting.
+	QueuedRestarts int `json:"queued_restarts"`
 }
 
 // LastRestart is the outcome of the last restart that finished.
@@ -63,7 +65,7 @@ func (s *Supervisor) status() Status {
 		Generations: []GenerationStatus{},
 		Restarts: RestartCounts{
 			OK: s.stats.RestartsOK, RolledBack: s.stats.RestartsRolledBack, Refused: s.stats.Refused,
-			Replacements: s.stats.Replacements, InProgress: s.restart != nil, Queued: s.queued != nil,
+			Replacements: s.stats.Replacements, InProgress: s.restart != nil, Queued: len(s.queued) > 0, QueuedRestarts: len(s.queued),
 		},
 		LastRestart: s.last,
 		Stopping:    s.stopping,

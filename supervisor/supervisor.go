@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"syscall"
 	"time"
 
@@ -46,7 +47,7 @@ type Supervisor struct {
 	old          []*generation // draining or stopping; main process alive
 	lingering    []*generation // main process gone; its group is not
 	restart      *restartRun   // the restart under way, if any
-	queued       *restartRun   // requests made during it, coalesced
+	queued       []*restartRun // requests made during it, coalesced by what they ask
 	everReady    bool
 	crashes      int
 	replaceTimer *time.Timer
@@ -120,7 +121,7 @@ type restartRun struct {
 	cmd        *Command // nil: the current command
 	check      []string // pre-flight command; nil for none
 	waiters    []*waiter
-	cancelPre  context.CancelFunc
+	cancelPre  context.CancelFunc // set while the pre-flight check runs
 	begun      time.Time
 	gen        *generation // the new generation, once started
 	prev       *generation // the generation it replaces, in its drain window
@@ -207,7 +208,7 @@ func (s *Supervisor) Done() <-chan struct{} { return s.doneC }
 // returns an error if the first generation never becomes ready.
 func (s *Supervisor) Run() (Outcome, error) {
 	defer close(s.doneC)
-	s.beginRestart(&restartRun{reason: "start"})
+	s.beginRestart(&restartRun{reason: reasonStart})
 	for !s.finished() {
 		select {
 		case r := <-s.reqC:
@@ -272,7 +273,7 @@ func (s *Supervisor) handleEvent(ev any) {
 		s.replaceTimer = nil
 		if s.serving == nil && s.restart == nil && !s.stopping {
 			s.stats.Replacements++
-			s.beginRestart(&restartRun{reason: "replace crashed child"})
+			s.beginRestart(&restartRun{reason: reasonReplace})
 		}
 	}
 }
@@ -297,23 +298,35 @@ func (s *Supervisor) onRestartRequest(r restartReq) {
 		s.beginRestart(run)
 		return
 	}
-	// Coalesce: every request made during this restart is answered by the
-	// one restart that runs after it, so nobody is told "done" for a
-	// restart that began before it asked.
+	// Coalesce: every request made during this restart is answered by a
+	// restart that begins after it, so nobody is told "done" for a restart
+	// that began before it asked. Requests for the same command and check
+	// share one; different ones run in the order they came.
 	run.emit(Event{Phase: PhaseQueued})
-	if s.queued == nil {
-		s.queued = run
-		s.cfg.Log.Info("restart requested during a restart; queued", "reason", r.Reason)
+	for _, q := range s.queued {
+		if sameRequest(q, run) {
+			q.waiters = append(q.waiters, run.waiters...)
+			s.cfg.Log.Info("restart requested during a restart; coalesced with a queued one", "reason", r.Reason)
+			return
+		}
+	}
+	if len(s.queued) >= maxQueued {
+		s.answer(run, Result{Refused: true, Reason: fmt.Sprintf("%d different restarts are queued already; try again later", maxQueued)})
 		return
 	}
-	s.queued.waiters = append(s.queued.waiters, run.waiters...)
-	if r.Command != nil {
-		s.queued.cmd = r.Command
+	s.queued = append(s.queued, run)
+	s.cfg.Log.Info("restart requested during a restart; queued", "reason", r.Reason, "queued", len(s.queued))
+}
+
+// maxQueued bounds the distinct restarts waiting behind the one under way.
+const maxQueued = 16
+
+// sameRequest reports whether two restarts ask for the same thing.
+func sameRequest(a, b *restartRun) bool {
+	if (a.cmd == nil) != (b.cmd == nil) || !slices.Equal(a.check, b.check) {
+		return false
 	}
-	if r.Check != nil {
-		s.queued.check = r.Check
-	}
-	s.cfg.Log.Info("restart requested during a restart; coalesced with the queued one", "reason", r.Reason)
+	return a.cmd == nil || (a.cmd.Path == b.cmd.Path && slices.Equal(a.cmd.Args, b.cmd.Args))
 }
 
 func (s *Supervisor) beginStop(now bool) {
@@ -325,10 +338,10 @@ func (s *Supervisor) beginStop(now bool) {
 			s.replaceTimer.Stop()
 			s.replaceTimer = nil
 		}
-		if s.queued != nil {
-			s.answer(s.queued, Result{Refused: true, Reason: ErrStopping.Error()})
-			s.queued = nil
+		for _, q := range s.queued {
+			s.answer(q, Result{Refused: true, Reason: ErrStopping.Error()})
 		}
+		s.queued = nil
 		switch run := s.restart; {
 		case run == nil:
 		case run.prev != nil:

@@ -187,3 +187,56 @@ func runWithin(t *testing.T, sup *Supervisor, timeout time.Duration) error {
 		return nil
 	}
 }
+
+// Requests for different commands are not merged: each runs, in order, and
+// each caller is told what ran.
+func TestDifferentRestartsAreQueuedInOrder(t *testing.T) {
+	gate := filepath.Join(t.TempDir(), "ready")
+	logs := newLogRecorder()
+	sup := newTestSupervisor(t, "exec:test -e "+gate, logs)
+	runDone := make(chan error, 1)
+	go func() { _, err := sup.Run(); runDone <- err }()
+
+	other := &Command{Path: "/bin/sleep", Args: []string{"sleep", "2000"}}
+	type outcome struct {
+		name string
+		res  Result
+	}
+	results := make(chan outcome, 3)
+	ask := func(name string, cmd *Command) {
+		go func() {
+			r, err := sup.RestartAndWait(RestartRequest{Reason: name, Command: cmd})
+			if err != nil {
+				t.Error(err)
+			}
+			results <- outcome{name, r}
+		}()
+	}
+	ask("plain-1", nil)
+	logs.waitCount(t, "restart requested during a restart", 1)
+	ask("other", other)
+	logs.waitCount(t, "restart requested during a restart", 2)
+	ask("plain-2", nil)
+	logs.waitCount(t, "restart requested during a restart", 3)
+	if err := os.WriteFile(gate, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]Result{}
+	for range 3 {
+		o := <-results
+		got[o.name] = o.res
+	}
+	for name, want := range map[string]struct {
+		gen int
+		cmd string
+	}{"plain-1": {2, "sleep 1000"}, "plain-2": {2, "sleep 1000"}, "other": {3, "sleep 2000"}} {
+		r := got[name]
+		if !r.OK || r.Generation != want.gen || strings.Join(r.Command, " ") != want.cmd {
+			t.Errorf("%s: %+v, want generation %d running %q", name, r, want.gen, want.cmd)
+		}
+	}
+	sup.Stop(false)
+	if err := <-runDone; err != nil {
+		t.Fatal(err)
+	}
+}

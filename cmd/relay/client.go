@@ -65,8 +65,13 @@ func parseCheck(value string) ([]string, error) {
 		return nil, nil
 	}
 	argv := strings.Fields(value)
-	if _, err := exec.LookPath(argv[0]); err != nil {
+	path, err := exec.LookPath(argv[0])
+	if err != nil {
 		return nil, usageError{fmt.Errorf("--check %q: %w", value, commandError(argv[0], err))}
+	}
+	// Resolved here, where the caller named it: relay may run elsewhere.
+	if argv[0], err = filepath.Abs(path); err != nil {
+		return nil, fmt.Errorf("resolving %s: %w", path, err)
 	}
 	return argv, nil
 }

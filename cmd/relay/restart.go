@@ -82,12 +82,12 @@ func restartAction(c *cli.Context) error {
 		return err
 	}
 	switch {
+	case result != nil && !result.OK:
+		return rolledBackError{msg: "restart " + outcomeWord(result) + ": " + result.Reason}
 	case c.Bool("no-wait"):
 		return nil
 	case result == nil:
 		return fmt.Errorf("relay closed the connection before the restart finished (is it stopping?)")
-	case !result.OK:
-		return rolledBackError{msg: "restart " + outcomeWord(result) + ": " + result.Reason}
 	}
 	return nil
 }

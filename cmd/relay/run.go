@@ -82,7 +82,7 @@ func runCommand() *cli.Command {
 			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "`DURATION` a generation may take to stop before its process group gets SIGKILL"},
 			&cli.IntFlag{Name: "max-draining", Value: supervisor.DefaultMaxDraining, Usage: "`N` old generations may still be running; a restart past it waits for the oldest to exit"},
 			&cli.StringFlag{Name: "name", Value: control.DefaultName, Usage: "`NAME` of this relay, for relay restart/status/stop; sets the default --control path"},
-			&cli.StringFlag{Name: "control", Usage: "`PATH` of the control socket (default: NAME.sock in $XDG_RUNTIME_DIR/relay, /run/relay for root, else $TMPDIR/relay-UID)"},
+			&cli.StringFlag{Name: "control", Usage: "`PATH` of the control socket, in a directory only you can enter (created 0700 if missing; default: NAME.sock in $XDG_RUNTIME_DIR/relay, /run/relay for root, else $TMPDIR/relay-UID)"},
 			&cli.StringFlag{Name: "check", Usage: "pre-flight `CMD` run before every requested restart, e.g. \"nginx -t\"; if it fails, the restart is refused and nothing changes (split on spaces, no shell)"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log `FORMAT`: text or json"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log `LEVEL`: debug, info, warn or error"},
