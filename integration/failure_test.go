@@ -265,14 +265,8 @@ func readReport(t *testing.T, path string) report {
 // A new generation that dies during its drain window hands serving back to
 // the old one, which was never told to stop.
 func TestNewChildDyingWhileDrainingRollsBack(t *testing.T) {
-	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--drain", "1m", "--", built.testchild)
-	addr := r.listenAddrs(1)[0].str("addr")
-	first, from := r.waitMsg(0, "generation ready", 1)
-	r.signal(syscall.SIGHUP)
-	starting, _ := r.waitMsg(from, "generation starting", 2)
-	_, from = r.waitMsg(from, "old generation draining", 1)
-	// Make generation 2, through its private address, exit.
-	newConnClient().Get("http://" + starting.str("health_addr") + "/exit")
+	r, addr, first, starting, from := startDrainWindow(t)
+	exitThrough(starting)
 	l, from := r.waitMsg(from, "new generation failed; rolled back", 2)
 	if !strings.Contains(l.str("reason"), "exited during the drain window: exit status 4") {
 		t.Errorf("reason %q", l.str("reason"))
@@ -298,15 +292,10 @@ func TestNewChildDyingWhileDrainingRollsBack(t *testing.T) {
 // exited too leaves nothing serving: the restart fails and a replacement
 // starts.
 func TestNewChildDyingAfterTheOldOneExitedIsReplaced(t *testing.T) {
-	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--drain", "1m", "--", built.testchild)
-	addr := r.listenAddrs(1)[0].str("addr")
-	first, from := r.waitMsg(0, "generation ready", 1)
-	r.signal(syscall.SIGHUP)
-	starting, _ := r.waitMsg(from, "generation starting", 2)
-	_, from = r.waitMsg(from, "old generation draining", 1)
+	r, addr, first, starting, from := startDrainWindow(t)
 	syscall.Kill(first.num("pid"), syscall.SIGKILL)
 	_, from = r.waitMsg(from, "old generation exited", 1)
-	newConnClient().Get("http://" + starting.str("health_addr") + "/exit")
+	exitThrough(starting)
 	l, from := r.waitMsg(from, "new generation failed; rolled back", 2)
 	if !strings.Contains(l.str("reason"), "exited during the drain window") {
 		t.Errorf("reason %q", l.str("reason"))
@@ -321,4 +310,25 @@ func TestNewChildDyingAfterTheOldOneExitedIsReplaced(t *testing.T) {
 	}
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
+}
+
+// startDrainWindow runs relay with a long drain, restarts it, and returns
+// once generation 2 is ready and generation 1 is in its drain window: the
+// relay, its address, generation 1's ready line, generation 2's starting
+// line, and the log index to read on from.
+func startDrainWindow(t *testing.T) (*relayProc, string, logLine, logLine, int) {
+	t.Helper()
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--drain", "1m", "--", built.testchild)
+	addr := r.listenAddrs(1)[0].str("addr")
+	first, from := r.waitMsg(0, "generation ready", 1)
+	r.signal(syscall.SIGHUP)
+	starting, _ := r.waitMsg(from, "generation starting", 2)
+	_, from = r.waitMsg(from, "old generation draining", 1)
+	return r, addr, first, starting, from
+}
+
+// exitThrough makes the test child of a "generation starting" line exit,
+// through its private health address, which no other generation shares.
+func exitThrough(starting logLine) {
+	newConnClient().Get("http://" + starting.str("health_addr") + "/exit")
 }

@@ -341,7 +341,7 @@ func (s *Supervisor) finishRestart(res Result) {
 		s.last = &LastRestart{Result: res, Finished: time.Now(), DurationMs: ms(res.Duration)}
 	}
 	if run.reason != reasonStart || !res.OK {
-		s.cfg.Log.Log(nil, logLevel(res.OK), "restart finished", "ok", res.OK, "gen", res.Generation,
+		s.cfg.Log.Log(context.Background(), logLevel(res.OK), "restart finished", "ok", res.OK, "gen", res.Generation,
 			"pid", res.Pid, "took", res.Duration.Round(time.Microsecond), "reason", run.reason)
 	}
 	s.answer(run, res)
