@@ -95,6 +95,9 @@ type ListenerInfo struct {
 	Name    string `json:"name"`
 	Network string `json:"network"`
 	Address string `json:"address"`
+	// Origin is bound (relay bound it), inherited (passed to relay for a
+	// --listen address) or activated (passed to relay, passed on as is).
+	Origin string `json:"origin,omitempty"`
 }
 
 // ErrTooLarge is returned for a request line over MaxRequest.

@@ -150,10 +150,19 @@ func startRelayExtra(t testing.TB, env []string, extra []*os.File, args ...strin
 // startRelayBin starts the relay binary bin.
 func startRelayBin(tb testing.TB, bin string, env []string, extra []*os.File, args ...string) *relayProc {
 	tb.Helper()
+	return startRelayWrapped(tb, nil, bin, env, extra, args...)
+}
+
+// startRelayWrapped starts relay through the command wrap (a launcher
+// that execs relay in its own process, such as systemd-socket-activate),
+// or directly if wrap is empty.
+func startRelayWrapped(tb testing.TB, wrap []string, bin string, env []string, extra []*os.File, args ...string) *relayProc {
+	tb.Helper()
 	// A control socket of its own: tests never meet another relay's.
 	ctl := filepath.Join(tb.TempDir(), "ctl", "relay.sock")
 	full := append([]string{"run", "--log-format", "json", "--log-level", "debug", "--control", ctl}, args...)
-	cmd := exec.Command(bin, full...)
+	argv := append(append(append([]string(nil), wrap...), bin), full...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.ExtraFiles = extra
 	stderr, err := cmd.StderrPipe()
@@ -259,6 +268,28 @@ func (r *relayProc) waitFor(from int, timeout time.Duration, what string, pred f
 	}
 }
 
+// waitRaw waits for a line of stderr, relay's or another program's, that
+// contains sub.
+func (r *relayProc) waitRaw(sub string) {
+	r.t.Helper()
+	deadline := time.NewTimer(30 * time.Second)
+	defer deadline.Stop()
+	for {
+		r.mu.Lock()
+		found := strings.Contains(r.raw.String(), sub)
+		changed := r.changed
+		r.mu.Unlock()
+		if found {
+			return
+		}
+		select {
+		case <-changed:
+		case <-deadline.C:
+			r.t.Fatalf("timed out waiting for %q on stderr", sub)
+		}
+	}
+}
+
 // waitMsg waits for a log line with msg (and gen, if gen > 0).
 func (r *relayProc) waitMsg(from int, msg string, gen int) (logLine, int) {
 	r.t.Helper()
@@ -352,9 +383,27 @@ type load struct {
 }
 
 func startLoad(url string, workers int, limit time.Duration) *load {
+	return startLoadWith(newConnClient(), url, workers, limit)
+}
+
+// unixClient opens a new connection to the unix socket path per request.
+func unixClient(path string) *http.Client {
+	return &http.Client{
+		Timeout: 10 * time.Second,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			Proxy:             nil,
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", path)
+			},
+		},
+	}
+}
+
+func startLoadWith(client *http.Client, url string, workers int, limit time.Duration) *load {
 	ld := &load{pids: map[int]int{}, firstAt: map[int]time.Time{}, stopC: make(chan struct{})}
 	deadline := time.Now().Add(limit)
-	client := newConnClient()
 	for i := 0; i < workers; i++ {
 		ld.wg.Add(1)
 		go func() {

@@ -27,6 +27,11 @@ type Listener struct {
 	Spec Spec
 	// Addr is the bound address: host:port, or the unix socket path.
 	Addr string
+	// Origin says whether relay bound the socket or was passed it.
+	Origin Origin
+	// PassedName is the name a passed socket came with in
+	// LISTEN_FDNAMES; empty for a socket relay bound.
+	PassedName string
 
 	file *os.File
 	// For a unix socket relay created: the inode, so that only that file
@@ -37,6 +42,10 @@ type Listener struct {
 
 // File returns the socket. It stays owned by the Listener: do not close it.
 func (l *Listener) File() *os.File { return l.file }
+
+// KeepPath makes Close leave a unix socket's file in place, for a socket
+// that outlives relay in systemd's fd store.
+func (l *Listener) KeepPath() { l.dev, l.ino = 0, 0 }
 
 // Close closes relay's copy of the socket and, for a unix socket, removes
 // the path if it is still the socket relay created.
@@ -109,6 +118,7 @@ func bindOne(s Spec, opts BindOptions) (*Listener, error) {
 	if !s.NameGiven {
 		l.Spec.Name = DefaultName(s.Network, l.Addr)
 	}
+	l.Origin = Bound
 	return l, nil
 }
 

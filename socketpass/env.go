@@ -26,7 +26,7 @@ func ChildEnv(base []string, listeners []*Listener, extra ...string) []string {
 	// relay's own sockets or at systemd.
 	drop := map[string]bool{
 		EnvListenPID: true, EnvListenFDs: true, EnvListenFDNames: true, EnvNotifySocket: true,
-		"WATCHDOG_USEC": true, "WATCHDOG_PID": true,
+		"WATCHDOG_USEC": true, "WATCHDOG_PID": true, "FDSTORE": true,
 	}
 	for _, kv := range extra {
 		k, _, _ := strings.Cut(kv, "=")

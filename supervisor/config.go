@@ -61,7 +61,35 @@ type Config struct {
 
 	Reaper *reaper.Reaper
 	Log    *slog.Logger
+
+	// Observer hears what a service manager needs to know; nil for
+	// nobody.
+	Observer Observer
 }
+
+// Observer hears of the supervisor's milestones, for a service manager
+// such as systemd. Its methods are called from the supervisor's goroutine,
+// in order, and must not block.
+type Observer interface {
+	// Ready: the first generation is ready, or a requested restart ended,
+	// whether it succeeded, was rolled back or was refused.
+	Ready()
+	// Reloading: a requested restart (a signal or a control request)
+	// began. Crash replacements are not reloads.
+	Reloading()
+	// Stopping: relay began to stop.
+	Stopping()
+	// Status: the one-line summary of the generations changed, e.g.
+	// "gen 4 pid 1234 serving; gen 5 pid 1240 starting".
+	Status(line string)
+}
+
+type noObserver struct{}
+
+func (noObserver) Ready()        {}
+func (noObserver) Reloading()    {}
+func (noObserver) Stopping()     {}
+func (noObserver) Status(string) {}
 
 // Defaults used where a Config field is zero.
 const (
@@ -108,6 +136,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Health.Kind == "" {
 		c.Health.Kind, c.Health.Raw = health.Notify, "notify"
+	}
+	if c.Observer == nil {
+		c.Observer = noObserver{}
 	}
 	if c.Stdin == nil {
 		c.Stdin = os.Stdin

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -166,6 +167,19 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 	}
 	if m.Vars["READY"] == "1" {
 		l.Debug("child sent READY=1")
+	}
+	// The rest (STOPPING=1, MAINPID=, RELOADING=1, WATCHDOG=1, FDSTORE=1,
+	// ...) stays here: relay is the service's main process, and speaks to
+	// the service manager for itself.
+	var kept []string
+	for k := range m.Vars {
+		if k != "READY" && k != "STATUS" {
+			kept = append(kept, k)
+		}
+	}
+	if len(kept) > 0 {
+		slices.Sort(kept)
+		l.Debug("child notify message not passed on to the service manager", "fields", kept)
 	}
 }
 

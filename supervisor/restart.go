@@ -31,6 +31,9 @@ func (s *Supervisor) beginRestart(run *restartRun) {
 	if run.reason != reasonStart {
 		s.cfg.Log.Info("restart begun", "reason", run.reason)
 	}
+	if run.requested() {
+		s.cfg.Observer.Reloading()
+	}
 	if len(run.check) > 0 {
 		s.preflight(run)
 		return
@@ -143,6 +146,9 @@ func (s *Supervisor) promote(g *generation) {
 	run.emit(Event{Phase: PhaseReady, Generation: g.n, Pid: g.pid(), DurationMs: ms(g.readyAt.Sub(g.started))})
 	prev := s.serving
 	s.serving = g
+	if run.reason == reasonStart {
+		s.cfg.Observer.Ready()
+	}
 	if prev == nil {
 		s.finishRestart(s.resultFor(g, true, ""))
 		return
@@ -345,6 +351,9 @@ func (s *Supervisor) finishRestart(res Result) {
 			"pid", res.Pid, "took", res.Duration.Round(time.Microsecond), "reason", run.reason)
 	}
 	s.answer(run, res)
+	if run.requested() && !s.stopping {
+		s.cfg.Observer.Ready() // ends the reload, whatever its outcome
+	}
 	if s.fatal != nil && !s.stopping {
 		// The first generation never became ready: give up.
 		s.beginStop(false)

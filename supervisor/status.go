@@ -1,6 +1,8 @@
 package supervisor
 
 import (
+	"fmt"
+	"strings"
 	"time"
 )
 
@@ -84,4 +86,60 @@ func (s *Supervisor) status() Status {
 		st.Generations = append(st.Generations, gs)
 	}
 	return st
+}
+
+// publishStatus tells the Observer the status line, if it changed.
+func (s *Supervisor) publishStatus() {
+	if line := s.statusSummary(); line != s.statusLine {
+		s.statusLine = line
+		s.cfg.Observer.Status(line)
+	}
+}
+
+// maxReasonInStatus bounds the failure reason quoted in the status line.
+const maxReasonInStatus = 160
+
+// statusSummary says in one line what serves and what is happening, oldest
+// generation first: "gen 4 pid 1234 serving; gen 5 pid 1240 starting".
+func (s *Supervisor) statusSummary() string {
+	var parts []string
+	if s.stopping {
+		parts = append(parts, "stopping")
+	} else if s.serving == nil && s.everReady {
+		parts = append(parts, "no generation serving")
+	}
+	gens := s.alive()
+	gens = append(append([]*generation(nil), s.old...), gens[:len(gens)-len(s.old)]...)
+	for _, g := range gens {
+		parts = append(parts, fmt.Sprintf("gen %d pid %d %s", g.n, g.pid(), g.state))
+	}
+	if run := s.restart; run != nil && run.gen == nil && !s.stopping {
+		switch {
+		case run.cancelPre != nil:
+			parts = append(parts, "pre-flight check running")
+		case run.waitLogged:
+			parts = append(parts, "restart waiting for an old generation to exit")
+		}
+	}
+	if s.replaceTimer != nil {
+		parts = append(parts, "replacement pending")
+	}
+	if n := len(s.queued); n > 0 {
+		parts = append(parts, fmt.Sprintf("%d restart(s) queued", n))
+	}
+	if l := s.last; l != nil && !l.OK && !s.stopping {
+		reason := l.Reason
+		if len(reason) > maxReasonInStatus {
+			reason = reason[:maxReasonInStatus] + "…"
+		}
+		what := "rolled back"
+		if l.Refused {
+			what = "refused"
+		}
+		parts = append(parts, fmt.Sprintf("last restart %s: %s", what, reason))
+	}
+	if len(parts) == 0 {
+		return "starting"
+	}
+	return strings.Join(parts, "; ")
 }

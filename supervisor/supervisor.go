@@ -58,6 +58,7 @@ type Supervisor struct {
 	fatal        error
 	stats        Stats
 	last         *LastRestart
+	statusLine   string // the last one the Observer heard
 }
 
 // Stats counts restarts.
@@ -209,6 +210,7 @@ func (s *Supervisor) Done() <-chan struct{} { return s.doneC }
 func (s *Supervisor) Run() (Outcome, error) {
 	defer close(s.doneC)
 	s.beginRestart(&restartRun{reason: reasonStart})
+	s.publishStatus()
 	for !s.finished() {
 		select {
 		case r := <-s.reqC:
@@ -218,6 +220,7 @@ func (s *Supervisor) Run() (Outcome, error) {
 		case <-s.cfg.Reaper.Orphans():
 			s.checkLingering()
 		}
+		s.publishStatus()
 	}
 	var out Outcome
 	switch {
@@ -332,6 +335,7 @@ func sameRequest(a, b *restartRun) bool {
 func (s *Supervisor) beginStop(now bool) {
 	if !s.stopping {
 		s.stopping = true
+		s.cfg.Observer.Stopping()
 		s.exitGen = s.serving
 		s.cfg.Log.Info("stopping", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
 		if s.replaceTimer != nil {

@@ -20,6 +20,7 @@ import (
 	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/sdnotify"
 	"github.com/relaysh/relay/signals"
 	"github.com/relaysh/relay/socketpass"
 	"github.com/relaysh/relay/supervisor"
@@ -108,16 +109,30 @@ func runAction(c *cli.Context) error {
 		return err
 	}
 
-	listeners, err := socketpass.Bind(opts.listens, socketpass.BindOptions{UnixMode: opts.socketMode})
+	if pid, foreign := socketpass.ForeignListenPID(); foreign {
+		log.Warn("ignoring LISTEN_FDS: its LISTEN_PID names another process", "listen_pid", pid, "pid", os.Getpid())
+	}
+	passed, err := socketpass.TakeActivated()
+	if err != nil {
+		return err
+	}
+	if len(opts.listens) == 0 && len(passed) == 0 {
+		socketpass.CloseAll(passed)
+		return usagef("no --listen address and no sockets from systemd; give at least one, e.g. --listen :8080")
+	}
+	listeners, stale, err := socketpass.Open(opts.listens, passed, socketpass.BindOptions{UnixMode: opts.socketMode})
 	if err != nil {
 		return err
 	}
 	defer socketpass.CloseAll(listeners)
+	notifier := sdnotify.New(log)
+	defer notifier.Close(notifyFlushTimeout)
 	var addrs []string
 	for i, l := range listeners {
-		log.Info("listening", "fd", socketpass.FirstFD+i, "name", l.Spec.Name, "network", string(l.Spec.Network), "addr", l.Addr)
+		log.Info("listening", "fd", socketpass.FirstFD+i, "name", l.Spec.Name, "network", string(l.Spec.Network), "addr", l.Addr, "origin", string(l.Origin))
 		addrs = append(addrs, l.Addr)
 	}
+	storeSockets(log, notifier, listeners, stale)
 	warnAboutHealth(log, opts.health, addrs)
 
 	runtimeDir, err := makeRuntimeDir()
@@ -147,6 +162,7 @@ func runAction(c *cli.Context) error {
 		Reaper:        rp,
 		Log:           log,
 		Stderr:        c.App.ErrWriter,
+		Observer:      notifier,
 	})
 	if err != nil {
 		return err
@@ -155,7 +171,7 @@ func runAction(c *cli.Context) error {
 	info := control.Info{Name: opts.name, Started: time.Now()}
 	for i, l := range listeners {
 		info.Listeners = append(info.Listeners, control.ListenerInfo{
-			FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Address: l.Addr,
+			FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Address: l.Addr, Origin: string(l.Origin),
 		})
 	}
 	ctl, err := control.Listen(opts.controlPath, sup, info, log)
@@ -176,6 +192,19 @@ func runAction(c *cli.Context) error {
 	g.Add(func() error {
 		return signalLoop(ctx, sigC, sup)
 	}, func(error) { cancel() })
+	if interval, err := sdnotify.WatchdogInterval(); err != nil {
+		log.Warn("ignoring the watchdog settings", "err", err)
+	} else if interval > 0 && notifier.Enabled() {
+		log.Info("watchdog: pinging while the supervisor answers", "watchdog_usec", interval.Microseconds(), "ping_every", sdnotify.PingInterval(interval))
+		wctx, wcancel := context.WithCancel(context.Background())
+		g.Add(func() error {
+			notifier.RunWatchdog(wctx, interval, func() bool {
+				_, err := sup.Status()
+				return err == nil
+			})
+			return nil
+		}, func(error) { wcancel() })
+	}
 	if err := g.Run(); err != nil {
 		return err
 	}
@@ -238,9 +267,6 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 			return o, usageError{err}
 		}
 		o.listens = append(o.listens, s)
-	}
-	if len(o.listens) == 0 {
-		return o, usagef("no --listen address; give at least one, e.g. --listen :8080")
 	}
 	if o.socketMode, err = socketpass.FileMode(c.String("socket-mode")); err != nil {
 		return o, usageError{err}
@@ -339,4 +365,50 @@ func makeRuntimeDir() (string, error) {
 		return dir, nil
 	}
 	return "", fmt.Errorf("creating relay's runtime directory: no usable base among %s; set XDG_RUNTIME_DIR or TMPDIR to a short writable directory", strings.Join(tried, ", "))
+}
+
+// notifyFlushTimeout bounds how long relay waits, at exit, for the service
+// manager to take its last messages (STOPPING=1, the final STATUS=).
+const notifyFlushTimeout = 2 * time.Second
+
+// storeSockets keeps the sockets relay bound, and those that came back
+// from the store, in systemd's fd store ($FDSTORE), so that a restart of
+// relay itself (systemctl restart, or a crash with Restart=) hands the same
+// sockets back and no connection is refused in between. Sockets a .socket
+// unit passed stay with that unit. stale names stored sockets that no
+// --listen wants any more.
+func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpass.Listener, stale []string) {
+	if !n.Enabled() {
+		return
+	}
+	for _, name := range stale {
+		if err := n.RemoveFD(name); err != nil {
+			log.Warn("removing a stale socket from the fd store", "fdname", name, "err", err)
+			continue
+		}
+		log.Info("closed a socket from the fd store that no --listen asks for, and removed it from the store", "fdname", name)
+	}
+	limit := sdnotify.FDStoreMax()
+	if limit == 0 {
+		log.Debug("no fd store offered (FDSTORE unset); a restart of relay itself rebinds its sockets")
+		return
+	}
+	stored := 0
+	for _, l := range listeners {
+		if l.Origin == socketpass.Activated || (l.Origin == socketpass.Inherited && !strings.HasPrefix(l.PassedName, socketpass.StoreNamePrefix)) {
+			continue // a .socket unit holds it already
+		}
+		name := socketpass.StoreNamePrefix + l.Spec.Name
+		if stored >= limit {
+			log.Warn("the fd store is full: this socket will be bound anew if relay restarts; raise FileDescriptorStoreMax=", "fdname", name, "fdstore_max", limit)
+			continue
+		}
+		if err := n.StoreFD(name, l.File()); err != nil {
+			log.Warn("keeping a socket in the fd store", "fdname", name, "err", err)
+			continue
+		}
+		stored++
+		l.KeepPath()
+		log.Info("socket kept in the fd store", "fdname", name, "addr", l.Addr)
+	}
 }

@@ -50,6 +50,7 @@ func main() {
 		readyGate      = flag.String("ready-gate", "", "before serving, wait until this file holds a number at least RELAY_GENERATION")
 		noisy          = flag.Bool("stderr-per-request", false, "write a line to stderr for every request")
 		signalFile     = flag.String("signal-file", "", "write the name of each SIGUSR1, SIGUSR2 or SIGWINCH received to this file")
+		notifyExtra    = flag.String("notify-extra", "", "before READY=1, send this sd_notify message (',' separates its lines), as servers that speak to systemd do")
 		setNonblock    = flag.Int("set-nonblock-gen", 0, "in this generation, set O_NONBLOCK on fd 3 and serve; other generations leave the sockets' flags alone and do not accept")
 	)
 	flag.Parse()
@@ -150,6 +151,11 @@ func main() {
 	}
 	if *readyGate != "" {
 		waitForGate(*readyGate, gen)
+	}
+	if *notifyExtra != "" {
+		if _, err := daemon.SdNotify(false, strings.ReplaceAll(*notifyExtra, ",", "\n")); err != nil {
+			fmt.Fprintln(os.Stderr, "testchild: notify:", err)
+		}
 	}
 	if ready {
 		serveInherited(mux)

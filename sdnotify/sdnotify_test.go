@@ -1,0 +1,133 @@
+package sdnotify
+
+import (
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func listen(t *testing.T) *net.UnixConn {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "notify")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	t.Setenv(EnvNotifySocket, path)
+	return conn
+}
+
+func TestMessagesArriveInOrder(t *testing.T) {
+	conn := listen(t)
+	n := New(slog.New(slog.DiscardHandler))
+	n.Ready()
+	for _, s := range []string{"a", "b", "c"} {
+		n.Status(s)
+	}
+	n.Reloading()
+	n.Ready()
+	n.Stopping()
+	n.Status("last")
+	n.Close(5 * time.Second)
+
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var got, statuses []string
+	buf := make([]byte, 1024)
+	for len(got) == 0 || got[len(got)-1] != "STATUS=last" {
+		m, _, err := conn.ReadFromUnix(buf)
+		if err != nil {
+			t.Fatalf("after %q: %v", got, err)
+		}
+		msg := string(buf[:m])
+		if strings.HasPrefix(msg, "STATUS=") {
+			statuses = append(statuses, msg)
+		} else if strings.HasPrefix(msg, "RELOADING=1\nMONOTONIC_USEC=") {
+			msg = "RELOADING=1"
+		}
+		got = append(got, msg)
+	}
+	var milestones []string
+	for _, m := range got {
+		if !strings.HasPrefix(m, "STATUS=") {
+			milestones = append(milestones, m)
+		}
+	}
+	if want := []string{"READY=1", "RELOADING=1", "READY=1", "STOPPING=1"}; !slices.Equal(milestones, want) {
+		t.Errorf("got %q, want %q in that order", milestones, want)
+	}
+	// Waiting STATUS lines may be replaced by newer ones, never reordered.
+	if !slices.IsSortedFunc(statuses[:len(statuses)-1], strings.Compare) || !slices.Contains(statuses, "STATUS=c") {
+		t.Errorf("statuses %q", statuses)
+	}
+}
+
+func TestStoreFDPassesTheSocket(t *testing.T) {
+	conn := listen(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	f, err := l.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	n := New(slog.New(slog.DiscardHandler))
+	defer n.Close(time.Second)
+	if err := n.StoreFD("relay/web", f); err != nil {
+		t.Fatal(err)
+	}
+	buf, oob := make([]byte, 256), make([]byte, unix.CmsgSpace(4))
+	m, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := string(buf[:m]); got != "FDSTORE=1\nFDNAME=relay/web" {
+		t.Errorf("message %q", got)
+	}
+	cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(cmsgs) != 1 {
+		t.Fatalf("control messages %v %v", cmsgs, err)
+	}
+	fds, err := unix.ParseUnixRights(&cmsgs[0])
+	if err != nil || len(fds) != 1 {
+		t.Fatalf("rights %v %v", fds, err)
+	}
+	got := os.NewFile(uintptr(fds[0]), "stored")
+	defer got.Close()
+	sa, err := unix.Getsockname(int(got.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := sa.(*unix.SockaddrInet4); a.Port != l.Addr().(*net.TCPAddr).Port {
+		t.Errorf("stored a socket on port %d, want %s", a.Port, l.Addr())
+	}
+	if err := n.RemoveFD("relay/web"); err != nil {
+		t.Fatal(err)
+	}
+	if m, _, err := conn.ReadFromUnix(buf); err != nil || string(buf[:m]) != "FDSTOREREMOVE=1\nFDNAME=relay/web" {
+		t.Errorf("remove: %q %v", buf[:m], err)
+	}
+}
+
+func TestDisabledWithoutNotifySocket(t *testing.T) {
+	t.Setenv(EnvNotifySocket, "")
+	n := New(slog.New(slog.DiscardHandler))
+	n.Ready()
+	n.Close(time.Second)
+	if n.Enabled() {
+		t.Error("enabled without NOTIFY_SOCKET")
+	}
+	if err := n.StoreFD("x", os.Stdin); err == nil {
+		t.Error("StoreFD without NOTIFY_SOCKET succeeded")
+	}
+}
