@@ -33,6 +33,14 @@ pid), plus RELAY_GENERATION, a private NOTIFY_SOCKET and RELAY_HEALTH_ADDR.
 
 Control it with 'relay restart', 'relay status' and 'relay stop' (--name NAME), or signals.
 
+Under systemd (see examples/systemd): with NOTIFY_SOCKET set, relay sends READY=1 once the
+first generation is ready, RELOADING=1 and READY=1 around every restart, STATUS= lines,
+STOPPING=1, and WATCHDOG=1 pings (WatchdogSec=). Sockets passed to relay in LISTEN_FDS (a
+.socket unit) come first, under their LISTEN_FDNAMES names, then one per --listen; a --listen
+uses a passed socket on its own address instead of binding. With FileDescriptorStoreMax= and
+$FDSTORE, relay keeps its sockets in systemd's fd store, so a restart of relay itself
+refuses no connection.
+
 Signals to relay:
    HUP              restart: start a new generation on the same sockets, wait until it is
                     ready (--health), keep both serving for --drain, then send the old one
@@ -74,7 +82,7 @@ func runCommand() *cli.Command {
 		UsageText:   "relay run --listen ADDR [--listen ADDR ...] [options] -- COMMAND [ARG...]",
 		Description: runDescription + "\n" + runExamples,
 		Flags: []cli.Flag{
-			&cli.StringSliceFlag{Name: "listen", Aliases: []string{"l"}, Usage: "`ADDR` to listen on; repeat for more sockets (see the forms above)"},
+			&cli.StringSliceFlag{Name: "listen", Aliases: []string{"l"}, Usage: "`ADDR` to listen on; repeat for more sockets (see the forms above); optional when systemd passes sockets"},
 			&cli.StringFlag{Name: "socket-mode", Value: "0660", Usage: "permission `MODE` of unix sockets relay creates"},
 			&cli.StringFlag{Name: "health", Value: "notify", Usage: "readiness `CHECK` of each new generation: notify, http://…, tcp://…, exec:CMD or delay:DURATION"},
 			&cli.DurationFlag{Name: "health-timeout", Value: supervisor.DefaultHealthTimeout, Usage: "`DURATION` a new generation may take to become ready before it is killed and the restart rolled back"},
