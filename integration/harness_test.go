@@ -284,6 +284,10 @@ func (r *relayProc) waitRaw(sub string) {
 		}
 		select {
 		case <-changed:
+		case <-r.exited:
+			if !strings.Contains(r.output(), sub) {
+				r.t.Fatalf("exited (%v) before %q appeared on stderr", r.waitErr, sub)
+			}
 		case <-deadline.C:
 			r.t.Fatalf("timed out waiting for %q on stderr", sub)
 		}

@@ -92,11 +92,15 @@ func (n *Notifier) send(msg string) {
 	if n.closed {
 		return
 	}
-	if last := len(n.queue) - 1; last >= 0 && strings.HasPrefix(msg, "STATUS=") && strings.HasPrefix(n.queue[last], "STATUS=") {
+	last := len(n.queue) - 1
+	switch {
+	case last >= 0 && strings.HasPrefix(msg, "STATUS=") && strings.HasPrefix(n.queue[last], "STATUS="):
 		n.queue[last] = msg // only the newest status matters
-	} else {
+	case last >= 0 && msg == daemon.SdNotifyWatchdog && n.queue[last] == msg:
+		// one waiting ping is as good as two
+	default:
 		if len(n.queue) >= maxQueue {
-			n.queue = n.queue[1:]
+			n.dropOne()
 		}
 		n.queue = append(n.queue, msg)
 	}
@@ -104,6 +108,18 @@ func (n *Notifier) send(msg string) {
 	case n.wake <- struct{}{}:
 	default:
 	}
+}
+
+// dropOne makes room in a full queue: a STATUS line or a ping goes first,
+// a READY/RELOADING/STOPPING only if nothing else is waiting.
+func (n *Notifier) dropOne() {
+	for i, m := range n.queue {
+		if strings.HasPrefix(m, "STATUS=") || m == daemon.SdNotifyWatchdog {
+			n.queue = append(n.queue[:i], n.queue[i+1:]...)
+			return
+		}
+	}
+	n.queue = n.queue[1:]
 }
 
 func (n *Notifier) run() {
@@ -235,17 +251,51 @@ func (n *Notifier) sendRights(msg string, f *os.File) error {
 	return nil
 }
 
+// Barrier waits, at most timeout, until the service manager has processed
+// every message sent before it (BARRIER=1, as sd_notify_barrier(3) does):
+// it sends the write end of a pipe and waits for the read end to see the
+// service manager close its copy. Older systemd, which does not know
+// BARRIER=1, closes the fd at once, with the same effect.
+func (n *Notifier) Barrier(timeout time.Duration) error {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		return fmt.Errorf("barrier: creating a pipe: %w", err)
+	}
+	r, w := os.NewFile(uintptr(p[0]), "barrier-r"), os.NewFile(uintptr(p[1]), "barrier-w")
+	defer r.Close()
+	err := n.sendRights("BARRIER=1", w)
+	w.Close()
+	if err != nil {
+		return err
+	}
+	fds := []unix.PollFd{{Fd: int32(r.Fd()), Events: unix.POLLIN}}
+	for deadline := time.Now().Add(timeout); ; {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return fmt.Errorf("barrier: the service manager did not answer within %s", timeout)
+		}
+		n, err := unix.Poll(fds, int(left.Milliseconds())+1)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("barrier: waiting: %w", err)
+		}
+		if n > 0 && fds[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0 {
+			return nil
+		}
+	}
+}
+
 // PingInterval is how often relay pings a watchdog of the given interval:
 // at half of it, as sd_watchdog_enabled(3) advises.
 func PingInterval(watchdog time.Duration) time.Duration { return watchdog / 2 }
 
-// RunWatchdog pings the watchdog every PingInterval(interval) until ctx
+// RunWatchdog pings the watchdog at once and then at every tick, until ctx
 // ends, each time after alive returns true. alive proves that relay's
 // supervisor still answers; if it hangs, the pings stop and systemd acts
-// (WatchdogSec=, Restart=).
-func (n *Notifier) RunWatchdog(ctx context.Context, interval time.Duration, alive func() bool) {
-	t := time.NewTicker(PingInterval(interval))
-	defer t.Stop()
+// (WatchdogSec=, Restart=). Pass a ticker of PingInterval(WATCHDOG_USEC).
+func (n *Notifier) RunWatchdog(ctx context.Context, tick <-chan time.Time, alive func() bool) {
 	for {
 		if alive() {
 			n.Watchdog()
@@ -253,7 +303,7 @@ func (n *Notifier) RunWatchdog(ctx context.Context, interval time.Duration, aliv
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-tick:
 		}
 	}
 }

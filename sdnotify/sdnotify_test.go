@@ -1,6 +1,7 @@
 package sdnotify
 
 import (
+	"context"
 	"log/slog"
 	"net"
 	"os"
@@ -129,5 +130,53 @@ func TestDisabledWithoutNotifySocket(t *testing.T) {
 	}
 	if err := n.StoreFD("x", os.Stdin); err == nil {
 		t.Error("StoreFD without NOTIFY_SOCKET succeeded")
+	}
+}
+
+func TestWatchdogPingsOncePerTickWhileAlive(t *testing.T) {
+	if got := PingInterval(30 * time.Second); got != 15*time.Second {
+		t.Errorf("PingInterval(30s) = %s, want half", got)
+	}
+	conn := listen(t)
+	n := New(slog.New(slog.DiscardHandler))
+	tick := make(chan time.Time)
+	alive := make(chan bool)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.RunWatchdog(ctx, tick, func() bool { return <-alive })
+	}()
+	buf := make([]byte, 64)
+	next := func() string {
+		t.Helper()
+		conn.SetReadDeadline(time.Now().Add(10 * time.Second)) // bounds a failure only
+		m, _, err := conn.ReadFromUnix(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(buf[:m])
+	}
+	// A ping at once and then one per tick, each read before the next, and
+	// none while the supervisor does not answer.
+	for _, a := range []bool{true, false, true, true} {
+		alive <- a
+		if a {
+			if got := next(); got != "WATCHDOG=1" {
+				t.Fatalf("got %q, want a ping", got)
+			}
+		}
+		tick <- time.Now()
+	}
+	alive <- false
+	cancel()
+	<-done
+	n.Close(5 * time.Second)
+	// Nothing else came: the next datagram is the test's own.
+	if _, err := conn.WriteToUnix([]byte("END"), conn.LocalAddr().(*net.UnixAddr)); err != nil {
+		t.Fatal(err)
+	}
+	if got := next(); got != "END" {
+		t.Errorf("got %q after the last ping, want nothing", got)
 	}
 }

@@ -34,8 +34,9 @@ const (
 // from the store apart from one a .socket unit passes.
 const StoreNamePrefix = "relay/"
 
-// ForeignListenPID reports a LISTEN_FDS meant for another process: relay
-// ignores sockets whose LISTEN_PID is not its own pid, as the protocol asks.
+// ForeignListenPID reports a LISTEN_FDS meant for another process, or with
+// no LISTEN_PID: relay ignores sockets whose LISTEN_PID is not its own pid,
+// as the protocol asks.
 func ForeignListenPID() (pid string, foreign bool) {
 	if os.Getenv(EnvListenFDs) == "" {
 		return "", false
@@ -111,7 +112,11 @@ func describe(nfd, fd int, name string) (*Listener, error) {
 		return nil, fmt.Errorf("passed fd %d (%s) is a socket of family %d and type %d; relay passes on TCP, UDP and unix stream sockets", fd, name, family, typ)
 	}
 	if typ == unix.SOCK_STREAM {
-		if acc, err := unix.GetsockoptInt(nfd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || acc == 0 {
+		acc, err := unix.GetsockoptInt(nfd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
+		if err != nil {
+			return nil, fmt.Errorf("passed fd %d (%s): reading SO_ACCEPTCONN: %w", fd, name, err)
+		}
+		if acc == 0 {
 			return nil, fmt.Errorf("passed fd %d (%s) is a connection, not a listening socket; set Accept=no in the .socket unit", fd, name)
 		}
 	}
@@ -139,13 +144,17 @@ func describe(nfd, fd int, name string) (*Listener, error) {
 //  2. one socket per spec, in --listen order.
 //
 // A spec claims a passed socket of the same network on the same address
-// (port 0 never matches) and uses it instead of binding a new one, under
-// the spec's name. That is how sockets come back from systemd's fd store
-// after a restart, and how a .socket unit and --listen may name the same
-// address. Passed sockets whose name starts with StoreNamePrefix that no
-// spec claims were stored for a --listen that is gone: they are closed,
-// and their names returned in stale, for removal from the store.
-func Open(specs []Spec, passed []*Listener, opts BindOptions) (ls []*Listener, stale []string, err error) {
+// (port 0 never matches; a unix socket only while its file is there) and
+// uses it instead of binding a new one, under the spec's name. That is how
+// sockets come back from systemd's fd store after a restart, and how a
+// .socket unit and --listen may name the same address.
+//
+// Passed sockets whose name starts with StoreNamePrefix that no spec claims
+// were stored for a --listen that is gone or changed. Open closes them and,
+// before it binds anything, calls dropStale with their names, so that the
+// caller can have them removed from the store: the store's copy would
+// otherwise keep the address busy. dropStale may be nil.
+func Open(specs []Spec, passed []*Listener, opts BindOptions, dropStale func(names []string)) ([]*Listener, error) {
 	claimed := make([]*Listener, len(specs))
 	taken := make(map[*Listener]bool)
 	for i, s := range specs {
@@ -156,16 +165,8 @@ func Open(specs []Spec, passed []*Listener, opts BindOptions) (ls []*Listener, s
 			}
 		}
 	}
-	defer func() {
-		if err != nil {
-			CloseAll(ls)
-			for _, p := range passed {
-				if !taken[p] {
-					p.Close()
-				}
-			}
-		}
-	}()
+	var out []*Listener
+	var stale []string
 	for _, p := range passed {
 		switch {
 		case taken[p]:
@@ -173,26 +174,36 @@ func Open(specs []Spec, passed []*Listener, opts BindOptions) (ls []*Listener, s
 			stale = append(stale, p.PassedName)
 			p.Close()
 		default:
-			ls = append(ls, p)
+			out = append(out, p)
 		}
-		taken[p] = true
+	}
+	if len(stale) > 0 && dropStale != nil {
+		dropStale(stale)
+	}
+	fail := func(i int, err error) ([]*Listener, error) {
+		CloseAll(out)
+		for _, p := range claimed[i:] {
+			if p != nil {
+				p.Close()
+			}
+		}
+		return nil, err
 	}
 	for i, s := range specs {
 		if p := claimed[i]; p != nil {
 			if err := p.inherit(s); err != nil {
-				p.Close()
-				return nil, nil, err
+				return fail(i, err)
 			}
-			ls = append(ls, p)
+			out = append(out, p)
 			continue
 		}
 		l, err := bindOne(s, opts)
 		if err != nil {
-			return nil, nil, err
+			return fail(i+1, err)
 		}
-		ls = append(ls, l)
+		out = append(out, l)
 	}
-	return ls, stale, nil
+	return out, nil
 }
 
 // inherit makes a passed socket serve in the place of spec s.
@@ -220,7 +231,13 @@ func (s Spec) matches(p *Listener) bool {
 		return false
 	}
 	if s.Network == Unix {
-		return filepath.Clean(s.Address) == filepath.Clean(p.Addr)
+		if filepath.Clean(s.Address) != filepath.Clean(p.Addr) {
+			return false
+		}
+		// A socket whose file is gone (a RuntimeDirectory= wiped while
+		// relay was down) is unreachable: bind a new one instead.
+		st, err := os.Lstat(p.Addr)
+		return err == nil && st.Mode()&os.ModeSocket != 0
 	}
 	host, port, err := net.SplitHostPort(s.Address)
 	phost, pport, perr := net.SplitHostPort(p.Addr)

@@ -47,7 +47,13 @@ func TestOpenTakesPassedSocketsForMatchingSpecs(t *testing.T) {
 		}
 		specs = append(specs, s)
 	}
-	ls, staleNames, err := Open(specs, []*Listener{tcp, unixL, other, stale}, BindOptions{UnixMode: 0o600})
+	var staleNames []string
+	ls, err := Open(specs, []*Listener{tcp, unixL, other, stale}, BindOptions{UnixMode: 0o600}, func(names []string) {
+		staleNames = names
+		if _, err := unix.FcntlInt(stale.file.Fd(), unix.F_GETFD, 0); err == nil {
+			t.Errorf("the stale socket is still open when the store is asked to drop it")
+		}
+	})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -66,8 +72,40 @@ func TestOpenTakesPassedSocketsForMatchingSpecs(t *testing.T) {
 	if !slices.Equal(staleNames, []string{StoreNamePrefix + "gone"}) {
 		t.Errorf("stale %q", staleNames)
 	}
-	if _, err := unix.FcntlInt(stale.file.Fd(), unix.F_GETFD, 0); err == nil {
-		t.Errorf("the stale socket is still open")
+}
+
+// When a spec cannot be bound, Open leaves nothing behind: no socket open,
+// no unix socket file, no lock held.
+func TestOpenCleansUpOnError(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "a.sock")
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	later := passedSocket(t, "127.0.0.1:0", StoreNamePrefix+"tcp-later")
+	var specs []Spec
+	for _, v := range []string{"unix:" + sock, taken.Addr().String(), later.Addr} {
+		s, err := ParseListen(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		specs = append(specs, s)
+	}
+	if _, err := Open(specs, []*Listener{later}, BindOptions{UnixMode: 0o600}, nil); err == nil {
+		t.Fatal("Open succeeded on an address in use")
+	}
+	if _, err := os.Lstat(sock); err == nil {
+		t.Errorf("the unix socket bound before the failure is still there")
+	}
+	if lock, err := Lock(sock + ".lock"); err != nil {
+		t.Errorf("the lock of the unix socket is still held: %v", err)
+	} else {
+		lock.Close()
+	}
+	if _, err := unix.FcntlInt(later.file.Fd(), unix.F_GETFD, 0); err == nil {
+		t.Errorf("a passed socket claimed by a later spec is still open")
 	}
 }
 
@@ -89,7 +127,7 @@ func TestSpecMatches(t *testing.T) {
 		{"udp:127.0.0.1:53", p(TCP, "127.0.0.1:53"), false},
 		{"udp:127.0.0.1:53", p(UDP, "127.0.0.1:53"), true},
 		{"[::1]:80", p(TCP, "[::1]:80"), true},
-		{"unix:/run/a.sock", p(Unix, "/run/a.sock"), true},
+		{"unix:/nonexistent/a.sock", p(Unix, "/nonexistent/a.sock"), false}, // its file is gone
 		{"unix:/run/a.sock", p(Unix, "/run/b.sock"), false},
 	} {
 		s, err := ParseListen(c.spec)

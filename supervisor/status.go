@@ -96,7 +96,8 @@ func (s *Supervisor) publishStatus() {
 	}
 }
 
-// maxReasonInStatus bounds the failure reason quoted in the status line.
+// maxReasonInStatus bounds the failure reason quoted in the status line,
+// in characters.
 const maxReasonInStatus = 160
 
 // statusSummary says in one line what serves and what is happening, oldest
@@ -129,8 +130,8 @@ func (s *Supervisor) statusSummary() string {
 	}
 	if l := s.last; l != nil && !l.OK && !s.stopping {
 		reason := l.Reason
-		if len(reason) > maxReasonInStatus {
-			reason = reason[:maxReasonInStatus] + "…"
+		if r := []rune(reason); len(r) > maxReasonInStatus {
+			reason = string(r[:maxReasonInStatus]) + "…" // whole characters: systemd drops a STATUS= that is not UTF-8
 		}
 		what := "rolled back"
 		if l.Refused {

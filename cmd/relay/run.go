@@ -118,7 +118,7 @@ func runAction(c *cli.Context) error {
 	}
 
 	if pid, foreign := socketpass.ForeignListenPID(); foreign {
-		log.Warn("ignoring LISTEN_FDS: its LISTEN_PID names another process", "listen_pid", pid, "pid", os.Getpid())
+		log.Warn("ignoring LISTEN_FDS: LISTEN_PID is not relay's pid", "listen_pid", pid, "pid", os.Getpid())
 	}
 	passed, err := socketpass.TakeActivated()
 	if err != nil {
@@ -128,19 +128,20 @@ func runAction(c *cli.Context) error {
 		socketpass.CloseAll(passed)
 		return usagef("no --listen address and no sockets from systemd; give at least one, e.g. --listen :8080")
 	}
-	listeners, stale, err := socketpass.Open(opts.listens, passed, socketpass.BindOptions{UnixMode: opts.socketMode})
+	notifier := sdnotify.New(log)
+	defer notifier.Close(notifyFlushTimeout)
+	listeners, err := socketpass.Open(opts.listens, passed, socketpass.BindOptions{UnixMode: opts.socketMode},
+		func(stale []string) { dropStale(log, notifier, stale) })
 	if err != nil {
 		return err
 	}
 	defer socketpass.CloseAll(listeners)
-	notifier := sdnotify.New(log)
-	defer notifier.Close(notifyFlushTimeout)
 	var addrs []string
 	for i, l := range listeners {
 		log.Info("listening", "fd", socketpass.FirstFD+i, "name", l.Spec.Name, "network", string(l.Spec.Network), "addr", l.Addr, "origin", string(l.Origin))
 		addrs = append(addrs, l.Addr)
 	}
-	storeSockets(log, notifier, listeners, stale)
+	storeSockets(log, notifier, listeners)
 	warnAboutHealth(log, opts.health, addrs)
 
 	runtimeDir, err := makeRuntimeDir()
@@ -203,10 +204,13 @@ func runAction(c *cli.Context) error {
 	if interval, err := sdnotify.WatchdogInterval(); err != nil {
 		log.Warn("ignoring the watchdog settings", "err", err)
 	} else if interval > 0 && notifier.Enabled() {
-		log.Info("watchdog: pinging while the supervisor answers", "watchdog_usec", interval.Microseconds(), "ping_every", sdnotify.PingInterval(interval))
+		every := sdnotify.PingInterval(interval)
+		log.Info("watchdog: pinging while the supervisor answers", "watchdog_usec", interval.Microseconds(), "ping_every", every)
 		wctx, wcancel := context.WithCancel(context.Background())
+		ticker := time.NewTicker(every)
+		defer ticker.Stop()
 		g.Add(func() error {
-			notifier.RunWatchdog(wctx, interval, func() bool {
+			notifier.RunWatchdog(wctx, ticker.C, func() bool {
 				_, err := sup.Status()
 				return err == nil
 			})
@@ -379,14 +383,12 @@ func makeRuntimeDir() (string, error) {
 // manager to take its last messages (STOPPING=1, the final STATUS=).
 const notifyFlushTimeout = 2 * time.Second
 
-// storeSockets keeps the sockets relay bound, and those that came back
-// from the store, in systemd's fd store ($FDSTORE), so that a restart of
-// relay itself (systemctl restart, or a crash with Restart=) hands the same
-// sockets back and no connection is refused in between. Sockets a .socket
-// unit passed stay with that unit. stale names stored sockets that no
-// --listen wants any more.
-func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpass.Listener, stale []string) {
+// dropStale removes from systemd's fd store the sockets stored for a
+// --listen that is gone or changed, and waits until systemd has closed
+// them: its copy would keep the address busy for the new bind.
+func dropStale(log *slog.Logger, n *sdnotify.Notifier, stale []string) {
 	if !n.Enabled() {
+		log.Warn("closed sockets from the fd store that no --listen asks for; without NOTIFY_SOCKET they stay in the store", "fdnames", stale)
 		return
 	}
 	for _, name := range stale {
@@ -395,6 +397,20 @@ func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpas
 			continue
 		}
 		log.Info("closed a socket from the fd store that no --listen asks for, and removed it from the store", "fdname", name)
+	}
+	if err := n.Barrier(notifyFlushTimeout); err != nil {
+		log.Warn("waiting for the service manager to drop stale sockets", "err", err)
+	}
+}
+
+// storeSockets keeps the sockets relay bound, and those that came back
+// from the store, in systemd's fd store ($FDSTORE), so that a restart of
+// relay itself (systemctl restart, or a crash with Restart=) hands the same
+// sockets back and no connection is refused in between. Sockets a .socket
+// unit passed stay with that unit.
+func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpass.Listener) {
+	if !n.Enabled() {
+		return
 	}
 	limit := sdnotify.FDStoreMax()
 	if limit == 0 {
