@@ -243,7 +243,7 @@ func TestNotifyProtocolForTheServiceManager(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.signal(syscall.SIGHUP)
-	_, from = r.waitMsg(from, "new generation failed; rolled back", 3)
+	r.waitMsg(from, "new generation failed; rolled back", 3)
 	rec.waitCount(3, "READY=1", has("READY", "1"))
 	rec.waitCount(1, "a STATUS= naming the rollback", func(m notifyMsg) bool {
 		return strings.Contains(m.vars["STATUS"], "last restart rolled back")
