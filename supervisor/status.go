@@ -72,10 +72,7 @@ func (s *Supervisor) status() Status {
 		LastRestart: s.last,
 		Stopping:    s.stopping,
 	}
-	gens := s.alive()
-	// Oldest first: old generations, then the serving one, then a new one.
-	gens = append(append([]*generation(nil), s.old...), gens[:len(gens)-len(s.old)]...)
-	for _, g := range gens {
+	for _, g := range s.oldestFirst() {
 		gs := GenerationStatus{
 			Generation: g.n, Pid: g.pid(), State: g.state, Started: g.started,
 			AgeSeconds: now.Sub(g.started).Seconds(), Command: g.cmd.Args,
@@ -86,6 +83,13 @@ func (s *Supervisor) status() Status {
 		st.Generations = append(st.Generations, gs)
 	}
 	return st
+}
+
+// oldestFirst lists the live generations oldest first: the old ones, then
+// the serving one, then a new one.
+func (s *Supervisor) oldestFirst() []*generation {
+	gens := s.alive()
+	return append(append([]*generation(nil), s.old...), gens[:len(gens)-len(s.old)]...)
 }
 
 // publishStatus tells the Observer the status line, if it changed.
@@ -109,9 +113,7 @@ func (s *Supervisor) statusSummary() string {
 	} else if s.serving == nil && s.everReady {
 		parts = append(parts, "no generation serving")
 	}
-	gens := s.alive()
-	gens = append(append([]*generation(nil), s.old...), gens[:len(gens)-len(s.old)]...)
-	for _, g := range gens {
+	for _, g := range s.oldestFirst() {
 		parts = append(parts, fmt.Sprintf("gen %d pid %d %s", g.n, g.pid(), g.state))
 	}
 	if run := s.restart; run != nil && run.gen == nil && !s.stopping {
