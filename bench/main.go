@@ -1,0 +1,310 @@
+// Command bench measures restarts under load: examples/hello run directly,
+// restarted naively, under relay in each readiness mode, and under
+// start_server when it is installed, each with the same load, in
+// keep-alive and new-connection modes. It writes a markdown table, a JSON
+// file and one chart per mode. Run it from the repository root:
+//
+//	go run ./bench            # or: make bench
+//	go run ./bench --help
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/bench/report"
+)
+
+const description = `Runs examples/hello under each scenario for --duration, with --concurrency
+workers sending requests and --restarts restarts evenly spaced, once per mode:
+
+   direct        hello binds the port itself and is never restarted: the ceiling
+   naive         hello is stopped (SIGTERM, wait) and started again
+   relay-notify  relay run --health notify (hello sends READY=1)
+   relay-http    relay run --health http://{health_addr}/healthz (hello's private address)
+   relay-delay   relay run --health delay:--delay
+   start_server  Server::Starter (Debian: libserver-starter-perl), skipped if absent
+
+Modes: new-conn (a new connection per request) and keep-alive.
+
+It prints and writes to --out: results.md (the tables), results.json (every figure,
+with a timeline), chart-MODE.svg, and logs/ (each run's supervisor and backend output).
+A relay (and start_server) with one child and no load is watched for --idle alongside.
+Nothing here asserts anything: it measures and prints.`
+
+const examples = `
+Examples:
+   go run ./bench                                   # the full matrix, about 5 minutes
+   go run ./bench --duration 5s --restarts 3 --idle 0 --scenarios direct,relay-notify
+   go run ./bench --duration 2m --restarts 40 -c 64 --startup 1s --work 2ms`
+
+func main() {
+	if err := newApp().Run(os.Args); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func newApp() *cli.App {
+	return &cli.App{
+		Name:        "bench",
+		Usage:       "measure restarts under load: direct, naive, relay and start_server",
+		UsageText:   "go run ./bench [options]",
+		Description: description + "\n" + examples,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "out", Value: "bench-results", Usage: "`DIR` for the results"},
+			&cli.DurationFlag{Name: "duration", Value: 20 * time.Second, Usage: "`DURATION` of the load in each run"},
+			&cli.IntFlag{Name: "restarts", Value: 10, Usage: "`K` restarts per run, evenly spaced"},
+			&cli.IntFlag{Name: "concurrency", Aliases: []string{"c"}, Value: 32, Usage: "`C` concurrent workers"},
+			&cli.StringFlag{Name: "modes", Value: "new-conn,keep-alive", Usage: "`MODES` to run, comma-separated"},
+			&cli.StringFlag{Name: "scenarios", Value: "direct,naive,relay-notify,relay-http,relay-delay,start_server", Usage: "`NAMES` to run, comma-separated"},
+			&cli.DurationFlag{Name: "startup", Value: 300 * time.Millisecond, Usage: "the backend's startup `DURATION` (hello -startup)"},
+			&cli.DurationFlag{Name: "work", Value: 0, Usage: "the backend's work per request (hello -work)"},
+			&cli.DurationFlag{Name: "lame-duck", Value: time.Second, Usage: "the backend's lame duck (hello -lame-duck)"},
+			&cli.DurationFlag{Name: "delay", Usage: "`DURATION` of relay-delay's --health delay (default: --startup + 200ms)"},
+			&cli.DurationFlag{Name: "timeout", Value: 5 * time.Second, Usage: "per-request `TIMEOUT`, connect included"},
+			&cli.DurationFlag{Name: "idle", Value: 60 * time.Second, Usage: "how long to watch an idle supervisor; 0 skips it"},
+			&cli.DurationFlag{Name: "bucket", Value: 100 * time.Millisecond, Usage: "timeline and chart resolution"},
+		},
+		Action:          benchAction,
+		HideHelpCommand: true,
+		Commands: []*cli.Command{{
+			Name:            "server-starter-exec",
+			Hidden:          true,
+			Usage:           "(internal) run COMMAND with start_server's sockets as socket activation",
+			SkipFlagParsing: true,
+			Action: func(c *cli.Context) error {
+				args := c.Args().Slice()
+				if len(args) > 0 && args[0] == "--" {
+					args = args[1:]
+				}
+				return starterExec(args)
+			},
+		}},
+	}
+}
+
+func benchAction(c *cli.Context) error {
+	if c.Args().Len() > 0 {
+		return fmt.Errorf("unexpected argument %q; see --help", c.Args().First())
+	}
+	s := &settings{
+		duration: c.Duration("duration"), restarts: c.Int("restarts"), workers: c.Int("concurrency"),
+		startup: c.Duration("startup"), work: c.Duration("work"), lameDuck: c.Duration("lame-duck"),
+		delay: c.Duration("delay"), timeout: c.Duration("timeout"), idle: c.Duration("idle"), bucket: c.Duration("bucket"),
+	}
+	if s.delay == 0 {
+		s.delay = s.startup + 200*time.Millisecond
+	}
+	if s.duration <= 0 || s.restarts < 0 || s.workers < 1 || s.timeout <= 0 || s.bucket <= 0 || s.idle < 0 {
+		return errors.New("--duration, --concurrency, --timeout and --bucket must be positive, --restarts and --idle not negative")
+	}
+	modes := strings.Split(c.String("modes"), ",")
+	for _, m := range modes {
+		if m != "new-conn" && m != "keep-alive" {
+			return fmt.Errorf("unknown mode %q: use new-conn and/or keep-alive", m)
+		}
+	}
+	var run []scenario
+	var skipped []string
+	all := scenarios()
+	for _, name := range strings.Split(c.String("scenarios"), ",") {
+		i := slices.IndexFunc(all, func(sc scenario) bool { return sc.name == name })
+		if i < 0 {
+			return fmt.Errorf("unknown scenario %q: choose from direct, naive, relay-notify, relay-http, relay-delay, start_server", name)
+		}
+		run = append(run, all[i])
+	}
+	if _, err := os.Stat(filepath.Join("cmd", "relay")); err != nil {
+		return errors.New("run it from the repository root (cmd/relay not found here); make bench does")
+	}
+
+	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	out := c.String("out")
+	if err := os.MkdirAll(filepath.Join(out, "logs"), 0o755); err != nil {
+		return fmt.Errorf("creating %s: %w", out, err)
+	}
+	work, err := os.MkdirTemp("", "relay-bench-")
+	if err != nil {
+		return fmt.Errorf("creating a work directory: %w", err)
+	}
+	defer os.RemoveAll(work)
+	s.out, s.tmp = out, work
+	if s.self, err = os.Executable(); err != nil {
+		return fmt.Errorf("finding this program: %w", err)
+	}
+	fmt.Fprintln(os.Stderr, "building relay and examples/hello")
+	for _, b := range []struct{ pkg, out string }{{"./cmd/relay", "relay"}, {"./examples/hello", "hello"}} {
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", filepath.Join(work, b.out), b.pkg)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("building %s: %w", b.pkg, err)
+		}
+	}
+	s.relay, s.hello = filepath.Join(work, "relay"), filepath.Join(work, "hello")
+	if s.starter, err = exec.LookPath("start_server"); err != nil {
+		s.starter = ""
+		if i := slices.IndexFunc(run, func(sc scenario) bool { return sc.name == "start_server" }); i >= 0 {
+			run = slices.Delete(run, i, i+1)
+			skipped = append(skipped, "start_server: not installed (Debian: apt-get install libserver-starter-perl)")
+			fmt.Fprintln(os.Stderr, "skipping start_server: not installed (Debian: apt-get install libserver-starter-perl)")
+		}
+	}
+
+	rep := report.Report{Machine: machine(), Skipped: skipped, Settings: map[string]string{
+		"duration": s.duration.String(), "restarts": strconv.Itoa(s.restarts), "concurrency": strconv.Itoa(s.workers),
+		"startup": s.startup.String(), "work": s.work.String(), "lame_duck": s.lameDuck.String(),
+		"delay": s.delay.String(), "timeout": s.timeout.String(),
+	}}
+
+	// The idle supervisors run alongside the matrix: idle, they use next to
+	// no CPU, and what they use is their own whatever else runs.
+	var idleWG sync.WaitGroup
+	var idleMu sync.Mutex
+	var idleErrs []error
+	if s.idle > 0 {
+		for _, sc := range all {
+			if sc.name == "relay-notify" || (sc.name == "start_server" && s.starter != "") {
+				idleWG.Add(1)
+				go func() {
+					defer idleWG.Done()
+					r, err := measureIdle(ctx, s, sc)
+					idleMu.Lock()
+					defer idleMu.Unlock()
+					if err != nil {
+						idleErrs = append(idleErrs, err)
+						return
+					}
+					rep.Idle = append(rep.Idle, r)
+				}()
+			}
+		}
+	}
+
+	var runErrs []error
+	for _, mode := range modes {
+		for _, sc := range run {
+			fmt.Fprintf(os.Stderr, "%-13s %-10s ", sc.name, mode)
+			r, err := runOne(ctx, s, sc, mode)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "error: %v\n", err)
+				runErrs = append(runErrs, fmt.Errorf("%s %s: %w", sc.name, mode, err))
+				if r.Scenario == "" {
+					continue
+				}
+			}
+			fmt.Fprintf(os.Stderr, "%7d ok  %5d failed  %6.0f ok/s%s\n", r.OK, r.TotalFailed(), r.ReqPerSec, restartSummary(r))
+			rep.Results = append(rep.Results, r)
+		}
+	}
+	if s.idle > 0 {
+		fmt.Fprintln(os.Stderr, "waiting for the idle measurement")
+	}
+	idleWG.Wait()
+	slices.SortFunc(rep.Idle, func(a, b report.Idle) int { return strings.Compare(a.Name, b.Name) })
+	rep.SetRatios()
+
+	if err := writeOutputs(out, &rep, modes); err != nil {
+		return err
+	}
+	if err := rep.WriteMarkdown(os.Stdout); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "\nwrote %s\n", strings.Join([]string{filepath.Join(out, "results.md"), filepath.Join(out, "results.json"), filepath.Join(out, "chart-*.svg")}, ", "))
+	return errors.Join(append(runErrs, idleErrs...)...)
+}
+
+func restartSummary(r report.Result) string {
+	if len(r.Restarts) == 0 {
+		return ""
+	}
+	var lat []float64
+	for _, rs := range r.Restarts {
+		if rs.LatencyMs >= 0 {
+			lat = append(lat, rs.LatencyMs)
+		}
+	}
+	if len(lat) == 0 {
+		return "  no restart reached a new pid"
+	}
+	slices.Sort(lat)
+	return fmt.Sprintf("  restart latency p50 %.1f ms max %.1f ms", lat[(len(lat)-1)/2], lat[len(lat)-1])
+}
+
+func writeOutputs(out string, rep *report.Report, modes []string) error {
+	var md strings.Builder
+	if err := rep.WriteMarkdown(&md); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(out, "results.md"), []byte(md.String()), 0o644); err != nil {
+		return fmt.Errorf("writing the table: %w", err)
+	}
+	js, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encoding the results: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(out, "results.json"), append(js, '\n'), 0o644); err != nil {
+		return fmt.Errorf("writing the results: %w", err)
+	}
+	for _, mode := range modes {
+		var runs []report.Result
+		for _, r := range rep.Results {
+			if r.Mode == mode {
+				runs = append(runs, r)
+			}
+		}
+		f, err := os.Create(filepath.Join(out, "chart-"+mode+".svg"))
+		if err != nil {
+			return fmt.Errorf("writing the chart: %w", err)
+		}
+		title := fmt.Sprintf("Requests per second, %s mode: C=%s, %s restarts in %s, backend startup %s",
+			mode, rep.Settings["concurrency"], rep.Settings["restarts"], rep.Settings["duration"], rep.Settings["startup"])
+		err = report.WriteChart(f, title, runs)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("writing the chart: %w", err)
+		}
+	}
+	return nil
+}
+
+// machine describes where the benchmark ran.
+func machine() string {
+	model := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				model = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	kernel := "Linux"
+	var u unix.Utsname
+	if unix.Uname(&u) == nil {
+		kernel = unix.ByteSliceToString(u.Sysname[:]) + " " + unix.ByteSliceToString(u.Release[:])
+	}
+	return fmt.Sprintf("%s, %d CPUs, %s, %s", model, runtime.NumCPU(), kernel, runtime.Version())
+}

@@ -1,0 +1,409 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/relaysh/relay/bench/load"
+	"github.com/relaysh/relay/bench/report"
+)
+
+// settings are the benchmark's knobs and the binaries it runs.
+type settings struct {
+	duration, startup, work, lameDuck, delay, timeout, bucket, idle time.Duration
+	restarts, workers                                               int
+	relay, hello, self, starter                                     string
+	out                                                             string // results and logs
+	tmp                                                             string // binaries and control sockets, removed at exit
+}
+
+// scenario is one way of running and restarting the backend.
+type scenario struct {
+	name string
+	// health is relay's --health, for the relay scenarios.
+	health string
+	// launch starts the backend on addr (with its supervisor, if any).
+	launch func(s *settings, sc scenario, addr string, logf *os.File) (*setup, error)
+}
+
+// setup is a running scenario.
+type setup struct {
+	supervisor string // its name; "" when the backend runs alone
+	pid        func() int
+	restart    func() error // nil: never restarted
+	stop       func() error
+}
+
+func scenarios() []scenario {
+	return []scenario{
+		{name: "direct", launch: launchAlone(false)},
+		{name: "naive", launch: launchAlone(true)},
+		{name: "relay-notify", health: "notify", launch: launchRelay},
+		{name: "relay-http", health: "http://{health_addr}/healthz", launch: launchRelay},
+		{name: "relay-delay", health: "delay", launch: launchRelay},
+		{name: "start_server", launch: launchStarter},
+	}
+}
+
+func (s *settings) helloArgs(addr string) []string {
+	return []string{s.hello, "-addr", addr, "-startup", s.startup.String(), "-work", s.work.String(),
+		"-lame-duck", s.lameDuck.String()}
+}
+
+// launchAlone runs the backend binding addr itself. With restarts, a restart
+// stops it and starts it again: what a server does without a supervisor.
+func launchAlone(restarts bool) func(*settings, scenario, string, *os.File) (*setup, error) {
+	return func(s *settings, _ scenario, addr string, logf *os.File) (*setup, error) {
+		p, err := startProc(s.helloArgs(addr), logf)
+		if err != nil {
+			return nil, err
+		}
+		st := &setup{
+			pid:  func() int { return 0 },
+			stop: func() error { return p.stop(s.stopGrace()) },
+		}
+		if restarts {
+			st.restart = func() error {
+				if err := p.stop(s.stopGrace()); err != nil {
+					return err
+				}
+				p, err = startProc(s.helloArgs(addr), logf)
+				return err
+			}
+		}
+		return st, nil
+	}
+}
+
+func launchRelay(s *settings, sc scenario, addr string, logf *os.File) (*setup, error) {
+	health := sc.health
+	if health == "delay" {
+		health = "delay:" + s.delay.String()
+	}
+	ctl, err := os.MkdirTemp(s.tmp, "control-")
+	if err != nil {
+		return nil, fmt.Errorf("creating a control directory: %w", err)
+	}
+	args := append([]string{s.relay, "run", "--listen", addr, "--health", health,
+		"--control", filepath.Join(ctl, "relay.sock"), "--log-format", "json", "--"}, s.helloArgs(addr)...)
+	p, err := startProc(args, logf)
+	if err != nil {
+		return nil, err
+	}
+	return &setup{
+		supervisor: "relay",
+		pid:        func() int { return p.cmd.Process.Pid },
+		restart:    func() error { return p.cmd.Process.Signal(syscall.SIGHUP) },
+		stop:       func() error { return p.stop(s.stopGrace()) },
+	}, nil
+}
+
+// launchStarter runs the backend under start_server, which binds addr and
+// passes it in SERVER_STARTER_PORT; this program's server-starter-exec turns
+// that into socket activation for the same backend. On SIGHUP start_server
+// starts a new worker, waits --interval (1 s, its default and its
+// smallest: it sleeps whole seconds), and if the worker is still alive,
+// sends the old one SIGTERM.
+func launchStarter(s *settings, _ scenario, addr string, logf *os.File) (*setup, error) {
+	args := append([]string{s.starter, "--port=" + addr, "--interval=1", "--", s.self, "server-starter-exec", "--"}, s.helloArgs(addr)...)
+	p, err := startProc(args, logf)
+	if err != nil {
+		return nil, err
+	}
+	return &setup{
+		supervisor: "start_server",
+		pid:        func() int { return p.cmd.Process.Pid },
+		restart:    func() error { return p.cmd.Process.Signal(syscall.SIGHUP) },
+		stop:       func() error { return p.stop(s.stopGrace()) },
+	}, nil
+}
+
+// stopGrace bounds a graceful stop: the backend's lame duck, plus room.
+func (s *settings) stopGrace() time.Duration { return s.lameDuck + 10*time.Second }
+
+// proc is a started process in its own process group.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func startProc(argv []string, logf *os.File) (*proc, error) {
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = cleanEnv()
+	// An *os.File is handed to the child as is: no copying goroutine, and
+	// every process of a run appends its lines to the same log.
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting %s: %w", argv[0], err)
+	}
+	p := &proc{cmd: cmd, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.done) }()
+	return p, nil
+}
+
+// stop sends SIGTERM and waits for the exit; after grace it kills the
+// process group.
+func (p *proc) stop(grace time.Duration) error {
+	select {
+	case <-p.done:
+		return nil
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-p.done:
+		return nil
+	case <-t.C:
+	}
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	<-p.done
+	return fmt.Errorf("%s did not stop within %v and was killed", filepath.Base(p.cmd.Path), grace)
+}
+
+// cleanEnv is this process's environment without what would make a backend
+// or supervisor take sockets or notifications meant for this process.
+func cleanEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if strings.HasPrefix(kv, "LISTEN_") || strings.HasPrefix(kv, "NOTIFY_SOCKET=") ||
+			strings.HasPrefix(kv, "WATCHDOG_") || strings.HasPrefix(kv, "SERVER_STARTER_") {
+			continue
+		}
+		env = append(env, kv)
+	}
+	return env
+}
+
+// freeAddr returns a loopback address with a port that was free a moment ago.
+func freeAddr() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("finding a free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+// waitServing waits until addr answers a request with 2xx.
+func waitServing(ctx context.Context, addr string, within time.Duration) (int32, error) {
+	deadline := time.Now().Add(within)
+	c := load.NewClient(load.Config{Addr: addr, Timeout: time.Second}, time.Now())
+	defer c.Close()
+	for {
+		s := c.Do()
+		if s.Class == load.OK {
+			return s.Pid, nil
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("%s did not answer within %v (last outcome: %v)", addr, within, s.Class)
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// runOne runs scenario sc in one mode and returns its figures.
+func runOne(ctx context.Context, s *settings, sc scenario, mode string) (report.Result, error) {
+	addr, err := freeAddr()
+	if err != nil {
+		return report.Result{}, err
+	}
+	logPath := filepath.Join(s.out, "logs", sc.name+"-"+mode+".log")
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC|os.O_APPEND, 0o644)
+	if err != nil {
+		return report.Result{}, fmt.Errorf("creating the run's log: %w", err)
+	}
+	defer logf.Close()
+
+	st, err := sc.launch(s, sc, addr, logf)
+	if err != nil {
+		return report.Result{}, err
+	}
+	stopped := false
+	defer func() {
+		if !stopped {
+			st.stop()
+		}
+	}()
+	if _, err := waitServing(ctx, addr, 30*time.Second+s.startup); err != nil {
+		return report.Result{}, fmt.Errorf("%s: %w (see %s)", sc.name, err, logPath)
+	}
+
+	var before usage
+	if st.supervisor != "" {
+		if before, err = readUsage(st.pid()); err != nil {
+			return report.Result{}, err
+		}
+	}
+	restarts := s.restarts
+	if st.restart == nil {
+		restarts = 0
+	}
+	base := time.Now()
+	loadCtx, cancel := context.WithDeadline(ctx, base.Add(s.duration))
+	defer cancel()
+	results := make(chan load.Result, 1)
+	go func() {
+		results <- load.Run(loadCtx, load.Config{Addr: addr, Workers: s.workers, KeepAlive: mode == "keep-alive", Timeout: s.timeout}, base)
+	}()
+
+	// K restarts, evenly spaced: at D*i/(K+1).
+	var triggers []time.Duration
+	var restartErr error
+	for i := 1; i <= restarts; i++ {
+		at := base.Add(s.duration * time.Duration(i) / time.Duration(restarts+1))
+		select {
+		case <-loadCtx.Done():
+		case <-time.After(time.Until(at)):
+		}
+		if loadCtx.Err() != nil {
+			break
+		}
+		triggers = append(triggers, time.Since(base))
+		if err := st.restart(); err != nil && restartErr == nil {
+			restartErr = fmt.Errorf("restart %d: %w", i, err)
+		}
+	}
+	lr := <-results
+	if ctx.Err() != nil {
+		return report.Result{}, ctx.Err()
+	}
+
+	var sup *report.Proc
+	if st.supervisor != "" {
+		after, err := readUsage(st.pid())
+		if err != nil {
+			return report.Result{}, err
+		}
+		// The fds are counted once the restarts are over: when every
+		// backend but the newest has exited (bounded by a stop's grace).
+		waitOldGone(lr.Samples, s.stopGrace())
+		done, err := readUsage(st.pid())
+		if err != nil {
+			return report.Result{}, err
+		}
+		sup = &report.Proc{Name: st.supervisor, RSSBeforeKB: before.rssKB, RSSAfterKB: after.rssKB, RSSPeakKB: after.peakKB,
+			CPUSeconds: (after.cpu - before.cpu).Seconds(), FDsBefore: before.fds, FDsAfter: done.fds}
+	}
+	stopped = true
+	stopErr := st.stop()
+	signals, err := stopSignals(logPath, base)
+	if err != nil {
+		return report.Result{}, err
+	}
+	r := report.Analyze(report.Input{
+		Scenario: sc.name, Mode: mode, Duration: s.duration, Bucket: s.bucket,
+		Samples: lr.Samples, Triggers: triggers, StopSignals: signals, Supervisor: sup, FirstErrors: lr.FirstErrors,
+	})
+	return r, errors.Join(restartErr, stopErr)
+}
+
+// helloStop matches the line the backend (examples/hello) logs when it gets
+// its stop signal, while serving or still starting up.
+var helloStop = regexp.MustCompile(`^time=(\S+) level=INFO msg=(?:stopping|"signal during startup, exiting") pid=(\d+) `)
+
+// stopSignals reads when each backend pid got its stop signal, from the
+// run's log, as offsets from base.
+func stopSignals(logPath string, base time.Time) (map[int32]time.Duration, error) {
+	f, err := os.Open(logPath)
+	if err != nil {
+		return nil, fmt.Errorf("reading the run's log: %w", err)
+	}
+	defer f.Close()
+	out := map[int32]time.Duration{}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		m := helloStop.FindStringSubmatch(sc.Text())
+		if m == nil {
+			continue
+		}
+		at, err := time.Parse(time.RFC3339Nano, m[1])
+		pid, err2 := strconv.Atoi(m[2])
+		if err != nil || err2 != nil {
+			continue
+		}
+		if _, seen := out[int32(pid)]; !seen {
+			out[int32(pid)] = at.Sub(base)
+		}
+	}
+	return out, sc.Err()
+}
+
+// measureIdle runs a supervisor with one backend and no load for s.idle and
+// reports its CPU time and memory over that period.
+func measureIdle(ctx context.Context, s *settings, sc scenario) (report.Idle, error) {
+	addr, err := freeAddr()
+	if err != nil {
+		return report.Idle{}, err
+	}
+	logPath := filepath.Join(s.out, "logs", "idle-"+sc.name+".log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return report.Idle{}, fmt.Errorf("creating the idle run's log: %w", err)
+	}
+	defer logf.Close()
+	st, err := sc.launch(s, sc, addr, logf)
+	if err != nil {
+		return report.Idle{}, err
+	}
+	defer st.stop()
+	if _, err := waitServing(ctx, addr, 30*time.Second+s.startup); err != nil {
+		return report.Idle{}, fmt.Errorf("idle %s: %w (see %s)", sc.name, err, logPath)
+	}
+	before, err := readUsage(st.pid())
+	if err != nil {
+		return report.Idle{}, err
+	}
+	t0 := time.Now()
+	select {
+	case <-ctx.Done():
+		return report.Idle{}, ctx.Err()
+	case <-time.After(s.idle):
+	}
+	after, err := readUsage(st.pid())
+	if err != nil {
+		return report.Idle{}, err
+	}
+	return report.Idle{Name: st.supervisor, Seconds: time.Since(t0).Seconds(),
+		CPUSeconds: (after.cpu - before.cpu).Seconds(), RSSKB: after.rssKB, FDs: after.fds}, nil
+}
+
+// waitOldGone waits until every pid that answered, but the one that answered
+// last, has exited, or until within has passed.
+func waitOldGone(samples []load.Sample, within time.Duration) {
+	var newest load.Sample
+	pids := map[int32]bool{}
+	for _, s := range samples {
+		if s.Class == load.OK && s.Pid > 0 {
+			pids[s.Pid] = true
+			if s.End() > newest.End() {
+				newest = s
+			}
+		}
+	}
+	delete(pids, newest.Pid)
+	deadline := time.Now().Add(within)
+	for pid := range pids {
+		for syscall.Kill(int(pid), 0) == nil && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
