@@ -134,6 +134,7 @@ func benchAction(c *cli.Context) error {
 		return errors.New("run it from the repository root (cmd/relay not found here); make bench does")
 	}
 
+	began := time.Now()
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
@@ -177,6 +178,8 @@ func benchAction(c *cli.Context) error {
 	// The idle supervisors run alongside the matrix: idle, they use next to
 	// no CPU, and what they use is their own whatever else runs.
 	var idleWG sync.WaitGroup
+	// On an interrupt too, the idle runs stop their processes before exit.
+	defer idleWG.Wait()
 	var idleMu sync.Mutex
 	var idleErrs []error
 	if s.idle > 0 {
@@ -230,7 +233,8 @@ func benchAction(c *cli.Context) error {
 	if err := rep.WriteMarkdown(os.Stdout); err != nil {
 		return err
 	}
-	fmt.Fprintf(os.Stderr, "\nwrote %s\n", strings.Join([]string{filepath.Join(out, "results.md"), filepath.Join(out, "results.json"), filepath.Join(out, "chart-*.svg")}, ", "))
+	fmt.Fprintf(os.Stderr, "\nwrote %s in %s\n", strings.Join([]string{filepath.Join(out, "results.md"), filepath.Join(out, "results.json"), filepath.Join(out, "chart-*.svg")}, ", "),
+		time.Since(began).Round(time.Second))
 	return errors.Join(append(runErrs, idleErrs...)...)
 }
 
