@@ -137,6 +137,9 @@ func benchAction(c *cli.Context) error {
 	began := time.Now()
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// After the first interrupt, which stops the runs gracefully, a second
+	// one kills the benchmark at once.
+	go func() { <-ctx.Done(); stop() }()
 
 	out := c.String("out")
 	if err := os.MkdirAll(filepath.Join(out, "logs"), 0o755); err != nil {
@@ -169,7 +172,14 @@ func benchAction(c *cli.Context) error {
 		}
 	}
 
-	rep := report.Report{Machine: machine(), Skipped: skipped, Settings: map[string]string{
+	var notes []string
+	if gap := s.duration / time.Duration(s.restarts+1); s.restarts > 0 && gap < s.startup+s.lameDuck+200*time.Millisecond {
+		n := fmt.Sprintf("restarts are %v apart, less than the backend's startup + lame duck + 200ms (%v): a restart may wait for the previous old generation to exit (relay's --max-draining 1), which adds to its latency",
+			gap, s.startup+s.lameDuck+200*time.Millisecond)
+		notes = append(notes, n)
+		fmt.Fprintln(os.Stderr, "note:", n)
+	}
+	rep := report.Report{Machine: machine(), Skipped: skipped, Notes: notes, Settings: map[string]string{
 		"duration": s.duration.String(), "restarts": strconv.Itoa(s.restarts), "concurrency": strconv.Itoa(s.workers),
 		"startup": s.startup.String(), "work": s.work.String(), "lame_duck": s.lameDuck.String(),
 		"delay": s.delay.String(), "timeout": s.timeout.String(),
@@ -217,6 +227,11 @@ func benchAction(c *cli.Context) error {
 				}
 			}
 			fmt.Fprintf(os.Stderr, "%7d ok  %5d failed  %6.0f ok/s%s\n", r.OK, r.TotalFailed(), r.ReqPerSec, restartSummary(r))
+			if len(r.Restarts) > 0 && !slices.ContainsFunc(r.Restarts, func(rs report.Restart) bool { return rs.HandoverMs >= 0 }) {
+				n := fmt.Sprintf("%s %s: no stop signal found in the backend's log, so no handover time (is the backend examples/hello?)", sc.name, mode)
+				rep.Notes = append(rep.Notes, n)
+				fmt.Fprintln(os.Stderr, "note:", n)
+			}
 			rep.Results = append(rep.Results, r)
 		}
 	}
@@ -231,7 +246,7 @@ func benchAction(c *cli.Context) error {
 		return err
 	}
 	if err := rep.WriteMarkdown(os.Stdout); err != nil {
-		return err
+		return fmt.Errorf("printing the table: %w", err)
 	}
 	fmt.Fprintf(os.Stderr, "\nwrote %s in %s\n", strings.Join([]string{filepath.Join(out, "results.md"), filepath.Join(out, "results.json"), filepath.Join(out, "chart-*.svg")}, ", "),
 		time.Since(began).Round(time.Second))
@@ -258,7 +273,7 @@ func restartSummary(r report.Result) string {
 func writeOutputs(out string, rep *report.Report, modes []string) error {
 	var md strings.Builder
 	if err := rep.WriteMarkdown(&md); err != nil {
-		return err
+		return fmt.Errorf("formatting the table: %w", err)
 	}
 	if err := os.WriteFile(filepath.Join(out, "results.md"), []byte(md.String()), 0o644); err != nil {
 		return fmt.Errorf("writing the table: %w", err)

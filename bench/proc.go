@@ -56,12 +56,23 @@ func readUsage(pid int) (usage, error) {
 		if !ok {
 			continue
 		}
+		var dst *int64
 		switch k {
 		case "VmRSS":
-			u.rssKB = kb(v)
+			dst = &u.rssKB
 		case "VmHWM":
-			u.peakKB = kb(v)
+			dst = &u.peakKB
+		default:
+			continue
 		}
+		n, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		if err != nil {
+			return u, fmt.Errorf("reading the memory of pid %d: bad %s %q: %w", pid, k, v, err)
+		}
+		*dst = n
+	}
+	if err := sc.Err(); err != nil {
+		return u, fmt.Errorf("reading the memory of pid %d: %w", pid, err)
 	}
 	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	if err != nil {
@@ -69,10 +80,4 @@ func readUsage(pid int) (usage, error) {
 	}
 	u.fds = len(fds)
 	return u, nil
-}
-
-// kb parses a /proc/PID/status size such as "   1234 kB".
-func kb(v string) int64 {
-	n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-	return n
 }

@@ -136,6 +136,7 @@ func (s *settings) stopGrace() time.Duration { return s.lameDuck + 10*time.Secon
 type proc struct {
 	cmd  *exec.Cmd
 	done chan struct{}
+	err  error // Wait's result, once done is closed
 }
 
 func startProc(argv []string, logf *os.File) (*proc, error) {
@@ -149,29 +150,61 @@ func startProc(argv []string, logf *os.File) (*proc, error) {
 		return nil, fmt.Errorf("starting %s: %w", argv[0], err)
 	}
 	p := &proc{cmd: cmd, done: make(chan struct{})}
-	go func() { cmd.Wait(); close(p.done) }()
+	go func() { p.err = cmd.Wait(); close(p.done) }()
 	return p, nil
 }
 
 // stop sends SIGTERM and waits for the exit; after grace it kills the
-// process group.
+// process group and the process groups of the children (relay starts each
+// generation in a group of its own). A process that had exited before it
+// was asked to, or that exits with a failure, is an error: the run it
+// belonged to is suspect.
 func (p *proc) stop(grace time.Duration) error {
+	name := filepath.Base(p.cmd.Path)
 	select {
 	case <-p.done:
-		return nil
+		return fmt.Errorf("%s exited during the run: %v", name, p.err)
 	default:
 	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		return fmt.Errorf("asking %s to stop: %w", name, err)
+	}
 	t := time.NewTimer(grace)
 	defer t.Stop()
 	select {
 	case <-p.done:
+		if p.err != nil {
+			return fmt.Errorf("%s stopped with a failure: %w", name, p.err)
+		}
 		return nil
 	case <-t.C:
 	}
-	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	pid := p.cmd.Process.Pid
+	for _, child := range children(pid) {
+		syscall.Kill(-child, syscall.SIGKILL)
+		syscall.Kill(child, syscall.SIGKILL)
+	}
+	syscall.Kill(-pid, syscall.SIGKILL)
 	<-p.done
-	return fmt.Errorf("%s did not stop within %v and was killed", filepath.Base(p.cmd.Path), grace)
+	return fmt.Errorf("%s did not stop within %v and was killed", name, grace)
+}
+
+// children lists the pids whose parent is pid, from /proc.
+func children(pid int) []int {
+	var out []int
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
 }
 
 // cleanEnv is this process's environment without what would make a backend
@@ -315,10 +348,6 @@ func runOne(ctx context.Context, s *settings, sc scenario, mode string) (report.
 	return r, errors.Join(restartErr, stopErr)
 }
 
-// helloStop matches the line the backend (examples/hello) logs when it gets
-// its stop signal, while serving or still starting up.
-var helloStop = regexp.MustCompile(`^time=(\S+) level=INFO msg=(?:stopping|"signal during startup, exiting") pid=(\d+) `)
-
 // stopSignals reads when each backend pid got its stop signal, from the
 // run's log, as offsets from base.
 func stopSignals(logPath string, base time.Time) (map[int32]time.Duration, error) {
@@ -327,6 +356,10 @@ func stopSignals(logPath string, base time.Time) (map[int32]time.Duration, error
 		return nil, fmt.Errorf("reading the run's log: %w", err)
 	}
 	defer f.Close()
+	// The line the backend (examples/hello) logs when it gets its stop
+	// signal, while serving or still starting up. Its time has millisecond
+	// precision.
+	helloStop := regexp.MustCompile(`^time=(\S+) level=INFO msg=(?:stopping|"signal during startup, exiting") pid=(\d+) `)
 	out := map[int32]time.Duration{}
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
@@ -344,7 +377,10 @@ func stopSignals(logPath string, base time.Time) (map[int32]time.Duration, error
 			out[int32(pid)] = at.Sub(base)
 		}
 	}
-	return out, sc.Err()
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("reading the run's log: %w", err)
+	}
+	return out, nil
 }
 
 // measureIdle runs a supervisor with one backend and no load for s.idle and
@@ -364,7 +400,12 @@ func measureIdle(ctx context.Context, s *settings, sc scenario) (report.Idle, er
 	if err != nil {
 		return report.Idle{}, err
 	}
-	defer st.stop()
+	stopped := false
+	defer func() {
+		if !stopped {
+			st.stop()
+		}
+	}()
 	if _, err := waitServing(ctx, addr, 30*time.Second+s.startup); err != nil {
 		return report.Idle{}, fmt.Errorf("idle %s: %w (see %s)", sc.name, err, logPath)
 	}
@@ -382,8 +423,13 @@ func measureIdle(ctx context.Context, s *settings, sc scenario) (report.Idle, er
 	if err != nil {
 		return report.Idle{}, err
 	}
-	return report.Idle{Name: st.supervisor, Seconds: time.Since(t0).Seconds(),
-		CPUSeconds: (after.cpu - before.cpu).Seconds(), RSSKB: after.rssKB, FDs: after.fds}, nil
+	idle := report.Idle{Name: st.supervisor, Seconds: time.Since(t0).Seconds(),
+		CPUSeconds: (after.cpu - before.cpu).Seconds(), RSSKB: after.rssKB, FDs: after.fds}
+	stopped = true
+	if err := st.stop(); err != nil {
+		return idle, fmt.Errorf("idle %s: %w", sc.name, err)
+	}
+	return idle, nil
 }
 
 // waitOldGone waits until every pid that answered, but the one that answered

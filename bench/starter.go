@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -17,11 +18,11 @@ import (
 // pid, so LISTEN_PID is the backend's own.
 func starterExec(argv []string) error {
 	if len(argv) == 0 {
-		return fmt.Errorf("server-starter-exec: no command given")
+		return errors.New("server-starter-exec: no command given")
 	}
 	spec := os.Getenv("SERVER_STARTER_PORT")
 	if spec == "" {
-		return fmt.Errorf("server-starter-exec: SERVER_STARTER_PORT is not set; run it under start_server")
+		return errors.New("server-starter-exec: SERVER_STARTER_PORT is not set; run it under start_server")
 	}
 	var fds []int
 	for _, e := range strings.Split(spec, ";") {

@@ -39,11 +39,22 @@ const (
 	NumClasses
 )
 
-var classNames = [NumClasses]string{"ok", "refused", "reset", "eof", "timeout", "non2xx", "other"}
-
 func (c Class) String() string {
-	if c < NumClasses {
-		return classNames[c]
+	switch c {
+	case OK:
+		return "ok"
+	case Refused:
+		return "refused"
+	case Reset:
+		return "reset"
+	case EOF:
+		return "eof"
+	case Timeout:
+		return "timeout"
+	case Non2xx:
+		return "non2xx"
+	case Other:
+		return "other"
 	}
 	return "class(" + strconv.Itoa(int(c)) + ")"
 }

@@ -68,6 +68,9 @@ type Point struct {
 	T          float64 `json:"t_s"` // bucket start
 	OKPerSec   float64 `json:"ok_per_s"`
 	FailPerSec float64 `json:"failed_per_s"`
+	// ByPid counts the complete responses of the bucket by the pid that
+	// answered: which process served when.
+	ByPid map[int32]int `json:"ok_by_pid"`
 }
 
 // Result is the figures of one run.
@@ -108,6 +111,8 @@ func Analyze(in Input) Result {
 		DurationS:   in.Duration.Seconds(),
 		Requests:    len(in.Samples),
 		Failed:      map[string]int{},
+		Restarts:    []Restart{},
+		TriggersS:   []float64{},
 		Supervisor:  in.Supervisor,
 		FirstErrors: in.FirstErrors,
 	}
@@ -217,29 +222,36 @@ func summarize(h *hdrhistogram.Histogram) Latency {
 	}
 }
 
-// timeline counts complete and failed requests per bucket, by end time.
+// timeline counts complete and failed requests per bucket, by end time. A
+// last bucket cut short by the end of the run is divided by its own length.
 func timeline(samples []load.Sample, d, bucket time.Duration) []Point {
 	if bucket <= 0 || d <= 0 {
 		return nil
 	}
 	n := int((d + bucket - 1) / bucket)
-	ok := make([]int, n)
+	out := make([]Point, n)
 	failed := make([]int, n)
+	for i := range out {
+		out[i] = Point{T: (time.Duration(i) * bucket).Seconds(), ByPid: map[int32]int{}}
+	}
 	for _, s := range samples {
 		i := int(s.End() / bucket)
 		if i < 0 || i >= n {
 			continue
 		}
 		if s.Class == load.OK {
-			ok[i]++
+			out[i].ByPid[s.Pid]++
 		} else {
 			failed[i]++
 		}
 	}
-	per := 1 / bucket.Seconds()
-	out := make([]Point, n)
 	for i := range out {
-		out[i] = Point{T: (time.Duration(i) * bucket).Seconds(), OKPerSec: float64(ok[i]) * per, FailPerSec: float64(failed[i]) * per}
+		length := min(bucket, d-time.Duration(i)*bucket).Seconds()
+		ok := 0
+		for _, c := range out[i].ByPid {
+			ok += c
+		}
+		out[i].OKPerSec, out[i].FailPerSec = float64(ok)/length, float64(failed[i])/length
 	}
 	return out
 }

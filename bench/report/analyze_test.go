@@ -79,6 +79,19 @@ func TestAnalyzeTimesARestartFromTheResponses(t *testing.T) {
 	if int(okSum+0.5) != r.OK || int(failSum+0.5) != 4 {
 		t.Fatalf("timeline holds %v complete and %v failed", okSum, failSum)
 	}
+	// Which pid answered when: the 1300-1400 ms bucket has both.
+	if got := r.Timeline[13].ByPid; got[10] != 5 || got[20] != 1 || len(got) != 2 {
+		t.Fatalf("pids answering from 1.3 s: %v", got)
+	}
+}
+
+// A last bucket cut short by the end of the run is a rate over its own
+// length.
+func TestTimelinePartialBucket(t *testing.T) {
+	r := Analyze(Input{Duration: 250 * ms1, Bucket: 100 * ms1, Samples: []load.Sample{ok(200, 10, 1), ok(10, 10, 1)}})
+	if len(r.Timeline) != 3 || r.Timeline[2].OKPerSec != 20 || r.Timeline[0].OKPerSec != 10 {
+		t.Fatalf("timeline %+v", r.Timeline)
+	}
 }
 
 // A restart whose new child never answers has no latency, and a stop

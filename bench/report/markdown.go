@@ -24,6 +24,8 @@ type Report struct {
 	Results  []Result          `json:"results"`
 	Idle     []Idle            `json:"idle"`
 	Skipped  []string          `json:"skipped,omitempty"`
+	// Notes are caveats about this run's figures.
+	Notes []string `json:"notes,omitempty"`
 }
 
 // SetRatios fills VsDirect from the direct run of the same mode.
@@ -75,7 +77,7 @@ func (rep *Report) WriteMarkdown(w io.Writer) error {
 			num(r.DuringRe.P50, r.DuringRe.Count), num(r.DuringRe.P99, r.DuringRe.Count), num(r.DuringRe.P999, r.DuringRe.Count), num(r.DuringRe.Max, r.DuringRe.Count))
 	}
 
-	b.WriteString("\n**Restarts and the supervisor.** Restart latency: from the trigger to the first response from the new pid. Handover: from the trigger to the old child receiving its stop signal. RSS and CPU are the supervisor's own, over the run; fds before the first restart and after the last.\n\n")
+	b.WriteString("\n**Restarts and the supervisor.** Restart latency: from the trigger to the first response from the new pid; in keep-alive mode clients move only when the old child closes their connections, so there it is at least the handover. Handover: from the trigger to the old child receiving its stop signal (from the backend's log, to the millisecond). RSS and CPU are the supervisor's own, over the run; fds before the first restart and after the last.\n\n")
 	b.WriteString("| scenario | mode | restarts | latency p50 | latency max | handover p50 | handover max | supervisor | RSS MiB (peak) | CPU s | fds before → after |\n")
 	b.WriteString("|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|\n")
 	for _, r := range rep.Results {
@@ -100,6 +102,9 @@ func (rep *Report) WriteMarkdown(w io.Writer) error {
 	}
 	for _, s := range rep.Skipped {
 		fmt.Fprintf(&b, "\nSkipped: %s\n", s)
+	}
+	for _, s := range rep.Notes {
+		fmt.Fprintf(&b, "\nNote: %s\n", s)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
