@@ -50,7 +50,7 @@ Nothing here asserts anything: it measures and prints.`
 const examples = `
 Examples:
    go run ./bench                                   # the full matrix, about 5 minutes
-   go run ./bench --duration 5s --restarts 3 --idle 0 --scenarios direct,relay-notify
+   go run ./bench --duration 8s --restarts 3 --idle 0 --scenarios direct,relay-notify
    go run ./bench --duration 2m --restarts 40 -c 64 --startup 1s --work 2ms`
 
 func main() {
@@ -74,12 +74,12 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "modes", Value: "new-conn,keep-alive", Usage: "`MODES` to run, comma-separated"},
 			&cli.StringFlag{Name: "scenarios", Value: "direct,naive,relay-notify,relay-http,relay-delay,start_server", Usage: "`NAMES` to run, comma-separated"},
 			&cli.DurationFlag{Name: "startup", Value: 300 * time.Millisecond, Usage: "the backend's startup `DURATION` (hello -startup)"},
-			&cli.DurationFlag{Name: "work", Value: 0, Usage: "the backend's work per request (hello -work)"},
-			&cli.DurationFlag{Name: "lame-duck", Value: time.Second, Usage: "the backend's lame duck (hello -lame-duck)"},
+			&cli.DurationFlag{Name: "work", Value: 0, Usage: "the backend's work `DURATION` per request (hello -work)"},
+			&cli.DurationFlag{Name: "lame-duck", Value: time.Second, Usage: "the backend's lame duck `DURATION` (hello -lame-duck)"},
 			&cli.DurationFlag{Name: "delay", Usage: "`DURATION` of relay-delay's --health delay (default: --startup + 200ms)"},
 			&cli.DurationFlag{Name: "timeout", Value: 5 * time.Second, Usage: "per-request `TIMEOUT`, connect included"},
-			&cli.DurationFlag{Name: "idle", Value: 60 * time.Second, Usage: "how long to watch an idle supervisor; 0 skips it"},
-			&cli.DurationFlag{Name: "bucket", Value: 100 * time.Millisecond, Usage: "timeline and chart resolution"},
+			&cli.DurationFlag{Name: "idle", Value: 60 * time.Second, Usage: "`DURATION` to watch an idle supervisor; 0 skips it"},
+			&cli.DurationFlag{Name: "bucket", Value: 100 * time.Millisecond, Usage: "timeline and chart resolution `DURATION`"},
 		},
 		Action:          benchAction,
 		HideHelpCommand: true,
