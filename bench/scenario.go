@@ -17,6 +17,7 @@ import (
 
 	"github.com/relaysh/relay/bench/load"
 	"github.com/relaysh/relay/bench/report"
+	"github.com/relaysh/relay/internal/procfs"
 )
 
 // settings are the benchmark's knobs and the binaries it runs.
@@ -180,31 +181,13 @@ func (p *proc) stop(grace time.Duration) error {
 	case <-t.C:
 	}
 	pid := p.cmd.Process.Pid
-	for _, child := range children(pid) {
+	for _, child := range procfs.Children(pid) {
 		syscall.Kill(-child, syscall.SIGKILL)
 		syscall.Kill(child, syscall.SIGKILL)
 	}
 	syscall.Kill(-pid, syscall.SIGKILL)
 	<-p.done
 	return fmt.Errorf("%s did not stop within %v and was killed", name, grace)
-}
-
-// children lists the pids whose parent is pid, from /proc.
-func children(pid int) []int {
-	var out []int
-	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
-	for _, t := range tasks {
-		b, err := os.ReadFile(t)
-		if err != nil {
-			continue
-		}
-		for _, f := range strings.Fields(string(b)) {
-			if n, err := strconv.Atoi(f); err == nil {
-				out = append(out, n)
-			}
-		}
-	}
-	return out
 }
 
 // cleanEnv is this process's environment without what would make a backend
@@ -252,32 +235,62 @@ func waitServing(ctx context.Context, addr string, within time.Duration) (int32,
 	}
 }
 
-// runOne runs scenario sc in one mode and returns its figures.
-func runOne(ctx context.Context, s *settings, sc scenario, mode string) (report.Result, error) {
+// serving is a scenario launched and answering on addr, its processes'
+// output going to the log at logPath.
+type serving struct {
+	*setup
+	addr, logPath string
+	logf          *os.File
+	stopped       bool
+}
+
+// launchServing launches sc on a free loopback port, logging to
+// logs/NAME.log, and waits until it answers.
+func launchServing(ctx context.Context, s *settings, sc scenario, name string) (*serving, error) {
 	addr, err := freeAddr()
 	if err != nil {
-		return report.Result{}, err
+		return nil, err
 	}
-	logPath := filepath.Join(s.out, "logs", sc.name+"-"+mode+".log")
+	logPath := filepath.Join(s.out, "logs", name+".log")
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC|os.O_APPEND, 0o644)
 	if err != nil {
-		return report.Result{}, fmt.Errorf("creating the run's log: %w", err)
+		return nil, fmt.Errorf("creating the log of %s: %w", name, err)
 	}
-	defer logf.Close()
-
 	st, err := sc.launch(s, sc, addr, logf)
+	if err != nil {
+		logf.Close()
+		return nil, err
+	}
+	run := &serving{setup: st, addr: addr, logPath: logPath, logf: logf}
+	if _, err := waitServing(ctx, addr, 30*time.Second+s.startup); err != nil {
+		run.close()
+		return nil, fmt.Errorf("%s: %w (see %s)", name, err, logPath)
+	}
+	return run, nil
+}
+
+// finish stops the scenario's processes and reports how they stopped.
+func (r *serving) finish() error {
+	r.stopped = true
+	return r.stop()
+}
+
+// close stops the processes unless finish did, and closes the log.
+func (r *serving) close() {
+	if !r.stopped {
+		r.finish()
+	}
+	r.logf.Close()
+}
+
+// runOne runs scenario sc in one mode and returns its figures.
+func runOne(ctx context.Context, s *settings, sc scenario, mode string) (report.Result, error) {
+	run, err := launchServing(ctx, s, sc, sc.name+"-"+mode)
 	if err != nil {
 		return report.Result{}, err
 	}
-	stopped := false
-	defer func() {
-		if !stopped {
-			st.stop()
-		}
-	}()
-	if _, err := waitServing(ctx, addr, 30*time.Second+s.startup); err != nil {
-		return report.Result{}, fmt.Errorf("%s: %w (see %s)", sc.name, err, logPath)
-	}
+	defer run.close()
+	st, addr := run.setup, run.addr
 
 	var before usage
 	if st.supervisor != "" {
@@ -335,9 +348,8 @@ func runOne(ctx context.Context, s *settings, sc scenario, mode string) (report.
 		sup = &report.Proc{Name: st.supervisor, RSSBeforeKB: before.rssKB, RSSAfterKB: after.rssKB, RSSPeakKB: after.peakKB,
 			CPUSeconds: (after.cpu - before.cpu).Seconds(), FDsBefore: before.fds, FDsAfter: done.fds}
 	}
-	stopped = true
-	stopErr := st.stop()
-	signals, err := stopSignals(logPath, base)
+	stopErr := run.finish()
+	signals, err := stopSignals(run.logPath, base)
 	if err != nil {
 		return report.Result{}, err
 	}
@@ -386,29 +398,12 @@ func stopSignals(logPath string, base time.Time) (map[int32]time.Duration, error
 // measureIdle runs a supervisor with one backend and no load for s.idle and
 // reports its CPU time and memory over that period.
 func measureIdle(ctx context.Context, s *settings, sc scenario) (report.Idle, error) {
-	addr, err := freeAddr()
+	run, err := launchServing(ctx, s, sc, "idle-"+sc.name)
 	if err != nil {
 		return report.Idle{}, err
 	}
-	logPath := filepath.Join(s.out, "logs", "idle-"+sc.name+".log")
-	logf, err := os.Create(logPath)
-	if err != nil {
-		return report.Idle{}, fmt.Errorf("creating the idle run's log: %w", err)
-	}
-	defer logf.Close()
-	st, err := sc.launch(s, sc, addr, logf)
-	if err != nil {
-		return report.Idle{}, err
-	}
-	stopped := false
-	defer func() {
-		if !stopped {
-			st.stop()
-		}
-	}()
-	if _, err := waitServing(ctx, addr, 30*time.Second+s.startup); err != nil {
-		return report.Idle{}, fmt.Errorf("idle %s: %w (see %s)", sc.name, err, logPath)
-	}
+	defer run.close()
+	st := run.setup
 	before, err := readUsage(st.pid())
 	if err != nil {
 		return report.Idle{}, err
@@ -425,8 +420,7 @@ func measureIdle(ctx context.Context, s *settings, sc scenario) (report.Idle, er
 	}
 	idle := report.Idle{Name: st.supervisor, Seconds: time.Since(t0).Seconds(),
 		CPUSeconds: (after.cpu - before.cpu).Seconds(), RSSKB: after.rssKB, FDs: after.fds}
-	stopped = true
-	if err := st.stop(); err != nil {
+	if err := run.finish(); err != nil {
 		return idle, fmt.Errorf("idle %s: %w", sc.name, err)
 	}
 	return idle, nil

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/relaysh/relay/internal/procfs"
 )
 
 // Control test 1: relay restart returns 0 and the answering pid changes;
@@ -225,7 +227,7 @@ func monitorChildren(pid int) (stop func() int) {
 		tick := time.NewTicker(2 * time.Millisecond)
 		defer tick.Stop()
 		for {
-			most = max(most, len(children(pid)))
+			most = max(most, len(procfs.Children(pid)))
 			select {
 			case <-stopC:
 				return
