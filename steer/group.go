@@ -1,0 +1,412 @@
+// Package steer gives every generation its own listening socket in one
+// SO_REUSEPORT group per TCP listener, and decides with a classic BPF
+// program which of them the kernel hands each new connection.
+//
+// With one shared socket the old and the new generation both accept until
+// the old one is told to stop, so a server that stops badly (Go's plain
+// http.Server.Shutdown among them) drops the requests it accepted last.
+// With a group, new connections go to the serving generation's socket only:
+// the old generation gets nothing new after the switch, finishes what it
+// has, and only then gets its stop signal.
+//
+// The program (SO_ATTACH_REUSEPORT_CBPF, Linux 4.5+, no privileges needed)
+// returns an index into the group's socket array. The kernel appends a
+// socket at listen(2) and, when one leaves, moves the last one into its
+// slot; an index past the end falls back to hashing over all of them.
+// Group keeps a mirror of that array and is the only one to change it: a
+// socket leaves when Group shuts it down, never when the last process that
+// holds a copy closes it, so the mirror never guesses.
+package steer
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+
+	"golang.org/x/net/bpf"
+	"golang.org/x/sys/unix"
+)
+
+// member is one socket of the group.
+type member struct {
+	file *os.File
+	fd   int
+	// gen is the generation using the socket; 0 when it is free.
+	gen int
+	// pinned: never shut down, because another process (systemd's socket
+	// unit or fd store) keeps a copy that must stay a working listener.
+	pinned bool
+	// owned: Group closes the file. The original socket's file belongs
+	// to whoever passed it in, unless Group shuts it down.
+	owned bool
+}
+
+// Group is the reuseport group of one listener.
+type Group struct {
+	name string
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	orig    *os.File
+	sa      unix.Sockaddr
+	family  int
+	v6only  bool
+	backlog int
+	members []*member // in the kernel's order
+	active  *member   // where public connections go
+	probe   *member   // where connections from probeFrom go
+	from    netip.AddrPort
+	applied []bpf.Instruction // the program attached last
+	closed  bool
+}
+
+// Options tune New.
+type Options struct {
+	// Name names the listener in logs.
+	Name string
+	// Pin keeps the original socket in the group for the group's life:
+	// set it when another process holds a copy that must go on working.
+	Pin bool
+	Log *slog.Logger
+}
+
+// ErrNotStream is returned by New for a socket that is not a listening
+// TCP socket: UDP and unix sockets keep one shared socket.
+var ErrNotStream = errors.New("not a listening TCP socket")
+
+// New makes the listening TCP socket f the first member of a group, used
+// by the first generation that asks. It attaches the steering program and
+// checks that a second socket can join, so that a kernel or a setting that
+// refuses steering is found now, not in the middle of a restart. f stays
+// owned by the caller, who must keep it open until Close.
+func New(f *os.File, opts Options) (*Group, error) {
+	log := opts.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	g := &Group{name: opts.Name, log: log, orig: f}
+	var err error
+	if err = control(f, func(fd int) error { return g.inspect(fd) }); err != nil {
+		return nil, err
+	}
+	first := &member{file: f, pinned: opts.Pin}
+	if err := control(f, func(fd int) error { first.fd = fd; return nil }); err != nil {
+		return nil, err
+	}
+	g.members = []*member{first}
+	g.active = first
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err := g.applyLocked(); err != nil {
+		return nil, err
+	}
+	// A trial member: it gets no connection (the program sends them all
+	// to index 0) and, being last, leaves without moving anyone.
+	m, err := g.newMemberLocked()
+	if err != nil {
+		return nil, err
+	}
+	g.removeLocked(m)
+	return g, nil
+}
+
+// inspect reads what a new member must copy from the original socket.
+func (g *Group) inspect(fd int) error {
+	if t, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil {
+		return fmt.Errorf("reading the socket type: %w", err)
+	} else if t != unix.SOCK_STREAM {
+		return ErrNotStream
+	}
+	if on, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || on == 0 {
+		return ErrNotStream
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return fmt.Errorf("reading the socket's address: %w", err)
+	}
+	switch sa.(type) {
+	case *unix.SockaddrInet4:
+		g.family = unix.AF_INET
+	case *unix.SockaddrInet6:
+		g.family = unix.AF_INET6
+		v6only, err := unix.GetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY)
+		if err != nil {
+			return fmt.Errorf("reading IPV6_V6ONLY: %w", err)
+		}
+		g.v6only = v6only != 0
+	default:
+		return ErrNotStream
+	}
+	g.sa = sa
+	if on, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT); err != nil {
+		return fmt.Errorf("reading SO_REUSEPORT: %w", err)
+	} else if on == 0 {
+		return errors.New("the socket was created without SO_REUSEPORT, so no other socket can join it (for a systemd socket unit, set ReusePort=yes)")
+	}
+	// For a listener, tcpi_sacked holds the backlog it was given.
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return fmt.Errorf("reading TCP_INFO: %w", err)
+	}
+	g.backlog = int(info.Sacked)
+	return nil
+}
+
+// newMemberLocked creates a socket on the group's address and joins it to
+// the group, as the last member. It receives nothing until the program
+// names it.
+func (g *Group) newMemberLocked() (*member, error) {
+	fd, err := unix.Socket(g.family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("creating a socket for %s: %w", g.name, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			unix.Close(fd)
+		}
+	}()
+	for _, opt := range []int{unix.SO_REUSEADDR, unix.SO_REUSEPORT} {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, opt, 1); err != nil {
+			return nil, fmt.Errorf("setting socket option %d for %s: %w", opt, g.name, err)
+		}
+	}
+	if g.family == unix.AF_INET6 {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, boolInt(g.v6only)); err != nil {
+			return nil, fmt.Errorf("setting IPV6_V6ONLY for %s: %w", g.name, err)
+		}
+	}
+	if err := unix.Bind(fd, g.sa); err != nil {
+		if errors.Is(err, unix.EADDRINUSE) {
+			return nil, fmt.Errorf("joining the reuseport group of %s: %w (the socket belongs to another user, who alone may add sockets to it)", g.name, err)
+		}
+		return nil, fmt.Errorf("binding a new socket for %s: %w", g.name, err)
+	}
+	if err := unix.Listen(fd, g.backlog); err != nil {
+		return nil, fmt.Errorf("listening on a new socket for %s: %w", g.name, err)
+	}
+	ok = true
+	m := &member{file: os.NewFile(uintptr(fd), g.name), fd: fd, owned: true}
+	g.members = append(g.members, m)
+	return m, nil
+}
+
+// Take returns the socket generation gen is to get. A free socket that is
+// still the public target (its generation crashed, or none has used it
+// yet) comes first: the connections waiting in it are the new
+// generation's to serve. Then any other free socket, then a new one.
+func (g *Group) Take(gen int) (*os.File, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return nil, errors.New("steering group closed")
+	}
+	m := g.active
+	if m.gen != 0 {
+		m = nil
+		for _, x := range g.members {
+			if x.gen == 0 {
+				m = x
+				break
+			}
+		}
+	}
+	if m == nil {
+		var err error
+		if m, err = g.newMemberLocked(); err != nil {
+			return nil, err
+		}
+	}
+	m.gen = gen
+	return m.file, nil
+}
+
+// Switch sends every new connection to generation gen's socket, and ends
+// any probe rule.
+func (g *Group) Switch(gen int) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	m := g.memberLocked(gen)
+	if m == nil {
+		return fmt.Errorf("%s: generation %d has no socket", g.name, gen)
+	}
+	prevActive, prevProbe := g.active, g.probe
+	g.active, g.probe = m, nil
+	if err := g.applyLocked(); err != nil {
+		g.active, g.probe = prevActive, prevProbe
+		return err
+	}
+	g.tidyLocked()
+	return nil
+}
+
+// Probe sends the connections from "from" to generation gen's socket, so
+// that a readiness probe aimed at the public address reaches that
+// generation and no other.
+func (g *Group) Probe(gen int, from netip.AddrPort) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	m := g.memberLocked(gen)
+	if m == nil {
+		return fmt.Errorf("%s: generation %d has no socket (it has exited)", g.name, gen)
+	}
+	prevProbe, prevFrom := g.probe, g.from
+	g.probe, g.from = m, from
+	if err := g.applyLocked(); err != nil {
+		g.probe, g.from = prevProbe, prevFrom
+		return err
+	}
+	return nil
+}
+
+// Release tells the group that generation gen has exited. Its socket
+// leaves the group, unless it is still the public target: then it keeps
+// queueing connections for the next generation to take.
+func (g *Group) Release(gen int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	m := g.memberLocked(gen)
+	if m == nil {
+		return
+	}
+	m.gen = 0
+	if g.probe == m {
+		g.probe = nil
+		if err := g.applyLocked(); err != nil {
+			g.log.Error("removing the probe rule", "listener", g.name, "err", err)
+		}
+	}
+	g.tidyLocked()
+}
+
+// Size is the number of sockets in the group.
+func (g *Group) Size() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.members)
+}
+
+// Close closes the sockets Group created. The original stays with its
+// owner.
+func (g *Group) Close() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.closed = true
+	for _, m := range g.members {
+		if m.owned {
+			m.file.Close()
+		}
+	}
+	g.members = nil
+}
+
+func (g *Group) memberLocked(gen int) *member {
+	for _, m := range g.members {
+		if m.gen == gen {
+			return m
+		}
+	}
+	return nil
+}
+
+func (g *Group) indexLocked(m *member) int { return slices.Index(g.members, m) }
+
+// applyLocked attaches the program that matches the active and probe
+// members' current indices, if it differs from the one attached.
+func (g *Group) applyLocked() error {
+	var rule *probeRule
+	if g.probe != nil && g.probe != g.active {
+		rule = &probeRule{from: g.from, index: uint32(g.indexLocked(g.probe))}
+	}
+	prog, err := program(uint32(g.indexLocked(g.active)), rule)
+	if err != nil {
+		return err
+	}
+	if slices.Equal(prog, g.applied) {
+		return nil
+	}
+	if err := attach(g.members[0].fd, prog); err != nil {
+		return err
+	}
+	g.applied = prog
+	return nil
+}
+
+// tidyLocked shuts down the free sockets that can leave now.
+func (g *Group) tidyLocked() {
+	for again := true; again; {
+		again = false
+		for _, m := range g.members {
+			if m.gen == 0 && m != g.active && !m.pinned && g.canRemoveLocked(m) {
+				g.removeLocked(m)
+				again = true
+				break
+			}
+		}
+	}
+}
+
+// canRemoveLocked reports whether m can leave without misdirecting a
+// connection. Its leaving moves the last socket into its slot; that is
+// harmless unless the program names the last socket. Then, until the
+// program is rewritten, the old index is past the end and the kernel
+// hashes over the group, which only lands right if the moved socket is
+// all that is left. Otherwise m stays, free, until a later change.
+func (g *Group) canRemoveLocked(m *member) bool {
+	last := g.members[len(g.members)-1]
+	if last == m || (last != g.active && last != g.probe) {
+		return true
+	}
+	return len(g.members) == 2
+}
+
+// removeLocked takes m out of the group: shutdown(2) on a listening socket
+// unhashes it at once, whoever else holds a copy. Connections still queued
+// on it are reset, or moved to another socket of the group where
+// net.ipv4.tcp_migrate_req is on.
+func (g *Group) removeLocked(m *member) {
+	i := g.indexLocked(m)
+	queued := 0
+	if info, err := unix.GetsockoptTCPInfo(m.fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+		queued = int(info.Unacked)
+	}
+	if err := unix.Shutdown(m.fd, unix.SHUT_RD); err != nil {
+		g.log.Warn("shutting down a retired socket", "listener", g.name, "err", err)
+	}
+	m.file.Close()
+	last := len(g.members) - 1
+	g.members[i] = g.members[last]
+	g.members = g.members[:last]
+	if queued > 0 {
+		g.log.Warn("a retired socket still had connections queued", "listener", g.name, "queued", queued)
+	}
+	if len(g.members) > 0 {
+		if err := g.applyLocked(); err != nil {
+			g.log.Error("re-attaching the steering program", "listener", g.name, "err", err)
+		}
+	}
+}
+
+// control runs fn on f's descriptor without changing its blocking mode.
+func control(f *os.File, fn func(fd int) error) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("reaching the socket: %w", err)
+	}
+	var inner error
+	if err := rc.Control(func(fd uintptr) { inner = fn(int(fd)) }); err != nil {
+		return fmt.Errorf("reaching the socket: %w", err)
+	}
+	return inner
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}

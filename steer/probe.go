@@ -1,0 +1,94 @@
+package steer
+
+import (
+	"fmt"
+	"net/netip"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Addr is the group's bound address.
+func (g *Group) Addr() netip.AddrPort {
+	switch sa := g.sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// covers reports whether a connection to dst reaches this group: the same
+// port, and the group's address or, for a group on all addresses, a
+// loopback one (any other local address would do too, but relay cannot
+// tell local from remote here).
+func (g *Group) covers(dst netip.AddrPort) bool {
+	a := g.Addr()
+	if a.Port() != dst.Port() {
+		return false
+	}
+	ga, da := a.Addr().Unmap(), dst.Addr().Unmap()
+	if ga.IsUnspecified() {
+		if da.Is4() && g.family == unix.AF_INET6 && g.v6only {
+			return false
+		}
+		return da.IsLoopback()
+	}
+	return ga == da
+}
+
+// ProbeControl returns a dialer Control function for the readiness probes
+// of generation gen. A probe to the address of one of groups is bound to a
+// source port of its own first, and that group is told to send the
+// connections from it to gen's socket; other probes pass untouched.
+func ProbeControl(groups []*Group, gen int) func(network, address string, c syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		dst, err := netip.ParseAddrPort(address)
+		if err != nil {
+			return nil // not an IP address: nothing to steer
+		}
+		var target *Group
+		for _, g := range groups {
+			if g != nil && g.covers(dst) {
+				target = g
+				break
+			}
+		}
+		if target == nil {
+			return nil
+		}
+		var inner error
+		err = c.Control(func(fd uintptr) { inner = bindProbe(int(fd), dst, target, gen) })
+		if err != nil {
+			return fmt.Errorf("steering the probe: %w", err)
+		}
+		return inner
+	}
+}
+
+// bindProbe binds the probe's socket to the destination's own address (it
+// is local) and a port the kernel picks, then steers that source.
+func bindProbe(fd int, dst netip.AddrPort, g *Group, gen int) error {
+	var sa unix.Sockaddr
+	if dst.Addr().Is4() {
+		sa = &unix.SockaddrInet4{Addr: dst.Addr().As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Addr: dst.Addr().As16()}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return fmt.Errorf("binding the probe's source address: %w", err)
+	}
+	bound, err := unix.Getsockname(fd)
+	if err != nil {
+		return fmt.Errorf("reading the probe's source port: %w", err)
+	}
+	var from netip.AddrPort
+	switch b := bound.(type) {
+	case *unix.SockaddrInet4:
+		from = netip.AddrPortFrom(netip.AddrFrom4(b.Addr), uint16(b.Port))
+	case *unix.SockaddrInet6:
+		from = netip.AddrPortFrom(netip.AddrFrom16(b.Addr), uint16(b.Port))
+	}
+	return g.Probe(gen, from)
+}
