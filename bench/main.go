@@ -35,7 +35,8 @@ workers sending requests and --restarts restarts evenly spaced, once per mode:
 
    direct        hello binds the port itself and is never restarted: the ceiling
    naive         hello is stopped (SIGTERM, wait) and started again
-   relay-notify  relay run --health notify (hello sends READY=1)
+   relay-notify  relay run --health notify (hello sends READY=1); steered drain, the default
+   relay-shared  relay-notify with --steer off: one socket shared by both generations
    relay-http    relay run --health http://{health_addr}/healthz (hello's private address)
    relay-delay   relay run --health delay:--delay
    start_server  Server::Starter (Debian: libserver-starter-perl), skipped if absent
@@ -72,10 +73,11 @@ func newApp() *cli.App {
 			&cli.IntFlag{Name: "restarts", Value: 10, Usage: "`K` restarts per run, evenly spaced"},
 			&cli.IntFlag{Name: "concurrency", Aliases: []string{"c"}, Value: 32, Usage: "`C` concurrent workers"},
 			&cli.StringFlag{Name: "modes", Value: "new-conn,keep-alive", Usage: "`MODES` to run, comma-separated"},
-			&cli.StringFlag{Name: "scenarios", Value: "direct,naive,relay-notify,relay-http,relay-delay,start_server", Usage: "`NAMES` to run, comma-separated"},
+			&cli.StringFlag{Name: "scenarios", Value: "direct,naive,relay-notify,relay-shared,relay-http,relay-delay,start_server", Usage: "`NAMES` to run, comma-separated"},
 			&cli.DurationFlag{Name: "startup", Value: 300 * time.Millisecond, Usage: "the backend's startup `DURATION` (hello -startup)"},
 			&cli.DurationFlag{Name: "work", Value: 0, Usage: "the backend's work `DURATION` per request (hello -work)"},
 			&cli.DurationFlag{Name: "lame-duck", Value: time.Second, Usage: "the backend's lame duck `DURATION` (hello -lame-duck)"},
+			&cli.BoolFlag{Name: "plain-shutdown", Usage: "the backend just calls http.Server.Shutdown on SIGTERM, no lame duck (hello -plain-shutdown)"},
 			&cli.DurationFlag{Name: "delay", Usage: "`DURATION` of relay-delay's --health delay (default: --startup + 200ms)"},
 			&cli.DurationFlag{Name: "timeout", Value: 5 * time.Second, Usage: "per-request `TIMEOUT`, connect included"},
 			&cli.DurationFlag{Name: "idle", Value: 60 * time.Second, Usage: "`DURATION` to watch an idle supervisor; 0 skips it"},
@@ -107,6 +109,10 @@ func benchAction(c *cli.Context) error {
 		duration: c.Duration("duration"), restarts: c.Int("restarts"), workers: c.Int("concurrency"),
 		startup: c.Duration("startup"), work: c.Duration("work"), lameDuck: c.Duration("lame-duck"),
 		delay: c.Duration("delay"), timeout: c.Duration("timeout"), idle: c.Duration("idle"), bucket: c.Duration("bucket"),
+		plainShutdown: c.Bool("plain-shutdown"),
+	}
+	if s.plainShutdown {
+		s.lameDuck = 0
 	}
 	if s.delay == 0 {
 		s.delay = s.startup + 200*time.Millisecond
@@ -126,7 +132,7 @@ func benchAction(c *cli.Context) error {
 	for _, name := range strings.Split(c.String("scenarios"), ",") {
 		i := slices.IndexFunc(all, func(sc scenario) bool { return sc.name == name })
 		if i < 0 {
-			return fmt.Errorf("unknown scenario %q: choose from direct, naive, relay-notify, relay-http, relay-delay, start_server", name)
+			return fmt.Errorf("unknown scenario %q: choose from direct, naive, relay-notify, relay-shared, relay-http, relay-delay, start_server", name)
 		}
 		run = append(run, all[i])
 	}
@@ -173,16 +179,18 @@ func benchAction(c *cli.Context) error {
 	}
 
 	var notes []string
-	if gap := s.duration / time.Duration(s.restarts+1); s.restarts > 0 && gap < s.startup+s.lameDuck+200*time.Millisecond {
-		n := fmt.Sprintf("restarts are %v apart, less than the backend's startup + lame duck + 200ms (%v): a restart may wait for the previous old generation to exit (relay's --max-draining 1), which adds to its latency",
-			gap, s.startup+s.lameDuck+200*time.Millisecond)
+	// A restart under relay takes the startup, relay's steered drain (1s
+	// by default) and the old backend's stop (its lame duck).
+	if cycle := s.startup + time.Second + s.lameDuck + 200*time.Millisecond; s.restarts > 0 && s.duration/time.Duration(s.restarts+1) < cycle {
+		n := fmt.Sprintf("restarts are %v apart, less than the backend's startup + relay's 1s drain + lame duck + 200ms (%v): a restart may wait for the previous one to finish (relay's --max-draining 1), which adds to its latency",
+			s.duration/time.Duration(s.restarts+1), cycle)
 		notes = append(notes, n)
 		fmt.Fprintln(os.Stderr, "note:", n)
 	}
 	rep := report.Report{Machine: machine(), Skipped: skipped, Notes: notes, Settings: map[string]string{
 		"duration": s.duration.String(), "restarts": strconv.Itoa(s.restarts), "concurrency": strconv.Itoa(s.workers),
 		"startup": s.startup.String(), "work": s.work.String(), "lame_duck": s.lameDuck.String(),
-		"delay": s.delay.String(), "timeout": s.timeout.String(),
+		"delay": s.delay.String(), "timeout": s.timeout.String(), "plain_shutdown": strconv.FormatBool(s.plainShutdown),
 	}}
 
 	// The idle supervisors run alongside the matrix: idle, they use next to

@@ -24,6 +24,7 @@ import (
 type settings struct {
 	duration, startup, work, lameDuck, delay, timeout, bucket, idle time.Duration
 	restarts, workers                                               int
+	plainShutdown                                                   bool
 	relay, hello, self, starter                                     string
 	out                                                             string // results and logs
 	tmp                                                             string // binaries and control sockets, removed at exit
@@ -34,6 +35,8 @@ type scenario struct {
 	name string
 	// health is relay's --health, for the relay scenarios.
 	health string
+	// relayArgs are more flags for relay run.
+	relayArgs []string
 	// launch starts the backend on addr (with its supervisor, if any).
 	launch func(s *settings, sc scenario, addr string, logf *os.File) (*setup, error)
 }
@@ -51,6 +54,7 @@ func scenarios() []scenario {
 		{name: "direct", launch: launchAlone(false)},
 		{name: "naive", launch: launchAlone(true)},
 		{name: "relay-notify", health: "notify", launch: launchRelay},
+		{name: "relay-shared", health: "notify", relayArgs: []string{"--steer", "off"}, launch: launchRelay},
 		{name: "relay-http", health: "http://{health_addr}/healthz", launch: launchRelay},
 		{name: "relay-delay", health: "delay", launch: launchRelay},
 		{name: "start_server", launch: launchStarter},
@@ -58,8 +62,12 @@ func scenarios() []scenario {
 }
 
 func (s *settings) helloArgs(addr string) []string {
-	return []string{s.hello, "-addr", addr, "-startup", s.startup.String(), "-work", s.work.String(),
+	args := []string{s.hello, "-addr", addr, "-startup", s.startup.String(), "-work", s.work.String(),
 		"-lame-duck", s.lameDuck.String()}
+	if s.plainShutdown {
+		args = append(args, "-plain-shutdown")
+	}
+	return args
 }
 
 // launchAlone runs the backend binding addr itself. With restarts, a restart
@@ -97,7 +105,8 @@ func launchRelay(s *settings, sc scenario, addr string, logf *os.File) (*setup, 
 		return nil, fmt.Errorf("creating a control directory: %w", err)
 	}
 	args := append([]string{s.relay, "run", "--listen", addr, "--health", health,
-		"--control", filepath.Join(ctl, "relay.sock"), "--log-format", "json", "--"}, s.helloArgs(addr)...)
+		"--control", filepath.Join(ctl, "relay.sock"), "--log-format", "json"}, sc.relayArgs...)
+	args = append(append(args, "--"), s.helloArgs(addr)...)
 	p, err := startProc(args, logf)
 	if err != nil {
 		return nil, err

@@ -98,6 +98,10 @@ type ListenerInfo struct {
 	// Origin is bound (relay bound it), inherited (passed to relay for a
 	// --listen address) or activated (passed to relay, passed on as is).
 	Origin string `json:"origin,omitempty"`
+	// Drain is steered (a socket per generation, new connections to the
+	// serving one only) or shared (one socket every generation accepts
+	// on).
+	Drain string `json:"drain,omitempty"`
 }
 
 // ErrTooLarge is returned for a request line over MaxRequest.

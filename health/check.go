@@ -42,6 +42,22 @@ type Child struct {
 	// NotifyReady is closed when the child sends READY=1 on its own
 	// notify socket.
 	NotifyReady <-chan struct{}
+	// Control, if set, is the dialer's Control function for http and tcp
+	// probes: relay uses it to steer a probe of a public address to this
+	// child's own socket.
+	Control func(network, address string, c syscall.RawConn) error
+}
+
+// controlKey carries a Child's Control to the shared HTTP transport.
+type controlKey struct{}
+
+// dial connects as the probe of the child whose Control ctx carries.
+func dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	d := net.Dialer{}
+	if ctl, ok := ctx.Value(controlKey{}).(func(string, string, syscall.RawConn) error); ok {
+		d.Control = ctl
+	}
+	return d.DialContext(ctx, network, addr)
 }
 
 // Checker runs one Spec against children.
@@ -63,6 +79,7 @@ func NewChecker(spec Spec, starter Starter, env []string) *Checker {
 				// be held by another generation's server.
 				DisableKeepAlives: true,
 				Proxy:             nil,
+				DialContext:       dial,
 				// The private address is on loopback and often has a
 				// self-signed certificate; the probe asks "is it
 				// up", not "is it trusted".
@@ -119,12 +136,14 @@ func (c *Checker) Wait(ctx context.Context, ch Child) error {
 func (c *Checker) attempt(ctx context.Context, ch Child) error {
 	ctx, cancel := context.WithTimeout(ctx, attemptLimit)
 	defer cancel()
+	if ch.Control != nil {
+		ctx = context.WithValue(ctx, controlKey{}, ch.Control)
+	}
 	switch c.spec.Kind {
 	case HTTP:
 		return c.httpAttempt(ctx, Expand(c.spec.Target, ch.Vars))
 	case TCP:
-		var d net.Dialer
-		conn, err := d.DialContext(ctx, "tcp", Expand(c.spec.Target, ch.Vars))
+		conn, err := dial(ctx, "tcp", Expand(c.spec.Target, ch.Vars))
 		if err != nil {
 			return err
 		}

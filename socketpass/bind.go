@@ -47,10 +47,14 @@ func (l *Listener) File() *os.File { return l.file }
 // that outlives relay in systemd's fd store.
 func (l *Listener) KeepPath() { l.dev, l.ino = 0, 0 }
 
-// Close closes relay's copy of the socket and, for a unix socket, removes
+// Close closes relay's copy of the socket (if a steering group has not
+// closed it already) and, for a unix socket, removes
 // the path if it is still the socket relay created.
 func (l *Listener) Close() error {
 	err := l.file.Close()
+	if errors.Is(err, os.ErrClosed) {
+		err = nil // a steering group retired it already
+	}
 	if l.Spec.Network == Unix && l.ino != 0 {
 		var st unix.Stat_t
 		if unix.Lstat(l.Addr, &st) == nil && st.Dev == l.dev && st.Ino == l.ino {
@@ -71,6 +75,11 @@ func (l *Listener) Close() error {
 type BindOptions struct {
 	// UnixMode is the permission given to unix socket files.
 	UnixMode os.FileMode
+	// ReusePort binds TCP sockets with SO_REUSEPORT, so that relay can
+	// add a socket per generation to each (see package steer). The
+	// address is first checked with a plain bind, so a port something
+	// else holds is still an error rather than a shared port.
+	ReusePort bool
 }
 
 // Bind binds every spec, in order. On error, the sockets bound so far are
@@ -108,7 +117,7 @@ func bindOne(s Spec, opts BindOptions) (*Listener, error) {
 	case Unix:
 		l, err = bindUnix(s, opts.UnixMode)
 	case TCP, UDP:
-		l, err = bindInet(s)
+		l, err = bindInet(s, opts.ReusePort && s.Network == TCP)
 	default:
 		err = fmt.Errorf("unknown network %q", s.Network)
 	}
@@ -122,7 +131,7 @@ func bindOne(s Spec, opts BindOptions) (*Listener, error) {
 	return l, nil
 }
 
-func bindInet(s Spec) (*Listener, error) {
+func bindInet(s Spec, reusePort bool) (*Listener, error) {
 	sotype := unix.SOCK_STREAM
 	if s.Network == UDP {
 		sotype = unix.SOCK_DGRAM
@@ -161,6 +170,20 @@ func bindInet(s Spec) (*Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: creating socket: %w", s, err)
 	}
+	if reusePort {
+		// A socket with SO_REUSEPORT would join one that holds the port
+		// already (same user, also with SO_REUSEPORT) instead of failing.
+		// A plain bind first tells "in use" apart, and picks the port
+		// for port 0; the real socket then binds that port.
+		var checked unix.Sockaddr
+		if checked, err = checkFree(fd, s, sa, v6only, family); err != nil {
+			return nil, err
+		}
+		sa = checked
+		if fd, err = unix.Socket(family, sotype|unix.SOCK_CLOEXEC, 0); err != nil {
+			return nil, fmt.Errorf("listen %s: creating socket: %w", s, err)
+		}
+	}
 	ok := false
 	defer func() {
 		if !ok {
@@ -172,6 +195,11 @@ func bindInet(s Spec) (*Listener, error) {
 		// not SO_REUSEPORT: no second socket can join this address.
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 			return nil, fmt.Errorf("listen %s: setting SO_REUSEADDR: %w", s, err)
+		}
+	}
+	if reusePort {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+			return nil, fmt.Errorf("listen %s: setting SO_REUSEPORT: %w", s, err)
 		}
 	}
 	if family == unix.AF_INET6 {
@@ -197,6 +225,29 @@ func bindInet(s Spec) (*Listener, error) {
 		Addr: SockaddrString(bound),
 		file: os.NewFile(uintptr(fd), s.String()),
 	}, nil
+}
+
+// checkFree binds fd, a fresh socket without SO_REUSEPORT, to sa and
+// closes it. It returns the address it got (with the port the kernel chose
+// for port 0), or the bind error.
+func checkFree(fd int, s Spec, sa unix.Sockaddr, v6only bool, family int) (unix.Sockaddr, error) {
+	defer unix.Close(fd)
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return nil, fmt.Errorf("listen %s: setting SO_REUSEADDR: %w", s, err)
+	}
+	if family == unix.AF_INET6 {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, boolInt(v6only)); err != nil {
+			return nil, fmt.Errorf("listen %s: setting IPV6_V6ONLY: %w", s, err)
+		}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return nil, bindError(s, err)
+	}
+	got, err := unix.Getsockname(fd)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: reading bound address: %w", s, err)
+	}
+	return got, nil
 }
 
 func bindUnix(s Spec, mode os.FileMode) (*Listener, error) {

@@ -19,11 +19,11 @@ func (g *Group) Addr() netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-// covers reports whether a connection to dst reaches this group: the same
+// Covers reports whether a connection to dst reaches this group: the same
 // port, and the group's address or, for a group on all addresses, a
 // loopback one (any other local address would do too, but relay cannot
 // tell local from remote here).
-func (g *Group) covers(dst netip.AddrPort) bool {
+func (g *Group) Covers(dst netip.AddrPort) bool {
 	a := g.Addr()
 	if a.Port() != dst.Port() {
 		return false
@@ -50,7 +50,7 @@ func ProbeControl(groups []*Group, gen int) func(network, address string, c sysc
 		}
 		var target *Group
 		for _, g := range groups {
-			if g != nil && g.covers(dst) {
+			if g != nil && g.Covers(dst) {
 				target = g
 				break
 			}

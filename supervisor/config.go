@@ -12,6 +12,7 @@ import (
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/steer"
 )
 
 // Command is what a generation runs.
@@ -29,6 +30,10 @@ type Config struct {
 	Dir       string   // working directory of the children; "" for relay's
 	Env       []string // base environment of the children
 	Listeners []*socketpass.Listener
+	// Steer holds, for each listener, the reuseport group that gives
+	// every generation a socket of its own, or nil where the generations
+	// share the listener's socket.
+	Steer []*steer.Group
 
 	// Check is a pre-flight command run before each requested restart
 	// (not before crash replacements); nil for none.
@@ -36,8 +41,10 @@ type Config struct {
 
 	Health        health.Spec
 	HealthTimeout time.Duration
-	// Drain is how long the old and the new generation both serve before
-	// the old one gets its stop signal.
+	// Drain is the time from the switch to the new generation until the
+	// old one gets its stop signal. On steered listeners the old one gets
+	// no new connection in it and finishes what it has; on shared ones
+	// both accept.
 	Drain       time.Duration
 	StopSignal  syscall.Signal
 	StopTimeout time.Duration
@@ -136,6 +143,12 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Health.Kind == "" {
 		c.Health.Kind, c.Health.Raw = health.Notify, "notify"
+	}
+	if c.Steer != nil && len(c.Steer) != len(c.Listeners) {
+		return fmt.Errorf("%d steering groups for %d listeners", len(c.Steer), len(c.Listeners))
+	}
+	if c.Steer == nil {
+		c.Steer = make([]*steer.Group, len(c.Listeners))
 	}
 	if c.Observer == nil {
 		c.Observer = noObserver{}

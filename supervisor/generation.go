@@ -16,6 +16,7 @@ import (
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/steer"
 )
 
 // State is where a generation is in its life.
@@ -105,8 +106,20 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		health.EnvHealthPort+"="+port,
 	)
 	files := []*os.File{s.cfg.Stdin, s.cfg.Stdout, pw}
-	for _, l := range s.cfg.Listeners {
-		files = append(files, l.File())
+	defer func() {
+		if !ok {
+			s.releaseSockets(n)
+		}
+	}()
+	for i, l := range s.cfg.Listeners {
+		f := l.File()
+		if grp := s.cfg.Steer[i]; grp != nil {
+			if f, err = grp.Take(n); err != nil {
+				pr.Close()
+				return nil, fmt.Errorf("giving generation %d a socket of its own: %w", n, err)
+			}
+		}
+		files = append(files, f)
 	}
 	path, argv := socketpass.ShimArgv(cmd.Path, args)
 	g.started = time.Now()
@@ -149,6 +162,7 @@ func (s *Supervisor) startCheck(g *generation) {
 	child := health.Child{
 		Vars:        health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
 		NotifyReady: g.notify.Ready(),
+		Control:     steer.ProbeControl(s.cfg.Steer, g.n),
 	}
 	go func() {
 		err := s.checker.Wait(ctx, child)
@@ -192,4 +206,26 @@ type passThrough struct {
 func (p passThrough) Write(b []byte) (int, error) {
 	p.out.Write(b) // a closed or full log reader must not stop the copy
 	return p.tail.Write(b)
+}
+
+// steerTo sends the new connections of every steered listener to g.
+func (s *Supervisor) steerTo(g *generation) error {
+	for _, grp := range s.cfg.Steer {
+		if grp == nil {
+			continue
+		}
+		if err := grp.Switch(g.n); err != nil {
+			return fmt.Errorf("steering new connections to generation %d: %w", g.n, err)
+		}
+	}
+	return nil
+}
+
+// releaseSockets gives back the sockets of generation n, which has exited.
+func (s *Supervisor) releaseSockets(n int) {
+	for _, grp := range s.cfg.Steer {
+		if grp != nil {
+			grp.Release(n)
+		}
+	}
 }

@@ -128,6 +128,14 @@ func (s *Supervisor) onCheck(g *generation, err error) {
 		signalGroup(g, syscall.SIGKILL)
 		return // the rollback completes when it has exited
 	}
+	// The switch: from here on, steered listeners give their new
+	// connections to g alone.
+	if err := s.steerTo(g); err != nil {
+		g.failure = err
+		g.log.Error("cannot send new connections to the new generation; killing it", "err", err)
+		signalGroup(g, syscall.SIGKILL)
+		return
+	}
 	s.promote(g)
 }
 
@@ -234,6 +242,9 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		g.killTimer.Stop()
 	}
 
+	// Its sockets go back to the steering groups once any switch that
+	// its exit calls for is done, below.
+	defer s.releaseSockets(g.n)
 	switch {
 	case g == s.starting:
 		s.starting = nil
@@ -241,6 +252,13 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	case g == s.serving && s.failDuringDrain(g):
 	case g == s.serving:
 		s.serving = nil
+		if s.starting != nil && !s.stopping {
+			// New connections wait for the starting generation
+			// rather than in the socket of one that is gone.
+			if err := s.steerTo(s.starting); err != nil {
+				g.log.Error("steering new connections to the starting generation", "err", err)
+			}
+		}
 		if s.stopping {
 			g.log.Info("generation exited", "status", st.String())
 			break
@@ -276,6 +294,9 @@ func (s *Supervisor) failDuringDrain(g *generation) bool {
 	reason := fmt.Sprintf("exited during the drain window: %s", g.status)
 	attrs := []any{"reason", reason, "stderr_tail", g.stderr.Lines(stderrTailLines)}
 	if prev.state == Draining {
+		if err := s.steerTo(prev); err != nil {
+			prev.log.Error("steering new connections back to the old generation", "err", err)
+		}
 		s.old = remove(s.old, prev)
 		prev.state = Serving
 		s.serving = prev

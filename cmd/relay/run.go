@@ -86,7 +86,8 @@ func runCommand() *cli.Command {
 			&cli.StringFlag{Name: "socket-mode", Value: "0660", Usage: "permission `MODE` of unix sockets relay creates"},
 			&cli.StringFlag{Name: "health", Value: "notify", Usage: "readiness `CHECK` of each new generation: notify, http://…, tcp://…, exec:CMD or delay:DURATION"},
 			&cli.DurationFlag{Name: "health-timeout", Value: supervisor.DefaultHealthTimeout, Usage: "`DURATION` a new generation may take to become ready before it is killed and the restart rolled back"},
-			&cli.DurationFlag{Name: "drain", Value: 0, Usage: "`DURATION` the old and the new generation both serve before the old one is told to stop"},
+			&cli.StringFlag{Name: "steer", Value: steerAuto, Usage: "`MODE` of the drain on TCP listeners: auto gives each generation a socket of its own and new connections to the serving one only, where the kernel allows (else one shared socket, logged); on refuses to start without it; off shares one socket"},
+			&cli.DurationFlag{Name: "drain", Usage: "`DURATION` from the switch to the new generation until the old one is told to stop (default: 1s on steered listeners, where the old one gets no new connection meanwhile; 0 with shared sockets, where both accept)"},
 			&cli.StringFlag{Name: "stop-signal", Value: "TERM", Usage: "`SIGNAL` that asks a generation to stop (nginx and unicorn want QUIT, haproxy USR1, lighttpd INT)"},
 			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "`DURATION` a generation may take to stop before its process group gets SIGKILL"},
 			&cli.IntFlag{Name: "max-draining", Value: supervisor.DefaultMaxDraining, Usage: "`N` old generations may still be running; a restart past it waits for the oldest to exit"},
@@ -130,19 +131,30 @@ func runAction(c *cli.Context) error {
 	}
 	notifier := sdnotify.New(log)
 	defer notifier.Close(notifyFlushTimeout)
-	listeners, err := socketpass.Open(opts.listens, passed, socketpass.BindOptions{UnixMode: opts.socketMode},
+	listeners, err := socketpass.Open(opts.listens, passed, socketpass.BindOptions{UnixMode: opts.socketMode, ReusePort: opts.steer != steerOff},
 		func(stale []string) { dropStale(log, notifier, stale) })
 	if err != nil {
 		return err
 	}
 	defer socketpass.CloseAll(listeners)
-	var addrs []string
-	for i, l := range listeners {
-		log.Info("listening", "fd", socketpass.FirstFD+i, "name", l.Spec.Name, "network", string(l.Spec.Network), "addr", l.Addr, "origin", string(l.Origin))
-		addrs = append(addrs, l.Addr)
+	stored := storeSockets(log, notifier, listeners)
+	groups, err := setupSteering(log, opts.steer, listeners, stored)
+	if err != nil {
+		return err
 	}
-	storeSockets(log, notifier, listeners)
-	warnAboutHealth(log, opts.health, addrs)
+	defer closeGroups(groups)
+	var addrs []string
+	steered := false
+	for i, l := range listeners {
+		log.Info("listening", "fd", socketpass.FirstFD+i, "name", l.Spec.Name, "network", string(l.Spec.Network), "addr", l.Addr,
+			"origin", string(l.Origin), "drain", drainMode(groups[i]))
+		addrs = append(addrs, l.Addr)
+		steered = steered || groups[i] != nil
+	}
+	if !c.IsSet("drain") && steered {
+		opts.drain = defaultSteeredDrain
+	}
+	warnAboutHealth(log, opts.health, addrs, probeSteered(opts.health, groups))
 
 	runtimeDir, err := makeRuntimeDir()
 	if err != nil {
@@ -161,6 +173,7 @@ func runAction(c *cli.Context) error {
 		Check:         opts.check,
 		Env:           os.Environ(),
 		Listeners:     listeners,
+		Steer:         groups,
 		Health:        opts.health,
 		HealthTimeout: opts.healthTimeout,
 		Drain:         opts.drain,
@@ -181,6 +194,7 @@ func runAction(c *cli.Context) error {
 	for i, l := range listeners {
 		info.Listeners = append(info.Listeners, control.ListenerInfo{
 			FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Address: l.Addr, Origin: string(l.Origin),
+			Drain: drainMode(groups[i]),
 		})
 	}
 	ctl, err := control.Listen(opts.controlPath, sup, info, log)
@@ -257,6 +271,7 @@ type runOptions struct {
 	listens                           []socketpass.Spec
 	socketMode                        os.FileMode
 	health                            health.Spec
+	steer                             string
 	healthTimeout, drain, stopTimeout time.Duration
 	stopSignal                        syscall.Signal
 	maxDraining                       int
@@ -288,6 +303,11 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 	}
 	if o.stopSignal, err = signals.Parse(c.String("stop-signal")); err != nil {
 		return o, usageError{fmt.Errorf("--stop-signal: %w", err)}
+	}
+	switch o.steer = c.String("steer"); o.steer {
+	case steerAuto, steerOn, steerOff:
+	default:
+		return o, usagef("--steer %q: use auto, on or off", o.steer)
 	}
 	o.healthTimeout, o.drain, o.stopTimeout = c.Duration("health-timeout"), c.Duration("drain"), c.Duration("stop-timeout")
 	if o.healthTimeout <= 0 || o.stopTimeout <= 0 || o.drain < 0 {
@@ -342,8 +362,11 @@ func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, opts))
 }
 
-func warnAboutHealth(log *slog.Logger, spec health.Spec, addrs []string) {
-	if shared := spec.SharedTarget(addrs); shared != "" {
+func warnAboutHealth(log *slog.Logger, spec health.Spec, addrs []string, steered bool) {
+	if shared := spec.SharedTarget(addrs); shared != "" && steered {
+		log.Info("the readiness check probes a public address; relay steers each probe to the new generation's own socket, so only the new generation answers it",
+			"check", spec.String(), "addr", shared)
+	} else if shared != "" {
 		log.Warn("the readiness check probes a shared listener, so it cannot tell generations apart: the old generation may answer for the new one; probe {health_addr} instead",
 			"check", spec.String(), "shared_addr", shared)
 	}
@@ -408,14 +431,17 @@ func dropStale(log *slog.Logger, n *sdnotify.Notifier, stale []string) {
 // relay itself (systemctl restart, or a crash with Restart=) hands the same
 // sockets back and no connection is refused in between. Sockets a .socket
 // unit passed stay with that unit.
-func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpass.Listener) {
+//
+// It returns the listeners it stored.
+func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpass.Listener) map[*socketpass.Listener]bool {
+	kept := map[*socketpass.Listener]bool{}
 	if !n.Enabled() {
-		return
+		return kept
 	}
 	limit := sdnotify.FDStoreMax()
 	if limit == 0 {
 		log.Debug("no fd store offered (FDSTORE unset); a restart of relay itself rebinds its sockets")
-		return
+		return kept
 	}
 	stored := 0
 	for _, l := range listeners {
@@ -432,7 +458,9 @@ func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpas
 			continue
 		}
 		stored++
+		kept[l] = true
 		l.KeepPath()
 		log.Info("socket kept in the fd store", "fdname", name, "addr", l.Addr)
 	}
+	return kept
 }

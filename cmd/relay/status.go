@@ -60,9 +60,9 @@ func printStatus(w io.Writer, d *control.StatusDoc) {
 	}
 	fmt.Fprintf(w, "command: %s\n\n", strings.Join(d.Command, " "))
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LISTENER\tFD\tNETWORK\tADDRESS\tORIGIN")
+	fmt.Fprintln(tw, "LISTENER\tFD\tNETWORK\tADDRESS\tORIGIN\tDRAIN")
 	for _, l := range d.Listeners {
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", l.Name, l.FD, l.Network, l.Address, l.Origin)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", l.Name, l.FD, l.Network, l.Address, l.Origin, l.Drain)
 	}
 	tw.Flush()
 	fmt.Fprintln(w)

@@ -65,6 +65,9 @@ func run() int {
 		"how long to keep answering after stopping to accept, before shutting down")
 	shutdownTimeout := flag.Duration("shutdown-timeout", 10*time.Second,
 		"how long Shutdown waits for in-flight requests after the lame duck")
+	plainShutdown := flag.Bool("plain-shutdown", false,
+		"on SIGTERM just call http.Server.Shutdown, as most Go servers do (no lame duck):\n"+
+			"requests it reads after Shutdown begins are dropped; for comparisons")
 	flag.Parse()
 
 	// Every log line carries pid and generation, so that the interleaved
@@ -212,7 +215,15 @@ func run() int {
 		shutdown(log, srv, busy, listeners, &draining, sigs, 0, *shutdownTimeout)
 		return 1
 	}
-	if !shutdown(log, srv, busy, listeners, &draining, sigs, *lameDuck, *shutdownTimeout) {
+	if *plainShutdown {
+		ctx, cancel := context.WithTimeout(context.Background(), *shutdownTimeout)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			log.Warn("shutdown incomplete", "err", err)
+			return 1
+		}
+		log.Info("shutdown complete")
+	} else if !shutdown(log, srv, busy, listeners, &draining, sigs, *lameDuck, *shutdownTimeout) {
 		return 1
 	}
 	wg.Wait()
