@@ -382,8 +382,10 @@ type load struct {
 	failures []error
 	pids     map[int]int // pid -> responses
 	firstAt  map[int]time.Time
-	stopC    chan struct{}
-	wg       sync.WaitGroup
+	// lastStart is when the last request that pid answered was sent.
+	lastStart map[int]time.Time
+	stopC     chan struct{}
+	wg        sync.WaitGroup
 }
 
 func startLoad(url string, workers int, limit time.Duration) *load {
@@ -406,7 +408,7 @@ func unixClient(path string) *http.Client {
 }
 
 func startLoadWith(client *http.Client, url string, workers int, limit time.Duration) *load {
-	ld := &load{pids: map[int]int{}, firstAt: map[int]time.Time{}, stopC: make(chan struct{})}
+	ld := &load{pids: map[int]int{}, firstAt: map[int]time.Time{}, lastStart: map[int]time.Time{}, stopC: make(chan struct{})}
 	deadline := time.Now().Add(limit)
 	for i := 0; i < workers; i++ {
 		ld.wg.Add(1)
@@ -418,6 +420,7 @@ func startLoadWith(client *http.Client, url string, workers int, limit time.Dura
 					return
 				default:
 				}
+				start := time.Now()
 				pid, err := get(client, url)
 				now := time.Now()
 				ld.mu.Lock()
@@ -427,6 +430,9 @@ func startLoadWith(client *http.Client, url string, workers int, limit time.Dura
 				} else {
 					if ld.pids[pid] == 0 {
 						ld.firstAt[pid] = now
+					}
+					if start.After(ld.lastStart[pid]) {
+						ld.lastStart[pid] = start
 					}
 					ld.pids[pid]++
 				}
@@ -447,6 +453,13 @@ func (ld *load) served(pid int) (int, time.Time) {
 	ld.mu.Lock()
 	defer ld.mu.Unlock()
 	return ld.pids[pid], ld.firstAt[pid]
+}
+
+// lastSent reports when the last request that pid answered was sent.
+func (ld *load) lastSent(pid int) time.Time {
+	ld.mu.Lock()
+	defer ld.mu.Unlock()
+	return ld.lastStart[pid]
 }
 
 func (ld *load) summary() (requests int, failures []error) {

@@ -52,6 +52,7 @@ func main() {
 		signalFile     = flag.String("signal-file", "", "write the name of each SIGUSR1, SIGUSR2 or SIGWINCH received to this file")
 		notifyExtra    = flag.String("notify-extra", "", "before READY=1, send this sd_notify message (',' separates its lines), as servers that speak to systemd do")
 		setNonblock    = flag.Int("set-nonblock-gen", 0, "in this generation, set O_NONBLOCK on fd 3 and serve; other generations leave the sockets' flags alone and do not accept")
+		healthGate     = flag.String("health-gate", "", "serve at once, but answer /healthz 503 until this file holds a number at least RELAY_GENERATION; log every /healthz to stderr")
 	)
 	flag.Parse()
 	if *sleeper {
@@ -130,6 +131,15 @@ func main() {
 		fmt.Fprintf(w, "pid=%d gen=%d\n", os.Getpid(), gen)
 	})
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if *healthGate != "" {
+			code := http.StatusOK
+			if !gateOpen(*healthGate, gen) {
+				code = http.StatusServiceUnavailable
+			}
+			fmt.Fprintf(os.Stderr, "testchild: healthz gen=%d pid=%d agent=%s code=%d\n", gen, os.Getpid(), r.UserAgent(), code)
+			w.WriteHeader(code)
+			return
+		}
 		if !ready {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
@@ -275,12 +285,18 @@ func writeFileAtomic(path string, b []byte) error {
 func waitForGate(path string, gen int) {
 	deadline := time.Now().Add(time.Minute)
 	for time.Now().Before(deadline) {
-		b, _ := os.ReadFile(path)
-		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n >= gen {
+		if gateOpen(path, gen) {
 			return
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	fmt.Fprintln(os.Stderr, "testchild: the ready gate never opened")
 	os.Exit(5)
+}
+
+// gateOpen reports whether path holds a number of at least gen.
+func gateOpen(path string, gen int) bool {
+	b, _ := os.ReadFile(path)
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	return err == nil && n >= gen
 }

@@ -1,0 +1,245 @@
+package integration
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Steering 1 and 2: a backend that just calls http.Server.Shutdown on
+// SIGTERM (no lame duck) loses no request across 20 restarts under
+// new-connection load when relay steers, and after each switch no new
+// connection reaches the old generation. With one shared socket, the same
+// backend fails requests and the old generation takes new connections
+// until its stop. Both stay in the suite so the difference stays visible.
+func TestSteeredDrainWithPlainShutdown(t *testing.T) {
+	const restarts = 20
+	for _, tc := range []struct {
+		name  string
+		flags []string
+	}{
+		{"steered", nil}, // the defaults: steering, --drain 1s
+		{"shared", []string{"--steer", "off", "--drain", "1s"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{"--listen", "127.0.0.1:0"}, tc.flags...)
+			args = append(args, "--", built.hello, "-plain-shutdown", "-lame-duck", "0")
+			r := startRelay(t, nil, args...)
+			listening := r.listenAddrs(1)[0]
+			wantDrain := map[string]string{"steered": "steered", "shared": "shared"}[tc.name]
+			if got := listening.str("drain"); got != wantDrain {
+				t.Fatalf("listening line says drain=%q, want %q", got, wantDrain)
+			}
+			first, from := r.waitMsg(0, "generation ready", 1)
+			ld := startLoad(httpURL(listening.str("addr")), 16, 3*time.Minute)
+			// lateToOld counts requests sent after a switch and answered
+			// by the generation it replaced.
+			lateToOld := 0
+			oldPid := first.num("pid")
+			for gen := 2; gen <= restarts+1; gen++ {
+				// Let the load reach the serving generation first.
+				waitUntil(t, 30*time.Second, "the serving generation to answer", func() bool {
+					n, _ := ld.served(oldPid)
+					return n > 0
+				})
+				r.signal(syscall.SIGHUP)
+				var ready logLine
+				ready, from = r.waitMsg(from, "generation ready", gen)
+				switched := time.Now() // after the switch: it precedes the line
+				_, from = r.waitMsg(from, "old generation exited", gen-1)
+				if last := ld.lastSent(oldPid); last.After(switched) {
+					lateToOld++
+					if tc.name == "steered" {
+						t.Errorf("restart %d: old pid %d answered a request sent %v after the switch to pid %d",
+							gen-1, oldPid, last.Sub(switched), ready.num("pid"))
+					}
+				}
+				oldPid = ready.num("pid")
+			}
+			waitUntil(t, 30*time.Second, "the last generation to answer", func() bool {
+				n, _ := ld.served(oldPid)
+				return n > 0
+			})
+			ld.stop()
+			requests, failures := ld.summary()
+			t.Logf("%s: %d requests, %d failed, %d of %d restarts with requests answered by the old generation after the switch",
+				tc.name, requests, len(failures), lateToOld, restarts)
+			switch tc.name {
+			case "steered":
+				for i, err := range failures {
+					if i == 5 {
+						break
+					}
+					t.Errorf("failed request: %v", err)
+				}
+				if len(failures) > 0 {
+					t.Errorf("%d of %d requests failed with steering", len(failures), requests)
+				}
+			case "shared":
+				if len(failures) == 0 {
+					t.Errorf("no request failed with one shared socket and a plain Shutdown: the comparison shows nothing")
+				}
+				if lateToOld == 0 {
+					t.Errorf("with one shared socket the old generation never took a connection after the switch: the check above would prove nothing")
+				}
+			}
+			r.signal(syscall.SIGTERM)
+			r.wait(30 * time.Second)
+		})
+	}
+}
+
+var healthzLine = regexp.MustCompile(`testchild: healthz gen=(\d+) pid=\d+ agent=(\S*) code=(\d+)`)
+
+// probes counts the /healthz requests relay's checker made, by generation
+// and answer.
+func probes(out string) map[string]int {
+	n := map[string]int{}
+	for _, m := range healthzLine.FindAllStringSubmatch(out, -1) {
+		if m[2] == "relay-health" {
+			n["gen"+m[1]+"/"+m[3]]++
+		}
+	}
+	return n
+}
+
+// Steering 3: --health http://PUBLIC/healthz reaches the new generation
+// and only it, so a new generation that answers 503 is not taken for
+// ready because the old one answers 200. With a shared socket it is.
+func TestProbeOfPublicAddressReachesOnlyTheNewGeneration(t *testing.T) {
+	for _, steered := range []bool{true, false} {
+		name := map[bool]string{true: "steered", false: "shared"}[steered]
+		t.Run(name, func(t *testing.T) {
+			l, addr := mustFreeTCPAddr(t)
+			l.Close()
+			gate := filepath.Join(t.TempDir(), "gate")
+			writeMode(t, gate, "1")
+			args := []string{"--listen", addr, "--health", "http://" + addr + "/healthz"}
+			if !steered {
+				args = append(args, "--steer", "off")
+			}
+			args = append(args, "--", built.testchild, "-health-gate", gate)
+			r := startRelay(t, nil, args...)
+			_, from := r.waitMsg(0, "generation ready", 1)
+			before := probes(r.output())["gen1/200"]
+			if before == 0 {
+				t.Fatalf("generation 1 was made ready without a probe answered 200:\n%s", r.output())
+			}
+
+			r.signal(syscall.SIGHUP)
+			_, from = r.waitMsg(from, "generation starting", 2)
+			if steered {
+				// Generation 2 answers 503 until the gate opens. Every
+				// probe must reach it; none may reach generation 1.
+				waitUntil(t, 30*time.Second, "three probes answered 503 by generation 2", func() bool {
+					return probes(r.output())["gen2/503"] >= 3
+				})
+				if n := r.count("generation ready"); n != 1 {
+					t.Fatalf("generation 2 was made ready while its /healthz answered 503 (%d ready lines)", n)
+				}
+				writeMode(t, gate, "2")
+				r.waitMsg(from, "generation ready", 2)
+				p := probes(r.output())
+				if p["gen1/200"] != before {
+					t.Errorf("generation 1 answered %d probes meant for generation 2", p["gen1/200"]-before)
+				}
+				if p["gen2/200"] == 0 {
+					t.Errorf("generation 2 became ready without answering a probe: %v", p)
+				}
+			} else {
+				// The old generation answers some probe with 200 and
+				// generation 2 is taken for ready with its gate shut.
+				r.waitMsg(from, "generation ready", 2)
+				p := probes(r.output())
+				if p["gen1/200"] == before {
+					t.Errorf("with a shared socket no probe reached generation 1: %v", p)
+				}
+				if p["gen2/200"] != 0 {
+					t.Errorf("generation 2 answered 200 with its gate shut: %v", p)
+				}
+			}
+			r.signal(syscall.SIGTERM)
+			r.wait(30 * time.Second)
+		})
+	}
+}
+
+// Steering 4: across 200 restarts the reuseport group holds one socket per
+// live generation (one once the old generation has exited), and relay's
+// fd count ends where it started.
+func TestReuseportGroupDoesNotGrow(t *testing.T) {
+	const restarts = 200
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--drain", "0", "--", built.testchild)
+	listening := r.listenAddrs(1)[0]
+	if listening.str("drain") != "steered" {
+		t.Fatalf("listener not steered: %v", listening)
+	}
+	_, port, _ := strings.Cut(listening.str("addr"), "127.0.0.1:")
+	p, _ := strconv.Atoi(port)
+	_, from := r.waitMsg(0, "generation ready", 1)
+	if n := listenSockets(t, p); n != 1 {
+		t.Fatalf("%d listening sockets on port %d at the start, want 1", n, p)
+	}
+	fdsBefore := countFDs(t, r.pid())
+	maxSockets := 0
+	for gen := 2; gen <= restarts+1; gen++ {
+		r.signal(syscall.SIGHUP)
+		_, from = r.waitMsg(from, "generation ready", gen)
+		maxSockets = max(maxSockets, listenSockets(t, p))
+		_, from = r.waitMsg(from, "old generation exited", gen-1)
+		waitUntil(t, 10*time.Second, fmt.Sprintf("one listening socket after restart %d", gen-1), func() bool {
+			n := listenSockets(t, p)
+			maxSockets = max(maxSockets, n)
+			return n == 1
+		})
+	}
+	if maxSockets > 2 {
+		t.Errorf("up to %d listening sockets on port %d with at most 2 live generations", maxSockets, p)
+	}
+	if fdsAfter := countFDs(t, r.pid()); fdsAfter != fdsBefore {
+		t.Errorf("relay had %d fds after the first generation was ready and %d after %d restarts", fdsBefore, fdsAfter, restarts)
+	}
+	t.Logf("%d restarts: at most %d listening sockets at once, relay fds %d before and after", restarts, maxSockets, fdsBefore)
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
+}
+
+// listenSockets counts the TCP sockets in LISTEN state on port, in this
+// network namespace: every member of a reuseport group is one.
+func listenSockets(t *testing.T, port int) int {
+	t.Helper()
+	want := fmt.Sprintf(":%04X", port)
+	n := 0
+	for _, path := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		f, err := os.Open(path)
+		if err != nil {
+			continue // no IPv6
+		}
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fields := strings.Fields(sc.Text())
+			// sl local_address rem_address st ...; 0A is LISTEN.
+			if len(fields) > 3 && strings.HasSuffix(fields[1], want) && fields[3] == "0A" {
+				n++
+			}
+		}
+		f.Close()
+	}
+	return n
+}
+
+func countFDs(t *testing.T, pid int) int {
+	t.Helper()
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
