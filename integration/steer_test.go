@@ -11,6 +11,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/socketpass"
 )
 
 // Steering 1 and 2: a backend that just calls http.Server.Shutdown on
@@ -242,4 +246,100 @@ func countFDs(t *testing.T, pid int) int {
 		t.Fatal(err)
 	}
 	return len(ents)
+}
+
+// passedSocket makes a listening TCP socket on loopback, as a .socket unit
+// would pass it, with or without ReusePort=yes.
+func passedSocket(t *testing.T, reusePort bool) *os.File {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reusePort {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 128); err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "web")
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// Steering 5: a passed socket without SO_REUSEPORT falls back to one shared
+// socket with one warning under --steer auto, and is an error under
+// --steer on. One with SO_REUSEPORT is steered, and stays a listener in the
+// group for relay's life, since the service manager holds a copy.
+func TestPassedSocketSteering(t *testing.T) {
+	shim := []string{built.relay, socketpass.ShimCommand, built.relay}
+	env := []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=web"}
+
+	t.Run("fallback", func(t *testing.T) {
+		r := startRelayWrapped(t, shim, "relay", env, []*os.File{passedSocket(t, false)}, "--", built.testchild)
+		if l := r.listenAddrs(1)[0]; l.str("drain") != "shared" {
+			t.Errorf("listening line: %v, want drain=shared", l)
+		}
+		warn, _ := r.waitMsg(0, "steering unavailable; this listener keeps one socket shared by every generation", 0)
+		if !strings.Contains(warn.str("err"), "ReusePort=yes") {
+			t.Errorf("the warning does not say how to fix it: %v", warn)
+		}
+		r.waitMsg(0, "generation ready", 1)
+		if n := r.count("steering unavailable; this listener keeps one socket shared by every generation"); n != 1 {
+			t.Errorf("%d fallback warnings, want 1", n)
+		}
+		r.signal(syscall.SIGTERM)
+		r.wait(30 * time.Second)
+	})
+
+	t.Run("required", func(t *testing.T) {
+		r := startRelayWrapped(t, shim, "relay", env, []*os.File{passedSocket(t, false)}, "--steer", "on", "--", built.testchild)
+		if code := r.wait(30 * time.Second); code == 0 {
+			t.Fatal("relay --steer on started with a socket it cannot steer")
+		}
+		out := r.output()
+		if !strings.Contains(out, "--steer on: listener web") || !strings.Contains(out, "--steer auto") {
+			t.Errorf("no clear error naming the listener and the way out:\n%s", out)
+		}
+		if strings.Contains(out, "generation starting") {
+			t.Errorf("a child was started:\n%s", out)
+		}
+	})
+
+	t.Run("steered", func(t *testing.T) {
+		sock := passedSocket(t, true)
+		addr := sockAddr(t, sock)
+		_, port, _ := strings.Cut(addr, "127.0.0.1:")
+		p, _ := strconv.Atoi(port)
+		r := startRelayWrapped(t, shim, "relay", env, []*os.File{sock}, "--drain", "0", "--", built.testchild)
+		if l := r.listenAddrs(1)[0]; l.str("drain") != "steered" {
+			t.Fatalf("listening line: %v, want drain=steered", l)
+		}
+		_, from := r.waitMsg(0, "generation ready", 1)
+		for gen := 2; gen <= 4; gen++ {
+			r.signal(syscall.SIGHUP)
+			var ready logLine
+			ready, from = r.waitMsg(from, "generation ready", gen)
+			_, from = r.waitMsg(from, "old generation exited", gen-1)
+			if pid, err := get(newConnClient(), httpURL(addr)); err != nil || pid != ready.num("pid") {
+				t.Errorf("after restart %d: pid %d, %v; want %d", gen-1, pid, err, ready.num("pid"))
+			}
+			// The passed socket stays, free or in use, next to at most
+			// the serving generation's.
+			if n := listenSockets(t, p); n > 2 {
+				t.Errorf("after restart %d: %d listening sockets, want at most 2", gen-1, n)
+			}
+		}
+		// The service manager's copy still listens.
+		if on, err := unix.GetsockoptInt(int(sock.Fd()), unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || on != 1 {
+			t.Errorf("the passed socket no longer listens: %d, %v", on, err)
+		}
+		r.signal(syscall.SIGTERM)
+		r.wait(30 * time.Second)
+	})
 }

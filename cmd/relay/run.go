@@ -43,8 +43,9 @@ refuses no connection.
 
 Signals to relay:
    HUP              restart: start a new generation on the same sockets, wait until it is
-                    ready (--health), keep both serving for --drain, then send the old one
-                    --stop-signal and SIGKILL its process group after --stop-timeout.
+                    ready (--health), switch new connections to it, wait --drain, then send
+                    the old one --stop-signal and SIGKILL its process group after
+                    --stop-timeout.
                     A new generation that fails is killed; the old one is never touched.
    TERM, INT, QUIT  stop every generation gracefully and exit with the child's status.
                     A second one kills them at once.
@@ -55,8 +56,16 @@ Listen forms (each may start with NAME= to set its LISTEN_FDNAMES entry):
    udp:127.0.0.1:5353                  UDP           (default name udp-PORT)
    unix:/run/app.sock                  unix stream   (default name unix-FILENAME)
 
-Readiness (--health) must be specific to the new child: both generations accept on
-the same sockets, so a probe the old one could answer proves nothing.
+Drain (--steer auto, the default): each generation gets a socket of its own in the TCP
+listener's SO_REUSEPORT group, and a BPF program sends new connections to the old
+generation until the new one is ready, then to the new one only. The old one finishes what
+it has during --drain (1s) and gets its stop signal with nothing new arriving, so even a
+plain http.Server.Shutdown loses nothing. UDP and unix sockets, and TCP sockets the kernel
+will not steer (logged), stay one socket shared by every generation.
+
+Readiness (--health) must be specific to the new child: a probe the old one could answer
+proves nothing. A probe of a steered listener's public address is steered to the new
+generation's socket, so it is exact; on a shared socket it is not.
    notify                     the child sends READY=1 to its own NOTIFY_SOCKET (sd_notify)
    http://{health_addr}/path  GET must answer 2xx; {health_addr} is a loopback address relay
                               picks for each child and passes as RELAY_HEALTH_ADDR (and as
@@ -70,6 +79,7 @@ const runExamples = `
 Examples:
    relay run --listen :8080 -- ./server --config prod.yaml
    relay run --listen http=:8080 --listen admin=127.0.0.1:9090 --drain 2s -- ./server
+   relay run --listen :8080 --health http://127.0.0.1:8080/healthz -- ./server
    relay run --listen :8080 --health 'http://{health_addr}/healthz' -- ./server --health-addr '{health_addr}'
    relay run --listen unix:/run/app/app.sock --socket-mode 0660 --stop-signal QUIT -- nginx -g 'daemon off;'
    relay restart --name api -- ./server-v2     # restart into a new binary
@@ -87,7 +97,7 @@ func runCommand() *cli.Command {
 			&cli.StringFlag{Name: "health", Value: "notify", Usage: "readiness `CHECK` of each new generation: notify, http://…, tcp://…, exec:CMD or delay:DURATION"},
 			&cli.DurationFlag{Name: "health-timeout", Value: supervisor.DefaultHealthTimeout, Usage: "`DURATION` a new generation may take to become ready before it is killed and the restart rolled back"},
 			&cli.StringFlag{Name: "steer", Value: steerAuto, Usage: "`MODE` of the drain on TCP listeners: auto gives each generation a socket of its own and new connections to the serving one only, where the kernel allows (else one shared socket, logged); on refuses to start without it; off shares one socket"},
-			&cli.DurationFlag{Name: "drain", Usage: "`DURATION` from the switch to the new generation until the old one is told to stop (default: 1s on steered listeners, where the old one gets no new connection meanwhile; 0 with shared sockets, where both accept)"},
+			&cli.DurationFlag{Name: "drain", DefaultText: "1s when steered, 0 on shared sockets", Usage: "`DURATION` from the switch to the new generation until the old one is told to stop; when steered the old one gets no new connection meanwhile, on shared sockets both accept"},
 			&cli.StringFlag{Name: "stop-signal", Value: "TERM", Usage: "`SIGNAL` that asks a generation to stop (nginx and unicorn want QUIT, haproxy USR1, lighttpd INT)"},
 			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "`DURATION` a generation may take to stop before its process group gets SIGKILL"},
 			&cli.IntFlag{Name: "max-draining", Value: supervisor.DefaultMaxDraining, Usage: "`N` old generations may still be running; a restart past it waits for the oldest to exit"},

@@ -1,0 +1,85 @@
+package socketpass
+
+import (
+	"net"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func reusePortOn(t *testing.T, l *Listener) bool {
+	t.Helper()
+	rc, err := l.File().SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var on int
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { on, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT) }); err != nil {
+		t.Fatal(err)
+	}
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return on != 0
+}
+
+// With ReusePort, a TCP socket gets SO_REUSEPORT, yet a port something else
+// holds is still "in use", whether that holder has SO_REUSEPORT or not.
+func TestBindReusePort(t *testing.T) {
+	spec, err := ParseListen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, err := Bind([]Spec{spec}, BindOptions{ReusePort: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer CloseAll(ls)
+	if !reusePortOn(t, ls[0]) {
+		t.Fatal("SO_REUSEPORT not set with ReusePort")
+	}
+	if strings.HasSuffix(ls[0].Addr, ":0") {
+		t.Fatalf("port 0 kept: %s", ls[0].Addr)
+	}
+
+	// A second relay on the same port, with SO_REUSEPORT too, is refused.
+	again, _ := ParseListen(ls[0].Addr)
+	if second, err := Bind([]Spec{again}, BindOptions{ReusePort: true}); err == nil {
+		CloseAll(second)
+		t.Fatal("a second bind with ReusePort joined the first socket's port")
+	} else if !strings.Contains(err.Error(), "address already in use") {
+		t.Fatalf("want an address-in-use error, got %v", err)
+	}
+
+	// A port held by another program is refused as before.
+	other, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	held, _ := ParseListen(other.Addr().String())
+	if _, err := Bind([]Spec{held}, BindOptions{ReusePort: true}); err == nil || !strings.Contains(err.Error(), "address already in use") {
+		t.Fatalf("want an address-in-use error, got %v", err)
+	}
+
+	// UDP and plain binds get no SO_REUSEPORT.
+	udp, _ := ParseListen("udp:127.0.0.1:0")
+	tcp, _ := ParseListen("127.0.0.1:0")
+	plain, err := Bind([]Spec{udp, tcp}, BindOptions{ReusePort: false})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer CloseAll(plain)
+	withOpt, err := Bind([]Spec{udp}, BindOptions{ReusePort: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer CloseAll(withOpt)
+	for _, l := range append(plain, withOpt...) {
+		if reusePortOn(t, l) {
+			t.Errorf("%s: SO_REUSEPORT set", l.Spec)
+		}
+	}
+}
