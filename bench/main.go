@@ -50,7 +50,7 @@ Nothing here asserts anything: it measures and prints.`
 
 const examples = `
 Examples:
-   go run ./bench                                   # the full matrix, about 5 minutes
+   go run ./bench                                   # the full matrix, about 8 minutes
    go run ./bench --duration 8s --restarts 3 --idle 0 --scenarios direct,relay-notify
    go run ./bench --duration 2m --restarts 40 -c 64 --startup 1s --work 2ms`
 
@@ -69,7 +69,7 @@ func newApp() *cli.App {
 		Description: description + "\n" + examples,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "out", Value: "bench-results", Usage: "`DIR` for the results"},
-			&cli.DurationFlag{Name: "duration", Value: 20 * time.Second, Usage: "`DURATION` of the load in each run"},
+			&cli.DurationFlag{Name: "duration", Value: 30 * time.Second, Usage: "`DURATION` of the load in each run"},
 			&cli.IntFlag{Name: "restarts", Value: 10, Usage: "`K` restarts per run, evenly spaced"},
 			&cli.IntFlag{Name: "concurrency", Aliases: []string{"c"}, Value: 32, Usage: "`C` concurrent workers"},
 			&cli.StringFlag{Name: "modes", Value: "new-conn,keep-alive", Usage: "`MODES` to run, comma-separated"},

@@ -142,6 +142,11 @@ func (g *Group) inspect(fd int) error {
 		return ErrNotStream
 	}
 	g.sa = sa
+	if dev, err := unix.GetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE); err == nil && dev != "" {
+		// A socket bound to a device would not share a group with new
+		// sockets that are not, and those may need CAP_NET_RAW to be.
+		return fmt.Errorf("the socket is bound to device %s (BindToDevice=), which relay does not copy", dev)
+	}
 	if on, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT); err != nil {
 		return fmt.Errorf("reading SO_REUSEPORT: %w", err)
 	} else if on == 0 {

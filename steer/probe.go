@@ -30,7 +30,7 @@ func (g *Group) Covers(dst netip.AddrPort) bool {
 	}
 	ga, da := a.Addr().Unmap(), dst.Addr().Unmap()
 	if ga.IsUnspecified() {
-		if da.Is4() && g.family == unix.AF_INET6 && g.v6only {
+		if da.Is4() && g.family == unix.AF_INET6 && g.v6only || da.Is6() && g.family == unix.AF_INET {
 			return false
 		}
 		return da.IsLoopback()

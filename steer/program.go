@@ -25,6 +25,10 @@ type probeRule struct {
 // to the socket at index active, except those from rule.from (when rule is
 // set), which go to rule.index.
 //
+// A load out of the packet's bounds would end the program with 0, the
+// first socket; the loads here are all within the IP and TCP headers of any
+// packet that reaches a TCP listener.
+//
 // For a rule on an IPv4 source the program reads the IP version, the
 // source address and, past the IHL, the source port. For an IPv6 source it
 // reads the address and the port right after the fixed 40-byte header: a

@@ -208,15 +208,26 @@ func (p passThrough) Write(b []byte) (int, error) {
 	return p.tail.Write(b)
 }
 
-// steerTo sends the new connections of every steered listener to g.
+// steerTo sends the new connections of every steered listener to g. If one
+// listener refuses, those already switched go back to the serving
+// generation, so that no listener is left pointing at g alone.
 func (s *Supervisor) steerTo(g *generation) error {
+	var done []*steer.Group
 	for _, grp := range s.cfg.Steer {
 		if grp == nil {
 			continue
 		}
 		if err := grp.Switch(g.n); err != nil {
+			if back := s.serving; back != nil && back != g {
+				for _, d := range done {
+					if berr := d.Switch(back.n); berr != nil {
+						back.log.Error("steering new connections back", "err", berr)
+					}
+				}
+			}
 			return fmt.Errorf("steering new connections to generation %d: %w", g.n, err)
 		}
+		done = append(done, grp)
 	}
 	return nil
 }

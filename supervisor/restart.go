@@ -242,9 +242,10 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		g.killTimer.Stop()
 	}
 
-	// Its sockets go back to the steering groups once any switch that
-	// its exit calls for is done, below.
-	defer s.releaseSockets(g.n)
+	// Its sockets go back to the steering groups before anything below
+	// can start a new generation, which may then reuse them. One that
+	// new connections still go to stays in place until a switch.
+	s.releaseSockets(g.n)
 	switch {
 	case g == s.starting:
 		s.starting = nil

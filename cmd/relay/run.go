@@ -97,7 +97,7 @@ func runCommand() *cli.Command {
 			&cli.StringFlag{Name: "health", Value: "notify", Usage: "readiness `CHECK` of each new generation: notify, http://…, tcp://…, exec:CMD or delay:DURATION"},
 			&cli.DurationFlag{Name: "health-timeout", Value: supervisor.DefaultHealthTimeout, Usage: "`DURATION` a new generation may take to become ready before it is killed and the restart rolled back"},
 			&cli.StringFlag{Name: "steer", Value: steerAuto, Usage: "`MODE` of the drain on TCP listeners: auto gives each generation a socket of its own and new connections to the serving one only, where the kernel allows (else one shared socket, logged); on refuses to start without it; off shares one socket"},
-			&cli.DurationFlag{Name: "drain", DefaultText: "1s when steered, 0 on shared sockets", Usage: "`DURATION` from the switch to the new generation until the old one is told to stop; when steered the old one gets no new connection meanwhile, on shared sockets both accept"},
+			&cli.DurationFlag{Name: "drain", DefaultText: "1s if any listener is steered, else 0", Usage: "`DURATION` from the switch to the new generation until the old one is told to stop; when steered the old one gets no new connection meanwhile, on shared sockets both accept"},
 			&cli.StringFlag{Name: "stop-signal", Value: "TERM", Usage: "`SIGNAL` that asks a generation to stop (nginx and unicorn want QUIT, haproxy USR1, lighttpd INT)"},
 			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "`DURATION` a generation may take to stop before its process group gets SIGKILL"},
 			&cli.IntFlag{Name: "max-draining", Value: supervisor.DefaultMaxDraining, Usage: "`N` old generations may still be running; a restart past it waits for the oldest to exit"},

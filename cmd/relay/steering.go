@@ -72,7 +72,7 @@ func setupSteering(log *slog.Logger, mode string, listeners []*socketpass.Listen
 		case err != nil:
 			log.Info("net.ipv4.tcp_migrate_req stays off: a connection still queued on a retired socket would be reset rather than moved (relay retires a socket only after its generation has exited)", "err", err)
 		case state == steer.MigrationEnabled:
-			log.Info("turned on net.ipv4.tcp_migrate_req for this network namespace: connections queued on a retired socket move to the serving one")
+			log.Info("turned on net.ipv4.tcp_migrate_req for this network namespace: connections still queued on a retired socket move to another socket of its group instead of being reset")
 		default:
 			log.Debug("net.ipv4.tcp_migrate_req is on")
 		}
