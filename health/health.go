@@ -1,12 +1,14 @@
 // Package health decides when a new generation is ready to serve.
 //
-// Every generation accepts on the same shared sockets, so a probe that the
-// old generation could answer proves nothing about the new one. The checks
-// here are made specific to one child: its own NOTIFY_SOCKET (notify), a
-// private loopback address relay picks for each child and hands it through
-// RELAY_HEALTH_ADDR or the {health_addr} placeholder (http, tcp), or a
-// command that is told the child's pid (exec). delay is the weakest form:
-// it only waits.
+// The old generation serves the public address until the new one is ready,
+// so a probe that the old generation could answer proves nothing about the
+// new one. The checks here are made specific to one child: its own
+// NOTIFY_SOCKET (notify), a private loopback address relay picks for each
+// child and hands it through RELAY_HEALTH_ADDR or the {health_addr}
+// placeholder (http, tcp), a command that is told the child's pid (exec), or
+// an http or tcp probe of the public address that the caller steers to the
+// child's own socket (Child.Control). delay is the weakest form: it only
+// waits.
 package health
 
 import (
