@@ -132,26 +132,38 @@ func (s Spec) UsesPrivateAddr() bool {
 	return strings.Contains(s.Target, PlaceholderHealthAddr) || strings.Contains(s.Target, PlaceholderHealthPort)
 }
 
-// SharedTarget returns which of the shared listener addresses the check
-// probes, or "" if none. Such a probe cannot tell generations apart: an old
-// generation accepting on the same socket may answer it.
-func (s Spec) SharedTarget(listenerAddrs []string) string {
-	if (s.Kind != HTTP && s.Kind != TCP) || s.UsesPrivateAddr() {
-		return ""
-	}
+// HostPort returns the host and port an http or tcp check connects to
+// (placeholders unexpanded), and false for other kinds or a target without
+// one.
+func (s Spec) HostPort() (host, port string, ok bool) {
 	hostport := s.Target
-	if s.Kind == HTTP {
+	switch s.Kind {
+	case HTTP:
 		u, err := url.Parse(s.Target)
 		if err != nil {
-			return ""
+			return "", "", false
 		}
 		hostport = u.Host
 		if u.Port() == "" {
 			hostport = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
 		}
+	case TCP:
+	default:
+		return "", "", false
 	}
 	host, port, err := net.SplitHostPort(hostport)
-	if err != nil {
+	return host, port, err == nil
+}
+
+// SharedTarget returns which of the shared listener addresses the check
+// probes, or "" if none. Such a probe cannot tell generations apart: an old
+// generation accepting on the same socket may answer it.
+func (s Spec) SharedTarget(listenerAddrs []string) string {
+	if s.UsesPrivateAddr() {
+		return ""
+	}
+	host, port, ok := s.HostPort()
+	if !ok {
 		return ""
 	}
 	for _, a := range listenerAddrs {

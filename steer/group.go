@@ -51,7 +51,6 @@ type Group struct {
 	log  *slog.Logger
 
 	mu      sync.Mutex
-	orig    *os.File
 	sa      unix.Sockaddr
 	family  int
 	v6only  bool
@@ -88,19 +87,15 @@ func New(f *os.File, opts Options) (*Group, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	g := &Group{name: opts.Name, log: log, orig: f}
-	var err error
-	if err = control(f, func(fd int) error { return g.inspect(fd) }); err != nil {
-		return nil, err
-	}
+	g := &Group{name: opts.Name, log: log}
 	first := &member{file: f, pinned: opts.Pin}
-	if err := control(f, func(fd int) error { first.fd = fd; return nil }); err != nil {
+	if err := control(f, func(fd int) error { first.fd = fd; return g.inspect(fd) }); err != nil {
 		return nil, err
 	}
-	g.members = []*member{first}
-	g.active = first
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	g.members = []*member{first}
+	g.active = first
 	if err := g.applyLocked(); err != nil {
 		return nil, err
 	}
@@ -239,10 +234,7 @@ func (g *Group) Switch(gen int) error {
 	if m == nil {
 		return fmt.Errorf("%s: generation %d has no socket", g.name, gen)
 	}
-	prevActive, prevProbe := g.active, g.probe
-	g.active, g.probe = m, nil
-	if err := g.applyLocked(); err != nil {
-		g.active, g.probe = prevActive, prevProbe
+	if err := g.retargetLocked(m, nil, netip.AddrPort{}); err != nil {
 		return err
 	}
 	g.tidyLocked()
@@ -259,10 +251,17 @@ func (g *Group) Probe(gen int, from netip.AddrPort) error {
 	if m == nil {
 		return fmt.Errorf("%s: generation %d has no socket (it has exited)", g.name, gen)
 	}
-	prevProbe, prevFrom := g.probe, g.from
-	g.probe, g.from = m, from
+	return g.retargetLocked(g.active, m, from)
+}
+
+// retargetLocked points public connections at active and those from
+// "from" at probe (nil for no rule), and attaches the program for it. If
+// the kernel refuses it, the targets stay as they were.
+func (g *Group) retargetLocked(active, probe *member, from netip.AddrPort) error {
+	prevActive, prevProbe, prevFrom := g.active, g.probe, g.from
+	g.active, g.probe, g.from = active, probe, from
 	if err := g.applyLocked(); err != nil {
-		g.probe, g.from = prevProbe, prevFrom
+		g.active, g.probe, g.from = prevActive, prevProbe, prevFrom
 		return err
 	}
 	return nil

@@ -9,8 +9,11 @@ import (
 )
 
 // Addr is the group's bound address.
-func (g *Group) Addr() netip.AddrPort {
-	switch sa := g.sa.(type) {
+func (g *Group) Addr() netip.AddrPort { return addrPort(g.sa) }
+
+// addrPort converts an IP socket address; other kinds give the zero value.
+func addrPort(sa unix.Sockaddr) netip.AddrPort {
+	switch sa := sa.(type) {
 	case *unix.SockaddrInet4:
 		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
 	case *unix.SockaddrInet6:
@@ -83,12 +86,5 @@ func bindProbe(fd int, dst netip.AddrPort, g *Group, gen int) error {
 	if err != nil {
 		return fmt.Errorf("reading the probe's source port: %w", err)
 	}
-	var from netip.AddrPort
-	switch b := bound.(type) {
-	case *unix.SockaddrInet4:
-		from = netip.AddrPortFrom(netip.AddrFrom4(b.Addr), uint16(b.Port))
-	case *unix.SockaddrInet6:
-		from = netip.AddrPortFrom(netip.AddrFrom16(b.Addr), uint16(b.Port))
-	}
-	return g.Probe(gen, from)
+	return g.Probe(gen, addrPort(bound))
 }

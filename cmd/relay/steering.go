@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"net/url"
 	"time"
 
 	"github.com/relaysh/relay/health"
@@ -98,24 +97,8 @@ func drainMode(g *steer.Group) string {
 // probeSteered reports whether spec's probes of the public address are
 // steered to the new generation, so that they test it and nothing else.
 func probeSteered(spec health.Spec, groups []*steer.Group) bool {
-	var hostport string
-	switch spec.Kind {
-	case health.HTTP:
-		u, err := url.Parse(spec.Target)
-		if err != nil {
-			return false
-		}
-		hostport = u.Host
-		if u.Port() == "" {
-			hostport = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
-		}
-	case health.TCP:
-		hostport = spec.Target
-	default:
-		return false
-	}
-	host, port, err := net.SplitHostPort(hostport)
-	if err != nil {
+	host, port, ok := spec.HostPort()
+	if !ok {
 		return false
 	}
 	if host == "localhost" {
