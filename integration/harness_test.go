@@ -24,7 +24,7 @@ import (
 
 // bins holds the paths of the binaries built for this run.
 type bins struct {
-	relay, hello, testchild string
+	relay, hello, testchild, plainserver, seccompdeny string
 }
 
 // built is set once by TestMain, before any test runs, and only read after.
@@ -50,6 +50,10 @@ func runTests(m *testing.M) int {
 		relay:     filepath.Join(dir, "relay"),
 		hello:     filepath.Join(dir, "hello"),
 		testchild: filepath.Join(dir, "testchild"),
+		// The takeover tests' server that binds its own port, and a
+		// launcher whose seccomp policy refuses filters.
+		plainserver: filepath.Join(dir, "plainserver"),
+		seccompdeny: filepath.Join(dir, "seccompdeny"),
 	}
 	for _, b := range []struct {
 		out, pkg string
@@ -58,6 +62,8 @@ func runTests(m *testing.M) int {
 		{built.relay, "./cmd/relay", true},
 		{built.hello, "./examples/hello", false},
 		{built.testchild, "./integration/testchild", false},
+		{built.plainserver, "./integration/plainserver", false},
+		{built.seccompdeny, "./integration/seccompdeny", false},
 	} {
 		args := []string{"build", "-o", b.out}
 		if b.race {
