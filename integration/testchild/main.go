@@ -53,6 +53,10 @@ func main() {
 		notifyExtra    = flag.String("notify-extra", "", "before READY=1, send this sd_notify message (',' separates its lines), as servers that speak to systemd do")
 		setNonblock    = flag.Int("set-nonblock-gen", 0, "in this generation, set O_NONBLOCK on fd 3 and serve; other generations leave the sockets' flags alone and do not accept")
 		healthGate     = flag.String("health-gate", "", "serve at once, but answer /healthz 503 until this file holds a number at least RELAY_GENERATION; log every /healthz to stderr")
+		bind           = flag.String("bind", "", "serve on a socket of its own bound to this address, as a server that knows nothing of LISTEN_FDS does, instead of on the passed sockets")
+		bindGate       = flag.String("bind-gate", "", "with -bind: bind only once this file holds a number at least RELAY_GENERATION")
+		notifyGate     = flag.String("ready-gate-notify", "", "serve at once, but send READY=1 only once this file holds a number at least RELAY_GENERATION")
+		logAccepts     = flag.Bool("log-accepts", false, "write a line to stderr for every connection accepted")
 	)
 	flag.Parse()
 	if *sleeper {
@@ -168,11 +172,50 @@ func main() {
 		}
 	}
 	if ready {
-		serveInherited(mux)
+		if *bind != "" {
+			if *bindGate != "" {
+				waitForGate(*bindGate, gen)
+			}
+			serveBound(*bind, mux, gen, *logAccepts)
+		} else {
+			serveInherited(mux)
+		}
+		if *notifyGate != "" {
+			waitForGate(*notifyGate, gen)
+		}
 		daemon.SdNotify(false, daemon.SdNotifyReady)
 	}
 	<-termC
 	os.Exit(*exitCodeOnTerm)
+}
+
+// serveBound binds addr itself and serves HTTP on it. It says on stderr
+// when it accepts, and with logAccepts every connection it accepted.
+func serveBound(addr string, mux *http.ServeMux, gen int, logAccepts bool) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "testchild: bind:", err)
+		os.Exit(1)
+	}
+	if logAccepts {
+		l = loggingListener{l, gen}
+	}
+	go http.Serve(l, mux)
+	fmt.Fprintf(os.Stderr, "testchild: accepting gen=%d pid=%d on %s\n", gen, os.Getpid(), l.Addr())
+}
+
+// loggingListener logs each connection it accepts.
+type loggingListener struct {
+	net.Listener
+	gen int
+}
+
+func (l loggingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		fmt.Fprintf(os.Stderr, "testchild: accepted gen=%d pid=%d from %s\n", l.gen, os.Getpid(), c.RemoteAddr())
+	}
+	return c, err
 }
 
 // serveInherited serves HTTP on the passed stream sockets and echoes the
