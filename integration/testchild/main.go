@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -56,7 +57,7 @@ func main() {
 		bind           = flag.String("bind", "", "serve on a socket of its own bound to this address, as a server that knows nothing of LISTEN_FDS does, instead of on the passed sockets")
 		bindGate       = flag.String("bind-gate", "", "with -bind: bind only once this file holds a number at least RELAY_GENERATION")
 		notifyGate     = flag.String("ready-gate-notify", "", "serve at once, but send READY=1 only once this file holds a number at least RELAY_GENERATION")
-		logAccepts     = flag.Bool("log-accepts", false, "write a line to stderr for every connection accepted")
+		logAccepts     = flag.Bool("log-accepts", false, "with -bind: write a line to stderr for every connection accepted before READY=1 was sent")
 	)
 	flag.Parse()
 	if *sleeper {
@@ -125,6 +126,7 @@ func main() {
 	}
 
 	ready := m != "never-ready"
+	var notified atomic.Bool // READY=1 was sent
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		if *noisy {
@@ -176,7 +178,7 @@ func main() {
 			if *bindGate != "" {
 				waitForGate(*bindGate, gen)
 			}
-			serveBound(*bind, mux, gen, *logAccepts)
+			serveBound(*bind, mux, gen, *logAccepts, &notified)
 		} else {
 			serveInherited(mux)
 		}
@@ -184,35 +186,38 @@ func main() {
 			waitForGate(*notifyGate, gen)
 		}
 		daemon.SdNotify(false, daemon.SdNotifyReady)
+		notified.Store(true)
 	}
 	<-termC
 	os.Exit(*exitCodeOnTerm)
 }
 
 // serveBound binds addr itself and serves HTTP on it. It says on stderr
-// when it accepts, and with logAccepts every connection it accepted.
-func serveBound(addr string, mux *http.ServeMux, gen int, logAccepts bool) {
+// when it accepts, and with logAccepts every connection it accepted before
+// notified was set.
+func serveBound(addr string, mux *http.ServeMux, gen int, logAccepts bool, notified *atomic.Bool) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "testchild: bind:", err)
 		os.Exit(1)
 	}
 	if logAccepts {
-		l = loggingListener{l, gen}
+		l = loggingListener{l, gen, notified}
 	}
 	go http.Serve(l, mux)
 	fmt.Fprintf(os.Stderr, "testchild: accepting gen=%d pid=%d on %s\n", gen, os.Getpid(), l.Addr())
 }
 
-// loggingListener logs each connection it accepts.
+// loggingListener logs each connection it accepts until notified is set.
 type loggingListener struct {
 	net.Listener
-	gen int
+	gen      int
+	notified *atomic.Bool
 }
 
 func (l loggingListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
-	if err == nil {
+	if err == nil && !l.notified.Load() {
 		fmt.Fprintf(os.Stderr, "testchild: accepted gen=%d pid=%d from %s\n", l.gen, os.Getpid(), c.RemoteAddr())
 	}
 	return c, err
