@@ -121,7 +121,7 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		}
 		files = append(files, f)
 	}
-	path, argv := socketpass.ShimArgv(cmd.Path, args)
+	path, argv := socketpass.ShimArgv(cmd.Path, args, socketpass.Takeover{})
 	g.started = time.Now()
 	g.proc, err = s.cfg.Reaper.Start(path, argv, reaper.Attr{Dir: s.cfg.Dir, Env: env, Files: files, NewGroup: true})
 	if err != nil {
