@@ -352,4 +352,3 @@ func control(f *os.File, fn func(fd int) error) error {
 	}
 	return inner
 }
-
