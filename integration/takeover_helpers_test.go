@@ -16,7 +16,8 @@ import (
 	"time"
 )
 
-// The log lines of bind takeover.
+// The log lines of bind takeover. msgUnavailable begins the messages that
+// say it is unavailable; the rest of each says what relay does instead.
 const (
 	msgTakenOver   = "bind taken over"
 	msgUnavailable = "bind takeover unavailable"
@@ -25,15 +26,25 @@ const (
 
 // lines returns relay's log lines with msg (and gen, if gen > 0), so far.
 func (r *relayProc) lines(msg string, gen int) []logLine {
+	return r.linesWhere(func(l logLine) bool { return l.str("msg") == msg && (gen == 0 || l.num("gen") == gen) })
+}
+
+// linesWhere returns relay's log lines for which pred holds, so far.
+func (r *relayProc) linesWhere(pred func(logLine) bool) []logLine {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var out []logLine
 	for _, l := range r.logs {
-		if l.str("msg") == msg && (gen == 0 || l.num("gen") == gen) {
+		if pred(l) {
 			out = append(out, l)
 		}
 	}
 	return out
+}
+
+// unavailable returns the lines that say bind takeover is unavailable.
+func (r *relayProc) unavailable() []logLine {
+	return r.linesWhere(func(l logLine) bool { return strings.HasPrefix(l.str("msg"), msgUnavailable) })
 }
 
 // freeLoopbackPort returns a TCP port that was free on 127.0.0.1 a moment

@@ -174,10 +174,12 @@ func checkTakenOver(t *testing.T, r *relayProc, ready logLine, listener string, 
 	if len(taken) != 1 {
 		t.Fatalf("generation %d: %d %q lines, want 1: %v", gen, len(taken), msgTakenOver, taken)
 	}
+	// The servers here bind in their main process (nginx in its master,
+	// before it forks its workers).
 	l := taken[0]
-	if l.num("pid") != pid || l.str("listener") != listener || l.str("socket") != "own" ||
+	if l.num("bind_pid") != pid || l.str("listener") != listener || l.str("socket") != "own" ||
 		!strings.HasSuffix(l.str("addr"), ":"+strconv.Itoa(port)) || l.num("fd") < 3 {
-		t.Errorf("generation %d (pid %d): %v, want pid %d, listener %s, socket own, an address on port %d and an fd above 2",
+		t.Errorf("generation %d (pid %d): %v, want bind_pid %d, listener %s, socket own, an address on port %d and an fd above 2",
 			gen, pid, l, pid, listener, port)
 	}
 	inode := fdInode(t, pid, l.num("fd"))
@@ -496,7 +498,11 @@ func guardIPv4Wildcard(t *testing.T) int {
 func TestTakeoverOff(t *testing.T) {
 	t.Parallel()
 	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--takeover", "off", "--", built.testchild)
-	addr := r.listenAddrs(1)[0].str("addr")
+	listener := r.listenAddrs(1)[0]
+	addr := listener.str("addr")
+	if got := listener.str("takeover"); got != "off" {
+		t.Errorf("the listening line says takeover=%q, want off: %v", got, listener)
+	}
 	ready, from := r.waitMsg(0, "generation ready", 1)
 	for gen := 1; gen <= 3; gen++ {
 		if gen > 1 {
@@ -553,11 +559,14 @@ func TestTakeoverUnavailable(t *testing.T) {
 					t.Errorf("generation %d ready with sockets=%q, want NAME=fd", gen, got)
 				}
 			}
-			warnings := r.lines(msgUnavailable, 0)
+			warnings := r.unavailable()
 			if len(warnings) != 1 {
 				t.Errorf("%d %q lines over 4 generations, want 1: %v", len(warnings), msgUnavailable, warnings)
-			} else if w := warnings[0]; w.str("level") != "WARN" || w.str("reason") == "" {
-				t.Errorf("the warning is %v; want a WARN with a reason", w)
+			} else if w := warnings[0]; w.str("level") != "WARN" || !strings.Contains(w.str("reason"), "seccomp") {
+				t.Errorf("the warning is %v; want a WARN whose reason names seccomp", w)
+			}
+			if n := len(r.lines(msgTakenOver, 0)); n != 0 {
+				t.Errorf("%d binds taken over without a filter", n)
 			}
 			r.signal(syscall.SIGTERM)
 			r.wait(30 * time.Second)
@@ -569,18 +578,15 @@ func TestTakeoverUnavailable(t *testing.T) {
 		if code := r.wait(30 * time.Second); code == 0 {
 			t.Fatal("relay --takeover on started where seccomp refuses its filter")
 		}
-		out := r.output()
 		if n := r.count("generation ready"); n != 0 {
-			t.Errorf("%d generations were made ready:\n%s", n, out)
+			t.Errorf("%d generations were made ready:\n%s", n, r.output())
 		}
-		var errs []string
-		for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
-			if strings.Contains(line, "--takeover") {
-				errs = append(errs, line)
-			}
-		}
-		if len(errs) != 1 {
-			t.Errorf("want one line naming --takeover, got %d:\n%s", len(errs), out)
+		// One error says what is missing and that --takeover on wants
+		// it; the lines that follow are the generation's failure.
+		errs := r.unavailable()
+		if len(errs) != 1 || errs[0].str("level") != "ERROR" || !strings.Contains(errs[0].str("msg"), "--takeover on") ||
+			!strings.Contains(errs[0].str("reason"), "seccomp") {
+			t.Errorf("want one ERROR naming --takeover on, with a reason naming seccomp; got %v", errs)
 		}
 	})
 }
