@@ -1,7 +1,9 @@
 package integration
 
 import (
-	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -12,8 +14,11 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // The log lines of bind takeover. msgUnavailable begins the messages that
@@ -57,39 +62,114 @@ func freeLoopbackPort(t testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// listenSock is a TCP socket in LISTEN state, as /proc/net/tcp{,6} shows it.
+// listenSock is a TCP socket in LISTEN state.
 type listenSock struct {
-	local  string // address:port in the kernel's hex
-	inode  string
-	queued int // connections waiting in its accept queue
+	local   string // its address and port
+	inode   string
+	queued  int // connections waiting in its accept queue
+	backlog int // the most that may wait there
 }
 
 // listening lists the listening TCP sockets on port, IPv4 and IPv6, in
-// this network namespace: what `ss -ltn sport = :PORT` shows.
+// this network namespace: what `ss -ltn sport = :PORT` shows. Like ss it
+// asks the kernel through sock_diag for the listening sockets alone;
+// /proc/net/tcp would list every socket, and a load that opens a new
+// connection per request leaves tens of thousands in TIME_WAIT, which take
+// it seconds to print.
 func listening(t testing.TB, port int) []listenSock {
 	t.Helper()
-	want := fmt.Sprintf(":%04X", port)
 	var out []listenSock
-	for _, path := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		f, err := os.Open(path)
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		msgs, err := dumpListeners(family)
 		if err != nil {
-			continue // no IPv6
+			t.Fatalf("sock_diag: %v", err)
 		}
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			// sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout inode
-			fields := strings.Fields(sc.Text())
-			if len(fields) < 10 || !strings.HasSuffix(fields[1], want) || fields[3] != "0A" {
+		for _, m := range msgs {
+			if int(binary.BigEndian.Uint16(m.ID.Sport[:])) != port {
 				continue
 			}
-			// For a listener, rx_queue is the accept queue's length.
-			_, rx, _ := strings.Cut(fields[4], ":")
-			queued, _ := strconv.ParseInt(rx, 16, 64)
-			out = append(out, listenSock{local: fields[1], inode: fields[9], queued: int(queued)})
+			ip := net.IP(m.ID.Src[:16])
+			if family == unix.AF_INET {
+				ip = net.IP(m.ID.Src[:4])
+			}
+			out = append(out, listenSock{
+				local: net.JoinHostPort(ip.String(), strconv.Itoa(port)), inode: strconv.FormatUint(uint64(m.Inode), 10),
+				queued: int(m.RQueue), backlog: int(m.WQueue),
+			})
 		}
-		f.Close()
 	}
 	return out
+}
+
+// The structs of linux/inet_diag.h.
+type inetDiagSockID struct {
+	Sport, Dport [2]byte // network byte order
+	Src, Dst     [16]byte
+	If           uint32
+	Cookie       [2]uint32
+}
+
+type inetDiagReqV2 struct {
+	Family, Protocol, Ext, Pad uint8
+	States                     uint32
+	ID                         inetDiagSockID
+}
+
+// inetDiagMsg is one socket. For a listener, RQueue is the length of its
+// accept queue and WQueue its backlog.
+type inetDiagMsg struct {
+	Family, State, Timer, Retrans       uint8
+	ID                                  inetDiagSockID
+	Expires, RQueue, WQueue, UID, Inode uint32
+}
+
+// dumpListeners asks sock_diag for the TCP sockets of family in LISTEN.
+func dumpListeners(family uint8) ([]inetDiagMsg, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+	const tcpListen = 10 // TCP_LISTEN in the kernel's states
+	req := inetDiagReqV2{Family: family, Protocol: unix.IPPROTO_TCP, States: 1 << tcpListen}
+	var b bytes.Buffer
+	hdr := unix.NlMsghdr{Type: unix.SOCK_DIAG_BY_FAMILY, Flags: unix.NLM_F_REQUEST | unix.NLM_F_DUMP, Seq: 1}
+	hdr.Len = uint32(unix.SizeofNlMsghdr + binary.Size(req))
+	binary.Write(&b, binary.NativeEndian, hdr)
+	binary.Write(&b, binary.NativeEndian, req)
+	if err := unix.Sendto(fd, b.Bytes(), 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return nil, err
+	}
+	var out []inetDiagMsg
+	buf := make([]byte, 64<<10)
+	// Bounded: a dump of the listeners takes a few reads at most.
+	for range 10000 {
+		n, _, err := unix.Recvfrom(fd, buf, 0)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range msgs {
+			switch m.Header.Type {
+			case unix.NLMSG_DONE:
+				return out, nil
+			case unix.NLMSG_ERROR:
+				return nil, fmt.Errorf("sock_diag answered an error: %v", m.Data)
+			}
+			var d inetDiagMsg
+			if err := binary.Read(bytes.NewReader(m.Data), binary.NativeEndian, &d); err != nil {
+				return nil, err
+			}
+			out = append(out, d)
+		}
+	}
+	return nil, errors.New("sock_diag: no end to the dump")
 }
 
 // socketInodes maps the inodes of pid's sockets to its fds for them.
@@ -147,35 +227,6 @@ func checkSockets(t testing.TB, r *relayProc, socks []listenSock, port, want int
 		}
 	}
 	return socks
-}
-
-// backlogs returns the accept backlog of each listening socket on port, by
-// inode, as ss shows it (Send-Q of a listener), or nil without ss.
-func backlogs(t testing.TB, port int) map[string]int {
-	t.Helper()
-	ss, err := exec.LookPath("ss")
-	if err != nil {
-		t.Logf("no ss here: the backlogs go unchecked")
-		return nil
-	}
-	out, err := exec.Command(ss, "-Hltne", fmt.Sprintf("sport = :%d", port)).Output()
-	if err != nil {
-		t.Fatalf("ss: %v", err)
-	}
-	m := map[string]int{}
-	for _, line := range strings.Split(string(out), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 6 {
-			continue
-		}
-		n, _ := strconv.Atoi(f[2])
-		for _, x := range f[5:] {
-			if ino, ok := strings.CutPrefix(x, "ino:"); ok {
-				m[ino] = n
-			}
-		}
-	}
-	return m
 }
 
 // somaxconn is net.core.somaxconn, the backlog relay gives its sockets.

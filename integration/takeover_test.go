@@ -186,11 +186,12 @@ func checkTakenOver(t *testing.T, r *relayProc, ready logLine, listener string, 
 	if socketInodes(t, r.pid())[inode] == nil {
 		t.Errorf("generation %d has fd %d = socket %s, which relay does not hold", gen, l.num("fd"), inode)
 	}
-	if !slices.ContainsFunc(listening(t, port), func(s listenSock) bool { return s.inode == inode }) {
-		t.Errorf("generation %d's fd %d (socket %s) is not listening on port %d", gen, l.num("fd"), inode, port)
-	}
-	if b := backlogs(t, port); b != nil && b[inode] != somaxconn(t) {
-		t.Errorf("generation %d's socket has a backlog of %d, want relay's %d: the child's listen() changed it", gen, b[inode], somaxconn(t))
+	socks := listening(t, port)
+	i := slices.IndexFunc(socks, func(s listenSock) bool { return s.inode == inode })
+	if i < 0 {
+		t.Errorf("generation %d's fd %d (socket %s) is not listening on port %d: %v", gen, l.num("fd"), inode, port, socks)
+	} else if socks[i].backlog != somaxconn(t) {
+		t.Errorf("generation %d's socket has a backlog of %d, want relay's %d: the child's listen() changed it", gen, socks[i].backlog, somaxconn(t))
 	}
 	return inode
 }
