@@ -29,6 +29,24 @@ const (
 	accepted                    // accepted, and maybe closed since
 )
 
+// probeAccepted connects to addr with dial, so with the Control ctx
+// carries, waits until the server accepts the connection, and closes it.
+func probeAccepted(ctx context.Context, addr string) error {
+	conn, err := dial(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	tc, ok := conn.(*net.TCPConn)
+	if !ok {
+		return fmt.Errorf("probe of %s: not a TCP connection (%T)", addr, conn)
+	}
+	if err := awaitAccepted(ctx, tc); err != nil {
+		return fmt.Errorf("probe %v→%v: %w", conn.LocalAddr(), conn.RemoteAddr(), err)
+	}
+	return nil
+}
+
 // awaitAccepted returns nil once the server has accepted conn, the client
 // end of a TCP connection: the server's end of it has left the listener's
 // accept queue. It polls the server's end with sock_diag until then, and
@@ -57,9 +75,9 @@ func awaitAccepted(ctx context.Context, conn *net.TCPConn) error {
 		case <-ctx.Done():
 			t.Stop()
 			if detail != "" {
-				return fmt.Errorf("%s→%s %s (%s): %w", local, remote, queuedMsg, detail, ctx.Err())
+				return fmt.Errorf("%s (%s): %w", queuedMsg, detail, ctx.Err())
 			}
-			return fmt.Errorf("%s→%s %s: %w", local, remote, queuedMsg, ctx.Err())
+			return fmt.Errorf("%s: %w", queuedMsg, ctx.Err())
 		case <-t.C:
 		}
 		poll = min(2*poll, maxAcceptPoll)
@@ -107,7 +125,7 @@ func lookAtAccept(diag *sockDiag, conn *net.TCPConn, local, remote netip.AddrPor
 		// The server sent its FIN: it accepted and closed.
 		return accepted, "", nil
 	}
-	return pending, "", fmt.Errorf("%s→%s: not accepted: the connection is %s and the server has no end of it (reset)", local, remote, tcpStateName(client))
+	return pending, "", fmt.Errorf("not accepted: the connection is %s and the server has no end of it (reset)", tcpStateName(client))
 }
 
 // tcpTuple returns conn's addresses and, for a link-local peer, the index

@@ -232,3 +232,42 @@ func TestSockDiagListenerFallback(t *testing.T) {
 		})
 	}
 }
+
+// serve accepts on l until the test ends, closing each connection.
+func serve(t *testing.T, l *net.TCPListener) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		<-done
+	})
+}
+
+// tcp:// is ready when the server accepts, not when the kernel completed
+// the handshake.
+func TestTCPCheckWaitsForAccept(t *testing.T) {
+	l := goListener(t, "tcp4", "127.0.0.1:0", unix.AF_INET)
+	spec, err := Parse("tcp://" + l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewChecker(spec, nil, nil)
+	err = c.Wait(shortCtx(t, 100*time.Millisecond), Child{})
+	if err == nil || !strings.Contains(err.Error(), "waits in the accept queue") || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("tcp check of a listener that never accepts = %v, want the queued error", err)
+	}
+	t.Logf("not ready, as it should be: %v", err)
+	serve(t, l)
+	if err := c.Wait(shortCtx(t, failAfter), Child{}); err != nil {
+		t.Fatalf("tcp check of a listener that accepts: %v", err)
+	}
+}

@@ -115,39 +115,61 @@ func (c *Checker) Wait(ctx context.Context, ch Child) error {
 			return fmt.Errorf("waiting %s: %w", c.spec.Delay, ctx.Err())
 		}
 	}
+	n, last := retry(ctx, func(ctx context.Context) error { return c.attempt(ctx, ch) })
+	if last == nil {
+		return nil
+	}
+	return fmt.Errorf("%d attempts, last: %w", n, withCtxErr(last, ctx))
+}
+
+// retry calls try, each time with a context bounded by attemptLimit, until
+// it succeeds or ctx ends, waiting between attempts for an interval that
+// doubles from firstInterval to maxInterval. It returns the number of
+// attempts, and nil or the last error.
+func retry(ctx context.Context, try func(context.Context) error) (attempts int, last error) {
 	interval := firstInterval
-	var last error
 	for attempt := 1; ; attempt++ {
-		last = c.attempt(ctx, ch)
+		actx, cancel := context.WithTimeout(ctx, attemptLimit)
+		last = try(actx)
+		cancel()
 		if last == nil {
-			return nil
+			return attempt, nil
 		}
 		t := time.NewTimer(interval)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return fmt.Errorf("%d attempts, last: %v: %w", attempt, last, ctx.Err())
+			return attempt, last
 		case <-t.C:
 		}
 		interval = min(2*interval, maxInterval)
 	}
 }
 
-func (c *Checker) attempt(ctx context.Context, ch Child) error {
-	ctx, cancel := context.WithTimeout(ctx, attemptLimit)
-	defer cancel()
-	if ch.Control != nil {
-		ctx = context.WithValue(ctx, controlKey{}, ch.Control)
+// withCtxErr returns err, which an attempt returned when ctx ended, with
+// ctx's error after it unless err already wraps that.
+func withCtxErr(err error, ctx context.Context) error {
+	if ctx.Err() == nil || errors.Is(err, ctx.Err()) {
+		return err
 	}
+	return fmt.Errorf("%w: %w", err, ctx.Err())
+}
+
+// withControl returns ctx carrying ch's Control for dial.
+func withControl(ctx context.Context, ch Child) context.Context {
+	if ch.Control != nil {
+		return context.WithValue(ctx, controlKey{}, ch.Control)
+	}
+	return ctx
+}
+
+func (c *Checker) attempt(ctx context.Context, ch Child) error {
+	ctx = withControl(ctx, ch)
 	switch c.spec.Kind {
 	case HTTP:
 		return c.httpAttempt(ctx, Expand(c.spec.Target, ch.Vars))
 	case TCP:
-		conn, err := dial(ctx, "tcp", Expand(c.spec.Target, ch.Vars))
-		if err != nil {
-			return err
-		}
-		return conn.Close()
+		return probeAccepted(ctx, Expand(c.spec.Target, ch.Vars))
 	case Exec:
 		return c.execAttempt(ctx, ch)
 	}
