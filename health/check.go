@@ -42,10 +42,32 @@ type Child struct {
 	// NotifyReady is closed when the child sends READY=1 on its own
 	// notify socket.
 	NotifyReady <-chan struct{}
-	// Control, if set, is the dialer's Control function for http and tcp
-	// probes: relay uses it to steer a probe of a public address to this
-	// child's own socket.
+	// Notified is closed at the child's first sd_notify message of any
+	// kind (READY=1, STATUS=..., anything); nil when relay does not
+	// tell.
+	Notified <-chan struct{}
+	// SpeaksNotify reports whether an earlier generation of this relay
+	// sent any sd_notify message; nil means false.
+	SpeaksNotify func() bool
+	// Control, if set, is the dialer's Control function for http, tcp
+	// and accept probes: relay uses it to steer a probe of a public
+	// address to this child's own socket.
 	Control func(network, address string, c syscall.RawConn) error
+	// Listeners are the child's listeners, for accept and auto.
+	Listeners []Listener
+}
+
+// Listener is one of relay's listeners as a readiness check sees it.
+type Listener struct {
+	Name string // e.g. "tcp-8080", for messages
+	// Probe is the host:port to dial for a steered TCP listener: Control
+	// steers the connection to this child's own socket. "" when the
+	// listener cannot be probed alone (UDP, unix, a shared TCP socket).
+	Probe string
+	// Claimed is closed once this child took the listener over with a
+	// bind of its own (and, for a stream socket, its listen); nil when
+	// relay cannot observe that (bind takeover off or unavailable).
+	Claimed <-chan struct{}
 }
 
 // controlKey carries a Child's Control to the shared HTTP transport.
@@ -114,6 +136,10 @@ func (c *Checker) Wait(ctx context.Context, ch Child) error {
 		case <-ctx.Done():
 			return fmt.Errorf("waiting %s: %w", c.spec.Delay, ctx.Err())
 		}
+	case Accept:
+		return waitAccept(ctx, ch)
+	case Auto:
+		return waitAuto(ctx, ch)
 	}
 	n, last := retry(ctx, func(ctx context.Context) error { return c.attempt(ctx, ch) })
 	if last == nil {

@@ -31,6 +31,8 @@ const (
 	TCP    Kind = "tcp"
 	Exec   Kind = "exec"
 	Delay  Kind = "delay"
+	Accept Kind = "accept"
+	Auto   Kind = "auto"
 )
 
 // Placeholders substituted in --health specs and in the child's arguments.
@@ -69,6 +71,10 @@ func Parse(value string) (Spec, error) {
 	switch {
 	case value == "notify":
 		s.Kind = Notify
+	case value == "accept":
+		s.Kind = Accept
+	case value == "auto":
+		s.Kind = Auto
 	case strings.HasPrefix(value, "http://"), strings.HasPrefix(value, "https://"):
 		s.Kind, s.Target = HTTP, value
 		u, err := url.Parse(Expand(value, Vars{HealthAddr: "127.0.0.1:1", Generation: 1, Pid: 1}))
@@ -96,7 +102,7 @@ func Parse(value string) (Spec, error) {
 		}
 		s.Kind, s.Delay = Delay, d
 	default:
-		return Spec{}, fmt.Errorf("--health %q: unknown check; use notify, http://…, tcp://…, exec:CMD or delay:DURATION", value)
+		return Spec{}, fmt.Errorf("--health %q: unknown check; use auto, notify, accept, http://…, tcp://…, exec:CMD or delay:DURATION", value)
 	}
 	return s, nil
 }
@@ -178,6 +184,10 @@ func (s Spec) SharedTarget(listenerAddrs []string) string {
 	}
 	return ""
 }
+
+// NeedsListeners reports whether the check looks at the child's
+// listeners (Child.Listeners): accept and auto do.
+func (s Spec) NeedsListeners() bool { return s.Kind == Accept || s.Kind == Auto }
 
 // Weak reports whether the check proves nothing about the child's state.
 func (s Spec) Weak() bool { return s.Kind == Delay }
