@@ -61,6 +61,9 @@ func awaitAccepted(ctx context.Context, conn *net.TCPConn) error {
 		return err
 	}
 	defer diag.Close()
+	if err := checkOwnEnd(diag, conn, local, remote, ifindex); err != nil {
+		return err
+	}
 	poll := firstAcceptPoll
 	for {
 		st, detail, err := lookAtAccept(diag, conn, local, remote, ifindex)
@@ -75,13 +78,30 @@ func awaitAccepted(ctx context.Context, conn *net.TCPConn) error {
 		case <-ctx.Done():
 			t.Stop()
 			if detail != "" {
-				return fmt.Errorf("%s (%s): %w", queuedMsg, detail, ctx.Err())
+				return fmt.Errorf("connected, but the server has not accepted it (%s): %w", detail, ctx.Err())
 			}
 			return fmt.Errorf("%s: %w", queuedMsg, ctx.Err())
 		case <-t.C:
 		}
 		poll = min(2*poll, maxAcceptPoll)
 	}
+}
+
+// checkOwnEnd looks up conn's own end, which exists unless conn was reset:
+// when sock_diag does not find it, it cannot tell about the server's end
+// either (no tcp_diag in this kernel, say), and waiting would only end in
+// a misleading timeout.
+func checkOwnEnd(diag *sockDiag, conn *net.TCPConn, local, remote netip.AddrPort, ifindex uint32) error {
+	_, found, err := diag.lookup(local, remote, ifindex)
+	if err != nil || found == foundSocket {
+		return err
+	}
+	if st, err := tcpInfoState(conn); err != nil {
+		return err
+	} else if st == tcpClose {
+		return fmt.Errorf("not accepted: the connection was reset")
+	}
+	return fmt.Errorf("NETLINK_SOCK_DIAG does not report TCP connection %s→%s (is tcp_diag missing from the kernel?), so relay cannot see whether the server accepted it", local, remote)
 }
 
 // lookAtAccept looks once at the server's end of a connection (from local
