@@ -71,7 +71,7 @@ func waitAccept(ctx context.Context, ch Child) error {
 	if last == nil {
 		return nil
 	}
-	return fmt.Errorf("%d attempts, last: %w", n, withCtxErr(last, ctx))
+	return fmt.Errorf("%d attempts, last: %w", n, withCtxErr(ctx, last))
 }
 
 // waitAuto is ready at READY=1, or, while the child is silent (sent no
@@ -117,7 +117,7 @@ func waitAuto(ctx context.Context, ch Child) error {
 	case last := <-acceptC:
 		if last != nil {
 			// Only the end of ctx ends the accept condition unmet.
-			return fmt.Errorf("%s, and %w", noReady, withCtxErr(last, ctx))
+			return fmt.Errorf("%s, and %w", noReady, withCtxErr(ctx, last))
 		}
 		// A message may have come while the probe was accepted.
 		switch {

@@ -145,7 +145,7 @@ func (c *Checker) Wait(ctx context.Context, ch Child) error {
 	if last == nil {
 		return nil
 	}
-	return fmt.Errorf("%d attempts, last: %w", n, withCtxErr(last, ctx))
+	return fmt.Errorf("%d attempts, last: %w", n, withCtxErr(ctx, last))
 }
 
 // retry calls try, each time with a context bounded by attemptLimit, until
@@ -174,7 +174,7 @@ func retry(ctx context.Context, try func(context.Context) error) (attempts int, 
 
 // withCtxErr returns err, which an attempt returned when ctx ended, with
 // ctx's error after it unless err already wraps that.
-func withCtxErr(err error, ctx context.Context) error {
+func withCtxErr(ctx context.Context, err error) error {
 	if ctx.Err() == nil || errors.Is(err, ctx.Err()) {
 		return err
 	}
