@@ -60,6 +60,14 @@ func ShimArgv(path string, argv []string, t Takeover) (string, []string) {
 	return selfExe, append([]string{"relay-exec-shim", ShimCommand, t.arg(), path}, argv...)
 }
 
+// ShimLauncher returns the argv that makes the relay binary at relay run
+// path through the exec shim without a takeover; the caller appends path's
+// argv (argv[0] first). Tests use it to start relay itself the way systemd
+// would, with LISTEN_PID set to its own pid.
+func ShimLauncher(relay, path string) []string {
+	return []string{relay, ShimCommand, Takeover{}.arg(), path}
+}
+
 // IsShim reports whether args (os.Args) ask for the exec shim.
 func IsShim(args []string) bool {
 	return len(args) > 1 && args[1] == ShimCommand
