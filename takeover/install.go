@@ -26,23 +26,38 @@ const (
 	maxMsg        = 1024
 )
 
-// filter returns the program the shim installs: bind(2) and listen(2) of
-// the native architecture go to relay, everything else runs.
-func filter() ([]bpf.Instruction, error) {
+// Options tune Install.
+type Options struct {
+	// Unlink also hands relay the child's unlink(2) and unlinkat(2), so
+	// that Serve can keep relay's unix socket paths in place (see
+	// Config.Paths). Set it when relay has unix listeners.
+	Unlink bool
+}
+
+// filter returns the program the shim installs: bind(2) and listen(2)
+// (and with Unlink the unlink calls) of the native architecture go to
+// relay, everything else runs.
+func filter(opts Options) ([]bpf.Instruction, error) {
 	if !archSupported {
 		return nil, fmt.Errorf("%w: relay has no filter for this architecture", ErrUnavailable)
 	}
-	notify := bpf.RetConstant{Val: unix.SECCOMP_RET_USER_NOTIF}
-	allow := bpf.RetConstant{Val: unix.SECCOMP_RET_ALLOW}
-	return []bpf.Instruction{
+	calls := []uint32{unix.SYS_BIND, unix.SYS_LISTEN}
+	if opts.Unlink {
+		calls = append(calls, unlinkCalls()...)
+	}
+	// arch check, load nr, one test per call, allow, notify.
+	prog := []bpf.Instruction{
 		bpf.LoadAbsolute{Off: offsetArch, Size: 4},
-		bpf.JumpIf{Cond: bpf.JumpEqual, Val: auditArch, SkipFalse: 3},
+		bpf.JumpIf{Cond: bpf.JumpEqual, Val: auditArch, SkipFalse: uint8(len(calls) + 1)},
 		bpf.LoadAbsolute{Off: offsetNr, Size: 4},
-		bpf.JumpIf{Cond: bpf.JumpEqual, Val: unix.SYS_BIND, SkipTrue: 2},
-		bpf.JumpIf{Cond: bpf.JumpEqual, Val: unix.SYS_LISTEN, SkipTrue: 1},
-		allow,
-		notify,
-	}, nil
+	}
+	for i, nr := range calls {
+		prog = append(prog, bpf.JumpIf{Cond: bpf.JumpEqual, Val: nr, SkipTrue: uint8(len(calls) - i)})
+	}
+	return append(prog,
+		bpf.RetConstant{Val: unix.SECCOMP_RET_ALLOW},
+		bpf.RetConstant{Val: unix.SECCOMP_RET_USER_NOTIF},
+	), nil
 }
 
 // Install installs the filter on the calling thread and sends its
@@ -54,8 +69,8 @@ func filter() ([]bpf.Instruction, error) {
 // If the filter cannot be installed, Install tells relay why and returns an
 // error wrapping ErrUnavailable; the caller may exec without it. conn is
 // left open (it is close-on-exec).
-func Install(conn int) error {
-	lfd, flags, err := installFilter()
+func Install(conn int, opts Options) error {
+	lfd, flags, err := installFilter(opts)
 	if err != nil {
 		if serr := unix.Sendmsg(conn, []byte(msgErr+" "+err.Error()), nil, nil, 0); serr != nil {
 			return errors.Join(err, fmt.Errorf("telling relay: %w", serr))
@@ -70,8 +85,8 @@ func Install(conn int) error {
 	return nil
 }
 
-func installFilter() (int, []string, error) {
-	prog, err := filter()
+func installFilter(opts Options) (int, []string, error) {
+	prog, err := filter(opts)
 	if err != nil {
 		return -1, nil, err
 	}
