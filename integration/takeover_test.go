@@ -33,6 +33,8 @@ const takeoverRestarts = 10
 type realServer struct {
 	// command is the server's argv, for its port.
 	command func(port int) []string
+	// asks is the address it binds, with %d for the port.
+	asks string
 	// relayArgs are relay's flags besides --listen.
 	relayArgs []string
 	// path is what the load asks for, and ident tells who answered.
@@ -77,7 +79,8 @@ func restartRealServer(t *testing.T, srv realServer) {
 	// gens maps who answered to their generation.
 	gens := map[int]int{}
 	ready, from := r.waitMsg(0, "generation ready", 1)
-	own := checkTakenOver(t, r, ready, name, port)
+	asked := fmt.Sprintf(srv.asks, port)
+	own := checkTakenOver(t, r, ready, name, port, asked)
 	if socks := checkListeners(t, r, port, 1, "generation 1"); len(socks) == 1 && socks[0].inode != own {
 		t.Errorf("generation 1 holds socket %s, but the one listening is %s", own, socks[0].inode)
 	}
@@ -100,16 +103,21 @@ func restartRealServer(t *testing.T, srv realServer) {
 		}
 	}
 	oldPid := ready.num("pid")
+	overlaps := 0 // restarts whose two live generations were looked at
 	for gen := 2; gen <= takeoverRestarts+1; gen++ {
 		waitUntil(t, 30*time.Second, fmt.Sprintf("generation %d to answer", gen-1), answered(serving))
 		r.signal(syscall.SIGHUP)
 		ready, from = r.waitMsg(from, "generation ready", gen)
-		own := checkTakenOver(t, r, ready, name, port)
+		if ready.num("pid") == oldPid {
+			t.Fatalf("generation %d has the pid of the one it replaced", gen)
+		}
+		own := checkTakenOver(t, r, ready, name, port, asked)
 		// Until the old generation has exited, and relay has taken its
 		// socket out of the group, the port has two; a process still
 		// there after the look was there during it.
 		socks := listening(t, port)
 		if !processGone(oldPid) {
+			overlaps++
 			checkSockets(t, r, socks, port, 2, fmt.Sprintf("restart %d, both generations alive", gen-1))
 		}
 		if srv.onReady != nil {
@@ -128,8 +136,12 @@ func restartRealServer(t *testing.T, srv realServer) {
 	waitUntil(t, 30*time.Second, "the last generation to answer", answered(serving))
 	load.stop()
 
+	if overlaps == 0 {
+		t.Errorf("in no restart was the old generation still there to count the sockets of both")
+	}
 	requests, failures := load.summary()
-	t.Logf("%d restarts: %d requests, %d failed, answered by %v", takeoverRestarts, requests, len(failures), load.answered())
+	t.Logf("%d restarts: %d requests, %d failed, answered by %v; both generations' sockets counted in %d restarts",
+		takeoverRestarts, requests, len(failures), load.answered(), overlaps)
 	for i, err := range failures {
 		if i == 5 {
 			break
@@ -159,12 +171,13 @@ func restartRealServer(t *testing.T, srv realServer) {
 }
 
 // checkTakenOver checks that the generation of a ready line bound its port
-// once, and got relay's socket for it: relay logged the takeover of that
-// bind for the listener, with the generation's own steered socket, and the
+// once, to the address asked, and got relay's socket for it: relay logged
+// the takeover of that bind for the listener, with the generation's own
+// steered socket, and the
 // fd it names in the child is a socket relay holds too, listening on port
 // with relay's backlog, which the child's listen() left alone. It returns
 // that socket's inode.
-func checkTakenOver(t *testing.T, r *relayProc, ready logLine, listener string, port int) string {
+func checkTakenOver(t *testing.T, r *relayProc, ready logLine, listener string, port int, asked string) string {
 	t.Helper()
 	gen, pid := ready.num("gen"), ready.num("pid")
 	if got, want := ready.str("sockets"), listener+"=bind"; got != want {
@@ -178,9 +191,9 @@ func checkTakenOver(t *testing.T, r *relayProc, ready logLine, listener string, 
 	// before it forks its workers).
 	l := taken[0]
 	if l.num("bind_pid") != pid || l.str("listener") != listener || l.str("socket") != "own" ||
-		!strings.HasSuffix(l.str("addr"), ":"+strconv.Itoa(port)) || l.num("fd") < 3 {
-		t.Errorf("generation %d (pid %d): %v, want bind_pid %d, listener %s, socket own, an address on port %d and an fd above 2",
-			gen, pid, l, pid, listener, port)
+		l.str("addr") != asked || l.num("fd") < 3 {
+		t.Errorf("generation %d (pid %d): %v, want bind_pid %d, listener %s, socket own, addr %s and an fd above 2",
+			gen, pid, l, pid, listener, asked)
 	}
 	inode := fdInode(t, pid, l.num("fd"))
 	if socketInodes(t, r.pid())[inode] == nil {
@@ -241,7 +254,7 @@ func TestTakeoverGoServer(t *testing.T) {
 		if os.Getuid() != 0 {
 			t.Skip("runs as root")
 		}
-		restartRealServer(t, realServer{command: command, ident: pidHeader, onReady: onSeccomp, exitCode: 0})
+		restartRealServer(t, realServer{command: command, asks: "[::]:%d", ident: pidHeader, onReady: onSeccomp, exitCode: 0})
 	})
 	t.Run("unprivileged", func(t *testing.T) {
 		if os.Getuid() != 0 {
@@ -249,7 +262,7 @@ func TestTakeoverGoServer(t *testing.T) {
 		}
 		const nobody = 65534
 		restartRealServer(t, realServer{
-			command: command, ident: pidHeader, exitCode: 0,
+			command: command, asks: "[::]:%d", ident: pidHeader, exitCode: 0,
 			start: func(t *testing.T, args ...string) *relayProc { return startRelayAs(t, nobody, nobody, args...) },
 			onReady: func(t *testing.T, r *relayProc, ready logLine) {
 				onSeccomp(t, r, ready)
@@ -291,6 +304,7 @@ func TestTakeoverPythonHTTPServer(t *testing.T) {
 			return []string{python, "-m", "http.server", "--bind", "127.0.0.1",
 				"--directory", filepath.Join(root, "{generation}"), strconv.Itoa(port)}
 		},
+		asks:     "127.0.0.1:%d",
 		path:     "/gen",
 		ident:    bodyNumber,
 		members:  func(_ *testing.T, ready logLine) []int { return []int{ready.num("gen")} },
@@ -322,6 +336,7 @@ func TestTakeoverNginx(t *testing.T) {
 			return []string{nginx, "-p", prefix, "-c", conf, "-e", "stderr",
 				"-g", "daemon off; master_process on; pid " + filepath.Join(prefix, "nginx-{generation}.pid") + ";"}
 		},
+		asks:      "127.0.0.1:%d",
 		relayArgs: []string{"--stop-signal", "QUIT"},
 		ident:     pidHeader,
 		exitCode:  0,
@@ -385,7 +400,7 @@ func TestTakeoverPassesOtherBindsAndRefusesUnsafeOnes(t *testing.T) {
 	pid1 := first.num("pid")
 	// ":PORT" is an IPv6 socket on all addresses: covered, and given the
 	// [::1] listener.
-	checkTakenOver(t, r, first, name, port)
+	checkTakenOver(t, r, first, name, port, "[::]:"+p)
 	checkListeners(t, r, port, 1, "generation 1")
 
 	var extra []string
@@ -434,6 +449,7 @@ func TestTakeoverPassesOtherBindsAndRefusesUnsafeOnes(t *testing.T) {
 	if !strings.Contains(out+errOut, "0.0.0.0:"+p) {
 		t.Errorf("relay restart does not say which bind failed:\n%s%s", out, errOut)
 	}
+	t.Logf("relay restart into the refused bind, exit %d:\n%s%s", code, out, errOut)
 	checkListeners(t, r, port, 1, "after the refused generation")
 	n, _ := ld.served(pid1)
 	waitUntil(t, 30*time.Second, "generation 1 to answer after the rollback", func() bool { m, _ := ld.served(pid1); return m > n })
@@ -443,7 +459,7 @@ func TestTakeoverPassesOtherBindsAndRefusesUnsafeOnes(t *testing.T) {
 		t.Fatalf("relay restart into a right command: exit %d\n%s%s", code, out, errOut)
 	}
 	third, _ := r.waitMsg(from, "generation ready", 3)
-	checkTakenOver(t, r, third, name, port)
+	checkTakenOver(t, r, third, name, port, "[::]:"+p)
 	waitUntil(t, 30*time.Second, "generation 3 to answer", func() bool { n, _ := ld.served(third.num("pid")); return n > 0 })
 	ld.stop()
 	requests, failures := ld.summary()
@@ -622,8 +638,8 @@ func TestTakeoverDoesNotGrow(t *testing.T) {
 		t.Errorf("%d binds taken over in %d generations, want one each", len(taken), restarts+1)
 	}
 	for _, l := range taken {
-		if l.str("listener") != name || l.str("socket") != "own" {
-			t.Errorf("%v: want listener %s, socket own", l, name)
+		if l.str("listener") != name || l.str("socket") != "own" || l.str("addr") != "[::]:"+p {
+			t.Errorf("%v: want listener %s, socket own, addr [::]:%s", l, name, p)
 			break
 		}
 	}
@@ -647,7 +663,7 @@ func TestTakeoverProbeWaitsForTheBind(t *testing.T) {
 		"--", built.testchild, "-bind", addr, "-bind-gate", gate, "-health-gate", gate)
 	name := r.listenAddrs(1)[0].str("name")
 	first, from := r.waitMsg(0, "generation ready", 1)
-	own1 := checkTakenOver(t, r, first, name, port)
+	own1 := checkTakenOver(t, r, first, name, port, addr)
 	waitUntil(t, 10*time.Second, "generation 1's probe line", func() bool { return probes(r.output())["gen1/200"] >= 1 })
 
 	r.signal(syscall.SIGHUP)
@@ -677,7 +693,7 @@ func TestTakeoverProbeWaitsForTheBind(t *testing.T) {
 	}
 	writeMode(t, gate, "2")
 	second, _ := r.waitMsg(from, "generation ready", 2)
-	if own2 := checkTakenOver(t, r, second, name, port); own2 != queuedOn {
+	if own2 := checkTakenOver(t, r, second, name, port, addr); own2 != queuedOn {
 		t.Errorf("generation 2 got socket %s, but the probe waited on %s", own2, queuedOn)
 	}
 	r.signal(syscall.SIGTERM)
@@ -704,7 +720,7 @@ func TestTakeoverNotifyServerIsReadyAtReadyOnly(t *testing.T) {
 	r := startRelay(t, nil, append([]string{"--listen", addr, "--"}, append(child, "-notify-extra", "STATUS=starting")...)...)
 	name := r.listenAddrs(1)[0].str("name")
 	ready, from := r.waitMsg(0, "generation ready", 1)
-	checkTakenOver(t, r, ready, name, port)
+	checkTakenOver(t, r, ready, name, port, addr)
 	r.waitMsg(0, "child sent READY=1", 1)
 	ld := startLoad(httpURL(addr), 4, 2*time.Minute)
 	pids := []int{ready.num("pid")}
@@ -739,8 +755,12 @@ func TestTakeoverNotifyServerIsReadyAtReadyOnly(t *testing.T) {
 		t.Logf("generation %d accepted %d connections before READY=1", gen, acceptedBefore(r.output(), gen))
 		writeMode(t, gate, strconv.Itoa(gen))
 		ready, from = r.waitMsg(from, "generation ready", gen)
+		own := checkTakenOver(t, r, ready, name, port, addr)
 		pids = append(pids, ready.num("pid"))
 		_, from = r.waitMsg(from, "old generation exited", gen-1)
+		if socks := checkListeners(t, r, port, 1, fmt.Sprintf("restart %d", gen-1)); len(socks) == 1 && socks[0].inode != own {
+			t.Errorf("generation %d holds socket %s, but the one listening is %s", gen, own, socks[0].inode)
+		}
 	}
 	waitUntil(t, 30*time.Second, "the last generation to answer", func() bool { n, _ := ld.served(pids[len(pids)-1]); return n > 0 })
 	ld.stop()
