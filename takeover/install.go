@@ -86,6 +86,9 @@ func Install(conn int, opts Options) error {
 }
 
 func installFilter(opts Options) (int, []string, error) {
+	if err := kernelSupports(); err != nil {
+		return -1, nil, err
+	}
 	prog, err := filter(opts)
 	if err != nil {
 		return -1, nil, err
@@ -120,6 +123,32 @@ func installFilter(opts Options) (int, []string, error) {
 		return -1, nil, fmt.Errorf("%w: installing the seccomp filter: %w%s", ErrUnavailable, errno, hint(errno))
 	}
 	return lfd, flags, nil
+}
+
+// kernelSupports refuses kernels before 5.9, which can notify relay of a
+// bind but cannot put relay's socket in the child (no NOTIF_ADDFD): every
+// covered bind would fail instead of falling back to the inherited fds.
+func kernelSupports() error {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return fmt.Errorf("%w: reading the kernel version: %w", ErrUnavailable, err)
+	}
+	release := unix.ByteSliceToString(u.Release[:])
+	if !atLeast(release, 5, 9) {
+		return fmt.Errorf("%w: Linux %s is older than 5.9, which has SECCOMP_IOCTL_NOTIF_ADDFD", ErrUnavailable, release)
+	}
+	return nil
+}
+
+// atLeast reports whether a kernel release such as "6.1.0-18-amd64" is at
+// least major.minor. A release it cannot read counts as new enough: the
+// kernel's own answers decide then.
+func atLeast(release string, major, minor int) bool {
+	var ma, mi int
+	if n, _ := fmt.Sscanf(release, "%d.%d", &ma, &mi); n < 2 {
+		return true
+	}
+	return ma > major || ma == major && mi >= minor
 }
 
 func seccomp(flags uintptr, prog *unix.SockFprog) (int, unix.Errno) {

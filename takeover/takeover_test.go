@@ -402,3 +402,13 @@ func freePort() (int, error) {
 	}
 	return sa.(*unix.SockaddrInet4).Port, nil
 }
+
+func TestKernelVersionCheck(t *testing.T) {
+	for release, want := range map[string]bool{
+		"5.8.18": false, "5.9.0": true, "4.19.0-27-amd64": false, "6.18.44-fc-v669": true, "5.10": true, "weird": true,
+	} {
+		if got := atLeast(release, 5, 9); got != want {
+			t.Errorf("atLeast(%q, 5, 9) = %v, want %v", release, got, want)
+		}
+	}
+}
