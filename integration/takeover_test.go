@@ -24,7 +24,9 @@ import (
 // and relay hands each generation its own socket in their place. These
 // tests run real servers (a Go server from the Kubernetes guide, Python's
 // http.server, nginx) under relay with no --health flag, restart them
-// under load, and look at the sockets in /proc.
+// under load, and look at the sockets: the kernel's list of listeners on
+// the port (sock_diag, as ss reads it) against the fds of relay and of
+// the child in /proc.
 
 // takeoverRestarts is the number of restarts under load of each server.
 const takeoverRestarts = 10
