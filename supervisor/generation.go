@@ -183,12 +183,10 @@ func (s *Supervisor) startCheck(g *generation) {
 		SpeaksNotify: s.speaksNotify.Load,
 		Control:      s.cfg.Sockets.ProbeControl(g.n),
 	}
-	for i, in := range s.cfg.Sockets.Info() {
-		l := health.Listener{Name: in.Name, Probe: s.cfg.Sockets.Probe(i)}
-		if g.takeover != nil {
-			l.Claimed = g.takeover.claimed[i]
-		}
-		child.Listeners = append(child.Listeners, l)
+	infos := s.cfg.Sockets.Info()
+	probes := make([]string, len(infos))
+	for i := range infos {
+		probes[i] = s.cfg.Sockets.Probe(i)
 	}
 	var failed <-chan struct{} // stays nil without takeover
 	if g.takeover != nil {
@@ -205,6 +203,17 @@ func (s *Supervisor) startCheck(g *generation) {
 			case <-wctx.Done():
 			}
 		}()
+		var claims []chan struct{}
+		if g.takeover != nil {
+			claims = g.takeover.claims(wctx)
+		}
+		for i, in := range infos {
+			l := health.Listener{Name: in.Name, Probe: probes[i]}
+			if claims != nil {
+				l.Claimed = claims[i]
+			}
+			child.Listeners = append(child.Listeners, l)
+		}
 		err := s.checker.Wait(wctx, child)
 		stop()
 		if g.takeover != nil && g.takeover.failedErr() != nil {

@@ -14,13 +14,18 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// sockaddrStorage is sizeof(struct sockaddr_storage).
+const sockaddrStorage = 128
+
 // errNotIP is returned by readAddr for addresses relay never owns.
 var errNotIP = errors.New("not an IP or unix address")
 
 // readAddr reads the sockaddr a thread passed to bind(2), from its memory.
 func readAddr(tid int, ptr uintptr, size int) (Bind, error) {
 	var b Bind
-	if size < 2 || size > int(unix.SizeofSockaddrAny) {
+	// C servers often pass sizeof(struct sockaddr_storage), 128, which
+	// the kernel accepts; it refuses more.
+	if size < 2 || size > sockaddrStorage {
 		return b, errNotIP
 	}
 	buf := make([]byte, size)

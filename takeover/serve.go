@@ -236,6 +236,9 @@ func (s *session) bind(m *notif) {
 	b.FD = fd
 	b.Pid = tgid(tid)
 	child, err := s.childSocket(m.ID, tid, fd)
+	if errors.Is(err, errGone) {
+		return // interrupted: the call comes back restarted, or never
+	}
 	if err != nil {
 		b.Err = err
 	} else {
@@ -294,7 +297,9 @@ func (s *session) install(id uint64, tid int, d Decision, b Bind) error {
 		return err
 	}
 	err = s.n.do(func(fd int) error { return addFD(fd, id, rs.fd, b.FD, cloexec) })
-	if errors.Is(err, unix.ENOENT) {
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
+		// ESRCH: the thread was interrupted while relay put the socket
+		// in place (before Linux 5.19 a signal can do that).
 		return errGone
 	}
 	if err != nil {
@@ -316,6 +321,9 @@ func (s *session) install(id uint64, tid int, d Decision, b Bind) error {
 func (s *session) listen(m *notif) {
 	tid, fd := int(m.Pid), int(int32(m.Data.Args[0]))
 	child, err := s.childSocket(m.ID, tid, fd)
+	if errors.Is(err, errGone) {
+		return
+	}
 	if err != nil {
 		s.proceed(m.ID)
 		return
