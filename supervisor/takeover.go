@@ -32,7 +32,7 @@ type bindTakeover struct {
 	// in place; active says it is.
 	handshook chan struct{}
 	active    bool
-	how     []string      // per listener: TookFD or TookBind
+	how       []string // per listener: TookFD or TookBind
 	// claimed[i] is closed once the child bound listener i (UDP) or
 	// listened on it (streams): a sign only this generation can give.
 	claimed []chan struct{}
