@@ -3,6 +3,7 @@ package sockets
 import (
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -17,6 +18,7 @@ type addr struct {
 	network socketpass.Network
 	ap      netip.AddrPort // IP listeners, v4-mapped addresses unmapped
 	path    string         // unix listeners
+	dir     takeover.FileID // the directory of path; zero if unknown
 	family  int
 	v6only  bool
 }
@@ -26,6 +28,7 @@ func readAddr(l *socketpass.Listener) (addr, error) {
 	a := addr{network: l.Spec.Network}
 	if a.network == socketpass.Unix {
 		a.path, a.family = l.Addr, unix.AF_UNIX
+		a.dir, _ = takeover.DirID(l.Addr) // zero: compare paths as strings
 		return a, nil
 	}
 	rc, err := l.File().SyscallConn()
@@ -64,8 +67,15 @@ func readAddr(l *socketpass.Listener) (addr, error) {
 // binding one address of a wildcard listener gets the wildcard.
 func (a addr) covers(b takeover.Bind) bool {
 	if b.Family == unix.AF_UNIX || a.network == socketpass.Unix {
-		return b.Family == unix.AF_UNIX && a.network == socketpass.Unix && b.Path == a.path &&
-			(b.Network == takeover.Unix || b.Err != nil)
+		if b.Family != unix.AF_UNIX || a.network != socketpass.Unix || (b.Network != takeover.Unix && b.Err == nil) {
+			return false
+		}
+		if b.Dir != (takeover.FileID{}) && a.dir != (takeover.FileID{}) {
+			// The same name in the same directory, however the child
+			// reaches it (symlinks, its own root).
+			return b.Dir == a.dir && filepath.Base(b.Path) == filepath.Base(a.path)
+		}
+		return b.Path == a.path
 	}
 	switch b.Network {
 	case takeover.TCP:

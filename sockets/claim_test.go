@@ -2,6 +2,7 @@ package sockets
 
 import (
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -108,6 +109,19 @@ func TestClaimUnixPath(t *testing.T) {
 	}
 	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: path + ".other", Network: takeover.Unix, Domain: unix.AF_UNIX}); d.Socket != -1 {
 		t.Errorf("bind of another path: %+v, want pass", d)
+	}
+	// The same socket reached through a symlinked directory.
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(filepath.Dir(path), link); err != nil {
+		t.Fatal(err)
+	}
+	via := filepath.Join(link, "app.sock")
+	dir, err := takeover.DirID(via)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: via, Dir: dir, Network: takeover.Unix, Domain: unix.AF_UNIX}); d.Socket != 0 {
+		t.Errorf("bind of the path through a symlink: %+v, want socket 0", d)
 	}
 }
 
