@@ -16,8 +16,8 @@ import (
 // address and its socket's family.
 type addr struct {
 	network socketpass.Network
-	ap      netip.AddrPort // IP listeners, v4-mapped addresses unmapped
-	path    string         // unix listeners
+	ap      netip.AddrPort  // IP listeners, v4-mapped addresses unmapped
+	path    string          // unix listeners
 	dir     takeover.FileID // the directory of path; zero if unknown
 	family  int
 	v6only  bool
