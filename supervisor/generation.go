@@ -180,7 +180,7 @@ func (s *Supervisor) startCheck(g *generation) {
 		Vars:         health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
 		NotifyReady:  g.notify.Ready(),
 		Notified:     g.notified,
-		SpeaksNotify: s.speaksNotify.Load,
+		SpeaksNotify: func() bool { _, ok := s.notifySpeakers.Load(g.cmd.Path); return ok },
 		Control:      s.cfg.Sockets.ProbeControl(g.n),
 	}
 	infos := s.cfg.Sockets.Info()
@@ -229,8 +229,8 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 	// Runs on the notify socket's goroutine: only read immutable fields.
 	l := s.cfg.Log.With("gen", g.n, "pid", g.pidForNotify.Load())
 	// The command speaks sd_notify: from now on the default check waits
-	// for READY=1 (see health.Auto).
-	s.speaksNotify.Store(true)
+	// for READY=1 from its generations (see health.Auto).
+	s.notifySpeakers.Store(g.cmd.Path, true)
 	g.notifiedOnce.Do(func() { close(g.notified) })
 	if st, ok := m.Vars["STATUS"]; ok {
 		l.Info("child status", "status", st)
