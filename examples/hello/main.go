@@ -119,12 +119,13 @@ func run() int {
 	// be answered by the other generation.
 	var health net.Listener
 	if *healthAddr != "" {
+		t0 := time.Now()
 		health, err = net.Listen("tcp", *healthAddr)
 		if err != nil {
 			log.Error("bind health address", "addr", *healthAddr, "err", err)
 			return 1
 		}
-		log.Info("health listener", "addr", health.Addr().String())
+		log.Info("health listener", "addr", health.Addr().String(), "took", time.Since(t0))
 	}
 
 	// Ask for the stop signals before the (possibly slow) startup, so that a
