@@ -1,8 +1,9 @@
 // Command bench measures restarts under load: examples/hello run directly,
-// restarted naively, under relay in each readiness mode, and under
-// start_server when it is installed, each with the same load, in
-// keep-alive and new-connection modes. It writes a markdown table, a JSON
-// file and one chart per mode. Run it from the repository root:
+// restarted naively, under relay binding its own port (bind takeover) and in
+// each readiness mode, and under start_server when it is installed, each
+// with the same load, in keep-alive and new-connection modes. It writes a
+// markdown table, a JSON file and one chart per mode. Run it from the
+// repository root:
 //
 //	go run ./bench            # or: make bench
 //	go run ./bench --help
@@ -33,8 +34,12 @@ import (
 const description = `Runs examples/hello under each scenario for --duration, with --concurrency
 workers sending requests and --restarts restarts evenly spaced, once per mode:
 
-   direct        hello binds the port itself and is never restarted: the ceiling
-   naive         hello is stopped (SIGTERM, wait) and started again
+   direct        hello -bind binds the port itself and is never restarted: the ceiling
+   naive         hello -bind is stopped (SIGTERM, wait) and started again
+   relay-bind    relay run with its defaults (no --health: auto; takeover auto) and
+                 hello -bind, which binds the port itself and sends no sd_notify message
+   relay-fd      relay run --takeover off, no --health: hello takes LISTEN_FDS and sends
+                 READY=1 (not run by default)
    relay-notify  relay run --health notify (hello sends READY=1); steered drain, the default
    relay-shared  relay-notify with --steer off: one socket shared by both generations
    relay-http    relay run --health http://{health_addr}/healthz (hello's private address)
@@ -50,8 +55,8 @@ Nothing here asserts anything: it measures and prints.`
 
 const examples = `
 Examples:
-   go run ./bench                                   # the full matrix, about 8 minutes
-   go run ./bench --duration 8s --restarts 3 --idle 0 --scenarios direct,relay-notify
+   go run ./bench                                   # the full matrix, about 9 minutes
+   go run ./bench --duration 8s --restarts 3 --idle 0 --scenarios direct,relay-bind
    go run ./bench --duration 2m --restarts 40 -c 64 --startup 1s --work 2ms`
 
 func main() {
@@ -73,7 +78,7 @@ func newApp() *cli.App {
 			&cli.IntFlag{Name: "restarts", Value: 10, Usage: "`K` restarts per run, evenly spaced"},
 			&cli.IntFlag{Name: "concurrency", Aliases: []string{"c"}, Value: 32, Usage: "`C` concurrent workers"},
 			&cli.StringFlag{Name: "modes", Value: "new-conn,keep-alive", Usage: "`MODES` to run, comma-separated"},
-			&cli.StringFlag{Name: "scenarios", Value: "direct,naive,relay-notify,relay-shared,relay-http,relay-delay,start_server", Usage: "`NAMES` to run, comma-separated"},
+			&cli.StringFlag{Name: "scenarios", Value: "direct,naive,relay-bind,relay-notify,relay-shared,relay-http,relay-delay,start_server", Usage: "`NAMES` to run, comma-separated"},
 			&cli.DurationFlag{Name: "startup", Value: 300 * time.Millisecond, Usage: "the backend's startup `DURATION` (hello -startup)"},
 			&cli.DurationFlag{Name: "work", Value: 0, Usage: "the backend's work `DURATION` per request (hello -work)"},
 			&cli.DurationFlag{Name: "lame-duck", Value: time.Second, Usage: "the backend's lame duck `DURATION` (hello -lame-duck)"},
@@ -132,7 +137,11 @@ func benchAction(c *cli.Context) error {
 	for _, name := range strings.Split(c.String("scenarios"), ",") {
 		i := slices.IndexFunc(all, func(sc scenario) bool { return sc.name == name })
 		if i < 0 {
-			return fmt.Errorf("unknown scenario %q: choose from direct, naive, relay-notify, relay-shared, relay-http, relay-delay, start_server", name)
+			var names []string
+			for _, sc := range all {
+				names = append(names, sc.name)
+			}
+			return fmt.Errorf("unknown scenario %q: choose from %s", name, strings.Join(names, ", "))
 		}
 		run = append(run, all[i])
 	}
