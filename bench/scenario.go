@@ -28,6 +28,9 @@ type settings struct {
 	relay, hello, self, starter                                     string
 	out                                                             string // results and logs
 	tmp                                                             string // binaries and control sockets, removed at exit
+	// The takeover cost comparison: rounds, restarts and load per run.
+	costRounds, costRestarts int
+	costDuration             time.Duration
 }
 
 // scenario is one way of running and restarting the backend.
