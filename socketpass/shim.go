@@ -4,10 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/takeover"
 )
 
 // ShimCommand is the hidden first argument that makes the relay binary act
@@ -18,10 +21,43 @@ const ShimCommand = "__relay_exec_shim"
 // removed since it started, so the shim is always the same build as relay.
 const selfExe = "/proc/self/exe"
 
+// Takeover says whether the shim installs the bind takeover filter
+// (package takeover) before it execs the command.
+type Takeover struct {
+	// FD is the shim's end of the takeover handshake; 0 for no takeover.
+	FD int
+	// Required makes the shim fail, rather than exec without the filter,
+	// when the filter cannot be installed.
+	Required bool
+}
+
+// arg encodes t as one shim argument: "-", "auto:FD" or "on:FD".
+func (t Takeover) arg() string {
+	switch {
+	case t.FD == 0:
+		return "-"
+	case t.Required:
+		return "on:" + strconv.Itoa(t.FD)
+	}
+	return "auto:" + strconv.Itoa(t.FD)
+}
+
+func parseTakeover(arg string) (Takeover, error) {
+	if arg == "-" {
+		return Takeover{}, nil
+	}
+	mode, fd, ok := strings.Cut(arg, ":")
+	n, err := strconv.Atoi(fd)
+	if !ok || err != nil || n < FirstFD || (mode != "auto" && mode != "on") {
+		return Takeover{}, fmt.Errorf("exec shim: bad takeover argument %q", arg)
+	}
+	return Takeover{FD: n, Required: mode == "on"}, nil
+}
+
 // ShimArgv returns the program and argv that start path with argv through the
 // exec shim. argv[0] is what the child will see as its own argv[0].
-func ShimArgv(path string, argv []string) (string, []string) {
-	return selfExe, append([]string{"relay-exec-shim", ShimCommand, path}, argv...)
+func ShimArgv(path string, argv []string, t Takeover) (string, []string) {
+	return selfExe, append([]string{"relay-exec-shim", ShimCommand, t.arg(), path}, argv...)
 }
 
 // IsShim reports whether args (os.Args) ask for the exec shim.
@@ -29,19 +65,24 @@ func IsShim(args []string) bool {
 	return len(args) > 1 && args[1] == ShimCommand
 }
 
-// RunShim is the exec shim. args is os.Args: [argv0, ShimCommand, path,
-// argv...]. Go cannot learn a child's pid before it runs, so relay starts
-// this shim, which sets LISTEN_PID to its own pid and replaces itself with
-// path. execve keeps the pid, so LISTEN_PID is the server's own pid. The
+// RunShim is the exec shim. args is os.Args: [argv0, ShimCommand, takeover,
+// path, argv...]. Go cannot learn a child's pid before it runs, so relay
+// starts this shim, which sets LISTEN_PID to its own pid and replaces itself
+// with path. execve keeps the pid, so LISTEN_PID is the server's own pid. The
 // passed sockets at fds 3.. are left alone: they are not close-on-exec, and
-// every other fd relay had is.
+// every other fd relay had is. With a takeover fd, the shim first installs
+// the bind takeover filter, which execve keeps.
 //
 // RunShim returns only on failure.
 func RunShim(args []string) error {
-	if !IsShim(args) || len(args) < 4 {
-		return errors.New("exec shim: usage: relay " + ShimCommand + " PATH ARGV0 [ARG...]")
+	if !IsShim(args) || len(args) < 5 {
+		return errors.New("exec shim: usage: relay " + ShimCommand + " TAKEOVER PATH ARGV0 [ARG...]")
 	}
-	path, argv := args[2], args[3:]
+	t, err := parseTakeover(args[2])
+	if err != nil {
+		return err
+	}
+	path, argv := args[3], args[4:]
 	env := os.Environ()
 	out := env[:0]
 	for _, kv := range env {
@@ -53,6 +94,16 @@ func RunShim(args []string) error {
 	if v, ok := os.LookupEnv(EnvListenFDs); ok {
 		out = append(out, EnvListenPID+"="+strconv.Itoa(os.Getpid()))
 		passed, _ = strconv.Atoi(v)
+	}
+	if t.FD != 0 {
+		// The filter and no_new_privs belong to this thread, which
+		// must be the one that calls execve.
+		runtime.LockOSThread()
+		if err := takeover.Install(t.FD); err != nil && t.Required {
+			return fmt.Errorf("exec shim: --takeover on: %w", err)
+		}
+		// Otherwise relay heard why, and the child takes its sockets
+		// as inherited fds only.
 	}
 	// Only stdin, stdout, stderr and the passed sockets cross the exec.
 	if err := CloseOnExecFrom(FirstFD + passed); err != nil {

@@ -11,8 +11,7 @@ import (
 
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
-	"github.com/relaysh/relay/socketpass"
-	"github.com/relaysh/relay/steer"
+	"github.com/relaysh/relay/sockets"
 )
 
 // Command is what a generation runs.
@@ -26,14 +25,15 @@ type Command struct {
 
 // Config configures a Supervisor.
 type Config struct {
-	Command   Command
-	Dir       string   // working directory of the children; "" for relay's
-	Env       []string // base environment of the children
-	Listeners []*socketpass.Listener
-	// Steer holds, for each listener, the reuseport group that gives
-	// every generation a socket of its own, or nil where the generations
-	// share the listener's socket.
-	Steer []*steer.Group
+	Command Command
+	Dir     string   // working directory of the children; "" for relay's
+	Env     []string // base environment of the children
+	// Sockets are relay's listeners: every generation gets them at fds
+	// 3.., and a bind of their address lands on them (see Takeover).
+	Sockets *sockets.Set
+	// Takeover says whether a child's own bind of a listener's address is
+	// taken over (package takeover).
+	Takeover TakeoverMode
 
 	// Check is a pre-flight command run before each requested restart
 	// (not before crash replacements); nil for none.
@@ -73,6 +73,21 @@ type Config struct {
 	// nobody.
 	Observer Observer
 }
+
+// TakeoverMode is the --takeover setting.
+type TakeoverMode string
+
+// The takeover modes.
+const (
+	// TakeoverAuto takes over binds where the kernel allows, and logs
+	// once why not where it does not.
+	TakeoverAuto TakeoverMode = "auto"
+	// TakeoverOn makes a generation whose filter cannot be installed
+	// fail its start.
+	TakeoverOn TakeoverMode = "on"
+	// TakeoverOff passes the sockets as inherited fds only.
+	TakeoverOff TakeoverMode = "off"
+)
 
 // Observer hears of the supervisor's milestones, for a service manager
 // such as systemd. Its methods are called from the supervisor's goroutine,
@@ -144,11 +159,15 @@ func (c *Config) setDefaults() error {
 	if c.Health.Kind == "" {
 		c.Health.Kind, c.Health.Raw = health.Notify, "notify"
 	}
-	if c.Steer != nil && len(c.Steer) != len(c.Listeners) {
-		return fmt.Errorf("%d steering groups for %d listeners", len(c.Steer), len(c.Listeners))
+	if c.Sockets == nil {
+		c.Sockets = sockets.Empty()
 	}
-	if c.Steer == nil {
-		c.Steer = make([]*steer.Group, len(c.Listeners))
+	switch c.Takeover {
+	case "":
+		c.Takeover = TakeoverOff
+	case TakeoverOff, TakeoverAuto, TakeoverOn:
+	default:
+		return fmt.Errorf("unknown takeover mode %q", c.Takeover)
 	}
 	if c.Observer == nil {
 		c.Observer = noObserver{}

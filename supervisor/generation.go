@@ -10,13 +10,13 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/socketpass"
-	"github.com/relaysh/relay/steer"
 )
 
 // State is where a generation is in its life.
@@ -64,6 +64,11 @@ type generation struct {
 	exitWatchers []*waiter
 	// pidForNotify is the pid, for the notify socket's goroutine.
 	pidForNotify atomic.Int64
+	// takeover answers the child tree's binds; nil with --takeover off.
+	takeover *bindTakeover
+	// notified is closed at the child's first sd_notify message.
+	notified     chan struct{}
+	notifiedOnce sync.Once
 }
 
 func (g *generation) pid() int { return g.proc.Pid }
@@ -71,7 +76,7 @@ func (g *generation) pid() int { return g.proc.Pid }
 // spawn starts generation n of cmd. The returned generation is Starting;
 // its exit is posted to the supervisor as an exitEvent.
 func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
-	g := &generation{n: n, cmd: cmd, state: Starting, stderr: newTailBuffer(stderrTailBytes)}
+	g := &generation{n: n, cmd: cmd, state: Starting, stderr: newTailBuffer(stderrTailBytes), notified: make(chan struct{})}
 	var err error
 	if g.healthAddr, err = health.PickHealthAddr(); err != nil {
 		return nil, err
@@ -99,38 +104,50 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		args[i] = health.Expand(a, vars)
 	}
 	_, port, _ := net.SplitHostPort(g.healthAddr)
-	env := socketpass.ChildEnv(s.cfg.Env, s.cfg.Listeners,
+	env := socketpass.ChildEnv(s.cfg.Env, s.cfg.Sockets.Listeners(),
 		socketpass.EnvNotifySocket+"="+notifyPath,
 		health.EnvGeneration+"="+strconv.Itoa(n),
 		health.EnvHealthAddr+"="+g.healthAddr,
 		health.EnvHealthPort+"="+port,
 	)
-	files := []*os.File{s.cfg.Stdin, s.cfg.Stdout, pw}
+	socks, err := s.cfg.Sockets.Take(n)
+	if err != nil {
+		pr.Close()
+		return nil, err
+	}
 	defer func() {
 		if !ok {
-			s.releaseSockets(n)
+			s.cfg.Sockets.Release(n)
 		}
 	}()
-	for i, l := range s.cfg.Listeners {
-		f := l.File()
-		if grp := s.cfg.Steer[i]; grp != nil {
-			if f, err = grp.Take(n); err != nil {
-				pr.Close()
-				return nil, fmt.Errorf("giving generation %d a socket of its own: %w", n, err)
-			}
+	files := append([]*os.File{s.cfg.Stdin, s.cfg.Stdout, pw}, socks...)
+	var shim socketpass.Takeover
+	var shimEnd *os.File
+	if s.cfg.Takeover != TakeoverOff {
+		if g.takeover, shimEnd, err = newBindTakeover(s.cfg.Sockets.Len()); err != nil {
+			pr.Close()
+			return nil, err
 		}
-		files = append(files, f)
+		defer shimEnd.Close() // the child has its copy once started
+		files = append(files, shimEnd)
+		shim = socketpass.Takeover{FD: len(files) - 1, Required: s.cfg.Takeover == TakeoverOn}
 	}
-	path, argv := socketpass.ShimArgv(cmd.Path, args)
+	path, argv := socketpass.ShimArgv(cmd.Path, args, shim)
 	g.started = time.Now()
 	g.proc, err = s.cfg.Reaper.Start(path, argv, reaper.Attr{Dir: s.cfg.Dir, Env: env, Files: files, NewGroup: true})
 	if err != nil {
 		pr.Close()
+		if g.takeover != nil {
+			g.takeover.hs.Close() // nothing serves it yet
+		}
 		return nil, fmt.Errorf("starting %s: %w", cmd.Path, err)
 	}
 	ok = true
 	g.log = s.cfg.Log.With("gen", n, "pid", g.proc.Pid)
 	g.pidForNotify.Store(int64(g.proc.Pid))
+	if g.takeover != nil {
+		go s.serveTakeover(g, socks)
+	}
 
 	copied := make(chan struct{})
 	go func() {
@@ -162,11 +179,28 @@ func (s *Supervisor) startCheck(g *generation) {
 	child := health.Child{
 		Vars:        health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
 		NotifyReady: g.notify.Ready(),
-		Control:     steer.ProbeControl(s.cfg.Steer, g.n),
+		Control:     s.cfg.Sockets.ProbeControl(g.n),
+	}
+	var failed <-chan struct{} // stays nil without takeover
+	if g.takeover != nil {
+		failed = g.takeover.failed
 	}
 	go func() {
-		err := s.checker.Wait(ctx, child)
-		if err != nil && ctx.Err() == context.DeadlineExceeded {
+		// A bind relay had to refuse ends the check: the child
+		// cannot serve that listener.
+		wctx, stop := context.WithCancel(ctx)
+		go func() {
+			select {
+			case <-failed:
+				stop()
+			case <-wctx.Done():
+			}
+		}()
+		err := s.checker.Wait(wctx, child)
+		stop()
+		if g.takeover != nil && g.takeover.failedErr() != nil {
+			err = g.takeover.failedErr()
+		} else if err != nil && ctx.Err() == context.DeadlineExceeded {
 			err = fmt.Errorf("not ready within --health-timeout %s: %w", s.cfg.HealthTimeout, err)
 		}
 		s.post(checkEvent{g: g, err: err})
@@ -176,6 +210,10 @@ func (s *Supervisor) startCheck(g *generation) {
 func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 	// Runs on the notify socket's goroutine: only read immutable fields.
 	l := s.cfg.Log.With("gen", g.n, "pid", g.pidForNotify.Load())
+	// The command speaks sd_notify: from now on the default check waits
+	// for READY=1 (see health.Auto).
+	s.speaksNotify.Store(true)
+	g.notifiedOnce.Do(func() { close(g.notified) })
 	if st, ok := m.Vars["STATUS"]; ok {
 		l.Info("child status", "status", st)
 	}
@@ -212,31 +250,18 @@ func (p passThrough) Write(b []byte) (int, error) {
 // listener refuses, those already switched go back to the serving
 // generation, so that no listener is left pointing at g alone.
 func (s *Supervisor) steerTo(g *generation) error {
-	var done []*steer.Group
-	for _, grp := range s.cfg.Steer {
-		if grp == nil {
-			continue
-		}
-		if err := grp.Switch(g.n); err != nil {
-			if back := s.serving; back != nil && back != g {
-				for _, d := range done {
-					if berr := d.Switch(back.n); berr != nil {
-						back.log.Error("steering new connections back", "err", berr)
-					}
-				}
-			}
-			return fmt.Errorf("steering new connections to generation %d: %w", g.n, err)
-		}
-		done = append(done, grp)
+	back := 0
+	if s.serving != nil && s.serving != g {
+		back = s.serving.n
 	}
-	return nil
+	return s.cfg.Sockets.Switch(g.n, back)
 }
 
-// releaseSockets gives back the sockets of generation n, which has exited.
-func (s *Supervisor) releaseSockets(n int) {
-	for _, grp := range s.cfg.Steer {
-		if grp != nil {
-			grp.Release(n)
-		}
+// releaseSockets gives back the sockets of generation g, which has exited,
+// once relay has stopped answering its binds.
+func (s *Supervisor) releaseSockets(g *generation) {
+	if g.takeover != nil {
+		g.takeover.stop()
 	}
+	s.cfg.Sockets.Release(g.n)
 }

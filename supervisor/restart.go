@@ -150,7 +150,7 @@ func (s *Supervisor) promote(g *generation) {
 	s.starting = nil
 	s.command = g.cmd
 	g.log.Info("generation ready", "ready_after", g.readyAt.Sub(g.started).Round(time.Microsecond),
-		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond))
+		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond), "sockets", s.socketsTaken(g))
 	run.emit(Event{Phase: PhaseReady, Generation: g.n, Pid: g.pid(), DurationMs: ms(g.readyAt.Sub(g.started))})
 	prev := s.serving
 	s.serving = g
@@ -245,7 +245,7 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	// Its sockets go back to the steering groups before anything below
 	// can start a new generation, which may then reuse them. One that
 	// new connections still go to stays in place until a switch.
-	s.releaseSockets(g.n)
+	s.releaseSockets(g)
 	switch {
 	case g == s.starting:
 		s.starting = nil

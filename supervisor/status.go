@@ -27,6 +27,10 @@ type GenerationStatus struct {
 	// ReadyAfterMs is from start to readiness; 0 while starting.
 	ReadyAfterMs float64  `json:"ready_after_ms,omitempty"`
 	Command      []string `json:"command"`
+	// Sockets says, per listener name, how the generation took its
+	// socket: "fd" (inherited, LISTEN_FDS) or "bind" (its own bind,
+	// taken over by relay).
+	Sockets map[string]string `json:"sockets,omitempty"`
 }
 
 // RestartCounts counts restarts since relay started. Crash replacements
@@ -75,7 +79,7 @@ func (s *Supervisor) status() Status {
 	for _, g := range s.oldestFirst() {
 		gs := GenerationStatus{
 			Generation: g.n, Pid: g.pid(), State: g.state, Started: g.started,
-			AgeSeconds: now.Sub(g.started).Seconds(), Command: g.cmd.Args,
+			AgeSeconds: now.Sub(g.started).Seconds(), Command: g.cmd.Args, Sockets: s.tookSockets(g),
 		}
 		if !g.readyAt.IsZero() {
 			gs.ReadyAfterMs = ms(g.readyAt.Sub(g.started))

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -38,6 +39,10 @@ type Supervisor struct {
 	reqC   chan any
 	eventC chan any
 	doneC  chan struct{}
+
+	// Shared with helper goroutines.
+	takeoverWarned atomic.Bool // the "takeover unavailable" line was logged
+	speaksNotify   atomic.Bool // some generation sent an sd_notify message
 
 	// The state below is owned by Run's goroutine.
 	nextGen      int

@@ -23,6 +23,7 @@ import (
 	"github.com/relaysh/relay/sdnotify"
 	"github.com/relaysh/relay/signals"
 	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/sockets"
 	"github.com/relaysh/relay/supervisor"
 )
 
@@ -96,7 +97,8 @@ func runCommand() *cli.Command {
 			&cli.StringFlag{Name: "socket-mode", Value: "0660", Usage: "permission `MODE` of unix sockets relay creates"},
 			&cli.StringFlag{Name: "health", Value: "notify", Usage: "readiness `CHECK` of each new generation: notify, http://…, tcp://…, exec:CMD or delay:DURATION"},
 			&cli.DurationFlag{Name: "health-timeout", Value: supervisor.DefaultHealthTimeout, Usage: "`DURATION` a new generation may take to become ready before it is killed and the restart rolled back"},
-			&cli.StringFlag{Name: "steer", Value: steerAuto, Usage: "`MODE` of the drain on TCP listeners: auto gives each generation a socket of its own and new connections to the serving one only, where the kernel allows (else one shared socket, logged); on refuses to start without it; off shares one socket"},
+			&cli.StringFlag{Name: "takeover", Value: string(supervisor.TakeoverAuto), Usage: "`MODE` of the bind takeover: auto makes a bind of a --listen address by the child (or anything it starts) land on relay's socket, where the kernel allows (else logged once, and children take the inherited fds only); on makes its absence an error; off passes the sockets as inherited fds only"},
+			&cli.StringFlag{Name: "steer", Value: string(sockets.SteerAuto), Usage: "`MODE` of the drain on TCP listeners: auto gives each generation a socket of its own and new connections to the serving one only, where the kernel allows (else one shared socket, logged); on refuses to start without it; off shares one socket"},
 			&cli.DurationFlag{Name: "drain", DefaultText: "1s if any listener is steered, else 0", Usage: "`DURATION` from the switch to the new generation until the old one is told to stop; when steered the old one gets no new connection meanwhile, on shared sockets both accept"},
 			&cli.StringFlag{Name: "stop-signal", Value: "TERM", Usage: "`SIGNAL` that asks a generation to stop (nginx and unicorn want QUIT, haproxy USR1, lighttpd INT)"},
 			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "`DURATION` a generation may take to stop before its process group gets SIGKILL"},
@@ -141,30 +143,22 @@ func runAction(c *cli.Context) error {
 	}
 	notifier := sdnotify.New(log)
 	defer notifier.Close(notifyFlushTimeout)
-	listeners, err := socketpass.Open(opts.listens, passed, socketpass.BindOptions{UnixMode: opts.socketMode, ReusePort: opts.steer != steerOff},
-		func(stale []string) { dropStale(log, notifier, stale) })
+	set, err := sockets.Open(sockets.Options{Specs: opts.listens, Passed: passed, UnixMode: opts.socketMode,
+		Steer: opts.steer, Notifier: notifier, Log: log})
 	if err != nil {
 		return err
 	}
-	defer socketpass.CloseAll(listeners)
-	stored := storeSockets(log, notifier, listeners)
-	groups, err := setupSteering(log, opts.steer, listeners, stored)
-	if err != nil {
-		return err
-	}
-	defer closeGroups(groups)
+	defer set.Close()
 	var addrs []string
-	steered := false
-	for i, l := range listeners {
-		log.Info("listening", "fd", socketpass.FirstFD+i, "name", l.Spec.Name, "network", string(l.Spec.Network), "addr", l.Addr,
-			"origin", string(l.Origin), "drain", drainMode(groups[i]))
-		addrs = append(addrs, l.Addr)
-		steered = steered || groups[i] != nil
+	for _, in := range set.Info() {
+		log.Info("listening", "fd", in.FD, "name", in.Name, "network", in.Network, "addr", in.Addr,
+			"origin", in.Origin, "drain", in.Drain, "takeover", string(opts.takeover))
+		addrs = append(addrs, in.Addr)
 	}
-	if !c.IsSet("drain") && steered {
+	if !c.IsSet("drain") && set.Steered() {
 		opts.drain = defaultSteeredDrain
 	}
-	warnAboutHealth(log, opts.health, addrs, probeSteered(opts.health, groups))
+	warnAboutHealth(log, opts.health, addrs, set)
 
 	runtimeDir, err := makeRuntimeDir()
 	if err != nil {
@@ -182,8 +176,8 @@ func runAction(c *cli.Context) error {
 		Command:       opts.command,
 		Check:         opts.check,
 		Env:           os.Environ(),
-		Listeners:     listeners,
-		Steer:         groups,
+		Sockets:       set,
+		Takeover:      opts.takeover,
 		Health:        opts.health,
 		HealthTimeout: opts.healthTimeout,
 		Drain:         opts.drain,
@@ -201,10 +195,9 @@ func runAction(c *cli.Context) error {
 	}
 
 	info := control.Info{Name: opts.name, Started: time.Now()}
-	for i, l := range listeners {
+	for _, in := range set.Info() {
 		info.Listeners = append(info.Listeners, control.ListenerInfo{
-			FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Address: l.Addr, Origin: string(l.Origin),
-			Drain: drainMode(groups[i]),
+			FD: in.FD, Name: in.Name, Network: in.Network, Address: in.Addr, Origin: in.Origin, Drain: in.Drain,
 		})
 	}
 	ctl, err := control.Listen(opts.controlPath, sup, info, log)
@@ -281,7 +274,8 @@ type runOptions struct {
 	listens                           []socketpass.Spec
 	socketMode                        os.FileMode
 	health                            health.Spec
-	steer                             string
+	steer                             sockets.SteerMode
+	takeover                          supervisor.TakeoverMode
 	healthTimeout, drain, stopTimeout time.Duration
 	stopSignal                        syscall.Signal
 	maxDraining                       int
@@ -314,10 +308,13 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 	if o.stopSignal, err = signals.Parse(c.String("stop-signal")); err != nil {
 		return o, usageError{fmt.Errorf("--stop-signal: %w", err)}
 	}
-	switch o.steer = c.String("steer"); o.steer {
-	case steerAuto, steerOn, steerOff:
+	if o.steer, err = sockets.ParseSteerMode(c.String("steer")); err != nil {
+		return o, usageError{err}
+	}
+	switch o.takeover = supervisor.TakeoverMode(c.String("takeover")); o.takeover {
+	case supervisor.TakeoverAuto, supervisor.TakeoverOn, supervisor.TakeoverOff:
 	default:
-		return o, usagef("--steer %q: use auto, on or off", o.steer)
+		return o, usagef("--takeover %q: use auto, on or off", o.takeover)
 	}
 	o.healthTimeout, o.drain, o.stopTimeout = c.Duration("health-timeout"), c.Duration("drain"), c.Duration("stop-timeout")
 	if o.healthTimeout <= 0 || o.stopTimeout <= 0 || o.drain < 0 {
@@ -372,7 +369,9 @@ func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, opts))
 }
 
-func warnAboutHealth(log *slog.Logger, spec health.Spec, addrs []string, steered bool) {
+func warnAboutHealth(log *slog.Logger, spec health.Spec, addrs []string, set *sockets.Set) {
+	host, port, ok := spec.HostPort()
+	steered := ok && set.ProbesSteered(host, port)
 	if shared := spec.SharedTarget(addrs); shared != "" && steered {
 		log.Info("the readiness check probes a public address; relay steers each probe to the new generation's own socket, so only the new generation answers it",
 			"check", spec.String(), "addr", shared)
@@ -416,61 +415,12 @@ func makeRuntimeDir() (string, error) {
 // manager to take its last messages (STOPPING=1, the final STATUS=).
 const notifyFlushTimeout = 2 * time.Second
 
-// dropStale removes from systemd's fd store the sockets stored for a
-// --listen that is gone or changed, and waits until systemd has closed
-// them: its copy would keep the address busy for the new bind.
-func dropStale(log *slog.Logger, n *sdnotify.Notifier, stale []string) {
-	if !n.Enabled() {
-		log.Warn("closed sockets from the fd store that no --listen asks for; without NOTIFY_SOCKET they stay in the store", "fdnames", stale)
-		return
-	}
-	for _, name := range stale {
-		if err := n.RemoveFD(name); err != nil {
-			log.Warn("removing a stale socket from the fd store", "fdname", name, "err", err)
-			continue
-		}
-		log.Info("closed a socket from the fd store that no --listen asks for, and removed it from the store", "fdname", name)
-	}
-	if err := n.Barrier(notifyFlushTimeout); err != nil {
-		log.Warn("waiting for the service manager to drop stale sockets", "err", err)
-	}
-}
-
-// storeSockets keeps the sockets relay bound, and those that came back
-// from the store, in systemd's fd store ($FDSTORE), so that a restart of
-// relay itself (systemctl restart, or a crash with Restart=) hands the same
-// sockets back and no connection is refused in between. Sockets a .socket
-// unit passed stay with that unit.
-//
-// It returns the listeners it stored.
-func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpass.Listener) map[*socketpass.Listener]bool {
-	kept := map[*socketpass.Listener]bool{}
-	if !n.Enabled() {
-		return kept
-	}
-	limit := sdnotify.FDStoreMax()
-	if limit == 0 {
-		log.Debug("no fd store offered (FDSTORE unset); a restart of relay itself rebinds its sockets")
-		return kept
-	}
-	stored := 0
-	for _, l := range listeners {
-		if l.Origin == socketpass.Activated || (l.Origin == socketpass.Inherited && !strings.HasPrefix(l.PassedName, socketpass.StoreNamePrefix)) {
-			continue // a .socket unit holds it already
-		}
-		name := socketpass.StoreNamePrefix + l.Spec.Name
-		if stored >= limit {
-			log.Warn("the fd store is full: this socket will be bound anew if relay restarts; raise FileDescriptorStoreMax=", "fdname", name, "fdstore_max", limit)
-			continue
-		}
-		if err := n.StoreFD(name, l.File()); err != nil {
-			log.Warn("keeping a socket in the fd store", "fdname", name, "err", err)
-			continue
-		}
-		stored++
-		kept[l] = true
-		l.KeepPath()
-		log.Info("socket kept in the fd store", "fdname", name, "addr", l.Addr)
-	}
-	return kept
-}
+// defaultSteeredDrain is --drain when a listener is steered and the flag is
+// not given. From the switch on, the old generation gets no new
+// connection; the drain only has to let it accept what was already queued
+// on its socket, and let handshakes begun before the switch complete. Both
+// take well under a millisecond on loopback and about one round trip on a
+// network. One second covers slow clients' round trips, and a busy old
+// generation's accept loop, with room to spare; the cost is one second
+// more of two generations alive per restart.
+const defaultSteeredDrain = time.Second

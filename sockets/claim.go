@@ -1,0 +1,145 @@
+package sockets
+
+import (
+	"fmt"
+	"net/netip"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/takeover"
+)
+
+// addr is what Claim compares a child's bind with: the listener's bound
+// address and its socket's family.
+type addr struct {
+	network socketpass.Network
+	ap      netip.AddrPort // IP listeners, v4-mapped addresses unmapped
+	path    string         // unix listeners
+	family  int
+	v6only  bool
+}
+
+// readAddr reads a listener's address and family from its socket.
+func readAddr(l *socketpass.Listener) (addr, error) {
+	a := addr{network: l.Spec.Network}
+	if a.network == socketpass.Unix {
+		a.path, a.family = l.Addr, unix.AF_UNIX
+		return a, nil
+	}
+	rc, err := l.File().SyscallConn()
+	if err != nil {
+		return a, fmt.Errorf("reaching %s: %w", l.Spec.Name, err)
+	}
+	var inner error
+	err = rc.Control(func(fd uintptr) {
+		sa, err := unix.Getsockname(int(fd))
+		if err != nil {
+			inner = err
+			return
+		}
+		switch sa := sa.(type) {
+		case *unix.SockaddrInet4:
+			a.family, a.ap = unix.AF_INET, netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+		case *unix.SockaddrInet6:
+			a.family, a.ap = unix.AF_INET6, netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
+			v, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY)
+			inner, a.v6only = err, v != 0
+		}
+	})
+	if err == nil {
+		err = inner
+	}
+	if err != nil {
+		return a, fmt.Errorf("reading the address of %s: %w", l.Spec.Name, err)
+	}
+	return a, nil
+}
+
+// covers reports whether a bind of b's address is this listener's: the
+// same kind of socket (if known), the same port, and the same address or a
+// wildcard on either side. The public address stays what --listen says: a
+// child binding the wildcard gets a listener on one address, and one
+// binding one address of a wildcard listener gets the wildcard.
+func (a addr) covers(b takeover.Bind) bool {
+	if b.Family == unix.AF_UNIX || a.network == socketpass.Unix {
+		return b.Family == unix.AF_UNIX && a.network == socketpass.Unix && b.Path == a.path &&
+			(b.Network == takeover.Unix || b.Err != nil)
+	}
+	switch b.Network {
+	case takeover.TCP:
+		if a.network != socketpass.TCP {
+			return false
+		}
+	case takeover.UDP:
+		if a.network != socketpass.UDP {
+			return false
+		}
+	case takeover.Other:
+		if b.Err == nil {
+			return false // another protocol: the port is not relay's
+		}
+	default:
+		return false
+	}
+	if a.ap.Port() != b.Addr.Port() {
+		return false
+	}
+	la, ba := a.ap.Addr(), b.Addr.Addr()
+	if la.IsUnspecified() && a.family == unix.AF_INET6 && a.v6only && ba.Is4() {
+		return false // an IPv6-only wildcard does not hold IPv4 addresses
+	}
+	return la == ba || la.IsUnspecified() || ba.IsUnspecified()
+}
+
+// Claim decides which socket generation gen's bind b lands on: the
+// generation's own member of a steered listener's group, or a shared
+// listener's socket. A bind no listener covers proceeds untouched. One
+// relay cannot complete safely is refused, and the generation's bind
+// fails rather than take a socket of its own beside relay's.
+//
+// Families: a child's IPv6 socket may get an IPv4 listener (its address
+// buffers hold IPv4 addresses; Go, nginx and Python read the family of
+// what accept returns), but a child's IPv4 socket never gets an IPv6
+// listener, whose peer addresses would not fit an IPv4 socket's buffers.
+// A wildcard bind that several listeners on one port cover gets the first
+// of the child's own family, else the first.
+func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
+	pick := -1
+	for i, e := range s.entries {
+		if !e.addr.covers(b) {
+			continue
+		}
+		if pick < 0 || (s.entries[pick].addr.family != b.Domain && e.addr.family == b.Domain) {
+			pick = i
+		}
+	}
+	if pick < 0 {
+		return takeover.Pass
+	}
+	e := s.entries[pick]
+	if b.Err != nil {
+		return takeover.Decision{Socket: pick, Refuse: fmt.Errorf("this is %s's address, and relay cannot inspect the child's socket: %w", e.Listener.Spec.Name, b.Err)}
+	}
+	if b.Domain == unix.AF_INET && e.addr.family == unix.AF_INET6 {
+		return takeover.Decision{Socket: pick, Refuse: fmt.Errorf(
+			"the child binds an IPv4 socket to %s, but --listen %s is an IPv6 socket, whose peer addresses do not fit an IPv4 socket; use --listen %s",
+			b.Addr, e.Listener.Spec, ipv4Listen(b, e))}
+	}
+	own := e.Group != nil
+	if !own {
+		s.mu.Lock()
+		own = len(e.holders) == 1 && e.holders[gen]
+		s.mu.Unlock()
+	}
+	return takeover.Decision{Socket: pick, Own: own}
+}
+
+// ipv4Listen is the --listen that would give an IPv4 child b's address.
+func ipv4Listen(b takeover.Bind, e *entry) string {
+	host := b.Addr.Addr()
+	if host.IsUnspecified() {
+		host = netip.IPv4Unspecified()
+	}
+	return netip.AddrPortFrom(host, e.addr.ap.Port()).String()
+}

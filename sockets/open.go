@@ -1,0 +1,185 @@
+// Package sockets is relay's set of listening sockets: what each listener
+// is, its steering group, whether systemd's fd store keeps a copy, which
+// sockets each generation holds, and which socket a generation's own
+// bind(2) lands on.
+package sockets
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/relaysh/relay/sdnotify"
+	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/steer"
+)
+
+// SteerMode is the --steer setting.
+type SteerMode string
+
+// The steering modes.
+const (
+	SteerAuto SteerMode = "auto" // steer where the kernel and the socket allow, else share
+	SteerOn   SteerMode = "on"   // steer every TCP listener or refuse to start
+	SteerOff  SteerMode = "off"  // one shared socket per listener
+)
+
+// ParseSteerMode checks a --steer value.
+func ParseSteerMode(v string) (SteerMode, error) {
+	switch m := SteerMode(v); m {
+	case SteerAuto, SteerOn, SteerOff:
+		return m, nil
+	}
+	return "", fmt.Errorf("--steer %q: use auto, on or off", v)
+}
+
+// Options say how to open the set.
+type Options struct {
+	// Specs are the --listen values, in order.
+	Specs []socketpass.Spec
+	// Passed are the sockets systemd passed to relay (LISTEN_FDS).
+	Passed []*socketpass.Listener
+	// UnixMode is the permission of unix sockets relay creates.
+	UnixMode os.FileMode
+	Steer    SteerMode
+	// Notifier speaks to systemd, for the fd store; it may be disabled.
+	Notifier *sdnotify.Notifier
+	Log      *slog.Logger
+}
+
+// flushTimeout bounds how long relay waits for systemd to drop stale
+// sockets from its fd store.
+const flushTimeout = 2 * time.Second
+
+// Open binds or adopts every listener, keeps the sockets relay bound in
+// systemd's fd store where it offers one, and makes a steering group of
+// every TCP listener that can have one. With SteerOn, a TCP listener that
+// cannot be steered is an error. On error, nothing stays open.
+func Open(opts Options) (*Set, error) {
+	log := opts.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	listeners, err := socketpass.Open(opts.Specs, opts.Passed,
+		socketpass.BindOptions{UnixMode: opts.UnixMode, ReusePort: opts.Steer != SteerOff},
+		func(stale []string) { dropStale(log, opts.Notifier, stale) })
+	if err != nil {
+		return nil, err
+	}
+	stored := storeSockets(log, opts.Notifier, listeners)
+	s := &Set{log: log}
+	for _, l := range listeners {
+		e := &entry{Listener: l, Stored: stored[l], holders: map[int]bool{}}
+		s.entries = append(s.entries, e)
+		if e.addr, err = readAddr(l); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
+	if err := s.steer(opts.Steer); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// steer makes a reuseport group of every TCP listener that can have one,
+// and says in one log line per listener that cannot why.
+func (s *Set) steer(mode SteerMode) error {
+	if mode == SteerOff {
+		return nil
+	}
+	steered := false
+	for _, e := range s.entries {
+		l := e.Listener
+		if l.Spec.Network != socketpass.TCP {
+			continue // unix and UDP sockets have no connections to steer
+		}
+		// A socket another process holds a copy of (systemd's socket
+		// unit or fd store) must stay a working listener.
+		pin := e.Stored || l.Origin != socketpass.Bound
+		g, err := steer.New(l.File(), steer.Options{Name: l.Spec.Name, Pin: pin, Log: s.log})
+		if err != nil {
+			if mode == SteerOn {
+				return fmt.Errorf("--steer on: listener %s (%s) cannot be steered: %w; use --steer auto to share its socket instead", l.Spec.Name, l.Addr, err)
+			}
+			if !errors.Is(err, steer.ErrNotStream) {
+				s.log.Warn("steering unavailable; this listener keeps one socket shared by every generation", "listener", l.Spec.Name, "addr", l.Addr, "err", err)
+			}
+			continue
+		}
+		e.Group = g
+		steered = true
+	}
+	if steered {
+		switch state, err := steer.EnableMigration(); {
+		case err != nil:
+			s.log.Info("net.ipv4.tcp_migrate_req stays off: a connection still queued on a retired socket would be reset rather than moved (relay retires a socket only after its generation has exited)", "err", err)
+		case state == steer.MigrationEnabled:
+			s.log.Info("turned on net.ipv4.tcp_migrate_req for this network namespace: connections still queued on a retired socket move to another socket of its group instead of being reset")
+		default:
+			s.log.Debug("net.ipv4.tcp_migrate_req is on")
+		}
+	}
+	return nil
+}
+
+// dropStale removes from systemd's fd store the sockets stored for a
+// --listen that is gone or changed, and waits until systemd has closed
+// them: its copy would keep the address busy for the new bind.
+func dropStale(log *slog.Logger, n *sdnotify.Notifier, stale []string) {
+	if n == nil || !n.Enabled() {
+		log.Warn("closed sockets from the fd store that no --listen asks for; without NOTIFY_SOCKET they stay in the store", "fdnames", stale)
+		return
+	}
+	for _, name := range stale {
+		if err := n.RemoveFD(name); err != nil {
+			log.Warn("removing a stale socket from the fd store", "fdname", name, "err", err)
+			continue
+		}
+		log.Info("closed a socket from the fd store that no --listen asks for, and removed it from the store", "fdname", name)
+	}
+	if err := n.Barrier(flushTimeout); err != nil {
+		log.Warn("waiting for the service manager to drop stale sockets", "err", err)
+	}
+}
+
+// storeSockets keeps the sockets relay bound, and those that came back
+// from the store, in systemd's fd store ($FDSTORE), so that a restart of
+// relay itself (systemctl restart, or a crash with Restart=) hands the same
+// sockets back and no connection is refused in between. Sockets a .socket
+// unit passed stay with that unit. It returns the listeners it stored.
+func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpass.Listener) map[*socketpass.Listener]bool {
+	kept := map[*socketpass.Listener]bool{}
+	if n == nil || !n.Enabled() {
+		return kept
+	}
+	limit := sdnotify.FDStoreMax()
+	if limit == 0 {
+		log.Debug("no fd store offered (FDSTORE unset); a restart of relay itself rebinds its sockets")
+		return kept
+	}
+	stored := 0
+	for _, l := range listeners {
+		if l.Origin == socketpass.Activated || (l.Origin == socketpass.Inherited && !strings.HasPrefix(l.PassedName, socketpass.StoreNamePrefix)) {
+			continue // a .socket unit holds it already
+		}
+		name := socketpass.StoreNamePrefix + l.Spec.Name
+		if stored >= limit {
+			log.Warn("the fd store is full: this socket will be bound anew if relay restarts; raise FileDescriptorStoreMax=", "fdname", name, "fdstore_max", limit)
+			continue
+		}
+		if err := n.StoreFD(name, l.File()); err != nil {
+			log.Warn("keeping a socket in the fd store", "fdname", name, "err", err)
+			continue
+		}
+		stored++
+		kept[l] = true
+		l.KeepPath()
+		log.Info("socket kept in the fd store", "fdname", name, "addr", l.Addr)
+	}
+	return kept
+}

@@ -1,0 +1,216 @@
+package sockets
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+
+	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/steer"
+)
+
+// Set is relay's listeners, for relay's whole life. Its methods are safe
+// for concurrent use.
+type Set struct {
+	log     *slog.Logger
+	entries []*entry // in --listen order: fd 3, 4, ... of every child
+
+	mu sync.Mutex // guards the entries' holders
+}
+
+// entry is one listener.
+type entry struct {
+	Listener *socketpass.Listener
+	// Group gives each generation a socket of its own; nil where the
+	// generations share the listener's socket.
+	Group *steer.Group
+	// Stored: systemd's fd store keeps a copy.
+	Stored bool
+	// holders are the generations that hold the shared socket.
+	holders map[int]bool
+	// addr is what a child's bind is compared with.
+	addr addr
+}
+
+// Info describes one listener, for logs and status.
+type Info struct {
+	FD      int    // the child's fd number
+	Name    string // its LISTEN_FDNAMES entry
+	Network string
+	Addr    string
+	Origin  string // bound by relay, or passed by systemd
+	// Drain is "steered" (a socket per generation) or "shared".
+	Drain string
+}
+
+// Drain modes in Info.
+const (
+	DrainSteered = "steered"
+	DrainShared  = "shared"
+)
+
+// Empty returns a set with no listeners.
+func Empty() *Set { return &Set{log: slog.New(slog.DiscardHandler)} }
+
+// Len is the number of listeners.
+func (s *Set) Len() int { return len(s.entries) }
+
+// Listeners returns the listeners, in fd order.
+func (s *Set) Listeners() []*socketpass.Listener {
+	out := make([]*socketpass.Listener, len(s.entries))
+	for i, e := range s.entries {
+		out[i] = e.Listener
+	}
+	return out
+}
+
+// Info describes every listener, in fd order.
+func (s *Set) Info() []Info {
+	out := make([]Info, len(s.entries))
+	for i, e := range s.entries {
+		l := e.Listener
+		out[i] = Info{FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Addr: l.Addr, Origin: string(l.Origin), Drain: DrainShared}
+		if e.Group != nil {
+			out[i].Drain = DrainSteered
+		}
+	}
+	return out
+}
+
+// Steered reports whether any listener is steered.
+func (s *Set) Steered() bool {
+	for _, e := range s.entries {
+		if e.Group != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// Take returns the sockets generation gen gets, in fd order: its own member
+// of each steered listener's group, and the shared socket of the others.
+// Release gives them back.
+func (s *Set) Take(gen int) ([]*os.File, error) {
+	files := make([]*os.File, len(s.entries))
+	for i, e := range s.entries {
+		if e.Group == nil {
+			s.mu.Lock()
+			e.holders[gen] = true
+			s.mu.Unlock()
+			files[i] = e.Listener.File()
+			continue
+		}
+		f, err := e.Group.Take(gen)
+		if err != nil {
+			s.Release(gen)
+			return nil, fmt.Errorf("giving generation %d a socket of its own on %s: %w", gen, e.Listener.Spec.Name, err)
+		}
+		files[i] = f
+	}
+	return files, nil
+}
+
+// Release gives back the sockets of generation gen, which has exited.
+func (s *Set) Release(gen int) {
+	for _, e := range s.entries {
+		if e.Group != nil {
+			e.Group.Release(gen)
+			continue
+		}
+		s.mu.Lock()
+		delete(e.holders, gen)
+		s.mu.Unlock()
+	}
+}
+
+// Switch sends the new connections of every steered listener to
+// generation gen. If one listener refuses, those already switched go back
+// to generation back (0 for none), so that no listener is left pointing at
+// gen alone.
+func (s *Set) Switch(gen, back int) error {
+	var done []*steer.Group
+	for _, e := range s.entries {
+		if e.Group == nil {
+			continue
+		}
+		if err := e.Group.Switch(gen); err != nil {
+			if back != 0 {
+				for _, d := range done {
+					if berr := d.Switch(back); berr != nil {
+						s.log.Error("steering new connections back", "gen", back, "err", berr)
+					}
+				}
+			}
+			return fmt.Errorf("steering new connections to generation %d: %w", gen, err)
+		}
+		done = append(done, e.Group)
+	}
+	return nil
+}
+
+// ProbeControl returns the dialer Control function of generation gen's
+// readiness probes: a probe of a steered listener's public address goes to
+// gen's own socket.
+func (s *Set) ProbeControl(gen int) func(network, address string, c syscall.RawConn) error {
+	return steer.ProbeControl(s.groups(), gen)
+}
+
+func (s *Set) groups() []*steer.Group {
+	gs := make([]*steer.Group, len(s.entries))
+	for i, e := range s.entries {
+		gs[i] = e.Group
+	}
+	return gs
+}
+
+// Probe returns, for listener i, the address a readiness probe dials to
+// reach one generation's own socket (steered through ProbeControl): the
+// bound address, or loopback for a wildcard. "" where the listener is not
+// steered, so that no probe can tell its generations apart.
+func (s *Set) Probe(i int) string {
+	g := s.entries[i].Group
+	if g == nil {
+		return ""
+	}
+	a := g.Addr()
+	host := a.Addr().Unmap()
+	if host.IsUnspecified() {
+		host = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+		if !g.Covers(netip.AddrPortFrom(host, a.Port())) {
+			host = netip.IPv6Loopback()
+		}
+	}
+	return net.JoinHostPort(host.String(), fmt.Sprint(a.Port()))
+}
+
+// ProbesSteered reports whether a connection to host:port reaches a steered
+// listener, so that a probe of it is steered to one generation.
+func (s *Set) ProbesSteered(host, port string) bool {
+	if host == "localhost" {
+		host = "127.0.0.1"
+	}
+	ap, err := netip.ParseAddrPort(net.JoinHostPort(host, port))
+	if err != nil {
+		return false
+	}
+	for _, e := range s.entries {
+		if e.Group != nil && e.Group.Covers(ap) {
+			return true
+		}
+	}
+	return false
+}
+
+// Close closes every socket, the groups' first.
+func (s *Set) Close() error {
+	for _, e := range s.entries {
+		if e.Group != nil {
+			e.Group.Close()
+		}
+	}
+	return socketpass.CloseAll(s.Listeners())
+}

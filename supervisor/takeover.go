@@ -1,0 +1,202 @@
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+
+	"github.com/relaysh/relay/sockets"
+	"github.com/relaysh/relay/takeover"
+)
+
+// How a generation took a listener's socket, in logs and status.
+const (
+	TookFD   = "fd"   // as an inherited fd (or not at all)
+	TookBind = "bind" // by a bind of its own that relay took over
+)
+
+// bindTakeover is one generation's side of the bind takeover: the
+// handshake with its exec shim, then the answers to its tree's binds.
+// Its fields are shared by the supervisor's loop and the goroutine that
+// serves the child.
+type bindTakeover struct {
+	mu      sync.Mutex
+	hs      *takeover.Handshake
+	nt      *takeover.Notifier
+	stopped bool
+	served  chan struct{} // closed when serve returns; nil until it runs
+	how     []string      // per listener: TookFD or TookBind
+	// claimed[i] is closed once the child bound listener i (UDP) or
+	// listened on it (streams): a sign only this generation can give.
+	claimed []chan struct{}
+	// failed is closed, with failure set, when a covered bind was
+	// refused or the filter was refused under --takeover on.
+	failed  chan struct{}
+	failure error
+}
+
+func newBindTakeover(listeners int) (*bindTakeover, *os.File, error) {
+	hs, shimEnd, err := takeover.NewHandshake()
+	if err != nil {
+		return nil, nil, err
+	}
+	t := &bindTakeover{hs: hs, how: make([]string, listeners), claimed: make([]chan struct{}, listeners),
+		failed: make(chan struct{}), served: make(chan struct{})}
+	for i := range t.how {
+		t.how[i] = TookFD
+		t.claimed[i] = make(chan struct{})
+	}
+	return t, shimEnd, nil
+}
+
+// fail records the first reason the generation cannot serve.
+func (t *bindTakeover) fail(err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.failure == nil {
+		t.failure = err
+		close(t.failed)
+	}
+}
+
+func (t *bindTakeover) failedErr() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.failure
+}
+
+func (t *bindTakeover) claim(i int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	select {
+	case <-t.claimed[i]:
+	default:
+		close(t.claimed[i])
+	}
+}
+
+// took says how the child took each listener, by index.
+func (t *bindTakeover) took() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return append([]string(nil), t.how...)
+}
+
+// tookSockets says how generation g took each listener, by name.
+func (s *Supervisor) tookSockets(g *generation) map[string]string {
+	infos := s.cfg.Sockets.Info()
+	out := make(map[string]string, len(infos))
+	var how []string
+	if g.takeover != nil {
+		how = g.takeover.took()
+	}
+	for i, in := range infos {
+		out[in.Name] = TookFD
+		if i < len(how) {
+			out[in.Name] = how[i]
+		}
+	}
+	return out
+}
+
+// socketsTaken formats tookSockets for a log line: "tcp-8080=bind,...".
+func (s *Supervisor) socketsTaken(g *generation) string {
+	took := s.tookSockets(g)
+	var parts []string
+	for _, in := range s.cfg.Sockets.Info() {
+		parts = append(parts, in.Name+"="+took[in.Name])
+	}
+	return strings.Join(parts, ",")
+}
+
+// stop ends the takeover and waits until nothing answers the child's
+// binds any more, so that its sockets can go back to the set.
+func (t *bindTakeover) stop() {
+	t.mu.Lock()
+	t.stopped = true
+	nt := t.nt
+	t.mu.Unlock()
+	t.hs.Close()
+	if nt != nil {
+		nt.Close()
+	}
+	<-t.served
+}
+
+// serveTakeover waits for the shim's handshake, then answers the child
+// tree's binds until it has exited or the takeover is stopped.
+func (s *Supervisor) serveTakeover(g *generation, socks []*os.File) {
+	t := g.takeover
+	defer close(t.served)
+	nt, err := t.hs.Receive()
+	t.hs.Close()
+	switch {
+	case err == nil:
+	case errors.Is(err, takeover.ErrUnavailable) && s.cfg.Takeover == TakeoverOn:
+		g.log.Error("bind takeover unavailable, and --takeover on requires it", "reason", err)
+		t.fail(fmt.Errorf("%w; --takeover on requires it (use --takeover auto to pass the sockets as inherited fds only)", err))
+		return
+	case errors.Is(err, takeover.ErrUnavailable):
+		if s.takeoverWarned.CompareAndSwap(false, true) {
+			g.log.Warn("bind takeover unavailable; children get relay's sockets as inherited fds only (LISTEN_FDS)", "reason", err)
+		}
+		return
+	default:
+		g.log.Debug("no bind takeover for this generation", "reason", err)
+		return
+	}
+	t.mu.Lock()
+	if t.stopped {
+		t.mu.Unlock()
+		nt.Close()
+		return
+	}
+	t.nt = nt
+	t.mu.Unlock()
+	g.log.Debug("bind takeover ready", "wait_killable", nt.Killable, "no_new_privs", nt.NoNewPrivs)
+	err = nt.Serve(takeover.Config{
+		Sockets: socks,
+		Claim:   func(b takeover.Bind) takeover.Decision { return s.cfg.Sockets.Claim(g.n, b) },
+		Event:   func(e takeover.Event) { s.onTakeover(g, e) },
+	})
+	if err != nil {
+		g.log.Error("answering the child's binds", "err", err)
+	}
+}
+
+// onTakeover runs on the takeover goroutine for each thing it did.
+func (s *Supervisor) onTakeover(g *generation, e takeover.Event) {
+	t := g.takeover
+	infos := s.cfg.Sockets.Info()
+	name := func(i int) string {
+		if i >= 0 && i < len(infos) {
+			return infos[i].Name
+		}
+		return ""
+	}
+	switch e.Kind {
+	case takeover.Bound:
+		t.mu.Lock()
+		t.how[e.Socket] = TookBind
+		t.mu.Unlock()
+		socket := "shared"
+		if infos[e.Socket].Drain == sockets.DrainSteered {
+			socket = "own"
+		}
+		g.log.Info("bind taken over", "listener", name(e.Socket), "addr", e.Bind.String(), "fd", e.Bind.FD,
+			"bind_pid", e.Bind.Pid, "socket", socket)
+		if infos[e.Socket].Network == "udp" {
+			t.claim(e.Socket) // datagram sockets do not listen
+		}
+	case takeover.Listened:
+		g.log.Debug("listen on relay's socket answered without running it; relay keeps its backlog",
+			"listener", name(e.Socket), "fd", e.FD, "listen_pid", e.Pid)
+		t.claim(e.Socket)
+	case takeover.Refused:
+		g.log.Error("bind refused", "listener", name(e.Socket), "addr", e.Bind.String(), "fd", e.Bind.FD,
+			"bind_pid", e.Bind.Pid, "reason", e.Err)
+		t.fail(fmt.Errorf("its bind of %s was refused: %w", e.Bind.String(), e.Err))
+	}
+}

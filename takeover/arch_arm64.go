@@ -1,0 +1,9 @@
+package takeover
+
+import "golang.org/x/sys/unix"
+
+// auditArch is the architecture whose system calls the filter looks at.
+const auditArch = unix.AUDIT_ARCH_AARCH64
+
+// archSupported: this architecture has a filter.
+const archSupported = true

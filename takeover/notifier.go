@@ -1,0 +1,104 @@
+package takeover
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Notifier is relay's end of one child tree's filter: every bind(2) and
+// listen(2) of every process in that tree waits here for an answer.
+type Notifier struct {
+	file *os.File
+	rc   syscall.RawConn
+	// Killable: the filter has WAIT_KILLABLE_RECV (Linux 5.19+).
+	Killable bool
+	// NoNewPrivs: the shim set no_new_privs for the child's tree.
+	NoNewPrivs bool
+}
+
+func newNotifier(fd int, flags []string) (*Notifier, error) {
+	// Non-blocking, so that Go's poller waits for notifications and
+	// Close wakes the reader; nothing else uses this fd.
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return nil, fmt.Errorf("setting up the notification fd: %w", err)
+	}
+	n := &Notifier{file: os.NewFile(uintptr(fd), "seccomp-notify")}
+	rc, err := n.file.SyscallConn()
+	if err != nil {
+		n.file.Close()
+		return nil, fmt.Errorf("setting up the notification fd: %w", err)
+	}
+	n.rc = rc
+	for _, f := range flags {
+		switch f {
+		case flagKillable:
+			n.Killable = true
+		case flagNoNewPriv:
+			n.NoNewPrivs = true
+		}
+	}
+	return n, nil
+}
+
+// Close stops Serve. Binds and listens of the child tree that come later
+// fail with ENOSYS, so close it only once the generation is finished with.
+func (n *Notifier) Close() error { return n.file.Close() }
+
+// next waits for the next notification. It returns false when every
+// process of the child tree has exited (the listener hangs up) or the
+// Notifier was closed.
+func (n *Notifier) next(msg *notif) (bool, error) {
+	for {
+		var got, hup bool
+		var rerr error
+		err := n.rc.Read(func(fd uintptr) bool {
+			revents, err := pollNow(int(fd))
+			if err != nil {
+				rerr = err
+				return true
+			}
+			switch {
+			case revents&unix.POLLIN != 0:
+				rerr = recv(int(fd), msg)
+				got = true
+				return true
+			case revents&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0:
+				hup = true
+				return true
+			}
+			return false // wait for the poller
+		})
+		switch {
+		case err != nil && errors.Is(err, os.ErrClosed):
+			return false, nil
+		case err != nil:
+			return false, fmt.Errorf("waiting for the child's notifications: %w", err)
+		case hup:
+			return false, nil
+		case got && errors.Is(rerr, unix.ENOENT):
+			continue // interrupted before relay picked it up
+		case rerr != nil:
+			return false, fmt.Errorf("reading a notification: %w", rerr)
+		case got:
+			return true, nil
+		}
+	}
+}
+
+// pollNow reports fd's poll events without waiting.
+func pollNow(fd int) (int16, error) {
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	for {
+		_, err := unix.Poll(pfd, 0)
+		if err == nil {
+			return pfd[0].Revents, nil
+		}
+		if !errors.Is(err, unix.EINTR) {
+			return 0, fmt.Errorf("polling the notification fd: %w", err)
+		}
+	}
+}

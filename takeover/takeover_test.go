@@ -1,0 +1,334 @@
+package takeover
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The test binary plays the shim and the child: "shim" installs the filter
+// on fd 3 and execs the binary again as "binder", which binds what its
+// arguments say and reports each result as a JSON line on stdout.
+func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == "shim" {
+		runtime.LockOSThread()
+		if err := Install(3); err != nil {
+			fmt.Fprintln(os.Stderr, "install:", err)
+			os.Exit(3)
+		}
+		unix.CloseOnExec(3)
+		err := unix.Exec("/proc/self/exe", append([]string{os.Args[0], "binder"}, os.Args[2:]...), os.Environ())
+		fmt.Fprintln(os.Stderr, "exec:", err)
+		os.Exit(4)
+	}
+	if len(os.Args) > 1 && os.Args[1] == "binder" {
+		os.Exit(binder(os.Args[2:]))
+	}
+	os.Exit(m.Run())
+}
+
+// result is what the binder reports of one bind.
+type result struct {
+	Spec     string
+	Errno    int
+	Ino      uint64
+	Port     int
+	Nonblock bool
+	Cloexec  bool
+}
+
+// binder binds each spec "tcp4|tcp6|udp4[,nb][,cloexec] ADDR:PORT",
+// listens with a backlog of 5 on stream sockets, and reports.
+func binder(specs []string) int {
+	enc := json.NewEncoder(os.Stdout)
+	for _, spec := range specs {
+		kind, addr, _ := strings.Cut(spec, " ")
+		opts := strings.Split(kind, ",")
+		family, typ := unix.AF_INET, unix.SOCK_STREAM
+		switch opts[0] {
+		case "tcp6":
+			family = unix.AF_INET6
+		case "udp4":
+			typ = unix.SOCK_DGRAM
+		}
+		flags := 0
+		for _, o := range opts[1:] {
+			switch o {
+			case "nb":
+				flags |= unix.SOCK_NONBLOCK
+			case "cloexec":
+				flags |= unix.SOCK_CLOEXEC
+			}
+		}
+		fd, err := unix.Socket(family, typ|flags, 0)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "socket:", err)
+			return 1
+		}
+		ap := netip.MustParseAddrPort(addr)
+		var sa unix.Sockaddr
+		if family == unix.AF_INET6 {
+			sa = &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
+		} else {
+			sa = &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
+		}
+		r := result{Spec: spec}
+		if err := unix.Bind(fd, sa); err != nil {
+			r.Errno = int(err.(unix.Errno))
+			enc.Encode(r)
+			continue
+		}
+		if typ == unix.SOCK_STREAM {
+			if err := unix.Listen(fd, 5); err != nil {
+				fmt.Fprintln(os.Stderr, "listen:", err)
+				return 1
+			}
+		}
+		var st unix.Stat_t
+		unix.Fstat(fd, &st)
+		r.Ino = st.Ino
+		if got, err := unix.Getsockname(fd); err == nil {
+			switch got := got.(type) {
+			case *unix.SockaddrInet4:
+				r.Port = got.Port
+			case *unix.SockaddrInet6:
+				r.Port = got.Port
+			}
+		}
+		fl, _ := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+		r.Nonblock = fl&unix.O_NONBLOCK != 0
+		fdfl, _ := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+		r.Cloexec = fdfl&unix.FD_CLOEXEC != 0
+		enc.Encode(r)
+	}
+	return 0
+}
+
+// relaySock is a listening socket on 127.0.0.1 standing in for relay's.
+func relaySock(t *testing.T, backlog int) (*os.File, int, uint64) {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, backlog); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := unix.Getsockname(fd)
+	var st unix.Stat_t
+	unix.Fstat(fd, &st)
+	f := os.NewFile(uintptr(fd), "relay")
+	t.Cleanup(func() { f.Close() })
+	return f, sa.(*unix.SockaddrInet4).Port, st.Ino
+}
+
+type run struct {
+	results []result
+	events  []Event
+	stderr  string
+}
+
+// runChild runs the binder with specs under the filter, serving its
+// notifications with claim, and returns what it reported.
+func runChild(t *testing.T, socks []*os.File, claim func(Bind) Decision, specs ...string) run {
+	t.Helper()
+	hs, childEnd, err := NewHandshake()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hs.Close()
+	cmd := exec.Command(os.Args[0], append([]string{"shim"}, specs...)...)
+	cmd.ExtraFiles = []*os.File{childEnd}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	childEnd.Close()
+	nt, err := hs.Receive()
+	if err != nil {
+		cmd.Wait()
+		t.Fatalf("receive: %v (stderr: %s)", err, stderr.String())
+	}
+	var r run
+	var mu sync.Mutex
+	served := make(chan error, 1)
+	go func() {
+		served <- nt.Serve(Config{Sockets: socks, Claim: claim, Event: func(e Event) {
+			mu.Lock()
+			r.events = append(r.events, e)
+			mu.Unlock()
+		}})
+	}()
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		var res result
+		if err := json.Unmarshal(sc.Bytes(), &res); err != nil {
+			t.Fatalf("bad line %q: %v", sc.Text(), err)
+		}
+		r.results = append(r.results, res)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("binder: %v (stderr: %s)", err, stderr.String())
+	}
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Fatalf("serve: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Serve did not return after the child tree exited")
+	}
+	nt.Close()
+	if len(r.results) != len(specs) {
+		t.Fatalf("got %d results for %d binds (stderr: %s)", len(r.results), len(specs), stderr.String())
+	}
+	r.stderr = stderr.String()
+	return r
+}
+
+func backlogOf(t *testing.T, f *os.File) int {
+	t.Helper()
+	var backlog int
+	control(f, func(fd int) error {
+		info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			t.Fatal(err)
+		}
+		backlog = int(info.Sacked) // a listener's backlog
+		return nil
+	})
+	return backlog
+}
+
+func claimPort(port int, own bool) func(Bind) Decision {
+	return func(b Bind) Decision {
+		if b.Network == TCP && int(b.Addr.Port()) == port {
+			return Decision{Socket: 0, Own: own}
+		}
+		return Pass
+	}
+}
+
+func TestCoveredBindLandsOnRelaysSocket(t *testing.T) {
+	sock, port, ino := relaySock(t, 128)
+	other, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := runChild(t, []*os.File{sock}, claimPort(port, true),
+		fmt.Sprintf("tcp4,nb 127.0.0.1:%d", port),
+		fmt.Sprintf("tcp6,cloexec [::]:%d", port),
+		fmt.Sprintf("tcp4 127.0.0.1:%d", other),
+		"tcp4 127.0.0.1:0",
+	)
+	for i, res := range r.results[:2] {
+		if res.Errno != 0 || res.Ino != ino || res.Port != port {
+			t.Errorf("covered bind %d (%s): %+v, want relay's socket (inode %d, port %d)", i, res.Spec, res, ino, port)
+		}
+	}
+	if !r.results[0].Nonblock {
+		t.Errorf("a non-blocking child socket was replaced by a blocking one: %+v", r.results[0])
+	}
+	if r.results[1].Nonblock || !r.results[1].Cloexec {
+		t.Errorf("a blocking close-on-exec child socket got other flags: %+v", r.results[1])
+	}
+	if res := r.results[2]; res.Errno != 0 || res.Ino == ino || res.Port != other {
+		t.Errorf("bind of another port: %+v, want the child's own socket on port %d", res, other)
+	}
+	if res := r.results[3]; res.Errno != 0 || res.Ino == ino || res.Port == 0 || res.Port == port {
+		t.Errorf("bind of port 0: %+v, want the child's own socket on a port the kernel picked", res)
+	}
+	if got := backlogOf(t, sock); got != 128 {
+		t.Errorf("relay's backlog is %d after the child's listen(5), want 128", got)
+	}
+	var bound, listened int
+	for _, e := range r.events {
+		switch e.Kind {
+		case Bound:
+			bound++
+		case Listened:
+			listened++
+		case Refused:
+			t.Errorf("unexpected refusal: %v", e.Err)
+		}
+	}
+	if bound != 2 || listened != 2 {
+		t.Errorf("events: %d bound, %d listened; want 2 and 2", bound, listened)
+	}
+}
+
+func TestRefusedBindFailsClosed(t *testing.T) {
+	sock, port, _ := relaySock(t, 128)
+	why := errors.New("not safe")
+	r := runChild(t, []*os.File{sock}, func(b Bind) Decision {
+		if int(b.Addr.Port()) == port {
+			return Decision{Socket: -1, Refuse: why}
+		}
+		return Pass
+	}, fmt.Sprintf("tcp4 0.0.0.0:%d", port))
+	if r.results[0].Errno != int(unix.EADDRINUSE) {
+		t.Errorf("refused bind returned %+v, want EADDRINUSE", r.results[0])
+	}
+	if len(r.events) != 1 || r.events[0].Kind != Refused || !errors.Is(r.events[0].Err, why) {
+		t.Errorf("events %+v, want one Refused carrying the reason", r.events)
+	}
+}
+
+func TestSharedSocketKeepsItsBlockingMode(t *testing.T) {
+	sock, port, _ := relaySock(t, 128)
+	r := runChild(t, []*os.File{sock}, claimPort(port, false), fmt.Sprintf("tcp4,nb 127.0.0.1:%d", port))
+	if r.results[0].Errno != int(unix.EADDRINUSE) {
+		t.Errorf("a non-blocking bind of a blocking shared socket returned %+v, want EADDRINUSE", r.results[0])
+	}
+	if len(r.events) != 1 || r.events[0].Kind != Refused || !strings.Contains(r.events[0].Err.Error(), "blocking") {
+		t.Errorf("events %+v, want one Refused naming the blocking mode", r.events)
+	}
+	var nb bool
+	control(sock, func(fd int) error { nb, _ = isNonblock(fd); return nil })
+	if nb {
+		t.Error("relay's shared socket was switched to non-blocking")
+	}
+}
+
+func TestUDPAndUnclaimedBindsPass(t *testing.T) {
+	sock, port, ino := relaySock(t, 128)
+	r := runChild(t, []*os.File{sock}, claimPort(port, true), fmt.Sprintf("udp4 127.0.0.1:%d", port))
+	if res := r.results[0]; res.Errno != 0 || res.Ino == ino {
+		t.Errorf("UDP bind on the TCP listener's port: %+v, want the child's own socket", res)
+	}
+}
+
+func freePort() (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		return 0, err
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return 0, err
+	}
+	return sa.(*unix.SockaddrInet4).Port, nil
+}
