@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -56,8 +57,8 @@ func costVariants() []costVariant {
 }
 
 // runCost runs the takeover cost comparison: s.costRounds rounds, each
-// running every variant once, in an order that alternates from one round
-// to the next. hello starts with -startup 0 and stops with -lame-duck 0.
+// running every variant once, in an order that reverses from one round to
+// the next. hello starts with -startup 0 and stops with -lame-duck 0.
 // It returns the runs that completed, and the errors of the others.
 func runCost(ctx context.Context, s *settings) (*report.Cost, error) {
 	cs := *s
@@ -94,22 +95,34 @@ func runCost(ctx context.Context, s *settings) (*report.Cost, error) {
 	return cost, errors.Join(errs...)
 }
 
-// costRun runs one variant once: keep-alive load with no restart for
-// s.costDuration, then s.costRestarts restarts with no load, one after the
-// other. Its start times come from the run's log.
+// costRun runs one variant once: s.costRestarts restarts with no load, one
+// after the other, then keep-alive load with no restart for
+// s.costDuration. The restarts come first, while nothing else runs: right
+// after a load, this program's own garbage collection of the samples
+// competes with the new generation for the CPU. The start times come from
+// the run's log.
 func costRun(ctx context.Context, s *settings, v costVariant, round int) (report.CostRun, error) {
+	// The same holds for the samples of the run before.
+	runtime.GC()
 	run, err := launchServing(ctx, s, v.sc, v.sc.name+"-"+strconv.Itoa(round))
 	if err != nil {
 		return report.CostRun{}, err
 	}
 	defer run.close()
+	var restartErr error
+	for i := 1; i <= s.costRestarts && restartErr == nil; i++ {
+		if err := restartAndWait(ctx, s, run); err != nil {
+			restartErr = fmt.Errorf("restart %d: %w", i, err)
+		}
+	}
+
 	loadCtx, cancel := context.WithTimeout(ctx, s.costDuration)
 	lr := load.Run(loadCtx, load.Config{Addr: run.addr, Workers: s.workers, KeepAlive: true, Timeout: s.timeout}, time.Now())
 	cancel()
 	if ctx.Err() != nil {
 		return report.CostRun{}, ctx.Err()
 	}
-	r := report.CostRun{Variant: v.Name, Round: round, ReadyMs: []float64{}, ListenUs: []float64{}}
+	r := report.CostRun{Variant: v.Name, Round: round, ReadyMs: []float64{}, ListenUs: []float64{}, SeccompFilters: -1}
 	for _, smp := range lr.Samples {
 		if smp.Class == load.OK {
 			r.OK++
@@ -118,19 +131,12 @@ func costRun(ctx context.Context, s *settings, v costVariant, round int) (report
 		}
 	}
 	r.OKPerSec = float64(r.OK) / s.costDuration.Seconds()
-	r.SeccompFilters = -1
 	if pid := lastPid(lr.Samples); pid > 0 {
 		if n, err := seccompFilters(int(pid)); err == nil {
 			r.SeccompFilters = n
 		}
 	}
 
-	var restartErr error
-	for i := 1; i <= s.costRestarts && restartErr == nil; i++ {
-		if err := restartAndWait(ctx, s, run); err != nil {
-			restartErr = fmt.Errorf("restart %d: %w", i, err)
-		}
-	}
 	stopErr := run.finish()
 	f, err := os.Open(run.logPath)
 	if err != nil {

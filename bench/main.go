@@ -48,9 +48,9 @@ workers sending requests and --restarts restarts evenly spaced, once per mode:
 
 Modes: new-conn (a new connection per request) and keep-alive.
 
-Takeover cost (--cost-rounds, 0 skips it): hello under keep-alive load with no restart
-for --cost-duration, then --cost-restarts restarts with no load, in rounds that alternate
-the order of hello on an inherited socket (relay --takeover off, LISTEN_FDS) and hello
+Takeover cost (--cost-rounds, 0 skips it): hello restarted --cost-restarts times with no
+load, then under keep-alive load with no restart for --cost-duration, in rounds that
+reverse the order of hello on an inherited socket (relay --takeover off, LISTEN_FDS), hello
 -bind on a taken-over bind (relay's default takeover), both sending READY=1 (--health
 notify) with -startup 0, and hello -bind alone for reference. It compares their
 throughput, relay's ready_after (from just before relay starts a generation's process to

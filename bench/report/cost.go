@@ -141,9 +141,9 @@ func (c *Cost) Rows() []CostRow {
 
 // writeMarkdown writes the takeover cost table and the variants' list.
 func (c *Cost) writeMarkdown(b *strings.Builder) {
-	fmt.Fprintf(b, "\n**Takeover cost.** The same backend given its socket in different ways (below), with no restart under keep-alive load for %gs per run, "+
-		"in rounds that alternate their order; throughput can differ by more between two processes of the same backend than between variants, so read each round's figure, not only the median. "+
-		"Start → ready: relay's ready_after of every generation (the first and each restart), from just before relay starts its process until it is ready; "+
+	fmt.Fprintf(b, "\n**Takeover cost.** The same backend given its socket in different ways (below), restarted with no load, then under keep-alive load with no restart for %gs per run, "+
+		"in rounds that reverse their order; throughput can differ by more between two processes of the same backend than between variants, so read each round's figure, not only the median. "+
+		"Start → ready: relay's ready_after of every generation (the first and each restart, all with no load), from just before relay starts its process until it is ready; "+
 		"\"added\" is its median minus %s's. net.Listen: how long the backend's own net.Listen calls took (socket, bind and listen), from its log. "+
 		"Filters: the seccomp filters the backend ran under (/proc/PID/status; ? when unknown).\n\n", c.LoadS, c.Base)
 	fmt.Fprintf(b, "| variant | filters | ok/s per round | ok/s median | vs %s | failed | start → ready ms median | min | max | n | added ms | net.Listen µs median | min | max | n |\n", c.Base)
