@@ -42,10 +42,32 @@ type Child struct {
 	// NotifyReady is closed when the child sends READY=1 on its own
 	// notify socket.
 	NotifyReady <-chan struct{}
-	// Control, if set, is the dialer's Control function for http and tcp
-	// probes: relay uses it to steer a probe of a public address to this
-	// child's own socket.
+	// Notified is closed at the child's first sd_notify message of any
+	// kind (READY=1, STATUS=..., anything); nil when relay does not
+	// tell.
+	Notified <-chan struct{}
+	// SpeaksNotify reports whether an earlier generation of this relay
+	// sent any sd_notify message; nil means false.
+	SpeaksNotify func() bool
+	// Control, if set, is the dialer's Control function for http, tcp
+	// and accept probes: relay uses it to steer a probe of a public
+	// address to this child's own socket.
 	Control func(network, address string, c syscall.RawConn) error
+	// Listeners are the child's listeners, for accept and auto.
+	Listeners []Listener
+}
+
+// Listener is one of relay's listeners as a readiness check sees it.
+type Listener struct {
+	Name string // e.g. "tcp-8080", for messages
+	// Probe is the host:port to dial for a steered TCP listener: Control
+	// steers the connection to this child's own socket. "" when the
+	// listener cannot be probed alone (UDP, unix, a shared TCP socket).
+	Probe string
+	// Claimed is closed once this child took the listener over with a
+	// bind of its own (and, for a stream socket, its listen); nil when
+	// relay cannot observe that (bind takeover off or unavailable).
+	Claimed <-chan struct{}
 }
 
 // controlKey carries a Child's Control to the shared HTTP transport.
@@ -114,40 +136,66 @@ func (c *Checker) Wait(ctx context.Context, ch Child) error {
 		case <-ctx.Done():
 			return fmt.Errorf("waiting %s: %w", c.spec.Delay, ctx.Err())
 		}
+	case Accept:
+		return waitAccept(ctx, ch)
+	case Auto:
+		return waitAuto(ctx, ch)
 	}
+	n, last := retry(ctx, func(ctx context.Context) error { return c.attempt(ctx, ch) })
+	if last == nil {
+		return nil
+	}
+	return fmt.Errorf("%d attempts, last: %w", n, withCtxErr(ctx, last))
+}
+
+// retry calls try, each time with a context bounded by attemptLimit, until
+// it succeeds or ctx ends, waiting between attempts for an interval that
+// doubles from firstInterval to maxInterval. It returns the number of
+// attempts, and nil or the last error.
+func retry(ctx context.Context, try func(context.Context) error) (attempts int, last error) {
 	interval := firstInterval
-	var last error
 	for attempt := 1; ; attempt++ {
-		last = c.attempt(ctx, ch)
+		actx, cancel := context.WithTimeout(ctx, attemptLimit)
+		last = try(actx)
+		cancel()
 		if last == nil {
-			return nil
+			return attempt, nil
 		}
 		t := time.NewTimer(interval)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return fmt.Errorf("%d attempts, last: %v: %w", attempt, last, ctx.Err())
+			return attempt, last
 		case <-t.C:
 		}
 		interval = min(2*interval, maxInterval)
 	}
 }
 
-func (c *Checker) attempt(ctx context.Context, ch Child) error {
-	ctx, cancel := context.WithTimeout(ctx, attemptLimit)
-	defer cancel()
-	if ch.Control != nil {
-		ctx = context.WithValue(ctx, controlKey{}, ch.Control)
+// withCtxErr returns err, which an attempt returned when ctx ended, with
+// ctx's error after it unless err already wraps that.
+func withCtxErr(ctx context.Context, err error) error {
+	if ctx.Err() == nil || errors.Is(err, ctx.Err()) {
+		return err
 	}
+	return fmt.Errorf("%w: %w", err, ctx.Err())
+}
+
+// withControl returns ctx carrying ch's Control for dial.
+func withControl(ctx context.Context, ch Child) context.Context {
+	if ch.Control != nil {
+		return context.WithValue(ctx, controlKey{}, ch.Control)
+	}
+	return ctx
+}
+
+func (c *Checker) attempt(ctx context.Context, ch Child) error {
+	ctx = withControl(ctx, ch)
 	switch c.spec.Kind {
 	case HTTP:
 		return c.httpAttempt(ctx, Expand(c.spec.Target, ch.Vars))
 	case TCP:
-		conn, err := dial(ctx, "tcp", Expand(c.spec.Target, ch.Vars))
-		if err != nil {
-			return err
-		}
-		return conn.Close()
+		return probeAccepted(ctx, Expand(c.spec.Target, ch.Vars))
 	case Exec:
 		return c.execAttempt(ctx, ch)
 	}

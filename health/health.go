@@ -9,6 +9,31 @@
 // an http or tcp probe of the public address that the caller steers to the
 // child's own socket (Child.Control). delay is the weakest form: it only
 // waits.
+//
+// A tcp check is ready when the server accepts the probe connection, not
+// when the kernel completes the handshake: the kernel completes it for a
+// listening socket whether or not any process ever calls accept(2). The
+// check looks up the server's end of the connection with NETLINK_SOCK_DIAG:
+// while it waits in the listener's accept queue it has no inode (no file),
+// once accepted it has one, and once accepted and closed it is an orphan
+// in FIN_WAIT1, FIN_WAIT2, CLOSING, TIME_WAIT or LAST_ACK.
+//
+// accept needs nothing from the server. For each of the child's listeners
+// (Child.Listeners) it is ready when the new generation took the listener:
+// a probe that Control steers to the new generation's own socket in relay's
+// SO_REUSEPORT group, and that whoever holds that socket accepted (only the
+// new generation does), or a bind of the listener's address that the new
+// generation made itself, which relay observes (Listener.Claimed). Neither
+// an older generation's accept nor its socket can satisfy either. A
+// listener relay can neither steer a probe to nor watch (UDP, unix, a
+// shared socket) fails the check.
+//
+// auto, the default, is ready at READY=1 on the child's NOTIFY_SOCKET or,
+// for a server that does not speak sd_notify, when the accept condition
+// holds. A server that does speak it may accept before it is warm, so once
+// the child (or an earlier generation: Child.SpeaksNotify) sent any
+// sd_notify message, only READY=1 counts; and when a listener cannot be
+// checked alone, auto waits for READY=1 only.
 package health
 
 import (
@@ -31,6 +56,8 @@ const (
 	TCP    Kind = "tcp"
 	Exec   Kind = "exec"
 	Delay  Kind = "delay"
+	Accept Kind = "accept"
+	Auto   Kind = "auto"
 )
 
 // Placeholders substituted in --health specs and in the child's arguments.
@@ -69,6 +96,10 @@ func Parse(value string) (Spec, error) {
 	switch {
 	case value == "notify":
 		s.Kind = Notify
+	case value == "accept":
+		s.Kind = Accept
+	case value == "auto":
+		s.Kind = Auto
 	case strings.HasPrefix(value, "http://"), strings.HasPrefix(value, "https://"):
 		s.Kind, s.Target = HTTP, value
 		u, err := url.Parse(Expand(value, Vars{HealthAddr: "127.0.0.1:1", Generation: 1, Pid: 1}))
@@ -96,7 +127,7 @@ func Parse(value string) (Spec, error) {
 		}
 		s.Kind, s.Delay = Delay, d
 	default:
-		return Spec{}, fmt.Errorf("--health %q: unknown check; use notify, http://…, tcp://…, exec:CMD or delay:DURATION", value)
+		return Spec{}, fmt.Errorf("--health %q: unknown check; use auto, notify, accept, http://…, tcp://…, exec:CMD or delay:DURATION", value)
 	}
 	return s, nil
 }
@@ -178,6 +209,10 @@ func (s Spec) SharedTarget(listenerAddrs []string) string {
 	}
 	return ""
 }
+
+// NeedsListeners reports whether the check looks at the child's
+// listeners (Child.Listeners): accept and auto do.
+func (s Spec) NeedsListeners() bool { return s.Kind == Accept || s.Kind == Auto }
 
 // Weak reports whether the check proves nothing about the child's state.
 func (s Spec) Weak() bool { return s.Kind == Delay }

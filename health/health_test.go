@@ -16,6 +16,8 @@ func TestParse(t *testing.T) {
 		wantErr string
 	}{
 		{"notify", Notify, ""},
+		{"accept", Accept, ""},
+		{"auto", Auto, ""},
 		{"http://{health_addr}/healthz", HTTP, ""},
 		{"https://127.0.0.1:8443/", HTTP, ""},
 		{"tcp://{health_addr}", TCP, ""},
@@ -27,6 +29,7 @@ func TestParse(t *testing.T) {
 		{"exec:", "", "needs a command"},
 		{"exec:/no/such/check", "", "not found"},
 		{"ready", "", "unknown check"},
+		{"acceptx", "", "use auto, notify, accept,"},
 	} {
 		s, err := Parse(c.in)
 		if c.wantErr != "" {
@@ -37,6 +40,12 @@ func TestParse(t *testing.T) {
 		}
 		if err != nil || s.Kind != c.kind {
 			t.Errorf("Parse(%q) = %v, %v; want kind %s", c.in, s.Kind, err, c.kind)
+		}
+		if _, _, ok := s.HostPort(); ok && c.kind != HTTP && c.kind != TCP {
+			t.Errorf("Parse(%q).HostPort() ok = true for kind %s", c.in, c.kind)
+		}
+		if got := s.NeedsListeners(); got != (c.kind == Accept || c.kind == Auto) {
+			t.Errorf("Parse(%q).NeedsListeners() = %v", c.in, got)
 		}
 	}
 }
@@ -52,6 +61,8 @@ func TestSharedTarget(t *testing.T) {
 		{"http://{health_addr}/healthz", ""},
 		{"http://127.0.0.1:7000/", ""},
 		{"notify", ""},
+		{"accept", ""},
+		{"auto", ""},
 	} {
 		s, err := Parse(c.check)
 		if err != nil {

@@ -157,7 +157,7 @@ func (c *Config) setDefaults() error {
 		c.MaxBackoff = max(DefaultMaxBackoff, c.RestartBackoff)
 	}
 	if c.Health.Kind == "" {
-		c.Health.Kind, c.Health.Raw = health.Notify, "notify"
+		c.Health.Kind, c.Health.Raw = health.Auto, "auto"
 	}
 	if c.Sockets == nil {
 		c.Sockets = sockets.Empty()

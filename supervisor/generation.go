@@ -177,9 +177,18 @@ func (s *Supervisor) startCheck(g *generation) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HealthTimeout)
 	g.cancelCheck = cancel
 	child := health.Child{
-		Vars:        health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
-		NotifyReady: g.notify.Ready(),
-		Control:     s.cfg.Sockets.ProbeControl(g.n),
+		Vars:         health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
+		NotifyReady:  g.notify.Ready(),
+		Notified:     g.notified,
+		SpeaksNotify: s.speaksNotify.Load,
+		Control:      s.cfg.Sockets.ProbeControl(g.n),
+	}
+	for i, in := range s.cfg.Sockets.Info() {
+		l := health.Listener{Name: in.Name, Probe: s.cfg.Sockets.Probe(i)}
+		if g.takeover != nil {
+			l.Claimed = g.takeover.claimed[i]
+		}
+		child.Listeners = append(child.Listeners, l)
 	}
 	var failed <-chan struct{} // stays nil without takeover
 	if g.takeover != nil {

@@ -18,7 +18,8 @@ func statusCommand() *cli.Command {
 		Name:      "status",
 		Usage:     "show a running relay's generations, listeners and restarts",
 		UsageText: "relay status [--name NAME] [--json]",
-		Description: "Prints each live generation (number, pid, state, age, command), the listeners, the\n" +
+		Description: "Prints each live generation (number, pid, state, age, how it took each listener's\n" +
+			"socket: fd for an inherited fd, bind for its own bind taken over by relay, command), the listeners, the\n" +
 			"restart counters and the last restart's outcome. --json prints the same as one JSON\n" +
 			"document, described in the README. Exit status 4 when relay cannot be reached.",
 		Flags:        append(clientFlags(), &cli.BoolFlag{Name: "json", Usage: "print the status as JSON"}),
@@ -52,6 +53,21 @@ func statusAction(c *cli.Context) error {
 	return nil
 }
 
+// socketsTaken says how a generation took each listener, in fd order:
+// "tcp-8080=bind udp-53=fd".
+func socketsTaken(ls []control.ListenerInfo, took map[string]string) string {
+	if len(took) == 0 {
+		return "-"
+	}
+	parts := make([]string, 0, len(ls))
+	for _, l := range ls {
+		if how, ok := took[l.Name]; ok {
+			parts = append(parts, l.Name+"="+how)
+		}
+	}
+	return strings.Join(parts, " ")
+}
+
 func printStatus(w io.Writer, d *control.StatusDoc) {
 	up := time.Since(d.Started).Round(time.Second)
 	fmt.Fprintf(w, "relay %q (pid %d), up %s, control %s\n", d.Name, d.Pid, up, d.Control)
@@ -67,14 +83,14 @@ func printStatus(w io.Writer, d *control.StatusDoc) {
 	tw.Flush()
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tAGE\tREADY AFTER\tCOMMAND")
+	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tAGE\tREADY AFTER\tSOCKETS\tCOMMAND")
 	for _, g := range d.Generations {
 		ready := "-"
 		if g.ReadyAfterMs > 0 {
 			ready = msDuration(g.ReadyAfterMs).String()
 		}
 		age := time.Duration(g.AgeSeconds * float64(time.Second)).Round(time.Second)
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\n", g.Generation, g.Pid, g.State, age, ready, strings.Join(g.Command, " "))
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\n", g.Generation, g.Pid, g.State, age, ready, socketsTaken(d.Listeners, g.Sockets), strings.Join(g.Command, " "))
 	}
 	tw.Flush()
 	r := d.Restarts

@@ -1,0 +1,191 @@
+package health
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Polling intervals of awaitAccepted: a connection that the server takes
+// at once is seen within a millisecond or two.
+const (
+	firstAcceptPoll = time.Millisecond
+	maxAcceptPoll   = 20 * time.Millisecond
+)
+
+// queuedMsg describes a probe connection the server has not accepted.
+const queuedMsg = "connected, but the server has not accepted it (it waits in the accept queue)"
+
+// acceptState is what one look at a connection found.
+type acceptState int
+
+const (
+	pending  acceptState = iota // not accepted yet
+	accepted                    // accepted, and maybe closed since
+)
+
+// probeAccepted connects to addr with dial, so with the Control ctx
+// carries, waits until the server accepts the connection, and closes it.
+func probeAccepted(ctx context.Context, addr string) error {
+	conn, err := dial(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	tc, ok := conn.(*net.TCPConn)
+	if !ok {
+		return fmt.Errorf("probe of %s: not a TCP connection (%T)", addr, conn)
+	}
+	if err := awaitAccepted(ctx, tc); err != nil {
+		return fmt.Errorf("probe %v→%v: %w", conn.LocalAddr(), conn.RemoteAddr(), err)
+	}
+	return nil
+}
+
+// awaitAccepted returns nil once the server has accepted conn, the client
+// end of a TCP connection: the server's end of it has left the listener's
+// accept queue. It polls the server's end with sock_diag until then, and
+// fails when the connection is reset before that or when ctx ends.
+func awaitAccepted(ctx context.Context, conn *net.TCPConn) error {
+	local, remote, ifindex, err := tcpTuple(conn)
+	if err != nil {
+		return err
+	}
+	diag, err := openSockDiag()
+	if err != nil {
+		return err
+	}
+	defer diag.Close()
+	if err := checkOwnEnd(diag, conn, local, remote, ifindex); err != nil {
+		return err
+	}
+	poll := firstAcceptPoll
+	for {
+		st, detail, err := lookAtAccept(diag, conn, local, remote, ifindex)
+		if err != nil {
+			return err
+		}
+		if st == accepted {
+			return nil
+		}
+		t := time.NewTimer(poll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			if detail != "" {
+				return fmt.Errorf("connected, but the server has not accepted it (%s): %w", detail, ctx.Err())
+			}
+			return fmt.Errorf("%s: %w", queuedMsg, ctx.Err())
+		case <-t.C:
+		}
+		poll = min(2*poll, maxAcceptPoll)
+	}
+}
+
+// checkOwnEnd looks up conn's own end, which exists unless conn was reset:
+// when sock_diag does not find it, it cannot tell about the server's end
+// either (no tcp_diag in this kernel, say), and waiting would only end in
+// a misleading timeout.
+func checkOwnEnd(diag *sockDiag, conn *net.TCPConn, local, remote netip.AddrPort, ifindex uint32) error {
+	_, found, err := diag.lookup(local, remote, ifindex)
+	if err != nil || found == foundSocket {
+		return err
+	}
+	if st, err := tcpInfoState(conn); err != nil {
+		return err
+	} else if st == tcpClose {
+		return fmt.Errorf("not accepted: the connection was reset")
+	}
+	return fmt.Errorf("NETLINK_SOCK_DIAG does not report TCP connection %s→%s (is tcp_diag missing from the kernel?), so relay cannot see whether the server accepted it", local, remote)
+}
+
+// lookAtAccept looks once at the server's end of a connection (from local
+// to remote) and, when that is not to be found, at the client's end.
+// detail says more about a pending connection that is not plainly queued.
+func lookAtAccept(diag *sockDiag, conn *net.TCPConn, local, remote netip.AddrPort, ifindex uint32) (st acceptState, detail string, err error) {
+	server, found, err := diag.lookup(remote, local, ifindex)
+	if err != nil {
+		return pending, "", err
+	}
+	if found == foundSocket {
+		switch {
+		case server.inode != 0:
+			return accepted, "", nil
+		case server.state == tcpFinWait1, server.state == tcpFinWait2, server.state == tcpClosing,
+			server.state == tcpTimeWait, server.state == tcpLastAck:
+			// Accepted and closed: an orphan, or a time-wait socket.
+			return accepted, "", nil
+		case server.state == tcpEstablished, server.state == tcpCloseWait:
+			return pending, "", nil
+		}
+		// SYN_RECV, NEW_SYN_RECV: the server has not taken the
+		// handshake's last ACK, as when the accept queue is full.
+		return pending, "server side in " + tcpStateName(server.state), nil
+	}
+	// No server end: the handshake's last ACK may still be on its way
+	// (connect returns when the client sends it), or the server reset
+	// the connection.
+	client, err := tcpInfoState(conn)
+	if err != nil {
+		return pending, "", err
+	}
+	switch {
+	case client == tcpEstablished && found == foundNone:
+		// Not even a listener: the server is not on this host, or
+		// not in relay's network namespace.
+		return pending, fmt.Sprintf("no socket of this host has address %s", remote), nil
+	case client == tcpEstablished:
+		return pending, "server side not found yet", nil
+	case client == tcpCloseWait:
+		// The server sent its FIN: it accepted and closed.
+		return accepted, "", nil
+	}
+	return pending, "", fmt.Errorf("not accepted: the connection is %s and the server has no end of it (reset)", tcpStateName(client))
+}
+
+// tcpTuple returns conn's addresses and, for a link-local peer, the index
+// of its interface.
+func tcpTuple(conn *net.TCPConn) (local, remote netip.AddrPort, ifindex uint32, err error) {
+	la, lok := conn.LocalAddr().(*net.TCPAddr)
+	ra, rok := conn.RemoteAddr().(*net.TCPAddr)
+	if !lok || !rok {
+		return local, remote, 0, fmt.Errorf("reading the addresses of connection %v→%v: not TCP", conn.LocalAddr(), conn.RemoteAddr())
+	}
+	local, remote = la.AddrPort(), ra.AddrPort()
+	local = netip.AddrPortFrom(local.Addr().Unmap().WithZone(""), local.Port())
+	remote = netip.AddrPortFrom(remote.Addr().Unmap().WithZone(""), remote.Port())
+	if ra.Zone != "" {
+		if n, err := strconv.ParseUint(ra.Zone, 10, 32); err == nil {
+			ifindex = uint32(n)
+		} else if ifi, err := net.InterfaceByName(ra.Zone); err == nil {
+			ifindex = uint32(ifi.Index)
+		} else {
+			return local, remote, 0, fmt.Errorf("finding the interface of %v: %w", ra, err)
+		}
+	}
+	return local, remote, ifindex, nil
+}
+
+// tcpInfoState returns the TCP state of conn's own end.
+func tcpInfoState(conn *net.TCPConn) (uint8, error) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return 0, fmt.Errorf("reading the state of connection %v→%v: %w", conn.LocalAddr(), conn.RemoteAddr(), err)
+	}
+	var info *unix.TCPInfo
+	var infoErr error
+	if err := rc.Control(func(fd uintptr) {
+		info, infoErr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); err != nil {
+		return 0, fmt.Errorf("reading the state of connection %v→%v: %w", conn.LocalAddr(), conn.RemoteAddr(), err)
+	}
+	if infoErr != nil {
+		return 0, fmt.Errorf("reading the state of connection %v→%v: TCP_INFO: %w", conn.LocalAddr(), conn.RemoteAddr(), infoErr)
+	}
+	return info.State, nil
+}

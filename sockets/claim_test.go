@@ -1,0 +1,134 @@
+package sockets
+
+import (
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/takeover"
+)
+
+func openSet(t *testing.T, steerMode SteerMode, listens ...string) *Set {
+	t.Helper()
+	var specs []socketpass.Spec
+	for _, l := range listens {
+		s, err := socketpass.ParseListen(l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		specs = append(specs, s)
+	}
+	set, err := Open(Options{Specs: specs, UnixMode: 0o600, Steer: steerMode})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { set.Close() })
+	return set
+}
+
+func port(t *testing.T, set *Set, i int) uint16 {
+	t.Helper()
+	return set.entries[i].addr.ap.Port()
+}
+
+func tcpBind(domain int, addr string) takeover.Bind {
+	ap := netip.MustParseAddrPort(addr)
+	fam := unix.AF_INET
+	if ap.Addr().Is6() {
+		fam = unix.AF_INET6
+	}
+	return takeover.Bind{Family: fam, Addr: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), Network: takeover.TCP, Domain: domain}
+}
+
+func TestClaimMatchesPortAndAddress(t *testing.T) {
+	set := openSet(t, SteerAuto, "127.0.0.1:0", "udp:127.0.0.1:0")
+	tcp, udp := port(t, set, 0), port(t, set, 1)
+	if _, err := set.Take(1); err != nil {
+		t.Fatal(err)
+	}
+	at := func(host string, p uint16) string { return netip.AddrPortFrom(netip.MustParseAddr(host), p).String() }
+	for _, c := range []struct {
+		name string
+		bind takeover.Bind
+		want int
+		own  bool
+	}{
+		{"the listener's own address", tcpBind(unix.AF_INET, at("127.0.0.1", tcp)), 0, true},
+		{"the IPv4 wildcard", tcpBind(unix.AF_INET, at("0.0.0.0", tcp)), 0, true},
+		{"the IPv6 wildcard of a dual-stack Go listener", tcpBind(unix.AF_INET6, at("::", tcp)), 0, true},
+		{"another address on the port", tcpBind(unix.AF_INET, at("127.0.0.2", tcp)), -1, false},
+		{"another port", tcpBind(unix.AF_INET, at("127.0.0.1", tcp+1)), -1, false},
+		{"port 0", tcpBind(unix.AF_INET, at("127.0.0.1", 0)), -1, false},
+		{"UDP on the TCP port", takeover.Bind{Family: unix.AF_INET, Addr: netip.MustParseAddrPort(at("127.0.0.1", tcp)), Network: takeover.UDP, Domain: unix.AF_INET}, -1, false},
+		// The UDP socket is shared, but generation 1 is its only holder.
+		{"the UDP listener", takeover.Bind{Family: unix.AF_INET, Addr: netip.MustParseAddrPort(at("0.0.0.0", udp)), Network: takeover.UDP, Domain: unix.AF_INET}, 1, true},
+	} {
+		d := set.Claim(1, c.bind)
+		if d.Refuse != nil || d.Socket != c.want || (c.want >= 0 && d.Own != c.own) {
+			t.Errorf("%s (%s): got %+v, want socket %d own %v", c.name, c.bind, d, c.want, c.own)
+		}
+	}
+	// With a second generation holding the shared UDP socket, it is no
+	// longer either one's own: its blocking mode must stay.
+	if _, err := set.Take(2); err != nil {
+		t.Fatal(err)
+	}
+	d := set.Claim(2, takeover.Bind{Family: unix.AF_INET, Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), udp), Network: takeover.UDP, Domain: unix.AF_INET})
+	if d.Socket != 1 || d.Own {
+		t.Errorf("shared UDP socket with two holders: %+v, want socket 1, not own", d)
+	}
+}
+
+func TestClaimRefusesAnIPv4SocketOnAnIPv6Listener(t *testing.T) {
+	if !ipv6Loopback() {
+		t.Skip("no IPv6 loopback")
+	}
+	set := openSet(t, SteerAuto, "[::1]:0")
+	p := port(t, set, 0)
+	d := set.Claim(1, tcpBind(unix.AF_INET, netip.AddrPortFrom(netip.IPv4Unspecified(), p).String()))
+	if d.Refuse == nil || !strings.Contains(d.Refuse.Error(), "--listen 0.0.0.0:") {
+		t.Errorf("IPv4 wildcard bind on an IPv6 listener: %+v, want a refusal naming the --listen to use", d)
+	}
+	// An IPv6 socket on the same wildcard is fine.
+	if d := set.Claim(1, tcpBind(unix.AF_INET6, netip.AddrPortFrom(netip.IPv6Unspecified(), p).String())); d.Refuse != nil || d.Socket != 0 {
+		t.Errorf("IPv6 wildcard bind: %+v, want socket 0", d)
+	}
+}
+
+func TestClaimUnixPath(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "app.sock")
+	set := openSet(t, SteerAuto, "unix:"+path)
+	set.Take(1)
+	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: path, Network: takeover.Unix, Domain: unix.AF_UNIX}); d.Socket != 0 || d.Refuse != nil {
+		t.Errorf("bind of the listener's path: %+v, want socket 0", d)
+	}
+	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: path + ".other", Network: takeover.Unix, Domain: unix.AF_UNIX}); d.Socket != -1 {
+		t.Errorf("bind of another path: %+v, want pass", d)
+	}
+}
+
+func TestClaimRefusesWhatItCannotInspect(t *testing.T) {
+	set := openSet(t, SteerAuto, "127.0.0.1:0")
+	p := port(t, set, 0)
+	b := takeover.Bind{Family: unix.AF_INET, Addr: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), p), Err: unix.EPERM}
+	if d := set.Claim(1, b); d.Refuse == nil {
+		t.Errorf("uninspectable bind of relay's address: %+v, want a refusal", d)
+	}
+	b.Addr = netip.AddrPortFrom(b.Addr.Addr(), p+1)
+	if d := set.Claim(1, b); d.Socket != -1 || d.Refuse != nil {
+		t.Errorf("uninspectable bind of another port: %+v, want pass", d)
+	}
+}
+
+func ipv6Loopback() bool {
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	return unix.Bind(fd, &unix.SockaddrInet6{Addr: netip.IPv6Loopback().As16()}) == nil
+}
