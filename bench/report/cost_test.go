@@ -34,7 +34,7 @@ func testCost() *Cost {
 		Runs: []CostRun{
 			// Out of round order, and taken-over's rounds before
 			// inherited's: the table follows Variants and rounds.
-			{Variant: "taken-over", Round: 2, OKPerSec: 900, ReadyMs: []float64{7, 9}, ListenUs: []float64{100, 120}, SeccompFilters: 1},
+			{Variant: "taken-over", Round: 2, OKPerSec: 900, ReadyMs: []float64{7.5, 9}, ListenUs: []float64{100, 120}, SeccompFilters: 1},
 			{Variant: "taken-over", Round: 1, OKPerSec: 1100, Failed: 2, ReadyMs: []float64{8}, ListenUs: []float64{110}, SeccompFilters: 1},
 			{Variant: "inherited", Round: 1, OKPerSec: 1000, ReadyMs: []float64{5, 6}, ListenUs: []float64{40}, SeccompFilters: 0},
 			{Variant: "inherited", Round: 2, OKPerSec: 800, ReadyMs: []float64{7}, ListenUs: []float64{50}, SeccompFilters: -1},
@@ -49,19 +49,19 @@ func TestCostRows(t *testing.T) {
 		t.Fatalf("rows %+v", rows)
 	}
 	in, to, sa := rows[0], rows[1], rows[2]
-	if in.Throughput.Median != 900 || in.VsBase != 1 || !in.HasAdded || in.AddedMs != 0 {
+	if in.Throughput.Median != 900 || in.VsBase != 1 || !in.HasAdded || in.AddedMs != 0 || in.AddedMinMs != 0 {
 		t.Errorf("inherited %+v", in)
 	}
 	// taken-over: rounds in order, median 1000 over the base's 900, ready
-	// median 8 ms over the base's 6.
+	// median 8 ms over the base's 6, minimum 7.5 over 5.
 	if got := to.OKPerSec; len(got) != 2 || got[0] != 1100 || got[1] != 900 {
 		t.Errorf("taken-over ok/s by round %v", got)
 	}
 	if to.VsBase < 1.1110 || to.VsBase > 1.1112 || to.Failed != 2 {
 		t.Errorf("taken-over vs base %v failed %d", to.VsBase, to.Failed)
 	}
-	if to.Ready != (Spread{N: 3, Median: 8, Min: 7, Max: 9}) || !to.HasAdded || to.AddedMs != 2 {
-		t.Errorf("taken-over ready %+v added %v (%v)", to.Ready, to.AddedMs, to.HasAdded)
+	if to.Ready != (Spread{N: 3, Median: 8, Min: 7.5, Max: 9}) || !to.HasAdded || to.AddedMs != 2 || to.AddedMinMs != 2.5 {
+		t.Errorf("taken-over ready %+v added %v, %v (%v)", to.Ready, to.AddedMs, to.AddedMinMs, to.HasAdded)
 	}
 	if to.Listen != (Spread{N: 3, Median: 110, Min: 100, Max: 120}) {
 		t.Errorf("taken-over listen %+v", to.Listen)
@@ -106,8 +106,8 @@ func TestCostMarkdown(t *testing.T) {
 	for _, want := range []string{
 		"**Takeover cost.**",
 		"| variant | filters | ok/s per round | ok/s median | vs inherited |",
-		"| inherited | ?/0 | 1000, 800 | 900 | 1.000 | 0 | 6.00 | 5.00 | 7.00 | 3 | +0.00 | 45 | 40 | 50 | 2 |",
-		"| taken-over | 1 | 1100, 900 | 1000 | 1.111 | 2 | 8.00 | 7.00 | 9.00 | 3 | +2.00 | 110 | 100 | 120 | 3 |",
+		"| inherited | ?/0 | 1000, 800 | 900 | 1.000 | 0 | 6.00 | 5.00 | 7.00 | 3 | +0.00 / +0.00 | 45 | 40 | 50 | 2 |",
+		"| taken-over | 1 | 1100, 900 | 1000 | 1.111 | 2 | 8.00 | 7.50 | 9.00 | 3 | +2.00 / +2.50 | 110 | 100 | 120 | 3 |",
 		"| standalone | 0 | 1200 | 1200 | 1.333 | 0 | — | — | — | 0 | — | 30 | 30 | 30 | 1 |",
 		"- `taken-over`: bind\n",
 	} {
