@@ -32,7 +32,7 @@ func TestRestartCommand(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("relay restart exited %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
 	}
-	for _, want := range []string{"generation 2 (pid ", "starting", "waiting for readiness (notify)", "ready after",
+	for _, want := range []string{"generation 2 (pid ", "starting", "waiting for readiness (auto)", "ready after",
 		"restart done: generation 2", "old generation 1 (pid " + strconv.Itoa(first.num("pid")) + ") exited (exit status 0)"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("relay restart output lacks %q:\n%s", want, out)

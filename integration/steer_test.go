@@ -281,7 +281,7 @@ func passedSocket(t *testing.T, reusePort bool) *os.File {
 // --steer on. One with SO_REUSEPORT is steered, and stays a listener in the
 // group for relay's life, since the service manager holds a copy.
 func TestPassedSocketSteering(t *testing.T) {
-	shim := []string{built.relay, socketpass.ShimCommand, built.relay}
+	shim := socketpass.ShimLauncher(built.relay, built.relay)
 	env := []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=web"}
 
 	t.Run("fallback", func(t *testing.T) {

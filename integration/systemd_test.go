@@ -467,7 +467,7 @@ func TestPassedNonBlockingSocket(t *testing.T) {
 	defer sock.Close()
 	addr := sockAddr(t, sock)
 	report := filepath.Join(t.TempDir(), "report.json")
-	shim := []string{built.relay, socketpass.ShimCommand, built.relay}
+	shim := socketpass.ShimLauncher(built.relay, built.relay)
 	r := startRelayWrapped(t, shim, "relay", []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=web"}, []*os.File{sock},
 		"--", built.testchild, "-report", report)
 	l := r.listenAddrs(1)[0]
@@ -542,7 +542,7 @@ func TestFDStoreHandsSocketsToTheNextRelay(t *testing.T) {
 	}
 	// relay 2 gets the stored sockets as LISTEN_FDS, with its own pid in
 	// LISTEN_PID: relay's exec shim sets it, as systemd would.
-	shim := []string{built.relay, socketpass.ShimCommand, built.relay}
+	shim := socketpass.ShimLauncher(built.relay, built.relay)
 	env2 := append(env, "LISTEN_FDS=2", "LISTEN_FDNAMES="+strings.Join(wantNames, ":"))
 	r2 := startRelayWrapped(t, shim, "relay", env2, files,
 		"--listen", "127.0.0.1:"+port, "--listen", "unix:"+sockPath, "--", built.hello, "-lame-duck", "100ms")

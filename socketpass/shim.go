@@ -29,35 +29,62 @@ type Takeover struct {
 	// Required makes the shim fail, rather than exec without the filter,
 	// when the filter cannot be installed.
 	Required bool
+	// Unlink also hands relay the child's unlinks (takeover.Options), for
+	// relay's unix socket paths.
+	Unlink bool
 }
 
-// arg encodes t as one shim argument: "-", "auto:FD" or "on:FD".
+// arg encodes t as one shim argument: "-", or "auto:FD" or "on:FD", with
+// ":unlink" after it for Unlink.
 func (t Takeover) arg() string {
-	switch {
-	case t.FD == 0:
+	if t.FD == 0 {
 		return "-"
-	case t.Required:
-		return "on:" + strconv.Itoa(t.FD)
 	}
-	return "auto:" + strconv.Itoa(t.FD)
+	a := "auto:" + strconv.Itoa(t.FD)
+	if t.Required {
+		a = "on:" + strconv.Itoa(t.FD)
+	}
+	if t.Unlink {
+		a += ":unlink"
+	}
+	return a
 }
 
 func parseTakeover(arg string) (Takeover, error) {
 	if arg == "-" {
 		return Takeover{}, nil
 	}
-	mode, fd, ok := strings.Cut(arg, ":")
-	n, err := strconv.Atoi(fd)
-	if !ok || err != nil || n < FirstFD || (mode != "auto" && mode != "on") {
-		return Takeover{}, fmt.Errorf("exec shim: bad takeover argument %q", arg)
+	parts := strings.Split(arg, ":")
+	bad := fmt.Errorf("exec shim: bad takeover argument %q", arg)
+	if len(parts) < 2 || len(parts) > 3 || (parts[0] != "auto" && parts[0] != "on") {
+		return Takeover{}, bad
 	}
-	return Takeover{FD: n, Required: mode == "on"}, nil
+	n, err := strconv.Atoi(parts[1])
+	if err != nil || n < FirstFD {
+		return Takeover{}, bad
+	}
+	t := Takeover{FD: n, Required: parts[0] == "on"}
+	if len(parts) == 3 {
+		if parts[2] != "unlink" {
+			return Takeover{}, bad
+		}
+		t.Unlink = true
+	}
+	return t, nil
 }
 
 // ShimArgv returns the program and argv that start path with argv through the
 // exec shim. argv[0] is what the child will see as its own argv[0].
 func ShimArgv(path string, argv []string, t Takeover) (string, []string) {
 	return selfExe, append([]string{"relay-exec-shim", ShimCommand, t.arg(), path}, argv...)
+}
+
+// ShimLauncher returns the argv that makes the relay binary at relay run
+// path through the exec shim without a takeover; the caller appends path's
+// argv (argv[0] first). Tests use it to start relay itself the way systemd
+// would, with LISTEN_PID set to its own pid.
+func ShimLauncher(relay, path string) []string {
+	return []string{relay, ShimCommand, Takeover{}.arg(), path}
 }
 
 // IsShim reports whether args (os.Args) ask for the exec shim.
@@ -99,7 +126,7 @@ func RunShim(args []string) error {
 		// The filter and no_new_privs belong to this thread, which
 		// must be the one that calls execve.
 		runtime.LockOSThread()
-		if err := takeover.Install(t.FD); err != nil && t.Required {
+		if err := takeover.Install(t.FD, takeover.Options{Unlink: t.Unlink}); err != nil && t.Required {
 			return fmt.Errorf("exec shim: --takeover on: %w", err)
 		}
 		// Otherwise relay heard why, and the child takes its sockets

@@ -130,7 +130,7 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		}
 		defer shimEnd.Close() // the child has its copy once started
 		files = append(files, shimEnd)
-		shim = socketpass.Takeover{FD: len(files) - 1, Required: s.cfg.Takeover == TakeoverOn}
+		shim = socketpass.Takeover{FD: len(files) - 1, Required: s.cfg.Takeover == TakeoverOn, Unlink: len(s.unixPaths()) > 0}
 	}
 	path, argv := socketpass.ShimArgv(cmd.Path, args, shim)
 	g.started = time.Now()

@@ -158,12 +158,25 @@ func (s *Supervisor) serveTakeover(g *generation, socks []*os.File) {
 	g.log.Debug("bind takeover ready", "wait_killable", nt.Killable, "no_new_privs", nt.NoNewPrivs)
 	err = nt.Serve(takeover.Config{
 		Sockets: socks,
+		Paths:   s.unixPaths(),
 		Claim:   func(b takeover.Bind) takeover.Decision { return s.cfg.Sockets.Claim(g.n, b) },
 		Event:   func(e takeover.Event) { s.onTakeover(g, e) },
 	})
 	if err != nil {
 		g.log.Error("answering the child's binds", "err", err)
 	}
+}
+
+// unixPaths are the paths of relay's unix listeners, which no child may
+// remove.
+func (s *Supervisor) unixPaths() []string {
+	var paths []string
+	for _, in := range s.cfg.Sockets.Info() {
+		if in.Network == "unix" {
+			paths = append(paths, in.Addr)
+		}
+	}
+	return paths
 }
 
 // onTakeover runs on the takeover goroutine for each thing it did.
@@ -194,6 +207,8 @@ func (s *Supervisor) onTakeover(g *generation, e takeover.Event) {
 		g.log.Debug("listen on relay's socket answered without running it; relay keeps its backlog",
 			"listener", name(e.Socket), "fd", e.FD, "listen_pid", e.Pid)
 		t.claim(e.Socket)
+	case takeover.Kept:
+		g.log.Info("kept relay's unix socket path: the child's unlink of it was answered without removing it", "path", e.Path, "unlink_pid", e.Pid)
 	case takeover.Refused:
 		g.log.Error("bind refused", "listener", name(e.Socket), "addr", e.Bind.String(), "fd", e.Bind.FD,
 			"bind_pid", e.Bind.Pid, "reason", e.Err)

@@ -8,3 +8,6 @@ const auditArch = unix.AUDIT_ARCH_X86_64
 
 // archSupported: this architecture has a filter.
 const archSupported = true
+
+// unlinkCalls are the system calls that remove a file by name.
+func unlinkCalls() []uint32 { return []uint32{unix.SYS_UNLINK, unix.SYS_UNLINKAT} }

@@ -7,3 +7,6 @@ const auditArch = unix.AUDIT_ARCH_AARCH64
 
 // archSupported: this architecture has a filter.
 const archSupported = true
+
+// unlinkCalls are the system calls that remove a file by name.
+func unlinkCalls() []uint32 { return []uint32{unix.SYS_UNLINKAT} }

@@ -8,3 +8,5 @@ const auditArch = 0
 
 // archSupported: this architecture has no filter.
 const archSupported = false
+
+func unlinkCalls() []uint32 { return nil }

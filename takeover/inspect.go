@@ -67,6 +67,36 @@ func readAddr(tid int, ptr uintptr, size int) (Bind, error) {
 	return b, nil
 }
 
+// readPath reads the NUL-terminated path a thread passed to an *at call
+// (or, with dirfd AT_FDCWD, a plain one) and makes it absolute.
+func readPath(tid, dirfd int, ptr uintptr) (string, error) {
+	buf := make([]byte, unix.PathMax)
+	local := []unix.Iovec{{Base: &buf[0]}}
+	local[0].SetLen(len(buf))
+	// A read that runs into an unmapped page stops there, short.
+	n, err := unix.ProcessVMReadv(tid, local, []unix.RemoteIovec{{Base: ptr, Len: len(buf)}}, 0)
+	if err != nil {
+		return "", fmt.Errorf("reading the path: %w", err)
+	}
+	end := bytes.IndexByte(buf[:n], 0)
+	if end <= 0 {
+		return "", errNotIP
+	}
+	path := string(buf[:end])
+	if !filepath.IsAbs(path) {
+		dir := "/proc/" + strconv.Itoa(tid) + "/cwd"
+		if dirfd != unix.AT_FDCWD {
+			dir = fmt.Sprintf("/proc/%d/fd/%d", tid, dirfd)
+		}
+		base, err := os.Readlink(dir)
+		if err != nil {
+			return "", fmt.Errorf("reading the caller's directory: %w", err)
+		}
+		path = filepath.Join(base, path)
+	}
+	return filepath.Clean(path), nil
+}
+
 // inspect fills in what b says of the child's socket, from relay's copy
 // of it.
 func inspect(fd int, b *Bind) error {

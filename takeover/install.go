@@ -26,23 +26,38 @@ const (
 	maxMsg        = 1024
 )
 
-// filter returns the program the shim installs: bind(2) and listen(2) of
-// the native architecture go to relay, everything else runs.
-func filter() ([]bpf.Instruction, error) {
+// Options tune Install.
+type Options struct {
+	// Unlink also hands relay the child's unlink(2) and unlinkat(2), so
+	// that Serve can keep relay's unix socket paths in place (see
+	// Config.Paths). Set it when relay has unix listeners.
+	Unlink bool
+}
+
+// filter returns the program the shim installs: bind(2) and listen(2)
+// (and with Unlink the unlink calls) of the native architecture go to
+// relay, everything else runs.
+func filter(opts Options) ([]bpf.Instruction, error) {
 	if !archSupported {
 		return nil, fmt.Errorf("%w: relay has no filter for this architecture", ErrUnavailable)
 	}
-	notify := bpf.RetConstant{Val: unix.SECCOMP_RET_USER_NOTIF}
-	allow := bpf.RetConstant{Val: unix.SECCOMP_RET_ALLOW}
-	return []bpf.Instruction{
+	calls := []uint32{unix.SYS_BIND, unix.SYS_LISTEN}
+	if opts.Unlink {
+		calls = append(calls, unlinkCalls()...)
+	}
+	// arch check, load nr, one test per call, allow, notify.
+	prog := []bpf.Instruction{
 		bpf.LoadAbsolute{Off: offsetArch, Size: 4},
-		bpf.JumpIf{Cond: bpf.JumpEqual, Val: auditArch, SkipFalse: 3},
+		bpf.JumpIf{Cond: bpf.JumpEqual, Val: auditArch, SkipFalse: uint8(len(calls) + 1)},
 		bpf.LoadAbsolute{Off: offsetNr, Size: 4},
-		bpf.JumpIf{Cond: bpf.JumpEqual, Val: unix.SYS_BIND, SkipTrue: 2},
-		bpf.JumpIf{Cond: bpf.JumpEqual, Val: unix.SYS_LISTEN, SkipTrue: 1},
-		allow,
-		notify,
-	}, nil
+	}
+	for i, nr := range calls {
+		prog = append(prog, bpf.JumpIf{Cond: bpf.JumpEqual, Val: nr, SkipTrue: uint8(len(calls) - i)})
+	}
+	return append(prog,
+		bpf.RetConstant{Val: unix.SECCOMP_RET_ALLOW},
+		bpf.RetConstant{Val: unix.SECCOMP_RET_USER_NOTIF},
+	), nil
 }
 
 // Install installs the filter on the calling thread and sends its
@@ -54,8 +69,8 @@ func filter() ([]bpf.Instruction, error) {
 // If the filter cannot be installed, Install tells relay why and returns an
 // error wrapping ErrUnavailable; the caller may exec without it. conn is
 // left open (it is close-on-exec).
-func Install(conn int) error {
-	lfd, flags, err := installFilter()
+func Install(conn int, opts Options) error {
+	lfd, flags, err := installFilter(opts)
 	if err != nil {
 		if serr := unix.Sendmsg(conn, []byte(msgErr+" "+err.Error()), nil, nil, 0); serr != nil {
 			return errors.Join(err, fmt.Errorf("telling relay: %w", serr))
@@ -70,8 +85,11 @@ func Install(conn int) error {
 	return nil
 }
 
-func installFilter() (int, []string, error) {
-	prog, err := filter()
+func installFilter(opts Options) (int, []string, error) {
+	if err := kernelSupports(); err != nil {
+		return -1, nil, err
+	}
+	prog, err := filter(opts)
 	if err != nil {
 		return -1, nil, err
 	}
@@ -105,6 +123,32 @@ func installFilter() (int, []string, error) {
 		return -1, nil, fmt.Errorf("%w: installing the seccomp filter: %w%s", ErrUnavailable, errno, hint(errno))
 	}
 	return lfd, flags, nil
+}
+
+// kernelSupports refuses kernels before 5.9, which can notify relay of a
+// bind but cannot put relay's socket in the child (no NOTIF_ADDFD): every
+// covered bind would fail instead of falling back to the inherited fds.
+func kernelSupports() error {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return fmt.Errorf("%w: reading the kernel version: %w", ErrUnavailable, err)
+	}
+	release := unix.ByteSliceToString(u.Release[:])
+	if !atLeast(release, 5, 9) {
+		return fmt.Errorf("%w: Linux %s is older than 5.9, which has SECCOMP_IOCTL_NOTIF_ADDFD", ErrUnavailable, release)
+	}
+	return nil
+}
+
+// atLeast reports whether a kernel release such as "6.1.0-18-amd64" is at
+// least major.minor. A release it cannot read counts as new enough: the
+// kernel's own answers decide then.
+func atLeast(release string, major, minor int) bool {
+	var ma, mi int
+	if n, _ := fmt.Sscanf(release, "%d.%d", &ma, &mi); n < 2 {
+		return true
+	}
+	return ma > major || ma == major && mi >= minor
 }
 
 func seccomp(flags uintptr, prog *unix.SockFprog) (int, unix.Errno) {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 
 	"golang.org/x/sys/unix"
 )
@@ -82,6 +83,9 @@ const (
 	// Listened: the child called listen(2) on one of Config.Sockets,
 	// which relay answered without running, keeping its backlog.
 	Listened
+	// Kept: the child tried to unlink one of Config.Paths, which relay
+	// answered with success without removing it (Path says which).
+	Kept
 )
 
 // Event is one thing Serve did.
@@ -91,6 +95,7 @@ type Event struct {
 	Bind   Bind // for Bound and Refused
 	// Pid and FD of the caller (for Listened; Bind has them otherwise).
 	Pid, FD int
+	Path    string // for Kept
 	Err     error
 }
 
@@ -101,8 +106,13 @@ type Config struct {
 	// Claim decides each bind of an IP or unix address. It runs on
 	// Serve's goroutine, with the child's call waiting.
 	Claim func(Bind) Decision
-	// Event, if set, hears every Bound, Refused and Listened, on Serve's
-	// goroutine.
+	// Paths are relay's unix socket paths. A child that unlinks one
+	// (Go's UnixListener.Close does, for a socket it thinks it bound)
+	// is told it did, and the path stays for the next generation. It
+	// needs the filter installed with Options.Unlink.
+	Paths []string
+	// Event, if set, hears every Bound, Refused, Listened and Kept, on
+	// Serve's goroutine.
 	Event func(Event)
 }
 
@@ -184,8 +194,33 @@ func (s *session) handle(m *notif) {
 	case unix.SYS_LISTEN:
 		s.listen(m)
 	default:
+		if slices.Contains(unlinkCalls(), uint32(m.Data.Nr)) {
+			s.unlink(m)
+			return
+		}
 		s.proceed(m.ID)
 	}
+}
+
+// unlink keeps relay's unix socket paths: an unlink of one is answered
+// success without running.
+func (s *session) unlink(m *notif) {
+	tid := int(m.Pid)
+	dirfd, ptr, flags := unix.AT_FDCWD, uintptr(m.Data.Args[0]), uint64(0)
+	if uintptr(m.Data.Nr) != unix.SYS_UNLINK {
+		dirfd, ptr, flags = int(int32(m.Data.Args[0])), uintptr(m.Data.Args[1]), m.Data.Args[2]
+	}
+	if len(s.cfg.Paths) == 0 || flags&unix.AT_REMOVEDIR != 0 {
+		s.proceed(m.ID)
+		return
+	}
+	path, err := readPath(tid, dirfd, ptr)
+	if err != nil || !slices.Contains(s.cfg.Paths, path) || !s.valid(m.ID) {
+		s.proceed(m.ID)
+		return
+	}
+	s.reply(m.ID, 0)
+	s.event(Event{Kind: Kept, Socket: -1, Pid: tgid(tid), Path: path})
 }
 
 // bind decides one bind(2).

@@ -23,7 +23,7 @@ import (
 func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == "shim" {
 		runtime.LockOSThread()
-		if err := Install(3); err != nil {
+		if err := Install(3, Options{Unlink: true}); err != nil {
 			fmt.Fprintln(os.Stderr, "install:", err)
 			os.Exit(3)
 		}
@@ -54,6 +54,20 @@ func binder(specs []string) int {
 	enc := json.NewEncoder(os.Stdout)
 	for _, spec := range specs {
 		kind, addr, _ := strings.Cut(spec, " ")
+		if kind == "unlink" || kind == "unlinkat" {
+			var err error
+			if kind == "unlink" {
+				err = unix.Unlink(addr)
+			} else {
+				err = unix.Unlinkat(unix.AT_FDCWD, addr, 0)
+			}
+			r := result{Spec: spec}
+			if err != nil {
+				r.Errno = int(err.(unix.Errno))
+			}
+			enc.Encode(r)
+			continue
+		}
 		opts := strings.Split(kind, ",")
 		family, typ := unix.AF_INET, unix.SOCK_STREAM
 		switch opts[0] {
@@ -317,6 +331,62 @@ func TestUDPAndUnclaimedBindsPass(t *testing.T) {
 	}
 }
 
+func TestUnlinkOfRelaysPathKeepsIt(t *testing.T) {
+	dir := t.TempDir()
+	kept, other := dir+"/relay.sock", dir+"/other"
+	for _, p := range []string{kept, other} {
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hs, childEnd, err := NewHandshake()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hs.Close()
+	cmd := exec.Command(os.Args[0], "shim", "unlink "+kept, "unlinkat "+kept, "unlink "+other)
+	cmd.ExtraFiles = []*os.File{childEnd}
+	var stdout strings.Builder
+	cmd.Stdout = &stdout
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	childEnd.Close()
+	nt, err := hs.Receive()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nt.Close()
+	var kepts int
+	served := make(chan error, 1)
+	go func() {
+		served <- nt.Serve(Config{Paths: []string{kept}, Claim: func(Bind) Decision { return Pass },
+			Event: func(e Event) {
+				if e.Kind == Kept && e.Path == kept {
+					kepts++
+				}
+			}})
+	}()
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-served; err != nil {
+		t.Fatal(err)
+	}
+	if strings.Count(stdout.String(), `"Errno":0`) != 3 {
+		t.Errorf("unlinks did not all succeed: %s", stdout.String())
+	}
+	if _, err := os.Stat(kept); err != nil {
+		t.Errorf("relay's path was removed: %v", err)
+	}
+	if _, err := os.Stat(other); err == nil {
+		t.Error("another path was kept")
+	}
+	if kepts != 2 {
+		t.Errorf("%d Kept events, want 2 (unlink and unlinkat)", kepts)
+	}
+}
+
 func freePort() (int, error) {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -331,4 +401,14 @@ func freePort() (int, error) {
 		return 0, err
 	}
 	return sa.(*unix.SockaddrInet4).Port, nil
+}
+
+func TestKernelVersionCheck(t *testing.T) {
+	for release, want := range map[string]bool{
+		"5.8.18": false, "5.9.0": true, "4.19.0-27-amd64": false, "6.18.44-fc-v669": true, "5.10": true, "weird": true,
+	} {
+		if got := atLeast(release, 5, 9); got != want {
+			t.Errorf("atLeast(%q, 5, 9) = %v, want %v", release, got, want)
+		}
+	}
 }

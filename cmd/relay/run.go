@@ -27,10 +27,29 @@ import (
 	"github.com/relaysh/relay/supervisor"
 )
 
-const runDescription = `relay binds every --listen socket once, for its whole life, and starts COMMAND with
-systemd socket activation: the sockets are fds 3, 4, ... in --listen order, and the
-child's environment has LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (the child's own
-pid), plus RELAY_GENERATION, a private NOTIFY_SOCKET and RELAY_HEALTH_ADDR.
+const runDescription = `relay binds every --listen socket once, for its whole life, and runs COMMAND on them.
+The server needs no relay-specific code, whichever way it gets its port:
+
+   It binds its own port (http.ListenAndServe(":8080"), nginx "listen 8080;",
+   python3 -m http.server): the bind lands on relay's socket (--takeover auto). The
+   exec shim installs a seccomp filter that hands relay every bind(2) of the child and
+   of everything it starts; a bind of an address a --listen covers (its port, and its
+   address or a wildcard) gets relay's socket at the same fd number, and any other
+   bind (another port, port 0) runs untouched. The child's listen(2) on it keeps
+   relay's backlog. Linux 5.9+; without it, relay logs why once and goes on with
+   inherited sockets only. Not a sandbox: without root, the child's tree runs with
+   no_new_privs (setuid and file-capability programs lose their privileges).
+
+   It takes inherited sockets (systemd socket activation): the sockets are fds 3, 4, ...
+   in --listen order, and the environment has LISTEN_FDS, LISTEN_FDNAMES and
+   LISTEN_PID (the child's own pid). It gets the same socket either way.
+
+Every child also gets RELAY_GENERATION, a private NOTIFY_SOCKET and RELAY_HEALTH_ADDR.
+
+Family rule for taken-over binds: an IPv6 socket may get an IPv4 listener (Go's ":8080"
+with --listen 127.0.0.1:8080), an IPv4 socket never gets an IPv6 one: nginx's
+"listen 8080;" or Python's --bind 0.0.0.0 need --listen 0.0.0.0:8080 (or 127.0.0.1:8080),
+not --listen :8080. Such a bind fails with one log line naming the --listen to use.
 
 Control it with 'relay restart', 'relay status' and 'relay stop' (--name NAME), or signals.
 
@@ -65,13 +84,22 @@ plain http.Server.Shutdown loses nothing. UDP and unix sockets, and TCP sockets 
 will not steer (logged), stay one socket shared by every generation.
 
 Readiness (--health) must be specific to the new child: a probe the old one could answer
-proves nothing. A probe of a steered listener's public address is steered to the new
-generation's socket, so it is exact; on a shared socket it is not.
+proves nothing. The default, auto, needs nothing from the server:
+   auto                       ready at READY=1 on the child's own NOTIFY_SOCKET; or, while
+                              neither it nor an earlier generation has sent any sd_notify
+                              message, once it accepts a probe connection that relay steers
+                              to its own socket of every steered TCP listener, and has bound
+                              and listened on every other listener itself. A server that
+                              speaks sd_notify is waited for until READY=1 (it may accept
+                              before it is warm); use notify to say so from the start.
+   accept                     only the accept half of auto
    notify                     the child sends READY=1 to its own NOTIFY_SOCKET (sd_notify)
    http://{health_addr}/path  GET must answer 2xx; {health_addr} is a loopback address relay
                               picks for each child and passes as RELAY_HEALTH_ADDR (and as
-                              {health_addr}/{health_port} in COMMAND's arguments)
-   tcp://{health_addr}        a TCP connect must succeed
+                              {health_addr}/{health_port} in COMMAND's arguments). A probe of a
+                              steered listener's public address is steered to the new
+                              generation's socket, so it is exact; on a shared socket it is not.
+   tcp://{health_addr}        a connection must be accepted by the server (not just made)
    exec:CMD ARGS              CMD must exit 0; it gets RELAY_CHILD_PID, RELAY_GENERATION and
                               RELAY_HEALTH_ADDR; {pid} is replaced in ARGS. No shell is used.
    delay:2s                   the weakest form: only waits, proves nothing`
@@ -79,6 +107,9 @@ generation's socket, so it is exact; on a shared socket it is not.
 const runExamples = `
 Examples:
    relay run --listen :8080 -- ./server --config prod.yaml
+   relay run --listen 127.0.0.1:8000 -- python3 -m http.server --bind 127.0.0.1 8000
+   relay run --listen 0.0.0.0:8080 --stop-signal QUIT -- nginx -g 'daemon off;'
+   relay run --listen :8080 --takeover off -- ./server-that-reads-LISTEN_FDS
    relay run --listen http=:8080 --listen admin=127.0.0.1:9090 --drain 2s -- ./server
    relay run --listen :8080 --health http://127.0.0.1:8080/healthz -- ./server
    relay run --listen :8080 --health 'http://{health_addr}/healthz' -- ./server --health-addr '{health_addr}'
@@ -95,7 +126,7 @@ func runCommand() *cli.Command {
 		Flags: []cli.Flag{
 			&cli.StringSliceFlag{Name: "listen", Aliases: []string{"l"}, Usage: "`ADDR` to listen on; repeat for more sockets (see the forms above); optional when systemd passes sockets"},
 			&cli.StringFlag{Name: "socket-mode", Value: "0660", Usage: "permission `MODE` of unix sockets relay creates"},
-			&cli.StringFlag{Name: "health", Value: "auto", Usage: "readiness `CHECK` of each new generation: notify, http://…, tcp://…, exec:CMD or delay:DURATION"},
+			&cli.StringFlag{Name: "health", Value: "auto", Usage: "readiness `CHECK` of each new generation: auto, accept, notify, http://…, tcp://…, exec:CMD or delay:DURATION (see above)"},
 			&cli.DurationFlag{Name: "health-timeout", Value: supervisor.DefaultHealthTimeout, Usage: "`DURATION` a new generation may take to become ready before it is killed and the restart rolled back"},
 			&cli.StringFlag{Name: "takeover", Value: string(supervisor.TakeoverAuto), Usage: "`MODE` of the bind takeover: auto makes a bind of a --listen address by the child (or anything it starts) land on relay's socket, where the kernel allows (else logged once, and children take the inherited fds only); on makes its absence an error; off passes the sockets as inherited fds only"},
 			&cli.StringFlag{Name: "steer", Value: string(sockets.SteerAuto), Usage: "`MODE` of the drain on TCP listeners: auto gives each generation a socket of its own and new connections to the serving one only, where the kernel allows (else one shared socket, logged); on refuses to start without it; off shares one socket"},
@@ -158,7 +189,9 @@ func runAction(c *cli.Context) error {
 	if !c.IsSet("drain") && set.Steered() {
 		opts.drain = defaultSteeredDrain
 	}
-	warnAboutHealth(log, opts.health, addrs, set)
+	if err := warnAboutHealth(log, opts, addrs, set); err != nil {
+		return err
+	}
 
 	runtimeDir, err := makeRuntimeDir()
 	if err != nil {
@@ -369,7 +402,10 @@ func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, opts))
 }
 
-func warnAboutHealth(log *slog.Logger, spec health.Spec, addrs []string, set *sockets.Set) {
+// warnAboutHealth says at start what the readiness check can and cannot
+// tell apart, and refuses --health accept where it could prove nothing.
+func warnAboutHealth(log *slog.Logger, opts runOptions, addrs []string, set *sockets.Set) error {
+	spec := opts.health
 	host, port, ok := spec.HostPort()
 	steered := ok && set.ProbesSteered(host, port)
 	if shared := spec.SharedTarget(addrs); shared != "" && steered {
@@ -385,6 +421,30 @@ func warnAboutHealth(log *slog.Logger, spec health.Spec, addrs []string, set *so
 	if spec.Kind == health.Notify {
 		log.Info("readiness: waiting for READY=1 on each child's own NOTIFY_SOCKET; a server that does not speak sd_notify needs another --health")
 	}
+	if !spec.NeedsListeners() {
+		return nil
+	}
+	// Which listeners can show that the new generation, and no other,
+	// serves them: a steered one by a probe to its own socket, another
+	// by the generation's own bind of it, taken over.
+	var unproven []string
+	for i, in := range set.Info() {
+		if set.Probe(i) == "" && opts.takeover == supervisor.TakeoverOff {
+			unproven = append(unproven, in.Name)
+		}
+	}
+	switch {
+	case set.Len() == 0 && spec.Kind == health.Accept:
+		return usagef("--health accept needs a listener to check; give --listen, or use --health notify")
+	case len(unproven) > 0 && spec.Kind == health.Accept:
+		return usagef("--health accept cannot check %s: its socket is shared by every generation and --takeover is off; use --health notify, http://{health_addr}/..., or exec:CMD", strings.Join(unproven, ", "))
+	case len(unproven) > 0:
+		log.Info("readiness: a child is ready at READY=1 only, since nothing else can show that the new generation serves these listeners (shared sockets, --takeover off)",
+			"check", spec.String(), "listeners", unproven)
+	default:
+		log.Debug("readiness: READY=1, or for a child that never speaks sd_notify, its accept on each steered listener and its own bind of the others", "check", spec.String())
+	}
+	return nil
 }
 
 // makeRuntimeDir creates the private (0700) directory for the children's
