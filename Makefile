@@ -1,4 +1,4 @@
-# make bench runs the restart-under-load benchmark (about 8 minutes on 2
+# make bench runs the restart-under-load benchmark (about 10 minutes on 2
 # cores); pass flags through BENCH_FLAGS, e.g.
 #   make bench BENCH_FLAGS="--duration 2m --restarts 40"
 # and see "go run ./bench --help" for all of them.

@@ -1,8 +1,9 @@
 // Command bench measures restarts under load: examples/hello run directly,
-// restarted naively, under relay in each readiness mode, and under
-// start_server when it is installed, each with the same load, in
-// keep-alive and new-connection modes. It writes a markdown table, a JSON
-// file and one chart per mode. Run it from the repository root:
+// restarted naively, under relay binding its own port (bind takeover) and in
+// each readiness mode, and under start_server when it is installed, each
+// with the same load, in keep-alive and new-connection modes; and what
+// relay's bind takeover costs the backend. It writes a markdown table, a
+// JSON file and one chart per mode. Run it from the repository root:
 //
 //	go run ./bench            # or: make bench
 //	go run ./bench --help
@@ -33,8 +34,12 @@ import (
 const description = `Runs examples/hello under each scenario for --duration, with --concurrency
 workers sending requests and --restarts restarts evenly spaced, once per mode:
 
-   direct        hello binds the port itself and is never restarted: the ceiling
-   naive         hello is stopped (SIGTERM, wait) and started again
+   direct        hello -bind binds the port itself and is never restarted: the ceiling
+   naive         hello -bind is stopped (SIGTERM, wait) and started again
+   relay-bind    relay run with its defaults (no --health: auto; takeover auto) and
+                 hello -bind, which binds the port itself and sends no sd_notify message
+   relay-fd      relay run --takeover off, no --health: hello takes LISTEN_FDS and sends
+                 READY=1 (not run by default)
    relay-notify  relay run --health notify (hello sends READY=1); steered drain, the default
    relay-shared  relay-notify with --steer off: one socket shared by both generations
    relay-http    relay run --health http://{health_addr}/healthz (hello's private address)
@@ -43,6 +48,14 @@ workers sending requests and --restarts restarts evenly spaced, once per mode:
 
 Modes: new-conn (a new connection per request) and keep-alive.
 
+Takeover cost (--cost-rounds, 0 skips it): hello restarted --cost-restarts times with no
+load, then under keep-alive load with no restart for --cost-duration, in rounds that
+reverse the order of hello on an inherited socket (relay --takeover off, LISTEN_FDS), hello
+-bind on a taken-over bind (relay's default takeover), both sending READY=1 (--health
+notify) with -startup 0, and hello -bind alone for reference. It compares their
+throughput, relay's ready_after (from just before relay starts a generation's process to
+its READY=1) and how long hello's own net.Listen took.
+
 It prints and writes to --out: results.md (the tables), results.json (every figure,
 with a timeline), chart-MODE.svg, and logs/ (each run's supervisor and backend output).
 A relay (and start_server) with one child and no load is watched for --idle alongside.
@@ -50,8 +63,9 @@ Nothing here asserts anything: it measures and prints.`
 
 const examples = `
 Examples:
-   go run ./bench                                   # the full matrix, about 8 minutes
-   go run ./bench --duration 8s --restarts 3 --idle 0 --scenarios direct,relay-notify
+   go run ./bench                                   # the full matrix, about 10 minutes
+   go run ./bench --duration 8s --restarts 3 --idle 0 --cost-rounds 0 --scenarios direct,relay-bind
+   go run ./bench --scenarios direct --modes keep-alive --idle 0 --cost-rounds 5   # mostly the takeover cost
    go run ./bench --duration 2m --restarts 40 -c 64 --startup 1s --work 2ms`
 
 func main() {
@@ -73,7 +87,7 @@ func newApp() *cli.App {
 			&cli.IntFlag{Name: "restarts", Value: 10, Usage: "`K` restarts per run, evenly spaced"},
 			&cli.IntFlag{Name: "concurrency", Aliases: []string{"c"}, Value: 32, Usage: "`C` concurrent workers"},
 			&cli.StringFlag{Name: "modes", Value: "new-conn,keep-alive", Usage: "`MODES` to run, comma-separated"},
-			&cli.StringFlag{Name: "scenarios", Value: "direct,naive,relay-notify,relay-shared,relay-http,relay-delay,start_server", Usage: "`NAMES` to run, comma-separated"},
+			&cli.StringFlag{Name: "scenarios", Value: "direct,naive,relay-bind,relay-notify,relay-shared,relay-http,relay-delay,start_server", Usage: "`NAMES` to run, comma-separated"},
 			&cli.DurationFlag{Name: "startup", Value: 300 * time.Millisecond, Usage: "the backend's startup `DURATION` (hello -startup)"},
 			&cli.DurationFlag{Name: "work", Value: 0, Usage: "the backend's work `DURATION` per request (hello -work)"},
 			&cli.DurationFlag{Name: "lame-duck", Value: time.Second, Usage: "the backend's lame duck `DURATION` (hello -lame-duck)"},
@@ -82,6 +96,9 @@ func newApp() *cli.App {
 			&cli.DurationFlag{Name: "timeout", Value: 5 * time.Second, Usage: "per-request `TIMEOUT`, connect included"},
 			&cli.DurationFlag{Name: "idle", Value: 60 * time.Second, Usage: "`DURATION` to watch an idle supervisor; 0 skips it"},
 			&cli.DurationFlag{Name: "bucket", Value: 100 * time.Millisecond, Usage: "timeline and chart resolution `DURATION`"},
+			&cli.IntFlag{Name: "cost-rounds", Value: 3, Usage: "`N` rounds of the takeover cost comparison; 0 skips it"},
+			&cli.DurationFlag{Name: "cost-duration", Value: 5 * time.Second, Usage: "`DURATION` of the keep-alive load in each takeover cost run"},
+			&cli.IntFlag{Name: "cost-restarts", Value: 5, Usage: "`K` restarts after the load in each takeover cost run, for start-time samples"},
 		},
 		Action:          benchAction,
 		HideHelpCommand: true,
@@ -110,6 +127,7 @@ func benchAction(c *cli.Context) error {
 		startup: c.Duration("startup"), work: c.Duration("work"), lameDuck: c.Duration("lame-duck"),
 		delay: c.Duration("delay"), timeout: c.Duration("timeout"), idle: c.Duration("idle"), bucket: c.Duration("bucket"),
 		plainShutdown: c.Bool("plain-shutdown"),
+		costRounds:    c.Int("cost-rounds"), costDuration: c.Duration("cost-duration"), costRestarts: c.Int("cost-restarts"),
 	}
 	if s.plainShutdown {
 		s.lameDuck = 0
@@ -119,6 +137,9 @@ func benchAction(c *cli.Context) error {
 	}
 	if s.duration <= 0 || s.restarts < 0 || s.workers < 1 || s.timeout <= 0 || s.bucket <= 0 || s.idle < 0 {
 		return errors.New("--duration, --concurrency, --timeout and --bucket must be positive, --restarts and --idle not negative")
+	}
+	if s.costRounds < 0 || s.costRestarts < 0 || (s.costRounds > 0 && s.costDuration <= 0) {
+		return errors.New("--cost-rounds and --cost-restarts must not be negative, --cost-duration positive")
 	}
 	modes := strings.Split(c.String("modes"), ",")
 	for _, m := range modes {
@@ -132,7 +153,11 @@ func benchAction(c *cli.Context) error {
 	for _, name := range strings.Split(c.String("scenarios"), ",") {
 		i := slices.IndexFunc(all, func(sc scenario) bool { return sc.name == name })
 		if i < 0 {
-			return fmt.Errorf("unknown scenario %q: choose from direct, naive, relay-notify, relay-shared, relay-http, relay-delay, start_server", name)
+			var names []string
+			for _, sc := range all {
+				names = append(names, sc.name)
+			}
+			return fmt.Errorf("unknown scenario %q: choose from %s", name, strings.Join(names, ", "))
 		}
 		run = append(run, all[i])
 	}
@@ -191,6 +216,7 @@ func benchAction(c *cli.Context) error {
 		"duration": s.duration.String(), "restarts": strconv.Itoa(s.restarts), "concurrency": strconv.Itoa(s.workers),
 		"startup": s.startup.String(), "work": s.work.String(), "lame_duck": s.lameDuck.String(),
 		"delay": s.delay.String(), "timeout": s.timeout.String(), "plain_shutdown": strconv.FormatBool(s.plainShutdown),
+		"cost_rounds": strconv.Itoa(s.costRounds), "cost_duration": s.costDuration.String(), "cost_restarts": strconv.Itoa(s.costRestarts),
 	}}
 
 	// The idle supervisors run alongside the matrix: idle, they use next to
@@ -242,6 +268,16 @@ func benchAction(c *cli.Context) error {
 			}
 			rep.Results = append(rep.Results, r)
 		}
+	}
+	if s.costRounds > 0 {
+		cost, err := runCost(ctx, s)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil {
+			runErrs = append(runErrs, fmt.Errorf("takeover cost: %w", err))
+		}
+		rep.Cost = cost
 	}
 	if s.idle > 0 {
 		fmt.Fprintln(os.Stderr, "waiting for the idle measurement")

@@ -28,15 +28,21 @@ type settings struct {
 	relay, hello, self, starter                                     string
 	out                                                             string // results and logs
 	tmp                                                             string // binaries and control sockets, removed at exit
+	// The takeover cost comparison: rounds, restarts and load per run.
+	costRounds, costRestarts int
+	costDuration             time.Duration
 }
 
 // scenario is one way of running and restarting the backend.
 type scenario struct {
 	name string
-	// health is relay's --health, for the relay scenarios.
+	// health is relay's --health, for the relay scenarios; "" gives relay
+	// no --health, so that it uses its default.
 	health string
 	// relayArgs are more flags for relay run.
 	relayArgs []string
+	// backendArgs are more flags for the backend (hello).
+	backendArgs []string
 	// launch starts the backend on addr (with its supervisor, if any).
 	launch func(s *settings, sc scenario, addr string, logf *os.File) (*setup, error)
 }
@@ -44,15 +50,23 @@ type scenario struct {
 // setup is a running scenario.
 type setup struct {
 	supervisor string // its name; "" when the backend runs alone
+	control    string // relay's control socket; "" for the others
 	pid        func() int
 	restart    func() error // nil: never restarted
 	stop       func() error
+	// exited is closed when the process launched (or last restarted)
+	// has exited.
+	exited func() <-chan struct{}
 }
 
 func scenarios() []scenario {
+	// direct, naive and relay-bind run the same command: hello binding
+	// its port itself, a server that knows nothing of relay.
 	return []scenario{
-		{name: "direct", launch: launchAlone(false)},
-		{name: "naive", launch: launchAlone(true)},
+		{name: "direct", backendArgs: []string{"-bind"}, launch: launchAlone(false)},
+		{name: "naive", backendArgs: []string{"-bind"}, launch: launchAlone(true)},
+		{name: "relay-bind", backendArgs: []string{"-bind"}, launch: launchRelay},
+		{name: "relay-fd", relayArgs: []string{"--takeover", "off"}, launch: launchRelay},
 		{name: "relay-notify", health: "notify", launch: launchRelay},
 		{name: "relay-shared", health: "notify", relayArgs: []string{"--steer", "off"}, launch: launchRelay},
 		{name: "relay-http", health: "http://{health_addr}/healthz", launch: launchRelay},
@@ -61,33 +75,35 @@ func scenarios() []scenario {
 	}
 }
 
-func (s *settings) helloArgs(addr string) []string {
+// helloArgs is the backend's command line, with scenario sc's own flags.
+func (s *settings) helloArgs(sc scenario, addr string) []string {
 	args := []string{s.hello, "-addr", addr, "-startup", s.startup.String(), "-work", s.work.String(),
 		"-lame-duck", s.lameDuck.String()}
 	if s.plainShutdown {
 		args = append(args, "-plain-shutdown")
 	}
-	return args
+	return append(args, sc.backendArgs...)
 }
 
 // launchAlone runs the backend binding addr itself. With restarts, a restart
 // stops it and starts it again: what a server does without a supervisor.
 func launchAlone(restarts bool) func(*settings, scenario, string, *os.File) (*setup, error) {
-	return func(s *settings, _ scenario, addr string, logf *os.File) (*setup, error) {
-		p, err := startProc(s.helloArgs(addr), logf)
+	return func(s *settings, sc scenario, addr string, logf *os.File) (*setup, error) {
+		p, err := startProc(s.helloArgs(sc, addr), logf)
 		if err != nil {
 			return nil, err
 		}
 		st := &setup{
-			pid:  func() int { return 0 },
-			stop: func() error { return p.stop(s.stopGrace()) },
+			pid:    func() int { return 0 },
+			stop:   func() error { return p.stop(s.stopGrace()) },
+			exited: func() <-chan struct{} { return p.done },
 		}
 		if restarts {
 			st.restart = func() error {
 				if err := p.stop(s.stopGrace()); err != nil {
 					return err
 				}
-				p, err = startProc(s.helloArgs(addr), logf)
+				p, err = startProc(s.helloArgs(sc, addr), logf)
 				return err
 			}
 		}
@@ -96,26 +112,31 @@ func launchAlone(restarts bool) func(*settings, scenario, string, *os.File) (*se
 }
 
 func launchRelay(s *settings, sc scenario, addr string, logf *os.File) (*setup, error) {
-	health := sc.health
-	if health == "delay" {
-		health = "delay:" + s.delay.String()
-	}
 	ctl, err := os.MkdirTemp(s.tmp, "control-")
 	if err != nil {
 		return nil, fmt.Errorf("creating a control directory: %w", err)
 	}
-	args := append([]string{s.relay, "run", "--listen", addr, "--health", health,
-		"--control", filepath.Join(ctl, "relay.sock"), "--log-format", "json"}, sc.relayArgs...)
-	args = append(append(args, "--"), s.helloArgs(addr)...)
-	p, err := startProc(args, logf)
+	control := filepath.Join(ctl, "relay.sock")
+	args := []string{s.relay, "run", "--listen", addr, "--control", control, "--log-format", "json"}
+	switch sc.health {
+	case "":
+	case "delay":
+		args = append(args, "--health", "delay:"+s.delay.String())
+	default:
+		args = append(args, "--health", sc.health)
+	}
+	args = append(append(args, sc.relayArgs...), "--")
+	p, err := startProc(append(args, s.helloArgs(sc, addr)...), logf)
 	if err != nil {
 		return nil, err
 	}
 	return &setup{
 		supervisor: "relay",
+		control:    control,
 		pid:        func() int { return p.cmd.Process.Pid },
 		restart:    func() error { return p.cmd.Process.Signal(syscall.SIGHUP) },
 		stop:       func() error { return p.stop(s.stopGrace()) },
+		exited:     func() <-chan struct{} { return p.done },
 	}, nil
 }
 
@@ -125,8 +146,8 @@ func launchRelay(s *settings, sc scenario, addr string, logf *os.File) (*setup, 
 // starts a new worker, waits --interval (1 s, its default and its
 // smallest: it sleeps whole seconds), and if the worker is still alive,
 // sends the old one SIGTERM.
-func launchStarter(s *settings, _ scenario, addr string, logf *os.File) (*setup, error) {
-	args := append([]string{s.starter, "--port=" + addr, "--interval=1", "--", s.self, "server-starter-exec", "--"}, s.helloArgs(addr)...)
+func launchStarter(s *settings, sc scenario, addr string, logf *os.File) (*setup, error) {
+	args := append([]string{s.starter, "--port=" + addr, "--interval=1", "--", s.self, "server-starter-exec", "--"}, s.helloArgs(sc, addr)...)
 	p, err := startProc(args, logf)
 	if err != nil {
 		return nil, err
@@ -136,6 +157,7 @@ func launchStarter(s *settings, _ scenario, addr string, logf *os.File) (*setup,
 		pid:        func() int { return p.cmd.Process.Pid },
 		restart:    func() error { return p.cmd.Process.Signal(syscall.SIGHUP) },
 		stop:       func() error { return p.stop(s.stopGrace()) },
+		exited:     func() <-chan struct{} { return p.done },
 	}, nil
 }
 
@@ -223,8 +245,9 @@ func freeAddr() (string, error) {
 	return ln.Addr().String(), nil
 }
 
-// waitServing waits until addr answers a request with 2xx.
-func waitServing(ctx context.Context, addr string, within time.Duration) (int32, error) {
+// waitServing waits until addr answers a request with 2xx, or until the
+// process behind it has exited (exited is closed).
+func waitServing(ctx context.Context, addr string, within time.Duration, exited <-chan struct{}) (int32, error) {
 	deadline := time.Now().Add(within)
 	c := load.NewClient(load.Config{Addr: addr, Timeout: time.Second}, time.Now())
 	defer c.Close()
@@ -239,6 +262,8 @@ func waitServing(ctx context.Context, addr string, within time.Duration) (int32,
 		select {
 		case <-ctx.Done():
 			return 0, ctx.Err()
+		case <-exited:
+			return 0, fmt.Errorf("exited before %s answered (last outcome: %v)", addr, s.Class)
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
@@ -271,7 +296,7 @@ func launchServing(ctx context.Context, s *settings, sc scenario, name string) (
 		return nil, err
 	}
 	run := &serving{setup: st, addr: addr, logPath: logPath, logf: logf}
-	if _, err := waitServing(ctx, addr, 30*time.Second+s.startup); err != nil {
+	if _, err := waitServing(ctx, addr, 30*time.Second+s.startup, st.exited()); err != nil {
 		run.close()
 		return nil, fmt.Errorf("%s: %w (see %s)", name, err, logPath)
 	}

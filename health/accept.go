@@ -12,10 +12,12 @@ import (
 )
 
 // Polling intervals of awaitAccepted: a connection that the server takes
-// at once is seen within a millisecond or two.
+// at once is seen within a millisecond or two, and one it takes later
+// within 5 ms, which decides how soon a restart switches. One lookup is a
+// netlink round trip of some microseconds.
 const (
 	firstAcceptPoll = time.Millisecond
-	maxAcceptPoll   = 20 * time.Millisecond
+	maxAcceptPoll   = 5 * time.Millisecond
 )
 
 // queuedMsg describes a probe connection the server has not accepted.

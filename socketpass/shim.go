@@ -126,7 +126,12 @@ func RunShim(args []string) error {
 		// The filter and no_new_privs belong to this thread, which
 		// must be the one that calls execve.
 		runtime.LockOSThread()
-		if err := takeover.Install(t.FD, takeover.Options{Unlink: t.Unlink}); err != nil && t.Required {
+		err := takeover.Install(t.FD, takeover.Options{Unlink: t.Unlink})
+		switch {
+		case err == nil:
+		case !errors.Is(err, takeover.ErrUnavailable):
+			return fmt.Errorf("exec shim: %w", err) // a filter nobody answers
+		case t.Required:
 			return fmt.Errorf("exec shim: --takeover on: %w", err)
 		}
 		// Otherwise relay heard why, and the child takes its sockets

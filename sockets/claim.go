@@ -3,6 +3,8 @@ package sockets
 import (
 	"fmt"
 	"net/netip"
+	"path/filepath"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -14,8 +16,9 @@ import (
 // address and its socket's family.
 type addr struct {
 	network socketpass.Network
-	ap      netip.AddrPort // IP listeners, v4-mapped addresses unmapped
-	path    string         // unix listeners
+	ap      netip.AddrPort  // IP listeners, v4-mapped addresses unmapped
+	path    string          // unix listeners
+	dir     takeover.FileID // the directory of path; zero if unknown
 	family  int
 	v6only  bool
 }
@@ -25,6 +28,7 @@ func readAddr(l *socketpass.Listener) (addr, error) {
 	a := addr{network: l.Spec.Network}
 	if a.network == socketpass.Unix {
 		a.path, a.family = l.Addr, unix.AF_UNIX
+		a.dir, _ = takeover.DirID(l.Addr) // zero: compare paths as strings
 		return a, nil
 	}
 	rc, err := l.File().SyscallConn()
@@ -63,8 +67,15 @@ func readAddr(l *socketpass.Listener) (addr, error) {
 // binding one address of a wildcard listener gets the wildcard.
 func (a addr) covers(b takeover.Bind) bool {
 	if b.Family == unix.AF_UNIX || a.network == socketpass.Unix {
-		return b.Family == unix.AF_UNIX && a.network == socketpass.Unix && b.Path == a.path &&
-			(b.Network == takeover.Unix || b.Err != nil)
+		if b.Family != unix.AF_UNIX || a.network != socketpass.Unix || (b.Network != takeover.Unix && b.Err == nil) {
+			return false
+		}
+		if b.Dir != (takeover.FileID{}) && a.dir != (takeover.FileID{}) {
+			// The same name in the same directory, however the child
+			// reaches it (symlinks, its own root).
+			return b.Dir == a.dir && filepath.Base(b.Path) == filepath.Base(a.path)
+		}
+		return b.Path == a.path
 	}
 	switch b.Network {
 	case takeover.TCP:
@@ -102,20 +113,39 @@ func (a addr) covers(b takeover.Bind) bool {
 // buffers hold IPv4 addresses; Go, nginx and Python read the family of
 // what accept returns), but a child's IPv4 socket never gets an IPv6
 // listener, whose peer addresses would not fit an IPv4 socket's buffers.
-// A wildcard bind that several listeners on one port cover gets the first
-// of the child's own family, else the first.
+// A wildcard bind that several listeners on one port cover gets the one of
+// the child's own family, and is refused where that is not one listener or
+// the child's socket is dual-stack (it would leave a listener unserved).
 func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
-	pick := -1
+	var covered, ownFamily []int
 	for i, e := range s.entries {
-		if !e.addr.covers(b) {
-			continue
-		}
-		if pick < 0 || (s.entries[pick].addr.family != b.Domain && e.addr.family == b.Domain) {
-			pick = i
+		if e.addr.covers(b) {
+			covered = append(covered, i)
+			if e.addr.family == b.Domain {
+				ownFamily = append(ownFamily, i)
+			}
 		}
 	}
-	if pick < 0 {
+	if len(covered) == 0 {
 		return takeover.Pass
+	}
+	pick := covered[0]
+	if len(covered) > 1 {
+		// One socket can be only one listener. An IPv4 and an IPv6
+		// wildcard bind (nginx's "listen 8080; listen [::]:8080;") each
+		// take the listener of their family; a dual-stack one, or one
+		// that several listeners of its family share, cannot be split.
+		dual := b.Domain == unix.AF_INET6 && !b.V6Only && b.Addr.Addr().IsUnspecified()
+		if len(ownFamily) != 1 || (dual && len(ownFamily) < len(covered)) {
+			var names []string
+			for _, i := range covered {
+				names = append(names, s.entries[i].Listener.Spec.String())
+			}
+			return takeover.Decision{Socket: covered[0], Refuse: fmt.Errorf(
+				"the child's bind of %s covers --listen %s, and one socket can serve only one of them; give one --listen for the address the server binds, or make the server bind each address",
+				b.Addr, strings.Join(names, ", "))}
+		}
+		pick = ownFamily[0]
 	}
 	e := s.entries[pick]
 	if b.Err != nil {
@@ -126,12 +156,15 @@ func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
 			"the child binds an IPv4 socket to %s, but --listen %s is an IPv6 socket, whose peer addresses do not fit an IPv4 socket; use --listen %s",
 			b.Addr, e.Listener.Spec, ipv4Listen(b, e))}
 	}
-	own := e.Group != nil
-	if !own {
-		s.mu.Lock()
+	// Own: nothing but this generation (and relay) holds the socket, so
+	// its O_NONBLOCK may follow the child's. A member that an earlier
+	// generation had may still be held by what that one left behind.
+	s.mu.Lock()
+	own := e.fresh[gen]
+	if e.Group == nil {
 		own = len(e.holders) == 1 && e.holders[gen]
-		s.mu.Unlock()
 	}
+	s.mu.Unlock()
 	return takeover.Decision{Socket: pick, Own: own}
 }
 

@@ -2,6 +2,7 @@ package sockets
 
 import (
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -109,6 +110,19 @@ func TestClaimUnixPath(t *testing.T) {
 	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: path + ".other", Network: takeover.Unix, Domain: unix.AF_UNIX}); d.Socket != -1 {
 		t.Errorf("bind of another path: %+v, want pass", d)
 	}
+	// The same socket reached through a symlinked directory.
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(filepath.Dir(path), link); err != nil {
+		t.Fatal(err)
+	}
+	via := filepath.Join(link, "app.sock")
+	dir, err := takeover.DirID(via)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: via, Dir: dir, Network: takeover.Unix, Domain: unix.AF_UNIX}); d.Socket != 0 {
+		t.Errorf("bind of the path through a symlink: %+v, want socket 0", d)
+	}
 }
 
 func TestClaimRefusesWhatItCannotInspect(t *testing.T) {
@@ -131,4 +145,28 @@ func ipv6Loopback() bool {
 	}
 	defer unix.Close(fd)
 	return unix.Bind(fd, &unix.SockaddrInet6{Addr: netip.IPv6Loopback().As16()}) == nil
+}
+
+func TestClaimWildcardOverSeveralListeners(t *testing.T) {
+	if !ipv6Loopback() {
+		t.Skip("no IPv6 loopback")
+	}
+	first := openSet(t, SteerAuto, "127.0.0.1:0")
+	p := port(t, first, 0)
+	first.Close()
+	set := openSet(t, SteerAuto, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), p).String(), netip.AddrPortFrom(netip.IPv6Loopback(), p).String())
+	set.Take(1)
+	v4 := tcpBind(unix.AF_INET, netip.AddrPortFrom(netip.IPv4Unspecified(), p).String())
+	if d := set.Claim(1, v4); d.Refuse != nil || d.Socket != 0 {
+		t.Errorf("IPv4 wildcard over an IPv4 and an IPv6 listener: %+v, want the IPv4 one", d)
+	}
+	v6only := tcpBind(unix.AF_INET6, netip.AddrPortFrom(netip.IPv6Unspecified(), p).String())
+	v6only.V6Only = true
+	if d := set.Claim(1, v6only); d.Refuse != nil || d.Socket != 1 {
+		t.Errorf("IPv6-only wildcard: %+v, want the IPv6 listener", d)
+	}
+	dual := tcpBind(unix.AF_INET6, netip.AddrPortFrom(netip.IPv6Unspecified(), p).String())
+	if d := set.Claim(1, dual); d.Refuse == nil || !strings.Contains(d.Refuse.Error(), "one socket can serve only one") {
+		t.Errorf("dual-stack wildcard over two listeners: %+v, want a refusal", d)
+	}
 }

@@ -72,9 +72,10 @@ func Open(opts Options) (*Set, error) {
 	stored := storeSockets(log, opts.Notifier, listeners)
 	s := &Set{log: log}
 	for _, l := range listeners {
-		e := &entry{Listener: l, Stored: stored[l], holders: map[int]bool{}}
-		s.entries = append(s.entries, e)
-		if e.addr, err = readAddr(l); err != nil {
+		s.entries = append(s.entries, &entry{Listener: l, Stored: stored[l], holders: map[int]bool{}, fresh: map[int]bool{}})
+	}
+	for _, e := range s.entries {
+		if e.addr, err = readAddr(e.Listener); err != nil {
 			s.Close()
 			return nil, err
 		}

@@ -32,6 +32,9 @@ type entry struct {
 	Stored bool
 	// holders are the generations that hold the shared socket.
 	holders map[int]bool
+	// fresh are the generations whose member of the group no generation
+	// had before them: theirs alone.
+	fresh map[int]bool
 	// addr is what a child's bind is compared with.
 	addr addr
 }
@@ -104,11 +107,14 @@ func (s *Set) Take(gen int) ([]*os.File, error) {
 			files[i] = e.Listener.File()
 			continue
 		}
-		f, err := e.Group.Take(gen)
+		f, fresh, err := e.Group.Take(gen)
 		if err != nil {
 			s.Release(gen)
 			return nil, fmt.Errorf("giving generation %d a socket of its own on %s: %w", gen, e.Listener.Spec.Name, err)
 		}
+		s.mu.Lock()
+		e.fresh[gen] = fresh
+		s.mu.Unlock()
 		files[i] = f
 	}
 	return files, nil
@@ -119,10 +125,10 @@ func (s *Set) Release(gen int) {
 	for _, e := range s.entries {
 		if e.Group != nil {
 			e.Group.Release(gen)
-			continue
 		}
 		s.mu.Lock()
 		delete(e.holders, gen)
+		delete(e.fresh, gen)
 		s.mu.Unlock()
 	}
 }

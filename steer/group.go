@@ -43,6 +43,9 @@ type member struct {
 	// owned: Group closes the file. The original socket's file belongs
 	// to whoever passed it in, unless Group shuts it down.
 	owned bool
+	// used: some generation has had it. A used socket may still be held
+	// by what that generation left behind.
+	used bool
 }
 
 // Group is the reuseport group of one listener.
@@ -199,11 +202,14 @@ func (g *Group) newMemberLocked() (*member, error) {
 // still the public target (its generation crashed, or none has used it
 // yet) comes first: the connections waiting in it are the new
 // generation's to serve. Then any other free socket, then a new one.
-func (g *Group) Take(gen int) (*os.File, error) {
+//
+// fresh reports that no generation had the socket before, so that nothing
+// but gen and relay holds it.
+func (g *Group) Take(gen int) (f *os.File, fresh bool, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
-		return nil, errors.New("steering group closed")
+		return nil, false, errors.New("steering group closed")
 	}
 	m := g.active
 	if m.gen != 0 {
@@ -216,13 +222,14 @@ func (g *Group) Take(gen int) (*os.File, error) {
 		}
 	}
 	if m == nil {
-		var err error
 		if m, err = g.newMemberLocked(); err != nil {
-			return nil, err
+			return nil, false, err
 		}
 	}
 	m.gen = gen
-	return m.file, nil
+	fresh = !m.used
+	m.used = true
+	return m.file, fresh, nil
 }
 
 // Switch sends every new connection to generation gen's socket, and ends

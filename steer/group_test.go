@@ -120,7 +120,7 @@ func receiver(t *testing.T, socks map[int]*os.File) int {
 
 func take(t *testing.T, g *Group, gen int, socks map[int]*os.File) {
 	t.Helper()
-	f, err := g.Take(gen)
+	f, _, err := g.Take(gen)
 	if err != nil {
 		t.Fatal(err)
 	}

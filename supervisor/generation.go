@@ -180,15 +180,13 @@ func (s *Supervisor) startCheck(g *generation) {
 		Vars:         health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
 		NotifyReady:  g.notify.Ready(),
 		Notified:     g.notified,
-		SpeaksNotify: s.speaksNotify.Load,
+		SpeaksNotify: func() bool { _, ok := s.notifySpeakers.Load(g.cmd.Path); return ok },
 		Control:      s.cfg.Sockets.ProbeControl(g.n),
 	}
-	for i, in := range s.cfg.Sockets.Info() {
-		l := health.Listener{Name: in.Name, Probe: s.cfg.Sockets.Probe(i)}
-		if g.takeover != nil {
-			l.Claimed = g.takeover.claimed[i]
-		}
-		child.Listeners = append(child.Listeners, l)
+	infos := s.cfg.Sockets.Info()
+	probes := make([]string, len(infos))
+	for i := range infos {
+		probes[i] = s.cfg.Sockets.Probe(i)
 	}
 	var failed <-chan struct{} // stays nil without takeover
 	if g.takeover != nil {
@@ -205,6 +203,17 @@ func (s *Supervisor) startCheck(g *generation) {
 			case <-wctx.Done():
 			}
 		}()
+		var claims []chan struct{}
+		if g.takeover != nil {
+			claims = g.takeover.claims(wctx)
+		}
+		for i, in := range infos {
+			l := health.Listener{Name: in.Name, Probe: probes[i]}
+			if claims != nil {
+				l.Claimed = claims[i]
+			}
+			child.Listeners = append(child.Listeners, l)
+		}
 		err := s.checker.Wait(wctx, child)
 		stop()
 		if g.takeover != nil && g.takeover.failedErr() != nil {
@@ -220,8 +229,8 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 	// Runs on the notify socket's goroutine: only read immutable fields.
 	l := s.cfg.Log.With("gen", g.n, "pid", g.pidForNotify.Load())
 	// The command speaks sd_notify: from now on the default check waits
-	// for READY=1 (see health.Auto).
-	s.speaksNotify.Store(true)
+	// for READY=1 from its generations (see health.Auto).
+	s.notifySpeakers.Store(g.cmd.Path, true)
 	g.notifiedOnce.Do(func() { close(g.notified) })
 	if st, ok := m.Vars["STATUS"]; ok {
 		l.Info("child status", "status", st)

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -42,7 +43,9 @@ type Supervisor struct {
 
 	// Shared with helper goroutines.
 	takeoverWarned atomic.Bool // the "takeover unavailable" line was logged
-	speaksNotify   atomic.Bool // some generation sent an sd_notify message
+	// notifySpeakers holds the paths of the commands a generation of
+	// which sent an sd_notify message (see health.Auto).
+	notifySpeakers sync.Map
 
 	// The state below is owned by Run's goroutine.
 	nextGen      int

@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -26,8 +27,12 @@ type bindTakeover struct {
 	hs      *takeover.Handshake
 	nt      *takeover.Notifier
 	stopped bool
-	served  chan struct{} // closed when serve returns; nil until it runs
-	how     []string      // per listener: TookFD or TookBind
+	served  chan struct{} // closed when serve returns
+	// handshook is closed once the shim has said whether the filter is
+	// in place; active says it is.
+	handshook chan struct{}
+	active    bool
+	how       []string // per listener: TookFD or TookBind
 	// claimed[i] is closed once the child bound listener i (UDP) or
 	// listened on it (streams): a sign only this generation can give.
 	claimed []chan struct{}
@@ -43,12 +48,29 @@ func newBindTakeover(listeners int) (*bindTakeover, *os.File, error) {
 		return nil, nil, err
 	}
 	t := &bindTakeover{hs: hs, how: make([]string, listeners), claimed: make([]chan struct{}, listeners),
-		failed: make(chan struct{}), served: make(chan struct{})}
+		failed: make(chan struct{}), served: make(chan struct{}), handshook: make(chan struct{})}
 	for i := range t.how {
 		t.how[i] = TookFD
 		t.claimed[i] = make(chan struct{})
 	}
 	return t, shimEnd, nil
+}
+
+// claims returns, once the shim has spoken (or ctx ends), the channels
+// that close when the child claims each listener; nil where the filter is
+// not in place, since nothing could be seen then.
+func (t *bindTakeover) claims(ctx context.Context) []chan struct{} {
+	select {
+	case <-t.handshook:
+	case <-ctx.Done():
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.active {
+		return nil
+	}
+	return t.claimed
 }
 
 // fail records the first reason the generation cannot serve.
@@ -132,6 +154,10 @@ func (s *Supervisor) serveTakeover(g *generation, socks []*os.File) {
 	defer close(t.served)
 	nt, err := t.hs.Receive()
 	t.hs.Close()
+	t.mu.Lock()
+	t.active = err == nil && !t.stopped
+	t.mu.Unlock()
+	close(t.handshook)
 	switch {
 	case err == nil:
 	case errors.Is(err, takeover.ErrUnavailable) && s.cfg.Takeover == TakeoverOn:

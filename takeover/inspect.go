@@ -14,13 +14,18 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// sockaddrStorage is sizeof(struct sockaddr_storage).
+const sockaddrStorage = 128
+
 // errNotIP is returned by readAddr for addresses relay never owns.
 var errNotIP = errors.New("not an IP or unix address")
 
 // readAddr reads the sockaddr a thread passed to bind(2), from its memory.
 func readAddr(tid int, ptr uintptr, size int) (Bind, error) {
 	var b Bind
-	if size < 2 || size > int(unix.SizeofSockaddrAny) {
+	// C servers often pass sizeof(struct sockaddr_storage), 128, which
+	// the kernel accepts; it refuses more.
+	if size < 2 || size > sockaddrStorage {
 		return b, errNotIP
 	}
 	buf := make([]byte, size)
@@ -60,6 +65,7 @@ func readAddr(tid int, ptr uintptr, size int) (Bind, error) {
 				b.Path = filepath.Join(cwd, b.Path)
 			}
 			b.Path = filepath.Clean(b.Path)
+			b.Dir, _ = childDirID(tid, b.Path) // zero if it cannot tell
 		}
 	default:
 		return b, errNotIP
@@ -95,6 +101,29 @@ func readPath(tid, dirfd int, ptr uintptr) (string, error) {
 		path = filepath.Join(base, path)
 	}
 	return filepath.Clean(path), nil
+}
+
+// FileID names a file by device and inode: two paths to one directory
+// have the same FileID, whatever symlinks or mounts they go through.
+type FileID struct{ Dev, Ino uint64 }
+
+// DirID is the FileID of the directory holding path, in relay's view.
+func DirID(path string) (FileID, error) {
+	return statID(filepath.Dir(path))
+}
+
+// childDirID is the FileID of the directory holding path, in the view of
+// thread tid (its root directory).
+func childDirID(tid int, path string) (FileID, error) {
+	return statID("/proc/" + strconv.Itoa(tid) + "/root" + filepath.Dir(path))
+}
+
+func statID(path string) (FileID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return FileID{}, fmt.Errorf("looking at %s: %w", path, err)
+	}
+	return FileID{Dev: st.Dev, Ino: st.Ino}, nil
 }
 
 // inspect fills in what b says of the child's socket, from relay's copy

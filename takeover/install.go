@@ -80,7 +80,10 @@ func Install(conn int, opts Options) error {
 	defer unix.Close(lfd)
 	msg := strings.Join(append([]string{msgOK}, flags...), " ")
 	if err := unix.Sendmsg(conn, []byte(msg), unix.UnixRights(lfd), nil, 0); err != nil {
-		return fmt.Errorf("sending the notification fd to relay: %w", err)
+		// The filter is in place with nobody to answer it: every bind
+		// would fail with ENOSYS. Not ErrUnavailable: the caller must
+		// not exec.
+		return fmt.Errorf("the filter is installed but relay could not be given its fd: %w", err)
 	}
 	return nil
 }
@@ -110,6 +113,11 @@ func installFilter(opts Options) (int, []string, error) {
 		}
 		flags = append(flags, flagNoNewPriv)
 	}
+	nnp := ""
+	if len(flags) > 0 {
+		// It cannot be undone: the child keeps it without the filter.
+		nnp = "; the child runs with no_new_privs all the same"
+	}
 	fprog := unix.SockFprog{Len: uint16(len(ins)), Filter: &ins[0]}
 	mode := uintptr(unix.SECCOMP_FILTER_FLAG_NEW_LISTENER | unix.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV)
 	lfd, errno := seccomp(mode, &fprog)
@@ -120,7 +128,7 @@ func installFilter(opts Options) (int, []string, error) {
 		flags = append(flags, flagKillable)
 	}
 	if errno != 0 {
-		return -1, nil, fmt.Errorf("%w: installing the seccomp filter: %w%s", ErrUnavailable, errno, hint(errno))
+		return -1, nil, fmt.Errorf("%w: installing the seccomp filter: %w%s%s", ErrUnavailable, errno, hint(errno), nnp)
 	}
 	return lfd, flags, nil
 }
@@ -227,11 +235,7 @@ func (h *Handshake) Receive() (*Notifier, error) {
 	}
 	words := strings.Fields(string(buf[:n]))
 	if len(words) > 0 && words[0] == msgOK && len(fds) == 1 {
-		nt, err := newNotifier(fds[0], words[1:])
-		if err != nil {
-			unix.Close(fds[0])
-		}
-		return nt, err
+		return newNotifier(fds[0], words[1:]) // closes the fd on error
 	}
 	for _, fd := range fds {
 		unix.Close(fd)

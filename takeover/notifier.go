@@ -24,6 +24,7 @@ func newNotifier(fd int, flags []string) (*Notifier, error) {
 	// Non-blocking, so that Go's poller waits for notifications and
 	// Close wakes the reader; nothing else uses this fd.
 	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
 		return nil, fmt.Errorf("setting up the notification fd: %w", err)
 	}
 	n := &Notifier{file: os.NewFile(uintptr(fd), "seccomp-notify")}

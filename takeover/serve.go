@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 
 	"golang.org/x/sys/unix"
@@ -35,6 +36,9 @@ type Bind struct {
 	// Path is the unix socket path asked for, made absolute against the
 	// caller's working directory; abstract names start with '@'.
 	Path string
+	// Dir identifies Path's directory as the caller sees it; zero when
+	// relay could not look.
+	Dir FileID
 
 	// What relay found of the child's socket. Err says why it could not
 	// look, and the rest is then zero.
@@ -138,7 +142,10 @@ func (n *Notifier) Serve(cfg Config) error {
 			return fmt.Errorf("reading relay's socket %d: %w", i, err)
 		}
 	}
-	s := &session{n: n, cfg: cfg, socks: socks}
+	s := &session{n: n, cfg: cfg, socks: socks, pathDirs: make([]FileID, len(cfg.Paths))}
+	for i, p := range cfg.Paths {
+		s.pathDirs[i], _ = DirID(p) // zero: compare the path itself
+	}
 	var msg notif
 	for {
 		more, err := n.next(&msg)
@@ -160,9 +167,10 @@ func (n *Notifier) do(fn func(fd int) error) error {
 
 // session is one Serve call's state.
 type session struct {
-	n     *Notifier
-	cfg   Config
-	socks []relaySocket
+	n        *Notifier
+	cfg      Config
+	socks    []relaySocket
+	pathDirs []FileID // of cfg.Paths
 }
 
 func (s *session) event(e Event) {
@@ -202,6 +210,27 @@ func (s *session) handle(m *notif) {
 	}
 }
 
+// relayPath reports whether the caller's path names one of relay's unix
+// socket paths: the same name in the same directory, however reached.
+func (s *session) relayPath(tid int, path string) bool {
+	dir, err := childDirID(tid, path)
+	for i, p := range s.cfg.Paths {
+		if filepath.Base(p) != filepath.Base(path) {
+			continue
+		}
+		if err != nil || s.pathDirs[i] == (FileID{}) {
+			if p == path {
+				return true
+			}
+			continue
+		}
+		if s.pathDirs[i] == dir {
+			return true
+		}
+	}
+	return false
+}
+
 // unlink keeps relay's unix socket paths: an unlink of one is answered
 // success without running.
 func (s *session) unlink(m *notif) {
@@ -215,7 +244,7 @@ func (s *session) unlink(m *notif) {
 		return
 	}
 	path, err := readPath(tid, dirfd, ptr)
-	if err != nil || !slices.Contains(s.cfg.Paths, path) || !s.valid(m.ID) {
+	if err != nil || !s.relayPath(tid, path) || !s.valid(m.ID) {
 		s.proceed(m.ID)
 		return
 	}
@@ -236,6 +265,9 @@ func (s *session) bind(m *notif) {
 	b.FD = fd
 	b.Pid = tgid(tid)
 	child, err := s.childSocket(m.ID, tid, fd)
+	if errors.Is(err, errGone) {
+		return // interrupted: the call comes back restarted, or never
+	}
 	if err != nil {
 		b.Err = err
 	} else {
@@ -294,7 +326,9 @@ func (s *session) install(id uint64, tid int, d Decision, b Bind) error {
 		return err
 	}
 	err = s.n.do(func(fd int) error { return addFD(fd, id, rs.fd, b.FD, cloexec) })
-	if errors.Is(err, unix.ENOENT) {
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
+		// ESRCH: the thread was interrupted while relay put the socket
+		// in place (before Linux 5.19 a signal can do that).
 		return errGone
 	}
 	if err != nil {
@@ -316,6 +350,9 @@ func (s *session) install(id uint64, tid int, d Decision, b Bind) error {
 func (s *session) listen(m *notif) {
 	tid, fd := int(m.Pid), int(int32(m.Data.Args[0]))
 	child, err := s.childSocket(m.ID, tid, fd)
+	if errors.Is(err, errGone) {
+		return
+	}
 	if err != nil {
 		s.proceed(m.ID)
 		return

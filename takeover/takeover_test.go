@@ -2,6 +2,7 @@ package takeover
 
 import (
 	"bufio"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,10 +10,12 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -98,7 +101,23 @@ func binder(specs []string) int {
 			sa = &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
 		}
 		r := result{Spec: spec}
-		if err := unix.Bind(fd, sa); err != nil {
+		bind := func() error { return unix.Bind(fd, sa) }
+		if slices.Contains(opts, "storage") {
+			// As C servers do: the address in a sockaddr_storage,
+			// and its whole size as the length.
+			bind = func() error {
+				var buf [128]byte
+				binary.NativeEndian.PutUint16(buf[:], unix.AF_INET)
+				binary.BigEndian.PutUint16(buf[2:], ap.Port())
+				copy(buf[4:], ap.Addr().AsSlice())
+				_, _, e := unix.Syscall(unix.SYS_BIND, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
+				if e != 0 {
+					return e
+				}
+				return nil
+			}
+		}
+		if err := bind(); err != nil {
 			r.Errno = int(err.(unix.Errno))
 			enc.Encode(r)
 			continue
@@ -160,6 +179,12 @@ type run struct {
 // notifications with claim, and returns what it reported.
 func runChild(t *testing.T, socks []*os.File, claim func(Bind) Decision, specs ...string) run {
 	t.Helper()
+	return runWith(t, Config{Sockets: socks, Claim: claim}, specs...)
+}
+
+// runWith is runChild with a whole Config; its Event is replaced.
+func runWith(t *testing.T, cfg Config, specs ...string) run {
+	t.Helper()
 	hs, childEnd, err := NewHandshake()
 	if err != nil {
 		t.Fatal(err)
@@ -186,11 +211,12 @@ func runChild(t *testing.T, socks []*os.File, claim func(Bind) Decision, specs .
 	var mu sync.Mutex
 	served := make(chan error, 1)
 	go func() {
-		served <- nt.Serve(Config{Sockets: socks, Claim: claim, Event: func(e Event) {
+		cfg.Event = func(e Event) {
 			mu.Lock()
 			r.events = append(r.events, e)
 			mu.Unlock()
-		}})
+		}
+		served <- nt.Serve(cfg)
 	}()
 	sc := bufio.NewScanner(out)
 	for sc.Scan() {
@@ -251,10 +277,11 @@ func TestCoveredBindLandsOnRelaysSocket(t *testing.T) {
 	r := runChild(t, []*os.File{sock}, claimPort(port, true),
 		fmt.Sprintf("tcp4,nb 127.0.0.1:%d", port),
 		fmt.Sprintf("tcp6,cloexec [::]:%d", port),
+		fmt.Sprintf("tcp4,storage 127.0.0.1:%d", port),
 		fmt.Sprintf("tcp4 127.0.0.1:%d", other),
 		"tcp4 127.0.0.1:0",
 	)
-	for i, res := range r.results[:2] {
+	for i, res := range r.results[:3] {
 		if res.Errno != 0 || res.Ino != ino || res.Port != port {
 			t.Errorf("covered bind %d (%s): %+v, want relay's socket (inode %d, port %d)", i, res.Spec, res, ino, port)
 		}
@@ -265,10 +292,10 @@ func TestCoveredBindLandsOnRelaysSocket(t *testing.T) {
 	if r.results[1].Nonblock || !r.results[1].Cloexec {
 		t.Errorf("a blocking close-on-exec child socket got other flags: %+v", r.results[1])
 	}
-	if res := r.results[2]; res.Errno != 0 || res.Ino == ino || res.Port != other {
+	if res := r.results[3]; res.Errno != 0 || res.Ino == ino || res.Port != other {
 		t.Errorf("bind of another port: %+v, want the child's own socket on port %d", res, other)
 	}
-	if res := r.results[3]; res.Errno != 0 || res.Ino == ino || res.Port == 0 || res.Port == port {
+	if res := r.results[4]; res.Errno != 0 || res.Ino == ino || res.Port == 0 || res.Port == port {
 		t.Errorf("bind of port 0: %+v, want the child's own socket on a port the kernel picked", res)
 	}
 	if got := backlogOf(t, sock); got != 128 {
@@ -285,8 +312,8 @@ func TestCoveredBindLandsOnRelaysSocket(t *testing.T) {
 			t.Errorf("unexpected refusal: %v", e.Err)
 		}
 	}
-	if bound != 2 || listened != 2 {
-		t.Errorf("events: %d bound, %d listened; want 2 and 2", bound, listened)
+	if bound != 3 || listened != 3 {
+		t.Errorf("events: %d bound, %d listened; want 3 and 3", bound, listened)
 	}
 }
 
@@ -339,42 +366,18 @@ func TestUnlinkOfRelaysPathKeepsIt(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	hs, childEnd, err := NewHandshake()
-	if err != nil {
-		t.Fatal(err)
+	r := runWith(t, Config{Paths: []string{kept}, Claim: func(Bind) Decision { return Pass }},
+		"unlink "+kept, "unlinkat "+kept, "unlink "+other)
+	for _, res := range r.results {
+		if res.Errno != 0 {
+			t.Errorf("%s: errno %d, want success", res.Spec, res.Errno)
+		}
 	}
-	defer hs.Close()
-	cmd := exec.Command(os.Args[0], "shim", "unlink "+kept, "unlinkat "+kept, "unlink "+other)
-	cmd.ExtraFiles = []*os.File{childEnd}
-	var stdout strings.Builder
-	cmd.Stdout = &stdout
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	childEnd.Close()
-	nt, err := hs.Receive()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nt.Close()
-	var kepts int
-	served := make(chan error, 1)
-	go func() {
-		served <- nt.Serve(Config{Paths: []string{kept}, Claim: func(Bind) Decision { return Pass },
-			Event: func(e Event) {
-				if e.Kind == Kept && e.Path == kept {
-					kepts++
-				}
-			}})
-	}()
-	if err := cmd.Wait(); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-served; err != nil {
-		t.Fatal(err)
-	}
-	if strings.Count(stdout.String(), `"Errno":0`) != 3 {
-		t.Errorf("unlinks did not all succeed: %s", stdout.String())
+	kepts := 0
+	for _, e := range r.events {
+		if e.Kind == Kept && e.Path == kept {
+			kepts++
+		}
 	}
 	if _, err := os.Stat(kept); err != nil {
 		t.Errorf("relay's path was removed: %v", err)

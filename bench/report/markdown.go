@@ -26,6 +26,8 @@ type Report struct {
 	Skipped  []string          `json:"skipped,omitempty"`
 	// Notes are caveats about this run's figures.
 	Notes []string `json:"notes,omitempty"`
+	// Cost is the takeover cost comparison, nil when it was not run.
+	Cost *Cost `json:"takeover_cost,omitempty"`
 }
 
 // SetRatios fills VsDirect from the direct run of the same mode.
@@ -93,6 +95,9 @@ func (rep *Report) WriteMarkdown(w io.Writer) error {
 			lat[0], lat[1], hand[0], hand[1], sup, rss, cpu, fds)
 	}
 
+	if rep.Cost != nil && len(rep.Cost.Runs) > 0 {
+		rep.Cost.writeMarkdown(&b)
+	}
 	if len(rep.Idle) > 0 {
 		b.WriteString("\n**Idle.** One child serving, no load.\n\n")
 		b.WriteString("| supervisor | idle s | CPU s | RSS MiB | fds |\n|---|--:|--:|--:|--:|\n")

@@ -427,11 +427,19 @@ func warnAboutHealth(log *slog.Logger, opts runOptions, addrs []string, set *soc
 	// Which listeners can show that the new generation, and no other,
 	// serves them: a steered one by a probe to its own socket, another
 	// by the generation's own bind of it, taken over.
-	var unproven []string
+	var unproven, byBind []string
 	for i, in := range set.Info() {
-		if set.Probe(i) == "" && opts.takeover == supervisor.TakeoverOff {
+		switch {
+		case set.Probe(i) != "":
+		case opts.takeover == supervisor.TakeoverOff:
 			unproven = append(unproven, in.Name)
+		default:
+			byBind = append(byBind, in.Name)
 		}
+	}
+	if len(byBind) > 0 {
+		log.Info("readiness: no probe can reach one generation alone on these listeners (shared sockets); a child that never speaks sd_notify proves it serves them by binding them itself, and one that uses the inherited fd must send READY=1",
+			"check", spec.String(), "listeners", byBind)
 	}
 	switch {
 	case set.Len() == 0 && spec.Kind == health.Accept:

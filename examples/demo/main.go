@@ -1,5 +1,7 @@
 // Command demo shows relay at work: it builds relay and examples/hello,
-// runs hello under relay on a loopback port, keeps a stream of requests
+// runs hello under relay on a loopback port as a plain server that binds
+// the port itself (relay takes its bind over; -inherited runs it on the
+// inherited socket instead), keeps a stream of requests
 // going (a new connection for each), restarts hello a few times with
 // SIGHUP, and prints which pids answered and how many requests failed.
 //
@@ -13,6 +15,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -27,14 +30,15 @@ import (
 func main() {
 	restarts := flag.Int("restarts", 3, "how many restarts to show")
 	workers := flag.Int("workers", 4, "concurrent clients")
+	inherited := flag.Bool("inherited", false, "run hello on the inherited socket (LISTEN_FDS, --health notify) instead of as a plain server that binds its own port")
 	flag.Parse()
-	if err := demo(*restarts, *workers); err != nil {
+	if err := demo(*restarts, *workers, *inherited); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
 }
 
-func demo(restarts, workers int) error {
+func demo(restarts, workers int, inherited bool) error {
 	dir, err := os.MkdirTemp("", "relay-demo-")
 	if err != nil {
 		return err
@@ -50,8 +54,19 @@ func demo(restarts, workers int) error {
 		}
 	}
 
-	args := []string{"run", "--listen", "127.0.0.1:0", "--health", "notify", "--log-format", "json",
-		"--control", filepath.Join(dir, "ctl", "demo.sock"), "--", hello, "-lame-duck", "200ms"}
+	// By default hello runs as a plain server: it binds its own port, as
+	// http.ListenAndServe does, and says nothing to relay; relay takes
+	// its bind over and sees it accept. -inherited shows the other way.
+	addr, err := freeLoopbackAddr()
+	if err != nil {
+		return err
+	}
+	args := []string{"run", "--listen", addr, "--log-format", "json",
+		"--control", filepath.Join(dir, "ctl", "demo.sock"), "--", hello, "-bind", "-addr", addr, "-lame-duck", "200ms"}
+	if inherited {
+		args = []string{"run", "--listen", "127.0.0.1:0", "--health", "notify", "--log-format", "json",
+			"--control", filepath.Join(dir, "ctl", "demo.sock"), "--", hello, "-lame-duck", "200ms"}
+	}
 	fmt.Printf("\n$ relay %s\n\n", join(args))
 	cmd := exec.Command(relay, args...)
 	stderr, err := cmd.StderrPipe()
@@ -172,6 +187,17 @@ func or(v any) any {
 		return strconv.Itoa(int(f))
 	}
 	return v
+}
+
+// freeLoopbackAddr returns a loopback address whose port is free now, for a
+// server that binds it itself.
+func freeLoopbackAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("finding a free port: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
 }
 
 func join(args []string) string {

@@ -6,6 +6,12 @@
 //     (fds 3.., LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES), and falls back to
 //     binding -addr itself when started on its own.
 //   - It tells relay it is ready with sd_notify READY=1 once it is serving.
+//   - With -bind it is instead a plain server that knows nothing of relay: it
+//     binds -addr itself with net.Listen, as http.ListenAndServe does, even
+//     when sockets are passed in, ignores $RELAY_HEALTH_ADDR and sends no
+//     sd_notify message (unless -notify). Under relay's bind takeover, that
+//     bind is given relay's socket; relay's default readiness (--health auto)
+//     then probes it.
 //   - On SIGTERM (relay's "you are the old generation now") it stops with the
 //     lame-duck pattern, so that no request is dropped while the new
 //     generation takes over the same sockets. See shutdown below.
@@ -54,9 +60,9 @@ type namedListener struct {
 // process exit code.
 func run() int {
 	addr := flag.String("addr", "127.0.0.1:8080",
-		"address to bind when no sockets are passed in (standalone mode)")
+		"address to bind when no sockets are passed in (standalone mode), and always with -bind")
 	healthAddr := flag.String("health-addr", "",
-		"private address to bind for /healthz (default $RELAY_HEALTH_ADDR; empty: none)")
+		"private address to bind for /healthz (default $RELAY_HEALTH_ADDR, but none with -bind; empty: none)")
 	startup := flag.Duration("startup", 0,
 		"simulated startup work before serving and reporting ready")
 	work := flag.Duration("work", 0,
@@ -68,6 +74,13 @@ func run() int {
 	plainShutdown := flag.Bool("plain-shutdown", false,
 		"on SIGTERM just call http.Server.Shutdown, as most Go servers do (no lame duck):\n"+
 			"requests it reads after Shutdown begins are dropped; for comparisons")
+	bind := flag.Bool("bind", false,
+		"be a plain server that knows nothing of relay: bind -addr with net.Listen (as\n"+
+			"http.ListenAndServe does) even when sockets are passed in, leave LISTEN_* and the\n"+
+			"passed fds alone, ignore $RELAY_HEALTH_ADDR (-health-addr still applies) and send\n"+
+			"no sd_notify message unless -notify; for relay's bind takeover")
+	notify := flag.Bool("notify", false,
+		"with -bind, still send sd_notify READY=1 once serving (without -bind it is always sent)")
 	flag.Parse()
 
 	// Every log line carries pid and generation, so that the interleaved
@@ -80,13 +93,18 @@ func run() int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).
 		With("pid", pid, "generation", gen)
 
-	if *healthAddr == "" {
+	if *healthAddr == "" && !*bind {
 		*healthAddr = os.Getenv("RELAY_HEALTH_ADDR")
 	}
 
 	// Take the sockets first: this also unsets LISTEN_* so that they do not
-	// leak into anything we might start.
-	listeners, err := publicListeners(log, *addr)
+	// leak into anything we might start. With -bind, bind -addr whatever was
+	// passed in, as a server that knows nothing of socket activation would.
+	takeListeners := publicListeners
+	if *bind {
+		takeListeners = bindAddr
+	}
+	listeners, err := takeListeners(log, *addr)
 	if err != nil {
 		log.Error("no listeners", "err", err)
 		return 1
@@ -101,12 +119,13 @@ func run() int {
 	// be answered by the other generation.
 	var health net.Listener
 	if *healthAddr != "" {
+		t0 := time.Now()
 		health, err = net.Listen("tcp", *healthAddr)
 		if err != nil {
 			log.Error("bind health address", "addr", *healthAddr, "err", err)
 			return 1
 		}
-		log.Info("health listener", "addr", health.Addr().String())
+		log.Info("health listener", "addr", health.Addr().String(), "took", time.Since(t0))
 	}
 
 	// Ask for the stop signals before the (possibly slow) startup, so that a
@@ -197,14 +216,19 @@ func run() int {
 
 	// Everything is being served: tell relay. Without NOTIFY_SOCKET (not
 	// under relay or systemd) SdNotify does nothing and reports false.
-	sent, err := daemon.SdNotify(false, daemon.SdNotifyReady)
-	switch {
-	case err != nil:
-		log.Warn("ready, but sd_notify failed", "err", err)
-	case sent:
-		log.Info("ready, sent READY=1")
-	default:
-		log.Info("ready, NOTIFY_SOCKET not set, no notification sent")
+	// With -bind (and no -notify), it says nothing: a plain server.
+	if *bind && !*notify {
+		log.Info("ready, -bind without -notify: no sd_notify message sent")
+	} else {
+		sent, err := daemon.SdNotify(false, daemon.SdNotifyReady)
+		switch {
+		case err != nil:
+			log.Warn("ready, but sd_notify failed", "err", err)
+		case sent:
+			log.Info("ready, sent READY=1")
+		default:
+			log.Info("ready, NOTIFY_SOCKET not set, no notification sent")
+		}
 	}
 
 	select {
@@ -247,7 +271,8 @@ func run() int {
 // the middle of what should be a zero-downtime restart. So instead:
 //
 //  1. Stop accepting: close our listeners. Under relay these are dups of the
-//     sockets relay holds, so this closes them only in this process; the
+//     sockets relay holds (with -bind too, when relay took the bind over and
+//     installed its socket at our fd), so this closes them only in this process; the
 //     kernel socket stays open in relay and the new generation keeps
 //     accepting from it. Connections still in the kernel's accept queue are
 //     taken by the new generation, not lost.
@@ -326,12 +351,7 @@ func shutdown(log *slog.Logger, srv *http.Server, busy *connTracker, listeners [
 // program can also run standalone.
 func publicListeners(log *slog.Logger, addr string) ([]namedListener, error) {
 	if _, activated := os.LookupEnv("LISTEN_FDS"); !activated {
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			return nil, err
-		}
-		log.Info("no sockets passed in, bound -addr", "addr", addr)
-		return []namedListener{{name: "addr", ln: &closeOnceListener{Listener: ln}}}, nil
+		return bindAddr(log, addr)
 	}
 
 	// activation.Files is what activation.ListenersWithNames uses underneath.
@@ -360,6 +380,20 @@ func publicListeners(log *slog.Logger, addr string) ([]namedListener, error) {
 		return nil, errors.New("none of the passed sockets is a stream listener")
 	}
 	return out, nil
+}
+
+// bindAddr binds addr with net.Listen, as http.ListenAndServe does, and
+// logs how long net.Listen took: under relay's bind takeover relay answers
+// its bind and listen and installs a socket of its own in their place.
+func bindAddr(log *slog.Logger, addr string) ([]namedListener, error) {
+	t0 := time.Now()
+	ln, err := net.Listen("tcp", addr)
+	took := time.Since(t0)
+	if err != nil {
+		return nil, fmt.Errorf("binding -addr: %w", err)
+	}
+	log.Info("bound -addr", "addr", addr, "took", took)
+	return []namedListener{{name: "addr", ln: &closeOnceListener{Listener: ln}}}, nil
 }
 
 // closeOnceListener makes Close idempotent. We close the listeners ourselves
