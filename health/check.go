@@ -156,10 +156,16 @@ func retry(ctx context.Context, try func(context.Context) error) (attempts int, 
 	interval := firstInterval
 	for attempt := 1; ; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, attemptLimit)
-		last = try(actx)
+		err := try(actx)
 		cancel()
-		if last == nil {
+		if err == nil {
 			return attempt, nil
+		}
+		// An attempt cut short by the end of the whole check says less
+		// than the one before it (a 503, a refused connection): keep
+		// that one.
+		if last == nil || ctx.Err() == nil {
+			last = err
 		}
 		t := time.NewTimer(interval)
 		select {

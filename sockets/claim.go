@@ -168,11 +168,18 @@ func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
 	return takeover.Decision{Socket: pick, Own: own}
 }
 
-// ipv4Listen is the --listen that would give an IPv4 child b's address.
+// ipv4Listen is the --listen that would give an IPv4 child what the
+// listener serves, no wider: loopback for IPv6 loopback, all addresses for
+// the IPv6 wildcard, else the address the child asked for.
 func ipv4Listen(b takeover.Bind, e *entry) string {
 	host := b.Addr.Addr()
-	if host.IsUnspecified() {
+	switch la := e.addr.ap.Addr(); {
+	case la.IsLoopback():
+		host = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	case la.IsUnspecified():
 		host = netip.IPv4Unspecified()
+	case host.IsUnspecified():
+		return "IPV4ADDR:" + fmt.Sprint(e.addr.ap.Port()) + " (the IPv4 address to serve on)"
 	}
 	return netip.AddrPortFrom(host, e.addr.ap.Port()).String()
 }

@@ -91,8 +91,8 @@ func TestClaimRefusesAnIPv4SocketOnAnIPv6Listener(t *testing.T) {
 	set := openSet(t, SteerAuto, "[::1]:0")
 	p := port(t, set, 0)
 	d := set.Claim(1, tcpBind(unix.AF_INET, netip.AddrPortFrom(netip.IPv4Unspecified(), p).String()))
-	if d.Refuse == nil || !strings.Contains(d.Refuse.Error(), "--listen 0.0.0.0:") {
-		t.Errorf("IPv4 wildcard bind on an IPv6 listener: %+v, want a refusal naming the --listen to use", d)
+	if d.Refuse == nil || !strings.Contains(d.Refuse.Error(), "--listen 127.0.0.1:") {
+		t.Errorf("IPv4 wildcard bind on an IPv6 loopback listener: %+v, want a refusal naming the loopback --listen to use", d)
 	}
 	// An IPv6 socket on the same wildcard is fine.
 	if d := set.Claim(1, tcpBind(unix.AF_INET6, netip.AddrPortFrom(netip.IPv6Unspecified(), p).String())); d.Refuse != nil || d.Socket != 0 {

@@ -124,7 +124,11 @@ func (s *Supervisor) onCheck(g *generation, err error) {
 	}
 	if err != nil {
 		g.failure = err
-		g.log.Warn("new generation failed its readiness check; killing it", "err", err)
+		msg := "new generation failed its readiness check; killing it"
+		if g.takeover != nil && g.takeover.failedErr() != nil {
+			msg = "new generation cannot serve its listeners; killing it"
+		}
+		g.log.Warn(msg, "err", err)
 		signalGroup(g, syscall.SIGKILL)
 		return // the rollback completes when it has exited
 	}

@@ -277,15 +277,17 @@ func runAction(c *cli.Context) error {
 	return nil
 }
 
-// signalLoop turns signals sent to relay into supervisor requests until the
-// supervisor is done or ctx ends.
+// signalLoop turns signals sent to relay into supervisor requests until ctx
+// ends, which happens when the supervisor is done. It must not end on its
+// own before that: the run group returns the first actor's result, and
+// only the supervisor's says how relay ends.
 func signalLoop(ctx context.Context, sigC <-chan os.Signal, sup *supervisor.Supervisor) error {
 	stopping := false
 	for {
 		select {
 		case <-ctx.Done():
-			return nil
-		case <-sup.Done():
+			// The supervisor actor returning ends this one: it
+			// alone carries Run's outcome and error out of g.Run.
 			return nil
 		case sig := <-sigC:
 			switch signals.Decide(sig, stopping) {
