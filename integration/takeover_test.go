@@ -594,8 +594,13 @@ func TestTakeoverUnavailable(t *testing.T) {
 	t.Run("on", func(t *testing.T) {
 		wrap := []string{built.seccompdeny, "--"}
 		r := startRelayWrapped(t, wrap, built.relay, nil, nil, "--listen", "127.0.0.1:0", "--takeover", "on", "--", built.testchild)
-		if code := r.wait(30 * time.Second); code == 0 {
-			t.Fatal("relay --takeover on started where seccomp refuses its filter")
+		// Exit 1 with a line that says why, as for any first
+		// generation that never becomes ready.
+		if code := r.wait(30 * time.Second); code != 1 {
+			t.Fatalf("relay --takeover on where seccomp refuses its filter exited %d, want 1:\n%s", code, r.output())
+		}
+		if out := r.output(); !strings.Contains(out, "never became ready") || !strings.Contains(out, "--takeover on requires it") {
+			t.Errorf("relay's last words do not say the generation never became ready because --takeover on requires the filter:\n%s", out)
 		}
 		if n := r.count("generation ready"); n != 0 {
 			t.Errorf("%d generations were made ready:\n%s", n, r.output())
