@@ -796,3 +796,41 @@ func acceptedBefore(out string, gen int) int {
 	}
 	return n
 }
+
+// A Go server on a unix socket it binds itself removes the path when it
+// closes its listener; relay keeps the path, so that every later
+// generation, and every client, still finds relay's socket there. (No load
+// runs: on a shared socket a plain Shutdown drops what it accepted last,
+// which is the server's business; see TestSteeredDrainWithPlainShutdown.)
+func TestTakeoverGoUnixServerKeepsThePath(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "app.sock")
+	r := startRelay(t, nil, "--listen", "unix:"+path, "--", built.plainserver, "-unix", path)
+	ready, from := r.waitMsg(0, "generation ready", 1)
+	client := unixClient(path)
+	const restarts = 3
+	for gen := 1; gen <= restarts+1; gen++ {
+		if gen > 1 {
+			r.signal(syscall.SIGHUP)
+			ready, from = r.waitMsg(from, "generation ready", gen)
+			// The old generation has closed its listener, which
+			// unlinks the path, by the time it exits.
+			_, from = r.waitMsg(from, "old generation exited", gen-1)
+		}
+		if pid, err := get(client, "http://relay/"); err != nil || pid != ready.num("pid") {
+			t.Fatalf("generation %d on %s: pid %d, %v; want %d", gen, path, pid, err, ready.num("pid"))
+		}
+	}
+	if n := r.count("kept relay's unix socket path: the child's unlink of it was answered without removing it"); n < restarts {
+		t.Errorf("%d unlinks of the path kept, want one per old generation (%d)", n, restarts)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Lstat(path, &st); err != nil || st.Mode&syscall.S_IFMT != syscall.S_IFSOCK {
+		t.Errorf("relay's socket path after the restarts: %v (mode %o)", err, st.Mode)
+	}
+	for _, l := range r.lines(msgTakenOver, 0) {
+		if l.str("socket") != "shared" {
+			t.Errorf("a unix bind took socket %q, want the shared one", l.str("socket"))
+		}
+	}
+}

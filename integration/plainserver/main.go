@@ -27,16 +27,17 @@ import (
 func main() {
 	var also []string
 	var (
-		port      = flag.Int("port", 0, "the port to serve on, on all addresses (required)")
+		port      = flag.Int("port", 0, "the port to serve on, on all addresses (this or -unix)")
 		family    = flag.String("family", "", `"4": bind 0.0.0.0:PORT with an IPv4 socket instead of ":PORT", which Go binds dual-stack`)
 		portsFile = flag.String("ports-file", "", "write the addresses the -also listeners got, as a JSON list, to this file")
+		unixPath  = flag.String("unix", "", "serve on a unix socket at this `PATH` (net.Listen, whose Close removes the path) instead of -port")
 	)
 	flag.Func("also", "also serve on this `ADDR` (repeat for more; port 0 takes any)", func(s string) error {
 		also = append(also, s)
 		return nil
 	})
 	flag.Parse()
-	if *port == 0 || (*family != "" && *family != "4") {
+	if (*port == 0) == (*unixPath == "") || (*family != "" && *family != "4") {
 		flag.Usage()
 		os.Exit(2)
 	}
@@ -70,7 +71,13 @@ func main() {
 
 	go func() {
 		var err error
-		if *family == "4" {
+		if *unixPath != "" {
+			var l net.Listener
+			l, err = net.Listen("unix", *unixPath)
+			if err == nil {
+				err = srv.Serve(l)
+			}
+		} else if *family == "4" {
 			var l net.Listener
 			l, err = net.Listen("tcp4", "0.0.0.0:"+strconv.Itoa(*port))
 			if err == nil {
