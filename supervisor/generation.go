@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -156,7 +157,9 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		// Pass the bytes on untouched, and keep the tail for reports.
 		// Keep reading even when relay's own stderr fails: closing
 		// the pipe would kill the child with SIGPIPE.
-		io.Copy(passThrough{s.cfg.Stderr, g.stderr}, pr)
+		pt := &passThrough{out: s.cfg.Stderr, tail: g.stderr}
+		io.Copy(pt, pr)
+		pt.flush()
 	}()
 	go func() {
 		<-g.proc.Done()
@@ -180,7 +183,7 @@ func (s *Supervisor) startCheck(g *generation) {
 		Vars:         health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
 		NotifyReady:  g.notify.Ready(),
 		Notified:     g.notified,
-		SpeaksNotify: func() bool { _, ok := s.notifySpeakers.Load(g.cmd.Path); return ok },
+		SpeaksNotify: s.speaksNotify.Load,
 		Control:      s.cfg.Sockets.ProbeControl(g.n),
 	}
 	infos := s.cfg.Sockets.Info()
@@ -228,9 +231,9 @@ func (s *Supervisor) startCheck(g *generation) {
 func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 	// Runs on the notify socket's goroutine: only read immutable fields.
 	l := s.cfg.Log.With("gen", g.n, "pid", g.pidForNotify.Load())
-	// The command speaks sd_notify: from now on the default check waits
-	// for READY=1 from its generations (see health.Auto).
-	s.notifySpeakers.Store(g.cmd.Path, true)
+	// The server speaks sd_notify: from now on the default check waits
+	// for READY=1 (see health.Auto).
+	s.speaksNotify.Store(true)
 	g.notifiedOnce.Do(func() { close(g.notified) })
 	if st, ok := m.Vars["STATUS"]; ok {
 		l.Info("child status", "status", st)
@@ -253,15 +256,38 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 	}
 }
 
-// passThrough writes to out, ignoring its errors, and to tail.
+// passThrough writes to out, ignoring its errors, and to tail. It passes
+// whole lines, each in one Write, so that the child's output never splits
+// one of relay's log lines that shares out (a writer that serializes its
+// Writes): a partial line waits for its end, up to maxPartialLine bytes.
 type passThrough struct {
-	out  io.Writer
-	tail *tailBuffer
+	out     io.Writer
+	tail    *tailBuffer
+	partial []byte
 }
 
-func (p passThrough) Write(b []byte) (int, error) {
-	p.out.Write(b) // a closed or full log reader must not stop the copy
-	return p.tail.Write(b)
+// maxPartialLine bounds what passThrough holds back of an unfinished line.
+const maxPartialLine = 64 << 10
+
+func (p *passThrough) Write(b []byte) (int, error) {
+	p.tail.Write(b)
+	p.partial = append(p.partial, b...)
+	if i := bytes.LastIndexByte(p.partial, '\n'); i >= 0 {
+		p.out.Write(p.partial[:i+1]) // a closed or full log reader must not stop the copy
+		p.partial = append(p.partial[:0], p.partial[i+1:]...)
+	}
+	if len(p.partial) >= maxPartialLine {
+		p.flush()
+	}
+	return len(b), nil
+}
+
+// flush passes on what is held back.
+func (p *passThrough) flush() {
+	if len(p.partial) > 0 {
+		p.out.Write(p.partial)
+		p.partial = p.partial[:0]
+	}
 }
 
 // steerTo sends the new connections of every steered listener to g. If one

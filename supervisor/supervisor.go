@@ -14,7 +14,6 @@ import (
 	"log/slog"
 	"os"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -43,9 +42,13 @@ type Supervisor struct {
 
 	// Shared with helper goroutines.
 	takeoverWarned atomic.Bool // the "takeover unavailable" line was logged
-	// notifySpeakers holds the paths of the commands a generation of
-	// which sent an sd_notify message (see health.Auto).
-	notifySpeakers sync.Map
+	// speaksNotify: a generation sent an sd_notify message, so the
+	// default check waits for READY=1 from every later one (health.Auto).
+	// It is kept for relay's life, across binaries: a new version of a
+	// server that spoke sd_notify must not be cut over at its first
+	// accept, and one that stopped speaking it fails its restart with
+	// that reason, leaving the old one serving.
+	speaksNotify atomic.Bool
 
 	// The state below is owned by Run's goroutine.
 	nextGen      int

@@ -240,3 +240,26 @@ func TestDifferentRestartsAreQueuedInOrder(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// writes records each Write separately.
+type writes struct{ got []string }
+
+func (w *writes) Write(b []byte) (int, error) { w.got = append(w.got, string(b)); return len(b), nil }
+
+// The child's stderr reaches relay's stream in whole lines, each in one
+// Write, so that none can split one of relay's own log lines.
+func TestChildStderrPassesWholeLines(t *testing.T) {
+	out := &writes{}
+	pt := &passThrough{out: out, tail: newTailBuffer(64)}
+	for _, chunk := range []string{"ab", "c\nde", "f\ng\nh", "\n", "tail without newline"} {
+		pt.Write([]byte(chunk))
+	}
+	pt.flush()
+	want := []string{"abc\n", "def\ng\n", "h\n", "tail without newline"}
+	if fmt.Sprint(out.got) != fmt.Sprint(want) {
+		t.Errorf("writes %q, want %q", out.got, want)
+	}
+	if got := pt.tail.Lines(10); !strings.Contains(got, "tail without newline") {
+		t.Errorf("the tail lost the output: %q", got)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -155,7 +156,11 @@ func runAction(c *cli.Context) error {
 	sigC := make(chan os.Signal, 8)
 	signal.Notify(sigC, signals.Handled()...)
 	defer signal.Stop(sigC)
-	log := newLogger(c.App.ErrWriter, opts.logFormat, opts.logLevel)
+	// relay's log lines and the children's stderr share one stream: one
+	// Write at a time, and the children's in whole lines, keeps every
+	// line whole.
+	stderr := &lineWriter{w: c.App.ErrWriter}
+	log := newLogger(stderr, opts.logFormat, opts.logLevel)
 	// Nothing relay inherited may reach a child by accident.
 	if err := socketpass.CloseOnExecFrom(3); err != nil {
 		return err
@@ -220,7 +225,7 @@ func runAction(c *cli.Context) error {
 		RuntimeDir:    runtimeDir,
 		Reaper:        rp,
 		Log:           log,
-		Stderr:        c.App.ErrWriter,
+		Stderr:        stderr,
 		Observer:      notifier,
 	})
 	if err != nil {
@@ -394,6 +399,19 @@ func commandError(name string, err error) error {
 		return fmt.Errorf("command %q is not executable; chmod +x it: %w", name, err)
 	}
 	return fmt.Errorf("command %q cannot be run: %w", name, err)
+}
+
+// lineWriter serializes the Writes of relay's logger and of the copies of
+// the children's stderr to one writer.
+type lineWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lineWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
 }
 
 func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
