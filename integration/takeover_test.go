@@ -253,15 +253,11 @@ func TestTakeoverGoServer(t *testing.T) {
 	t.Parallel()
 	command := func(port int) []string { return []string{built.plainserver, "-port", strconv.Itoa(port)} }
 	t.Run("root", func(t *testing.T) {
-		if os.Getuid() != 0 {
-			t.Skip("runs as root")
-		}
+		requireOrSkip(t, os.Getuid() == 0, "runs as root")
 		restartRealServer(t, realServer{command: command, asks: "[::]:%d", ident: pidHeader, onReady: onSeccomp, exitCode: 0})
 	})
 	t.Run("unprivileged", func(t *testing.T) {
-		if os.Getuid() != 0 {
-			t.Skip("needs root to start relay as another user")
-		}
+		requireOrSkip(t, os.Getuid() == 0, "needs root to start relay as another user")
 		const nobody = 65534
 		restartRealServer(t, realServer{
 			command: command, asks: "[::]:%d", ident: pidHeader, exitCode: 0,
@@ -386,7 +382,7 @@ http {
 func TestTakeoverPassesOtherBindsAndRefusesUnsafeOnes(t *testing.T) {
 	t.Parallel()
 	if l, err := net.Listen("tcp", "[::1]:0"); err != nil {
-		t.Skipf("no IPv6 loopback here: %v", err)
+		requireOrSkip(t, false, fmt.Sprintf("no IPv6 loopback here: %v", err))
 	} else {
 		l.Close()
 	}
@@ -662,16 +658,46 @@ func TestTakeoverDoesNotGrow(t *testing.T) {
 // not ready and generation 1 answers no probe.
 func TestTakeoverProbeWaitsForTheBind(t *testing.T) {
 	t.Parallel()
+	// With an http check of the public address, and with the default
+	// check and a child that never speaks sd_notify, whose readiness is
+	// its accept of relay's probe.
+	for _, c := range []struct {
+		name  string
+		check []string
+		child []string
+	}{
+		{"http", []string{"--health", "http://{addr}/healthz"}, []string{"-health-gate", "{gate}"}},
+		{"auto", nil, []string{"-silent"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			probeWaitsForTheBind(t, c.check, c.child)
+		})
+	}
+}
+
+func probeWaitsForTheBind(t *testing.T, check, childArgs []string) {
 	port := freeLoopbackPort(t)
 	addr := "127.0.0.1:" + strconv.Itoa(port)
 	gate := filepath.Join(t.TempDir(), "gate")
 	writeMode(t, gate, "1")
-	r := startRelay(t, nil, "--listen", addr, "--health", "http://"+addr+"/healthz",
-		"--", built.testchild, "-bind", addr, "-bind-gate", gate, "-health-gate", gate)
+	subst := strings.NewReplacer("{addr}", addr, "{gate}", gate)
+	args := []string{"--listen", addr}
+	for _, a := range check {
+		args = append(args, subst.Replace(a))
+	}
+	args = append(args, "--", built.testchild, "-bind", addr, "-bind-gate", gate)
+	for _, a := range childArgs {
+		args = append(args, subst.Replace(a))
+	}
+	httpCheck := len(check) > 0
+	r := startRelay(t, nil, args...)
 	name := r.listenAddrs(1)[0].str("name")
 	first, from := r.waitMsg(0, "generation ready", 1)
 	own1 := checkTakenOver(t, r, first, name, port, addr)
-	waitUntil(t, 10*time.Second, "generation 1's probe line", func() bool { return probes(r.output())["gen1/200"] >= 1 })
+	if httpCheck {
+		waitUntil(t, 10*time.Second, "generation 1's probe line", func() bool { return probes(r.output())["gen1/200"] >= 1 })
+	}
 
 	r.signal(syscall.SIGHUP)
 	_, from = r.waitMsg(from, "generation starting", 2)
@@ -689,6 +715,11 @@ func TestTakeoverProbeWaitsForTheBind(t *testing.T) {
 	if relay := socketInodes(t, r.pid()); relay[queuedOn] == nil {
 		t.Errorf("the probe waits on socket %s, which is not relay's", queuedOn)
 	}
+	for _, s := range listening(t, port) {
+		if s.inode == own1 && s.queued != 0 {
+			t.Errorf("generation 1's socket has %d connections queued while nothing but probes arrive", s.queued)
+		}
+	}
 	if n := len(r.lines(msgTakenOver, 2)); n != 0 {
 		t.Fatalf("generation 2 bound with its gate shut")
 	}
@@ -705,6 +736,9 @@ func TestTakeoverProbeWaitsForTheBind(t *testing.T) {
 	}
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
+	if !httpCheck {
+		return
+	}
 	p := probes(r.output())
 	if p["gen1/200"] != 1 || p["gen2/200"] < 1 || p["gen1/503"]+p["gen2/503"] != 0 {
 		t.Errorf("probes answered %v; want generation 1 exactly its own one, generation 2 at least one, none 503", p)
@@ -750,8 +784,8 @@ func TestTakeoverNotifyServerIsReadyAtReadyOnly(t *testing.T) {
 			m, _ := ld.served(pids[len(pids)-1])
 			return m >= n+50 || r.count("generation ready") >= gen // the failure below
 		})
-		if out, _, _ := r.client("status"); !strings.Contains(out, "starting") {
-			t.Errorf("relay status while generation %d waits for READY=1:\n%s", gen, out)
+		if state := r.genState(t, gen); state != "starting" {
+			t.Errorf("relay status while generation %d waits for READY=1: it is %s, want starting", gen, state)
 		}
 		if got := r.count("generation ready"); got != gen-1 {
 			t.Fatalf("generation %d was made ready before READY=1 (%d ready lines)", gen, got)
@@ -828,7 +862,11 @@ func TestTakeoverGoUnixServerKeepsThePath(t *testing.T) {
 	if err := syscall.Lstat(path, &st); err != nil || st.Mode&syscall.S_IFMT != syscall.S_IFSOCK {
 		t.Errorf("relay's socket path after the restarts: %v (mode %o)", err, st.Mode)
 	}
-	for _, l := range r.lines(msgTakenOver, 0) {
+	taken := r.lines(msgTakenOver, 0)
+	if len(taken) != restarts+1 {
+		t.Errorf("%d binds taken over, want one per generation (%d)", len(taken), restarts+1)
+	}
+	for _, l := range taken {
 		if l.str("socket") != "shared" {
 			t.Errorf("a unix bind took socket %q, want the shared one", l.str("socket"))
 		}

@@ -58,6 +58,7 @@ func main() {
 		bindGate       = flag.String("bind-gate", "", "with -bind: bind only once this file holds a number at least RELAY_GENERATION")
 		notifyGate     = flag.String("ready-gate-notify", "", "serve at once, but send READY=1 only once this file holds a number at least RELAY_GENERATION")
 		logAccepts     = flag.Bool("log-accepts", false, "with -bind: write a line to stderr for every connection accepted before READY=1 was sent")
+		silent         = flag.Bool("silent", false, "send no sd_notify message at all, as a server that knows nothing of systemd")
 	)
 	flag.Parse()
 	if *sleeper {
@@ -185,8 +186,10 @@ func main() {
 		if *notifyGate != "" {
 			waitForGate(*notifyGate, gen)
 		}
-		daemon.SdNotify(false, daemon.SdNotifyReady)
-		notified.Store(true)
+		if !*silent {
+			daemon.SdNotify(false, daemon.SdNotifyReady)
+			notified.Store(true)
+		}
 	}
 	<-termC
 	os.Exit(*exitCodeOnTerm)
