@@ -315,7 +315,7 @@ func (s *session) install(id uint64, tid int, d Decision, b Bind) error {
 	}
 	if nb != b.Nonblock {
 		if !d.Own {
-			return fmt.Errorf("the child's socket is %s, but relay's shared socket is %s for the generations using it; a generation cannot change that for the others", blockMode(b.Nonblock), blockMode(nb))
+			return fmt.Errorf("the child's socket is %s, but relay's socket is %s, and other processes may hold it (it is shared, or an earlier generation had it), so relay will not change it; run a server that asks for the same mode, or give it the inherited fd (--takeover off)", blockMode(b.Nonblock), blockMode(nb))
 		}
 		if err := unix.SetNonblock(rs.fd, b.Nonblock); err != nil {
 			return fmt.Errorf("matching the child's O_NONBLOCK: %w", err)

@@ -43,10 +43,12 @@ func newApp(stderr io.Writer) *cli.App {
 		Writer:    os.Stdout,
 		Usage:     "zero-downtime restarts for unmodified servers",
 		ErrWriter: stderr,
-		Description: "relay binds your server's listening sockets once and starts the server with systemd\n" +
-			"socket activation (fds 3.., LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it\n" +
-			"starts a new generation on the same sockets, waits until that generation is ready,\n" +
-			"and only then stops the old one. Run 'relay COMMAND --help' for the details.",
+		Description: "relay binds your server's listening sockets once and runs the server on them: a\n" +
+			"server that binds its own port has that bind land on relay's socket, and one that takes\n" +
+			"inherited sockets gets them by systemd socket activation (fds 3.., LISTEN_FDS,\n" +
+			"LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it starts a new generation on the same sockets,\n" +
+			"waits until that generation is ready, and only then stops the old one. Run\n" +
+			"'relay COMMAND --help' for the details.",
 		Commands:        []*cli.Command{runCommand(), restartCommand(), statusCommand(), stopCommand()},
 		HideHelpCommand: true,
 		// "--listen unix:/run/a,b.sock" is one address, not two.

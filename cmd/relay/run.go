@@ -37,9 +37,10 @@ The server needs no relay-specific code, whichever way it gets its port:
    of everything it starts; a bind of an address a --listen covers (its port, and its
    address or a wildcard) gets relay's socket at the same fd number, and any other
    bind (another port, port 0) runs untouched. The child's listen(2) on it keeps
-   relay's backlog. Linux 5.9+; without it, relay logs why once and goes on with
-   inherited sockets only. Not a sandbox: without root, the child's tree runs with
-   no_new_privs (setuid and file-capability programs lose their privileges).
+   relay's backlog. Linux 5.9+ on amd64 or arm64; without it, relay logs why once and
+   goes on with inherited sockets only. Not a sandbox: without CAP_SYS_ADMIN (not
+   root), the child's tree runs with no_new_privs (setuid and file-capability
+   programs lose their privileges).
 
    It takes inherited sockets (systemd socket activation): the sockets are fds 3, 4, ...
    in --listen order, and the environment has LISTEN_FDS, LISTEN_FDNAMES and
@@ -88,11 +89,14 @@ Readiness (--health) must be specific to the new child: a probe the old one coul
 proves nothing. The default, auto, needs nothing from the server:
    auto                       ready at READY=1 on the child's own NOTIFY_SOCKET; or, while
                               neither it nor an earlier generation has sent any sd_notify
-                              message, once it accepts a probe connection that relay steers
-                              to its own socket of every steered TCP listener, and has bound
-                              and listened on every other listener itself. A server that
-                              speaks sd_notify is waited for until READY=1 (it may accept
-                              before it is warm); use notify to say so from the start.
+                              message, once it has accepted relay's probe on each steered
+                              TCP listener (relay steers the probe to the new generation's
+                              own socket) and has bound and listened on each other listener
+                              itself. Once any sd_notify message was heard, every later
+                              generation is waited for until READY=1 (a server may accept
+                              before it is warm; one that sends STATUS= but never READY=1 is
+                              never ready). Use notify to wait for READY=1 from the start,
+                              accept never to wait for it.
    accept                     only the accept half of auto
    notify                     the child sends READY=1 to its own NOTIFY_SOCKET (sd_notify)
    http://{health_addr}/path  GET must answer 2xx; {health_addr} is a loopback address relay
@@ -109,7 +113,7 @@ const runExamples = `
 Examples:
    relay run --listen :8080 -- ./server --config prod.yaml
    relay run --listen 127.0.0.1:8000 -- python3 -m http.server --bind 127.0.0.1 8000
-   relay run --listen 0.0.0.0:8080 --stop-signal QUIT -- nginx -g 'daemon off;'
+   relay run --listen 0.0.0.0:8080 --stop-signal QUIT -- nginx -g 'daemon off;'   # "listen 8080;"
    relay run --listen :8080 --takeover off -- ./server-that-reads-LISTEN_FDS
    relay run --listen http=:8080 --listen admin=127.0.0.1:9090 --drain 2s -- ./server
    relay run --listen :8080 --health http://127.0.0.1:8080/healthz -- ./server
