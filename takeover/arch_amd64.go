@@ -11,3 +11,6 @@ const archSupported = true
 
 // unlinkCalls are the system calls that remove a file by name.
 func unlinkCalls() []uint32 { return []uint32{unix.SYS_UNLINK, unix.SYS_UNLINKAT} }
+
+// plainUnlink: nr is unlink(path) rather than unlinkat.
+func plainUnlink(nr uint32) bool { return nr == unix.SYS_UNLINK }

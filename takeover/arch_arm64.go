@@ -10,3 +10,6 @@ const archSupported = true
 
 // unlinkCalls are the system calls that remove a file by name.
 func unlinkCalls() []uint32 { return []uint32{unix.SYS_UNLINKAT} }
+
+// plainUnlink: arm64 has unlinkat only.
+func plainUnlink(uint32) bool { return false }

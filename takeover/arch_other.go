@@ -10,3 +10,5 @@ const auditArch = 0
 const archSupported = false
 
 func unlinkCalls() []uint32 { return nil }
+
+func plainUnlink(uint32) bool { return false }

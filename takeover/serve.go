@@ -236,7 +236,7 @@ func (s *session) relayPath(tid int, path string) bool {
 func (s *session) unlink(m *notif) {
 	tid := int(m.Pid)
 	dirfd, ptr, flags := unix.AT_FDCWD, uintptr(m.Data.Args[0]), uint64(0)
-	if uintptr(m.Data.Nr) != unix.SYS_UNLINK {
+	if !plainUnlink(uint32(m.Data.Nr)) { // unlinkat(dirfd, path, flags)
 		dirfd, ptr, flags = int(int32(m.Data.Args[0])), uintptr(m.Data.Args[1]), m.Data.Args[2]
 	}
 	if len(s.cfg.Paths) == 0 || flags&unix.AT_REMOVEDIR != 0 {
