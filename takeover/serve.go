@@ -287,8 +287,12 @@ func (s *session) bind(m *notif) {
 		s.proceed(m.ID)
 		return
 	}
-	if d.Refuse == nil && (d.Socket >= len(s.socks) || b.Err != nil) {
+	switch {
+	case d.Refuse != nil:
+	case b.Err != nil:
 		d.Refuse = fmt.Errorf("the child's socket could not be inspected: %w", b.Err)
+	case d.Socket >= len(s.socks):
+		d.Refuse = fmt.Errorf("relay has no socket %d for this child", d.Socket)
 	}
 	if d.Refuse == nil {
 		d.Refuse = s.install(m.ID, tid, d, b)
