@@ -8,7 +8,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -358,19 +357,21 @@ func (r *relayProc) signal(sig syscall.Signal) {
 
 // get does one request on a new connection and returns the answering pid.
 func get(client *http.Client, url string) (int, error) {
-	resp, err := client.Get(url)
-	if err != nil {
-		return 0, err
+	return getIdent(client, url, pidHeader)
+}
+
+// noFailures fails the test if any request failed, showing the first few.
+func noFailures(t testing.TB, failures []error, requests int) {
+	t.Helper()
+	for i, err := range failures {
+		if i == 5 {
+			break
+		}
+		t.Errorf("failed request: %v", err)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return 0, fmt.Errorf("reading body: %w", err)
+	if len(failures) > 0 {
+		t.Errorf("%d of %d requests failed", len(failures), requests)
 	}
-	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("status %s: %s", resp.Status, body)
-	}
-	return strconv.Atoi(resp.Header.Get("X-Pid"))
 }
 
 func newConnClient() *http.Client {
@@ -414,9 +415,15 @@ func unixClient(path string) *http.Client {
 }
 
 func startLoadWith(client *http.Client, url string, workers int, limit time.Duration) *load {
+	return startLoadBy(client, url, workers, limit, pidHeader)
+}
+
+// startLoadBy runs workers that send requests through client until stopped
+// or limit passes, and counts the answers by who answered, as id tells.
+func startLoadBy(client *http.Client, url string, workers int, limit time.Duration, id ident) *load {
 	ld := &load{pids: map[int]int{}, firstAt: map[int]time.Time{}, lastStart: map[int]time.Time{}, stopC: make(chan struct{})}
 	deadline := time.Now().Add(limit)
-	for i := 0; i < workers; i++ {
+	for range workers {
 		ld.wg.Add(1)
 		go func() {
 			defer ld.wg.Done()
@@ -427,20 +434,20 @@ func startLoadWith(client *http.Client, url string, workers int, limit time.Dura
 				default:
 				}
 				start := time.Now()
-				pid, err := get(client, url)
+				who, err := getIdent(client, url, id)
 				now := time.Now()
 				ld.mu.Lock()
 				ld.requests++
 				if err != nil {
 					ld.failures = append(ld.failures, err)
 				} else {
-					if ld.pids[pid] == 0 {
-						ld.firstAt[pid] = now
+					if ld.pids[who] == 0 {
+						ld.firstAt[who] = now
 					}
-					if start.After(ld.lastStart[pid]) {
-						ld.lastStart[pid] = start
+					if start.After(ld.lastStart[who]) {
+						ld.lastStart[who] = start
 					}
-					ld.pids[pid]++
+					ld.pids[who]++
 				}
 				ld.mu.Unlock()
 			}

@@ -77,15 +77,7 @@ func TestSteeredDrainWithPlainShutdown(t *testing.T) {
 				tc.name, requests, len(failures), lateToOld, restarts)
 			switch tc.name {
 			case "steered":
-				for i, err := range failures {
-					if i == 5 {
-						break
-					}
-					t.Errorf("failed request: %v", err)
-				}
-				if len(failures) > 0 {
-					t.Errorf("%d of %d requests failed with steering", len(failures), requests)
-				}
+				noFailures(t, failures, requests)
 			case "shared":
 				if len(failures) == 0 {
 					t.Errorf("no request failed with one shared socket and a plain Shutdown: the comparison shows nothing")

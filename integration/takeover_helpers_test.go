@@ -355,39 +355,7 @@ func getIdent(client *http.Client, url string, id ident) (int, error) {
 // own way: workers send requests, a new connection each, until stopped or
 // limit passes, and count them by id.
 func startLoadIdent(url string, workers int, limit time.Duration, id ident) *load {
-	client := newConnClient()
-	ld := &load{pids: map[int]int{}, firstAt: map[int]time.Time{}, lastStart: map[int]time.Time{}, stopC: make(chan struct{})}
-	deadline := time.Now().Add(limit)
-	for range workers {
-		ld.wg.Add(1)
-		go func() {
-			defer ld.wg.Done()
-			for time.Now().Before(deadline) {
-				select {
-				case <-ld.stopC:
-					return
-				default:
-				}
-				start := time.Now()
-				who, err := getIdent(client, url, id)
-				ld.mu.Lock()
-				ld.requests++
-				if err != nil {
-					ld.failures = append(ld.failures, err)
-				} else {
-					if ld.pids[who] == 0 {
-						ld.firstAt[who] = time.Now()
-					}
-					if start.After(ld.lastStart[who]) {
-						ld.lastStart[who] = start
-					}
-					ld.pids[who]++
-				}
-				ld.mu.Unlock()
-			}
-		}()
-	}
-	return ld
+	return startLoadBy(newConnClient(), url, workers, limit, id)
 }
 
 // answered lists who answered so far.
