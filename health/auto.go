@@ -62,10 +62,10 @@ func (a *acceptCondition) attempt(ctx context.Context) error {
 // waitAccept waits until the accept condition holds for every listener.
 func waitAccept(ctx context.Context, ch Child) error {
 	if l, ok := unprovable(ch.Listeners); ok {
-		return fmt.Errorf("listener %s cannot be checked alone: relay can neither steer a probe to the child's own socket nor see the child bind it; use --health notify, http://{health_addr}/..., or exec:", l.Name)
+		return fmt.Errorf("listener %s cannot be checked alone: relay can neither steer a probe to the child's own socket nor see the child bind it; use --health notify, http://{health_addr}/... or exec:CMD", l.Name)
 	}
 	if len(ch.Listeners) == 0 {
-		return fmt.Errorf("--health accept: the child has no listeners to check; use --health notify, http://{health_addr}/..., or exec:")
+		return fmt.Errorf("--health accept: the child has no listeners to check; use --health notify, http://{health_addr}/... or exec:CMD")
 	}
 	n, last := retry(ctx, newAcceptCondition(ch).attempt)
 	if last == nil {
