@@ -100,14 +100,24 @@ func requireOrSkip(t testing.TB, ok bool, why string) {
 // genState returns generation gen's state in relay status --json.
 func (r *relayProc) genState(t testing.TB, gen int) string {
 	t.Helper()
+	state, _ := r.genStatus(t, gen)
+	return state
+}
+
+// genStatus returns generation gen's state and how it took each listener's
+// socket ("bind" or "fd", by listener name), from relay status --json;
+// the state is "absent" for a generation relay does not list.
+func (r *relayProc) genStatus(t testing.TB, gen int) (string, map[string]string) {
+	t.Helper()
 	out, errOut, code := r.client("status", "--json")
 	if code != 0 {
 		t.Fatalf("relay status --json: exit %d\n%s%s", code, out, errOut)
 	}
 	var doc struct {
 		Generations []struct {
-			Generation int    `json:"generation"`
-			State      string `json:"state"`
+			Generation int               `json:"generation"`
+			State      string            `json:"state"`
+			Sockets    map[string]string `json:"sockets"`
 		} `json:"generations"`
 	}
 	if err := json.Unmarshal([]byte(out), &doc); err != nil {
@@ -115,10 +125,10 @@ func (r *relayProc) genState(t testing.TB, gen int) string {
 	}
 	for _, g := range doc.Generations {
 		if g.Generation == gen {
-			return g.State
+			return g.State, g.Sockets
 		}
 	}
-	return "absent"
+	return "absent", nil
 }
 
 // listenSock is a TCP socket in LISTEN state.

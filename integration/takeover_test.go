@@ -137,6 +137,11 @@ func restartRealServer(t *testing.T, srv realServer) {
 	}
 	waitUntil(t, 30*time.Second, "the last generation to answer", answered(serving))
 	load.stop()
+	// relay status says how the serving generation took its socket.
+	last := ready.num("gen")
+	if state, took := r.genStatus(t, last); state != "serving" || took[name] != "bind" {
+		t.Errorf("relay status: generation %d is %s and took %s by %q, want serving, by bind", last, state, name, took[name])
+	}
 
 	if overlaps == 0 {
 		t.Errorf("in no restart was the old generation still there to count the sockets of both")
