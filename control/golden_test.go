@@ -10,8 +10,9 @@ import (
 	"github.com/relaysh/relay/supervisor"
 )
 
-// The golden files hold the JSON relay 0.x wrote before the wire types
-// moved to control: clients parse it, so it changes only by added fields.
+// The golden files hold the JSON relay wrote when the wire types were the
+// supervisor's own: clients parse it, so it changes only by added fields
+// (the code of an error response is one).
 
 func TestStatusJSONGolden(t *testing.T) {
 	want, err := os.ReadFile("testdata/status.json")
@@ -21,8 +22,8 @@ func TestStatusJSONGolden(t *testing.T) {
 	info := sampleInfo()
 	var got []byte
 	for _, doc := range []*StatusDoc{
-		{Version: Version, Name: info.Name, Pid: 777, Started: info.Started, Control: "/run/relay/api.sock", Listeners: info.Listeners, Status: sampleStatus()},
-		{Version: Version, Name: "relay", Pid: 1, Started: sampleStart, Control: "/c.sock", Status: supervisor.Status{Generations: []supervisor.GenerationStatus{}}},
+		statusDoc(info, "/run/relay/api.sock", 777, sampleStatus()),
+		minimalStatus(),
 	} {
 		b, err := json.MarshalIndent(doc, "", "  ")
 		if err != nil {
@@ -40,14 +41,14 @@ func TestResponseJSONGolden(t *testing.T) {
 	}
 	var rs []Response
 	for _, ev := range sampleEvents() {
-		rs = append(rs, Response{V: Version, Type: TypeEvent, Event: &ev})
+		wire := eventFrom(ev)
+		rs = append(rs, Response{V: Version, Type: TypeEvent, Event: &wire})
 	}
-	minimal := StatusDoc{Version: Version, Name: "relay", Pid: 1, Started: sampleStart, Control: "/c.sock", Status: supervisor.Status{Generations: []supervisor.GenerationStatus{}}}
 	rs = append(rs,
 		Response{V: Version, Type: TypeAccepted},
 		Response{V: Version, Type: TypeStopping, Pid: 99},
-		Response{V: Version, Type: TypeError, Error: "permission denied: uid 5 may not control this relay (uid 0)"},
-		Response{V: Version, Type: TypeStatus, Status: &minimal},
+		Response{V: Version, Type: TypeError, Error: admit(5, 0).Error(), Code: codeOf(admit(5, 0))},
+		Response{V: Version, Type: TypeStatus, Status: minimalStatus()},
 	)
 	var got []byte
 	for _, r := range rs {
@@ -58,6 +59,11 @@ func TestResponseJSONGolden(t *testing.T) {
 		got = append(append(got, b...), '\n')
 	}
 	diffLines(t, got, want)
+}
+
+// minimalStatus is the status of a relay with nothing to say.
+func minimalStatus() *StatusDoc {
+	return statusDoc(Info{Name: "relay", Started: sampleStart}, "/c.sock", 1, supervisor.Status{Generations: []supervisor.GenerationStatus{}})
 }
 
 // diffLines reports each line of got that differs from want.

@@ -53,7 +53,7 @@ func call(path string, req control.Request, onResponse func(control.Response) er
 		return nil
 	case errors.Is(err, control.ErrUnreachable):
 		return unreachableError{err}
-	case errors.As(err, &se) && strings.HasPrefix(se.Msg, "permission denied"):
+	case errors.As(err, &se) && se.Code == control.CodePermissionDenied:
 		return unreachableError{err}
 	}
 	return err
