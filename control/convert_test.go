@@ -38,13 +38,11 @@ type fieldCheck struct {
 	nonZero map[string]bool // leaf fields, by type and name, seen set
 }
 
-var timeType = reflect.TypeOf(time.Time{})
-
 // compare checks that wire holds what sup does, field by field, by name.
 func (c *fieldCheck) compare(t *testing.T, path string, sup, wire reflect.Value) {
 	t.Helper()
 	switch {
-	case sup.Type() == timeType:
+	case isTime(sup.Type()):
 		if !sup.Interface().(time.Time).Equal(wire.Interface().(time.Time)) {
 			t.Errorf("%s: %v on the wire, want %v", path, wire, sup)
 		}
@@ -100,8 +98,10 @@ func isLeaf(typ reflect.Type) bool {
 	for typ.Kind() == reflect.Pointer || typ.Kind() == reflect.Slice {
 		typ = typ.Elem()
 	}
-	return typ.Kind() != reflect.Struct || typ == timeType
+	return typ.Kind() != reflect.Struct || isTime(typ)
 }
+
+func isTime(typ reflect.Type) bool { return typ == reflect.TypeOf(time.Time{}) }
 
 // leaves names the leaf fields of typ and of the structs it holds.
 func leaves(typ reflect.Type) []string {

@@ -63,7 +63,7 @@ func TestResponseJSONGolden(t *testing.T) {
 
 // minimalStatus is the status of a relay with nothing to say.
 func minimalStatus() *StatusDoc {
-	return statusDoc(Info{Name: "relay", Started: sampleStart}, "/c.sock", 1, supervisor.Status{Generations: []supervisor.GenerationStatus{}})
+	return statusDoc(Info{Name: "relay", Started: sampleStart()}, "/c.sock", 1, supervisor.Status{Generations: []supervisor.GenerationStatus{}})
 }
 
 // diffLines reports each line of got that differs from want.

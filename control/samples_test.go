@@ -9,7 +9,8 @@ import (
 // The samples set every field of the supervisor's types to a value that
 // is not its zero, so that a field the conversion drops shows.
 
-var sampleStart = time.Date(2024, 5, 6, 7, 8, 9, 123456789, time.UTC)
+// sampleStart is when the sample relay and its first generation started.
+func sampleStart() time.Time { return time.Date(2024, 5, 6, 7, 8, 9, 123456789, time.UTC) }
 
 func sampleResult() supervisor.Result {
 	return supervisor.Result{
@@ -40,14 +41,14 @@ func sampleStatus() supervisor.Status {
 	return supervisor.Status{
 		Command: []string{"/srv/api", "--port", "{health_port}"},
 		Generations: []supervisor.GenerationStatus{
-			{Generation: 4, Pid: 1100, State: supervisor.Draining, Started: sampleStart, AgeSeconds: 61.5,
+			{Generation: 4, Pid: 1100, State: supervisor.Draining, Started: sampleStart(), AgeSeconds: 61.5,
 				ReadyAfterMs: 20.25, Command: []string{"/srv/api"}, Sockets: map[string]string{"tcp-8080": "fd", "udp-53": "bind"}},
-			{Generation: 5, Pid: 1240, State: supervisor.Starting, Started: sampleStart.Add(time.Minute), AgeSeconds: 1.5,
+			{Generation: 5, Pid: 1240, State: supervisor.Starting, Started: sampleStart().Add(time.Minute), AgeSeconds: 1.5,
 				Command: []string{"/srv/api", "-v2"}},
 		},
 		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, InProgress: true, Queued: true, QueuedRestarts: 2},
 		LastRestart: &supervisor.LastRestart{
-			Result: sampleResult(), Finished: sampleStart.Add(2 * time.Minute), DurationMs: 2003.5,
+			Result: sampleResult(), Finished: sampleStart().Add(2 * time.Minute), DurationMs: 2003.5,
 		},
 		Stopping: true,
 	}
@@ -55,7 +56,7 @@ func sampleStatus() supervisor.Status {
 
 func sampleInfo() Info {
 	return Info{
-		Name: "api", Started: sampleStart,
+		Name: "api", Started: sampleStart(),
 		Listeners: []ListenerInfo{
 			{FD: 3, Name: "tcp-8080", Network: "tcp", Address: "127.0.0.1:8080", Origin: "bound", Drain: "steered"},
 			{FD: 4, Name: "udp-53", Network: "udp", Address: "[::1]:53", Origin: "inherited", Drain: "shared"},
