@@ -18,7 +18,8 @@ const maxResponse = 4 << 20
 
 // Do sends req to the relay at path and calls onResponse for each response
 // line until the server closes the connection or onResponse returns an
-// error. A server error response is returned as an error.
+// error. An error response is returned as a *ServerError; an error that
+// wraps ErrUnreachable means no relay answered.
 func Do(path string, req Request, onResponse func(Response) error) error {
 	conn, err := net.DialTimeout("unix", path, 10*time.Second)
 	if err != nil {
@@ -50,7 +51,7 @@ func Do(path string, req Request, onResponse func(Response) error) error {
 			return fmt.Errorf("malformed response from relay: %w", err)
 		}
 		if resp.Type == TypeError {
-			return &ServerError{Msg: resp.Error}
+			return &ServerError{Code: resp.Code, Msg: resp.Error}
 		}
 		if err := onResponse(resp); err != nil {
 			return err
@@ -58,7 +59,11 @@ func Do(path string, req Request, onResponse func(Response) error) error {
 	}
 }
 
-// ServerError is an error response from relay.
-type ServerError struct{ Msg string }
+// ServerError is an error response from relay. Code says why, for
+// programs; it is empty from a relay that predates codes.
+type ServerError struct {
+	Code Code
+	Msg  string
+}
 
 func (e *ServerError) Error() string { return "relay: " + e.Msg }

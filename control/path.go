@@ -27,10 +27,10 @@ func ValidateName(name string) error {
 	return nil
 }
 
-// DefaultDir is where control sockets live unless --control says
+// defaultDir is where control sockets live unless --control says
 // otherwise: $XDG_RUNTIME_DIR/relay when XDG_RUNTIME_DIR is set, else
 // /run/relay for root, else $TMPDIR/relay-UID.
-func DefaultDir() string {
+func defaultDir() string {
 	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
 		return filepath.Join(d, "relay")
 	}
@@ -41,7 +41,7 @@ func DefaultDir() string {
 }
 
 // Path returns the control socket path for a relay: control if not empty,
-// else NAME.sock in DefaultDir.
+// else NAME.sock in defaultDir.
 func Path(name, control string) (string, error) {
 	if control != "" {
 		return filepath.Abs(control)
@@ -49,7 +49,7 @@ func Path(name, control string) (string, error) {
 	if err := ValidateName(name); err != nil {
 		return "", err
 	}
-	return filepath.Join(DefaultDir(), name+".sock"), nil
+	return filepath.Join(defaultDir(), name+".sock"), nil
 }
 
 // ensurePrivateDir makes sure dir is a directory that only this user can

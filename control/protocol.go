@@ -1,18 +1,3 @@
-// Package control is relay's control plane: a unix socket in a private
-// directory, a small versioned protocol of JSON lines over it, the server
-// relay run answers with, and the client relay restart, status and stop use.
-//
-// A client sends one request line and reads response lines until the
-// server closes the connection:
-//
-//	→ {"v":1,"op":"restart","command":["/srv/api-v2","--flag"]}
-//	← {"v":1,"type":"event","event":{"phase":"starting","generation":5,"pid":1240}}
-//	← {"v":1,"type":"event","event":{"phase":"done","result":{"ok":true,...}}}
-//
-// Requests: restart (command, check and no_wait optional), status, stop.
-// Response types: event (restart progress), accepted (restart --no-wait),
-// status, stopping (the connection then stays open until relay exits),
-// error.
 package control
 
 import (
@@ -22,13 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"time"
-
-	"github.com/relaysh/relay/supervisor"
 )
 
 // Version is the protocol version. A server answers only requests of its
-// own version, with an error naming it otherwise.
+// own version, with an unsupported_version error otherwise.
 const Version = 1
 
 // MaxRequest bounds one request line.
@@ -53,6 +35,21 @@ const (
 	TypeError    = "error"
 )
 
+// Code says in a word why the server answered with an error.
+type Code string
+
+// The error codes; the package doc says when each is sent.
+const (
+	CodeBadRequest       Code = "bad_request"
+	CodeTooLarge         Code = "too_large"
+	CodeBadVersion       Code = "unsupported_version"
+	CodeUnknownOp        Code = "unknown_op"
+	CodePermissionDenied Code = "permission_denied"
+	CodeBusy             Code = "busy"
+	CodeStopping         Code = "stopping"
+	CodeInternal         Code = "internal"
+)
+
 // Request is one request line.
 type Request struct {
 	V  int    `json:"v"`
@@ -69,63 +66,69 @@ type Request struct {
 
 // Response is one response line.
 type Response struct {
-	V      int               `json:"v"`
-	Type   string            `json:"type"`
-	Event  *supervisor.Event `json:"event,omitempty"`
-	Status *StatusDoc        `json:"status,omitempty"`
-	Pid    int               `json:"pid,omitempty"` // with stopping
-	Error  string            `json:"error,omitempty"`
+	V      int        `json:"v"`
+	Type   string     `json:"type"`
+	Event  *Event     `json:"event,omitempty"`
+	Status *StatusDoc `json:"status,omitempty"`
+	Pid    int        `json:"pid,omitempty"` // with stopping
+	// Error and Code, with type error: the reason for people and for
+	// programs. Code is empty from a server that predates codes.
+	Error string `json:"error,omitempty"`
+	Code  Code   `json:"code,omitempty"`
 }
 
-// StatusDoc is what relay status --json prints: relay's own facts and the
-// supervisor's snapshot. Fields are added, never changed, within a Version.
-type StatusDoc struct {
-	Version   int            `json:"version"`
-	Name      string         `json:"name"`
-	Pid       int            `json:"pid"`
-	Started   time.Time      `json:"started"`
-	Control   string         `json:"control"`
-	Listeners []ListenerInfo `json:"listeners"`
-	supervisor.Status
+// codedError is an error the server answers with: its code and its
+// message go on the wire.
+type codedError struct {
+	code Code
+	err  error
 }
 
-// ListenerInfo describes one socket relay holds.
-type ListenerInfo struct {
-	FD      int    `json:"fd"`
-	Name    string `json:"name"`
-	Network string `json:"network"`
-	Address string `json:"address"`
-	// Origin is bound (relay bound it), inherited (passed to relay for a
-	// --listen address) or activated (passed to relay, passed on as is).
-	Origin string `json:"origin,omitempty"`
-	// Drain is steered (a socket per generation, new connections to the
-	// serving one only) or shared (one socket every generation accepts
-	// on).
-	Drain string `json:"drain,omitempty"`
+func (e *codedError) Error() string { return e.err.Error() }
+func (e *codedError) Unwrap() error { return e.err }
+
+func errorf(code Code, format string, args ...any) error {
+	return &codedError{code: code, err: fmt.Errorf(format, args...)}
 }
 
-// ErrTooLarge is returned for a request line over MaxRequest.
-var ErrTooLarge = fmt.Errorf("request longer than %d bytes", MaxRequest)
+// codeOf is the code to answer err with: its own, or internal.
+func codeOf(err error) Code {
+	var ce *codedError
+	if errors.As(err, &ce) {
+		return ce.code
+	}
+	return CodeInternal
+}
+
+// tooLongError is a line over its limit.
+type tooLongError struct{ max int }
+
+func (e *tooLongError) Error() string { return fmt.Sprintf("longer than %d bytes", e.max) }
 
 // errEOF: the peer closed the connection before sending a line.
 var errEOF = fmt.Errorf("no line before the connection closed: %w", io.EOF)
 
-// DecodeRequest reads and checks one request line from r.
-func DecodeRequest(r io.Reader) (Request, error) {
+// decodeRequest reads and checks one request line from r. Its errors
+// carry their code (codeOf).
+func decodeRequest(r io.Reader) (Request, error) {
 	line, err := readLine(bufio.NewReaderSize(r, 4096), MaxRequest)
+	var tooLong *tooLongError
+	if errors.As(err, &tooLong) {
+		return Request{}, &codedError{code: CodeTooLarge, err: fmt.Errorf("request %w", err)}
+	}
 	if err != nil {
-		return Request{}, err
+		return Request{}, &codedError{code: CodeBadRequest, err: err}
 	}
 	var req Request
 	dec := json.NewDecoder(bytes.NewReader(line))
 	if err := dec.Decode(&req); err != nil {
-		return Request{}, fmt.Errorf("malformed request: %w", err)
+		return Request{}, errorf(CodeBadRequest, "malformed request: %w", err)
 	}
 	if dec.More() {
-		return Request{}, errors.New("malformed request: more than one JSON value on the line")
+		return Request{}, errorf(CodeBadRequest, "malformed request: more than one JSON value on the line")
 	}
 	if req.V != Version {
-		return Request{}, fmt.Errorf("protocol version %d not supported; this relay speaks version %d", req.V, Version)
+		return Request{}, errorf(CodeBadVersion, "protocol version %d not supported; this relay speaks version %d", req.V, Version)
 	}
 	switch req.Op {
 	case OpRestart:
@@ -137,24 +140,24 @@ func DecodeRequest(r io.Reader) (Request, error) {
 		}
 	case OpStatus, OpStop:
 		if len(req.Command) > 0 || len(req.Check) > 0 || req.NoWait {
-			return Request{}, fmt.Errorf("%s takes no arguments", req.Op)
+			return Request{}, errorf(CodeBadRequest, "%s takes no arguments", req.Op)
 		}
 	default:
-		return Request{}, fmt.Errorf("unknown op %q; want restart, status or stop", req.Op)
+		return Request{}, errorf(CodeUnknownOp, "unknown op %q; want restart, status or stop", req.Op)
 	}
 	return req, nil
 }
 
 func checkArgv(name string, argv []string) error {
 	if len(argv) > maxArgs {
-		return fmt.Errorf("%s has more than %d words", name, maxArgs)
+		return errorf(CodeBadRequest, "%s has more than %d words", name, maxArgs)
 	}
 	if len(argv) > 0 && argv[0] == "" {
-		return fmt.Errorf("%s has an empty program name", name)
+		return errorf(CodeBadRequest, "%s has an empty program name", name)
 	}
 	for _, a := range argv {
 		if bytes.IndexByte([]byte(a), 0) >= 0 {
-			return fmt.Errorf("%s holds a NUL byte", name)
+			return errorf(CodeBadRequest, "%s holds a NUL byte", name)
 		}
 	}
 	return nil
@@ -167,7 +170,7 @@ func readLine(r *bufio.Reader, max int) ([]byte, error) {
 		chunk, err := r.ReadSlice('\n')
 		line = append(line, chunk...)
 		if len(line) > max+1 {
-			return nil, ErrTooLarge
+			return nil, &tooLongError{max: max}
 		}
 		switch {
 		case err == nil:

@@ -32,6 +32,17 @@ const (
 	requestTimeout = 10 * time.Second
 )
 
+// Supervisor is what the server controls: relay's supervisor, whose
+// types the server converts to the protocol's (convert.go).
+type Supervisor interface {
+	// Restart asks for a restart and returns its events, closed after
+	// the last.
+	Restart(supervisor.RestartRequest) (<-chan supervisor.Event, error)
+	Status() (supervisor.Status, error)
+	// Stop asks for a graceful stop (now false) and returns at once.
+	Stop(now bool)
+}
+
 // Info is what relay says of itself in status documents.
 type Info struct {
 	Name      string
@@ -44,7 +55,7 @@ type Server struct {
 	path string
 	ln   *net.UnixListener
 	lock *os.File
-	sup  *supervisor.Supervisor
+	sup  Supervisor
 	info Info
 	log  *slog.Logger
 
@@ -59,7 +70,7 @@ type Server struct {
 // Listen creates the control socket at path. Its directory must be private
 // (it is created 0700 if missing), the socket is 0600, and a live relay on
 // the same path is never displaced: the lock on PATH.lock decides.
-func Listen(path string, sup *supervisor.Supervisor, info Info, log *slog.Logger) (*Server, error) {
+func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, error) {
 	if err := ensurePrivateDir(filepath.Dir(path)); err != nil {
 		return nil, err
 	}
@@ -116,7 +127,7 @@ func (s *Server) Serve() error {
 		case s.slots <- struct{}{}:
 			go s.serveConn(conn)
 		default:
-			writeResponse(conn, Response{Type: TypeError, Error: "too many control connections; try again"})
+			writeError(conn, errorf(CodeBusy, "too many control connections; try again"))
 			conn.Close()
 		}
 	}
@@ -150,16 +161,16 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		s.log.Warn("control connection: reading peer credentials", "err", err)
 		return
 	}
-	if uid != os.Getuid() && uid != 0 {
+	if err := admit(uid, os.Getuid()); err != nil {
 		s.log.Warn("control connection refused: wrong user", "peer_uid", uid)
-		writeResponse(conn, Response{Type: TypeError, Error: fmt.Sprintf("permission denied: uid %d may not control this relay (uid %d)", uid, os.Getuid())})
+		writeError(conn, err)
 		return
 	}
 	conn.SetReadDeadline(time.Now().Add(requestTimeout))
-	req, err := DecodeRequest(conn)
+	req, err := decodeRequest(conn)
 	if err != nil {
 		s.log.Warn("bad control request", "err", err)
-		writeResponse(conn, Response{Type: TypeError, Error: err.Error()})
+		writeError(conn, err)
 		return
 	}
 	conn.SetReadDeadline(time.Time{})
@@ -167,14 +178,14 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 	switch req.Op {
 	case OpStatus:
 		st, err := s.sup.Status()
+		if errors.Is(err, supervisor.ErrStopping) {
+			err = &codedError{code: CodeStopping, err: err}
+		}
 		if err != nil {
-			writeResponse(conn, Response{Type: TypeError, Error: err.Error()})
+			writeError(conn, err)
 			return
 		}
-		writeResponse(conn, Response{Type: TypeStatus, Status: &StatusDoc{
-			Version: Version, Name: s.info.Name, Pid: os.Getpid(), Started: s.info.Started,
-			Control: s.path, Listeners: s.info.Listeners, Status: st,
-		}})
+		writeResponse(conn, Response{Type: TypeStatus, Status: statusDoc(s.info, s.path, os.Getpid(), st)})
 	case OpStop:
 		s.log.Info("stop requested over the control socket")
 		writeResponse(conn, Response{Type: TypeStopping, Pid: os.Getpid()})
@@ -190,8 +201,7 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 
 func (s *Server) restart(conn *net.UnixConn, req Request) {
 	refuse := func(reason string) {
-		res := supervisor.Result{Refused: true, Reason: reason}
-		writeResponse(conn, Response{Type: TypeEvent, Event: &supervisor.Event{Phase: supervisor.PhaseDone, Result: &res}})
+		writeResponse(conn, Response{Type: TypeEvent, Event: &Event{Phase: PhaseDone, Result: &Result{Refused: true, Reason: reason}}})
 	}
 	rr := supervisor.RestartRequest{Reason: "control", Check: req.Check}
 	if len(req.Command) > 0 {
@@ -207,7 +217,7 @@ func (s *Server) restart(conn *net.UnixConn, req Request) {
 		case s.streams <- struct{}{}:
 			defer func() { <-s.streams }()
 		default:
-			writeResponse(conn, Response{Type: TypeError, Error: "too many restarts being followed; try again, or use --no-wait"})
+			writeError(conn, errorf(CodeBusy, "too many restarts being followed; try again, or use --no-wait"))
 			return
 		}
 	}
@@ -238,11 +248,25 @@ func (s *Server) restart(conn *net.UnixConn, req Request) {
 				return
 			}
 			conn.SetWriteDeadline(time.Now().Add(requestTimeout))
-			if enc.Encode(Response{V: Version, Type: TypeEvent, Event: &ev}) != nil || w.Flush() != nil {
+			wire := eventFrom(ev)
+			if enc.Encode(Response{V: Version, Type: TypeEvent, Event: &wire}) != nil || w.Flush() != nil {
 				return // the client stopped reading
 			}
 		}
 	}
+}
+
+// admit refuses a peer that is neither relay's own user (self) nor root.
+func admit(peer, self int) error {
+	if peer == self || peer == 0 {
+		return nil
+	}
+	return errorf(CodePermissionDenied, "permission denied: uid %d may not control this relay (uid %d)", peer, self)
+}
+
+// writeError answers with err, under its code.
+func writeError(conn net.Conn, err error) {
+	writeResponse(conn, Response{Type: TypeError, Error: err.Error(), Code: codeOf(err)})
 }
 
 func writeResponse(conn net.Conn, r Response) {

@@ -53,7 +53,7 @@ func call(path string, req control.Request, onResponse func(control.Response) er
 		return nil
 	case errors.Is(err, control.ErrUnreachable):
 		return unreachableError{err}
-	case errors.As(err, &se) && strings.HasPrefix(se.Msg, "permission denied"):
+	case errors.As(err, &se) && se.Code == control.CodePermissionDenied:
 		return unreachableError{err}
 	}
 	return err
@@ -65,6 +65,9 @@ func parseCheck(value string) ([]string, error) {
 		return nil, nil
 	}
 	argv := strings.Fields(value)
+	if len(argv) == 0 {
+		return nil, usagef("--check %q holds no command: give one, such as --check \"nginx -t\", or leave --check out", value)
+	}
 	path, err := exec.LookPath(argv[0])
 	if err != nil {
 		return nil, usageError{fmt.Errorf("--check %q: %w", value, commandError(argv[0], err))}

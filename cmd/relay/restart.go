@@ -9,7 +9,6 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/relaysh/relay/control"
-	"github.com/relaysh/relay/supervisor"
 )
 
 const restartDescription = `Asks the relay named --name for a restart and follows it: the new generation starts,
@@ -65,7 +64,7 @@ func restartAction(c *cli.Context) error {
 	}
 	req := control.Request{Op: control.OpRestart, Command: cmd, Check: check, NoWait: c.Bool("no-wait")}
 	out := c.App.Writer
-	var result *supervisor.Result
+	var result *control.Result
 	err = call(path, req, func(r control.Response) error {
 		switch r.Type {
 		case control.TypeAccepted:
@@ -92,37 +91,37 @@ func restartAction(c *cli.Context) error {
 	return nil
 }
 
-func outcomeWord(r *supervisor.Result) string {
+func outcomeWord(r *control.Result) string {
 	if r.Refused {
 		return "refused"
 	}
 	return "rolled back"
 }
 
-func printEvent(w io.Writer, ev *supervisor.Event) {
+func printEvent(w io.Writer, ev *control.Event) {
 	g := fmt.Sprintf("generation %d (pid %d)", ev.Generation, ev.Pid)
 	switch ev.Phase {
-	case supervisor.PhaseQueued:
+	case control.PhaseQueued:
 		fmt.Fprintln(w, "queued behind the restart under way")
-	case supervisor.PhaseChecking:
+	case control.PhaseChecking:
 		fmt.Fprintf(w, "running pre-flight check: %s\n", ev.Check)
-	case supervisor.PhaseChecked:
+	case control.PhaseChecked:
 		fmt.Fprintln(w, "pre-flight check passed")
-	case supervisor.PhaseWaitOld:
+	case control.PhaseWaitOld:
 		fmt.Fprintf(w, "waiting for old %s to exit (--max-draining)\n", g)
-	case supervisor.PhaseStarting:
+	case control.PhaseStarting:
 		fmt.Fprintf(w, "%s starting\n", g)
-	case supervisor.PhaseWaiting:
+	case control.PhaseWaiting:
 		fmt.Fprintf(w, "waiting for readiness (%s)\n", ev.Check)
-	case supervisor.PhaseReady:
+	case control.PhaseReady:
 		fmt.Fprintf(w, "ready after %s\n", msDuration(ev.DurationMs))
-	case supervisor.PhaseDraining:
+	case control.PhaseDraining:
 		fmt.Fprintf(w, "old %s draining for %s\n", g, msDuration(ev.DurationMs))
-	case supervisor.PhaseStopping:
+	case control.PhaseStopping:
 		fmt.Fprintf(w, "old %s sent %s\n", g, ev.Signal)
-	case supervisor.PhaseOldExit:
+	case control.PhaseOldExit:
 		fmt.Fprintf(w, "old %s exited (%s)\n", g, ev.Status)
-	case supervisor.PhaseDone:
+	case control.PhaseDone:
 		r := ev.Result
 		if r.OK {
 			fmt.Fprintf(w, "restart done: generation %d (pid %d) serving, took %s\n", r.Generation, r.Pid, r.Duration.Round(time.Microsecond*100))

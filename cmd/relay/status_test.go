@@ -1,0 +1,70 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+)
+
+// statusGolden is the first status document of control's golden file,
+// as relay status --json prints it.
+func statusGolden(t *testing.T) []byte {
+	t.Helper()
+	b, err := os.ReadFile("../../control/testdata/status.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc json.RawMessage
+	if err := json.NewDecoder(bytes.NewReader(b)).Decode(&doc); err != nil {
+		t.Fatal(err)
+	}
+	return doc
+}
+
+// TestStatusJSON: relay status --json prints every field relay sent, as
+// relay sent it.
+func TestStatusJSON(t *testing.T) {
+	want := statusGolden(t)
+	var line bytes.Buffer
+	if err := json.Compact(&line, want); err != nil {
+		t.Fatal(err)
+	}
+	path, _ := fakeRelay(t, `{"v":1,"type":"status","status":`+line.String()+`}`)
+	out, err := runClient(statusCommand(), "--control", path, "--json")
+	if err != nil || out != string(want)+"\n" {
+		t.Errorf("relay status --json: %v, printed\n%s\nwant\n%s", err, out, want)
+	}
+}
+
+func TestStatusText(t *testing.T) {
+	var line bytes.Buffer
+	if err := json.Compact(&line, statusGolden(t)); err != nil {
+		t.Fatal(err)
+	}
+	path, _ := fakeRelay(t, `{"v":1,"type":"status","status":`+line.String()+`}`)
+	out, err := runClient(statusCommand(), "--control", path)
+	if err != nil {
+		t.Fatalf("relay status: %v\n%s", err, out)
+	}
+	for _, want := range []string{
+		`relay "api" (pid 777), up `,
+		"STOPPING\n",
+		"command: /srv/api --port {health_port}\n",
+		"tcp-8080  3   tcp      127.0.0.1:8080  bound      steered\n",
+		"tcp-8080=fd udp-53=bind  /srv/api\n",
+		"restarts: 3 ok, 2 rolled back, 1 refused, 4 crash replacements; one in progress; one queued\n",
+		"last restart: refused after 2.0035s, ",
+		": readiness check failed\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("relay status printed\n%s\nwant %q in it", out, want)
+		}
+	}
+
+	path, _ = fakeRelay(t) // closes without an answer
+	if _, err := runClient(statusCommand(), "--control", path); err == nil || !strings.Contains(err.Error(), "no status") {
+		t.Errorf("relay status from a relay that sent nothing: %v; want an error saying so", err)
+	}
+}

@@ -1,0 +1,97 @@
+package control
+
+import "github.com/relaysh/relay/supervisor"
+
+// The supervisor's types become wire types here and nowhere else, so that
+// the protocol changes only when this file does.
+
+func eventFrom(ev supervisor.Event) Event {
+	out := Event{
+		Phase: phaseFrom(ev.Phase), Generation: ev.Generation, Pid: ev.Pid, Check: ev.Check,
+		Signal: ev.Signal, Status: ev.Status, DurationMs: ev.DurationMs,
+	}
+	if ev.Result != nil {
+		res := resultFrom(*ev.Result)
+		out.Result = &res
+	}
+	return out
+}
+
+func resultFrom(r supervisor.Result) Result {
+	return Result{
+		OK: r.OK, Refused: r.Refused, Generation: r.Generation, Pid: r.Pid, Command: r.Command,
+		Reason: r.Reason, StderrTail: r.StderrTail, ReadyAfter: r.ReadyAfter, Duration: r.Duration,
+	}
+}
+
+// phaseFrom names a supervisor phase on the wire; one the protocol does
+// not know yet goes under its own name.
+func phaseFrom(p supervisor.Phase) Phase {
+	switch p {
+	case supervisor.PhaseQueued:
+		return PhaseQueued
+	case supervisor.PhaseChecking:
+		return PhaseChecking
+	case supervisor.PhaseChecked:
+		return PhaseChecked
+	case supervisor.PhaseWaitOld:
+		return PhaseWaitOld
+	case supervisor.PhaseStarting:
+		return PhaseStarting
+	case supervisor.PhaseWaiting:
+		return PhaseWaiting
+	case supervisor.PhaseReady:
+		return PhaseReady
+	case supervisor.PhaseDraining:
+		return PhaseDraining
+	case supervisor.PhaseStopping:
+		return PhaseStopping
+	case supervisor.PhaseDone:
+		return PhaseDone
+	case supervisor.PhaseOldExit:
+		return PhaseOldExit
+	}
+	return Phase(p)
+}
+
+// stateFrom names a generation's state on the wire, as phaseFrom does.
+func stateFrom(s supervisor.State) State {
+	switch s {
+	case supervisor.Starting:
+		return StateStarting
+	case supervisor.Serving:
+		return StateServing
+	case supervisor.Draining:
+		return StateDraining
+	case supervisor.Stopping:
+		return StateStopping
+	case supervisor.Exited:
+		return StateExited
+	}
+	return State(s)
+}
+
+// statusDoc is the status document of the relay at control, with pid,
+// described by info, whose supervisor reported st.
+func statusDoc(info Info, control string, pid int, st supervisor.Status) *StatusDoc {
+	doc := &StatusDoc{
+		Version: Version, Name: info.Name, Pid: pid, Started: info.Started, Control: control,
+		Listeners: info.Listeners, Command: st.Command, Generations: []GenerationStatus{},
+		Restarts: RestartCounts{
+			OK: st.Restarts.OK, RolledBack: st.Restarts.RolledBack, Refused: st.Restarts.Refused,
+			Replacements: st.Restarts.Replacements, InProgress: st.Restarts.InProgress,
+			Queued: st.Restarts.Queued, QueuedRestarts: st.Restarts.QueuedRestarts,
+		},
+		Stopping: st.Stopping,
+	}
+	for _, g := range st.Generations {
+		doc.Generations = append(doc.Generations, GenerationStatus{
+			Generation: g.Generation, Pid: g.Pid, State: stateFrom(g.State), Started: g.Started,
+			AgeSeconds: g.AgeSeconds, ReadyAfterMs: g.ReadyAfterMs, Command: g.Command, Sockets: g.Sockets,
+		})
+	}
+	if l := st.LastRestart; l != nil {
+		doc.LastRestart = &LastRestart{Result: resultFrom(l.Result), Finished: l.Finished, DurationMs: l.DurationMs}
+	}
+	return doc
+}

@@ -1,0 +1,156 @@
+package control
+
+import (
+	"fmt"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/relaysh/relay/supervisor"
+)
+
+// TestConvertEveryField: every field of the supervisor's types reaches the
+// wire type's field of the same name with its value, and the samples give
+// every one of them a value that is not zero at least once, so that a
+// field the conversion forgets, or one added to the supervisor and not to
+// the protocol, fails here.
+func TestConvertEveryField(t *testing.T) {
+	var c fieldCheck
+	c.nonZero = map[string]bool{}
+	st := sampleStatus()
+	c.compare(t, "Status", reflect.ValueOf(st), reflect.ValueOf(*statusDoc(sampleInfo(), "/c.sock", 1, st)))
+	ok := sampleResult()
+	ok.OK = true
+	events := append(sampleEvents(), supervisor.Event{Phase: supervisor.PhaseDone, Result: &ok})
+	for _, ev := range events {
+		c.compare(t, "Event", reflect.ValueOf(ev), reflect.ValueOf(eventFrom(ev)))
+	}
+	for _, typ := range []reflect.Type{reflect.TypeOf(supervisor.Status{}), reflect.TypeOf(supervisor.Event{})} {
+		for _, leaf := range leaves(typ) {
+			if !c.nonZero[leaf] {
+				t.Errorf("the samples never set %s: give it a value in samples_test.go", leaf)
+			}
+		}
+	}
+}
+
+type fieldCheck struct {
+	nonZero map[string]bool // leaf fields, by type and name, seen set
+}
+
+// compare checks that wire holds what sup does, field by field, by name.
+func (c *fieldCheck) compare(t *testing.T, path string, sup, wire reflect.Value) {
+	t.Helper()
+	switch {
+	case isTime(sup.Type()):
+		if !sup.Interface().(time.Time).Equal(wire.Interface().(time.Time)) {
+			t.Errorf("%s: %v on the wire, want %v", path, wire, sup)
+		}
+	case sup.Kind() == reflect.Struct:
+		for i := 0; i < sup.NumField(); i++ {
+			f := sup.Type().Field(i)
+			wf := wire.FieldByName(f.Name)
+			if !wf.IsValid() {
+				t.Errorf("%s.%s has no field of that name on the wire", path, f.Name)
+				continue
+			}
+			if isLeaf(f.Type) && !sup.Field(i).IsZero() {
+				c.nonZero[sup.Type().String()+"."+f.Name] = true
+			}
+			c.compare(t, path+"."+f.Name, sup.Field(i), wf)
+		}
+	case sup.Kind() == reflect.Pointer:
+		if sup.IsNil() != wire.IsNil() {
+			t.Errorf("%s: nil is %v on the wire, want %v", path, wire.IsNil(), sup.IsNil())
+		} else if !sup.IsNil() {
+			c.compare(t, path, sup.Elem(), wire.Elem())
+		}
+	case sup.Kind() == reflect.Slice:
+		if sup.Len() != wire.Len() {
+			t.Errorf("%s: %d elements on the wire, want %d", path, wire.Len(), sup.Len())
+			return
+		}
+		for i := 0; i < sup.Len(); i++ {
+			c.compare(t, fmt.Sprintf("%s[%d]", path, i), sup.Index(i), wire.Index(i))
+		}
+	case sup.Kind() == reflect.Map:
+		if sup.Len() != wire.Len() {
+			t.Errorf("%s: %d entries on the wire, want %d", path, wire.Len(), sup.Len())
+			return
+		}
+		for _, k := range sup.MapKeys() {
+			if w := wire.MapIndex(k); !w.IsValid() {
+				t.Errorf("%s[%v] missing on the wire", path, k)
+			} else {
+				c.compare(t, fmt.Sprintf("%s[%v]", path, k), sup.MapIndex(k), w)
+			}
+		}
+	default: // numbers, strings, bools and names such as Phase and State
+		if s, w := fmt.Sprint(sup.Interface()), fmt.Sprint(wire.Interface()); s != w {
+			t.Errorf("%s: %s on the wire, want %s", path, w, s)
+		}
+	}
+}
+
+// isLeaf: a field's type holds no struct of the supervisor's to descend
+// into.
+func isLeaf(typ reflect.Type) bool {
+	for typ.Kind() == reflect.Pointer || typ.Kind() == reflect.Slice {
+		typ = typ.Elem()
+	}
+	return typ.Kind() != reflect.Struct || isTime(typ)
+}
+
+func isTime(typ reflect.Type) bool { return typ == reflect.TypeOf(time.Time{}) }
+
+// leaves names the leaf fields of typ and of the structs it holds.
+func leaves(typ reflect.Type) []string {
+	var out []string
+	for i := 0; i < typ.NumField(); i++ {
+		f := typ.Field(i)
+		if isLeaf(f.Type) {
+			out = append(out, typ.String()+"."+f.Name)
+			continue
+		}
+		elem := f.Type
+		for elem.Kind() == reflect.Pointer || elem.Kind() == reflect.Slice {
+			elem = elem.Elem()
+		}
+		out = append(out, leaves(elem)...)
+	}
+	return out
+}
+
+// TestPhasesAndStates: the names on the wire are the supervisor's, and
+// the samples cover every phase the protocol names.
+func TestPhasesAndStates(t *testing.T) {
+	wire := map[Phase]bool{}
+	for _, p := range []Phase{PhaseQueued, PhaseChecking, PhaseChecked, PhaseWaitOld, PhaseStarting, PhaseWaiting,
+		PhaseReady, PhaseDraining, PhaseStopping, PhaseDone, PhaseOldExit} {
+		wire[p] = true
+	}
+	for _, ev := range sampleEvents() {
+		p := phaseFrom(ev.Phase)
+		if string(p) != string(ev.Phase) || !wire[p] {
+			t.Errorf("supervisor phase %q is %q on the wire, want a protocol phase of the same name", ev.Phase, p)
+		}
+		delete(wire, p)
+	}
+	if len(wire) != 0 {
+		t.Errorf("the samples leave out phases %v", wire)
+	}
+	for _, c := range []struct {
+		sup  supervisor.State
+		wire State
+	}{
+		{supervisor.Starting, StateStarting}, {supervisor.Serving, StateServing}, {supervisor.Draining, StateDraining},
+		{supervisor.Stopping, StateStopping}, {supervisor.Exited, StateExited},
+	} {
+		if got := stateFrom(c.sup); got != c.wire || string(got) != string(c.sup) {
+			t.Errorf("stateFrom(%q) = %q, want %q", c.sup, got, c.wire)
+		}
+	}
+	if got := phaseFrom("from_the_future"); got != "from_the_future" {
+		t.Errorf("a phase the protocol does not know yet is %q on the wire, want its own name", got)
+	}
+}

@@ -1,0 +1,57 @@
+package control
+
+import "time"
+
+// Phase names a step of a restart. The names are part of the protocol:
+// they are only ever added to.
+type Phase string
+
+// The phases of a restart, in the order they can happen.
+const (
+	PhaseQueued   Phase = "queued"          // waiting for the restart under way
+	PhaseChecking Phase = "checking"        // the pre-flight check runs
+	PhaseChecked  Phase = "checked"         // it passed
+	PhaseWaitOld  Phase = "waiting_for_old" // --max-draining old generations still run
+	PhaseStarting Phase = "starting"        // the new generation was started
+	PhaseWaiting  Phase = "waiting"         // its readiness check runs
+	PhaseReady    Phase = "ready"           // it is ready and serving
+	PhaseDraining Phase = "draining"        // the old generation serves for --drain
+	PhaseStopping Phase = "stopping"        // the old generation got its stop signal
+	PhaseDone     Phase = "done"            // final: see Event.Result
+	PhaseOldExit  Phase = "old_exited"      // after done: the old generation exited
+)
+
+// Event is one step of a restart, the event of a response line.
+type Event struct {
+	Phase      Phase   `json:"phase"`
+	Generation int     `json:"generation,omitempty"`
+	Pid        int     `json:"pid,omitempty"`
+	Check      string  `json:"check,omitempty"`  // the check that runs, with checking and waiting
+	Signal     string  `json:"signal,omitempty"` // the stop signal, with stopping
+	Status     string  `json:"status,omitempty"` // how an old generation exited
+	DurationMs float64 `json:"duration_ms,omitempty"`
+	Result     *Result `json:"result,omitempty"` // with PhaseDone
+}
+
+// Result is the outcome of one restart.
+type Result struct {
+	OK bool `json:"ok"`
+	// Refused is set when nothing was started: the pre-flight check
+	// failed, the command could not be found, or relay is stopping.
+	Refused bool `json:"refused,omitempty"`
+	// Generation and Pid name the new generation, if one was started.
+	Generation int `json:"generation,omitempty"`
+	Pid        int `json:"pid,omitempty"`
+	// Command is what the new generation ran.
+	Command []string `json:"command,omitempty"`
+	// Reason says why a restart was rolled back or refused.
+	Reason string `json:"reason,omitempty"`
+	// StderrTail is the end of a failed child's (or check's) stderr.
+	StderrTail string `json:"stderr_tail,omitempty"`
+	// ReadyAfter is from the child's start to its readiness, in
+	// nanoseconds on the wire.
+	ReadyAfter time.Duration `json:"ready_after_ns,omitempty"`
+	// Duration is from the request to the outcome, in nanoseconds on the
+	// wire.
+	Duration time.Duration `json:"duration_ns"`
+}

@@ -1,0 +1,65 @@
+package control
+
+import (
+	"time"
+
+	"github.com/relaysh/relay/supervisor"
+)
+
+// The samples set every field of the supervisor's types to a value that
+// is not its zero, so that a field the conversion drops shows.
+
+// sampleStart is when the sample relay and its first generation started.
+func sampleStart() time.Time { return time.Date(2024, 5, 6, 7, 8, 9, 123456789, time.UTC) }
+
+func sampleResult() supervisor.Result {
+	return supervisor.Result{
+		OK: false, Refused: true, Generation: 7, Pid: 4242, Command: []string{"/srv/api", "-v2"},
+		Reason: "readiness check failed", StderrTail: "panic: x\nexit 2", ReadyAfter: 1500 * time.Microsecond,
+		Duration: 2*time.Second + 3*time.Millisecond,
+	}
+}
+
+func sampleEvents() []supervisor.Event {
+	res := sampleResult()
+	return []supervisor.Event{
+		{Phase: supervisor.PhaseQueued},
+		{Phase: supervisor.PhaseChecking, Check: "nginx -t"},
+		{Phase: supervisor.PhaseChecked},
+		{Phase: supervisor.PhaseWaitOld, Generation: 3, Pid: 1003},
+		{Phase: supervisor.PhaseStarting, Generation: 5, Pid: 1240},
+		{Phase: supervisor.PhaseWaiting, Generation: 5, Pid: 1240, Check: "tcp 127.0.0.1:8080"},
+		{Phase: supervisor.PhaseReady, Generation: 5, Pid: 1240, DurationMs: 12.5},
+		{Phase: supervisor.PhaseDraining, Generation: 4, Pid: 1100, DurationMs: 1000},
+		{Phase: supervisor.PhaseStopping, Generation: 4, Pid: 1100, Signal: "SIGTERM"},
+		{Phase: supervisor.PhaseDone, Generation: 5, Pid: 1240, Check: "c", Signal: "s", Status: "exit 0", DurationMs: 3.25, Result: &res},
+		{Phase: supervisor.PhaseOldExit, Generation: 4, Pid: 1100, Status: "exit status 0"},
+	}
+}
+
+func sampleStatus() supervisor.Status {
+	return supervisor.Status{
+		Command: []string{"/srv/api", "--port", "{health_port}"},
+		Generations: []supervisor.GenerationStatus{
+			{Generation: 4, Pid: 1100, State: supervisor.Draining, Started: sampleStart(), AgeSeconds: 61.5,
+				ReadyAfterMs: 20.25, Command: []string{"/srv/api"}, Sockets: map[string]string{"tcp-8080": "fd", "udp-53": "bind"}},
+			{Generation: 5, Pid: 1240, State: supervisor.Starting, Started: sampleStart().Add(time.Minute), AgeSeconds: 1.5,
+				Command: []string{"/srv/api", "-v2"}},
+		},
+		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, InProgress: true, Queued: true, QueuedRestarts: 2},
+		LastRestart: &supervisor.LastRestart{
+			Result: sampleResult(), Finished: sampleStart().Add(2 * time.Minute), DurationMs: 2003.5,
+		},
+		Stopping: true,
+	}
+}
+
+func sampleInfo() Info {
+	return Info{
+		Name: "api", Started: sampleStart(),
+		Listeners: []ListenerInfo{
+			{FD: 3, Name: "tcp-8080", Network: "tcp", Address: "127.0.0.1:8080", Origin: "bound", Drain: "steered"},
+			{FD: 4, Name: "udp-53", Network: "udp", Address: "[::1]:53", Origin: "inherited", Drain: "shared"},
+		},
+	}
+}

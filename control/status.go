@@ -1,0 +1,86 @@
+package control
+
+import "time"
+
+// StatusDoc is the status of a relay, what relay status --json prints:
+// relay's own facts and its supervisor's. Fields are added, never changed,
+// within a Version.
+type StatusDoc struct {
+	Version   int            `json:"version"`
+	Name      string         `json:"name"`
+	Pid       int            `json:"pid"`
+	Started   time.Time      `json:"started"`
+	Control   string         `json:"control"`
+	Listeners []ListenerInfo `json:"listeners"`
+	// Command is what the next generation runs.
+	Command []string `json:"command"`
+	// Generations lists the live generations, oldest first.
+	Generations []GenerationStatus `json:"generations"`
+	Restarts    RestartCounts      `json:"restarts"`
+	// LastRestart is absent until a requested restart has finished.
+	LastRestart *LastRestart `json:"last_restart,omitempty"`
+	Stopping    bool         `json:"stopping"`
+}
+
+// ListenerInfo describes one socket relay holds.
+type ListenerInfo struct {
+	FD      int    `json:"fd"`
+	Name    string `json:"name"`
+	Network string `json:"network"`
+	Address string `json:"address"`
+	// Origin is bound (relay bound it), inherited (passed to relay for a
+	// --listen address) or activated (passed to relay, passed on as is).
+	Origin string `json:"origin,omitempty"`
+	// Drain is steered (a socket per generation, new connections to the
+	// serving one only) or shared (one socket every generation accepts
+	// on).
+	Drain string `json:"drain,omitempty"`
+}
+
+// State is the state of a generation.
+type State string
+
+// The states of a generation.
+const (
+	StateStarting State = "starting" // started, not yet proven ready
+	StateServing  State = "serving"  // ready, and the newest ready generation
+	StateDraining State = "draining" // replaced, still serving for the drain window
+	StateStopping State = "stopping" // sent its stop signal
+	StateExited   State = "exited"   // its main process is gone
+)
+
+// GenerationStatus describes one live generation.
+type GenerationStatus struct {
+	Generation int       `json:"generation"`
+	Pid        int       `json:"pid"`
+	State      State     `json:"state"`
+	Started    time.Time `json:"started"`
+	AgeSeconds float64   `json:"age_seconds"`
+	// ReadyAfterMs is from start to readiness; 0 while starting.
+	ReadyAfterMs float64  `json:"ready_after_ms,omitempty"`
+	Command      []string `json:"command"`
+	// Sockets says, per listener name, how the generation took its
+	// socket: "fd" (inherited, LISTEN_FDS) or "bind" (its own bind,
+	// taken over by relay).
+	Sockets map[string]string `json:"sockets,omitempty"`
+}
+
+// RestartCounts counts restarts since relay started. Crash replacements
+// are counted apart.
+type RestartCounts struct {
+	OK           int  `json:"ok"`
+	RolledBack   int  `json:"rolled_back"`
+	Refused      int  `json:"refused"`
+	Replacements int  `json:"crash_replacements"`
+	InProgress   bool `json:"in_progress"`
+	Queued       bool `json:"queued"`
+	// QueuedRestarts counts the distinct restarts waiting.
+	QueuedRestarts int `json:"queued_restarts"`
+}
+
+// LastRestart is the outcome of the last restart that finished.
+type LastRestart struct {
+	Result
+	Finished   time.Time `json:"finished"`
+	DurationMs float64   `json:"duration_ms"`
+}
