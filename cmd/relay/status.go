@@ -21,7 +21,7 @@ func statusCommand() *cli.Command {
 		Description: "Prints each live generation (number, pid, state, age, how it took each listener's\n" +
 			"socket: fd for an inherited fd, bind for its own bind taken over by relay, command), the listeners, the\n" +
 			"restart counters and the last restart's outcome. --json prints the same as one JSON\n" +
-			"document, described in the README. Exit status 4 when relay cannot be reached.",
+			"document, described in docs/control.md. Exit status 4 when relay cannot be reached.",
 		Flags:        append(clientFlags(), &cli.BoolFlag{Name: "json", Usage: "print the status as JSON"}),
 		Action:       statusAction,
 		OnUsageError: onUsageError,
