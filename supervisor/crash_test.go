@@ -61,9 +61,7 @@ func TestCrashDuringARestartIsNotReplaced(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
 	p1 := h.serving()
-	events := h.restart(RestartRequest{})
-	h.started()
-	c := h.check(2)
+	events, _, c := h.starting(RestartRequest{}, 2)
 	p1.exit(exited(2), false)
 	h.waitLine("no generation serving; gen 2 pid 1002 starting")
 	if h.clock.pending(testRestartBackoff) {
@@ -89,9 +87,8 @@ func TestRestartReplacesThePendingReplacement(t *testing.T) {
 	p1 := h.serving()
 	p1.exit(exited(2), false)
 	h.waitLine("no generation serving; replacement pending")
-	events := h.restart(RestartRequest{})
-	h.started()
-	h.check(2).pass()
+	events, _, c := h.starting(RestartRequest{}, 2)
+	c.pass()
 	if res := result(t, all(t, events)); !res.OK {
 		t.Errorf("result %+v, want ok", res)
 	}

@@ -285,6 +285,26 @@ func (h *harness) serving() *fakeProc {
 	return p
 }
 
+// starting asks for a restart and waits for its new generation, number
+// gen, to start and for its readiness check.
+func (h *harness) starting(req RestartRequest, gen int) (<-chan Event, *fakeProc, *fakeCheck) {
+	h.t.Helper()
+	events := h.restart(req)
+	p := h.started()
+	return events, p, h.check(gen)
+}
+
+// draining makes a first generation serve, then restarts it with req into
+// its drain window, and returns both generations and the restart's events
+// so far and to come.
+func (h *harness) draining(req RestartRequest) (old, p *fakeProc, seen []Event, events <-chan Event) {
+	h.t.Helper()
+	old = h.serving()
+	events, p, c := h.starting(req, 2)
+	c.pass()
+	return old, p, until(h.t, events, PhaseDraining), events
+}
+
 // waitLine waits for the status line want (see observer.waitLine).
 func (h *harness) waitLine(want string) {
 	h.t.Helper()

@@ -123,19 +123,27 @@ func TestTooManyQueuedRestartsAreRefused(t *testing.T) {
 	}
 }
 
+// waitingForOld brings h, with --max-draining 1 and no drain, to a second
+// restart that waits: generation 1 got its stop signal but lives on, and
+// generation 2 serves. It returns the two, the two restarts' events, and
+// those of the second so far.
+func waitingForOld(h *harness) (p1, p2 *fakeProc, first, second <-chan Event, evs []Event) {
+	h.t.Helper()
+	p1 = h.serving()
+	first, p2, c := h.starting(RestartRequest{}, 2)
+	c.pass()
+	until(h.t, first, PhaseDone)
+	p1.waitSignals(h.t, "group TERM") // it takes its time to stop
+	second = h.restart(RestartRequest{})
+	return p1, p2, first, second, until(h.t, second, PhaseWaitOld)
+}
+
 // With --max-draining old generations still alive, a restart waits for
 // one of them to exit before it starts its new generation.
 func TestMaxDrainingWaitsForTheOldToExit(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, noDrain)
-	p1 := h.serving()
-	first := h.restart(RestartRequest{})
-	p2 := h.started()
-	h.check(2).pass()
-	until(t, first, PhaseDone)
-	p1.waitSignals(t, "group TERM") // it takes its time to stop
-	second := h.restart(RestartRequest{})
-	evs := until(t, second, PhaseWaitOld)
+	p1, p2, first, second, evs := waitingForOld(h)
 	if ev := evs[0]; ev.Generation != 1 || ev.Pid != p1.id {
 		t.Errorf("waiting for %+v, want generation 1", ev)
 	}
@@ -158,14 +166,7 @@ func TestMaxDrainingWaitsForTheOldToExit(t *testing.T) {
 func TestMaxDrainingWaitEndsWhenNothingServes(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, noDrain)
-	p1 := h.serving()
-	first := h.restart(RestartRequest{})
-	p2 := h.started()
-	h.check(2).pass()
-	until(t, first, PhaseDone)
-	p1.waitSignals(t, "group TERM")
-	second := h.restart(RestartRequest{})
-	until(t, second, PhaseWaitOld)
+	_, p2, _, second, _ := waitingForOld(h)
 	p2.exit(exited(1), false)
 	h.started()
 	h.check(3).pass()

@@ -16,11 +16,7 @@ import (
 func TestRestartReadyDrainsThenStopsTheOld(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
-	old := h.serving()
-	events := h.restart(RestartRequest{})
-	p := h.started()
-	h.check(2).pass()
-	evs := until(t, events, PhaseDraining)
+	old, p, evs, events := h.draining(RestartRequest{})
 	h.wantGens("1:draining 2:serving")
 	if got := old.got(); len(got) != 0 {
 		t.Errorf("the old generation got %q during its drain, want nothing", got)
@@ -72,9 +68,8 @@ func TestFailedCheckRollsBack(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
 	old := h.serving()
-	events := h.restart(RestartRequest{})
-	p := h.started()
-	h.check(2).fail(errors.New("GET /healthz: 503 Service Unavailable"))
+	events, p, c := h.starting(RestartRequest{}, 2)
+	c.fail(errors.New("GET /healthz: 503 Service Unavailable"))
 	p.waitSignals(t, "group KILL")
 	p.exit(killed(syscall.SIGKILL), false)
 	rolledBack(t, h, all(t, events), old, "503 Service Unavailable")
@@ -86,9 +81,7 @@ func TestHealthTimeoutRollsBack(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
 	old := h.serving()
-	events := h.restart(RestartRequest{})
-	p := h.started()
-	h.check(2) // never answered
+	events, p, _ := h.starting(RestartRequest{}, 2) // its check never answers
 	h.clock.waitTimer(t, testHealthTimeout)
 	h.clock.advance(testHealthTimeout)
 	p.waitSignals(t, "group KILL")
@@ -106,9 +99,7 @@ func TestExitBeforeReadyRollsBack(t *testing.T) {
 	h := newHarness(t, nil)
 	h.holdStderr = true
 	old := h.serving()
-	events := h.restart(RestartRequest{})
-	p := h.started()
-	h.check(2)
+	events, p, _ := h.starting(RestartRequest{}, 2)
 	p.writeStderr(t, "starting\nopening database: permission denied\n")
 	p.closeStderr()
 	p.exit(exited(3), false)
@@ -154,12 +145,8 @@ func TestExitedChildIsNeverPromoted(t *testing.T) {
 func TestExitDuringDrainGivesBackToTheOld(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
-	old := h.serving()
 	next := &Command{Path: "/srv/server2", Args: []string{"server", "-version", "2"}}
-	events := h.restart(RestartRequest{Command: next})
-	p := h.started()
-	h.check(2).pass()
-	until(t, events, PhaseDraining)
+	old, p, _, events := h.draining(RestartRequest{Command: next})
 	p.exit(exited(1), false)
 	res := result(t, all(t, events))
 	if res.OK || res.Reason != "exited during the drain window: exit status 1" {
@@ -184,11 +171,7 @@ func TestExitDuringDrainGivesBackToTheOld(t *testing.T) {
 func TestExitDuringDrainAfterTheOldLeftIsReplaced(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
-	old := h.serving()
-	events := h.restart(RestartRequest{})
-	p := h.started()
-	h.check(2).pass()
-	until(t, events, PhaseDraining)
+	old, p, _, events := h.draining(RestartRequest{})
 	old.exit(exited(0), false) // it finished before its drain ended
 	h.waitLine("gen 2 pid 1002 serving")
 	p.exit(exited(1), false)
@@ -264,11 +247,7 @@ func TestPassedPreflightStarts(t *testing.T) {
 func TestObserverHearsMilestonesInOrder(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
-	old := h.serving()
-	events := h.restart(RestartRequest{})
-	p := h.started()
-	h.check(2).pass()
-	until(t, events, PhaseDraining)
+	old, p, _, events := h.draining(RestartRequest{})
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(testDrain)
 	old.waitSignals(t, "group TERM")
@@ -310,9 +289,7 @@ func TestStatusReportsTheGenerations(t *testing.T) {
 	c.pass()
 	h.waitLine("gen 1 pid 1001 serving")
 	h.clock.advance(5 * time.Second)
-	h.restart(RestartRequest{})
-	h.started()
-	h.check(2)
+	h.starting(RestartRequest{}, 2)
 	st := h.wantGens("1:serving 2:starting")
 	g := st.Generations[0]
 	if g.Pid != 1001 || g.ReadyAfterMs != 1500 || g.AgeSeconds != 6.5 || !slices.Equal(g.Command, testCommand.Args) {
