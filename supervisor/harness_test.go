@@ -121,14 +121,16 @@ func newHarness(t *testing.T, tweak func(*Config)) *harness {
 	if tweak != nil {
 		tweak(&cfg)
 	}
-	sup, err := newSupervisor(cfg, env{
-		start:       h.start,
-		orphans:     h.orphanC,
-		ready:       h.ready,
-		preflight:   h.preflight,
-		now:         h.clock.Now,
-		afterFunc:   h.clock.AfterFunc,
-		withTimeout: h.clock.WithTimeout,
+	sup, err := newSupervisor(cfg, func(Config) (env, error) {
+		return env{
+			start:       h.start,
+			orphans:     h.orphanC,
+			ready:       h.ready,
+			preflight:   h.preflight,
+			now:         h.clock.Now,
+			afterFunc:   h.clock.AfterFunc,
+			withTimeout: h.clock.WithTimeout,
+		}, nil
 	})
 	if err != nil {
 		t.Fatal(err)

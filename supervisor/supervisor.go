@@ -92,16 +92,22 @@ type Outcome struct {
 
 // New returns a Supervisor for cfg. Call Run to start it.
 func New(cfg Config) (*Supervisor, error) {
-	if cfg.Reaper == nil {
-		return nil, errors.New("configuring supervisor: no reaper")
-	}
-	return newSupervisor(cfg, reaperEnv(cfg.Reaper, cfg.Health, cfg.Env))
+	return newSupervisor(cfg, func(cfg Config) (env, error) {
+		if cfg.Reaper == nil {
+			return env{}, errors.New("no reaper")
+		}
+		return reaperEnv(cfg.Reaper, cfg.Health, cfg.Env), nil
+	})
 }
 
 // newSupervisor returns a Supervisor for cfg that reaches the world
-// through e.
-func newSupervisor(cfg Config, e env) (*Supervisor, error) {
+// through the env that wire makes of cfg with its defaults.
+func newSupervisor(cfg Config, wire func(Config) (env, error)) (*Supervisor, error) {
 	if err := cfg.setDefaults(); err != nil {
+		return nil, fmt.Errorf("configuring supervisor: %w", err)
+	}
+	e, err := wire(cfg)
+	if err != nil {
 		return nil, fmt.Errorf("configuring supervisor: %w", err)
 	}
 	return &Supervisor{
