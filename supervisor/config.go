@@ -66,6 +66,8 @@ type Config struct {
 	// Stderr receives the children's stderr, byte for byte.
 	Stderr io.Writer
 
+	// Reaper starts the children and the check commands, and reaps
+	// them; New requires it.
 	Reaper *reaper.Reaper
 	Log    *slog.Logger
 
@@ -125,9 +127,6 @@ const (
 func (c *Config) setDefaults() error {
 	if c.Command.Path == "" || len(c.Command.Args) == 0 {
 		return errors.New("no command to run")
-	}
-	if c.Reaper == nil {
-		return errors.New("no reaper")
 	}
 	if c.RuntimeDir == "" {
 		return errors.New("no runtime directory")

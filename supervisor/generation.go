@@ -1,7 +1,6 @@
 package supervisor
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -45,7 +44,7 @@ const (
 type generation struct {
 	n          int
 	cmd        Command
-	proc       *reaper.Process
+	proc       process
 	log        *slog.Logger
 	state      State
 	started    time.Time
@@ -58,7 +57,7 @@ type generation struct {
 	// failure is why a starting generation was killed, if it was.
 	failure error
 	// killTimer sends SIGKILL to the group after the stop timeout.
-	killTimer *time.Timer
+	killTimer timer
 	status    reaper.Status
 	// exitWatchers follow the restart that retired this generation, and
 	// are told when it exits.
@@ -72,7 +71,7 @@ type generation struct {
 	notifiedOnce sync.Once
 }
 
-func (g *generation) pid() int { return g.proc.Pid }
+func (g *generation) pid() int { return g.proc.pid() }
 
 // spawn starts generation n of cmd. The returned generation is Starting;
 // its exit is posted to the supervisor as an exitEvent.
@@ -105,7 +104,7 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		args[i] = health.Expand(a, vars)
 	}
 	_, port, _ := net.SplitHostPort(g.healthAddr)
-	env := socketpass.ChildEnv(s.cfg.Env, s.cfg.Sockets.Listeners(),
+	childEnv := socketpass.ChildEnv(s.cfg.Env, s.cfg.Sockets.Listeners(),
 		socketpass.EnvNotifySocket+"="+notifyPath,
 		health.EnvGeneration+"="+strconv.Itoa(n),
 		health.EnvHealthAddr+"="+g.healthAddr,
@@ -134,8 +133,8 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		shim = socketpass.Takeover{FD: len(files) - 1, Required: s.cfg.Takeover == TakeoverOn, Unlink: len(s.unixPaths()) > 0}
 	}
 	path, argv := socketpass.ShimArgv(cmd.Path, args, shim)
-	g.started = time.Now()
-	g.proc, err = s.cfg.Reaper.Start(path, argv, reaper.Attr{Dir: s.cfg.Dir, Env: env, Files: files, NewGroup: true})
+	g.started = s.env.now()
+	g.proc, err = s.env.start(path, argv, reaper.Attr{Dir: s.cfg.Dir, Env: childEnv, Files: files, NewGroup: true})
 	if err != nil {
 		pr.Close()
 		if g.takeover != nil {
@@ -144,8 +143,8 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		return nil, fmt.Errorf("starting %s: %w", cmd.Path, err)
 	}
 	ok = true
-	g.log = s.cfg.Log.With("gen", n, "pid", g.proc.Pid)
-	g.pidForNotify.Store(int64(g.proc.Pid))
+	g.log = s.cfg.Log.With("gen", n, "pid", g.pid())
+	g.pidForNotify.Store(int64(g.pid()))
 	if g.takeover != nil {
 		go s.serveTakeover(g, socks)
 	}
@@ -163,10 +162,11 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 	}()
 	go func() {
 		<-g.proc.Done()
-		t := time.NewTimer(stderrGrace)
+		grace := make(chan struct{})
+		t := s.env.afterFunc(stderrGrace, func() { close(grace) })
 		select {
 		case <-copied:
-		case <-t.C:
+		case <-grace:
 		}
 		t.Stop()
 		s.post(exitEvent{g: g, status: g.proc.Status()})
@@ -177,7 +177,7 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 // startCheck runs the readiness check of a starting generation and posts
 // its result as a checkEvent.
 func (s *Supervisor) startCheck(g *generation) {
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HealthTimeout)
+	ctx, cancel := s.env.withTimeout(context.Background(), s.cfg.HealthTimeout)
 	g.cancelCheck = cancel
 	child := health.Child{
 		Vars:         health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
@@ -217,7 +217,7 @@ func (s *Supervisor) startCheck(g *generation) {
 			}
 			child.Listeners = append(child.Listeners, l)
 		}
-		err := s.checker.Wait(wctx, child)
+		err := s.env.ready(wctx, child)
 		stop()
 		if g.takeover != nil && g.takeover.failedErr() != nil {
 			err = g.takeover.failedErr()
@@ -256,47 +256,13 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 	}
 }
 
-// passThrough writes to out, ignoring its errors, and to tail. It passes
-// whole lines, each in one Write, so that the child's output never splits
-// one of relay's log lines that shares out (a writer that serializes its
-// Writes): a partial line waits for its end, up to maxPartialLine bytes.
-type passThrough struct {
-	out     io.Writer
-	tail    *tailBuffer
-	partial []byte
-}
-
-// maxPartialLine bounds what passThrough holds back of an unfinished line.
-const maxPartialLine = 64 << 10
-
-func (p *passThrough) Write(b []byte) (int, error) {
-	p.tail.Write(b)
-	p.partial = append(p.partial, b...)
-	if i := bytes.LastIndexByte(p.partial, '\n'); i >= 0 {
-		p.out.Write(p.partial[:i+1]) // a closed or full log reader must not stop the copy
-		p.partial = append(p.partial[:0], p.partial[i+1:]...)
-	}
-	if len(p.partial) >= maxPartialLine {
-		p.flush()
-	}
-	return len(b), nil
-}
-
-// flush passes on what is held back.
-func (p *passThrough) flush() {
-	if len(p.partial) > 0 {
-		p.out.Write(p.partial)
-		p.partial = p.partial[:0]
-	}
-}
-
 // steerTo sends the new connections of every steered listener to g. If one
 // listener refuses, those already switched go back to the serving
 // generation, so that no listener is left pointing at g alone.
 func (s *Supervisor) steerTo(g *generation) error {
 	back := 0
-	if s.serving != nil && s.serving != g {
-		back = s.serving.n
+	if sv := s.gens.serving; sv != nil && sv != g {
+		back = sv.n
 	}
 	return s.cfg.Sockets.Switch(g.n, back)
 }

@@ -3,12 +3,11 @@ package supervisor
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/relaysh/relay/health"
-	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/signals"
 	"github.com/relaysh/relay/socketpass"
 )
@@ -19,15 +18,78 @@ const (
 	reasonReplace = "replace crashed child"
 )
 
+// maxQueued bounds the distinct restarts waiting behind the one under way.
+const maxQueued = 16
+
+// restartRun is one restart, from request to outcome.
+type restartRun struct {
+	reason     string
+	cmd        *Command // nil: the current command
+	check      []string // pre-flight command; nil for none
+	waiters    []*waiter
+	cancelPre  context.CancelFunc // set while the pre-flight check runs
+	begun      time.Time
+	gen        *generation // the new generation, once started
+	prev       *generation // the generation it replaces, in its drain window
+	watch      *generation // the old generation whose exit callers hear of
+	drainTimer timer
+	waitLogged bool
+}
+
 // requested reports whether someone asked for run (a signal or a control
 // request), as opposed to relay's own first start and crash replacements.
 func (run *restartRun) requested() bool {
 	return run.reason != reasonStart && run.reason != reasonReplace
 }
 
+func (s *Supervisor) onRestartRequest(r restartReq) {
+	run := &restartRun{reason: r.Reason, cmd: r.Command, check: r.Check}
+	if run.check == nil {
+		run.check = s.cfg.Check
+	}
+	if r.w != nil {
+		run.waiters = append(run.waiters, r.w)
+	}
+	if s.stop.begun {
+		s.answer(run, Result{Refused: true, Reason: ErrStopping.Error()})
+		return
+	}
+	if s.restarts.current == nil {
+		s.cancelReplace()
+		s.beginRestart(run)
+		return
+	}
+	// Coalesce: every request made during this restart is answered by a
+	// restart that begins after it, so nobody is told "done" for a restart
+	// that began before it asked. Requests for the same command and check
+	// share one; different ones run in the order they came.
+	run.emit(Event{Phase: PhaseQueued})
+	for _, q := range s.restarts.queued {
+		if sameRequest(q, run) {
+			q.waiters = append(q.waiters, run.waiters...)
+			s.cfg.Log.Info("restart requested during a restart; coalesced with a queued one", "reason", r.Reason)
+			return
+		}
+	}
+	if len(s.restarts.queued) >= maxQueued {
+		s.answer(run, Result{Refused: true, Reason: fmt.Sprintf("%d different restarts are queued already; try again later", maxQueued)})
+		return
+	}
+	s.restarts.queued = append(s.restarts.queued, run)
+	s.cfg.Log.Info("restart requested during a restart; queued", "reason", r.Reason, "queued", len(s.restarts.queued))
+}
+
+// sameRequest reports whether two restarts ask for the same thing.
+func sameRequest(a, b *restartRun) bool {
+	if (a.cmd == nil) != (b.cmd == nil) || !slices.Equal(a.check, b.check) {
+		return false
+	}
+	return a.cmd == nil || (a.cmd.Path == b.cmd.Path && slices.Equal(a.cmd.Args, b.cmd.Args))
+}
+
 func (s *Supervisor) beginRestart(run *restartRun) {
-	run.begun = time.Now()
-	s.restart = run
+	run.begun = s.env.now()
+	s.restarts.current = run
 	if run.reason != reasonStart {
 		s.cfg.Log.Info("restart begun", "reason", run.reason)
 	}
@@ -47,18 +109,18 @@ func (s *Supervisor) preflight(run *restartRun) {
 	check := strings.Join(run.check, " ")
 	s.cfg.Log.Info("running pre-flight check", "check", check)
 	run.emit(Event{Phase: PhaseChecking, Check: check})
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HealthTimeout)
+	ctx, cancel := s.env.withTimeout(context.Background(), s.cfg.HealthTimeout)
 	run.cancelPre = cancel // also marks the check as running: advance waits
-	env := socketpass.ChildEnv(s.cfg.Env, nil)
+	childEnv := socketpass.ChildEnv(s.cfg.Env, nil)
 	go func() {
-		err := health.RunCommand(ctx, s.cfg.Reaper, run.check, env)
+		err := s.env.preflight(ctx, run.check, childEnv)
 		cancel()
 		s.post(preflightEvent{run: run, err: err})
 	}()
 }
 
 func (s *Supervisor) onPreflight(run *restartRun, err error) {
-	if run != s.restart {
+	if run != s.restarts.current {
 		return // the stop answered it already
 	}
 	run.cancelPre = nil
@@ -75,36 +137,36 @@ func (s *Supervisor) onPreflight(run *restartRun, err error) {
 // advance starts the restart's new generation once the bound on old
 // generations allows it.
 func (s *Supervisor) advance() {
-	run := s.restart
-	if run == nil || run.gen != nil || run.cancelPre != nil || s.stopping {
+	run, gs := s.restarts.current, &s.gens
+	if run == nil || run.gen != nil || run.cancelPre != nil || s.stop.begun {
 		return // nothing to start, already started, or the check still runs
 	}
 	// The new generation will push the serving one into the old ones.
-	if s.serving != nil && len(s.old) >= s.cfg.MaxDraining {
+	if gs.serving != nil && len(gs.old) >= s.cfg.MaxDraining {
 		if !run.waitLogged {
 			run.waitLogged = true
-			run.emit(Event{Phase: PhaseWaitOld, Generation: s.old[0].n, Pid: s.old[0].pid()})
+			run.emit(Event{Phase: PhaseWaitOld, Generation: gs.old[0].n, Pid: gs.old[0].pid()})
 			s.cfg.Log.Info("waiting for an old generation to exit before starting a new one",
-				"old_generations", len(s.old), "max_draining", s.cfg.MaxDraining)
+				"old_generations", len(gs.old), "max_draining", s.cfg.MaxDraining)
 		}
 		return
 	}
-	cmd := s.command
+	cmd := gs.command
 	if run.cmd != nil {
 		cmd = *run.cmd
 	}
-	s.nextGen++
-	g, err := s.spawn(s.nextGen, cmd)
+	gs.next++
+	g, err := s.spawn(gs.next, cmd)
 	if err != nil {
-		s.cfg.Log.Error("starting new generation", "gen", s.nextGen, "err", err)
-		if !s.everReady {
-			s.fatal = fmt.Errorf("starting generation %d: %w", s.nextGen, err)
+		s.cfg.Log.Error("starting new generation", "gen", gs.next, "err", err)
+		if !gs.everReady {
+			s.stop.fatal = fmt.Errorf("starting generation %d: %w", gs.next, err)
 		}
-		s.finishRestart(Result{Generation: s.nextGen, Reason: err.Error()})
+		s.finishRestart(Result{Generation: gs.next, Reason: err.Error()})
 		return
 	}
 	run.gen = g
-	s.starting = g
+	gs.starting = g
 	g.log.Info("generation starting", "cmd", cmd.Args, "check", s.cfg.Health.String(), "health_addr", g.healthAddr)
 	run.emit(Event{Phase: PhaseStarting, Generation: g.n, Pid: g.pid()})
 	run.emit(Event{Phase: PhaseWaiting, Generation: g.n, Pid: g.pid(), Check: s.cfg.Health.String()})
@@ -112,7 +174,7 @@ func (s *Supervisor) advance() {
 }
 
 func (s *Supervisor) onCheck(g *generation, err error) {
-	if g != s.starting || g.state != Starting {
+	if g != s.gens.starting || g.state != Starting {
 		return // the generation already exited or the stop took it
 	}
 	select {
@@ -146,18 +208,18 @@ func (s *Supervisor) onCheck(g *generation, err error) {
 // promote makes a ready generation the serving one and sends the one it
 // replaces into its drain window.
 func (s *Supervisor) promote(g *generation) {
-	run := s.restart
+	run, gs := s.restarts.current, &s.gens
 	g.state = Serving
-	g.readyAt = time.Now()
+	g.readyAt = s.env.now()
 	g.cancelCheck()
-	s.everReady = true
-	s.starting = nil
-	s.command = g.cmd
+	gs.everReady = true
+	gs.starting = nil
+	gs.command = g.cmd
 	g.log.Info("generation ready", "ready_after", g.readyAt.Sub(g.started).Round(time.Microsecond),
 		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond), "sockets", s.socketsTaken(g))
 	run.emit(Event{Phase: PhaseReady, Generation: g.n, Pid: g.pid(), DurationMs: ms(g.readyAt.Sub(g.started))})
-	prev := s.serving
-	s.serving = g
+	prev := gs.serving
+	gs.serving = g
 	if run.reason == reasonStart {
 		s.cfg.Observer.Ready()
 	}
@@ -166,7 +228,7 @@ func (s *Supervisor) promote(g *generation) {
 		return
 	}
 	prev.state = Draining
-	s.old = append(s.old, prev)
+	gs.old = append(gs.old, prev)
 	run.prev = prev
 	if s.cfg.Drain <= 0 {
 		s.retire(run)
@@ -174,11 +236,11 @@ func (s *Supervisor) promote(g *generation) {
 	}
 	prev.log.Info("old generation draining", "drain", s.cfg.Drain)
 	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), DurationMs: ms(s.cfg.Drain)})
-	run.drainTimer = time.AfterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run}) })
+	run.drainTimer = s.env.afterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run}) })
 }
 
 func (s *Supervisor) onDrainEnd(run *restartRun) {
-	if run != s.restart {
+	if run != s.restarts.current {
 		return
 	}
 	s.retire(run)
@@ -194,151 +256,6 @@ func (s *Supervisor) retire(run *restartRun) {
 	}
 	run.watch = prev
 	s.finishRestart(s.resultFor(run.gen, true, ""))
-}
-
-// stopGen sends g its stop signal, and SIGKILL to its group after the stop
-// timeout.
-func (s *Supervisor) stopGen(g *generation) {
-	g.state = Stopping
-	g.log.Info("stopping generation", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
-	signalGroup(g, s.cfg.StopSignal)
-	s.armKill(g)
-}
-
-func (s *Supervisor) armKill(g *generation) {
-	if g.killTimer == nil {
-		g.killTimer = time.AfterFunc(s.cfg.StopTimeout, func() { s.post(killEvent{g: g}) })
-	}
-}
-
-func (s *Supervisor) onKillTimeout(g *generation) {
-	if g.state == Exited && !g.proc.GroupAlive() {
-		return
-	}
-	g.log.Warn("did not stop within the stop timeout; killing its process group",
-		"stop_timeout", s.cfg.StopTimeout, "signal", "KILL")
-	signalGroup(g, syscall.SIGKILL)
-}
-
-func (s *Supervisor) onExit(g *generation, st reaper.Status) {
-	prev := g.state
-	g.state, g.status = Exited, st
-	s.lastExit = g
-	if g.cancelCheck != nil {
-		g.cancelCheck()
-	}
-	if err := g.notify.Close(); err != nil {
-		g.log.Debug("closing notify socket", "err", err)
-	}
-	for _, w := range g.exitWatchers {
-		w.send(Event{Phase: PhaseOldExit, Generation: g.n, Pid: g.pid(), Status: st.String()})
-		w.close()
-	}
-	g.exitWatchers = nil
-	if g.proc.GroupAlive() {
-		// Processes of its group outlived it: stop them too.
-		if prev != Stopping {
-			signalGroup(g, s.cfg.StopSignal)
-		}
-		s.armKill(g)
-		s.lingering = append(s.lingering, g)
-	} else if g.killTimer != nil {
-		g.killTimer.Stop()
-	}
-
-	// Its sockets go back to the steering groups before anything below
-	// can start a new generation, which may then reuse them. One that
-	// new connections still go to stays in place until a switch.
-	s.releaseSockets(g)
-	switch {
-	case g == s.starting:
-		s.starting = nil
-		s.rollback(g)
-	case g == s.serving && s.failDuringDrain(g):
-	case g == s.serving:
-		s.serving = nil
-		if s.starting != nil && !s.stopping {
-			// New connections wait for the starting generation
-			// rather than in the socket of one that is gone.
-			if err := s.steerTo(s.starting); err != nil {
-				g.log.Error("steering new connections to the starting generation", "err", err)
-			}
-		}
-		if s.stopping {
-			g.log.Info("generation exited", "status", st.String())
-			break
-		}
-		g.log.Error("serving child exited on its own", "status", st.String(), "stderr_tail", g.stderr.Lines(stderrTailLines))
-		if time.Since(g.readyAt) >= stableAfter {
-			s.crashes = 0
-		}
-		// A restart waiting for an old generation to exit need not
-		// wait any more: nothing serves.
-		s.advance()
-		s.scheduleReplace()
-	default:
-		s.old = remove(s.old, g)
-		g.log.Info("old generation exited", "status", st.String())
-		s.advance()
-	}
-}
-
-// failDuringDrain handles a new generation that exits in its drain window.
-// If the generation it replaced is still draining, that one was never told
-// to stop and goes back to serving; if it has exited too, nothing serves
-// and a replacement follows. Either way the restart failed. It reports
-// whether it applied.
-func (s *Supervisor) failDuringDrain(g *generation) bool {
-	run := s.restart
-	if s.stopping || run == nil || run.gen != g || run.prev == nil {
-		return false
-	}
-	prev := run.prev
-	run.drainTimer.Stop()
-	s.command = prev.cmd
-	reason := fmt.Sprintf("exited during the drain window: %s", g.status)
-	attrs := []any{"reason", reason, "stderr_tail", g.stderr.Lines(stderrTailLines)}
-	if prev.state == Draining {
-		if err := s.steerTo(prev); err != nil {
-			prev.log.Error("steering new connections back to the old generation", "err", err)
-		}
-		s.old = remove(s.old, prev)
-		prev.state = Serving
-		s.serving = prev
-		attrs = append(attrs, "still_serving_gen", prev.n, "still_serving_pid", prev.pid())
-	} else {
-		s.serving = nil
-	}
-	g.log.Error("new generation failed; rolled back", attrs...)
-	s.finishRestart(s.resultFor(g, false, reason))
-	return true
-}
-
-// rollback reports a new generation that failed; whatever served before
-// it was never touched.
-func (s *Supervisor) rollback(g *generation) {
-	reason := g.failure
-	if reason == nil {
-		reason = fmt.Errorf("exited before it was ready: %s", g.status)
-	}
-	if s.stopping {
-		g.log.Info("new generation exited during stop", "status", g.status.String())
-		s.finishRestart(s.resultFor(g, false, ErrStopping.Error()))
-		return
-	}
-	tail := g.stderr.Lines(stderrTailLines)
-	attrs := []any{"reason", reason.Error(), "stderr_tail", tail}
-	if s.serving != nil {
-		attrs = append(attrs, "still_serving_gen", s.serving.n, "still_serving_pid", s.serving.pid())
-	}
-	g.log.Error("new generation failed; rolled back", attrs...)
-	if !s.everReady {
-		s.fatal = fmt.Errorf("generation %d (pid %d) never became ready: %w", g.n, g.pid(), reason)
-		if tail != "" {
-			s.fatal = fmt.Errorf("%w; its stderr ended with: %s", s.fatal, tail)
-		}
-	}
-	s.finishRestart(s.resultFor(g, false, reason.Error()))
 }
 
 func (s *Supervisor) resultFor(g *generation, ok bool, reason string) Result {
@@ -358,42 +275,41 @@ func (s *Supervisor) resultFor(g *generation, ok bool, reason string) Result {
 // finishRestart ends the restart under way and starts the queued one, or a
 // replacement if nothing serves.
 func (s *Supervisor) finishRestart(res Result) {
-	run := s.restart
-	s.restart = nil
-	res.Duration = time.Since(run.begun)
+	run := s.restarts.current
+	s.restarts.current = nil
+	res.Duration = s.env.now().Sub(run.begun)
 	if run.requested() {
 		switch {
 		case res.OK:
-			s.stats.RestartsOK++
+			s.counts.OK++
 		case res.Refused:
-			s.stats.Refused++
+			s.counts.Refused++
 		default:
-			s.stats.RestartsRolledBack++
+			s.counts.RolledBack++
 		}
-		s.last = &LastRestart{Result: res, Finished: time.Now(), DurationMs: ms(res.Duration)}
+		s.last = &LastRestart{Result: res, Finished: s.env.now(), DurationMs: ms(res.Duration)}
 	}
 	if run.reason != reasonStart || !res.OK {
 		s.cfg.Log.Log(context.Background(), logLevel(res.OK), "restart finished", "ok", res.OK, "gen", res.Generation,
 			"pid", res.Pid, "took", res.Duration.Round(time.Microsecond), "reason", run.reason)
 	}
 	s.answer(run, res)
-	if run.requested() && !s.stopping {
+	if run.requested() && !s.stop.begun {
 		s.cfg.Observer.Ready() // ends the reload, whatever its outcome
 	}
-	if s.fatal != nil && !s.stopping {
+	if s.stop.fatal != nil && !s.stop.begun {
 		// The first generation never became ready: give up.
 		s.beginStop(false)
 	}
-	if s.stopping {
+	if s.stop.begun {
 		return
 	}
-	if len(s.queued) > 0 {
-		next := s.queued[0]
-		s.queued = s.queued[1:]
-		s.beginRestart(next)
+	if q := s.restarts.queued; len(q) > 0 {
+		s.restarts.queued = q[1:]
+		s.beginRestart(q[0])
 		return
 	}
-	if s.serving == nil {
+	if s.gens.serving == nil {
 		s.scheduleReplace()
 	}
 }
@@ -410,48 +326,4 @@ func (s *Supervisor) answer(run *restartRun, res Result) {
 		}
 	}
 	run.waiters = nil
-}
-
-// scheduleReplace starts a replacement for a crashed child after an
-// exponential backoff. The sockets stay open meanwhile, so clients wait in
-// the kernel's backlog instead of being refused.
-func (s *Supervisor) scheduleReplace() {
-	if s.replaceTimer != nil || s.restart != nil || s.stopping {
-		return
-	}
-	delay := s.cfg.RestartBackoff
-	for i := 0; i < s.crashes && delay < s.cfg.MaxBackoff; i++ {
-		delay *= 2
-	}
-	delay = min(delay, s.cfg.MaxBackoff)
-	s.crashes++
-	s.cfg.Log.Warn("no generation is serving; starting a replacement", "after", delay, "failures_in_a_row", s.crashes)
-	s.replaceSeq++
-	seq := s.replaceSeq
-	s.replaceTimer = time.AfterFunc(delay, func() { s.post(replaceEvent{seq: seq}) })
-}
-
-// checkLingering forgets the groups whose last process has gone.
-func (s *Supervisor) checkLingering() {
-	kept := s.lingering[:0]
-	for _, g := range s.lingering {
-		if g.proc.GroupAlive() {
-			kept = append(kept, g)
-			continue
-		}
-		if g.killTimer != nil {
-			g.killTimer.Stop()
-		}
-		g.log.Debug("process group gone")
-	}
-	s.lingering = kept
-}
-
-func remove(gs []*generation, g *generation) []*generation {
-	for i, x := range gs {
-		if x == g {
-			return append(gs[:i], gs[i+1:]...)
-		}
-	}
-	return gs
 }

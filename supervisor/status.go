@@ -53,8 +53,6 @@ type LastRestart struct {
 	DurationMs float64   `json:"duration_ms"`
 }
 
-type statusReq struct{ reply chan Status }
-
 // Status returns a snapshot of the generations and counters.
 func (s *Supervisor) Status() (Status, error) {
 	reply := make(chan Status, 1)
@@ -65,16 +63,17 @@ func (s *Supervisor) Status() (Status, error) {
 }
 
 func (s *Supervisor) status() Status {
-	now := time.Now()
+	now := s.env.now()
+	counts := s.counts
+	counts.InProgress = s.restarts.current != nil
+	counts.QueuedRestarts = len(s.restarts.queued)
+	counts.Queued = counts.QueuedRestarts > 0
 	st := Status{
-		Command:     s.command.Args,
+		Command:     s.gens.command.Args,
 		Generations: []GenerationStatus{},
-		Restarts: RestartCounts{
-			OK: s.stats.RestartsOK, RolledBack: s.stats.RestartsRolledBack, Refused: s.stats.Refused,
-			Replacements: s.stats.Replacements, InProgress: s.restart != nil, Queued: len(s.queued) > 0, QueuedRestarts: len(s.queued),
-		},
+		Restarts:    counts,
 		LastRestart: s.last,
-		Stopping:    s.stopping,
+		Stopping:    s.stop.begun,
 	}
 	for _, g := range s.oldestFirst() {
 		gs := GenerationStatus{
@@ -93,7 +92,7 @@ func (s *Supervisor) status() Status {
 // the serving one, then a new one.
 func (s *Supervisor) oldestFirst() []*generation {
 	gens := s.alive()
-	return append(append([]*generation(nil), s.old...), gens[:len(gens)-len(s.old)]...)
+	return append(append([]*generation(nil), s.gens.old...), gens[:len(gens)-len(s.gens.old)]...)
 }
 
 // publishStatus tells the Observer the status line, if it changed.
@@ -112,15 +111,15 @@ const maxReasonInStatus = 160
 // generation first: "gen 4 pid 1234 serving; gen 5 pid 1240 starting".
 func (s *Supervisor) statusSummary() string {
 	var parts []string
-	if s.stopping {
+	if s.stop.begun {
 		parts = append(parts, "stopping")
-	} else if s.serving == nil && s.everReady {
+	} else if s.gens.serving == nil && s.gens.everReady {
 		parts = append(parts, "no generation serving")
 	}
 	for _, g := range s.oldestFirst() {
 		parts = append(parts, fmt.Sprintf("gen %d pid %d %s", g.n, g.pid(), g.state))
 	}
-	if run := s.restart; run != nil && run.gen == nil && !s.stopping {
+	if run := s.restarts.current; run != nil && run.gen == nil && !s.stop.begun {
 		switch {
 		case run.cancelPre != nil:
 			parts = append(parts, "pre-flight check running")
@@ -128,13 +127,13 @@ func (s *Supervisor) statusSummary() string {
 			parts = append(parts, "restart waiting for an old generation to exit")
 		}
 	}
-	if s.replaceTimer != nil {
+	if s.crash.timer != nil {
 		parts = append(parts, "replacement pending")
 	}
-	if n := len(s.queued); n > 0 {
+	if n := len(s.restarts.queued); n > 0 {
 		parts = append(parts, fmt.Sprintf("%d restart(s) queued", n))
 	}
-	if l := s.last; l != nil && !l.OK && !s.stopping {
+	if l := s.last; l != nil && !l.OK && !s.stop.begun {
 		reason := l.Reason
 		if r := []rune(reason); len(r) > maxReasonInStatus {
 			reason = string(r[:maxReasonInStatus]) + "…" // whole characters: systemd drops a STATUS= that is not UTF-8

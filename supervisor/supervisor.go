@@ -1,27 +1,16 @@
-// Package supervisor runs the generations of one command on relay's shared
-// sockets and owns the restart state machine.
-//
-// One goroutine, Run's, owns all state. Other goroutines talk to it by
-// sending requests (with a reply channel where they want an answer) and
-// events (a child exited, a check finished, a timer fired), so no lock
-// guards the generations.
 package supervisor
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/signals"
-	"github.com/relaysh/relay/socketpass"
 )
 
 // stableAfter is how long a generation must have served for its crash to
@@ -33,11 +22,11 @@ var ErrStopping = errors.New("relay is stopping")
 
 // Supervisor runs the generations of one command.
 type Supervisor struct {
-	cfg     Config
-	checker *health.Checker
+	cfg Config
+	env env
 
-	reqC   chan any
-	eventC chan any
+	reqC   chan request
+	eventC chan event
 	doneC  chan struct{}
 
 	// Shared with helper goroutines.
@@ -50,34 +39,48 @@ type Supervisor struct {
 	// that reason, leaving the old one serving.
 	speaksNotify atomic.Bool
 
-	// The state below is owned by Run's goroutine.
-	nextGen      int
-	command      Command
-	serving      *generation
-	starting     *generation
-	old          []*generation // draining or stopping; main process alive
-	lingering    []*generation // main process gone; its group is not
-	restart      *restartRun   // the restart under way, if any
-	queued       []*restartRun // requests made during it, coalesced by what they ask
-	everReady    bool
-	crashes      int
-	replaceTimer *time.Timer
-	replaceSeq   int
-	stopping     bool
-	exitGen      *generation // serving when the stop began
-	lastExit     *generation
-	fatal        error
-	stats        Stats
-	last         *LastRestart
-	statusLine   string // the last one the Observer heard
+	// The state below is owned by Run's goroutine, by concern; doc.go
+	// says how each event changes it.
+	gens       generations
+	restarts   restartQueue
+	crash      crashReplacement
+	stop       stopState
+	counts     RestartCounts // OK, RolledBack, Refused, Replacements; status adds the rest
+	last       *LastRestart
+	statusLine string // the last one the Observer heard
 }
 
-// Stats counts restarts.
-type Stats struct {
-	RestartsOK         int
-	RestartsRolledBack int
-	Refused            int
-	Replacements       int
+// generations are the live generations, by role, and what the next runs.
+type generations struct {
+	next      int     // the number of the last generation started
+	command   Command // what a new generation runs unless its restart says
+	serving   *generation
+	starting  *generation
+	old       []*generation // draining or stopping; main process alive
+	lingering []*generation // main process gone; its group is not
+	everReady bool          // a generation has been ready once
+	lastExit  *generation
+}
+
+// restartQueue is the restart under way and those asked for during it.
+type restartQueue struct {
+	current *restartRun
+	queued  []*restartRun // coalesced by what they ask, in order
+}
+
+// crashReplacement is the replacement of a serving generation that exited
+// on its own.
+type crashReplacement struct {
+	crashes int   // failures in a row, for the backoff
+	timer   timer // the pending replacement; nil for none
+	seq     int   // names the timer's event: one that fires after Stop is ignored
+}
+
+// stopState is relay's stop.
+type stopState struct {
+	begun   bool
+	exitGen *generation // serving when the stop began: its status is relay's
+	fatal   error       // why Run fails: the first generation never became ready
 }
 
 // Outcome is how Run ended.
@@ -89,74 +92,32 @@ type Outcome struct {
 
 // New returns a Supervisor for cfg. Call Run to start it.
 func New(cfg Config) (*Supervisor, error) {
+	return newSupervisor(cfg, func(cfg Config) (env, error) {
+		if cfg.Reaper == nil {
+			return env{}, errors.New("no reaper")
+		}
+		return reaperEnv(cfg.Reaper, cfg.Health, cfg.Env), nil
+	})
+}
+
+// newSupervisor returns a Supervisor for cfg that reaches the world
+// through the env that wire makes of cfg with its defaults.
+func newSupervisor(cfg Config, wire func(Config) (env, error)) (*Supervisor, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, fmt.Errorf("configuring supervisor: %w", err)
 	}
+	e, err := wire(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("configuring supervisor: %w", err)
+	}
 	return &Supervisor{
-		cfg:     cfg,
-		checker: health.NewChecker(cfg.Health, cfg.Reaper, socketpass.ChildEnv(cfg.Env, nil)),
-		reqC:    make(chan any),
-		eventC:  make(chan any, 16),
-		doneC:   make(chan struct{}),
-		command: cfg.Command,
+		cfg:    cfg,
+		env:    e,
+		reqC:   make(chan request),
+		eventC: make(chan event, 16),
+		doneC:  make(chan struct{}),
+		gens:   generations{command: cfg.Command},
 	}, nil
-}
-
-type (
-	restartReq struct {
-		RestartRequest
-		w *waiter // nil for fire and forget
-	}
-	stopReq    struct{ now bool }
-	forwardReq struct{ sig syscall.Signal }
-
-	exitEvent struct {
-		g      *generation
-		status reaper.Status
-	}
-	checkEvent struct {
-		g   *generation
-		err error
-	}
-	drainEvent     struct{ run *restartRun }
-	preflightEvent struct {
-		run *restartRun
-		err error
-	}
-	killEvent    struct{ g *generation }
-	replaceEvent struct{ seq int }
-)
-
-// restartRun is one restart, from request to outcome.
-type restartRun struct {
-	reason     string
-	cmd        *Command // nil: the current command
-	check      []string // pre-flight command; nil for none
-	waiters    []*waiter
-	cancelPre  context.CancelFunc // set while the pre-flight check runs
-	begun      time.Time
-	gen        *generation // the new generation, once started
-	prev       *generation // the generation it replaces, in its drain window
-	watch      *generation // the old generation whose exit callers hear of
-	drainTimer *time.Timer
-	waitLogged bool
-}
-
-// post delivers an event from a helper goroutine, unless Run has returned.
-func (s *Supervisor) post(ev any) {
-	select {
-	case s.eventC <- ev:
-	case <-s.doneC:
-	}
-}
-
-func (s *Supervisor) request(r any) error {
-	select {
-	case s.reqC <- r:
-		return nil
-	case <-s.doneC:
-		return ErrStopping
-	}
 }
 
 // RestartRequest asks for a restart.
@@ -189,24 +150,6 @@ func (s *Supervisor) Restart(req RestartRequest) (<-chan Event, error) {
 	return w.c, nil
 }
 
-// RestartAndWait is Restart that returns the Result alone.
-func (s *Supervisor) RestartAndWait(req RestartRequest) (Result, error) {
-	events, err := s.Restart(req)
-	if err != nil {
-		return Result{}, err
-	}
-	var res *Result
-	for ev := range events {
-		if ev.Result != nil {
-			res = ev.Result
-		}
-	}
-	if res == nil {
-		return Result{}, ErrStopping
-	}
-	return *res, nil
-}
-
 // Stop stops every generation: gracefully, or at once with SIGKILL.
 func (s *Supervisor) Stop(now bool) { s.request(stopReq{now: now}) }
 
@@ -225,181 +168,39 @@ func (s *Supervisor) Run() (Outcome, error) {
 	for !s.finished() {
 		select {
 		case r := <-s.reqC:
-			s.handleRequest(r)
+			r.handleRequest(s)
 		case ev := <-s.eventC:
-			s.handleEvent(ev)
-		case <-s.cfg.Reaper.Orphans():
+			ev.handleEvent(s)
+		case <-s.env.orphans:
 			s.checkLingering()
 		}
 		s.publishStatus()
 	}
 	var out Outcome
 	switch {
-	case s.exitGen != nil:
-		out.Child = &s.exitGen.status
-	case s.lastExit != nil:
-		out.Child = &s.lastExit.status
+	case s.stop.exitGen != nil:
+		out.Child = &s.stop.exitGen.status
+	case s.gens.lastExit != nil:
+		out.Child = &s.gens.lastExit.status
 	}
-	return out, s.fatal
+	return out, s.stop.fatal
 }
 
 func (s *Supervisor) finished() bool {
-	return s.stopping && s.serving == nil && s.starting == nil && len(s.old) == 0 && len(s.lingering) == 0
+	gs := &s.gens
+	return s.stop.begun && gs.serving == nil && gs.starting == nil && len(gs.old) == 0 && len(gs.lingering) == 0
 }
 
-func (s *Supervisor) handleRequest(r any) {
-	switch r := r.(type) {
-	case restartReq:
-		s.onRestartRequest(r)
-	case stopReq:
-		s.beginStop(r.now)
-	case statusReq:
-		r.reply <- s.status()
-	case forwardReq:
-		if s.serving == nil {
-			s.cfg.Log.Warn("no serving child to forward the signal to", "signal", signals.Name(r.sig))
-			return
-		}
-		if err := s.serving.proc.Signal(r.sig); err != nil {
-			s.serving.log.Warn("forwarding signal", "signal", signals.Name(r.sig), "err", err)
-			return
-		}
-		s.serving.log.Info("forwarded signal", "signal", signals.Name(r.sig))
-	}
-}
-
-func (s *Supervisor) handleEvent(ev any) {
-	switch ev := ev.(type) {
-	case exitEvent:
-		s.onExit(ev.g, ev.status)
-	case checkEvent:
-		s.onCheck(ev.g, ev.err)
-	case drainEvent:
-		s.onDrainEnd(ev.run)
-	case preflightEvent:
-		s.onPreflight(ev.run, ev.err)
-	case killEvent:
-		s.onKillTimeout(ev.g)
-	case replaceEvent:
-		if ev.seq != s.replaceSeq || s.replaceTimer == nil {
-			return // a timer that was stopped after it fired
-		}
-		s.replaceTimer = nil
-		if s.serving == nil && s.restart == nil && !s.stopping {
-			s.stats.Replacements++
-			s.beginRestart(&restartRun{reason: reasonReplace})
-		}
-	}
-}
-
-func (s *Supervisor) onRestartRequest(r restartReq) {
-	run := &restartRun{reason: r.Reason, cmd: r.Command, check: r.Check}
-	if run.check == nil {
-		run.check = s.cfg.Check
-	}
-	if r.w != nil {
-		run.waiters = append(run.waiters, r.w)
-	}
-	if s.stopping {
-		s.answer(run, Result{Refused: true, Reason: ErrStopping.Error()})
-		return
-	}
-	if s.restart == nil {
-		if s.replaceTimer != nil {
-			s.replaceTimer.Stop()
-			s.replaceTimer = nil
-		}
-		s.beginRestart(run)
-		return
-	}
-	// Coalesce: every request made during this restart is answered by a
-	// restart that begins after it, so nobody is told "done" for a restart
-	// that began before it asked. Requests for the same command and check
-	// share one; different ones run in the order they came.
-	run.emit(Event{Phase: PhaseQueued})
-	for _, q := range s.queued {
-		if sameRequest(q, run) {
-			q.waiters = append(q.waiters, run.waiters...)
-			s.cfg.Log.Info("restart requested during a restart; coalesced with a queued one", "reason", r.Reason)
-			return
-		}
-	}
-	if len(s.queued) >= maxQueued {
-		s.answer(run, Result{Refused: true, Reason: fmt.Sprintf("%d different restarts are queued already; try again later", maxQueued)})
-		return
-	}
-	s.queued = append(s.queued, run)
-	s.cfg.Log.Info("restart requested during a restart; queued", "reason", r.Reason, "queued", len(s.queued))
-}
-
-// maxQueued bounds the distinct restarts waiting behind the one under way.
-const maxQueued = 16
-
-// sameRequest reports whether two restarts ask for the same thing.
-func sameRequest(a, b *restartRun) bool {
-	if (a.cmd == nil) != (b.cmd == nil) || !slices.Equal(a.check, b.check) {
-		return false
-	}
-	return a.cmd == nil || (a.cmd.Path == b.cmd.Path && slices.Equal(a.cmd.Args, b.cmd.Args))
-}
-
-func (s *Supervisor) beginStop(now bool) {
-	if !s.stopping {
-		s.stopping = true
-		s.cfg.Observer.Stopping()
-		s.exitGen = s.serving
-		s.cfg.Log.Info("stopping", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
-		if s.replaceTimer != nil {
-			s.replaceTimer.Stop()
-			s.replaceTimer = nil
-		}
-		for _, q := range s.queued {
-			s.answer(q, Result{Refused: true, Reason: ErrStopping.Error()})
-		}
-		s.queued = nil
-		switch run := s.restart; {
-		case run == nil:
-		case run.prev != nil:
-			// The new generation already serves; the stop ends the drain.
-			run.drainTimer.Stop()
-			s.finishRestart(s.resultFor(run.gen, true, ""))
-		case run.gen == nil:
-			// It was in its pre-flight check, or waiting for an old
-			// generation to exit.
-			if run.cancelPre != nil {
-				run.cancelPre()
-			}
-			s.finishRestart(Result{Refused: true, Reason: ErrStopping.Error()})
-		}
-	}
-	for _, g := range s.alive() {
-		if g.cancelCheck != nil {
-			g.cancelCheck()
-		}
-		switch {
-		case now:
-			g.log.Warn("killing generation now", "signal", "KILL")
-			signalGroup(g, syscall.SIGKILL)
-		case g.state != Stopping:
-			s.stopGen(g)
-		}
-	}
-	if now {
-		for _, g := range s.lingering {
-			signalGroup(g, syscall.SIGKILL)
-		}
-	}
-}
-
-// alive lists the generations whose main process is alive.
+// alive lists the generations whose main process is alive: the serving
+// one, the starting one, then the old ones.
 func (s *Supervisor) alive() []*generation {
 	var gs []*generation
-	for _, g := range []*generation{s.serving, s.starting} {
+	for _, g := range []*generation{s.gens.serving, s.gens.starting} {
 		if g != nil {
 			gs = append(gs, g)
 		}
 	}
-	return append(gs, s.old...)
+	return append(gs, s.gens.old...)
 }
 
 func signalGroup(g *generation, sig syscall.Signal) {

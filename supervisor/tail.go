@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"bytes"
+	"io"
 	"sync"
 )
 
@@ -43,4 +44,38 @@ func (t *tailBuffer) Lines(n int) string {
 		}
 	}
 	return string(b)
+}
+
+// passThrough writes to out, ignoring its errors, and to tail. It passes
+// whole lines, each in one Write, so that the child's output never splits
+// one of relay's log lines that shares out (a writer that serializes its
+// Writes): a partial line waits for its end, up to maxPartialLine bytes.
+type passThrough struct {
+	out     io.Writer
+	tail    *tailBuffer
+	partial []byte
+}
+
+// maxPartialLine bounds what passThrough holds back of an unfinished line.
+const maxPartialLine = 64 << 10
+
+func (p *passThrough) Write(b []byte) (int, error) {
+	p.tail.Write(b)
+	p.partial = append(p.partial, b...)
+	if i := bytes.LastIndexByte(p.partial, '\n'); i >= 0 {
+		p.out.Write(p.partial[:i+1]) // a closed or full log reader must not stop the copy
+		p.partial = append(p.partial[:0], p.partial[i+1:]...)
+	}
+	if len(p.partial) >= maxPartialLine {
+		p.flush()
+	}
+	return len(b), nil
+}
+
+// flush passes on what is held back.
+func (p *passThrough) flush() {
+	if len(p.partial) > 0 {
+		p.out.Write(p.partial)
+		p.partial = p.partial[:0]
+	}
 }

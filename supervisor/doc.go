@@ -1,0 +1,91 @@
+// Package supervisor runs the generations of one command on relay's shared
+// sockets and owns the restart state machine.
+//
+// One goroutine, Run's, owns all state. Other goroutines talk to it through
+// two mailboxes: requests from the API (Restart, Stop, Status, ...; with a
+// reply channel where they want an answer) and events from helper
+// goroutines and timers (a child exited, a check finished, a timer fired).
+// No lock guards the generations. Processes, the clock and the checks are
+// reached through env (env.go), which tests replace with fakes.
+//
+// # Generations
+//
+// Each start of the command is a generation, numbered from 1. Its state
+// (State) moves one way, but for a rollback in the drain window:
+//
+//	Starting ──ready──▶ Serving ──newer one ready──▶ Draining ──drain ends──▶ Stopping
+//	   │                 │   ▲                          │                      │
+//	   │                 │   └──the newer one exits─────┤                      │
+//	   ▼ exits           ▼ exits                        ▼ exits                ▼ exits
+//	 Exited            Exited                         Exited                 Exited
+//	 (rolled back)     (a crash: replaced)            (an old one gone)      (an old one gone)
+//
+// What each event does to a generation, by its state:
+//
+//	state     event                  what happens
+//	────────  ─────────────────────  ────────────────────────────────────────────────
+//	Starting  check passed           new connections go to it; Serving. The serving
+//	                                 one drains (Draining, for --drain) or stops
+//	Starting  check passed, but it   nothing: its exit event rolls it back
+//	          has exited meanwhile
+//	Starting  check failed, or       SIGKILL to its group; rolled back once it exits
+//	          --health-timeout
+//	Starting  exits                  rolled back: what served was never touched. For
+//	                                 the first generation, Run ends with an error
+//	Serving   exits in its drain     its restart is rolled back: the old one serves
+//	          window                 again if still Draining, else nothing serves
+//	                                 and a replacement follows
+//	Serving   exits, otherwise       a crash: a replacement after the backoff
+//	Draining  drain timer            stop signal, Stopping; its restart is done
+//	Draining  exits                  leaves the old ones; a restart waiting on
+//	Stopping                         --max-draining starts its generation
+//	Stopping  stop timeout           SIGKILL to its group
+//	any       Stop                   check cancelled; stop signal, Stopping (a
+//	                                 second Stop changes nothing)
+//	any       Stop(now)              SIGKILL to its group, lingering ones too
+//	Exited    orphans reaped         forgotten once its group is empty
+//
+// An exited generation whose group still has processes lingers: its group
+// gets the stop signal (unless it had it) and SIGKILL after the stop
+// timeout. Run returns once relay stops and nothing is alive or
+// lingering; its Outcome is the exit status of the generation that served
+// when the stop began.
+//
+// # Restarts
+//
+// A restart moves through the phases of Event (any may be skipped), each
+// told to the callers following it:
+//
+//	queued ─▶ checking ─▶ checked ─▶ waiting_for_old ─▶ starting ─▶ waiting
+//	       ─▶ ready ─▶ draining ─▶ stopping ─▶ done ─▶ old_exited
+//
+//	phase            entered when                         leaves
+//	───────────────  ───────────────────────────────────  ─────────────────────────────────────────
+//	queued           asked for during another restart     begins when that one is done; the same
+//	                                                      request is coalesced, a different one
+//	                                                      queued in order (at most maxQueued)
+//	checking         it has a pre-flight command          done, refused, if it fails or relay stops
+//	waiting_for_old  --max-draining old ones still live   when one exits (or nothing serves)
+//	starting         the new generation was started       done, rolled back, if it fails
+//	ready            its readiness check passed           done at once when nothing served before
+//	draining         the old one serves for --drain       done, ok, at its end or at a stop; rolled
+//	                                                      back if the new one exits meanwhile
+//	stopping         the old one got its stop signal      done
+//	old_exited       after done: the old one exited       the channel is closed
+//
+// Relay begins two restarts by itself, never counted as requested and never
+// told to the Observer as reloads: the first start, and the replacement of
+// a serving generation that exited on its own. A replacement waits
+// RestartBackoff, doubled for each failure in a row up to MaxBackoff (the
+// count starts again after a generation served stableAfter); a requested
+// restart in the meantime takes its place.
+//
+// # The stop
+//
+// Stop answers the queued restarts as refused and ends the one under way: a
+// restart in its pre-flight check or waiting for an old generation is
+// refused, one in its drain window is done (the new generation serves),
+// one whose new generation is starting ends when that one has exited.
+// Every live generation then gets the stop signal, and SIGKILL to its group
+// after the stop timeout.
+package supervisor

@@ -1,0 +1,90 @@
+package supervisor
+
+import (
+	"context"
+	"syscall"
+	"time"
+
+	"github.com/relaysh/relay/health"
+	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/socketpass"
+)
+
+// env is everything the state machine needs from outside its goroutine:
+// starting processes, hearing of orphans, the clock and the two kinds of
+// check. New wires the real ones (reaper, package time, package health);
+// the tests wire fakes driven by channels, so that a transition runs in
+// microseconds with no child process and no sleep.
+type env struct {
+	// start starts a process whose exit its Done reports.
+	start func(path string, argv []string, attr reaper.Attr) (process, error)
+	// orphans receives a value after processes relay did not start
+	// itself were reaped: a lingering group may have emptied.
+	orphans <-chan struct{}
+	// ready is the readiness check of a starting child: nil once it is
+	// ready, or an error that wraps ctx's error once ctx ends.
+	ready func(ctx context.Context, ch health.Child) error
+	// preflight runs a pre-flight command with childEnv; nil if it
+	// exited 0.
+	preflight func(ctx context.Context, argv, childEnv []string) error
+
+	// now, afterFunc and withTimeout are the clock: time.Now,
+	// time.AfterFunc and context.WithTimeout.
+	now         func() time.Time
+	afterFunc   func(d time.Duration, f func()) timer
+	withTimeout func(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc)
+}
+
+// timer is a pending call of env.afterFunc; *time.Timer is one.
+type timer interface {
+	// Stop prevents the call if it has not happened, and reports
+	// whether it did.
+	Stop() bool
+}
+
+// process is a started child as the state machine sees it.
+// *reaper.Process is one.
+type process interface {
+	// Signal sends sig to the process alone; os.ErrProcessDone once it
+	// has exited.
+	Signal(sig syscall.Signal) error
+	// SignalGroup sends sig to the process group it leads;
+	// os.ErrProcessDone once the group is empty.
+	SignalGroup(sig syscall.Signal) error
+	// GroupAlive reports whether any process of its group is alive.
+	GroupAlive() bool
+	// Done is closed once the process has exited and been reaped.
+	Done() <-chan struct{}
+	// Status is how it exited, once Done is closed.
+	Status() reaper.Status
+	// pid is its process id.
+	pid() int
+}
+
+// reaperProcess is a process started by the reaper.
+type reaperProcess struct{ *reaper.Process }
+
+func (p reaperProcess) pid() int { return p.Pid }
+
+// reaperEnv is the production env: processes from rp, the real clock, and
+// package health's checks of spec.
+func reaperEnv(rp *reaper.Reaper, spec health.Spec, baseEnv []string) env {
+	checker := health.NewChecker(spec, rp, socketpass.ChildEnv(baseEnv, nil))
+	return env{
+		start: func(path string, argv []string, attr reaper.Attr) (process, error) {
+			p, err := rp.Start(path, argv, attr)
+			if err != nil {
+				return nil, err
+			}
+			return reaperProcess{p}, nil
+		},
+		orphans: rp.Orphans(),
+		ready:   checker.Wait,
+		preflight: func(ctx context.Context, argv, childEnv []string) error {
+			return health.RunCommand(ctx, rp, argv, childEnv)
+		},
+		now:         time.Now,
+		afterFunc:   func(d time.Duration, f func()) timer { return time.AfterFunc(d, f) },
+		withTimeout: context.WithTimeout,
+	}
+}

@@ -1,0 +1,194 @@
+package supervisor
+
+import (
+	"fmt"
+
+	"github.com/relaysh/relay/reaper"
+)
+
+func (s *Supervisor) onExit(g *generation, st reaper.Status) {
+	gs := &s.gens
+	prev := g.state
+	g.state, g.status = Exited, st
+	gs.lastExit = g
+	if g.cancelCheck != nil {
+		g.cancelCheck()
+	}
+	if err := g.notify.Close(); err != nil {
+		g.log.Debug("closing notify socket", "err", err)
+	}
+	for _, w := range g.exitWatchers {
+		w.send(Event{Phase: PhaseOldExit, Generation: g.n, Pid: g.pid(), Status: st.String()})
+		w.close()
+	}
+	g.exitWatchers = nil
+	if g.proc.GroupAlive() {
+		// Processes of its group outlived it: stop them too.
+		if prev != Stopping {
+			signalGroup(g, s.cfg.StopSignal)
+		}
+		s.armKill(g)
+		gs.lingering = append(gs.lingering, g)
+	} else if g.killTimer != nil {
+		g.killTimer.Stop()
+	}
+
+	// Its sockets go back to the steering groups before anything below
+	// can start a new generation, which may then reuse them. One that
+	// new connections still go to stays in place until a switch.
+	s.releaseSockets(g)
+	switch {
+	case g == gs.starting:
+		gs.starting = nil
+		s.rollback(g)
+	case g == gs.serving && s.failDuringDrain(g):
+	case g == gs.serving:
+		gs.serving = nil
+		if gs.starting != nil && !s.stop.begun {
+			// New connections wait for the starting generation
+			// rather than in the socket of one that is gone.
+			if err := s.steerTo(gs.starting); err != nil {
+				g.log.Error("steering new connections to the starting generation", "err", err)
+			}
+		}
+		if s.stop.begun {
+			g.log.Info("generation exited", "status", st.String())
+			break
+		}
+		g.log.Error("serving child exited on its own", "status", st.String(), "stderr_tail", g.stderr.Lines(stderrTailLines))
+		if s.env.now().Sub(g.readyAt) >= stableAfter {
+			s.crash.crashes = 0
+		}
+		// A restart waiting for an old generation to exit need not
+		// wait any more: nothing serves.
+		s.advance()
+		s.scheduleReplace()
+	default:
+		gs.old = remove(gs.old, g)
+		g.log.Info("old generation exited", "status", st.String())
+		s.advance()
+	}
+}
+
+// failDuringDrain handles a new generation that exits in its drain window.
+// If the generation it replaced is still draining, that one was never told
+// to stop and goes back to serving; if it has exited too, nothing serves
+// and a replacement follows. Either way the restart failed. It reports
+// whether it applied.
+func (s *Supervisor) failDuringDrain(g *generation) bool {
+	run, gs := s.restarts.current, &s.gens
+	if s.stop.begun || run == nil || run.gen != g || run.prev == nil {
+		return false
+	}
+	prev := run.prev
+	run.drainTimer.Stop()
+	gs.command = prev.cmd
+	reason := fmt.Sprintf("exited during the drain window: %s", g.status)
+	attrs := []any{"reason", reason, "stderr_tail", g.stderr.Lines(stderrTailLines)}
+	if prev.state == Draining {
+		if err := s.steerTo(prev); err != nil {
+			prev.log.Error("steering new connections back to the old generation", "err", err)
+		}
+		gs.old = remove(gs.old, prev)
+		prev.state = Serving
+		gs.serving = prev
+		attrs = append(attrs, "still_serving_gen", prev.n, "still_serving_pid", prev.pid())
+	} else {
+		gs.serving = nil
+	}
+	g.log.Error("new generation failed; rolled back", attrs...)
+	s.finishRestart(s.resultFor(g, false, reason))
+	return true
+}
+
+// rollback reports a new generation that failed; whatever served before
+// it was never touched.
+func (s *Supervisor) rollback(g *generation) {
+	reason := g.failure
+	if reason == nil {
+		reason = fmt.Errorf("exited before it was ready: %s", g.status)
+	}
+	if s.stop.begun {
+		g.log.Info("new generation exited during stop", "status", g.status.String())
+		s.finishRestart(s.resultFor(g, false, ErrStopping.Error()))
+		return
+	}
+	tail := g.stderr.Lines(stderrTailLines)
+	attrs := []any{"reason", reason.Error(), "stderr_tail", tail}
+	if sv := s.gens.serving; sv != nil {
+		attrs = append(attrs, "still_serving_gen", sv.n, "still_serving_pid", sv.pid())
+	}
+	g.log.Error("new generation failed; rolled back", attrs...)
+	if !s.gens.everReady {
+		s.stop.fatal = fmt.Errorf("generation %d (pid %d) never became ready: %w", g.n, g.pid(), reason)
+		if tail != "" {
+			s.stop.fatal = fmt.Errorf("%w; its stderr ended with: %s", s.stop.fatal, tail)
+		}
+	}
+	s.finishRestart(s.resultFor(g, false, reason.Error()))
+}
+
+// scheduleReplace starts a replacement for a crashed child after an
+// exponential backoff. The sockets stay open meanwhile, so clients wait in
+// the kernel's backlog instead of being refused.
+func (s *Supervisor) scheduleReplace() {
+	c := &s.crash
+	if c.timer != nil || s.restarts.current != nil || s.stop.begun {
+		return
+	}
+	delay := s.cfg.RestartBackoff
+	for i := 0; i < c.crashes && delay < s.cfg.MaxBackoff; i++ {
+		delay *= 2
+	}
+	delay = min(delay, s.cfg.MaxBackoff)
+	c.crashes++
+	s.cfg.Log.Warn("no generation is serving; starting a replacement", "after", delay, "failures_in_a_row", c.crashes)
+	c.seq++
+	seq := c.seq
+	c.timer = s.env.afterFunc(delay, func() { s.post(replaceEvent{seq: seq}) })
+}
+
+// cancelReplace stops a pending replacement: a restart or the stop takes
+// its place.
+func (s *Supervisor) cancelReplace() {
+	if s.crash.timer != nil {
+		s.crash.timer.Stop()
+		s.crash.timer = nil
+	}
+}
+
+func (s *Supervisor) onReplaceDue(seq int) {
+	if seq != s.crash.seq || s.crash.timer == nil {
+		return // a timer that was stopped after it fired
+	}
+	s.crash.timer = nil
+	if s.gens.serving == nil && s.restarts.current == nil && !s.stop.begun {
+		s.counts.Replacements++
+		s.beginRestart(&restartRun{reason: reasonReplace})
+	}
+}
+
+// checkLingering forgets the groups whose last process has gone.
+func (s *Supervisor) checkLingering() {
+	kept := s.gens.lingering[:0]
+	for _, g := range s.gens.lingering {
+		if g.proc.GroupAlive() {
+			kept = append(kept, g)
+			continue
+		}
+		if g.killTimer != nil {
+			g.killTimer.Stop()
+		}
+		g.log.Debug("process group gone")
+	}
+	s.gens.lingering = kept
+}
+
+func remove(gs []*generation, g *generation) []*generation {
+	for i, x := range gs {
+		if x == g {
+			return append(gs[:i], gs[i+1:]...)
+		}
+	}
+	return gs
+}

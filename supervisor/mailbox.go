@@ -1,0 +1,94 @@
+package supervisor
+
+import (
+	"syscall"
+
+	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/signals"
+)
+
+// request is what a caller of the API sends Run's goroutine, which calls
+// handleRequest.
+type request interface{ handleRequest(s *Supervisor) }
+
+// event is what a helper goroutine or a timer posts to Run's goroutine, which
+// calls handleEvent: a child exited, a check finished, a timer fired.
+type event interface{ handleEvent(s *Supervisor) }
+
+// The requests.
+type (
+	restartReq struct {
+		RestartRequest
+		w *waiter // nil for fire and forget
+	}
+	stopReq    struct{ now bool }
+	forwardReq struct{ sig syscall.Signal }
+	statusReq  struct{ reply chan Status }
+)
+
+func (r restartReq) handleRequest(s *Supervisor) { s.onRestartRequest(r) }
+func (r stopReq) handleRequest(s *Supervisor)    { s.beginStop(r.now) }
+func (r statusReq) handleRequest(s *Supervisor)  { r.reply <- s.status() }
+
+func (r forwardReq) handleRequest(s *Supervisor) {
+	g := s.gens.serving
+	if g == nil {
+		s.cfg.Log.Warn("no serving child to forward the signal to", "signal", signals.Name(r.sig))
+		return
+	}
+	if err := g.proc.Signal(r.sig); err != nil {
+		g.log.Warn("forwarding signal", "signal", signals.Name(r.sig), "err", err)
+		return
+	}
+	g.log.Info("forwarded signal", "signal", signals.Name(r.sig))
+}
+
+// The events.
+type (
+	// exitEvent: g's main process exited, and the last of its stderr was
+	// read (or stderrGrace passed).
+	exitEvent struct {
+		g      *generation
+		status reaper.Status
+	}
+	// checkEvent: g's readiness check ended, ready (nil) or not.
+	checkEvent struct {
+		g   *generation
+		err error
+	}
+	// preflightEvent: run's pre-flight command ended.
+	preflightEvent struct {
+		run *restartRun
+		err error
+	}
+	// drainEvent: run's drain window ended.
+	drainEvent struct{ run *restartRun }
+	// killEvent: g's stop timeout passed.
+	killEvent struct{ g *generation }
+	// replaceEvent: the backoff before replacement number seq passed.
+	replaceEvent struct{ seq int }
+)
+
+func (ev exitEvent) handleEvent(s *Supervisor)      { s.onExit(ev.g, ev.status) }
+func (ev checkEvent) handleEvent(s *Supervisor)     { s.onCheck(ev.g, ev.err) }
+func (ev preflightEvent) handleEvent(s *Supervisor) { s.onPreflight(ev.run, ev.err) }
+func (ev drainEvent) handleEvent(s *Supervisor)     { s.onDrainEnd(ev.run) }
+func (ev killEvent) handleEvent(s *Supervisor)      { s.onKillTimeout(ev.g) }
+func (ev replaceEvent) handleEvent(s *Supervisor)   { s.onReplaceDue(ev.seq) }
+
+// post delivers an event from a helper goroutine, unless Run has returned.
+func (s *Supervisor) post(ev event) {
+	select {
+	case s.eventC <- ev:
+	case <-s.doneC:
+	}
+}
+
+func (s *Supervisor) request(r request) error {
+	select {
+	case s.reqC <- r:
+		return nil
+	case <-s.doneC:
+		return ErrStopping
+	}
+}

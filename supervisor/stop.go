@@ -1,0 +1,79 @@
+package supervisor
+
+import (
+	"syscall"
+
+	"github.com/relaysh/relay/signals"
+)
+
+// beginStop stops every generation: with the stop signal, or with SIGKILL
+// to its group if now. Called again (a second signal), it changes nothing
+// unless now: then every group, lingering ones too, gets SIGKILL.
+func (s *Supervisor) beginStop(now bool) {
+	if !s.stop.begun {
+		s.stop.begun = true
+		s.cfg.Observer.Stopping()
+		s.stop.exitGen = s.gens.serving
+		s.cfg.Log.Info("stopping", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
+		s.cancelReplace()
+		for _, q := range s.restarts.queued {
+			s.answer(q, Result{Refused: true, Reason: ErrStopping.Error()})
+		}
+		s.restarts.queued = nil
+		switch run := s.restarts.current; {
+		case run == nil:
+		case run.prev != nil:
+			// The new generation already serves; the stop ends the drain.
+			run.drainTimer.Stop()
+			s.finishRestart(s.resultFor(run.gen, true, ""))
+		case run.gen == nil:
+			// It was in its pre-flight check, or waiting for an old
+			// generation to exit.
+			if run.cancelPre != nil {
+				run.cancelPre()
+			}
+			s.finishRestart(Result{Refused: true, Reason: ErrStopping.Error()})
+		}
+	}
+	for _, g := range s.alive() {
+		if g.cancelCheck != nil {
+			g.cancelCheck()
+		}
+		switch {
+		case now:
+			g.log.Warn("killing generation now", "signal", "KILL")
+			signalGroup(g, syscall.SIGKILL)
+		case g.state != Stopping:
+			s.stopGen(g)
+		}
+	}
+	if now {
+		for _, g := range s.gens.lingering {
+			signalGroup(g, syscall.SIGKILL)
+		}
+	}
+}
+
+// stopGen sends g its stop signal, and SIGKILL to its group after the stop
+// timeout.
+func (s *Supervisor) stopGen(g *generation) {
+	g.state = Stopping
+	g.log.Info("stopping generation", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
+	signalGroup(g, s.cfg.StopSignal)
+	s.armKill(g)
+}
+
+func (s *Supervisor) armKill(g *generation) {
+	if g.killTimer == nil {
+		g.killTimer = s.env.afterFunc(s.cfg.StopTimeout, func() { s.post(killEvent{g: g}) })
+	}
+}
+
+func (s *Supervisor) onKillTimeout(g *generation) {
+	if g.state == Exited && !g.proc.GroupAlive() {
+		return
+	}
+	g.log.Warn("did not stop within the stop timeout; killing its process group",
+		"stop_timeout", s.cfg.StopTimeout, "signal", "KILL")
+	signalGroup(g, syscall.SIGKILL)
+}
