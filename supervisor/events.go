@@ -5,7 +5,7 @@ import (
 )
 
 // Phase names a step of a restart, as reported to the caller who asked for
-// it. The names are part of relay's control protocol: keep them stable.
+// it. Package control carries them on the wire under the same names.
 type Phase string
 
 // The phases of a restart, in the order they can happen.
@@ -25,35 +25,35 @@ const (
 
 // Event is one step of a restart.
 type Event struct {
-	Phase      Phase   `json:"phase"`
-	Generation int     `json:"generation,omitempty"`
-	Pid        int     `json:"pid,omitempty"`
-	Check      string  `json:"check,omitempty"`
-	Signal     string  `json:"signal,omitempty"`
-	Status     string  `json:"status,omitempty"` // how an old generation exited
-	DurationMs float64 `json:"duration_ms,omitempty"`
-	Result     *Result `json:"result,omitempty"` // with PhaseDone
+	Phase      Phase
+	Generation int
+	Pid        int
+	Check      string
+	Signal     string
+	Status     string // how an old generation exited
+	DurationMs float64
+	Result     *Result // with PhaseDone
 }
 
 // Result is the outcome of one restart.
 type Result struct {
-	OK bool `json:"ok"`
+	OK bool
 	// Refused is set when nothing was started: the pre-flight check
 	// failed, the command could not be found, or relay is stopping.
-	Refused bool `json:"refused,omitempty"`
+	Refused bool
 	// Generation and Pid name the new generation, if one was started.
-	Generation int `json:"generation,omitempty"`
-	Pid        int `json:"pid,omitempty"`
+	Generation int
+	Pid        int
 	// Command is what the new generation ran.
-	Command []string `json:"command,omitempty"`
+	Command []string
 	// Reason says why a restart was rolled back or refused.
-	Reason string `json:"reason,omitempty"`
+	Reason string
 	// StderrTail is the end of a failed child's (or check's) stderr.
-	StderrTail string `json:"stderr_tail,omitempty"`
+	StderrTail string
 	// ReadyAfter is from the child's start to its readiness.
-	ReadyAfter time.Duration `json:"ready_after_ns,omitempty"`
+	ReadyAfter time.Duration
 	// Duration is from the request to the outcome.
-	Duration time.Duration `json:"duration_ns"`
+	Duration time.Duration
 }
 
 // waiterBuffer holds every event of one restart; a restart emits fewer.

@@ -6,51 +6,50 @@ import (
 	"time"
 )
 
-// Status is a snapshot of the supervisor, as `relay status --json` prints
-// it. The field names are part of relay's control protocol: keep them
-// stable, add rather than change.
+// Status is a snapshot of the supervisor. Package control converts it to
+// the document `relay status --json` prints.
 type Status struct {
-	Command     []string           `json:"command"`
-	Generations []GenerationStatus `json:"generations"`
-	Restarts    RestartCounts      `json:"restarts"`
-	LastRestart *LastRestart       `json:"last_restart,omitempty"`
-	Stopping    bool               `json:"stopping"`
+	Command     []string
+	Generations []GenerationStatus
+	Restarts    RestartCounts
+	LastRestart *LastRestart
+	Stopping    bool
 }
 
 // GenerationStatus describes one live generation.
 type GenerationStatus struct {
-	Generation int       `json:"generation"`
-	Pid        int       `json:"pid"`
-	State      State     `json:"state"`
-	Started    time.Time `json:"started"`
-	AgeSeconds float64   `json:"age_seconds"`
+	Generation int
+	Pid        int
+	State      State
+	Started    time.Time
+	AgeSeconds float64
 	// ReadyAfterMs is from start to readiness; 0 while starting.
-	ReadyAfterMs float64  `json:"ready_after_ms,omitempty"`
-	Command      []string `json:"command"`
+	ReadyAfterMs float64
+	Command      []string
 	// Sockets says, per listener name, how the generation took its
 	// socket: "fd" (inherited, LISTEN_FDS) or "bind" (its own bind,
 	// taken over by relay).
-	Sockets map[string]string `json:"sockets,omitempty"`
+	Sockets map[string]string
 }
 
 // RestartCounts counts restarts since relay started. Crash replacements
 // are counted apart.
 type RestartCounts struct {
-	OK           int  `json:"ok"`
-	RolledBack   int  `json:"rolled_back"`
-	Refused      int  `json:"refused"`
-	Replacements int  `json:"crash_replacements"`
-	InProgress   bool `json:"in_progress"`
-	Queued       bool `json:"queued"`
+	OK           int
+	RolledBack   int
+	Refused      int
+	Replacements int
+	InProgress   bool
+	Queued       bool
 	// QueuedRestarts counts the distinct restarts waiting.
-	QueuedRestarts int `json:"queued_restarts"`
+	QueuedRestarts int
 }
 
 // LastRestart is the outcome of the last restart that finished.
 type LastRestart struct {
 	Result
-	Finished   time.Time `json:"finished"`
-	DurationMs float64   `json:"duration_ms"`
+	Finished   time.Time
+	DurationMs float64
 }
 
 // Status returns a snapshot of the generations and counters.
