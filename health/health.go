@@ -139,6 +139,22 @@ type Vars struct {
 	HealthAddr string
 }
 
+// Env returns v as the RELAY_* variables ("KEY=value"): RELAY_GENERATION,
+// RELAY_HEALTH_ADDR and RELAY_HEALTH_PORT, which every child gets, and
+// before them RELAY_CHILD_PID when Pid is set, as it is for an exec check.
+func (v Vars) Env() []string {
+	_, port, _ := net.SplitHostPort(v.HealthAddr)
+	env := make([]string, 0, 4)
+	if v.Pid != 0 {
+		env = append(env, EnvChildPid+"="+strconv.Itoa(v.Pid))
+	}
+	return append(env,
+		EnvGeneration+"="+strconv.Itoa(v.Generation),
+		EnvHealthAddr+"="+v.HealthAddr,
+		EnvHealthPort+"="+port,
+	)
+}
+
 // Expand substitutes the placeholders in s.
 func Expand(s string, v Vars) string {
 	if !strings.Contains(s, "{") {
@@ -184,30 +200,6 @@ func (s Spec) HostPort() (host, port string, ok bool) {
 	}
 	host, port, err := net.SplitHostPort(hostport)
 	return host, port, err == nil
-}
-
-// SharedTarget returns which of the shared listener addresses the check
-// probes, or "" if none. Such a probe cannot tell generations apart: an old
-// generation accepting on the same socket may answer it.
-func (s Spec) SharedTarget(listenerAddrs []string) string {
-	if s.UsesPrivateAddr() {
-		return ""
-	}
-	host, port, ok := s.HostPort()
-	if !ok {
-		return ""
-	}
-	for _, a := range listenerAddrs {
-		lh, lp, err := net.SplitHostPort(a)
-		if err != nil || lp != port {
-			continue
-		}
-		lip, ip := net.ParseIP(lh), net.ParseIP(host)
-		if lip == nil || lip.IsUnspecified() || ip == nil || ip.IsLoopback() || lip.Equal(ip) || host == "localhost" {
-			return a
-		}
-	}
-	return ""
 }
 
 // NeedsListeners reports whether the check looks at the child's

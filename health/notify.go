@@ -8,6 +8,8 @@ import (
 	"os"
 	"strings"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // maxNotifyMsg bounds one datagram; sd_notify messages are short.
@@ -30,6 +32,31 @@ type NotifySocket struct {
 type NotifyMessage struct {
 	Vars map[string]string
 	Raw  string
+}
+
+// MakeNotifyDir creates the private (0700) directory for the children's
+// notify sockets: under $XDG_RUNTIME_DIR when set, else $TMPDIR or /tmp,
+// whichever first leaves room for a socket path (108 bytes on Linux) such
+// as DIR/gen-N.notify. The caller removes it.
+func MakeNotifyDir() (string, error) {
+	const room = len("/relay-0123456789/gen-0123456789.notify")
+	var tried []string
+	for _, base := range []string{os.Getenv("XDG_RUNTIME_DIR"), os.TempDir(), "/tmp"} {
+		if st, err := os.Stat(base); base == "" || err != nil || !st.IsDir() {
+			continue
+		}
+		if len(base)+room >= len(unix.RawSockaddrUnix{}.Path) {
+			tried = append(tried, base+" (path too long for a unix socket)")
+			continue
+		}
+		dir, err := os.MkdirTemp(base, "relay-")
+		if err != nil {
+			tried = append(tried, fmt.Sprintf("%s (%v)", base, err))
+			continue
+		}
+		return dir, nil
+	}
+	return "", fmt.Errorf("creating relay's runtime directory: no usable base among %s; set XDG_RUNTIME_DIR or TMPDIR to a short writable directory", strings.Join(tried, ", "))
 }
 
 // ListenNotify creates the socket at path (in a directory only relay may
