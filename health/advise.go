@@ -49,7 +49,7 @@ func Advise(spec Spec, f Facts) ([]Advice, error) {
 	say := func(level slog.Level, msg string, args ...any) {
 		out = append(out, Advice{Level: level, Msg: msg, Args: args})
 	}
-	host, port, ok := spec.HostPort()
+	host, port, ok := spec.hostPort()
 	steered := ok && f.Steered != nil && f.Steered(host, port)
 	if shared := spec.sharedTarget(f.Listeners); shared != "" && steered {
 		say(slog.LevelInfo, "the readiness check probes a public address; relay steers each probe to the new generation's own socket, so only the new generation answers it",
@@ -58,13 +58,13 @@ func Advise(spec Spec, f Facts) ([]Advice, error) {
 		say(slog.LevelWarn, "the readiness check probes a shared listener, so it cannot tell generations apart: the old generation may answer for the new one; probe {health_addr} instead",
 			"check", spec.String(), "shared_addr", shared)
 	}
-	if spec.Weak() {
+	if spec.weak() {
 		say(slog.LevelWarn, "--health delay only waits and proves nothing about the new child; prefer notify, or http/tcp on {health_addr}", "check", spec.String())
 	}
 	if spec.Kind == Notify {
 		say(slog.LevelInfo, "readiness: waiting for READY=1 on each child's own NOTIFY_SOCKET; a server that does not speak sd_notify needs another --health")
 	}
-	if !spec.NeedsListeners() {
+	if !spec.needsListeners() {
 		return out, nil
 	}
 	// Which listeners can show that the new generation, and no other,
@@ -103,10 +103,10 @@ func Advise(spec Spec, f Facts) ([]Advice, error) {
 // accepting on the same socket may answer unless relay steers it. A host
 // name may resolve to any address, so it hits every listener on its port.
 func (s Spec) sharedTarget(listeners []ListenerFact) string {
-	if s.UsesPrivateAddr() {
+	if s.usesPrivateAddr() {
 		return ""
 	}
-	host, port, ok := s.HostPort()
+	host, port, ok := s.hostPort()
 	if !ok {
 		return ""
 	}

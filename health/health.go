@@ -173,16 +173,16 @@ func Expand(s string, v Vars) string {
 	return strings.NewReplacer(pairs...).Replace(s)
 }
 
-// UsesPrivateAddr reports whether the check goes to the child's private
+// usesPrivateAddr reports whether the check goes to the child's private
 // health address rather than to a fixed one.
-func (s Spec) UsesPrivateAddr() bool {
+func (s Spec) usesPrivateAddr() bool {
 	return strings.Contains(s.Target, PlaceholderHealthAddr) || strings.Contains(s.Target, PlaceholderHealthPort)
 }
 
-// HostPort returns the host and port an http or tcp check connects to
+// hostPort returns the host and port an http or tcp check connects to
 // (placeholders unexpanded), and false for other kinds or a target without
 // one.
-func (s Spec) HostPort() (host, port string, ok bool) {
+func (s Spec) hostPort() (host, port string, ok bool) {
 	hostport := s.Target
 	switch s.Kind {
 	case HTTP:
@@ -202,12 +202,12 @@ func (s Spec) HostPort() (host, port string, ok bool) {
 	return host, port, err == nil
 }
 
-// NeedsListeners reports whether the check looks at the child's
+// needsListeners reports whether the check looks at the child's
 // listeners (Child.Listeners): accept and auto do.
-func (s Spec) NeedsListeners() bool { return s.Kind == Accept || s.Kind == Auto }
+func (s Spec) needsListeners() bool { return s.Kind == Accept || s.Kind == Auto }
 
-// Weak reports whether the check proves nothing about the child's state.
-func (s Spec) Weak() bool { return s.Kind == Delay }
+// weak reports whether the check proves nothing about the child's state.
+func (s Spec) weak() bool { return s.Kind == Delay }
 
 // String names the check for logs, e.g. "http http://{health_addr}/healthz".
 func (s Spec) String() string { return s.Raw }

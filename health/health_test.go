@@ -47,11 +47,11 @@ func TestParse(t *testing.T) {
 		if err != nil || s.Kind != c.kind {
 			t.Errorf("Parse(%q) = %v, %v; want kind %s", c.in, s.Kind, err, c.kind)
 		}
-		if _, _, ok := s.HostPort(); ok && c.kind != HTTP && c.kind != TCP {
-			t.Errorf("Parse(%q).HostPort() ok = true for kind %s", c.in, c.kind)
+		if _, _, ok := s.hostPort(); ok && c.kind != HTTP && c.kind != TCP {
+			t.Errorf("Parse(%q).hostPort() ok = true for kind %s", c.in, c.kind)
 		}
-		if got := s.NeedsListeners(); got != (c.kind == Accept || c.kind == Auto) {
-			t.Errorf("Parse(%q).NeedsListeners() = %v", c.in, got)
+		if got := s.needsListeners(); got != (c.kind == Accept || c.kind == Auto) {
+			t.Errorf("Parse(%q).needsListeners() = %v", c.in, got)
 		}
 	}
 }

@@ -88,7 +88,7 @@ func (n *NotifySocket) read(onMsg func(NotifyMessage)) {
 			}
 			continue // a transient error on a datagram socket loses one message
 		}
-		msg := ParseNotify(buf[:nr])
+		msg := parseNotify(buf[:nr])
 		if msg.Vars["READY"] == "1" {
 			n.once.Do(func() { close(n.readyC) })
 		}
@@ -111,9 +111,9 @@ func (n *NotifySocket) Close() error {
 	return err
 }
 
-// ParseNotify splits an sd_notify datagram into its newline-separated
+// parseNotify splits an sd_notify datagram into its newline-separated
 // KEY=VALUE assignments.
-func ParseNotify(b []byte) NotifyMessage {
+func parseNotify(b []byte) NotifyMessage {
 	msg := NotifyMessage{Vars: make(map[string]string), Raw: string(bytes.TrimRight(b, "\n"))}
 	for _, line := range strings.Split(msg.Raw, "\n") {
 		if k, v, ok := strings.Cut(line, "="); ok && k != "" {

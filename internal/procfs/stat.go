@@ -34,15 +34,15 @@ func ReadStat(pid int) (Stat, error) {
 	if err != nil {
 		return Stat{}, fmt.Errorf("reading the stat of pid %d: %w", pid, err)
 	}
-	s, err := ParseStat(b)
+	s, err := parseStat(b)
 	if err != nil {
 		return Stat{}, fmt.Errorf("reading the stat of pid %d: %w", pid, err)
 	}
 	return s, nil
 }
 
-// ParseStat parses the contents of /proc/PID/stat.
-func ParseStat(b []byte) (Stat, error) {
+// parseStat parses the contents of /proc/PID/stat.
+func parseStat(b []byte) (Stat, error) {
 	// The command name, in parentheses, may hold spaces and parentheses:
 	// fields are counted after the last closing one. State is field 3,
 	// utime and stime are fields 14 and 15.

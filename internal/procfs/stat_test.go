@@ -11,16 +11,16 @@ import (
 func TestParseStat(t *testing.T) {
 	// A command name with spaces and a parenthesis of its own.
 	b := []byte("4242 (a (b) c) Z 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 5 0 0\n")
-	s, err := ParseStat(b)
+	s, err := parseStat(b)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if s.State != 'Z' || s.UTime != 250 || s.STime != 50 || s.CPU() != 3*time.Second {
-		t.Errorf("ParseStat = %+v (CPU %s), want state Z, utime 250, stime 50, 3s", s, s.CPU())
+		t.Errorf("parseStat = %+v (CPU %s), want state Z, utime 250, stime 50, 3s", s, s.CPU())
 	}
 	for _, bad := range []string{"4242 no-parens S 1", "4242 (x) S 1 2 3", "4242 (x) S 1 2 3 4 5 6 7 8 9 10 u s"} {
-		if _, err := ParseStat([]byte(bad)); err == nil {
-			t.Errorf("ParseStat(%q) succeeded", bad)
+		if _, err := parseStat([]byte(bad)); err == nil {
+			t.Errorf("parseStat(%q) succeeded", bad)
 		}
 	}
 }
