@@ -4,7 +4,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/oklog/run"
 	"github.com/urfave/cli/v2"
 
 	"github.com/relaysh/relay/control"
@@ -65,9 +64,13 @@ func runAction(c *cli.Context) error {
 	if err := socketpass.CloseOnExecFrom(socketpass.FirstFD); err != nil {
 		return err
 	}
+	passed, err := takePassed(log, opts)
+	if err != nil {
+		return err
+	}
 	notifier := sdnotify.New(log)
 	defer notifier.Close(notifyFlushTimeout)
-	set, err := openSockets(log, opts, notifier)
+	set, err := openSockets(log, opts, passed, notifier)
 	if err != nil {
 		return err
 	}
@@ -90,15 +93,7 @@ func runAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	var g run.Group
-	addControl(&g, ctl)
-	outcome := addSupervisor(&g, sup)
-	addSignalLoop(&g, sigC, sup)
-	addWatchdog(&g, log, notifier, sup)
-	if err := g.Run(); err != nil {
-		return err
-	}
-	return exitWith(log, *outcome)
+	return runActors(log, sigC, sup, ctl, notifier)
 }
 
 // notifyFlushTimeout bounds how long relay waits, at exit, for the service

@@ -20,6 +20,20 @@ import (
 // the first to return interrupts the others, and the group returns the
 // first one's result once all have stopped.
 
+// runActors runs the control server, the supervisor, the signal loop and
+// the watchdog until the supervisor is done, and says how relay ends.
+func runActors(log *slog.Logger, sigC <-chan os.Signal, sup *supervisor.Supervisor, ctl *control.Server, notifier *sdnotify.Notifier) error {
+	var g run.Group
+	addControl(&g, ctl)
+	outcome := addSupervisor(&g, sup)
+	addSignalLoop(&g, sigC, sup)
+	addWatchdog(&g, log, notifier, sup)
+	if err := g.Run(); err != nil {
+		return err
+	}
+	return exitWith(log, *outcome)
+}
+
 // notifySignals takes over the signals relay handles. They wait in the
 // returned channel's buffer until the signal loop reads them.
 func notifySignals() (sigC <-chan os.Signal, stop func()) {

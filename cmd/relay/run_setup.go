@@ -16,10 +16,9 @@ import (
 	"github.com/relaysh/relay/supervisor"
 )
 
-// openSockets takes the sockets systemd passed to relay, binds the others,
-// says what relay listens on, and what the readiness check can tell apart
-// there.
-func openSockets(log *slog.Logger, opts runOptions, notifier *sdnotify.Notifier) (*sockets.Set, error) {
+// takePassed takes the sockets systemd passed to relay, if any: with no
+// --listen either, relay has nothing to serve.
+func takePassed(log *slog.Logger, opts runOptions) ([]*listener.Listener, error) {
 	if pid, foreign := listener.ForeignListenPID(); foreign {
 		log.Warn("ignoring LISTEN_FDS: LISTEN_PID is not relay's pid", "listen_pid", pid, "pid", os.Getpid())
 	}
@@ -30,6 +29,13 @@ func openSockets(log *slog.Logger, opts runOptions, notifier *sdnotify.Notifier)
 	if len(opts.listens) == 0 && len(passed) == 0 {
 		return nil, usagef("no --listen address and no sockets from systemd; give at least one, e.g. --listen :8080")
 	}
+	return passed, nil
+}
+
+// openSockets binds the --listen sockets that passed ones do not serve,
+// and says what relay listens on and what the readiness check can tell
+// apart there.
+func openSockets(log *slog.Logger, opts runOptions, passed []*listener.Listener, notifier *sdnotify.Notifier) (*sockets.Set, error) {
 	set, err := sockets.Open(sockets.Options{Specs: opts.listens, Passed: passed, UnixMode: opts.socketMode,
 		Steer: opts.steer, Notifier: notifier, Log: log})
 	if err != nil {
