@@ -18,6 +18,7 @@ import (
 
 	"github.com/relaysh/relay/bench/load"
 	"github.com/relaysh/relay/bench/report"
+	"github.com/relaysh/relay/internal/procfs"
 )
 
 // costBase is the variant of the takeover cost comparison that the others
@@ -234,16 +235,11 @@ func seccompFilters(pid int) (int, error) {
 }
 
 func parseSeccompFilters(status string) (int, error) {
-	for _, line := range strings.Split(status, "\n") {
-		if v, ok := strings.CutPrefix(line, "Seccomp_filters:"); ok {
-			n, err := strconv.Atoi(strings.TrimSpace(v))
-			if err != nil {
-				return 0, fmt.Errorf("bad Seccomp_filters %q: %w", v, err)
-			}
-			return n, nil
-		}
+	n, err := procfs.ParseStatus([]byte(status)).Int("Seccomp_filters")
+	if errors.Is(err, procfs.ErrNoField) {
+		return 0, errors.New("no Seccomp_filters line (kernel older than 5.9?)")
 	}
-	return 0, errors.New("no Seccomp_filters line (kernel older than 5.9?)")
+	return int(n), err
 }
 
 // medianText is the median of v with prec decimals, or "—".

@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -112,9 +111,6 @@ func NewChecker(spec Spec, starter Starter, env []string) *Checker {
 	}
 	return c
 }
-
-// Spec returns the checked spec.
-func (c *Checker) Spec() Spec { return c.spec }
 
 // Wait returns nil once the child is ready, or an error that wraps ctx's
 // error and says what the last attempt saw.
@@ -231,13 +227,7 @@ func (c *Checker) execAttempt(ctx context.Context, ch Child) error {
 	for i, a := range c.spec.Argv {
 		argv[i] = Expand(a, ch.Vars)
 	}
-	_, port, _ := net.SplitHostPort(ch.HealthAddr)
-	env := append(append([]string(nil), c.env...),
-		EnvChildPid+"="+strconv.Itoa(ch.Pid),
-		EnvGeneration+"="+strconv.Itoa(ch.Generation),
-		EnvHealthAddr+"="+ch.HealthAddr,
-		EnvHealthPort+"="+port,
-	)
+	env := append(append([]string(nil), c.env...), ch.Vars.Env()...)
 	return RunCommand(ctx, c.starter, argv, env)
 }
 

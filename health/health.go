@@ -139,6 +139,22 @@ type Vars struct {
 	HealthAddr string
 }
 
+// Env returns v as the RELAY_* variables ("KEY=value"): RELAY_GENERATION,
+// RELAY_HEALTH_ADDR and RELAY_HEALTH_PORT, which every child gets, and
+// before them RELAY_CHILD_PID when Pid is set, as it is for an exec check.
+func (v Vars) Env() []string {
+	_, port, _ := net.SplitHostPort(v.HealthAddr)
+	env := make([]string, 0, 4)
+	if v.Pid != 0 {
+		env = append(env, EnvChildPid+"="+strconv.Itoa(v.Pid))
+	}
+	return append(env,
+		EnvGeneration+"="+strconv.Itoa(v.Generation),
+		EnvHealthAddr+"="+v.HealthAddr,
+		EnvHealthPort+"="+port,
+	)
+}
+
 // Expand substitutes the placeholders in s.
 func Expand(s string, v Vars) string {
 	if !strings.Contains(s, "{") {
@@ -157,16 +173,16 @@ func Expand(s string, v Vars) string {
 	return strings.NewReplacer(pairs...).Replace(s)
 }
 
-// UsesPrivateAddr reports whether the check goes to the child's private
+// usesPrivateAddr reports whether the check goes to the child's private
 // health address rather than to a fixed one.
-func (s Spec) UsesPrivateAddr() bool {
+func (s Spec) usesPrivateAddr() bool {
 	return strings.Contains(s.Target, PlaceholderHealthAddr) || strings.Contains(s.Target, PlaceholderHealthPort)
 }
 
-// HostPort returns the host and port an http or tcp check connects to
+// hostPort returns the host and port an http or tcp check connects to
 // (placeholders unexpanded), and false for other kinds or a target without
 // one.
-func (s Spec) HostPort() (host, port string, ok bool) {
+func (s Spec) hostPort() (host, port string, ok bool) {
 	hostport := s.Target
 	switch s.Kind {
 	case HTTP:
@@ -186,36 +202,12 @@ func (s Spec) HostPort() (host, port string, ok bool) {
 	return host, port, err == nil
 }
 
-// SharedTarget returns which of the shared listener addresses the check
-// probes, or "" if none. Such a probe cannot tell generations apart: an old
-// generation accepting on the same socket may answer it.
-func (s Spec) SharedTarget(listenerAddrs []string) string {
-	if s.UsesPrivateAddr() {
-		return ""
-	}
-	host, port, ok := s.HostPort()
-	if !ok {
-		return ""
-	}
-	for _, a := range listenerAddrs {
-		lh, lp, err := net.SplitHostPort(a)
-		if err != nil || lp != port {
-			continue
-		}
-		lip, ip := net.ParseIP(lh), net.ParseIP(host)
-		if lip == nil || lip.IsUnspecified() || ip == nil || ip.IsLoopback() || lip.Equal(ip) || host == "localhost" {
-			return a
-		}
-	}
-	return ""
-}
-
-// NeedsListeners reports whether the check looks at the child's
+// needsListeners reports whether the check looks at the child's
 // listeners (Child.Listeners): accept and auto do.
-func (s Spec) NeedsListeners() bool { return s.Kind == Accept || s.Kind == Auto }
+func (s Spec) needsListeners() bool { return s.Kind == Accept || s.Kind == Auto }
 
-// Weak reports whether the check proves nothing about the child's state.
-func (s Spec) Weak() bool { return s.Kind == Delay }
+// weak reports whether the check proves nothing about the child's state.
+func (s Spec) weak() bool { return s.Kind == Delay }
 
 // String names the check for logs, e.g. "http http://{health_addr}/healthz".
 func (s Spec) String() string { return s.Raw }

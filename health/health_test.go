@@ -4,9 +4,15 @@ import (
 	"context"
 	"net"
 	"net/http"
+	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/sockaddr"
 )
 
 func TestParse(t *testing.T) {
@@ -41,17 +47,21 @@ func TestParse(t *testing.T) {
 		if err != nil || s.Kind != c.kind {
 			t.Errorf("Parse(%q) = %v, %v; want kind %s", c.in, s.Kind, err, c.kind)
 		}
-		if _, _, ok := s.HostPort(); ok && c.kind != HTTP && c.kind != TCP {
-			t.Errorf("Parse(%q).HostPort() ok = true for kind %s", c.in, c.kind)
+		if _, _, ok := s.hostPort(); ok && c.kind != HTTP && c.kind != TCP {
+			t.Errorf("Parse(%q).hostPort() ok = true for kind %s", c.in, c.kind)
 		}
-		if got := s.NeedsListeners(); got != (c.kind == Accept || c.kind == Auto) {
-			t.Errorf("Parse(%q).NeedsListeners() = %v", c.in, got)
+		if got := s.needsListeners(); got != (c.kind == Accept || c.kind == Auto) {
+			t.Errorf("Parse(%q).needsListeners() = %v", c.in, got)
 		}
 	}
 }
 
 func TestSharedTarget(t *testing.T) {
-	listeners := []string{"[::]:8080", "127.0.0.1:9090"}
+	listeners := []ListenerFact{
+		{Name: "tcp-8080", IP: sockaddr.Socket{Addr: netip.MustParseAddrPort("[::]:8080"), Family: unix.AF_INET6}},
+		{Name: "tcp-9090", IP: sockaddr.Socket{Addr: netip.MustParseAddrPort("127.0.0.1:9090"), Family: unix.AF_INET}},
+		{Name: "unix-a.sock"},
+	}
 	for _, c := range []struct {
 		check, want string
 	}{
@@ -68,9 +78,23 @@ func TestSharedTarget(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := s.SharedTarget(listeners); got != c.want {
-			t.Errorf("SharedTarget(%q) = %q, want %q", c.check, got, c.want)
+		if got := s.sharedTarget(listeners); got != c.want {
+			t.Errorf("sharedTarget(%q) = %q, want %q", c.check, got, c.want)
 		}
+	}
+}
+
+func TestVarsEnv(t *testing.T) {
+	child := Vars{Generation: 3, HealthAddr: "127.0.0.1:4000"}
+	want := []string{"RELAY_GENERATION=3", "RELAY_HEALTH_ADDR=127.0.0.1:4000", "RELAY_HEALTH_PORT=4000"}
+	if got := child.Env(); !slices.Equal(got, want) {
+		t.Errorf("a child's Env() = %q, want %q", got, want)
+	}
+	check := child
+	check.Pid = 42
+	want = append([]string{"RELAY_CHILD_PID=42"}, want...)
+	if got := check.Env(); !slices.Equal(got, want) {
+		t.Errorf("an exec check's Env() = %q, want %q", got, want)
 	}
 }
 

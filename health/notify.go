@@ -8,6 +8,8 @@ import (
 	"os"
 	"strings"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // maxNotifyMsg bounds one datagram; sd_notify messages are short.
@@ -30,6 +32,31 @@ type NotifySocket struct {
 type NotifyMessage struct {
 	Vars map[string]string
 	Raw  string
+}
+
+// MakeNotifyDir creates the private (0700) directory for the children's
+// notify sockets: under $XDG_RUNTIME_DIR when set, else $TMPDIR or /tmp,
+// whichever first leaves room for a socket path (108 bytes on Linux) such
+// as DIR/gen-N.notify. The caller removes it.
+func MakeNotifyDir() (string, error) {
+	const room = len("/relay-0123456789/gen-0123456789.notify")
+	var tried []string
+	for _, base := range []string{os.Getenv("XDG_RUNTIME_DIR"), os.TempDir(), "/tmp"} {
+		if st, err := os.Stat(base); base == "" || err != nil || !st.IsDir() {
+			continue
+		}
+		if len(base)+room >= len(unix.RawSockaddrUnix{}.Path) {
+			tried = append(tried, base+" (path too long for a unix socket)")
+			continue
+		}
+		dir, err := os.MkdirTemp(base, "relay-")
+		if err != nil {
+			tried = append(tried, fmt.Sprintf("%s (%v)", base, err))
+			continue
+		}
+		return dir, nil
+	}
+	return "", fmt.Errorf("creating relay's runtime directory: no usable base among %s; set XDG_RUNTIME_DIR or TMPDIR to a short writable directory", strings.Join(tried, ", "))
 }
 
 // ListenNotify creates the socket at path (in a directory only relay may
@@ -61,7 +88,7 @@ func (n *NotifySocket) read(onMsg func(NotifyMessage)) {
 			}
 			continue // a transient error on a datagram socket loses one message
 		}
-		msg := ParseNotify(buf[:nr])
+		msg := parseNotify(buf[:nr])
 		if msg.Vars["READY"] == "1" {
 			n.once.Do(func() { close(n.readyC) })
 		}
@@ -84,9 +111,9 @@ func (n *NotifySocket) Close() error {
 	return err
 }
 
-// ParseNotify splits an sd_notify datagram into its newline-separated
+// parseNotify splits an sd_notify datagram into its newline-separated
 // KEY=VALUE assignments.
-func ParseNotify(b []byte) NotifyMessage {
+func parseNotify(b []byte) NotifyMessage {
 	msg := NotifyMessage{Vars: make(map[string]string), Raw: string(bytes.TrimRight(b, "\n"))}
 	for _, line := range strings.Split(msg.Raw, "\n") {
 		if k, v, ok := strings.Cut(line, "="); ok && k != "" {

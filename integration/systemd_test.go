@@ -18,6 +18,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/relaysh/relay/internal/sockaddr"
+	"github.com/relaysh/relay/listener"
 	"github.com/relaysh/relay/socketpass"
 )
 
@@ -516,7 +518,7 @@ func TestFDStoreHandsSocketsToTheNextRelay(t *testing.T) {
 	rec.waitCount(1, "READY=1", has("READY", "1"))
 
 	stored := rec.waitCount(2, "FDSTORE=1", has("FDSTORE", "1"))
-	wantNames := []string{socketpass.StoreNamePrefix + "tcp-" + port, socketpass.StoreNamePrefix + "unix-app.sock"}
+	wantNames := []string{listener.StoreNamePrefix + "tcp-" + port, listener.StoreNamePrefix + "unix-app.sock"}
 	var files []*os.File
 	for i, m := range stored {
 		if m.vars["FDNAME"] != wantNames[i] || len(m.files) != 1 {
@@ -580,7 +582,7 @@ func sockAddr(t *testing.T, f *os.File) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return socketpass.SockaddrString(sa)
+	return sockaddr.String(sa)
 }
 
 // unixLoad is a load over a unix socket.

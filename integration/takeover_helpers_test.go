@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/procfs"
 )
 
 // The log lines of bind takeover. msgUnavailable begins the messages that
@@ -315,17 +317,15 @@ func somaxconn(t testing.TB) int {
 // procStatus returns the value of a field of /proc/PID/status.
 func procStatus(t testing.TB, pid int, field string) string {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	st, err := procfs.ReadStatus(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, field+":"); ok {
-			return strings.TrimSpace(v)
-		}
+	v, ok := st[field]
+	if !ok {
+		t.Fatalf("no %s in the status of pid %d", field, pid)
 	}
-	t.Fatalf("no %s in the status of pid %d", field, pid)
-	return ""
+	return v
 }
 
 // ident tells who answered a response: a pid, a generation number, ...

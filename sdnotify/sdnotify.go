@@ -80,8 +80,8 @@ func (n *Notifier) Status(line string) {
 	n.send("STATUS=" + strings.ReplaceAll(line, "\n", " "))
 }
 
-// Watchdog pings the service manager's watchdog.
-func (n *Notifier) Watchdog() { n.send(daemon.SdNotifyWatchdog) }
+// watchdog pings the service manager's watchdog.
+func (n *Notifier) watchdog() { n.send(daemon.SdNotifyWatchdog) }
 
 func (n *Notifier) send(msg string) {
 	if !n.Enabled() {
@@ -298,7 +298,7 @@ func PingInterval(watchdog time.Duration) time.Duration { return watchdog / 2 }
 func (n *Notifier) RunWatchdog(ctx context.Context, tick <-chan time.Time, alive func() bool) {
 	for {
 		if alive() {
-			n.Watchdog()
+			n.watchdog()
 		}
 		select {
 		case <-ctx.Done():

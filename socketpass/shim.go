@@ -13,9 +13,9 @@ import (
 	"github.com/relaysh/relay/takeover"
 )
 
-// ShimCommand is the hidden first argument that makes the relay binary act
+// shimCommand is the hidden first argument that makes the relay binary act
 // as the exec shim. It is not a user command.
-const ShimCommand = "__relay_exec_shim"
+const shimCommand = "__relay_exec_shim"
 
 // selfExe names the running relay binary even if its file was replaced or
 // removed since it started, so the shim is always the same build as relay.
@@ -76,7 +76,7 @@ func parseTakeover(arg string) (Takeover, error) {
 // ShimArgv returns the program and argv that start path with argv through the
 // exec shim. argv[0] is what the child will see as its own argv[0].
 func ShimArgv(path string, argv []string, t Takeover) (string, []string) {
-	return selfExe, append([]string{"relay-exec-shim", ShimCommand, t.arg(), path}, argv...)
+	return selfExe, append([]string{"relay-exec-shim", shimCommand, t.arg(), path}, argv...)
 }
 
 // ShimLauncher returns the argv that makes the relay binary at relay run
@@ -84,15 +84,15 @@ func ShimArgv(path string, argv []string, t Takeover) (string, []string) {
 // argv (argv[0] first). Tests use it to start relay itself the way systemd
 // would, with LISTEN_PID set to its own pid.
 func ShimLauncher(relay, path string) []string {
-	return []string{relay, ShimCommand, Takeover{}.arg(), path}
+	return []string{relay, shimCommand, Takeover{}.arg(), path}
 }
 
 // IsShim reports whether args (os.Args) ask for the exec shim.
 func IsShim(args []string) bool {
-	return len(args) > 1 && args[1] == ShimCommand
+	return len(args) > 1 && args[1] == shimCommand
 }
 
-// RunShim is the exec shim. args is os.Args: [argv0, ShimCommand, takeover,
+// RunShim is the exec shim. args is os.Args: [argv0, shimCommand, takeover,
 // path, argv...]. Go cannot learn a child's pid before it runs, so relay
 // starts this shim, which sets LISTEN_PID to its own pid and replaces itself
 // with path. execve keeps the pid, so LISTEN_PID is the server's own pid. The
@@ -103,7 +103,7 @@ func IsShim(args []string) bool {
 // RunShim returns only on failure.
 func RunShim(args []string) error {
 	if !IsShim(args) || len(args) < 5 {
-		return errors.New("exec shim: usage: relay " + ShimCommand + " TAKEOVER PATH ARGV0 [ARG...]")
+		return errors.New("exec shim: usage: relay " + shimCommand + " TAKEOVER PATH ARGV0 [ARG...]")
 	}
 	t, err := parseTakeover(args[2])
 	if err != nil {

@@ -8,26 +8,34 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/internal/sockaddr"
+	"github.com/relaysh/relay/listen"
+	"github.com/relaysh/relay/listener"
 	"github.com/relaysh/relay/takeover"
 )
 
 // addr is what Claim compares a child's bind with: the listener's bound
 // address and its socket's family.
 type addr struct {
-	network socketpass.Network
-	ap      netip.AddrPort  // IP listeners, v4-mapped addresses unmapped
+	network listen.Network
+	ip      sockaddr.Socket // IP listeners
 	path    string          // unix listeners
 	dir     takeover.FileID // the directory of path; zero if unknown
-	family  int
-	v6only  bool
+}
+
+// family is the listener's socket family.
+func (a addr) family() int {
+	if a.network == listen.Unix {
+		return unix.AF_UNIX
+	}
+	return a.ip.Family
 }
 
 // readAddr reads a listener's address and family from its socket.
-func readAddr(l *socketpass.Listener) (addr, error) {
+func readAddr(l *listener.Listener) (addr, error) {
 	a := addr{network: l.Spec.Network}
-	if a.network == socketpass.Unix {
-		a.path, a.family = l.Addr, unix.AF_UNIX
+	if a.network == listen.Unix {
+		a.path = l.Addr
 		a.dir, _ = takeover.DirID(l.Addr) // zero: compare paths as strings
 		return a, nil
 	}
@@ -36,21 +44,7 @@ func readAddr(l *socketpass.Listener) (addr, error) {
 		return a, fmt.Errorf("reaching %s: %w", l.Spec.Name, err)
 	}
 	var inner error
-	err = rc.Control(func(fd uintptr) {
-		sa, err := unix.Getsockname(int(fd))
-		if err != nil {
-			inner = err
-			return
-		}
-		switch sa := sa.(type) {
-		case *unix.SockaddrInet4:
-			a.family, a.ap = unix.AF_INET, netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-		case *unix.SockaddrInet6:
-			a.family, a.ap = unix.AF_INET6, netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
-			v, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY)
-			inner, a.v6only = err, v != 0
-		}
-	})
+	err = rc.Control(func(fd uintptr) { a.ip, inner = sockaddr.Read(int(fd)) })
 	if err == nil {
 		err = inner
 	}
@@ -61,13 +55,14 @@ func readAddr(l *socketpass.Listener) (addr, error) {
 }
 
 // covers reports whether a bind of b's address is this listener's: the
-// same kind of socket (if known), the same port, and the same address or a
-// wildcard on either side. The public address stays what --listen says: a
-// child binding the wildcard gets a listener on one address, and one
-// binding one address of a wildcard listener gets the wildcard.
+// same kind of socket (if known), and an address the listener covers
+// (package sockaddr: the same port, and the same address or a wildcard on
+// either side). The public address stays what --listen says: a child
+// binding the wildcard gets a listener on one address, and one binding one
+// address of a wildcard listener gets the wildcard.
 func (a addr) covers(b takeover.Bind) bool {
-	if b.Family == unix.AF_UNIX || a.network == socketpass.Unix {
-		if b.Family != unix.AF_UNIX || a.network != socketpass.Unix || (b.Network != takeover.Unix && b.Err == nil) {
+	if b.Family == unix.AF_UNIX || a.network == listen.Unix {
+		if b.Family != unix.AF_UNIX || a.network != listen.Unix || (b.Network != takeover.Unix && b.Err == nil) {
 			return false
 		}
 		if b.Dir != (takeover.FileID{}) && a.dir != (takeover.FileID{}) {
@@ -79,11 +74,11 @@ func (a addr) covers(b takeover.Bind) bool {
 	}
 	switch b.Network {
 	case takeover.TCP:
-		if a.network != socketpass.TCP {
+		if a.network != listen.TCP {
 			return false
 		}
 	case takeover.UDP:
-		if a.network != socketpass.UDP {
+		if a.network != listen.UDP {
 			return false
 		}
 	case takeover.Other:
@@ -93,14 +88,7 @@ func (a addr) covers(b takeover.Bind) bool {
 	default:
 		return false
 	}
-	if a.ap.Port() != b.Addr.Port() {
-		return false
-	}
-	la, ba := a.ap.Addr(), b.Addr.Addr()
-	if la.IsUnspecified() && a.family == unix.AF_INET6 && a.v6only && ba.Is4() {
-		return false // an IPv6-only wildcard does not hold IPv4 addresses
-	}
-	return la == ba || la.IsUnspecified() || ba.IsUnspecified()
+	return a.ip.Covers(b.Addr)
 }
 
 // Claim decides which socket generation gen's bind b lands on: the
@@ -121,7 +109,7 @@ func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
 	for i, e := range s.entries {
 		if e.addr.covers(b) {
 			covered = append(covered, i)
-			if e.addr.family == b.Domain {
+			if e.addr.family() == b.Domain {
 				ownFamily = append(ownFamily, i)
 			}
 		}
@@ -151,7 +139,7 @@ func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
 	if b.Err != nil {
 		return takeover.Decision{Socket: pick, Refuse: fmt.Errorf("this is %s's address, and relay cannot inspect the child's socket: %w", e.Listener.Spec.Name, b.Err)}
 	}
-	if b.Domain == unix.AF_INET && e.addr.family == unix.AF_INET6 {
+	if b.Domain == unix.AF_INET && e.addr.family() == unix.AF_INET6 {
 		return takeover.Decision{Socket: pick, Refuse: fmt.Errorf(
 			"the child binds an IPv4 socket to %s, but --listen %s is an IPv6 socket, whose peer addresses do not fit an IPv4 socket; use --listen %s",
 			b.Addr, e.Listener.Spec, ipv4Listen(b, e))}
@@ -173,13 +161,14 @@ func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
 // the IPv6 wildcard, else the address the child asked for.
 func ipv4Listen(b takeover.Bind, e *entry) string {
 	host := b.Addr.Addr()
-	switch la := e.addr.ap.Addr(); {
+	port := e.addr.ip.Addr.Port()
+	switch la := e.addr.ip.Addr.Addr(); {
 	case la.IsLoopback():
 		host = netip.AddrFrom4([4]byte{127, 0, 0, 1})
 	case la.IsUnspecified():
 		host = netip.IPv4Unspecified()
 	case host.IsUnspecified():
-		return "IPV4ADDR:" + fmt.Sprint(e.addr.ap.Port()) + " (the IPv4 address to serve on)"
+		return "IPV4ADDR:" + fmt.Sprint(port) + " (the IPv4 address to serve on)"
 	}
-	return netip.AddrPortFrom(host, e.addr.ap.Port()).String()
+	return netip.AddrPortFrom(host, port).String()
 }

@@ -9,15 +9,15 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/listen"
 	"github.com/relaysh/relay/takeover"
 )
 
 func openSet(t *testing.T, steerMode SteerMode, listens ...string) *Set {
 	t.Helper()
-	var specs []socketpass.Spec
+	var specs []listen.Spec
 	for _, l := range listens {
-		s, err := socketpass.ParseListen(l)
+		s, err := listen.Parse(l)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -33,7 +33,7 @@ func openSet(t *testing.T, steerMode SteerMode, listens ...string) *Set {
 
 func port(t *testing.T, set *Set, i int) uint16 {
 	t.Helper()
-	return set.entries[i].addr.ap.Port()
+	return set.entries[i].addr.ip.Addr.Port()
 }
 
 func tcpBind(domain int, addr string) takeover.Bind {

@@ -12,8 +12,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/relaysh/relay/listen"
+	"github.com/relaysh/relay/listener"
 	"github.com/relaysh/relay/sdnotify"
-	"github.com/relaysh/relay/socketpass"
 	"github.com/relaysh/relay/steer"
 )
 
@@ -39,9 +40,9 @@ func ParseSteerMode(v string) (SteerMode, error) {
 // Options say how to open the set.
 type Options struct {
 	// Specs are the --listen values, in order.
-	Specs []socketpass.Spec
+	Specs []listen.Spec
 	// Passed are the sockets systemd passed to relay (LISTEN_FDS).
-	Passed []*socketpass.Listener
+	Passed []*listener.Listener
 	// UnixMode is the permission of unix sockets relay creates.
 	UnixMode os.FileMode
 	Steer    SteerMode
@@ -63,8 +64,8 @@ func Open(opts Options) (*Set, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	listeners, err := socketpass.Open(opts.Specs, opts.Passed,
-		socketpass.BindOptions{UnixMode: opts.UnixMode, ReusePort: opts.Steer != SteerOff},
+	listeners, err := listener.Open(opts.Specs, opts.Passed,
+		listener.BindOptions{UnixMode: opts.UnixMode, ReusePort: opts.Steer != SteerOff},
 		func(stale []string) { dropStale(log, opts.Notifier, stale) })
 	if err != nil {
 		return nil, err
@@ -96,12 +97,12 @@ func (s *Set) steer(mode SteerMode) error {
 	steered := false
 	for _, e := range s.entries {
 		l := e.Listener
-		if l.Spec.Network != socketpass.TCP {
+		if l.Spec.Network != listen.TCP {
 			continue // unix and UDP sockets have no connections to steer
 		}
 		// A socket another process holds a copy of (systemd's socket
 		// unit or fd store) must stay a working listener.
-		pin := e.Stored || l.Origin != socketpass.Bound
+		pin := e.Stored || l.Origin != listener.Bound
 		g, err := steer.New(l.File(), steer.Options{Name: l.Spec.Name, Pin: pin, Log: s.log})
 		if err != nil {
 			if mode == SteerOn {
@@ -153,8 +154,8 @@ func dropStale(log *slog.Logger, n *sdnotify.Notifier, stale []string) {
 // relay itself (systemctl restart, or a crash with Restart=) hands the same
 // sockets back and no connection is refused in between. Sockets a .socket
 // unit passed stay with that unit. It returns the listeners it stored.
-func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpass.Listener) map[*socketpass.Listener]bool {
-	kept := map[*socketpass.Listener]bool{}
+func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*listener.Listener) map[*listener.Listener]bool {
+	kept := map[*listener.Listener]bool{}
 	if n == nil || !n.Enabled() {
 		return kept
 	}
@@ -165,10 +166,10 @@ func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*socketpas
 	}
 	stored := 0
 	for _, l := range listeners {
-		if l.Origin == socketpass.Activated || (l.Origin == socketpass.Inherited && !strings.HasPrefix(l.PassedName, socketpass.StoreNamePrefix)) {
+		if l.Origin == listener.Activated || (l.Origin == listener.Inherited && !strings.HasPrefix(l.PassedName, listener.StoreNamePrefix)) {
 			continue // a .socket unit holds it already
 		}
-		name := socketpass.StoreNamePrefix + l.Spec.Name
+		name := listener.StoreNamePrefix + l.Spec.Name
 		if stored >= limit {
 			log.Warn("the fd store is full: this socket will be bound anew if relay restarts; raise FileDescriptorStoreMax=", "fdname", name, "fdstore_max", limit)
 			continue

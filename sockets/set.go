@@ -9,6 +9,8 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/relaysh/relay/internal/sockaddr"
+	"github.com/relaysh/relay/listener"
 	"github.com/relaysh/relay/socketpass"
 	"github.com/relaysh/relay/steer"
 )
@@ -24,7 +26,7 @@ type Set struct {
 
 // entry is one listener.
 type entry struct {
-	Listener *socketpass.Listener
+	Listener *listener.Listener
 	// Group gives each generation a socket of its own; nil where the
 	// generations share the listener's socket.
 	Group *steer.Group
@@ -48,6 +50,9 @@ type Info struct {
 	Origin  string // bound by relay, or passed by systemd
 	// Drain is "steered" (a socket per generation) or "shared".
 	Drain string
+	// IP is where a TCP or UDP listener is bound, and its family; zero
+	// for a unix listener.
+	IP sockaddr.Socket
 }
 
 // Drain modes in Info.
@@ -62,9 +67,19 @@ func Empty() *Set { return &Set{log: slog.New(slog.DiscardHandler)} }
 // Len is the number of listeners.
 func (s *Set) Len() int { return len(s.entries) }
 
-// Listeners returns the listeners, in fd order.
-func (s *Set) Listeners() []*socketpass.Listener {
-	out := make([]*socketpass.Listener, len(s.entries))
+// Names returns the listeners' names, in fd order: what the children see
+// in LISTEN_FDNAMES.
+func (s *Set) Names() []string {
+	out := make([]string, len(s.entries))
+	for i, e := range s.entries {
+		out[i] = e.Listener.Spec.Name
+	}
+	return out
+}
+
+// listeners returns the listeners, in fd order.
+func (s *Set) listeners() []*listener.Listener {
+	out := make([]*listener.Listener, len(s.entries))
 	for i, e := range s.entries {
 		out[i] = e.Listener
 	}
@@ -76,7 +91,7 @@ func (s *Set) Info() []Info {
 	out := make([]Info, len(s.entries))
 	for i, e := range s.entries {
 		l := e.Listener
-		out[i] = Info{FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Addr: l.Addr, Origin: string(l.Origin), Drain: DrainShared}
+		out[i] = Info{FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Addr: l.Addr, Origin: string(l.Origin), Drain: DrainShared, IP: e.addr.ip}
 		if e.Group != nil {
 			out[i].Drain = DrainSteered
 		}
@@ -218,5 +233,5 @@ func (s *Set) Close() error {
 			e.Group.Close()
 		}
 	}
-	return socketpass.CloseAll(s.Listeners())
+	return listener.CloseAll(s.listeners())
 }

@@ -29,6 +29,9 @@ import (
 
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/sockaddr"
+	"github.com/relaysh/relay/internal/sockopt"
 )
 
 // member is one socket of the group.
@@ -55,8 +58,7 @@ type Group struct {
 
 	mu      sync.Mutex
 	sa      unix.Sockaddr
-	family  int
-	v6only  bool
+	sock    sockaddr.Socket // where sa is, and the socket's family
 	backlog int
 	members []*member // in the kernel's order
 	active  *member   // where public connections go
@@ -126,20 +128,13 @@ func (g *Group) inspect(fd int) error {
 	if err != nil {
 		return fmt.Errorf("reading the socket's address: %w", err)
 	}
-	switch sa.(type) {
-	case *unix.SockaddrInet4:
-		g.family = unix.AF_INET
-	case *unix.SockaddrInet6:
-		g.family = unix.AF_INET6
-		v6only, err := unix.GetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY)
-		if err != nil {
-			return fmt.Errorf("reading IPV6_V6ONLY: %w", err)
-		}
-		g.v6only = v6only != 0
-	default:
+	sock, err := sockaddr.Read(fd)
+	if errors.Is(err, sockaddr.ErrNotIP) {
 		return ErrNotStream
+	} else if err != nil {
+		return err
 	}
-	g.sa = sa
+	g.sa, g.sock = sa, sock
 	if dev, err := unix.GetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE); err == nil && dev != "" {
 		// A socket bound to a device would not share a group with new
 		// sockets that are not, and those may need CAP_NET_RAW to be.
@@ -163,7 +158,7 @@ func (g *Group) inspect(fd int) error {
 // the group, as the last member. It receives nothing until the program
 // names it.
 func (g *Group) newMemberLocked() (*member, error) {
-	fd, err := unix.Socket(g.family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	fd, err := unix.Socket(g.sock.Family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("creating a socket for %s: %w", g.name, err)
 	}
@@ -173,15 +168,8 @@ func (g *Group) newMemberLocked() (*member, error) {
 			unix.Close(fd)
 		}
 	}()
-	for _, opt := range []int{unix.SO_REUSEADDR, unix.SO_REUSEPORT} {
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, opt, 1); err != nil {
-			return nil, fmt.Errorf("setting socket option %d for %s: %w", opt, g.name, err)
-		}
-	}
-	if g.family == unix.AF_INET6 {
-		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, boolInt(g.v6only)); err != nil {
-			return nil, fmt.Errorf("setting IPV6_V6ONLY for %s: %w", g.name, err)
-		}
+	if err := sockopt.Set(fd, g.sock.Family, sockopt.Options{ReuseAddr: true, ReusePort: true, V6Only: g.sock.V6Only}); err != nil {
+		return nil, fmt.Errorf("a new socket for %s: %w", g.name, err)
 	}
 	if err := unix.Bind(fd, g.sa); err != nil {
 		if errors.Is(err, unix.EADDRINUSE) {
@@ -292,13 +280,6 @@ func (g *Group) Release(gen int) {
 		}
 	}
 	g.tidyLocked()
-}
-
-// Size is the number of sockets in the group.
-func (g *Group) Size() int {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return len(g.members)
 }
 
 // Close closes the sockets Group created. The original stays with its
@@ -413,11 +394,4 @@ func control(f *os.File, fn func(fd int) error) error {
 		return fmt.Errorf("reaching the socket: %w", err)
 	}
 	return inner
-}
-
-func boolInt(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
 }

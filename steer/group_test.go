@@ -148,8 +148,8 @@ func TestGroupSteers(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer g.Close()
-			if g.Size() != 1 {
-				t.Fatalf("size after New: %d", g.Size())
+			if g.size() != 1 {
+				t.Fatalf("size after New: %d", g.size())
 			}
 			socks := map[int]*os.File{}
 			take(t, g, 1, socks)
@@ -176,8 +176,8 @@ func TestGroupSteers(t *testing.T) {
 			}
 			g.Release(1)
 			delete(socks, 1)
-			if g.Size() != 1 {
-				t.Fatalf("size after gen 1 left: %d", g.Size())
+			if g.size() != 1 {
+				t.Fatalf("size after gen 1 left: %d", g.size())
 			}
 			// Gen 2's socket moved to index 0; the program followed.
 			for range 3 {
@@ -214,8 +214,8 @@ func TestGroupDefersUnsafeRemoval(t *testing.T) {
 
 	g.Release(1) // would move 3, the probe's target, with 2 left: stays
 	delete(socks, 1)
-	if g.Size() != 3 {
-		t.Fatalf("size: got %d, want 3", g.Size())
+	if g.size() != 3 {
+		t.Fatalf("size: got %d, want 3", g.size())
 	}
 	public(2)
 	if err := g.Switch(3); err != nil {
@@ -224,26 +224,26 @@ func TestGroupDefersUnsafeRemoval(t *testing.T) {
 	public(3)
 	g.Release(2) // [free free 3]: any removal moves 3 with another left
 	delete(socks, 2)
-	if g.Size() != 3 {
-		t.Fatalf("size: got %d, want 3", g.Size())
+	if g.size() != 3 {
+		t.Fatalf("size: got %d, want 3", g.size())
 	}
 	public(3)
 	take(t, g, 4, socks) // reuses a free socket: no growth
-	if g.Size() != 3 {
-		t.Fatalf("size after take: got %d, want 3", g.Size())
+	if g.size() != 3 {
+		t.Fatalf("size after take: got %d, want 3", g.size())
 	}
 	public(3)
 	if err := g.Switch(4); err != nil {
 		t.Fatal(err)
 	}
-	if g.Size() != 2 {
-		t.Fatalf("size after the switch to 4: got %d, want 2", g.Size())
+	if g.size() != 2 {
+		t.Fatalf("size after the switch to 4: got %d, want 2", g.size())
 	}
 	public(4)
 	g.Release(3)
 	delete(socks, 3)
-	if g.Size() != 1 {
-		t.Fatalf("size at the end: got %d, want 1", g.Size())
+	if g.size() != 1 {
+		t.Fatalf("size at the end: got %d, want 1", g.size())
 	}
 	public(4)
 }
@@ -260,8 +260,8 @@ func TestGroupKeepsActiveSocketOfCrashedGeneration(t *testing.T) {
 	socks := map[int]*os.File{}
 	take(t, g, 1, socks)
 	g.Release(1)
-	if g.Size() != 1 {
-		t.Fatalf("size: %d", g.Size())
+	if g.size() != 1 {
+		t.Fatalf("size: %d", g.size())
 	}
 	dialTo(t, g, "127.0.0.1", nil) // queued while nothing serves
 	take(t, g, 2, socks)
@@ -300,5 +300,42 @@ func TestProgramShape(t *testing.T) {
 		if _, err := assemble(p); err != nil {
 			t.Fatalf("%s: %v", from, err)
 		}
+	}
+}
+
+// size is the number of sockets in the group.
+func (g *Group) size() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.members)
+}
+
+// Covers is what ProbeControl steers: an address the group covers that is
+// surely on this host, the group's own or, for a wildcard, a loopback one.
+func TestCovers(t *testing.T) {
+	for _, tc := range []struct {
+		bind string
+		dst  map[string]bool
+	}{
+		{"127.0.0.1:0", map[string]bool{"127.0.0.1": true, "127.0.0.2": false, "0.0.0.0": false, "::1": false}},
+		{"0.0.0.0:0", map[string]bool{"127.0.0.1": true, "127.0.0.2": true, "10.1.2.3": false, "0.0.0.0": false, "::1": false}},
+		{"[::]:0", map[string]bool{"127.0.0.1": true, "::1": true, "::": false, "2001:db8::1": false}},
+	} {
+		t.Run(tc.bind, func(t *testing.T) {
+			g, err := New(listen(t, tc.bind, true), Options{Name: "test"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer g.Close()
+			port := g.Addr().Port()
+			for host, want := range tc.dst {
+				if got := g.Covers(netip.AddrPortFrom(netip.MustParseAddr(host), port)); got != want {
+					t.Errorf("Covers(%s) = %v, want %v", host, got, want)
+				}
+				if g.Covers(netip.AddrPortFrom(netip.MustParseAddr(host), port+1)) {
+					t.Errorf("Covers(%s) on another port", host)
+				}
+			}
+		})
 	}
 }

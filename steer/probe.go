@@ -6,39 +6,25 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/sockaddr"
 )
 
 // Addr is the group's bound address.
-func (g *Group) Addr() netip.AddrPort { return addrPort(g.sa) }
+func (g *Group) Addr() netip.AddrPort { return sockaddr.AddrPort(g.sa) }
 
-// addrPort converts an IP socket address; other kinds give the zero value.
-func addrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
-	}
-	return netip.AddrPort{}
-}
-
-// Covers reports whether a connection to dst reaches this group: the same
-// port, and the group's address or, for a group on all addresses, a
-// loopback one (any other local address would do too, but relay cannot
-// tell local from remote here).
+// Covers reports whether a probe dialled to dst reaches this group, so
+// that ProbeControl steers it: dst is an address the group's socket covers
+// (package sockaddr), and one that is surely on this host, since the probe
+// is told apart by a source address of dst's own: the group's address or,
+// for a group on all addresses, a loopback one (any other local address
+// would do too, but relay cannot tell local from remote here).
 func (g *Group) Covers(dst netip.AddrPort) bool {
-	a := g.Addr()
-	if a.Port() != dst.Port() {
+	da := dst.Addr().Unmap()
+	if da.IsUnspecified() || (g.sock.Addr.Addr().IsUnspecified() && !da.IsLoopback()) {
 		return false
 	}
-	ga, da := a.Addr().Unmap(), dst.Addr().Unmap()
-	if ga.IsUnspecified() {
-		if da.Is4() && g.family == unix.AF_INET6 && g.v6only || da.Is6() && g.family == unix.AF_INET {
-			return false
-		}
-		return da.IsLoopback()
-	}
-	return ga == da
+	return g.sock.Covers(dst)
 }
 
 // ProbeControl returns a dialer Control function for the readiness probes
@@ -86,5 +72,5 @@ func bindProbe(fd int, dst netip.AddrPort, g *Group, gen int) error {
 	if err != nil {
 		return fmt.Errorf("reading the probe's source port: %w", err)
 	}
-	return g.Probe(gen, addrPort(bound))
+	return g.Probe(gen, sockaddr.AddrPort(bound))
 }

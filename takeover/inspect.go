@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/procfs"
 )
 
 // sockaddrStorage is sizeof(struct sockaddr_storage).
@@ -199,16 +201,12 @@ func fdCloexec(tid, fd int) (bool, error) {
 // tgid returns the process id of thread tid, or tid itself if it cannot
 // tell (the thread is gone, and the answer no longer matters).
 func tgid(tid int) int {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(tid) + "/status")
+	st, err := procfs.ReadStatus(tid)
 	if err != nil {
 		return tid
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "Tgid:"); ok {
-			if n, err := strconv.Atoi(strings.TrimSpace(v)); err == nil {
-				return n
-			}
-		}
+	if n, err := st.Int("Tgid"); err == nil {
+		return int(n)
 	}
 	return tid
 }

@@ -23,7 +23,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
 
-	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/internal/sockaddr"
 )
 
 // Report is what -report writes: the child's view of what relay gave it.
@@ -307,7 +307,7 @@ func writeReport(path string) error {
 		if strings.HasPrefix(target, "socket:") {
 			sa, err := unix.Getsockname(fd)
 			if err == nil {
-				r.SocketAddrs[fd] = socketpass.SockaddrString(sa)
+				r.SocketAddrs[fd] = sockaddr.String(sa)
 			}
 			r.SocketFamilies[fd], _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
 			r.SocketTypes[fd], _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)

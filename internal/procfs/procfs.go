@@ -1,5 +1,6 @@
-// Package procfs reads what the tests and the benchmark need to know about
-// processes from /proc.
+// Package procfs reads what relay, its tests and the benchmark need to know
+// about processes from /proc: the children of a process, and the fields of
+// /proc/PID/stat and /proc/PID/status.
 package procfs
 
 import (

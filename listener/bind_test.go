@@ -1,4 +1,4 @@
-package socketpass
+package listener
 
 import (
 	"net"
@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/listen"
 )
 
 func reusePortOn(t *testing.T, l *Listener) bool {
@@ -25,14 +27,19 @@ func reusePortOn(t *testing.T, l *Listener) bool {
 	return on != 0
 }
 
+// bindAll binds every spec as Open does with nothing passed.
+func bindAll(specs []listen.Spec, opts BindOptions) ([]*Listener, error) {
+	return Open(specs, nil, opts, nil)
+}
+
 // With ReusePort, a TCP socket gets SO_REUSEPORT, yet a port something else
 // holds is still "in use", whether that holder has SO_REUSEPORT or not.
 func TestBindReusePort(t *testing.T) {
-	spec, err := ParseListen("127.0.0.1:0")
+	spec, err := listen.Parse("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ls, err := Bind([]Spec{spec}, BindOptions{ReusePort: true})
+	ls, err := bindAll([]listen.Spec{spec}, BindOptions{ReusePort: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,8 +52,8 @@ func TestBindReusePort(t *testing.T) {
 	}
 
 	// A second relay on the same port, with SO_REUSEPORT too, is refused.
-	again, _ := ParseListen(ls[0].Addr)
-	if second, err := Bind([]Spec{again}, BindOptions{ReusePort: true}); err == nil {
+	again, _ := listen.Parse(ls[0].Addr)
+	if second, err := bindAll([]listen.Spec{again}, BindOptions{ReusePort: true}); err == nil {
 		CloseAll(second)
 		t.Fatal("a second bind with ReusePort joined the first socket's port")
 	} else if !strings.Contains(err.Error(), "address already in use") {
@@ -59,20 +66,20 @@ func TestBindReusePort(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer other.Close()
-	held, _ := ParseListen(other.Addr().String())
-	if _, err := Bind([]Spec{held}, BindOptions{ReusePort: true}); err == nil || !strings.Contains(err.Error(), "address already in use") {
+	held, _ := listen.Parse(other.Addr().String())
+	if _, err := bindAll([]listen.Spec{held}, BindOptions{ReusePort: true}); err == nil || !strings.Contains(err.Error(), "address already in use") {
 		t.Fatalf("want an address-in-use error, got %v", err)
 	}
 
 	// UDP and plain binds get no SO_REUSEPORT.
-	udp, _ := ParseListen("udp:127.0.0.1:0")
-	tcp, _ := ParseListen("127.0.0.1:0")
-	plain, err := Bind([]Spec{udp, tcp}, BindOptions{ReusePort: false})
+	udp, _ := listen.Parse("udp:127.0.0.1:0")
+	tcp, _ := listen.Parse("127.0.0.1:0")
+	plain, err := bindAll([]listen.Spec{udp, tcp}, BindOptions{ReusePort: false})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer CloseAll(plain)
-	withOpt, err := Bind([]Spec{udp}, BindOptions{ReusePort: true})
+	withOpt, err := bindAll([]listen.Spec{udp}, BindOptions{ReusePort: true})
 	if err != nil {
 		t.Fatal(err)
 	}

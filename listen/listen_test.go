@@ -1,11 +1,11 @@
-package socketpass
+package listen
 
 import (
 	"strings"
 	"testing"
 )
 
-func TestParseListen(t *testing.T) {
+func TestParse(t *testing.T) {
 	for _, c := range []struct {
 		in      string
 		want    Spec
@@ -26,15 +26,15 @@ func TestParseListen(t *testing.T) {
 		{in: "a:b=:80", wantErr: "host:port"},
 		{in: "=:80", wantErr: "empty"},
 	} {
-		got, err := ParseListen(c.in)
+		got, err := Parse(c.in)
 		if c.wantErr != "" {
 			if err == nil || !strings.Contains(err.Error(), c.wantErr) {
-				t.Errorf("ParseListen(%q) error = %v, want one mentioning %q", c.in, err, c.wantErr)
+				t.Errorf("Parse(%q) error = %v, want one mentioning %q", c.in, err, c.wantErr)
 			}
 			continue
 		}
 		if err != nil || got != c.want {
-			t.Errorf("ParseListen(%q) = %+v, %v; want %+v", c.in, got, err, c.want)
+			t.Errorf("Parse(%q) = %+v, %v; want %+v", c.in, got, err, c.want)
 		}
 	}
 }
@@ -53,15 +53,5 @@ func TestDefaultName(t *testing.T) {
 		if got := DefaultName(c.network, c.addr); got != c.want {
 			t.Errorf("DefaultName(%s, %q) = %q, want %q", c.network, c.addr, got, c.want)
 		}
-	}
-}
-
-func TestChildEnvStripsInheritedActivation(t *testing.T) {
-	base := []string{"PATH=/bin", "LISTEN_PID=1", "LISTEN_FDS=4", "LISTEN_FDNAMES=x", "NOTIFY_SOCKET=/run/systemd/notify", "RELAY_GENERATION=9"}
-	l := []*Listener{{Spec: Spec{Name: "a"}}, {Spec: Spec{Name: "b"}}}
-	got := strings.Join(ChildEnv(base, l, "NOTIFY_SOCKET=/private", "RELAY_GENERATION=2"), " ")
-	want := "PATH=/bin LISTEN_FDS=2 LISTEN_FDNAMES=a:b NOTIFY_SOCKET=/private RELAY_GENERATION=2"
-	if got != want {
-		t.Errorf("ChildEnv = %q, want %q", got, want)
 	}
 }

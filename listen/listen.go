@@ -1,7 +1,6 @@
-// Package socketpass binds relay's listening sockets once, hands dups of them
-// to every generation using the systemd socket-activation protocol, and
-// provides the exec shim that sets LISTEN_PID to the child's own pid.
-package socketpass
+// Package listen reads what relay is asked to listen on: the --listen
+// values, the names the children see them under, and --socket-mode.
+package listen
 
 import (
 	"fmt"
@@ -52,7 +51,7 @@ func (s Spec) String() string {
 	return addr
 }
 
-// ParseListen parses a --listen value. The accepted forms are
+// Parse parses a --listen value. The accepted forms are
 //
 //	host:port  :port  [::1]:port      a TCP listener
 //	udp:host:port                     a UDP socket
@@ -61,7 +60,7 @@ func (s Spec) String() string {
 // each optionally prefixed with name= to set the name the child sees in
 // LISTEN_FDNAMES. Without a name, DefaultName decides it once the socket is
 // bound.
-func ParseListen(value string) (Spec, error) {
+func Parse(value string) (Spec, error) {
 	var s Spec
 	rest := value
 	// A name prefix never contains ':' or '/', so the first '=' before any

@@ -1,8 +1,7 @@
-package socketpass
+package listener
 
 import (
 	"net"
-	"strconv"
 
 	"golang.org/x/sys/unix"
 )
@@ -34,24 +33,4 @@ func inetSockaddr(ip net.IP, port int) (int, unix.Sockaddr) {
 	sa := &unix.SockaddrInet6{Port: port}
 	copy(sa.Addr[:], ip.To16())
 	return unix.AF_INET6, sa
-}
-
-// SockaddrString formats an address as host:port, or a unix socket path.
-func SockaddrString(sa unix.Sockaddr) string {
-	switch a := sa.(type) {
-	case *unix.SockaddrInet4:
-		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
-	case *unix.SockaddrInet6:
-		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
-	case *unix.SockaddrUnix:
-		return a.Name
-	}
-	return "?"
-}
-
-func boolInt(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
 }

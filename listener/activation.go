@@ -1,4 +1,4 @@
-package socketpass
+package listener
 
 import (
 	"context"
@@ -12,6 +12,10 @@ import (
 
 	"github.com/coreos/go-systemd/v22/activation"
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/sockaddr"
+	"github.com/relaysh/relay/listen"
+	"github.com/relaysh/relay/socketpass"
 )
 
 // Origin says where a Listener's socket came from.
@@ -38,10 +42,10 @@ const StoreNamePrefix = "relay/"
 // no LISTEN_PID: relay ignores sockets whose LISTEN_PID is not its own pid,
 // as the protocol asks.
 func ForeignListenPID() (pid string, foreign bool) {
-	if os.Getenv(EnvListenFDs) == "" {
+	if os.Getenv(socketpass.EnvListenFDs) == "" {
 		return "", false
 	}
-	pid = os.Getenv(EnvListenPID)
+	pid = os.Getenv(socketpass.EnvListenPID)
 	return pid, pid != strconv.Itoa(os.Getpid())
 }
 
@@ -54,7 +58,7 @@ func TakeActivated() ([]*Listener, error) {
 	files := activation.Files(true)
 	var out []*Listener
 	for i, f := range files {
-		l, err := adoptFile(f, FirstFD+i)
+		l, err := adoptFile(f, socketpass.FirstFD+i)
 		if err != nil {
 			for _, rest := range files[i+1:] {
 				rest.Close()
@@ -73,7 +77,7 @@ func adoptFile(f *os.File, fd int) (*Listener, error) {
 	// Fd then switches it to blocking mode (a flag every holder of the
 	// socket shares; no child runs yet). A duplicate wrapped anew stays
 	// out of the poller, which would otherwise wake relay on its traffic.
-	nfd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, FirstFD)
+	nfd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, socketpass.FirstFD)
 	f.Close()
 	if err != nil {
 		return nil, fmt.Errorf("taking passed fd %d (%s): %w", fd, name, err)
@@ -100,14 +104,14 @@ func describe(nfd, fd int, name string) (*Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("passed fd %d (%s): reading its family: %w", fd, name, err)
 	}
-	var network Network
+	var network listen.Network
 	switch {
 	case typ == unix.SOCK_STREAM && family == unix.AF_UNIX:
-		network = Unix
+		network = listen.Unix
 	case typ == unix.SOCK_STREAM && (family == unix.AF_INET || family == unix.AF_INET6):
-		network = TCP
+		network = listen.TCP
 	case typ == unix.SOCK_DGRAM && (family == unix.AF_INET || family == unix.AF_INET6):
-		network = UDP
+		network = listen.UDP
 	default:
 		return nil, fmt.Errorf("passed fd %d (%s) is a socket of family %d and type %d; relay passes on TCP, UDP and unix stream sockets", fd, name, family, typ)
 	}
@@ -124,12 +128,12 @@ func describe(nfd, fd int, name string) (*Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("passed fd %d (%s): reading its address: %w", fd, name, err)
 	}
-	addr := SockaddrString(sa)
-	if name == "" || ValidateName(name) != nil {
-		name = DefaultName(network, addr)
+	addr := sockaddr.String(sa)
+	if name == "" || listen.ValidateName(name) != nil {
+		name = listen.DefaultName(network, addr)
 	}
 	return &Listener{
-		Spec:       Spec{Name: name, Network: network, Address: addr, NameGiven: true},
+		Spec:       listen.Spec{Name: name, Network: network, Address: addr, NameGiven: true},
 		Addr:       addr,
 		Origin:     Activated,
 		PassedName: name,
@@ -154,12 +158,12 @@ func describe(nfd, fd int, name string) (*Listener, error) {
 // before it binds anything, calls dropStale with their names, so that the
 // caller can have them removed from the store: the store's copy would
 // otherwise keep the address busy. dropStale may be nil.
-func Open(specs []Spec, passed []*Listener, opts BindOptions, dropStale func(names []string)) ([]*Listener, error) {
+func Open(specs []listen.Spec, passed []*Listener, opts BindOptions, dropStale func(names []string)) ([]*Listener, error) {
 	claimed := make([]*Listener, len(specs))
 	taken := make(map[*Listener]bool)
 	for i, s := range specs {
 		for _, p := range passed {
-			if !taken[p] && s.matches(p) {
+			if !taken[p] && matches(s, p) {
 				claimed[i], taken[p] = p, true
 				break
 			}
@@ -207,13 +211,13 @@ func Open(specs []Spec, passed []*Listener, opts BindOptions, dropStale func(nam
 }
 
 // inherit makes a passed socket serve in the place of spec s.
-func (l *Listener) inherit(s Spec) error {
+func (l *Listener) inherit(s listen.Spec) error {
 	l.Origin = Inherited
 	l.Spec = s
 	if !s.NameGiven {
-		l.Spec.Name = DefaultName(s.Network, l.Addr)
+		l.Spec.Name = listen.DefaultName(s.Network, l.Addr)
 	}
-	if s.Network == Unix {
+	if s.Network == listen.Unix {
 		// Hold the path's lock, as for a socket relay binds, so that no
 		// other relay replaces the file under this one.
 		lock, err := lockPath(s, l.Addr+".lock")
@@ -225,12 +229,13 @@ func (l *Listener) inherit(s Spec) error {
 	return nil
 }
 
-// matches reports whether the passed socket p listens where s asks.
-func (s Spec) matches(p *Listener) bool {
+// matches reports whether the passed socket p listens where s asks: on
+// the address s names, not on one that merely covers it.
+func matches(s listen.Spec, p *Listener) bool {
 	if s.Network != p.Spec.Network {
 		return false
 	}
-	if s.Network == Unix {
+	if s.Network == listen.Unix {
 		if filepath.Clean(s.Address) != filepath.Clean(p.Addr) {
 			return false
 		}

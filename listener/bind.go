@@ -1,4 +1,8 @@
-package socketpass
+// Package listener opens relay's listening sockets, which it holds for its
+// whole life: it binds one for each --listen spec, adopts the ones passed
+// to relay itself by socket activation (a .socket unit, or systemd's fd
+// store after a restart of relay), and closes them at the end.
+package listener
 
 import (
 	"context"
@@ -10,6 +14,11 @@ import (
 	"strconv"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/sockaddr"
+	"github.com/relaysh/relay/internal/sockopt"
+	"github.com/relaysh/relay/internal/unixpath"
+	"github.com/relaysh/relay/listen"
 )
 
 // listenBacklog is passed to listen(2); the kernel caps it at
@@ -24,7 +33,7 @@ const listenBacklog = 65535
 // has a reason to change its file status flags, which every generation
 // shares.
 type Listener struct {
-	Spec Spec
+	Spec listen.Spec
 	// Addr is the bound address: host:port, or the unix socket path.
 	Addr string
 	// Origin says whether relay bound the socket or was passed it.
@@ -55,7 +64,7 @@ func (l *Listener) Close() error {
 	if errors.Is(err, os.ErrClosed) {
 		err = nil // a steering group retired it already
 	}
-	if l.Spec.Network == Unix && l.ino != 0 {
+	if l.Spec.Network == listen.Unix && l.ino != 0 {
 		var st unix.Stat_t
 		if unix.Lstat(l.Addr, &st) == nil && st.Dev == l.dev && st.Ino == l.ino {
 			if rmErr := os.Remove(l.Addr); rmErr != nil && err == nil {
@@ -71,7 +80,7 @@ func (l *Listener) Close() error {
 	return err
 }
 
-// BindOptions tune Bind.
+// BindOptions tune how Open binds a spec no passed socket serves.
 type BindOptions struct {
 	// UnixMode is the permission given to unix socket files.
 	UnixMode os.FileMode
@@ -80,21 +89,6 @@ type BindOptions struct {
 	// address is first checked with a plain bind, so a port something
 	// else holds is still an error rather than a shared port.
 	ReusePort bool
-}
-
-// Bind binds every spec, in order. On error, the sockets bound so far are
-// closed again.
-func Bind(specs []Spec, opts BindOptions) ([]*Listener, error) {
-	var out []*Listener
-	for _, s := range specs {
-		l, err := bindOne(s, opts)
-		if err != nil {
-			CloseAll(out)
-			return nil, err
-		}
-		out = append(out, l)
-	}
-	return out, nil
 }
 
 // CloseAll closes every listener and returns the first error.
@@ -108,16 +102,16 @@ func CloseAll(ls []*Listener) error {
 	return first
 }
 
-func bindOne(s Spec, opts BindOptions) (*Listener, error) {
+func bindOne(s listen.Spec, opts BindOptions) (*Listener, error) {
 	var (
 		l   *Listener
 		err error
 	)
 	switch s.Network {
-	case Unix:
+	case listen.Unix:
 		l, err = bindUnix(s, opts.UnixMode)
-	case TCP, UDP:
-		l, err = bindInet(s, opts.ReusePort && s.Network == TCP)
+	case listen.TCP, listen.UDP:
+		l, err = bindInet(s, opts.ReusePort && s.Network == listen.TCP)
 	default:
 		err = fmt.Errorf("unknown network %q", s.Network)
 	}
@@ -125,15 +119,15 @@ func bindOne(s Spec, opts BindOptions) (*Listener, error) {
 		return nil, err
 	}
 	if !s.NameGiven {
-		l.Spec.Name = DefaultName(s.Network, l.Addr)
+		l.Spec.Name = listen.DefaultName(s.Network, l.Addr)
 	}
 	l.Origin = Bound
 	return l, nil
 }
 
-func bindInet(s Spec, reusePort bool) (*Listener, error) {
+func bindInet(s listen.Spec, reusePort bool) (*Listener, error) {
 	sotype := unix.SOCK_STREAM
-	if s.Network == UDP {
+	if s.Network == listen.UDP {
 		sotype = unix.SOCK_DGRAM
 	}
 	host, portStr, err := net.SplitHostPort(s.Address)
@@ -190,22 +184,12 @@ func bindInet(s Spec, reusePort bool) (*Listener, error) {
 			unix.Close(fd)
 		}
 	}()
-	if sotype == unix.SOCK_STREAM {
-		// Lets relay bind while old connections sit in TIME_WAIT. This is
-		// not SO_REUSEPORT: no second socket can join this address.
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-			return nil, fmt.Errorf("listen %s: setting SO_REUSEADDR: %w", s, err)
-		}
-	}
-	if reusePort {
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
-			return nil, fmt.Errorf("listen %s: setting SO_REUSEPORT: %w", s, err)
-		}
-	}
-	if family == unix.AF_INET6 {
-		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, boolInt(v6only)); err != nil {
-			return nil, fmt.Errorf("listen %s: setting IPV6_V6ONLY: %w", s, err)
-		}
+	// SO_REUSEADDR lets relay bind while old connections sit in
+	// TIME_WAIT; it is not SO_REUSEPORT: no second socket can join this
+	// address unless reusePort asks for it.
+	opts := sockopt.Options{ReuseAddr: sotype == unix.SOCK_STREAM, ReusePort: reusePort, V6Only: v6only}
+	if err := sockopt.Set(fd, family, opts); err != nil {
+		return nil, fmt.Errorf("listen %s: %w", s, err)
 	}
 	if err := unix.Bind(fd, sa); err != nil {
 		return nil, bindError(s, err)
@@ -222,7 +206,7 @@ func bindInet(s Spec, reusePort bool) (*Listener, error) {
 	ok = true
 	return &Listener{
 		Spec: s,
-		Addr: SockaddrString(bound),
+		Addr: sockaddr.String(bound),
 		file: os.NewFile(uintptr(fd), s.String()),
 	}, nil
 }
@@ -230,15 +214,10 @@ func bindInet(s Spec, reusePort bool) (*Listener, error) {
 // checkFree binds fd, a fresh socket without SO_REUSEPORT, to sa and
 // closes it. It returns the address it got (with the port the kernel chose
 // for port 0), or the bind error.
-func checkFree(fd int, s Spec, sa unix.Sockaddr, v6only bool, family int) (unix.Sockaddr, error) {
+func checkFree(fd int, s listen.Spec, sa unix.Sockaddr, v6only bool, family int) (unix.Sockaddr, error) {
 	defer unix.Close(fd)
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-		return nil, fmt.Errorf("listen %s: setting SO_REUSEADDR: %w", s, err)
-	}
-	if family == unix.AF_INET6 {
-		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, boolInt(v6only)); err != nil {
-			return nil, fmt.Errorf("listen %s: setting IPV6_V6ONLY: %w", s, err)
-		}
+	if err := sockopt.Set(fd, family, sockopt.Options{ReuseAddr: true, V6Only: v6only}); err != nil {
+		return nil, fmt.Errorf("listen %s: %w", s, err)
 	}
 	if err := unix.Bind(fd, sa); err != nil {
 		return nil, bindError(s, err)
@@ -250,7 +229,7 @@ func checkFree(fd int, s Spec, sa unix.Sockaddr, v6only bool, family int) (unix.
 	return got, nil
 }
 
-func bindUnix(s Spec, mode os.FileMode) (*Listener, error) {
+func bindUnix(s listen.Spec, mode os.FileMode) (*Listener, error) {
 	path := s.Address
 	dir := filepath.Dir(path)
 	if st, err := os.Stat(dir); err != nil {
@@ -317,9 +296,9 @@ func bindUnix(s Spec, mode os.FileMode) (*Listener, error) {
 }
 
 // lockPath takes the lock that guards a unix socket path.
-func lockPath(s Spec, path string) (*os.File, error) {
-	f, err := Lock(path)
-	if errors.Is(err, ErrLocked) {
+func lockPath(s listen.Spec, path string) (*os.File, error) {
+	f, err := unixpath.Lock(path)
+	if errors.Is(err, unixpath.ErrLocked) {
 		return nil, fmt.Errorf("listen %s: address already in use: another relay holds %s; stop it or choose another path", s, s.Address)
 	}
 	if err != nil {
@@ -328,39 +307,11 @@ func lockPath(s Spec, path string) (*os.File, error) {
 	return f, nil
 }
 
-// ErrLocked is returned by Lock when another process holds the lock.
-var ErrLocked = errors.New("locked by another process")
-
-// Lock takes an exclusive, non-blocking flock on path, creating it (0600,
-// never through a symlink) if needed. The lock lasts until the file is
-// closed or the process exits.
-func Lock(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("opening lock file: %w", err)
-	}
-	for {
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if !errors.Is(err, unix.EINTR) {
-			break
-		}
-	}
-	if errors.Is(err, unix.EWOULDBLOCK) {
-		f.Close()
-		return nil, fmt.Errorf("%s: %w", path, ErrLocked)
-	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("locking %s: %w", path, err)
-	}
-	return f, nil
-}
-
 // removeStaleSocket removes a socket file left behind by a process that is
 // gone. A live socket, or a file that is not a socket, is an error.
-func removeStaleSocket(s Spec, path string) error {
-	err := RemoveStale(path)
-	if errors.Is(err, ErrLive) {
+func removeStaleSocket(s listen.Spec, path string) error {
+	err := unixpath.RemoveStale(path)
+	if errors.Is(err, unixpath.ErrLive) {
 		return fmt.Errorf("listen %s: address already in use: a live process listens on %s; stop it or choose another path", s, path)
 	}
 	if err != nil {
@@ -369,41 +320,11 @@ func removeStaleSocket(s Spec, path string) error {
 	return nil
 }
 
-// ErrLive is returned by RemoveStale for a socket something listens on.
-var ErrLive = errors.New("a live process listens on it")
-
-// RemoveStale removes the unix socket at path if nothing listens on it any
-// more. A missing path is fine; a live socket (ErrLive) or a file that is
-// not a socket is an error and is left alone.
-func RemoveStale(path string) error {
-	var st unix.Stat_t
-	if err := unix.Lstat(path, &st); errors.Is(err, unix.ENOENT) {
-		return nil
-	} else if err != nil {
-		return fmt.Errorf("checking existing path %s: %w", path, err)
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
-		return fmt.Errorf("%s exists and is not a socket; remove it or choose another path", path)
-	}
-	c, err := net.Dial("unix", path)
-	if err == nil {
-		c.Close()
-		return fmt.Errorf("%s: %w", path, ErrLive)
-	}
-	if !errors.Is(err, unix.ECONNREFUSED) {
-		return fmt.Errorf("probing existing socket %s: %w", path, err)
-	}
-	if err := os.Remove(path); err != nil {
-		return fmt.Errorf("removing stale socket %s: %w", path, err)
-	}
-	return nil
-}
-
-func bindError(s Spec, err error) error {
+func bindError(s listen.Spec, err error) error {
 	switch {
 	case errors.Is(err, unix.EADDRINUSE):
 		return fmt.Errorf("listen %s: address already in use: another process holds %s; stop it or choose another address: %w", s, s.Address, err)
-	case errors.Is(err, unix.EACCES) && s.Network != Unix:
+	case errors.Is(err, unix.EACCES) && s.Network != listen.Unix:
 		return fmt.Errorf("listen %s: permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE: %w", s, err)
 	case errors.Is(err, unix.EADDRNOTAVAIL):
 		return fmt.Errorf("listen %s: address not available on this machine: %w", s, err)

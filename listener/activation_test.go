@@ -1,4 +1,4 @@
-package socketpass
+package listener
 
 import (
 	"net"
@@ -8,13 +8,16 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/unixpath"
+	"github.com/relaysh/relay/listen"
 )
 
 // passedSocket binds spec and dresses the socket up as one passed to relay
 // under name.
 func passedSocket(t *testing.T, spec string, name string) *Listener {
 	t.Helper()
-	s, err := ParseListen(spec)
+	s, err := listen.Parse(spec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,9 +42,9 @@ func TestOpenTakesPassedSocketsForMatchingSpecs(t *testing.T) {
 	stale := passedSocket(t, "127.0.0.1:0", StoreNamePrefix+"gone")
 	_, port, _ := net.SplitHostPort(tcp.Addr)
 
-	var specs []Spec
+	var specs []listen.Spec
 	for _, v := range []string{"127.0.0.1:" + port, "unix:" + sock, "admin=127.0.0.1:0"} {
-		s, err := ParseListen(v)
+		s, err := listen.Parse(v)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -85,9 +88,9 @@ func TestOpenCleansUpOnError(t *testing.T) {
 	}
 	defer taken.Close()
 	later := passedSocket(t, "127.0.0.1:0", StoreNamePrefix+"tcp-later")
-	var specs []Spec
+	var specs []listen.Spec
 	for _, v := range []string{"unix:" + sock, taken.Addr().String(), later.Addr} {
-		s, err := ParseListen(v)
+		s, err := listen.Parse(v)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -99,7 +102,7 @@ func TestOpenCleansUpOnError(t *testing.T) {
 	if _, err := os.Lstat(sock); err == nil {
 		t.Errorf("the unix socket bound before the failure is still there")
 	}
-	if lock, err := Lock(sock + ".lock"); err != nil {
+	if lock, err := unixpath.Lock(sock + ".lock"); err != nil {
 		t.Errorf("the lock of the unix socket is still held: %v", err)
 	} else {
 		lock.Close()
@@ -110,31 +113,31 @@ func TestOpenCleansUpOnError(t *testing.T) {
 }
 
 func TestSpecMatches(t *testing.T) {
-	p := func(network Network, addr string) *Listener {
-		return &Listener{Spec: Spec{Network: network}, Addr: addr}
+	p := func(network listen.Network, addr string) *Listener {
+		return &Listener{Spec: listen.Spec{Network: network}, Addr: addr}
 	}
 	for _, c := range []struct {
 		spec string
 		l    *Listener
 		want bool
 	}{
-		{"127.0.0.1:8080", p(TCP, "127.0.0.1:8080"), true},
-		{":8080", p(TCP, "[::]:8080"), true},
-		{":8080", p(TCP, "0.0.0.0:8080"), true},
-		{":8080", p(TCP, "127.0.0.1:8080"), false},
-		{"127.0.0.1:8080", p(TCP, "127.0.0.1:8081"), false},
-		{"127.0.0.1:0", p(TCP, "127.0.0.1:0"), false},
-		{"udp:127.0.0.1:53", p(TCP, "127.0.0.1:53"), false},
-		{"udp:127.0.0.1:53", p(UDP, "127.0.0.1:53"), true},
-		{"[::1]:80", p(TCP, "[::1]:80"), true},
-		{"unix:/nonexistent/a.sock", p(Unix, "/nonexistent/a.sock"), false}, // its file is gone
-		{"unix:/run/a.sock", p(Unix, "/run/b.sock"), false},
+		{"127.0.0.1:8080", p(listen.TCP, "127.0.0.1:8080"), true},
+		{":8080", p(listen.TCP, "[::]:8080"), true},
+		{":8080", p(listen.TCP, "0.0.0.0:8080"), true},
+		{":8080", p(listen.TCP, "127.0.0.1:8080"), false},
+		{"127.0.0.1:8080", p(listen.TCP, "127.0.0.1:8081"), false},
+		{"127.0.0.1:0", p(listen.TCP, "127.0.0.1:0"), false},
+		{"udp:127.0.0.1:53", p(listen.TCP, "127.0.0.1:53"), false},
+		{"udp:127.0.0.1:53", p(listen.UDP, "127.0.0.1:53"), true},
+		{"[::1]:80", p(listen.TCP, "[::1]:80"), true},
+		{"unix:/nonexistent/a.sock", p(listen.Unix, "/nonexistent/a.sock"), false}, // its file is gone
+		{"unix:/run/a.sock", p(listen.Unix, "/run/b.sock"), false},
 	} {
-		s, err := ParseListen(c.spec)
+		s, err := listen.Parse(c.spec)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := s.matches(c.l); got != c.want {
+		if got := matches(s, c.l); got != c.want {
 			t.Errorf("%s matches %s %s: %v, want %v", c.spec, c.l.Spec.Network, c.l.Addr, got, c.want)
 		}
 	}
@@ -165,7 +168,7 @@ func TestAdoptFileMakesItBlocking(t *testing.T) {
 	if flags&unix.O_NONBLOCK != 0 {
 		t.Errorf("the taken socket is still non-blocking")
 	}
-	if l.Spec.Name != "web" || l.Spec.Network != TCP || l.Origin != Activated {
+	if l.Spec.Name != "web" || l.Spec.Network != listen.TCP || l.Origin != Activated {
 		t.Errorf("taken as %+v", l.Spec)
 	}
 	// A connected socket is refused with a hint.

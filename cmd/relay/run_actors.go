@@ -1,0 +1,129 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/oklog/run"
+
+	"github.com/relaysh/relay/control"
+	"github.com/relaysh/relay/sdnotify"
+	"github.com/relaysh/relay/signals"
+	"github.com/relaysh/relay/supervisor"
+)
+
+// The actors of relay run, each added to the run group by one function:
+// the first to return interrupts the others, and the group returns the
+// first one's result once all have stopped.
+
+// runActors runs the control server, the supervisor, the signal loop and
+// the watchdog until the supervisor is done, and says how relay ends.
+func runActors(log *slog.Logger, sigC <-chan os.Signal, sup *supervisor.Supervisor, ctl *control.Server, notifier *sdnotify.Notifier) error {
+	var g run.Group
+	addControl(&g, ctl)
+	outcome := addSupervisor(&g, sup)
+	addSignalLoop(&g, sigC, sup)
+	addWatchdog(&g, log, notifier, sup)
+	if err := g.Run(); err != nil {
+		return err
+	}
+	return exitWith(log, *outcome)
+}
+
+// notifySignals takes over the signals relay handles. They wait in the
+// returned channel's buffer until the signal loop reads them.
+func notifySignals() (sigC <-chan os.Signal, stop func()) {
+	c := make(chan os.Signal, 8)
+	signal.Notify(c, signals.Handled()...)
+	return c, func() { signal.Stop(c) }
+}
+
+// addControl serves the control socket.
+func addControl(g *run.Group, ctl *control.Server) {
+	g.Add(ctl.Serve, func(error) { ctl.Close() })
+}
+
+// addSupervisor runs the generations until relay stops. The outcome is
+// set once g.Run has returned.
+func addSupervisor(g *run.Group, sup *supervisor.Supervisor) *supervisor.Outcome {
+	outcome := new(supervisor.Outcome)
+	g.Add(func() error {
+		var err error
+		*outcome, err = sup.Run()
+		return err
+	}, func(error) { sup.Stop(false) })
+	return outcome
+}
+
+// addSignalLoop turns signals into supervisor requests.
+func addSignalLoop(g *run.Group, sigC <-chan os.Signal, sup *supervisor.Supervisor) {
+	ctx, cancel := context.WithCancel(context.Background())
+	g.Add(func() error { return signalLoop(ctx, sigC, sup) }, func(error) { cancel() })
+}
+
+// signalLoop turns signals sent to relay into supervisor requests until ctx
+// ends, which happens when the supervisor is done. It must not end on its
+// own before that: the run group returns the first actor's result, and
+// only the supervisor's says how relay ends.
+func signalLoop(ctx context.Context, sigC <-chan os.Signal, sup *supervisor.Supervisor) error {
+	stopping := false
+	for {
+		select {
+		case <-ctx.Done():
+			// The supervisor actor returning ends this one: it
+			// alone carries Run's outcome and error out of g.Run.
+			return nil
+		case sig := <-sigC:
+			switch signals.Decide(sig, stopping) {
+			case signals.Restart:
+				sup.RequestRestart("signal " + signals.Name(sig.(syscall.Signal)))
+			case signals.Stop:
+				stopping = true
+				sup.Stop(false)
+			case signals.StopNow:
+				sup.Stop(true)
+			case signals.Forward:
+				sup.Forward(sig.(syscall.Signal))
+			}
+		}
+	}
+}
+
+// addWatchdog pings systemd's watchdog (WatchdogSec=) while the supervisor
+// answers; without a watchdog it adds nothing.
+func addWatchdog(g *run.Group, log *slog.Logger, notifier *sdnotify.Notifier, sup *supervisor.Supervisor) {
+	interval, err := sdnotify.WatchdogInterval()
+	if err != nil {
+		log.Warn("ignoring the watchdog settings", "err", err)
+		return
+	}
+	if interval <= 0 || !notifier.Enabled() {
+		return
+	}
+	every := sdnotify.PingInterval(interval)
+	log.Info("watchdog: pinging while the supervisor answers", "watchdog_usec", interval.Microseconds(), "ping_every", every)
+	ctx, cancel := context.WithCancel(context.Background())
+	ticker := time.NewTicker(every)
+	g.Add(func() error {
+		defer ticker.Stop()
+		notifier.RunWatchdog(ctx, ticker.C, func() bool {
+			_, err := sup.Status()
+			return err == nil
+		})
+		return nil
+	}, func(error) { cancel() })
+}
+
+// exitWith is how relay ends once the supervisor is done: with the status
+// of the child that ended it, if one did.
+func exitWith(log *slog.Logger, o supervisor.Outcome) error {
+	if o.Child == nil {
+		return nil
+	}
+	log.Info("relay exiting", "child_status", o.Child.String(), "exit_code", o.Child.ExitCode())
+	return childExit{code: o.Child.ExitCode()}
+}

@@ -1,0 +1,135 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/relaysh/relay/control"
+	"github.com/relaysh/relay/health"
+	"github.com/relaysh/relay/listen"
+	"github.com/relaysh/relay/signals"
+	"github.com/relaysh/relay/sockets"
+	"github.com/relaysh/relay/supervisor"
+)
+
+// runOptions are relay run's flags, checked.
+type runOptions struct {
+	listens                           []listen.Spec
+	socketMode                        os.FileMode
+	health                            health.Spec
+	steer                             sockets.SteerMode
+	takeover                          supervisor.TakeoverMode
+	healthTimeout, drain, stopTimeout time.Duration
+	drainSet                          bool // --drain was given
+	stopSignal                        syscall.Signal
+	maxDraining                       int
+	name, controlPath                 string
+	check                             []string
+	logFormat                         string
+	logLevel                          slog.Level
+	command                           supervisor.Command
+}
+
+// parseRunFlags checks relay run's flags and arguments. Every error it
+// returns is a usage error.
+func parseRunFlags(c *cli.Context) (runOptions, error) {
+	var o runOptions
+	if c.Args().Len() == 0 {
+		return o, usagef("no command to run; put it after the flags: relay run --listen :8080 -- ./server")
+	}
+	if err := o.parseListeners(c); err != nil {
+		return o, err
+	}
+	if err := o.parseRestarts(c); err != nil {
+		return o, err
+	}
+	var err error
+	o.name = c.String("name")
+	if err := control.ValidateName(o.name); err != nil {
+		return o, usageError{err}
+	}
+	if o.controlPath, err = control.Path(o.name, c.String("control")); err != nil {
+		return o, usageError{err}
+	}
+	if o.check, err = parseCheck(c.String("check")); err != nil {
+		return o, err
+	}
+	if o.logFormat = c.String("log-format"); o.logFormat != "text" && o.logFormat != "json" {
+		return o, usagef("--log-format %q: use text or json", o.logFormat)
+	}
+	if err := o.logLevel.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		return o, usagef("--log-level %q: use debug, info, warn or error", c.String("log-level"))
+	}
+	args := c.Args().Slice()
+	path, err := exec.LookPath(args[0])
+	if err != nil {
+		return o, usageError{commandError(args[0], err)}
+	}
+	o.command = supervisor.Command{Path: path, Args: args}
+	return o, nil
+}
+
+// parseListeners checks the flags about the sockets and the readiness
+// check.
+func (o *runOptions) parseListeners(c *cli.Context) error {
+	for _, v := range c.StringSlice("listen") {
+		s, err := listen.Parse(v)
+		if err != nil {
+			return usageError{err}
+		}
+		o.listens = append(o.listens, s)
+	}
+	var err error
+	if o.socketMode, err = listen.FileMode(c.String("socket-mode")); err != nil {
+		return usageError{err}
+	}
+	if o.health, err = health.Parse(c.String("health")); err != nil {
+		return usageError{err}
+	}
+	return nil
+}
+
+// parseRestarts checks the flags about how a restart goes: the stop
+// signal, steering, the bind takeover and the timings.
+func (o *runOptions) parseRestarts(c *cli.Context) error {
+	var err error
+	if o.stopSignal, err = signals.Parse(c.String("stop-signal")); err != nil {
+		return usageError{fmt.Errorf("--stop-signal: %w", err)}
+	}
+	if o.steer, err = sockets.ParseSteerMode(c.String("steer")); err != nil {
+		return usageError{err}
+	}
+	switch o.takeover = supervisor.TakeoverMode(c.String("takeover")); o.takeover {
+	case supervisor.TakeoverAuto, supervisor.TakeoverOn, supervisor.TakeoverOff:
+	default:
+		return usagef("--takeover %q: use auto, on or off", o.takeover)
+	}
+	o.healthTimeout, o.drain, o.stopTimeout = c.Duration("health-timeout"), c.Duration("drain"), c.Duration("stop-timeout")
+	o.drainSet = c.IsSet("drain")
+	if o.healthTimeout <= 0 || o.stopTimeout <= 0 || o.drain < 0 {
+		return usagef("--health-timeout and --stop-timeout must be positive and --drain not negative")
+	}
+	if o.maxDraining = c.Int("max-draining"); o.maxDraining < 1 {
+		return usagef("--max-draining %d: must be at least 1", o.maxDraining)
+	}
+	return nil
+}
+
+func commandError(name string, err error) error {
+	switch {
+	case errors.Is(err, exec.ErrNotFound):
+		return fmt.Errorf("command %q not found in PATH; give a path such as ./%s: %w", name, name, err)
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("command %q does not exist; check the path: %w", name, err)
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("command %q is not executable; chmod +x it: %w", name, err)
+	}
+	return fmt.Errorf("command %q cannot be run: %w", name, err)
+}

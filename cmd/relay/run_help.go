@@ -1,0 +1,97 @@
+package main
+
+// The long help of relay run: the short reference, shown by relay run --help.
+
+const runDescription = `relay binds every --listen socket once, for its whole life, and runs COMMAND on them.
+The server needs no relay-specific code, whichever way it gets its port:
+
+   It binds its own port (http.ListenAndServe(":8080"), nginx "listen 8080;",
+   python3 -m http.server): the bind lands on relay's socket (--takeover auto). The
+   exec shim installs a seccomp filter that hands relay every bind(2) of the child and
+   of everything it starts; a bind of an address a --listen covers (its port, and its
+   address or a wildcard) gets relay's socket at the same fd number, and any other
+   bind (another port, port 0) runs untouched. The child's listen(2) on it keeps
+   relay's backlog. Linux 5.9+ on amd64 or arm64; without it, relay logs why once and
+   goes on with inherited sockets only. Not a sandbox: without CAP_SYS_ADMIN (not
+   root), the child's tree runs with no_new_privs (setuid and file-capability
+   programs lose their privileges).
+
+   It takes inherited sockets (systemd socket activation): the sockets are fds 3, 4, ...
+   in --listen order, and the environment has LISTEN_FDS, LISTEN_FDNAMES and
+   LISTEN_PID (the child's own pid). It gets the same socket either way.
+
+Every child also gets RELAY_GENERATION, a private NOTIFY_SOCKET and RELAY_HEALTH_ADDR.
+
+Family rule for taken-over binds: an IPv6 socket may get an IPv4 listener (Go's ":8080"
+with --listen 127.0.0.1:8080), an IPv4 socket never gets an IPv6 one: nginx's
+"listen 8080;" or Python's --bind 0.0.0.0 need --listen 0.0.0.0:8080 (or 127.0.0.1:8080),
+not --listen :8080. Such a bind fails with one log line naming the --listen to use.
+
+Control it with 'relay restart', 'relay status' and 'relay stop' (--name NAME), or signals.
+
+Under systemd (see examples/systemd): with NOTIFY_SOCKET set, relay sends READY=1 once the
+first generation is ready, RELOADING=1 and READY=1 around every restart, STATUS= lines,
+STOPPING=1, and WATCHDOG=1 pings (WatchdogSec=). Sockets passed to relay in LISTEN_FDS (a
+.socket unit) come first, under their LISTEN_FDNAMES names, then one per --listen; a --listen
+uses a passed socket on its own address instead of binding. With FileDescriptorStoreMax= and
+$FDSTORE, relay keeps its sockets in systemd's fd store, so a restart of relay itself
+refuses no connection.
+
+Signals to relay:
+   HUP              restart: start a new generation on the same sockets, wait until it is
+                    ready (--health), switch new connections to it, wait --drain, then send
+                    the old one --stop-signal and SIGKILL its process group after
+                    --stop-timeout.
+                    A new generation that fails is killed; the old one is never touched.
+   TERM, INT, QUIT  stop every generation gracefully and exit with the child's status.
+                    A second one kills them at once.
+   USR1, USR2, WINCH  forwarded to the serving child.
+
+Listen forms (each may start with NAME= to set its LISTEN_FDNAMES entry):
+   :8080  127.0.0.1:8080  [::1]:8080   TCP           (default name tcp-PORT)
+   udp:127.0.0.1:5353                  UDP           (default name udp-PORT)
+   unix:/run/app.sock                  unix stream   (default name unix-FILENAME)
+
+Drain (--steer auto, the default): each generation gets a socket of its own in the TCP
+listener's SO_REUSEPORT group, and a BPF program sends new connections to the old
+generation until the new one is ready, then to the new one only. The old one finishes what
+it has during --drain (1s) and gets its stop signal with nothing new arriving, so even a
+plain http.Server.Shutdown loses nothing. UDP and unix sockets, and TCP sockets the kernel
+will not steer (logged), stay one socket shared by every generation.
+
+Readiness (--health) must be specific to the new child: a probe the old one could answer
+proves nothing. The default, auto, needs nothing from the server:
+   auto                       ready at READY=1 on the child's own NOTIFY_SOCKET; or, while
+                              neither it nor an earlier generation has sent any sd_notify
+                              message, once it has accepted relay's probe on each steered
+                              TCP listener (relay steers the probe to the new generation's
+                              own socket) and has bound and listened on each other listener
+                              itself. Once any sd_notify message was heard, every later
+                              generation is waited for until READY=1 (a server may accept
+                              before it is warm; one that sends STATUS= but never READY=1 is
+                              never ready). Use notify to wait for READY=1 from the start,
+                              accept never to wait for it.
+   accept                     only the accept half of auto
+   notify                     the child sends READY=1 to its own NOTIFY_SOCKET (sd_notify)
+   http://{health_addr}/path  GET must answer 2xx; {health_addr} is a loopback address relay
+                              picks for each child and passes as RELAY_HEALTH_ADDR (and as
+                              {health_addr}/{health_port} in COMMAND's arguments). A probe of a
+                              steered listener's public address is steered to the new
+                              generation's socket, so it is exact; on a shared socket it is not.
+   tcp://{health_addr}        a connection must be accepted by the server (not just made)
+   exec:CMD ARGS              CMD must exit 0; it gets RELAY_CHILD_PID, RELAY_GENERATION and
+                              RELAY_HEALTH_ADDR; {pid} is replaced in ARGS. No shell is used.
+   delay:2s                   the weakest form: only waits, proves nothing`
+
+const runExamples = `
+Examples:
+   relay run --listen :8080 -- ./server --config prod.yaml
+   relay run --listen 127.0.0.1:8000 -- python3 -m http.server --bind 127.0.0.1 8000
+   relay run --listen 0.0.0.0:8080 --stop-signal QUIT -- nginx -g 'daemon off;'   # "listen 8080;"
+   relay run --listen :8080 --takeover off -- ./server-that-reads-LISTEN_FDS
+   relay run --listen http=:8080 --listen admin=127.0.0.1:9090 --drain 2s -- ./server
+   relay run --listen :8080 --health http://127.0.0.1:8080/healthz -- ./server
+   relay run --listen :8080 --health 'http://{health_addr}/healthz' -- ./server --health-addr '{health_addr}'
+   relay run --listen unix:/run/app/app.sock --socket-mode 0660 --stop-signal QUIT -- nginx -g 'daemon off;'
+   relay restart --name api -- ./server-v2     # restart into a new binary
+   kill -HUP $(pidof relay)                    # restart`

@@ -1,0 +1,74 @@
+package signals
+
+import (
+	"os"
+	"slices"
+	"syscall"
+	"testing"
+)
+
+func TestDecide(t *testing.T) {
+	for _, c := range []struct {
+		sig      os.Signal
+		stopping bool
+		want     Action
+	}{
+		{syscall.SIGHUP, false, Restart},
+		{syscall.SIGHUP, true, Restart},
+		{syscall.SIGTERM, false, Stop},
+		{syscall.SIGINT, false, Stop},
+		{syscall.SIGQUIT, false, Stop},
+		{syscall.SIGTERM, true, StopNow},
+		{syscall.SIGINT, true, StopNow},
+		{syscall.SIGQUIT, true, StopNow},
+		{syscall.SIGUSR1, false, Forward},
+		{syscall.SIGUSR2, true, Forward},
+		{syscall.SIGWINCH, false, Forward},
+		{syscall.SIGPIPE, false, Ignore},
+		{syscall.SIGCHLD, false, Ignore},
+	} {
+		if got := Decide(c.sig, c.stopping); got != c.want {
+			t.Errorf("Decide(%v, stopping=%v) = %v, want %v", c.sig, c.stopping, got, c.want)
+		}
+	}
+}
+
+// Every signal relay takes over has an action, and only SIGPIPE is
+// taken over just to be ignored.
+func TestHandled(t *testing.T) {
+	for _, sig := range Handled() {
+		if a := Decide(sig, false); a == Ignore && sig != syscall.SIGPIPE {
+			t.Errorf("%v is taken over but ignored", sig)
+		}
+	}
+	if !slices.Contains(Handled(), os.Signal(syscall.SIGPIPE)) {
+		t.Error("SIGPIPE is not taken over: a closed log reader would kill relay")
+	}
+}
+
+func TestParse(t *testing.T) {
+	for in, want := range map[string]syscall.Signal{
+		"TERM": syscall.SIGTERM, "SIGTERM": syscall.SIGTERM, "term": syscall.SIGTERM,
+		"quit": syscall.SIGQUIT, "USR1": syscall.SIGUSR1, "15": syscall.SIGTERM, "64": syscall.Signal(64),
+	} {
+		if got, err := Parse(in); err != nil || got != want {
+			t.Errorf("Parse(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "0", "65", "-1", "NOPE", "SIG"} {
+		if got, err := Parse(in); err == nil {
+			t.Errorf("Parse(%q) = %v, want an error", in, got)
+		}
+	}
+}
+
+func TestName(t *testing.T) {
+	for sig, want := range map[syscall.Signal]string{syscall.SIGTERM: "TERM", syscall.SIGHUP: "HUP", syscall.Signal(64): "64"} {
+		if got := Name(sig); got != want {
+			t.Errorf("Name(%d) = %q, want %q", sig, got, want)
+		}
+	}
+	if got := StopNow.String(); got != "stop-now" {
+		t.Errorf("StopNow.String() = %q", got)
+	}
+}
