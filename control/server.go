@@ -16,7 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/internal/unixpath"
 	"github.com/relaysh/relay/supervisor"
 )
 
@@ -74,8 +74,8 @@ func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, 
 	if err := ensurePrivateDir(filepath.Dir(path)); err != nil {
 		return nil, err
 	}
-	lock, err := socketpass.Lock(path + ".lock")
-	if errors.Is(err, socketpass.ErrLocked) {
+	lock, err := unixpath.Lock(path + ".lock")
+	if errors.Is(err, unixpath.ErrLocked) {
 		return nil, fmt.Errorf("control socket %s: another relay is running with it; give this one another --name or --control", path)
 	}
 	if err != nil {
@@ -83,9 +83,9 @@ func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, 
 	}
 	// Holding the lock, a socket left there should be stale; check anyway,
 	// in case the lock file was removed under a live relay.
-	if err := socketpass.RemoveStale(path); err != nil {
+	if err := unixpath.RemoveStale(path); err != nil {
 		lock.Close()
-		if errors.Is(err, socketpass.ErrLive) {
+		if errors.Is(err, unixpath.ErrLive) {
 			return nil, fmt.Errorf("control socket %s: another relay is running with it; give this one another --name or --control", path)
 		}
 		return nil, fmt.Errorf("control socket: %w", err)

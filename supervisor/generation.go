@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/sdnotify"
 	"github.com/relaysh/relay/socketpass"
 )
 
@@ -103,13 +103,8 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 	for i, a := range cmd.Args {
 		args[i] = health.Expand(a, vars)
 	}
-	_, port, _ := net.SplitHostPort(g.healthAddr)
-	childEnv := socketpass.ChildEnv(s.cfg.Env, s.cfg.Sockets.Listeners(),
-		socketpass.EnvNotifySocket+"="+notifyPath,
-		health.EnvGeneration+"="+strconv.Itoa(n),
-		health.EnvHealthAddr+"="+g.healthAddr,
-		health.EnvHealthPort+"="+port,
-	)
+	childEnv := socketpass.ChildEnv(s.cfg.Env, s.cfg.Sockets.Names(),
+		append([]string{sdnotify.EnvNotifySocket + "=" + notifyPath}, vars.Env()...)...)
 	socks, err := s.cfg.Sockets.Take(n)
 	if err != nil {
 		pr.Close()
