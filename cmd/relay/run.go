@@ -10,6 +10,7 @@ import (
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/sdnotify"
+	"github.com/relaysh/relay/signals"
 	"github.com/relaysh/relay/socketpass"
 	"github.com/relaysh/relay/sockets"
 	"github.com/relaysh/relay/supervisor"
@@ -53,7 +54,7 @@ func runAction(c *cli.Context) error {
 	}
 	// Take over the signals first, so that none sent while relay starts
 	// kills it with the default action; they wait in the buffer.
-	sigC, stopSignals := notifySignals()
+	sigC, stopSignals := signals.Notify()
 	defer stopSignals()
 	// relay's log lines and the children's stderr share one stream: one
 	// Write at a time, and the children's in whole lines, keeps every

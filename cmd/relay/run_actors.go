@@ -4,8 +4,6 @@ import (
 	"context"
 	"log/slog"
 	"os"
-	"os/signal"
-	"syscall"
 	"time"
 
 	"github.com/oklog/run"
@@ -34,14 +32,6 @@ func runActors(log *slog.Logger, sigC <-chan os.Signal, sup *supervisor.Supervis
 	return exitWith(log, *outcome)
 }
 
-// notifySignals takes over the signals relay handles. They wait in the
-// returned channel's buffer until the signal loop reads them.
-func notifySignals() (sigC <-chan os.Signal, stop func()) {
-	c := make(chan os.Signal, 8)
-	signal.Notify(c, signals.Handled()...)
-	return c, func() { signal.Stop(c) }
-}
-
 // addControl serves the control socket.
 func addControl(g *run.Group, ctl *control.Server) {
 	g.Add(ctl.Serve, func(error) { ctl.Close() })
@@ -59,38 +49,12 @@ func addSupervisor(g *run.Group, sup *supervisor.Supervisor) *supervisor.Outcome
 	return outcome
 }
 
-// addSignalLoop turns signals into supervisor requests.
+// addSignalLoop turns signals sent to relay into supervisor requests
+// (signals.Decide) until the supervisor is done. It never returns first:
+// only the supervisor's result says how relay ends.
 func addSignalLoop(g *run.Group, sigC <-chan os.Signal, sup *supervisor.Supervisor) {
 	ctx, cancel := context.WithCancel(context.Background())
-	g.Add(func() error { return signalLoop(ctx, sigC, sup) }, func(error) { cancel() })
-}
-
-// signalLoop turns signals sent to relay into supervisor requests until ctx
-// ends, which happens when the supervisor is done. It must not end on its
-// own before that: the run group returns the first actor's result, and
-// only the supervisor's says how relay ends.
-func signalLoop(ctx context.Context, sigC <-chan os.Signal, sup *supervisor.Supervisor) error {
-	stopping := false
-	for {
-		select {
-		case <-ctx.Done():
-			// The supervisor actor returning ends this one: it
-			// alone carries Run's outcome and error out of g.Run.
-			return nil
-		case sig := <-sigC:
-			switch signals.Decide(sig, stopping) {
-			case signals.Restart:
-				sup.RequestRestart("signal " + signals.Name(sig.(syscall.Signal)))
-			case signals.Stop:
-				stopping = true
-				sup.Stop(false)
-			case signals.StopNow:
-				sup.Stop(true)
-			case signals.Forward:
-				sup.Forward(sig.(syscall.Signal))
-			}
-		}
-	}
+	g.Add(func() error { signals.Loop(ctx, sigC, sup); return nil }, func(error) { cancel() })
 }
 
 // addWatchdog pings systemd's watchdog (WatchdogSec=) while the supervisor

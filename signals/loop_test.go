@@ -1,0 +1,60 @@
+package signals
+
+import (
+	"context"
+	"os"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// recorder is a Target that writes down each request.
+type recorder struct{ c chan string }
+
+func (r recorder) RequestRestart(reason string) error { r.c <- "restart " + reason; return nil }
+func (r recorder) Stop(now bool) {
+	if now {
+		r.c <- "stop now"
+		return
+	}
+	r.c <- "stop"
+}
+func (r recorder) Forward(sig syscall.Signal) { r.c <- "forward " + Name(sig) }
+
+func TestLoopTurnsSignalsIntoRequests(t *testing.T) {
+	sigC := make(chan os.Signal, 8)
+	rec := recorder{c: make(chan string, 8)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); Loop(ctx, sigC, rec) }()
+
+	for _, s := range []syscall.Signal{syscall.SIGHUP, syscall.SIGPIPE, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT} {
+		sigC <- s
+	}
+	want := []string{"restart signal HUP", "forward USR1", "stop", "stop now"}
+	var got []string
+	timeout := time.After(10 * time.Second)
+	for len(got) < len(want) {
+		select {
+		case r := <-rec.c:
+			got = append(got, r)
+		case <-timeout:
+			t.Fatalf("got %q so far, want %q", got, want)
+		}
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("requests %q, want %q (SIGPIPE ignored, a second stop signal stops now)", got, want)
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Loop did not return when its context ended")
+	}
+	select {
+	case r := <-rec.c:
+		t.Fatalf("unexpected request %q", r)
+	default:
+	}
+}
