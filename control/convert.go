@@ -88,6 +88,7 @@ func statusDoc(info Info, control string, pid int, st supervisor.Status) *Status
 		doc.Generations = append(doc.Generations, GenerationStatus{
 			Generation: g.Generation, Pid: g.Pid, State: stateFrom(g.State), Started: g.Started,
 			AgeSeconds: g.AgeSeconds, ReadyAfterMs: g.ReadyAfterMs, Command: g.Command, Sockets: g.Sockets,
+			Processes: g.Processes,
 		})
 	}
 	if l := st.LastRestart; l != nil {

@@ -42,7 +42,7 @@ func sampleStatus() supervisor.Status {
 		Command: []string{"/srv/api", "--port", "{health_port}"},
 		Generations: []supervisor.GenerationStatus{
 			{Generation: 4, Pid: 1100, State: supervisor.Draining, Started: sampleStart(), AgeSeconds: 61.5,
-				ReadyAfterMs: 20.25, Command: []string{"/srv/api"}, Sockets: map[string]string{"tcp-8080": "fd", "udp-53": "bind"}},
+				ReadyAfterMs: 20.25, Command: []string{"/srv/api"}, Sockets: map[string]string{"tcp-8080": "fd", "udp-53": "bind"}, Processes: 3},
 			{Generation: 5, Pid: 1240, State: supervisor.Starting, Started: sampleStart().Add(time.Minute), AgeSeconds: 1.5,
 				Command: []string{"/srv/api", "-v2"}},
 		},

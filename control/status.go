@@ -63,6 +63,9 @@ type GenerationStatus struct {
 	// socket: "fd" (inherited, LISTEN_FDS) or "bind" (its own bind,
 	// taken over by relay).
 	Sockets map[string]string `json:"sockets,omitempty"`
+	// Processes counts its processes: those of its cgroup, or of its
+	// process group where relay has no cgroups (docs/containment.md).
+	Processes int `json:"processes"`
 }
 
 // RestartCounts counts restarts since relay started. Crash replacements

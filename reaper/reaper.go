@@ -7,11 +7,14 @@
 package reaper
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
+	"strconv"
 	"sync"
 	"syscall"
 
@@ -25,6 +28,9 @@ type Reaper struct {
 	mu      sync.Mutex // held across start+register and wait4+dispatch
 	waiters map[int]*Process
 
+	// forkC carries each start to the one goroutine that forks, locked
+	// to its OS thread for relay's life (see forker).
+	forkC   chan forkReq
 	sigC    chan os.Signal
 	orphanC chan struct{}
 	stopC   chan struct{}
@@ -42,14 +48,44 @@ func New(log *slog.Logger) (*Reaper, error) {
 	r := &Reaper{
 		log:     log,
 		waiters: make(map[int]*Process),
+		forkC:   make(chan forkReq),
 		sigC:    make(chan os.Signal, 1),
 		orphanC: make(chan struct{}, 1),
 		stopC:   make(chan struct{}),
 		doneC:   make(chan struct{}),
 	}
 	signal.Notify(r.sigC, syscall.SIGCHLD)
+	go forker(r.forkC)
 	go r.loop()
 	return r, nil
+}
+
+// forkReq asks the forker to start a process.
+type forkReq struct {
+	path  string
+	argv  []string
+	attr  *os.ProcAttr
+	reply chan forkReply
+}
+
+type forkReply struct {
+	proc *os.Process
+	err  error
+}
+
+// forker starts every process, from one OS thread that it never gives
+// back. A child's parent-death signal (Pdeathsig) fires when the thread
+// that forked it ends, not the process, and Go ends threads whose
+// goroutine exits locked and moves goroutines between threads: forking
+// from a thread kept for relay's life makes the signal mean "relay died".
+// It never returns, so its thread never ends; a Reaper's Close leaves it
+// blocked, as the children it started may still be alive.
+func forker(reqC <-chan forkReq) {
+	runtime.LockOSThread()
+	for req := range reqC {
+		p, err := os.StartProcess(req.path, req.argv, req.attr)
+		req.reply <- forkReply{p, err}
+	}
 }
 
 // Close stops the reaping loop.
@@ -120,7 +156,16 @@ type Attr struct {
 	// NewGroup puts the process in a process group of its own, whose id is
 	// its pid.
 	NewGroup bool
+	// UseCgroupFD starts the process in the cgroup v2 whose directory
+	// CgroupFD is open on (CLONE_INTO_CGROUP, Linux 5.7+).
+	UseCgroupFD bool
+	CgroupFD    int
 }
+
+// ParentDeathSignal is what every process relay starts gets when relay
+// dies, however it dies: a generation does not outlive relay holding its
+// port.
+const ParentDeathSignal = syscall.SIGKILL
 
 // Start starts a process whose exit the reaper will report.
 func (r *Reaper) Start(path string, argv []string, attr Attr) (*Process, error) {
@@ -128,14 +173,22 @@ func (r *Reaper) Start(path string, argv []string, attr Attr) (*Process, error) 
 		Dir:   attr.Dir,
 		Env:   attr.Env,
 		Files: attr.Files,
-		Sys:   &syscall.SysProcAttr{Setpgid: attr.NewGroup},
+		Sys: &syscall.SysProcAttr{
+			Setpgid:     attr.NewGroup,
+			Pdeathsig:   ParentDeathSignal,
+			UseCgroupFD: attr.UseCgroupFD,
+			CgroupFD:    attr.CgroupFD,
+		},
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	op, err := os.StartProcess(path, argv, pa)
-	if err != nil {
-		return nil, err
+	reply := make(chan forkReply, 1)
+	r.forkC <- forkReq{path: path, argv: argv, attr: pa, reply: reply}
+	fr := <-reply
+	if fr.err != nil {
+		return nil, fr.err
 	}
+	op := fr.proc
 	p := &Process{Pid: op.Pid, proc: op, doneC: make(chan struct{}), group: attr.NewGroup}
 	r.waiters[op.Pid] = p
 	return p, nil
@@ -205,6 +258,47 @@ func (p *Process) GroupAlive() bool {
 	}
 	err := unix.Kill(-p.Pid, 0)
 	return err == nil || errors.Is(err, unix.EPERM)
+}
+
+// GroupSize counts the processes of the group the process leads (1 or 0
+// for a process that leads none), from /proc.
+func (p *Process) GroupSize() int {
+	if !p.group {
+		if p.GroupAlive() {
+			return 1
+		}
+		return 0
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range ents {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && pgid(pid) == p.Pid {
+			n++
+		}
+	}
+	return n
+}
+
+// pgid is pid's process group, from /proc/PID/stat; 0 if it is gone.
+func pgid(pid int) int {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	// PID (COMM) STATE PPID PGRP ...; COMM may hold spaces and parens.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	f := bytes.Fields(b[i+1:])
+	if len(f) < 3 {
+		return 0
+	}
+	n, _ := strconv.Atoi(string(f[2]))
+	return n
 }
 
 // Status is how a process ended.

@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -74,17 +75,21 @@ func parseTakeover(arg string) (Takeover, error) {
 }
 
 // ShimArgv returns the program and argv that start path with argv through the
-// exec shim. argv[0] is what the child will see as its own argv[0].
+// exec shim. argv[0] is what the child will see as its own argv[0]. The shim
+// checks that its parent is still the calling relay (see RunShim).
 func ShimArgv(path string, argv []string, t Takeover) (string, []string) {
-	return selfExe, append([]string{"relay-exec-shim", shimCommand, t.arg(), path}, argv...)
+	return selfExe, append([]string{"relay-exec-shim", shimCommand, t.arg(), strconv.Itoa(os.Getpid()), path}, argv...)
 }
+
+// noParent is the shim's parent argument when it has no relay to outlive.
+const noParent = "-"
 
 // ShimLauncher returns the argv that makes the relay binary at relay run
 // path through the exec shim without a takeover; the caller appends path's
 // argv (argv[0] first). Tests use it to start relay itself the way systemd
 // would, with LISTEN_PID set to its own pid.
 func ShimLauncher(relay, path string) []string {
-	return []string{relay, shimCommand, Takeover{}.arg(), path}
+	return []string{relay, shimCommand, Takeover{}.arg(), noParent, path}
 }
 
 // IsShim reports whether args (os.Args) ask for the exec shim.
@@ -93,23 +98,32 @@ func IsShim(args []string) bool {
 }
 
 // RunShim is the exec shim. args is os.Args: [argv0, shimCommand, takeover,
-// path, argv...]. Go cannot learn a child's pid before it runs, so relay
+// parent, path, argv...]. Go cannot learn a child's pid before it runs, so relay
 // starts this shim, which sets LISTEN_PID to its own pid and replaces itself
 // with path. execve keeps the pid, so LISTEN_PID is the server's own pid. The
 // passed sockets at fds 3.. are left alone: they are not close-on-exec, and
 // every other fd relay had is. With a takeover fd, the shim first installs
 // the bind takeover filter, which execve keeps.
 //
+// parent is relay's pid, or "-". The shim makes sure it has a parent-death
+// signal (SIGKILL) and that its parent is still that relay, closing the
+// race with a relay that died before the signal was set; execve keeps the
+// signal (only a set-user-ID or set-group-ID exec clears it), so the server
+// dies with relay.
+//
 // RunShim returns only on failure.
 func RunShim(args []string) error {
-	if !IsShim(args) || len(args) < 5 {
-		return errors.New("exec shim: usage: relay " + shimCommand + " TAKEOVER PATH ARGV0 [ARG...]")
+	if !IsShim(args) || len(args) < 6 {
+		return errors.New("exec shim: usage: relay " + shimCommand + " TAKEOVER PARENT PATH ARGV0 [ARG...]")
 	}
 	t, err := parseTakeover(args[2])
 	if err != nil {
 		return err
 	}
-	path, argv := args[3], args[4:]
+	if err := checkParent(args[3]); err != nil {
+		return err
+	}
+	path, argv := args[4], args[5:]
 	env := os.Environ()
 	out := env[:0]
 	for _, kv := range env {
@@ -148,6 +162,28 @@ func RunShim(args []string) error {
 		}
 		return fmt.Errorf("exec %s: %w", path, err)
 	}
+}
+
+// checkParent gives the shim a parent-death signal if it has none, and
+// fails if its parent is no longer the relay whose pid is parent.
+func checkParent(parent string) error {
+	if parent == noParent {
+		return nil
+	}
+	want, err := strconv.Atoi(parent)
+	if err != nil || want <= 0 {
+		return fmt.Errorf("exec shim: bad parent argument %q", parent)
+	}
+	var sig int
+	if err := unix.Prctl(unix.PR_GET_PDEATHSIG, uintptr(unsafe.Pointer(&sig)), 0, 0, 0); err != nil || sig == 0 {
+		if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0); err != nil {
+			return fmt.Errorf("exec shim: setting the parent-death signal: %w", err)
+		}
+	}
+	if got := os.Getppid(); got != want {
+		return fmt.Errorf("exec shim: relay (pid %d) is gone (parent is now pid %d); not starting the server", want, got)
+	}
+	return nil
 }
 
 // CloseOnExecFrom marks every fd from lowest up close-on-exec, so that no fd

@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/relaysh/relay/cgroup"
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/sockets"
@@ -69,7 +70,11 @@ type Config struct {
 	// Reaper starts the children and the check commands, and reaps
 	// them; New requires it.
 	Reaper *reaper.Reaper
-	Log    *slog.Logger
+	// Cgroups, if not nil, is relay's cgroup: each generation runs in a
+	// cgroup of its own there, and stopping a generation kills all of
+	// it. Nil contains generations by process group only.
+	Cgroups *cgroup.Tree
+	Log     *slog.Logger
 
 	// Observer hears what a service manager needs to know; nil for
 	// nobody.

@@ -5,6 +5,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/relaysh/relay/cgroup"
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/socketpass"
@@ -21,6 +22,9 @@ type env struct {
 	// orphans receives a value after processes relay did not start
 	// itself were reaped: a lingering group may have emptied.
 	orphans <-chan struct{}
+	// contain makes the cgroup of generation n; nil where relay has no
+	// cgroup, and generations are contained by process group only.
+	contain func(n int) (container, error)
 	// ready is the readiness check of a starting child: nil once it is
 	// ready, or an error that wraps ctx's error once ctx ends.
 	ready func(ctx context.Context, ch health.Child) error
@@ -53,12 +57,39 @@ type process interface {
 	SignalGroup(sig syscall.Signal) error
 	// GroupAlive reports whether any process of its group is alive.
 	GroupAlive() bool
+	// GroupSize counts the processes of its group.
+	GroupSize() int
 	// Done is closed once the process has exited and been reaped.
 	Done() <-chan struct{}
 	// Status is how it exited, once Done is closed.
 	Status() reaper.Status
 	// pid is its process id.
 	pid() int
+}
+
+// container is a generation's cgroup as the state machine sees it.
+// *cgroup.Group is one.
+type container interface {
+	// FD is the cgroup's directory fd for the start, until CloseFD.
+	FD() int
+	CloseFD()
+	// Add moves pid in: for kernels without CLONE_INTO_CGROUP.
+	Add(pid int) error
+	// Count is the number of processes in it.
+	Count() int
+	// Populated reports whether any process is in it.
+	Populated() bool
+	// Signal sends sig to every process in it.
+	Signal(sig syscall.Signal) error
+	// Kill kills every process in it.
+	Kill() error
+	// WaitEmpty returns once it has no process (true), or once done is
+	// closed.
+	WaitEmpty(done <-chan struct{}) bool
+	// Remove removes it, once empty.
+	Remove() error
+	// Path is its directory, for the logs.
+	Path() string
 }
 
 // reaperProcess is a process started by the reaper.
@@ -68,9 +99,14 @@ func (p reaperProcess) pid() int { return p.Pid }
 
 // reaperEnv is the production env: processes from rp, the real clock, and
 // package health's checks of spec.
-func reaperEnv(rp *reaper.Reaper, spec health.Spec, baseEnv []string) env {
+func reaperEnv(rp *reaper.Reaper, spec health.Spec, baseEnv []string, tree *cgroup.Tree) env {
 	checker := health.NewChecker(spec, rp, socketpass.ChildEnv(baseEnv, nil))
+	var contain func(int) (container, error)
+	if tree != nil {
+		contain = func(n int) (container, error) { return tree.NewGroup(n) }
+	}
 	return env{
+		contain: contain,
 		start: func(path string, argv []string, attr reaper.Attr) (process, error) {
 			p, err := rp.Start(path, argv, attr)
 			if err != nil {

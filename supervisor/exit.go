@@ -22,15 +22,19 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		w.close()
 	}
 	g.exitWatchers = nil
-	if g.proc.GroupAlive() {
-		// Processes of its group outlived it: stop them too.
+	if lingers(g) {
+		// Processes of its group (or cgroup) outlived it: stop them too.
 		if prev != Stopping {
-			signalGroup(g, s.cfg.StopSignal)
+			s.sendStop(g, signalLeft)
 		}
 		s.armKill(g)
+		s.watchEmpty(g)
 		gs.lingering = append(gs.lingering, g)
-	} else if g.killTimer != nil {
-		g.killTimer.Stop()
+	} else {
+		if g.killTimer != nil {
+			g.killTimer.Stop()
+		}
+		forget(g)
 	}
 
 	// Its sockets go back to the steering groups before anything below
@@ -172,14 +176,19 @@ func (s *Supervisor) onReplaceDue(seq int) {
 func (s *Supervisor) checkLingering() {
 	kept := s.gens.lingering[:0]
 	for _, g := range s.gens.lingering {
-		if g.proc.GroupAlive() {
+		if lingers(g) {
 			kept = append(kept, g)
 			continue
 		}
 		if g.killTimer != nil {
 			g.killTimer.Stop()
 		}
-		g.log.Debug("process group gone")
+		if g.cg != nil {
+			g.log.Debug("cgroup empty", "cgroup", g.cg.Path())
+		} else {
+			g.log.Debug("process group gone")
+		}
+		forget(g)
 	}
 	s.gens.lingering = kept
 }

@@ -24,7 +24,8 @@ type fakeProc struct {
 	argv []string
 
 	mu       sync.Mutex
-	signals  []string // "TERM" to the process, "group TERM" to its group
+	signals  []string // "TERM" to the process, "group TERM" to its group; no CONT
+	seq      []string // every signal, CONT too, in order
 	changed  chan struct{}
 	done     chan struct{}
 	status   reaper.Status
@@ -68,8 +69,24 @@ func (p *fakeProc) GroupAlive() bool {
 	return !p.exited || p.lingers
 }
 
-// record notes a signal; p.mu is held.
+// GroupSize is 1 while the process or its group lives.
+func (p *fakeProc) GroupSize() int {
+	if p.GroupAlive() {
+		return 1
+	}
+	return 0
+}
+
+// record notes a signal; p.mu is held. The SIGCONT that follows each stop
+// signal is kept apart, in seq only, so that the tests of which signals
+// a child gets need not name it.
 func (p *fakeProc) record(s string) {
+	p.seq = append(p.seq, s)
+	if strings.HasSuffix(s, "CONT") {
+		close(p.changed)
+		p.changed = make(chan struct{})
+		return
+	}
 	p.signals = append(p.signals, s)
 	close(p.changed)
 	p.changed = make(chan struct{})
@@ -119,6 +136,29 @@ func (p *fakeProc) waitSignals(t *testing.T, want ...string) {
 	for {
 		p.mu.Lock()
 		got, changed := slices.Clone(p.signals), p.changed
+		p.mu.Unlock()
+		if len(got) >= len(want) {
+			if !slices.Equal(got, want) {
+				t.Fatalf("pid %d got signals %q, want %q", p.id, got, want)
+			}
+			return
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			t.Fatalf("pid %d got signals %q, want %q", p.id, got, want)
+		}
+	}
+}
+
+// waitSeq waits until p has had as many signals as want, CONT included,
+// and checks that they are want, in order.
+func (p *fakeProc) waitSeq(t *testing.T, want ...string) {
+	t.Helper()
+	deadline := time.After(waitLimit)
+	for {
+		p.mu.Lock()
+		got, changed := slices.Clone(p.seq), p.changed
 		p.mu.Unlock()
 		if len(got) >= len(want) {
 			if !slices.Equal(got, want) {

@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,6 +13,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
@@ -58,6 +61,11 @@ type generation struct {
 	failure error
 	// killTimer sends SIGKILL to the group after the stop timeout.
 	killTimer timer
+	// cg is its cgroup; nil where generations are contained by process
+	// group only.
+	cg container
+	// watching: a goroutine waits for cg to empty (watchEmpty).
+	watching bool
 	status    reaper.Status
 	// exitWatchers follow the restart that retired this generation, and
 	// are told when it exits.
@@ -129,7 +137,7 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 	}
 	path, argv := socketpass.ShimArgv(cmd.Path, args, shim)
 	g.started = s.env.now()
-	g.proc, err = s.env.start(path, argv, reaper.Attr{Dir: s.cfg.Dir, Env: childEnv, Files: files, NewGroup: true})
+	g.proc, err = s.start(g, path, argv, reaper.Attr{Dir: s.cfg.Dir, Env: childEnv, Files: files, NewGroup: true})
 	if err != nil {
 		pr.Close()
 		if g.takeover != nil {
@@ -167,6 +175,37 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		s.post(exitEvent{g: g, status: g.proc.Status()})
 	}()
 	return g, nil
+}
+
+// start starts generation g's process, in a cgroup of its own where relay
+// has cgroups: born in it (CLONE_INTO_CGROUP), or moved in at once on a
+// kernel without that.
+func (s *Supervisor) start(g *generation, path string, argv []string, attr reaper.Attr) (process, error) {
+	if s.env.contain == nil {
+		return s.env.start(path, argv, attr)
+	}
+	cg, err := s.env.contain(g.n)
+	if err != nil {
+		return nil, err
+	}
+	defer cg.CloseFD()
+	attr.UseCgroupFD, attr.CgroupFD = true, cg.FD()
+	p, err := s.env.start(path, argv, attr)
+	if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.E2BIG) {
+		// Linux before 5.7 has no CLONE_INTO_CGROUP (clone3).
+		attr.UseCgroupFD, attr.CgroupFD = false, 0
+		if p, err = s.env.start(path, argv, attr); err == nil {
+			if aerr := cg.Add(p.pid()); aerr != nil {
+				s.cfg.Log.Warn("generation left outside its cgroup", "gen", g.n, "pid", p.pid(), "err", aerr)
+			}
+		}
+	}
+	if err != nil {
+		cg.Remove()
+		return nil, err
+	}
+	g.cg = cg
+	return p, nil
 }
 
 // startCheck runs the readiness check of a starting generation and posts

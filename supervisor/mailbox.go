@@ -67,6 +67,8 @@ type (
 	killEvent struct{ g *generation }
 	// replaceEvent: the backoff before replacement number seq passed.
 	replaceEvent struct{ seq int }
+	// emptiedEvent: a lingering generation's cgroup has no process left.
+	emptiedEvent struct{}
 )
 
 func (ev exitEvent) handleEvent(s *Supervisor)      { s.onExit(ev.g, ev.status) }
@@ -75,6 +77,7 @@ func (ev preflightEvent) handleEvent(s *Supervisor) { s.onPreflight(ev.run, ev.e
 func (ev drainEvent) handleEvent(s *Supervisor)     { s.onDrainEnd(ev.run) }
 func (ev killEvent) handleEvent(s *Supervisor)      { s.onKillTimeout(ev.g) }
 func (ev replaceEvent) handleEvent(s *Supervisor)   { s.onReplaceDue(ev.seq) }
+func (emptiedEvent) handleEvent(s *Supervisor)      { s.checkLingering() }
 
 // post delivers an event from a helper goroutine, unless Run has returned.
 func (s *Supervisor) post(ev event) {

@@ -30,6 +30,9 @@ type GenerationStatus struct {
 	// socket: "fd" (inherited, LISTEN_FDS) or "bind" (its own bind,
 	// taken over by relay).
 	Sockets map[string]string
+	// Processes counts its processes: those of its cgroup, or of its
+	// process group where relay has no cgroups.
+	Processes int
 }
 
 // RestartCounts counts restarts since relay started. Crash replacements
@@ -78,6 +81,7 @@ func (s *Supervisor) status() Status {
 		gs := GenerationStatus{
 			Generation: g.n, Pid: g.pid(), State: g.state, Started: g.started,
 			AgeSeconds: now.Sub(g.started).Seconds(), Command: g.cmd.Args, Sockets: s.tookSockets(g),
+			Processes: processes(g),
 		}
 		if !g.readyAt.IsZero() {
 			gs.ReadyAfterMs = ms(g.readyAt.Sub(g.started))

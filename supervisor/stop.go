@@ -59,7 +59,7 @@ func (s *Supervisor) beginStop(now bool) {
 func (s *Supervisor) stopGen(g *generation) {
 	g.state = Stopping
 	g.log.Info("stopping generation", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
-	signalGroup(g, s.cfg.StopSignal)
+	s.sendStop(g, signalGroup)
 	s.armKill(g)
 }
 
@@ -70,10 +70,15 @@ func (s *Supervisor) armKill(g *generation) {
 }
 
 func (s *Supervisor) onKillTimeout(g *generation) {
-	if g.state == Exited && !g.proc.GroupAlive() {
+	if g.state == Exited && !lingers(g) {
 		return
 	}
-	g.log.Warn("did not stop within the stop timeout; killing its process group",
-		"stop_timeout", s.cfg.StopTimeout, "signal", "KILL")
+	if g.cg != nil {
+		g.log.Warn("did not stop within the stop timeout; killing its cgroup",
+			"stop_timeout", s.cfg.StopTimeout, "signal", "KILL", "cgroup", g.cg.Path(), "processes", g.cg.Count())
+	} else {
+		g.log.Warn("did not stop within the stop timeout; killing its process group",
+			"stop_timeout", s.cfg.StopTimeout, "signal", "KILL")
+	}
 	signalGroup(g, syscall.SIGKILL)
 }

@@ -57,7 +57,7 @@ type generations struct {
 	serving   *generation
 	starting  *generation
 	old       []*generation // draining or stopping; main process alive
-	lingering []*generation // main process gone; its group is not
+	lingering []*generation // main process gone; its group (or cgroup) is not
 	everReady bool          // a generation has been ready once
 	lastExit  *generation
 }
@@ -96,7 +96,7 @@ func New(cfg Config) (*Supervisor, error) {
 		if cfg.Reaper == nil {
 			return env{}, errors.New("no reaper")
 		}
-		return reaperEnv(cfg.Reaper, cfg.Health, cfg.Env), nil
+		return reaperEnv(cfg.Reaper, cfg.Health, cfg.Env, cfg.Cgroups), nil
 	})
 }
 
@@ -203,7 +203,15 @@ func (s *Supervisor) alive() []*generation {
 	return append(gs, s.gens.old...)
 }
 
+// signalGroup sends sig to g's process group; SIGKILL kills all of g's
+// cgroup instead, where it has one (see contain.go).
 func signalGroup(g *generation, sig syscall.Signal) {
+	if sig == syscall.SIGKILL && g.cg != nil {
+		if err := g.cg.Kill(); err != nil {
+			g.log.Warn("killing cgroup", "cgroup", g.cg.Path(), "err", err)
+		}
+		return
+	}
 	if err := g.proc.SignalGroup(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		g.log.Warn("signalling process group", "signal", signals.Name(sig), "err", err)
 	}

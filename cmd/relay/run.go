@@ -6,6 +6,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/relaysh/relay/cgroup"
 	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
@@ -65,6 +66,12 @@ func runAction(c *cli.Context) error {
 	if err := socketpass.CloseOnExecFrom(socketpass.FirstFD); err != nil {
 		return err
 	}
+	// Before the sockets: what a relay of this name killed with SIGKILL
+	// left in its cgroup may hold the port.
+	cg := cgroup.Setup(opts.name, log)
+	if cg != nil {
+		defer cg.Close()
+	}
 	passed, err := takePassed(log, opts)
 	if err != nil {
 		return err
@@ -86,7 +93,7 @@ func runAction(c *cli.Context) error {
 		return err
 	}
 	defer rp.Close()
-	sup, err := newSupervisor(opts, set, notifyDir, rp, log, stderr, notifier)
+	sup, err := newSupervisor(opts, set, notifyDir, rp, cg, log, stderr, notifier)
 	if err != nil {
 		return err
 	}

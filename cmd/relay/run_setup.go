@@ -7,6 +7,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/relaysh/relay/cgroup"
 	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/listener"
@@ -70,7 +71,7 @@ func adviseHealth(log *slog.Logger, opts runOptions, set *sockets.Set) error {
 }
 
 // newSupervisor makes the supervisor of the generations on set.
-func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reaper.Reaper,
+func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reaper.Reaper, cg *cgroup.Tree,
 	log *slog.Logger, stderr io.Writer, notifier *sdnotify.Notifier) (*supervisor.Supervisor, error) {
 	drain := opts.drain
 	if !opts.drainSet && set.Steered() {
@@ -90,6 +91,7 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 		MaxDraining:   opts.maxDraining,
 		RuntimeDir:    notifyDir,
 		Reaper:        rp,
+		Cgroups:       cg,
 		Log:           log,
 		Stderr:        stderr,
 		Observer:      notifier,

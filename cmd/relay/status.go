@@ -83,14 +83,14 @@ func printStatus(w io.Writer, d *control.StatusDoc) {
 	tw.Flush()
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "GEN\tPID\tSTATE\tAGE\tREADY AFTER\tSOCKETS\tCOMMAND")
+	fmt.Fprintln(tw, "GEN\tPID\tPROCS\tSTATE\tAGE\tREADY AFTER\tSOCKETS\tCOMMAND")
 	for _, g := range d.Generations {
 		ready := "-"
 		if g.ReadyAfterMs > 0 {
 			ready = msDuration(g.ReadyAfterMs).String()
 		}
 		age := time.Duration(g.AgeSeconds * float64(time.Second)).Round(time.Second)
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\n", g.Generation, g.Pid, g.State, age, ready, socketsTaken(d.Listeners, g.Sockets), strings.Join(g.Command, " "))
+		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", g.Generation, g.Pid, g.Processes, g.State, age, ready, socketsTaken(d.Listeners, g.Sockets), strings.Join(g.Command, " "))
 	}
 	tw.Flush()
 	r := d.Restarts
