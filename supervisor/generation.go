@@ -66,7 +66,7 @@ type generation struct {
 	cg container
 	// watching: a goroutine waits for cg to empty (watchEmpty).
 	watching bool
-	status    reaper.Status
+	status   reaper.Status
 	// exitWatchers follow the restart that retired this generation, and
 	// are told when it exits.
 	exitWatchers []*waiter

@@ -66,15 +66,15 @@ func runAction(c *cli.Context) error {
 	if err := socketpass.CloseOnExecFrom(socketpass.FirstFD); err != nil {
 		return err
 	}
+	passed, err := takePassed(log, opts)
+	if err != nil {
+		return err
+	}
 	// Before the sockets: what a relay of this name killed with SIGKILL
 	// left in its cgroup may hold the port.
 	cg := cgroup.Setup(opts.name, log)
 	if cg != nil {
 		defer cg.Close()
-	}
-	passed, err := takePassed(log, opts)
-	if err != nil {
-		return err
 	}
 	notifier := sdnotify.New(log)
 	defer notifier.Close(notifyFlushTimeout)
