@@ -4,6 +4,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -176,5 +177,40 @@ func waitUntil(t *testing.T, r *Reaper, what string, cond func() bool) {
 		case <-deadline:
 			t.Fatalf("timed out waiting for %s", what)
 		}
+	}
+}
+
+// A child's parent-death signal is tied to the thread that forked it: the
+// reaper forks from a thread of its own, so a child started from a
+// goroutine whose thread then ends (a goroutine that exits locked to its
+// thread takes the thread with it) lives on, and one is killed when relay
+// dies (the integration tests kill relay).
+func TestChildOutlivesTheCallersThread(t *testing.T) {
+	r := newReaper(t)
+	started := make(chan *Process, 1)
+	threadGone := make(chan struct{})
+	go func() {
+		defer close(threadGone)
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		started <- start(t, r, true, []string{"/bin/sleep", "60"})
+	}()
+	p := <-started
+	<-threadGone
+	// The thread ends after the goroutine; a child tied to it would get
+	// SIGKILL then. Whatever happens next to the child shows in its
+	// state, so start a second child from the test's own goroutine,
+	// whose reap proves the first's SIGKILL would have been delivered.
+	q := start(t, r, false, []string{"/bin/true"})
+	waitDone(t, q)
+	select {
+	case <-p.Done():
+		t.Fatalf("the child exited (%s) when the thread that asked for it ended", p.Status())
+	default:
+	}
+	if err := p.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if st := waitDone(t, p); !st.WaitStatus.Signaled() || st.WaitStatus.Signal() != syscall.SIGKILL {
+		t.Errorf("status %s, want our SIGKILL", st)
 	}
 }

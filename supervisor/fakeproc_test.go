@@ -69,6 +69,13 @@ func (p *fakeProc) GroupAlive() bool {
 	return !p.exited || p.lingers
 }
 
+// exitedNow reports whether the process has exited.
+func (p *fakeProc) exitedNow() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.exited
+}
+
 // GroupSize is 1 while the process or its group lives.
 func (p *fakeProc) GroupSize() int {
 	if p.GroupAlive() {
@@ -132,33 +139,24 @@ func (p *fakeProc) closeStderr() {
 // that they are want, in order.
 func (p *fakeProc) waitSignals(t *testing.T, want ...string) {
 	t.Helper()
-	deadline := time.After(waitLimit)
-	for {
-		p.mu.Lock()
-		got, changed := slices.Clone(p.signals), p.changed
-		p.mu.Unlock()
-		if len(got) >= len(want) {
-			if !slices.Equal(got, want) {
-				t.Fatalf("pid %d got signals %q, want %q", p.id, got, want)
-			}
-			return
-		}
-		select {
-		case <-changed:
-		case <-deadline:
-			t.Fatalf("pid %d got signals %q, want %q", p.id, got, want)
-		}
-	}
+	p.waitList(t, func() []string { return p.signals }, want)
 }
 
 // waitSeq waits until p has had as many signals as want, CONT included,
 // and checks that they are want, in order.
 func (p *fakeProc) waitSeq(t *testing.T, want ...string) {
 	t.Helper()
+	p.waitList(t, func() []string { return p.seq }, want)
+}
+
+// waitList waits until list (read under p.mu) is as long as want, and
+// checks that it is want.
+func (p *fakeProc) waitList(t *testing.T, list func() []string, want []string) {
+	t.Helper()
 	deadline := time.After(waitLimit)
 	for {
 		p.mu.Lock()
-		got, changed := slices.Clone(p.seq), p.changed
+		got, changed := slices.Clone(list()), p.changed
 		p.mu.Unlock()
 		if len(got) >= len(want) {
 			if !slices.Equal(got, want) {

@@ -75,9 +75,11 @@ type harness struct {
 
 	mu         sync.Mutex
 	procs      []*fakeProc
-	startErr   error // the next start fails with it
-	holdStderr bool  // children keep their stderr open until closeStderr
-	manual     bool  // the test plays Run's loop (see step)
+	cgroups    []*fakeCgroup // by generation, from 1, when contained
+	attrs      []reaper.Attr // each start's
+	startErr   error         // the next start fails with it
+	holdStderr bool          // children keep their stderr open until closeStderr
+	manual     bool          // the test plays Run's loop (see step)
 }
 
 type runResult struct {
@@ -101,6 +103,13 @@ var testCommand = Command{Path: "/srv/server", Args: []string{"server", "-versio
 // configuration, changed by tweak if not nil. Run it with run.
 func newHarness(t *testing.T, tweak func(*Config)) *harness {
 	t.Helper()
+	return newHarnessContained(t, tweak, false)
+}
+
+// newHarnessContained is newHarness, with each generation in a fake
+// cgroup (contain_test.go) if contained.
+func newHarnessContained(t *testing.T, tweak func(*Config), contained bool) *harness {
+	t.Helper()
 	h := &harness{
 		t: t, clock: newFakeClock(), obs: newObserver(),
 		startedC: make(chan *fakeProc, 64), checkC: make(chan *fakeCheck, 64), preflightC: make(chan *fakeCheck, 64),
@@ -122,7 +131,12 @@ func newHarness(t *testing.T, tweak func(*Config)) *harness {
 		tweak(&cfg)
 	}
 	sup, err := newSupervisor(cfg, func(Config) (env, error) {
+		var contain func(int) (container, error)
+		if contained {
+			contain = h.newCgroup
+		}
 		return env{
+			contain:     contain,
 			start:       h.start,
 			orphans:     h.orphanC,
 			ready:       h.ready,
@@ -148,6 +162,7 @@ func (h *harness) start(path string, argv []string, attr reaper.Attr) (process, 
 		return nil, err
 	}
 	p := &fakeProc{id: 1000 + len(h.procs) + 1, argv: argv, changed: make(chan struct{}), done: make(chan struct{})}
+	h.attrs = append(h.attrs, attr)
 	if h.holdStderr {
 		fd, err := unix.FcntlInt(attr.Files[2].Fd(), unix.F_DUPFD_CLOEXEC, 0)
 		if err != nil {
@@ -156,6 +171,9 @@ func (h *harness) start(path string, argv []string, attr reaper.Attr) (process, 
 		p.stderrFD = os.NewFile(uintptr(fd), "fake child stderr")
 	}
 	h.procs = append(h.procs, p)
+	if len(h.cgroups) == len(h.procs) {
+		h.cgroups[len(h.procs)-1].main = p // its cgroup, just made
+	}
 	h.startedC <- p
 	return p, nil
 }

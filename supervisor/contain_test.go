@@ -1,0 +1,211 @@
+package supervisor
+
+import (
+	"fmt"
+	"slices"
+	"sync"
+	"syscall"
+	"testing"
+
+	"github.com/relaysh/relay/signals"
+)
+
+// fakeCgroup is a generation's cgroup: its members are the main process
+// (while the fakeProc lives) and the others a test puts in.
+type fakeCgroup struct {
+	n    int
+	main *fakeProc // set at the start
+
+	mu       sync.Mutex
+	others   int           // processes besides the main one
+	signals  []string      // what Signal and Kill sent its members
+	removedC chan struct{} // closed by Remove
+	fdClosed bool
+	emptyC   chan struct{} // closed once it has no process
+}
+
+func (h *harness) newCgroup(n int) (container, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	c := &fakeCgroup{n: n, emptyC: make(chan struct{}), removedC: make(chan struct{})}
+	h.cgroups = append(h.cgroups, c)
+	return c, nil
+}
+
+// cgroup is generation n's, once it started.
+func (h *harness) cgroup(n int) *fakeCgroup {
+	h.t.Helper()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if n > len(h.cgroups) {
+		h.t.Fatalf("generation %d has no cgroup", n)
+	}
+	return h.cgroups[n-1]
+}
+
+const fakeCgroupFD = 99
+
+func (c *fakeCgroup) FD() int           { return fakeCgroupFD }
+func (c *fakeCgroup) Add(int) error     { return nil }
+func (c *fakeCgroup) Path() string      { return fmt.Sprintf("/cg/gen-%d", c.n) }
+func (c *fakeCgroup) Populated() bool   { return c.Count() > 0 }
+func (c *fakeCgroup) CloseFD()          { c.mu.Lock(); c.fdClosed = true; c.mu.Unlock() }
+func (c *fakeCgroup) mainAlive() bool   { return c.main != nil && !c.main.exitedNow() }
+func (c *fakeCgroup) got() []string     { c.mu.Lock(); defer c.mu.Unlock(); return slices.Clone(c.signals) }
+func (c *fakeCgroup) fdWasClosed() bool { c.mu.Lock(); defer c.mu.Unlock(); return c.fdClosed }
+
+func (c *fakeCgroup) Count() int {
+	c.mu.Lock()
+	n := c.others
+	c.mu.Unlock()
+	if c.mainAlive() {
+		n++
+	}
+	return n
+}
+
+func (c *fakeCgroup) Signal(sig syscall.Signal) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.signals = append(c.signals, signals.Name(sig))
+	return nil
+}
+
+// Kill empties the cgroup; the main process, if alive, is killed too.
+func (c *fakeCgroup) Kill() error {
+	c.mu.Lock()
+	c.signals = append(c.signals, "kill")
+	c.mu.Unlock()
+	if c.mainAlive() {
+		c.main.exit(killed(syscall.SIGKILL), false)
+	}
+	c.setOthers(0)
+	return nil
+}
+
+func (c *fakeCgroup) setOthers(n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.others = n
+	if n == 0 && (c.main == nil || c.main.exitedNow()) {
+		select {
+		case <-c.emptyC:
+		default:
+			close(c.emptyC)
+		}
+	}
+}
+
+func (c *fakeCgroup) WaitEmpty(done <-chan struct{}) bool {
+	select {
+	case <-c.emptyC:
+		return true
+	case <-done:
+		return false
+	}
+}
+
+func (c *fakeCgroup) Remove() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.others > 0 || c.mainAlive() {
+		return fmt.Errorf("cgroup %d busy", c.n)
+	}
+	close(c.removedC)
+	return nil
+}
+
+func (c *fakeCgroup) wasRemoved() bool {
+	select {
+	case <-c.removedC:
+		return true
+	default:
+		return false
+	}
+}
+
+// The stop signal is followed by SIGCONT, so that a stopped (SIGSTOP)
+// child can act on it: at relay's stop, and to the old generation of a
+// restart.
+func TestStopSignalThenCont(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, func(c *Config) { c.StopSignal = syscall.SIGQUIT })
+	p1, p2, _, _ := h.draining(RestartRequest{})
+	h.clock.advance(testDrain)
+	p1.waitSeq(t, "group QUIT", "group CONT")
+	p1.exit(exited(0), false)
+	h.sup.Stop(false)
+	p2.waitSeq(t, "group QUIT", "group CONT")
+	p2.exit(exited(0), false)
+	h.wait()
+}
+
+// With a cgroup, a generation starts in it, and the state machine treats
+// the cgroup as the generation: a process that left the process group
+// (setsid) keeps it lingering after its main process exits; the leftovers
+// get the stop signal and SIGCONT, then a kill of the whole cgroup after
+// the stop timeout; the cgroup is removed once empty, and Run returns only
+// then.
+func TestCgroupIsTheGeneration(t *testing.T) {
+	t.Parallel()
+	h := newHarnessContained(t, nil, true)
+	p1 := h.serving()
+	cg := h.cgroup(1)
+	if a := h.attrs[0]; !a.UseCgroupFD || a.CgroupFD != fakeCgroupFD {
+		t.Errorf("started with UseCgroupFD %v CgroupFD %d, want its cgroup's fd %d", a.UseCgroupFD, a.CgroupFD, fakeCgroupFD)
+	}
+	if !cg.fdWasClosed() {
+		t.Errorf("the cgroup's fd was not closed after the start")
+	}
+	cg.setOthers(2) // a setsid daemon and its child
+	if st := h.wantGens("1:serving"); st.Generations[0].Processes != 3 {
+		t.Errorf("status says %d processes, want 3", st.Generations[0].Processes)
+	}
+	h.sup.Stop(false)
+	p1.waitSignals(t, "group TERM")
+	p1.exit(exited(0), false)
+	h.waitLine("stopping") // the main process is gone; the cgroup lingers
+	if got := cg.got(); len(got) != 0 {
+		t.Errorf("after a stop, the leftovers of a generation told to stop got %q, want nothing more", got)
+	}
+	if cg.wasRemoved() {
+		t.Fatalf("the cgroup was removed while it had processes")
+	}
+	select {
+	case <-h.sup.Done():
+		t.Fatalf("Run returned while the generation's cgroup had processes")
+	default:
+	}
+	h.clock.advance(testStopTimeout)
+	h.wait()
+	if got := cg.got(); !slices.Equal(got, []string{"kill"}) {
+		t.Errorf("the cgroup got %q, want one kill", got)
+	}
+	if !cg.wasRemoved() {
+		t.Errorf("the empty cgroup was not removed")
+	}
+}
+
+// A serving generation whose main process exits on its own, leaving
+// processes in its cgroup: they get the stop signal and SIGCONT, then the
+// kill after the stop timeout, while a replacement starts.
+func TestCgroupLeftoversOfACrash(t *testing.T) {
+	t.Parallel()
+	h := newHarnessContained(t, nil, true)
+	h.serving()
+	cg := h.cgroup(1)
+	cg.setOthers(1)
+	cg.main.exit(exited(3), false)
+	h.waitLine("no generation serving; replacement pending")
+	h.clock.waitTimer(t, testStopTimeout)
+	if got := cg.got(); !slices.Equal(got, []string{"TERM", "CONT"}) {
+		t.Errorf("the leftovers got %q, want TERM then CONT", got)
+	}
+	h.clock.advance(testRestartBackoff)
+	h.started()
+	h.clock.advance(testStopTimeout)
+	recv(t, cg.removedC, "the cgroup's removal")
+	if got := cg.got(); !slices.Equal(got, []string{"TERM", "CONT", "kill"}) {
+		t.Errorf("the leftovers got %q, want TERM, CONT, then the kill", got)
+	}
+}
