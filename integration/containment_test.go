@@ -252,3 +252,48 @@ func column(text, first, key, col string) string {
 	}
 	return ""
 }
+
+// Without cgroups (relay as uid 65534 may not write the cgroup it runs in)
+// relay says so, and finds the setsid daemon of a generation once it is
+// reparented to relay, by the RELAY_GENERATION in its environment: after a
+// restart and after relay stop, no daemon is left and the port is free.
+func TestContainmentFallbackKillsAdoptedOrphans(t *testing.T) {
+	const nobody = 65534
+	dir := t.TempDir()
+	for d := dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chown(dir, nobody, nobody); err != nil {
+		t.Fatal(err)
+	}
+	r := startRelayAs(t, nobody, nobody, append([]string{"--listen", "127.0.0.1:0", "--stop-timeout", "1s", "--"}, daemonizing(dir)...)...)
+	l, from := r.waitFor(0, 30*time.Second, "the containment line", func(l logLine) bool {
+		return strings.HasPrefix(l.str("msg"), "containment ")
+	})
+	if l.str("msg") != "containment process-group" || l.str("reason") == "" {
+		t.Fatalf("relay as uid %d logged %q (reason %q), want containment process-group with its reason", nobody, l.str("msg"), l.str("reason"))
+	}
+	addr := r.listenAddrs(1)[0].str("addr")
+	r.waitMsg(from, "generation ready", 1)
+	d1 := daemonPid(t, dir, 1)
+	if _, errOut, code := r.client("restart"); code != 0 {
+		t.Fatalf("relay restart: exit %d: %s", code, errOut)
+	}
+	waitUntil(t, 10*time.Second, "generation 1's daemon to be killed", func() bool { return processGone(d1) })
+	d2 := daemonPid(t, dir, 2)
+	if _, errOut, code := r.client("stop"); code != 0 {
+		t.Fatalf("relay stop: exit %d: %s", code, errOut)
+	}
+	r.wait(30 * time.Second)
+	if !dead(d2) {
+		t.Errorf("generation 2's daemon (pid %d) outlived relay stop", d2)
+	}
+	if !portFree(addr) {
+		t.Errorf("%s is still held after relay stop", addr)
+	}
+	if n := r.count("signalling processes that left the generation's process group"); n < 2 {
+		t.Errorf("relay signalled the daemons that left their process group %d times, want one per generation", n)
+	}
+}

@@ -19,6 +19,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/procfs"
 )
 
 // Reaper starts processes and collects the exit status of every child.
@@ -299,6 +301,41 @@ func pgid(pid int) int {
 	}
 	n, _ := strconv.Atoi(string(f[2]))
 	return n
+}
+
+// Adopted lists relay's living children that it did not start itself
+// (orphans of its children, reparented to relay as their subreaper) whose
+// environment sets key to value, leaving out those in process group
+// group: what is left of a generation that escaped its process group, by
+// the RELAY_GENERATION its environment was given.
+func (r *Reaper) Adopted(key, value string, group int) []int {
+	var out []int
+	for _, pid := range procfs.Children(os.Getpid()) {
+		r.mu.Lock()
+		_, ours := r.waiters[pid]
+		r.mu.Unlock()
+		if ours || pgid(pid) == group || !hasEnv(pid, key, value) {
+			continue
+		}
+		out = append(out, pid)
+	}
+	return out
+}
+
+// hasEnv reports whether the last key= in pid's initial environment is
+// key=value. A zombie's environment reads empty.
+func hasEnv(pid int, key, value string) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
+	if err != nil {
+		return false
+	}
+	found := false
+	for _, kv := range bytes.Split(b, []byte{0}) {
+		if v, ok := bytes.CutPrefix(kv, []byte(key+"=")); ok {
+			found = string(v) == value
+		}
+	}
+	return found
 }
 
 // Status is how a process ended.

@@ -5,22 +5,50 @@ import (
 	"os"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/relaysh/relay/signals"
 )
 
 // Containment: where relay has cgroups (Config.Cgroups), a generation is
 // all the processes of its cgroup, whatever they do with sessions and
-// process groups; elsewhere it is its process group. lingers, signalLeft,
-// watchEmpty and forget are the two kinds' one interface to the state
-// machine; signalGroup's SIGKILL kills the whole cgroup.
+// process groups. Elsewhere it is its process group, and the orphans of it
+// that relay, their subreaper, adopted with its RELAY_GENERATION in their
+// environment (env.adopted): a setsid daemon is found once its parent has
+// exited. lingers, signalLeft, processes, watchEmpty and forget are the
+// two kinds' one interface to the state machine; signalGroup's SIGKILL
+// kills the whole cgroup, or the group and the adopted orphans.
 
 // lingers reports whether any process of g is alive: in its cgroup, or in
-// its process group.
+// its process group or adopted.
 func lingers(g *generation) bool {
 	if g.cg != nil {
 		return g.cg.Populated()
 	}
-	return g.proc.GroupAlive()
+	return g.proc.GroupAlive() || len(adopted(g)) > 0
+}
+
+// adopted lists the orphans of g that left its process group and were
+// reparented to relay; none with a cgroup.
+func adopted(g *generation) []int {
+	if g.adopted == nil {
+		return nil
+	}
+	return g.adopted()
+}
+
+// signalAdopted sends sig to the orphans of g outside its process group.
+func signalAdopted(g *generation, sig syscall.Signal) {
+	pids := adopted(g)
+	if len(pids) == 0 {
+		return
+	}
+	g.log.Info("signalling processes that left the generation's process group", "signal", signals.Name(sig), "pids", pids)
+	for _, pid := range pids {
+		if err := unix.Kill(pid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
+			g.log.Warn("signalling an orphan of the generation", "signal", signals.Name(sig), "orphan_pid", pid, "err", err)
+		}
+	}
 }
 
 // sendStop sends the stop signal through send, then SIGCONT, as systemd
@@ -38,6 +66,9 @@ func (s *Supervisor) sendStop(g *generation, send func(*generation, syscall.Sign
 func signalLeft(g *generation, sig syscall.Signal) {
 	if g.cg == nil {
 		signalGroup(g, sig)
+		if sig != syscall.SIGKILL { // signalGroup's KILL took them
+			signalAdopted(g, sig)
+		}
 		return
 	}
 	if err := g.cg.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
@@ -65,7 +96,7 @@ func processes(g *generation) int {
 	if g.cg != nil {
 		return g.cg.Count()
 	}
-	return g.proc.GroupSize()
+	return g.proc.GroupSize() + len(adopted(g))
 }
 
 // forget removes the cgroup of g, which has no process left.

@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"context"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -25,6 +26,10 @@ type env struct {
 	// contain makes the cgroup of generation n; nil where relay has no
 	// cgroup, and generations are contained by process group only.
 	contain func(n int) (container, error)
+	// adopted lists the orphans of generation n reparented to relay
+	// that left the process group led by pid; nil for none. Only without
+	// cgroups, where it is how relay finds what escaped the group.
+	adopted func(n, pid int) []int
 	// ready is the readiness check of a starting child: nil once it is
 	// ready, or an error that wraps ctx's error once ctx ends.
 	ready func(ctx context.Context, ch health.Child) error
@@ -102,11 +107,14 @@ func (p reaperProcess) pid() int { return p.Pid }
 func reaperEnv(rp *reaper.Reaper, spec health.Spec, baseEnv []string, tree *cgroup.Tree) env {
 	checker := health.NewChecker(spec, rp, socketpass.ChildEnv(baseEnv, nil))
 	var contain func(int) (container, error)
+	adopted := func(n, pid int) []int { return rp.Adopted(health.EnvGeneration, strconv.Itoa(n), pid) }
 	if tree != nil {
 		contain = func(n int) (container, error) { return tree.NewGroup(n) }
+		adopted = nil
 	}
 	return env{
 		contain: contain,
+		adopted: adopted,
 		start: func(path string, argv []string, attr reaper.Attr) (process, error) {
 			p, err := rp.Start(path, argv, attr)
 			if err != nil {

@@ -66,6 +66,9 @@ type generation struct {
 	cg container
 	// watching: a goroutine waits for cg to empty (watchEmpty).
 	watching bool
+	// adopted lists its orphans outside its process group, reparented to
+	// relay; nil with a cgroup (see contain.go).
+	adopted func() []int
 	status   reaper.Status
 	// exitWatchers follow the restart that retired this generation, and
 	// are told when it exits.
@@ -147,6 +150,10 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 	}
 	ok = true
 	g.log = s.cfg.Log.With("gen", n, "pid", g.pid())
+	if s.env.adopted != nil && g.cg == nil {
+		pid := g.pid()
+		g.adopted = func() []int { return s.env.adopted(n, pid) }
+	}
 	g.pidForNotify.Store(int64(g.pid()))
 	if g.takeover != nil {
 		go s.serveTakeover(g, socks)

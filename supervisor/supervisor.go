@@ -204,7 +204,8 @@ func (s *Supervisor) alive() []*generation {
 }
 
 // signalGroup sends sig to g's process group; SIGKILL kills all of g's
-// cgroup instead, where it has one (see contain.go).
+// cgroup instead, where it has one, or else the orphans of g adopted
+// outside the group too (see contain.go).
 func signalGroup(g *generation, sig syscall.Signal) {
 	if sig == syscall.SIGKILL && g.cg != nil {
 		if err := g.cg.Kill(); err != nil {
@@ -214,6 +215,9 @@ func signalGroup(g *generation, sig syscall.Signal) {
 	}
 	if err := g.proc.SignalGroup(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		g.log.Warn("signalling process group", "signal", signals.Name(sig), "err", err)
+	}
+	if sig == syscall.SIGKILL {
+		signalAdopted(g, sig)
 	}
 }
 
