@@ -69,7 +69,7 @@ type generation struct {
 	// adopted lists its orphans outside its process group, reparented to
 	// relay; nil with a cgroup (see contain.go).
 	adopted func() []int
-	status   reaper.Status
+	status  reaper.Status
 	// exitWatchers follow the restart that retired this generation, and
 	// are told when it exits.
 	exitWatchers []*waiter
