@@ -40,7 +40,7 @@ refuses no connection.
 Signals to relay:
    HUP              restart: start a new generation on the same sockets, wait until it is
                     ready (--health), switch new connections to it, wait --drain, then send
-                    the old one --stop-signal and SIGKILL its process group after
+                    the old one --stop-signal and SIGKILL all of it (its cgroup) after
                     --stop-timeout.
                     A new generation that fails is killed; the old one is never touched.
    TERM, INT, QUIT  stop every generation gracefully and exit with the child's status.
