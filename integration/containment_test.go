@@ -253,21 +253,29 @@ func column(text, first, key, col string) string {
 	return ""
 }
 
-// Without cgroups (relay as uid 65534 may not write the cgroup it runs in)
-// relay says so, and finds the setsid daemon of a generation once it is
-// reparented to relay, by the RELAY_GENERATION in its environment: after a
-// restart and after relay stop, no daemon is left and the port is free.
-func TestContainmentFallbackKillsAdoptedOrphans(t *testing.T) {
-	const nobody = 65534
+// tempDirOf is a temporary directory owned by uid and gid, which they can
+// reach: its parents are made 0711.
+func tempDirOf(t *testing.T, uid, gid int) string {
+	t.Helper()
 	dir := t.TempDir()
 	for d := dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
 		if err := os.Chmod(d, 0o711); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := os.Chown(dir, nobody, nobody); err != nil {
+	if err := os.Chown(dir, uid, gid); err != nil {
 		t.Fatal(err)
 	}
+	return dir
+}
+
+// Without cgroups (relay as uid 65534 may not write the cgroup it runs in)
+// relay says so, and finds the setsid daemon of a generation once it is
+// reparented to relay, by the RELAY_GENERATION in its environment: after a
+// restart and after relay stop, no daemon is left and the port is free.
+func TestContainmentFallbackKillsAdoptedOrphans(t *testing.T) {
+	const nobody = 65534
+	dir := tempDirOf(t, nobody, nobody)
 	r := startRelayAs(t, nobody, nobody, append([]string{"--listen", "127.0.0.1:0", "--stop-timeout", "1s", "--"}, daemonizing(dir)...)...)
 	l, from := r.waitFor(0, 30*time.Second, "the containment line", func(l logLine) bool {
 		return strings.HasPrefix(l.str("msg"), "containment ")

@@ -390,15 +390,7 @@ func startRelayAs(t *testing.T, uid, gid int, args ...string) *relayProc {
 	if err != nil {
 		requireOrSkip(t, false, fmt.Sprintf("no setpriv (util-linux) to drop privileges with: %v", err))
 	}
-	base := t.TempDir()
-	for dir := base; dir != os.TempDir() && dir != "/"; dir = filepath.Dir(dir) {
-		if err := os.Chmod(dir, 0o711); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := os.Chown(base, uid, gid); err != nil {
-		t.Fatal(err)
-	}
+	base := tempDirOf(t, uid, gid)
 	ctl := filepath.Join(base, "ctl", "relay.sock")
 	wrap := []string{setpriv, "--reuid", strconv.Itoa(uid), "--regid", strconv.Itoa(gid), "--clear-groups", "--"}
 	// The later --control wins over the harness's, which is in a

@@ -39,15 +39,17 @@
 //	Draining  drain timer            stop signal, Stopping; its restart is done
 //	Draining  exits                  leaves the old ones; a restart waiting on
 //	Stopping                         --max-draining starts its generation
-//	Stopping  stop timeout           SIGKILL to its group
+//	Stopping  stop timeout           SIGKILL to its group (its whole cgroup, where
+//	                                 relay has cgroups: contain.go)
 //	any       Stop                   check cancelled; stop signal, Stopping (a
 //	                                 second Stop changes nothing)
 //	any       Stop(now)              SIGKILL to its group, lingering ones too
-//	Exited    orphans reaped         forgotten once its group is empty
+//	Exited    orphans reaped, or     forgotten once its group (or cgroup) is empty;
+//	          its cgroup emptied     its cgroup is removed
 //
-// An exited generation whose group still has processes lingers: its group
-// gets the stop signal (unless it had it) and SIGKILL after the stop
-// timeout. Run returns once relay stops and nothing is alive or
+// An exited generation whose group (or cgroup) still has processes
+// lingers: what is left gets the stop signal (unless it had it) and SIGKILL
+// after the stop timeout. Every stop signal is followed by SIGCONT. Run returns once relay stops and nothing is alive or
 // lingering; its Outcome is the exit status of the generation that served
 // when the stop began.
 //
