@@ -48,7 +48,15 @@ func daemonPid(t *testing.T, dir string, gen int) int {
 	t.Helper()
 	path := filepath.Join(dir, "daemon-"+strconv.Itoa(gen))
 	waitUntil(t, 30*time.Second, "the daemon's pid file "+path, func() bool { _, err := os.Stat(path); return err == nil })
-	return readPid(t, path)
+	pid := readPid(t, path)
+	// A failed test must not leave it behind (relay's cleanup ends only
+	// process groups); the pid is killed only while it is still the daemon.
+	t.Cleanup(func() {
+		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); string(b) == "sleep\x001000\x00" {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
+	return pid
 }
 
 // cgroupOf is the cgroup v2 path of pid, as /proc/PID/cgroup says.

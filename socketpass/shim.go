@@ -174,7 +174,7 @@ func checkParent(parent string) error {
 	if err != nil || want <= 0 {
 		return fmt.Errorf("exec shim: bad parent argument %q", parent)
 	}
-	var sig int
+	var sig int32
 	if err := unix.Prctl(unix.PR_GET_PDEATHSIG, uintptr(unsafe.Pointer(&sig)), 0, 0, 0); err != nil || sig == 0 {
 		if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0); err != nil {
 			return fmt.Errorf("exec shim: setting the parent-death signal: %w", err)
