@@ -45,19 +45,22 @@ const staleKillTimeout = 5 * time.Second
 
 // Setup makes relay's cgroup for --name name and moves relay into its
 // supervisor leaf, after killing and removing stale cgroups of earlier
-// relays of that name whose pid is gone. It logs the one line that says
-// which containment is in force: "containment cgroup" with the path, or
-// "containment process-group" with why not; it returns nil in the second
-// case, and the caller falls back to process groups.
-func Setup(name string, log *slog.Logger) *Tree {
-	t, err := setup(name, log)
-	if err != nil {
-		log.Warn("containment process-group", "reason", err.Error(),
-			"note", "processes of a generation that leave its process group (setsid) are not contained")
-		return nil
+// relays of that name whose pid is gone (logged). Where no cgroup can be
+// had it returns nil and why, and the caller falls back to process groups.
+func Setup(name string, log *slog.Logger) (*Tree, error) {
+	return setup(name, log)
+}
+
+// Announce logs the one line that says which containment is in force:
+// "containment cgroup" with the path of t, or "containment process-group"
+// with why not (Setup's error).
+func Announce(log *slog.Logger, t *Tree, why error) {
+	if t == nil {
+		log.Warn("containment process-group", "reason", why.Error(),
+			"note", "processes of a generation that leave its process group (setsid) are contained only once relay adopts them")
+		return
 	}
 	log.Info("containment cgroup", "path", t.Dir)
-	return t
 }
 
 func setup(name string, log *slog.Logger) (*Tree, error) {

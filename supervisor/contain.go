@@ -45,7 +45,7 @@ func signalAdopted(g *generation, sig syscall.Signal) {
 	}
 	g.log.Info("signalling processes that left the generation's process group", "signal", signals.Name(sig), "pids", pids)
 	for _, pid := range pids {
-		if err := unix.Kill(pid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
+		if err := g.signalPid(pid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
 			g.log.Warn("signalling an orphan of the generation", "signal", signals.Name(sig), "orphan_pid", pid, "err", err)
 		}
 	}

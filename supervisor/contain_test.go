@@ -209,3 +209,65 @@ func TestCgroupLeftoversOfACrash(t *testing.T) {
 		t.Errorf("the leftovers got %q, want TERM, CONT, then the kill", got)
 	}
 }
+
+// adopted is env.adopted: the orphans a test put in generation n.
+func (h *harness) adopted(n, _ int) []int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.orphans[n])
+}
+
+// adopt makes pids orphans of generation n that left its group, or none.
+func (h *harness) adopt(n int, pids ...int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.orphans == nil {
+		h.orphans = map[int][]int{}
+	}
+	h.orphans[n] = pids
+}
+
+func (h *harness) signalPid(pid int, sig syscall.Signal) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.orphanSigs = append(h.orphanSigs, fmt.Sprintf("%d %s", pid, signals.Name(sig)))
+	return nil
+}
+
+func (h *harness) orphanSignals() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.orphanSigs)
+}
+
+// Without cgroups, an orphan of a generation adopted outside its process
+// group keeps it lingering; one adopted after the stop timeout's SIGKILL
+// (its parent was still alive then) is killed at once when the main
+// process exits, and the generation is forgotten once it is gone.
+func TestAdoptedOrphanAfterTheKill(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, nil)
+	p1 := h.serving()
+	h.sup.Stop(false)
+	p1.waitSignals(t, "group TERM")
+	h.clock.waitTimer(t, testStopTimeout)
+	h.clock.advance(testStopTimeout)
+	p1.waitSignals(t, "group TERM", "group KILL")
+	if got := h.orphanSignals(); len(got) != 0 {
+		t.Errorf("before any orphan was adopted, orphans got %q", got)
+	}
+	h.adopt(1, 4242) // the daemon, reparented as its parent died
+	p1.exit(killed(syscall.SIGKILL), false)
+	h.waitLine("stopping")
+	if got := h.orphanSignals(); !slices.Equal(got, []string{"4242 KILL"}) {
+		t.Errorf("the adopted orphan got %q, want KILL", got)
+	}
+	select {
+	case <-h.sup.Done():
+		t.Fatalf("Run returned while an orphan of the generation was alive")
+	default:
+	}
+	h.adopt(1)
+	h.orphaned()
+	h.wait()
+}

@@ -6,6 +6,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/relaysh/relay/cgroup"
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
@@ -30,6 +32,8 @@ type env struct {
 	// that left the process group led by pid; nil for none. Only without
 	// cgroups, where it is how relay finds what escaped the group.
 	adopted func(n, pid int) []int
+	// signalPid sends sig to an adopted orphan: unix.Kill.
+	signalPid func(pid int, sig syscall.Signal) error
 	// ready is the readiness check of a starting child: nil once it is
 	// ready, or an error that wraps ctx's error once ctx ends.
 	ready func(ctx context.Context, ch health.Child) error
@@ -113,8 +117,9 @@ func reaperEnv(rp *reaper.Reaper, spec health.Spec, baseEnv []string, tree *cgro
 		adopted = nil
 	}
 	return env{
-		contain: contain,
-		adopted: adopted,
+		contain:   contain,
+		adopted:   adopted,
+		signalPid: unix.Kill,
 		start: func(path string, argv []string, attr reaper.Attr) (process, error) {
 			p, err := rp.Start(path, argv, attr)
 			if err != nil {

@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"fmt"
+	"syscall"
 
 	"github.com/relaysh/relay/reaper"
 )
@@ -23,8 +24,13 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	}
 	g.exitWatchers = nil
 	if lingers(g) {
-		// Processes of its group (or cgroup) outlived it: stop them too.
-		if prev != Stopping {
+		// Processes of its group (or cgroup) outlived it: stop them too,
+		// or kill them if its stop timeout has passed: what was
+		// adopted since the kill was not in it.
+		switch {
+		case g.killed:
+			signalGroup(g, syscall.SIGKILL)
+		case prev != Stopping:
 			s.sendStop(g, signalLeft)
 		}
 		s.armKill(g)

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -61,6 +62,8 @@ type generation struct {
 	failure error
 	// killTimer sends SIGKILL to the group after the stop timeout.
 	killTimer timer
+	// killed: the stop timeout passed and it got SIGKILL.
+	killed bool
 	// cg is its cgroup; nil where generations are contained by process
 	// group only.
 	cg container
@@ -68,8 +71,9 @@ type generation struct {
 	watching bool
 	// adopted lists its orphans outside its process group, reparented to
 	// relay; nil with a cgroup (see contain.go).
-	adopted func() []int
-	status  reaper.Status
+	adopted   func() []int
+	signalPid func(pid int, sig syscall.Signal) error // env.signalPid
+	status    reaper.Status
 	// exitWatchers follow the restart that retired this generation, and
 	// are told when it exits.
 	exitWatchers []*waiter
@@ -153,6 +157,7 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 	if s.env.adopted != nil && g.cg == nil {
 		pid := g.pid()
 		g.adopted = func() []int { return s.env.adopted(n, pid) }
+		g.signalPid = s.env.signalPid
 	}
 	g.pidForNotify.Store(int64(g.pid()))
 	if g.takeover != nil {

@@ -77,6 +77,8 @@ type harness struct {
 	procs      []*fakeProc
 	cgroups    []*fakeCgroup // by generation, from 1, when contained
 	attrs      []reaper.Attr // each start's
+	orphans    map[int][]int // by generation: what env.adopted lists
+	orphanSigs []string      // what signalPid sent: "4242 KILL"
 	startErr   error         // the next start fails with it
 	holdStderr bool          // children keep their stderr open until closeStderr
 	manual     bool          // the test plays Run's loop (see step)
@@ -132,11 +134,14 @@ func newHarnessContained(t *testing.T, tweak func(*Config), contained bool) *har
 	}
 	sup, err := newSupervisor(cfg, func(Config) (env, error) {
 		var contain func(int) (container, error)
+		adopted := h.adopted
 		if contained {
-			contain = h.newCgroup
+			contain, adopted = h.newCgroup, nil
 		}
 		return env{
 			contain:     contain,
+			adopted:     adopted,
+			signalPid:   h.signalPid,
 			start:       h.start,
 			orphans:     h.orphanC,
 			ready:       h.ready,

@@ -73,6 +73,7 @@ func (s *Supervisor) onKillTimeout(g *generation) {
 	if g.state == Exited && !lingers(g) {
 		return
 	}
+	g.killed = true
 	if g.cg != nil {
 		g.log.Warn("did not stop within the stop timeout; killing its cgroup",
 			"stop_timeout", s.cfg.StopTimeout, "signal", "KILL", "cgroup", g.cg.Path(), "processes", g.cg.Count())

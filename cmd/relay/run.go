@@ -72,7 +72,7 @@ func runAction(c *cli.Context) error {
 	}
 	// Before the sockets: what a relay of this name killed with SIGKILL
 	// left in its cgroup may hold the port.
-	cg := cgroup.Setup(opts.name, log)
+	cg, noCgroup := cgroup.Setup(opts.name, log)
 	if cg != nil {
 		defer cg.Close()
 	}
@@ -83,6 +83,7 @@ func runAction(c *cli.Context) error {
 		return err
 	}
 	defer set.Close()
+	cgroup.Announce(log, cg, noCgroup)
 	notifyDir, err := health.MakeNotifyDir()
 	if err != nil {
 		return err
