@@ -51,7 +51,7 @@ func (s *Supervisor) onRestartRequest(r restartReq) {
 		run.waiters = append(run.waiters, r.w)
 	}
 	if s.stop.begun {
-		s.answer(run, Result{Refused: true, Reason: ErrStopping.Error()})
+		s.refuse(run, ErrStopping.Error())
 		return
 	}
 	if s.restarts.current == nil {
@@ -72,11 +72,21 @@ func (s *Supervisor) onRestartRequest(r restartReq) {
 		}
 	}
 	if len(s.restarts.queued) >= maxQueued {
-		s.answer(run, Result{Refused: true, Reason: fmt.Sprintf("%d different restarts are queued already; try again later", maxQueued)})
+		s.refuse(run, fmt.Sprintf("%d different restarts are queued already; try again later", maxQueued))
 		return
 	}
 	s.restarts.queued = append(s.restarts.queued, run)
 	s.cfg.Log.Info("restart requested during a restart; queued", "reason", r.Reason, "queued", len(s.restarts.queued))
+}
+
+// refuse answers a restart that never began as refused, and counts it
+// with the refused restarts that relay status shows.
+func (s *Supervisor) refuse(run *restartRun, reason string) {
+	if run.requested() {
+		s.counts.Refused++
+	}
+	s.cfg.Log.Warn("restart refused", "reason", run.reason, "why", reason)
+	s.answer(run, Result{Refused: true, Reason: reason})
 }
 
 // sameRequest reports whether two restarts ask for the same thing.
