@@ -71,6 +71,9 @@ type Server struct {
 // (it is created 0700 if missing), the socket is 0600, and a live relay on
 // the same path is never displaced: the lock on PATH.lock decides.
 func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, error) {
+	if err := unixpath.CheckLen(path); err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
 	if err := ensurePrivateDir(filepath.Dir(path)); err != nil {
 		return nil, err
 	}

@@ -86,6 +86,9 @@ func (o *runOptions) parseListeners(c *cli.Context) error {
 		}
 		o.listens = append(o.listens, s)
 	}
+	if err := listen.CheckDistinct(o.listens); err != nil {
+		return usageError{err}
+	}
 	var err error
 	if o.socketMode, err = listen.FileMode(c.String("socket-mode")); err != nil {
 		return usageError{err}
@@ -100,7 +103,7 @@ func (o *runOptions) parseListeners(c *cli.Context) error {
 // signal, steering, the bind takeover and the timings.
 func (o *runOptions) parseRestarts(c *cli.Context) error {
 	var err error
-	if o.stopSignal, err = signals.Parse(c.String("stop-signal")); err != nil {
+	if o.stopSignal, err = signals.ParseStop(c.String("stop-signal")); err != nil {
 		return usageError{fmt.Errorf("--stop-signal: %w", err)}
 	}
 	if o.steer, err = sockets.ParseSteerMode(c.String("steer")); err != nil {
