@@ -67,7 +67,14 @@ type Server struct {
 	log  *slog.Logger
 
 	maxReading int
-	streams    chan struct{}
+	// answering holds a place for each connection from its accept until
+	// it is closed, follows a restart (streams) or is held: twice
+	// maxReading, so that evicted connections whose goroutines have not
+	// closed them yet cannot pile up fds.
+	answering chan struct{}
+	streams   chan struct{}
+	closing   chan struct{}
+	closeOnce sync.Once
 
 	mu sync.Mutex
 	// reading holds the connections whose request is being read
@@ -125,7 +132,8 @@ func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, 
 	reading, streams := connLimits(nofileLimit())
 	return &Server{
 		path: path, ln: ln, lock: lock, sup: sup, info: info, log: log,
-		maxReading: reading, streams: make(chan struct{}, streams),
+		maxReading: reading, answering: make(chan struct{}, 2*reading),
+		streams: make(chan struct{}, streams), closing: make(chan struct{}),
 	}, nil
 }
 
@@ -152,7 +160,13 @@ func (s *Server) Path() string { return s.path }
 // Serve answers connections until Close.
 func (s *Server) Serve() error {
 	for {
+		if !s.reserve() {
+			return nil
+		}
 		conn, err := s.ln.AcceptUnix()
+		if err != nil {
+			<-s.answering
+		}
 		if errors.Is(err, net.ErrClosed) {
 			return nil
 		}
@@ -184,6 +198,27 @@ func (s *Server) Serve() error {
 		r.elem = s.reading.PushBack(r)
 		s.mu.Unlock()
 		go s.serveConn(r)
+	}
+}
+
+// reserve takes a place in answering for the next connection. With none
+// free, it evicts the oldest connection being read and waits for a place:
+// each connection gives its place back within writeTimeout. It returns
+// false once the server is closed.
+func (s *Server) reserve() bool {
+	select {
+	case s.answering <- struct{}{}:
+		return true
+	default:
+	}
+	s.mu.Lock()
+	s.evictOldestLocked()
+	s.mu.Unlock()
+	select {
+	case s.answering <- struct{}{}:
+		return true
+	case <-s.closing:
+		return false
 	}
 }
 
@@ -222,6 +257,7 @@ func (s *Server) doneReading(r *reader) (evicted bool) {
 // Close stops accepting and removes the socket. Connections of stop
 // requests stay open until the process exits.
 func (s *Server) Close() error {
+	s.closeOnce.Do(func() { close(s.closing) })
 	err := s.ln.Close() // removes the socket file
 	s.lock.Close()
 	return err
@@ -230,10 +266,18 @@ func (s *Server) Close() error {
 func (s *Server) serveConn(r *reader) {
 	conn := r.conn
 	keep := false
+	placed := true
+	release := func() {
+		if placed {
+			placed = false
+			<-s.answering
+		}
+	}
 	defer func() {
 		if !keep {
 			conn.Close()
 		}
+		release()
 	}()
 	req, err := s.readRequest(conn)
 	if s.doneReading(r) && err != nil {
@@ -270,7 +314,7 @@ func (s *Server) serveConn(r *reader) {
 		s.held = append(s.held, conn)
 		s.mu.Unlock()
 	case OpRestart:
-		s.restart(conn, req)
+		s.restart(conn, req, release)
 	}
 }
 
@@ -287,7 +331,9 @@ func (s *Server) readRequest(conn *net.UnixConn) (Request, error) {
 	return decodeRequest(conn)
 }
 
-func (s *Server) restart(conn *net.UnixConn, req Request) {
+// restart asks for a restart and answers it. A restart followed gives
+// back its place in answering (release) and holds one in streams instead.
+func (s *Server) restart(conn *net.UnixConn, req Request, release func()) {
 	refuse := func(reason string) {
 		writeResponse(conn, Response{Type: TypeEvent, Event: &Event{Phase: PhaseDone, Result: &Result{Refused: true, Reason: reason}}})
 	}
@@ -304,6 +350,7 @@ func (s *Server) restart(conn *net.UnixConn, req Request) {
 		select {
 		case s.streams <- struct{}{}:
 			defer func() { <-s.streams }()
+			release()
 		default:
 			writeError(conn, errorf(CodeBusy, "too many restarts being followed; try again, or use --no-wait"))
 			return
