@@ -75,6 +75,32 @@ func (h *harness) ping(gen int) {
 	}
 }
 
+// untouched checks that p got no signal; who names it and when.
+func (p *fakeProc) untouched(t *testing.T, who string) {
+	t.Helper()
+	if got := p.got(); len(got) != 0 {
+		t.Errorf("%s got %q, want nothing", who, got)
+	}
+}
+
+// wantReplaced checks the live generations (see gens), and that n
+// liveness replacements and no other restart were counted.
+func (h *harness) wantReplaced(gens string, n int) {
+	h.t.Helper()
+	r := h.wantGens(gens).Restarts
+	if r.LivenessReplacements != n || r.OK+r.RolledBack+r.Refused+r.Replacements != 0 {
+		h.t.Errorf("restart counts %+v, want %d liveness replacements and no other restart", r, n)
+	}
+}
+
+// logged checks that the log has want.
+func (h *harness) logged(want string) {
+	h.t.Helper()
+	if !strings.Contains(h.logs.String(), want) {
+		h.t.Errorf("no %q in the log", want)
+	}
+}
+
 // Failures below --liveness-failures change nothing, and a passing probe
 // starts the count again.
 func TestLivenessFailuresBelowThresholdDoNothing(t *testing.T) {
@@ -86,15 +112,9 @@ func TestLivenessFailuresBelowThresholdDoNothing(t *testing.T) {
 	h.failProbes(1, testLivenessFailures-1)
 	h.clock.waitTimer(t, testLivenessInterval) // the last failure was handled
 	h.noStart()
-	if got := p.got(); len(got) != 0 {
-		t.Errorf("the serving generation got %q, want nothing", got)
-	}
-	if st := h.wantGens("1:serving"); st.Restarts.LivenessReplacements != 0 {
-		t.Errorf("restart counts %+v, want no liveness replacement", st.Restarts)
-	}
-	if !strings.Contains(h.logs.String(), "liveness check passed again") {
-		t.Errorf("no line says the check passed again:\n%s", h.logs.String())
-	}
+	p.untouched(t, "the serving generation")
+	h.wantReplaced("1:serving", 0)
+	h.logged("liveness check passed again")
 }
 
 // At --liveness-failures in a row a restart with its own reason begins
@@ -111,15 +131,11 @@ func TestLivenessFailureReplacesAfterTheNewServes(t *testing.T) {
 	p := h.started()
 	c := h.check(2)
 	h.wantGens("1:serving 2:starting")
-	if got := old.got(); len(got) != 0 {
-		t.Errorf("the failed generation got %q before its replacement was ready, want nothing", got)
-	}
+	old.untouched(t, "the failed generation before its replacement was ready")
 	h.noProbe() // paused during the restart
 	c.pass()
 	h.waitLine("gen 1 pid 1001 draining; gen 2 pid 1002 serving")
-	if got := old.got(); len(got) != 0 {
-		t.Errorf("the failed generation got %q in its drain, want nothing", got)
-	}
+	old.untouched(t, "the failed generation in its drain")
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(testDrain)
 	old.waitSignals(t, "group TERM")
@@ -128,22 +144,13 @@ func TestLivenessFailureReplacesAfterTheNewServes(t *testing.T) {
 	old.waitSignals(t, "group TERM", "group KILL")
 	old.exit(killed(syscall.SIGKILL), false)
 	h.waitLine("gen 2 pid 1002 serving")
-	st := h.wantGens("2:serving")
-	if st.Restarts.LivenessReplacements != 1 || st.Restarts.OK != 0 || st.Restarts.Replacements != 0 {
-		t.Errorf("restart counts %+v, want one liveness replacement and nothing else", st.Restarts)
-	}
+	h.wantReplaced("2:serving", 1)
 	if got := h.obs.milestones(); !slices.Equal(got, []string{"ready"}) {
 		t.Errorf("the Observer heard %q, want only the first ready: a liveness replacement is no reload", got)
 	}
-	logs := h.logs.String()
-	for _, want := range []string{`msg="restart begun" reason="liveness failed"`, "serving generation failed its liveness check", "gen=1 pid=1001"} {
-		if !strings.Contains(logs, want) {
-			t.Errorf("no %q in the log", want)
-		}
-	}
-	if got := p.got(); len(got) != 0 {
-		t.Errorf("the new generation got %q", got)
-	}
+	h.logged(`msg="serving generation failed its liveness check; replacing it with a restart" gen=1 pid=1001`)
+	h.logged(`msg="restart begun" reason="liveness failed"`)
+	p.untouched(t, "the new generation")
 	// The new one is watched in turn, from the end of its restart (the
 	// stop timeout's advance made its first probe due), its count fresh.
 	if c := recv(t, h.probeC, "a liveness probe of generation 2"); c.gen != 2 {
@@ -171,9 +178,7 @@ func TestLivenessRollbackKeepsTheOldAndBacksOff(t *testing.T) {
 	p.waitSignals(t, "group KILL")
 	p.exit(killed(syscall.SIGKILL), false)
 	h.waitLine("gen 1 pid 1001 serving")
-	if got := old.got(); len(got) != 0 {
-		t.Errorf("the old generation got %q, want nothing", got)
-	}
+	old.untouched(t, "the old generation")
 	h.failProbes(1, testLivenessFailures)
 	h.waitLine("gen 1 pid 1001 serving; liveness replacement pending")
 	if h.clock.pending(testRestartBackoff) {
@@ -186,9 +191,7 @@ func TestLivenessRollbackKeepsTheOldAndBacksOff(t *testing.T) {
 	h.started()
 	h.check(3).pass()
 	h.waitLine("gen 1 pid 1001 draining; gen 3 pid 1003 serving")
-	if st := h.wantGens("1:draining 3:serving"); st.Restarts.LivenessReplacements != 2 || st.Restarts.RolledBack != 0 {
-		t.Errorf("restart counts %+v, want two liveness replacements, no requested restart", st.Restarts)
-	}
+	h.wantReplaced("1:draining 3:serving", 2)
 }
 
 // A restart pauses the watch: the probe under way is cut short, no probe
@@ -236,15 +239,9 @@ func TestWatchdogSilenceReplaces(t *testing.T) {
 	h.started()
 	h.check(2).pass()
 	h.waitLine("gen 1 pid 1001 draining; gen 2 pid 1002 serving")
-	if got := old.got(); len(got) != 0 {
-		t.Errorf("the silent generation got %q before the drain ended", got)
-	}
-	if st := h.wantGens("1:draining 2:serving"); st.Restarts.LivenessReplacements != 1 {
-		t.Errorf("restart counts %+v, want one liveness replacement", st.Restarts)
-	}
-	if !strings.Contains(h.logs.String(), "no WATCHDOG=1 for") {
-		t.Errorf("the log does not say the child stopped pinging:\n%s", h.logs.String())
-	}
+	old.untouched(t, "the silent generation before the drain ended")
+	h.wantReplaced("1:draining 2:serving", 1)
+	h.logged("no WATCHDOG=1 for")
 	// Generation 2 never pinged: it is not watched.
 	h.clock.advance(testDrain)
 	h.clock.advance(3 * testChildWatchdog)
