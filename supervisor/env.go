@@ -24,6 +24,8 @@ type env struct {
 	// ready is the readiness check of a starting child: nil once it is
 	// ready, or an error that wraps ctx's error once ctx ends.
 	ready func(ctx context.Context, ch health.Child) error
+	// probe is one liveness probe of a serving child: nil if it passed.
+	probe func(ctx context.Context, ch health.Child) error
 	// preflight runs a pre-flight command with childEnv; nil if it
 	// exited 0.
 	preflight func(ctx context.Context, argv, childEnv []string) error
@@ -67,9 +69,10 @@ type reaperProcess struct{ *reaper.Process }
 func (p reaperProcess) pid() int { return p.Pid }
 
 // reaperEnv is the production env: processes from rp, the real clock, and
-// package health's checks of spec.
-func reaperEnv(rp *reaper.Reaper, spec health.Spec, baseEnv []string) env {
+// package health's checks of spec and of liveness.
+func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string) env {
 	checker := health.NewChecker(spec, rp, socketpass.ChildEnv(baseEnv, nil))
+	live := health.NewChecker(liveness, rp, socketpass.ChildEnv(baseEnv, nil))
 	return env{
 		start: func(path string, argv []string, attr reaper.Attr) (process, error) {
 			p, err := rp.Start(path, argv, attr)
@@ -80,6 +83,7 @@ func reaperEnv(rp *reaper.Reaper, spec health.Spec, baseEnv []string) env {
 		},
 		orphans: rp.Orphans(),
 		ready:   checker.Wait,
+		probe:   live.Probe,
 		preflight: func(ctx context.Context, argv, childEnv []string) error {
 			return health.RunCommand(ctx, rp, argv, childEnv)
 		},

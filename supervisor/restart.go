@@ -14,8 +14,9 @@ import (
 
 // Reasons of the restarts relay begins by itself.
 const (
-	reasonStart   = "start"
-	reasonReplace = "replace crashed child"
+	reasonStart    = "start"
+	reasonReplace  = "replace crashed child"
+	reasonLiveness = "liveness failed"
 )
 
 // maxQueued bounds the distinct restarts waiting behind the one under way.
@@ -37,9 +38,10 @@ type restartRun struct {
 }
 
 // requested reports whether someone asked for run (a signal or a control
-// request), as opposed to relay's own first start and crash replacements.
+// request), as opposed to relay's own first start, crash replacements and
+// liveness replacements.
 func (run *restartRun) requested() bool {
-	return run.reason != reasonStart && run.reason != reasonReplace
+	return run.reason != reasonStart && run.reason != reasonReplace && run.reason != reasonLiveness
 }
 
 func (s *Supervisor) onRestartRequest(r restartReq) {

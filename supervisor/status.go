@@ -32,8 +32,8 @@ type GenerationStatus struct {
 	Sockets map[string]string
 }
 
-// RestartCounts counts restarts since relay started. Crash replacements
-// are counted apart.
+// RestartCounts counts restarts since relay started. Crash and liveness
+// replacements are counted apart.
 type RestartCounts struct {
 	OK           int
 	RolledBack   int
@@ -43,6 +43,9 @@ type RestartCounts struct {
 	Queued       bool
 	// QueuedRestarts counts the distinct restarts waiting.
 	QueuedRestarts int
+	// LivenessReplacements counts the restarts that replaced a serving
+	// generation that failed its liveness check or its watchdog.
+	LivenessReplacements int
 }
 
 // LastRestart is the outcome of the last restart that finished.
@@ -128,6 +131,9 @@ func (s *Supervisor) statusSummary() string {
 	}
 	if s.crash.timer != nil {
 		parts = append(parts, "replacement pending")
+	}
+	if s.live.pending != nil {
+		parts = append(parts, "liveness replacement pending")
 	}
 	if n := len(s.restarts.queued); n > 0 {
 		parts = append(parts, fmt.Sprintf("%d restart(s) queued", n))

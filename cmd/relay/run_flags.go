@@ -35,6 +35,15 @@ type runOptions struct {
 	logFormat                         string
 	logLevel                          slog.Level
 	command                           supervisor.Command
+	liveness                          livenessOptions
+}
+
+// livenessOptions are the flags of the serving generation's liveness.
+type livenessOptions struct {
+	check         health.Spec // Kind "" for none
+	interval      time.Duration
+	failures      int
+	childWatchdog time.Duration
 }
 
 // parseRunFlags checks relay run's flags and arguments. Every error it
@@ -48,6 +57,9 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 		return o, err
 	}
 	if err := o.parseRestarts(c); err != nil {
+		return o, err
+	}
+	if err := o.liveness.parse(c); err != nil {
 		return o, err
 	}
 	var err error
@@ -135,4 +147,32 @@ func commandError(name string, err error) error {
 		return fmt.Errorf("command %q is not executable; chmod +x it: %w", name, err)
 	}
 	return fmt.Errorf("command %q cannot be run: %w", name, err)
+}
+
+// Bounds of the liveness timings: shorter ones would make relay, or a
+// child pinging its watchdog at half of it, spin.
+const (
+	minLivenessInterval = 10 * time.Millisecond
+	minChildWatchdog    = 100 * time.Millisecond
+)
+
+// parse checks the flags of the serving generation's liveness.
+func (l *livenessOptions) parse(c *cli.Context) error {
+	if v := c.String("liveness"); v != "" {
+		var err error
+		if l.check, err = health.ParseLiveness(v); err != nil {
+			return usageError{err}
+		}
+	}
+	l.interval, l.failures, l.childWatchdog = c.Duration("liveness-interval"), c.Int("liveness-failures"), c.Duration("child-watchdog")
+	if l.interval < minLivenessInterval {
+		return usagef("--liveness-interval %s: must be at least %s, e.g. --liveness-interval 10s", l.interval, minLivenessInterval)
+	}
+	if l.failures < 1 {
+		return usagef("--liveness-failures %d: must be at least 1, e.g. --liveness-failures 3", l.failures)
+	}
+	if l.childWatchdog != 0 && l.childWatchdog < minChildWatchdog {
+		return usagef("--child-watchdog %s: must be at least %s (the child pings every half of it), e.g. --child-watchdog 30s", l.childWatchdog, minChildWatchdog)
+	}
+	return nil
 }
