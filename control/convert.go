@@ -81,6 +81,7 @@ func statusDoc(info Info, control string, pid int, st supervisor.Status) *Status
 			OK: st.Restarts.OK, RolledBack: st.Restarts.RolledBack, Refused: st.Restarts.Refused,
 			Replacements: st.Restarts.Replacements, InProgress: st.Restarts.InProgress,
 			Queued: st.Restarts.Queued, QueuedRestarts: st.Restarts.QueuedRestarts,
+			LivenessReplacements: st.Restarts.LivenessReplacements,
 		},
 		Stopping: st.Stopping,
 	}

@@ -43,7 +43,7 @@
 //	unsupported_version  "v" is not this server's Version
 //	unknown_op           "op" is not restart, status or stop
 //	permission_denied    the peer's uid is neither relay's nor root's
-//	busy                 too many connections being read, or restarts being followed; try again
+//	busy                 closed unread to make room for newer connections, or too many restarts followed; try again
 //	stopping             relay is stopping and has no status to give
 //	internal             anything else the server could not do
 //

@@ -8,6 +8,8 @@ import (
 	"strconv"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/unixpath"
 )
 
 // DefaultName is the name of a relay started without --name.
@@ -44,12 +46,23 @@ func defaultDir() string {
 // else NAME.sock in defaultDir.
 func Path(name, control string) (string, error) {
 	if control != "" {
-		return filepath.Abs(control)
+		p, err := filepath.Abs(control)
+		if err != nil {
+			return "", fmt.Errorf("--control %q: %w", control, err)
+		}
+		if err := unixpath.CheckLen(p); err != nil {
+			return "", fmt.Errorf("--control %q: %w", control, err)
+		}
+		return p, nil
 	}
 	if err := ValidateName(name); err != nil {
 		return "", err
 	}
-	return filepath.Join(defaultDir(), name+".sock"), nil
+	p := filepath.Join(defaultDir(), name+".sock")
+	if err := unixpath.CheckLen(p); err != nil {
+		return "", fmt.Errorf("control socket %s (from --name %q): %w with --control", p, name, err)
+	}
+	return p, nil
 }
 
 // ensurePrivateDir makes sure dir is a directory that only this user can

@@ -46,7 +46,7 @@ func sampleStatus() supervisor.Status {
 			{Generation: 5, Pid: 1240, State: supervisor.Starting, Started: sampleStart().Add(time.Minute), AgeSeconds: 1.5,
 				Command: []string{"/srv/api", "-v2"}},
 		},
-		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, InProgress: true, Queued: true, QueuedRestarts: 2},
+		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, InProgress: true, Queued: true, QueuedRestarts: 2, LivenessReplacements: 5},
 		LastRestart: &supervisor.LastRestart{
 			Result: sampleResult(), Finished: sampleStart().Add(2 * time.Minute), DurationMs: 2003.5,
 		},

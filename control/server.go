@@ -2,6 +2,7 @@ package control
 
 import (
 	"bufio"
+	"container/list"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,15 +22,21 @@ import (
 )
 
 const (
-	// maxConns bounds the control connections being read at once; more
-	// are answered with an error and closed. A connection gives its slot
-	// back once its request is read.
-	maxConns = 64
+	// maxReading bounds the connections whose request line is being
+	// read. One more evicts the oldest of them: a client sends its line
+	// as soon as it connects, so the oldest is the likeliest to be idle,
+	// and idle connections, however many, never keep a new one out.
+	maxReading = 64
 	// maxStreams bounds the restarts followed at once over the socket.
 	maxStreams = 256
-	// requestTimeout bounds how long a client may take to send its
-	// request line.
-	requestTimeout = 10 * time.Second
+	// readTimeout bounds how long a client may take to send its request
+	// line; relay's own client sends it with the connect.
+	readTimeout = 5 * time.Second
+	// writeTimeout bounds each write to a client.
+	writeTimeout = 10 * time.Second
+	// evictLogEvery spaces the log lines about evicted connections: one
+	// for the first, then one at most this often with the count.
+	evictLogEvery = 10 * time.Second
 )
 
 // Supervisor is what the server controls: relay's supervisor, whose
@@ -59,18 +66,43 @@ type Server struct {
 	info Info
 	log  *slog.Logger
 
-	slots   chan struct{}
-	streams chan struct{}
-	mu      sync.Mutex
+	maxReading int
+	// answering holds a place for each connection from its accept until
+	// it is closed, follows a restart (streams) or is held: twice
+	// maxReading, so that evicted connections whose goroutines have not
+	// closed them yet cannot pile up fds.
+	answering chan struct{}
+	streams   chan struct{}
+	closing   chan struct{}
+	closeOnce sync.Once
+
+	mu sync.Mutex
+	// reading holds the connections whose request is being read
+	// (*reader), oldest first.
+	reading list.List
+	// evicted counts the evictions not logged yet, since lastEvictLog.
+	evicted      int
+	lastEvictLog time.Time
 	// held keeps the connections of stop requests open until relay exits,
 	// which is how their clients learn that it has.
 	held []net.Conn
+}
+
+// reader is a connection whose request line is being read.
+type reader struct {
+	conn *net.UnixConn
+	elem *list.Element // in Server.reading; nil once out of it
+	// evicted is set when a newer connection took its place.
+	evicted bool
 }
 
 // Listen creates the control socket at path. Its directory must be private
 // (it is created 0700 if missing), the socket is 0600, and a live relay on
 // the same path is never displaced: the lock on PATH.lock decides.
 func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, error) {
+	if err := unixpath.CheckLen(path); err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
 	if err := ensurePrivateDir(filepath.Dir(path)); err != nil {
 		return nil, err
 	}
@@ -97,10 +129,29 @@ func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, 
 		lock.Close()
 		return nil, fmt.Errorf("creating control socket %s: %w", path, err)
 	}
+	reading, streams := connLimits(nofileLimit())
 	return &Server{
 		path: path, ln: ln, lock: lock, sup: sup, info: info, log: log,
-		slots: make(chan struct{}, maxConns), streams: make(chan struct{}, maxStreams),
+		maxReading: reading, answering: make(chan struct{}, 2*reading),
+		streams: make(chan struct{}, streams), closing: make(chan struct{}),
 	}, nil
+}
+
+// connLimits are the connections read and the restarts followed at once
+// for a process that may have nofile fds open: at most a sixteenth and an
+// eighth of them, so that a flood of clients leaves relay the fds it needs
+// to accept, and to start generations.
+func connLimits(nofile uint64) (reading, streams int) {
+	return int(min(max(nofile/16, 4), maxReading)), int(min(max(nofile/8, 4), maxStreams))
+}
+
+// nofileLimit is relay's RLIMIT_NOFILE, or a guess if it cannot be read.
+func nofileLimit() uint64 {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+		return 1024
+	}
+	return rl.Cur
 }
 
 // Path is the socket's path.
@@ -109,7 +160,13 @@ func (s *Server) Path() string { return s.path }
 // Serve answers connections until Close.
 func (s *Server) Serve() error {
 	for {
+		if !s.reserve() {
+			return nil
+		}
 		conn, err := s.ln.AcceptUnix()
+		if err != nil {
+			<-s.answering
+		}
 		if errors.Is(err, net.ErrClosed) {
 			return nil
 		}
@@ -118,63 +175,125 @@ func (s *Server) Serve() error {
 			if errors.As(err, &ne) && ne.Timeout() {
 				continue
 			}
-			// EMFILE and the like: say so and keep serving.
+			// EMFILE and the like: free what relay can, say so, and keep
+			// serving after a pause, as the connection waits in the
+			// backlog.
+			if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
+				s.mu.Lock()
+				s.evictOldestLocked()
+				s.mu.Unlock()
+			}
 			s.log.Warn("accepting a control connection", "err", err)
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		select {
-		case s.slots <- struct{}{}:
-			go s.serveConn(conn)
-		default:
-			writeError(conn, errorf(CodeBusy, "too many control connections; try again"))
-			conn.Close()
+		// Set before anyone can evict it, so an eviction's deadline is
+		// never overwritten.
+		conn.SetReadDeadline(time.Now().Add(readTimeout))
+		r := &reader{conn: conn}
+		s.mu.Lock()
+		if s.reading.Len() >= s.maxReading {
+			s.evictOldestLocked()
 		}
+		r.elem = s.reading.PushBack(r)
+		s.mu.Unlock()
+		go s.serveConn(r)
 	}
+}
+
+// reserve takes a place in answering for the next connection. With none
+// free, it evicts the oldest connection being read and waits for a place:
+// each connection gives its place back within writeTimeout. It returns
+// false once the server is closed.
+func (s *Server) reserve() bool {
+	select {
+	case s.answering <- struct{}{}:
+		return true
+	default:
+	}
+	s.mu.Lock()
+	s.evictOldestLocked()
+	s.mu.Unlock()
+	select {
+	case s.answering <- struct{}{}:
+		return true
+	case <-s.closing:
+		return false
+	}
+}
+
+// evictOldestLocked ends the read of the oldest connection still being
+// read: its read fails at once, and it is answered busy and closed by its
+// own goroutine.
+func (s *Server) evictOldestLocked() {
+	front := s.reading.Front()
+	if front == nil {
+		return
+	}
+	r := front.Value.(*reader)
+	s.reading.Remove(front)
+	r.elem, r.evicted = nil, true
+	r.conn.SetReadDeadline(time.Unix(1, 0))
+	s.evicted++
+	if now := time.Now(); s.lastEvictLog.IsZero() || now.Sub(s.lastEvictLog) >= evictLogEvery {
+		s.log.Warn("control connections that sent no request closed to make room for new ones",
+			"closed", s.evicted, "reading_max", s.maxReading)
+		s.evicted, s.lastEvictLog = 0, now
+	}
+}
+
+// doneReading takes r out of the connections being read, unless it was
+// evicted, and reports whether it was.
+func (s *Server) doneReading(r *reader) (evicted bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r.elem != nil {
+		s.reading.Remove(r.elem)
+		r.elem = nil
+	}
+	return r.evicted
 }
 
 // Close stops accepting and removes the socket. Connections of stop
 // requests stay open until the process exits.
 func (s *Server) Close() error {
+	s.closeOnce.Do(func() { close(s.closing) })
 	err := s.ln.Close() // removes the socket file
 	s.lock.Close()
 	return err
 }
 
-func (s *Server) serveConn(conn *net.UnixConn) {
+func (s *Server) serveConn(r *reader) {
+	conn := r.conn
 	keep := false
+	placed := true
+	release := func() {
+		if placed {
+			placed = false
+			<-s.answering
+		}
+	}
 	defer func() {
 		if !keep {
 			conn.Close()
 		}
+		release()
 	}()
-	slot := true
-	release := func() {
-		if slot {
-			slot = false
-			<-s.slots
+	req, err := s.readRequest(conn)
+	if s.doneReading(r) && err != nil {
+		// Counted and logged by evictOldestLocked, not one line each.
+		writeError(conn, errorf(CodeBusy, "closed: no request came while newer connections waited; send the request as soon as you connect, and try again"))
+		return
+	}
+	if err != nil {
+		if codeOf(err) != CodePermissionDenied {
+			s.log.Warn("bad control request", "err", err)
 		}
-	}
-	defer release()
-	uid, err := peerUID(conn)
-	if err != nil {
-		s.log.Warn("control connection: reading peer credentials", "err", err)
-		return
-	}
-	if err := admit(uid, os.Getuid()); err != nil {
-		s.log.Warn("control connection refused: wrong user", "peer_uid", uid)
-		writeError(conn, err)
-		return
-	}
-	conn.SetReadDeadline(time.Now().Add(requestTimeout))
-	req, err := decodeRequest(conn)
-	if err != nil {
-		s.log.Warn("bad control request", "err", err)
 		writeError(conn, err)
 		return
 	}
 	conn.SetReadDeadline(time.Time{})
-	release() // what follows is bounded by its own limits
+	// What follows is bounded by its own limits.
 	switch req.Op {
 	case OpStatus:
 		st, err := s.sup.Status()
@@ -195,11 +314,26 @@ func (s *Server) serveConn(conn *net.UnixConn) {
 		s.held = append(s.held, conn)
 		s.mu.Unlock()
 	case OpRestart:
-		s.restart(conn, req)
+		s.restart(conn, req, release)
 	}
 }
 
-func (s *Server) restart(conn *net.UnixConn, req Request) {
+// readRequest checks the peer and reads its request line.
+func (s *Server) readRequest(conn *net.UnixConn) (Request, error) {
+	uid, err := peerUID(conn)
+	if err != nil {
+		return Request{}, fmt.Errorf("reading peer credentials: %w", err)
+	}
+	if err := admit(uid, os.Getuid()); err != nil {
+		s.log.Warn("control connection refused: wrong user", "peer_uid", uid)
+		return Request{}, err
+	}
+	return decodeRequest(conn)
+}
+
+// restart asks for a restart and answers it. A restart followed gives
+// back its place in answering (release) and holds one in streams instead.
+func (s *Server) restart(conn *net.UnixConn, req Request, release func()) {
 	refuse := func(reason string) {
 		writeResponse(conn, Response{Type: TypeEvent, Event: &Event{Phase: PhaseDone, Result: &Result{Refused: true, Reason: reason}}})
 	}
@@ -216,6 +350,7 @@ func (s *Server) restart(conn *net.UnixConn, req Request) {
 		select {
 		case s.streams <- struct{}{}:
 			defer func() { <-s.streams }()
+			release()
 		default:
 			writeError(conn, errorf(CodeBusy, "too many restarts being followed; try again, or use --no-wait"))
 			return
@@ -247,7 +382,7 @@ func (s *Server) restart(conn *net.UnixConn, req Request) {
 			if !ok {
 				return
 			}
-			conn.SetWriteDeadline(time.Now().Add(requestTimeout))
+			conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 			wire := eventFrom(ev)
 			if enc.Encode(Response{V: Version, Type: TypeEvent, Event: &wire}) != nil || w.Flush() != nil {
 				return // the client stopped reading
@@ -275,7 +410,7 @@ func writeResponse(conn net.Conn, r Response) {
 	if err != nil {
 		return
 	}
-	conn.SetWriteDeadline(time.Now().Add(requestTimeout))
+	conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 	conn.Write(append(b, '\n'))
 }
 

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -13,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/supervisor"
 )
@@ -261,27 +264,29 @@ func TestServerRestartRefused(t *testing.T) {
 	}
 }
 
-// TestServerBusy: beyond its limits the server says busy, and a client
-// that goes away gives its place back.
+// TestServerBusy: a client that says nothing gives its place to the next
+// one, beyond its limits the server says busy, and a client that goes
+// away gives its place back.
 func TestServerBusy(t *testing.T) {
 	f := newFake()
 	srv := serve(t, f, func(s *Server) {
-		s.slots = make(chan struct{}, 1)
+		s.maxReading = 1
 		s.streams = make(chan struct{}, 1)
 	})
 
-	// The one connection slot, held by a client that says nothing.
+	// The one place for a request being read, held by a client that says
+	// nothing: the next client takes it, and the silent one is told.
 	idle, err := net.Dial("unix", srv.Path())
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = collect(srv.Path(), Request{Op: OpStatus})
-	wantCode(t, "status beside a silent client", err, CodeBusy)
+	if rs, err := collect(srv.Path(), Request{Op: OpStatus}); err != nil || len(rs) != 1 || rs[0].Type != TypeStatus {
+		t.Errorf("status beside a silent client: %+v, %v; want it answered", rs, err)
+	}
+	if resp := readResponse(t, idle); resp.Type != TypeError || resp.Code != CodeBusy || !strings.Contains(resp.Error, "send the request as soon as you connect") {
+		t.Errorf("the silent client got %+v, want a busy error", resp)
+	}
 	idle.Close()
-	retry(t, "status once the silent client left", func() error {
-		_, err := collect(srv.Path(), Request{Op: OpStatus})
-		return err
-	})
 
 	// The one restart followed, by a client that then goes away.
 	first, err := net.Dial("unix", srv.Path())
@@ -313,6 +318,104 @@ func TestServerBusy(t *testing.T) {
 		return err
 	})
 	close(call.events)
+}
+
+// readResponse reads one response line from conn.
+func readResponse(t *testing.T, conn net.Conn) Response {
+	t.Helper()
+	conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	line, err := bufio.NewReader(conn).ReadBytes('\n')
+	if err != nil {
+		t.Fatalf("reading a response: %v", err)
+	}
+	var resp Response
+	if err := json.Unmarshal(line, &resp); err != nil {
+		t.Fatalf("response %q: %v", line, err)
+	}
+	return resp
+}
+
+// Thousands of clients that connect and say nothing never keep status,
+// restart or stop from being answered: each new connection takes the place
+// of the oldest silent one, which is told and closed, so the server holds
+// no more than its limit of them.
+func TestServerAnswersBesideThousandsOfIdleConnections(t *testing.T) {
+	const idle = 1500
+	// Both ends of each are in this process, whose soft limit Go raised
+	// to the hard one at start.
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil || rl.Cur < 2*idle+256 {
+		t.Fatalf("this test needs %d open files, RLIMIT_NOFILE is %d (%v): raise ulimit -n", 2*idle+256, rl.Cur, err)
+	}
+	f := newFake()
+	f.status = sampleStatus()
+	var reading int
+	srv := serve(t, f, func(s *Server) { reading = s.maxReading })
+	conns := make([]net.Conn, 0, idle)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range idle {
+		c, err := net.Dial("unix", srv.Path())
+		if err != nil {
+			t.Fatalf("idle connection %d: %v", len(conns), err)
+		}
+		conns = append(conns, c)
+	}
+	if rs, err := collect(srv.Path(), Request{Op: OpStatus}); err != nil || len(rs) != 1 || rs[0].Type != TypeStatus {
+		t.Fatalf("status beside %d idle connections: %+v, %v; want it answered", idle, rs, err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		rs, err := collect(srv.Path(), Request{Op: OpRestart})
+		if err == nil && (len(rs) != 1 || rs[0].Event == nil || rs[0].Event.Phase != PhaseDone) {
+			err = fmt.Errorf("responses %+v, want the done event", rs)
+		}
+		done <- err
+	}()
+	call := f.nextRestart(t)
+	call.events <- supervisor.Event{Phase: supervisor.PhaseDone, Result: &supervisor.Result{OK: true, Generation: 2}}
+	close(call.events)
+	if err := <-done; err != nil {
+		t.Errorf("restart beside %d idle connections: %v", idle, err)
+	}
+	stop, err := net.Dial("unix", srv.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop.Close()
+	if _, err := io.WriteString(stop, `{"v":1,"op":"stop"}`+"\n"); err != nil {
+		t.Fatal(err)
+	}
+	if resp := readResponse(t, stop); resp.Type != TypeStopping {
+		t.Errorf("stop beside %d idle connections: %+v, want stopping", idle, resp)
+	}
+	// Every idle connection but the newest ones the server may still be
+	// reading was told why it was closed, the oldest first.
+	for i, c := range conns[:idle-reading] {
+		if resp := readResponse(t, c); resp.Type != TypeError || resp.Code != CodeBusy {
+			t.Fatalf("idle connection %d got %+v, want a busy error", i, resp)
+		}
+	}
+}
+
+// connLimits leaves most of a small fd limit to relay's other work.
+func TestConnLimits(t *testing.T) {
+	for _, c := range []struct {
+		nofile           uint64
+		reading, streams int
+	}{
+		{1 << 20, maxReading, maxStreams},
+		{1024, 64, 128},
+		{256, 16, 32},
+		{16, 4, 4},
+	} {
+		if r, s := connLimits(c.nofile); r != c.reading || s != c.streams {
+			t.Errorf("connLimits(%d) = %d, %d; want %d, %d", c.nofile, r, s, c.reading, c.streams)
+		}
+	}
 }
 
 // retry calls try until it succeeds, a bounded number of times.

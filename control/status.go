@@ -68,8 +68,8 @@ type GenerationStatus struct {
 	Processes int `json:"processes"`
 }
 
-// RestartCounts counts restarts since relay started. Crash replacements
-// are counted apart.
+// RestartCounts counts restarts since relay started. Crash and liveness
+// replacements are counted apart.
 type RestartCounts struct {
 	OK           int  `json:"ok"`
 	RolledBack   int  `json:"rolled_back"`
@@ -79,6 +79,9 @@ type RestartCounts struct {
 	Queued       bool `json:"queued"`
 	// QueuedRestarts counts the distinct restarts waiting.
 	QueuedRestarts int `json:"queued_restarts"`
+	// LivenessReplacements counts the restarts that replaced a serving
+	// generation that failed --liveness or --child-watchdog.
+	LivenessReplacements int `json:"liveness_replacements"`
 }
 
 // LastRestart is the outcome of the last restart that finished.

@@ -91,7 +91,10 @@ type Spec struct {
 }
 
 // Parse parses a --health value.
-func Parse(value string) (Spec, error) {
+func Parse(value string) (Spec, error) { return parse("--health", value) }
+
+// parse parses the value of flag, --health or --liveness.
+func parse(flag, value string) (Spec, error) {
 	s := Spec{Raw: value}
 	switch {
 	case value == "notify":
@@ -104,30 +107,30 @@ func Parse(value string) (Spec, error) {
 		s.Kind, s.Target = HTTP, value
 		u, err := url.Parse(Expand(value, Vars{HealthAddr: "127.0.0.1:1", Generation: 1, Pid: 1}))
 		if err != nil || u.Host == "" {
-			return Spec{}, fmt.Errorf("--health %q: not a valid URL; want e.g. http://{health_addr}/healthz", value)
+			return Spec{}, fmt.Errorf("%s %q: not a valid URL; want e.g. http://{health_addr}/healthz", flag, value)
 		}
 	case strings.HasPrefix(value, "tcp://"):
 		s.Kind, s.Target = TCP, strings.TrimPrefix(value, "tcp://")
 		if _, _, err := net.SplitHostPort(Expand(s.Target, Vars{HealthAddr: "127.0.0.1:1"})); err != nil {
-			return Spec{}, fmt.Errorf("--health %q: want tcp://host:port, e.g. tcp://{health_addr}", value)
+			return Spec{}, fmt.Errorf("%s %q: want tcp://host:port, e.g. tcp://{health_addr}", flag, value)
 		}
 	case strings.HasPrefix(value, "exec:"):
 		s.Kind, s.Target = Exec, strings.TrimPrefix(value, "exec:")
 		s.Argv = strings.Fields(s.Target)
 		if len(s.Argv) == 0 {
-			return Spec{}, fmt.Errorf("--health %q: exec: needs a command, e.g. exec:./check-ready", value)
+			return Spec{}, fmt.Errorf("%s %q: exec: needs a command, e.g. exec:./check-ready", flag, value)
 		}
 		if _, err := exec.LookPath(s.Argv[0]); err != nil {
-			return Spec{}, fmt.Errorf("--health %q: check command %q not found: %w", value, s.Argv[0], err)
+			return Spec{}, fmt.Errorf("%s %q: check command %q not found: %w", flag, value, s.Argv[0], err)
 		}
 	case strings.HasPrefix(value, "delay:"):
 		d, err := time.ParseDuration(strings.TrimPrefix(value, "delay:"))
 		if err != nil || d < 0 {
-			return Spec{}, fmt.Errorf("--health %q: want a duration such as delay:2s", value)
+			return Spec{}, fmt.Errorf("%s %q: want a duration such as delay:2s", flag, value)
 		}
 		s.Kind, s.Delay = Delay, d
 	default:
-		return Spec{}, fmt.Errorf("--health %q: unknown check; use auto, notify, accept, http://…, tcp://…, exec:CMD or delay:DURATION", value)
+		return Spec{}, fmt.Errorf("%s %q: unknown check; use auto, notify, accept, http://…, tcp://…, exec:CMD or delay:DURATION", flag, value)
 	}
 	return s, nil
 }

@@ -389,6 +389,7 @@ type load struct {
 	mu       sync.Mutex
 	requests int
 	failures []error
+	failSent []time.Time // when each of failures was sent
 	pids     map[int]int // pid -> responses
 	firstAt  map[int]time.Time
 	// lastStart is when the last request that pid answered was sent.
@@ -442,6 +443,7 @@ func startLoadBy(client *http.Client, url string, workers int, limit time.Durati
 				ld.requests++
 				if err != nil {
 					ld.failures = append(ld.failures, err)
+					ld.failSent = append(ld.failSent, start)
 				} else {
 					if ld.pids[who] == 0 {
 						ld.firstAt[who] = now

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -50,6 +51,26 @@ func TestBadInputFailsClearly(t *testing.T) {
 			[]string{"--listen", "host:port"}},
 		{"missing socket directory", []string{"run", "--listen", "unix:" + filepath.Join(dir, "nodir", "s.sock"), "--", built.testchild, "-report", marker}, 1,
 			[]string{"nodir", "does not exist", "create it first"}},
+		{"unknown global flag", []string{"--bogus"}, 2,
+			[]string{"-bogus", "(see 'relay --help')"}},
+		{"listen URL", []string{"run", "--listen", "tcp://127.0.0.1:8080", "--", built.testchild, "-report", marker}, 2,
+			[]string{"not a URL", "write 127.0.0.1:8080 or tcp:127.0.0.1:8080"}},
+		{"same listen twice", []string{"run", "--listen", busyAddr, "--listen", busyAddr, "--", built.testchild, "-report", marker}, 2,
+			[]string{"is given twice", "give each address once"}},
+		{"unix path too long", []string{"run", "--listen", "unix:" + filepath.Join(dir, strings.Repeat("s", 110)), "--", built.testchild, "-report", marker}, 2,
+			[]string{"longer than the 107 a unix socket address holds", "choose a shorter path"}},
+		{"control path too long", []string{"run", "--listen", "127.0.0.1:0", "--control", filepath.Join(dir, strings.Repeat("c", 110)), "--", built.testchild, "-report", marker}, 2,
+			[]string{"--control", "longer than the 107", "choose a shorter path"}},
+		{"stop signal KILL", []string{"run", "--listen", "127.0.0.1:0", "--stop-signal", "KILL", "--", built.testchild, "-report", marker}, 2,
+			[]string{"--stop-signal", "cannot be caught", "--stop-timeout"}},
+		{"stop signal STOP", []string{"run", "--listen", "127.0.0.1:0", "--stop-signal", "STOP", "--", built.testchild, "-report", marker}, 2,
+			[]string{"--stop-signal", "suspends"}},
+		{"stop signal CHLD", []string{"run", "--listen", "127.0.0.1:0", "--stop-signal", "CHLD", "--", built.testchild, "-report", marker}, 2,
+			[]string{"--stop-signal", "ignored by default"}},
+		{"blank check on run", []string{"run", "--listen", "127.0.0.1:0", "--check", "   ", "--", built.testchild, "-report", marker}, 2,
+			[]string{"--check", "holds no command"}},
+		{"blank check on restart", []string{"restart", "--control", filepath.Join(dir, "none.sock"), "--check", "   "}, 2,
+			[]string{"--check", "holds no command"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -76,6 +97,129 @@ func TestBadInputFailsClearly(t *testing.T) {
 				t.Errorf("the child was started")
 			}
 		})
+	}
+	// Nothing was left on disk: no socket, no lock file.
+	left, _ := os.ReadDir(dir)
+	for _, e := range left {
+		t.Errorf("bad input left %s in %s", e.Name(), dir)
+	}
+}
+
+// relay --version and relay version print one line, the same, with the
+// commit the toolchain stamped into the binary, if it did.
+func TestVersionInputs(t *testing.T) {
+	var lines []string
+	for _, args := range [][]string{{"--version"}, {"version"}} {
+		out, err := exec.Command(built.relay, args...).Output()
+		if err != nil {
+			t.Fatalf("relay %s: %v", args[0], err)
+		}
+		line := string(out)
+		if strings.Count(line, "\n") != 1 || !strings.HasPrefix(line, "relay ") || !strings.Contains(line, " commit ") {
+			t.Errorf("relay %s printed %q, want one line: relay VERSION commit REVISION", args[0], line)
+		}
+		lines = append(lines, line)
+	}
+	if lines[0] != lines[1] {
+		t.Errorf("relay --version %q and relay version %q differ", lines[0], lines[1])
+	}
+	info, err := exec.Command("go", "version", "-m", built.relay).Output()
+	if err != nil {
+		t.Fatalf("go version -m: %v", err)
+	}
+	for _, l := range strings.Split(string(info), "\n") {
+		if f := strings.Fields(l); len(f) == 2 && f[0] == "build" && strings.HasPrefix(f[1], "vcs.revision=") {
+			if rev := strings.TrimPrefix(f[1], "vcs.revision="); !strings.Contains(lines[0], " commit "+rev) {
+				t.Errorf("relay --version %q does not name the revision %s", lines[0], rev)
+			}
+		}
+	}
+}
+
+// A WATCHDOG_USEC too short to keep (5µs) is refused in one warning that
+// names the fix, and relay never pings it, let alone every 2.5µs.
+func TestTooShortWatchdogInputIsRefused(t *testing.T) {
+	rec := newNotifyRecorder(t)
+	r := startRelay(t, []string{"NOTIFY_SOCKET=" + rec.path, "WATCHDOG_USEC=5"},
+		"--listen", "127.0.0.1:0", "--", built.testchild)
+	warn, _ := r.waitMsg(0, "ignoring the watchdog settings", 0)
+	if err := warn.str("err"); !strings.Contains(err, "WATCHDOG_USEC=5 ") || !strings.Contains(err, "set WatchdogSec= to 1s or more") {
+		t.Errorf("warning %q, want one naming WATCHDOG_USEC=5 and the fix", err)
+	}
+	r.waitMsg(0, "generation ready", 1)
+	rec.waitCount(1, "READY=1", has("READY", "1"))
+	r.signal(syscall.SIGTERM)
+	if code := r.wait(30 * time.Second); code != 0 {
+		t.Errorf("relay exit code %d, want 0", code)
+	}
+	rec.sync()
+	for _, m := range rec.all() {
+		if m.vars["WATCHDOG"] == "1" {
+			t.Fatalf("relay pinged the watchdog: %q", m.raw)
+		}
+	}
+	if n := r.count("watchdog: pinging while the supervisor answers"); n != 0 {
+		t.Errorf("relay said it pings the watchdog")
+	}
+}
+
+// Thousands of idle connections to the control socket, from relay's own
+// user, keep neither status, restart nor stop from being answered, and do
+// not starve relay of fds, even with a limit of 256 of them: the restart
+// still starts its new generation.
+func TestControlAnswersBesideThousandsOfIdleConnections(t *testing.T) {
+	const idle = 2000
+	raiseNofile(t, idle+256)
+	limit := []string{"sh", "-c", `ulimit -n 256 && exec "$0" "$@"`}
+	r := startRelayWrapped(t, limit, built.relay, nil, nil, "--listen", "127.0.0.1:0", "--", built.testchild)
+	r.listenAddrs(1)
+	_, from := r.waitMsg(0, "generation ready", 1)
+	conns := make([]net.Conn, 0, idle)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range idle {
+		c, err := net.Dial("unix", r.control)
+		if err != nil {
+			t.Fatalf("idle connection %d: %v", len(conns), err)
+		}
+		conns = append(conns, c)
+	}
+	if out, stderr, code := r.client("status"); code != 0 || !strings.Contains(out, "serving") {
+		t.Fatalf("relay status beside %d idle connections: exit %d, %q %q", idle, code, out, stderr)
+	}
+	if out, stderr, code := r.client("restart"); code != 0 {
+		t.Fatalf("relay restart beside %d idle connections: exit %d, %q %q", idle, code, out, stderr)
+	}
+	r.waitMsg(from, "generation ready", 2)
+	r.waitMsg(0, "control connections that sent no request closed to make room for new ones", 0)
+	if out, stderr, code := r.client("stop"); code != 0 {
+		t.Errorf("relay stop beside %d idle connections: exit %d, %q %q", idle, code, out, stderr)
+	}
+	if code := r.wait(30 * time.Second); code != 0 {
+		t.Errorf("relay exit code %d, want 0", code)
+	}
+	if n := r.count("accepting a control connection"); n != 0 {
+		t.Errorf("relay failed to accept %d times", n)
+	}
+}
+
+// raiseNofile makes sure the test may open n files.
+func raiseNofile(t *testing.T, n uint64) {
+	t.Helper()
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
+		t.Fatal(err)
+	}
+	if rl.Cur >= n {
+		return
+	}
+	rl.Cur = n
+	rl.Max = max(rl.Max, n) // only root may raise the hard limit
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
+		t.Fatalf("this test needs %d open files: %v; raise ulimit -n", n, err)
 	}
 }
 

@@ -5,10 +5,13 @@ package listen
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/relaysh/relay/internal/unixpath"
 )
 
 // Network is the kind of socket a Spec describes.
@@ -72,6 +75,9 @@ func Parse(value string) (Spec, error) {
 			return Spec{}, fmt.Errorf("--listen %q: %w", value, err)
 		}
 	}
+	if scheme, after, ok := strings.Cut(rest, "://"); ok && isScheme(scheme) {
+		return Spec{}, urlError(value, s, scheme, after)
+	}
 	switch {
 	case strings.HasPrefix(rest, "unix:"):
 		s.Network, s.Address = Unix, strings.TrimPrefix(rest, "unix:")
@@ -85,6 +91,10 @@ func Parse(value string) (Spec, error) {
 			}
 			s.Address = abs
 		}
+		s.Address = filepath.Clean(s.Address)
+		if err := unixpath.CheckLen(s.Address); err != nil {
+			return Spec{}, fmt.Errorf("--listen %q: %w", value, err)
+		}
 		return s, nil
 	case strings.HasPrefix(rest, "udp:"):
 		s.Network, s.Address = UDP, strings.TrimPrefix(rest, "udp:")
@@ -93,9 +103,12 @@ func Parse(value string) (Spec, error) {
 	default:
 		s.Network, s.Address = TCP, rest
 	}
-	_, port, err := net.SplitHostPort(s.Address)
+	host, port, err := net.SplitHostPort(s.Address)
 	if err != nil {
 		return Spec{}, fmt.Errorf("--listen %q: want host:port, :port, [ipv6]:port, udp:host:port or unix:/path: %w", value, err)
+	}
+	if strings.ContainsAny(host, "/ ") {
+		return Spec{}, fmt.Errorf("--listen %q: host %q is neither an IP address nor a host name; want host:port, :port, [ipv6]:port, udp:host:port or unix:/path", value, host)
 	}
 	if n, err := strconv.ParseUint(port, 10, 16); err != nil {
 		return Spec{}, fmt.Errorf("--listen %q: port %q is not a number from 0 to 65535", value, port)
@@ -104,6 +117,131 @@ func Parse(value string) (Spec, error) {
 	}
 	return s, nil
 }
+
+// isScheme reports whether s is a URL scheme: a letter, then letters,
+// digits, '+', '-' or '.'.
+func isScheme(s string) bool {
+	for i, c := range s {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z':
+		case i > 0 && (c >= '0' && c <= '9' || c == '+' || c == '-' || c == '.'):
+		default:
+			return false
+		}
+	}
+	return s != ""
+}
+
+// urlError says that a --listen value written as a URL is not one, and
+// how to write the address it names.
+func urlError(value string, s Spec, scheme, after string) error {
+	prefix := ""
+	if s.NameGiven {
+		prefix = s.Name + "="
+	}
+	scheme = strings.ToLower(scheme)
+	if scheme == "unix" {
+		return fmt.Errorf("--listen %q: not a URL; write %sunix:%s", value, prefix, after)
+	}
+	hostport, _, _ := strings.Cut(after, "/")
+	if _, _, err := net.SplitHostPort(hostport); err != nil {
+		switch scheme {
+		case "http", "ws":
+			hostport = net.JoinHostPort(strings.Trim(hostport, "[]"), "80")
+		case "https", "wss":
+			hostport = net.JoinHostPort(strings.Trim(hostport, "[]"), "443")
+		default:
+			hostport = net.JoinHostPort(strings.Trim(hostport, "[]"), "PORT")
+		}
+	}
+	switch scheme {
+	case "udp":
+		return fmt.Errorf("--listen %q: not a URL; write %sudp:%s", value, prefix, hostport)
+	case "tcp", "http", "https", "ws", "wss":
+		return fmt.Errorf("--listen %q: not a URL; write %s%s or %stcp:%s", value, prefix, hostport, prefix, hostport)
+	}
+	return fmt.Errorf("--listen %q: not a URL; want host:port, :port, [ipv6]:port, udp:host:port or unix:/path", value)
+}
+
+// CheckDistinct refuses --listen values that would bind the same socket
+// twice: the same unix path, or tcp or udp addresses of the same port
+// where one takes in the other (":8080" takes in "127.0.0.1:8080"; a host
+// name is compared as written). relay binds each, so the second would
+// fail with "address already in use", relay itself holding the first.
+func CheckDistinct(specs []Spec) error {
+	for i, a := range specs {
+		for _, b := range specs[:i] {
+			if a.Network != b.Network {
+				continue
+			}
+			if a.Network == Unix {
+				if a.Address == b.Address {
+					return fmt.Errorf("--listen %q and --listen %q are the same socket %s; give each address once", b, a, a.Address)
+				}
+				continue
+			}
+			if overlap(a.Address, b.Address) {
+				if a.Address == b.Address {
+					return fmt.Errorf("--listen %q is given twice; give each address once", a)
+				}
+				return fmt.Errorf("--listen %q and --listen %q overlap: both take connections to one address, and one socket cannot be bound twice; drop one, or give them different ports", b, a)
+			}
+		}
+	}
+	return nil
+}
+
+// overlap reports whether two host:port addresses, bound as relay binds
+// them, would share an address: the same port (not 0), and hosts whose
+// address sets meet. An empty host is a dual-stack wildcard, "0.0.0.0"
+// every IPv4 address and "::" every IPv6 one (relay binds it IPv6-only).
+func overlap(a, b string) bool {
+	ha, pa, _ := net.SplitHostPort(a)
+	hb, pb, _ := net.SplitHostPort(b)
+	if pa != pb || pa == "0" {
+		return false
+	}
+	ra, okA := reachOf(ha)
+	rb, okB := reachOf(hb)
+	if !okA || !okB {
+		return strings.EqualFold(ha, hb) // a host name: only the same one
+	}
+	switch {
+	case ra.addr.IsValid() && rb.addr.IsValid():
+		return ra.addr == rb.addr
+	case ra.addr.IsValid():
+		return rb.takes(ra.addr)
+	case rb.addr.IsValid():
+		return ra.takes(rb.addr)
+	}
+	return ra.any4 && rb.any4 || ra.any6 && rb.any6
+}
+
+// reach is what a host binds: one address, or a wildcard of one or both
+// families.
+type reach struct {
+	addr       netip.Addr
+	any4, any6 bool
+}
+
+func reachOf(host string) (reach, bool) {
+	if host == "" {
+		return reach{any4: true, any6: true}, true
+	}
+	ip, err := netip.ParseAddr(host)
+	if err != nil {
+		return reach{}, false
+	}
+	switch ip = ip.Unmap(); {
+	case ip == netip.IPv4Unspecified():
+		return reach{any4: true}, true
+	case ip == netip.IPv6Unspecified():
+		return reach{any6: true}, true
+	}
+	return reach{addr: ip}, true
+}
+
+func (r reach) takes(ip netip.Addr) bool { return ip.Is4() && r.any4 || ip.Is6() && r.any6 }
 
 // ValidateName checks a socket name against systemd's rules for
 // FileDescriptorName=: at most 255 printable ASCII characters, no ':'.

@@ -25,6 +25,17 @@ func TestParse(t *testing.T) {
 		{in: "unix:", wantErr: "empty"},
 		{in: "a:b=:80", wantErr: "host:port"},
 		{in: "=:80", wantErr: "empty"},
+		{in: "unix:/run//a/../b.sock", want: Spec{Network: Unix, Address: "/run/b.sock"}},
+		{in: "tcp://127.0.0.1:8080", wantErr: `not a URL; write 127.0.0.1:8080 or tcp:127.0.0.1:8080`},
+		{in: "TCP://[::1]:8080/", wantErr: `not a URL; write [::1]:8080 or tcp:[::1]:8080`},
+		{in: "web=http://127.0.0.1:8080/x", wantErr: `not a URL; write web=127.0.0.1:8080 or web=tcp:127.0.0.1:8080`},
+		{in: "http://localhost", wantErr: `not a URL; write localhost:80 or tcp:localhost:80`},
+		{in: "https://[::1]", wantErr: `not a URL; write [::1]:443 or tcp:[::1]:443`},
+		{in: "udp://127.0.0.1:53", wantErr: `not a URL; write udp:127.0.0.1:53`},
+		{in: "unix:///run/a.sock", wantErr: `not a URL; write unix:/run/a.sock`},
+		{in: "ftp://127.0.0.1:21", wantErr: `not a URL; want host:port`},
+		{in: "tcp:/x:80", wantErr: `neither an IP address nor a host name`},
+		{in: "unix:/" + strings.Repeat("s", 107), wantErr: "the socket path is 108 bytes, longer than the 107 a unix socket address holds; choose a shorter path"},
 	} {
 		got, err := Parse(c.in)
 		if c.wantErr != "" {
@@ -52,6 +63,52 @@ func TestDefaultName(t *testing.T) {
 	} {
 		if got := DefaultName(c.network, c.addr); got != c.want {
 			t.Errorf("DefaultName(%s, %q) = %q, want %q", c.network, c.addr, got, c.want)
+		}
+	}
+}
+
+// Two --listen values that would bind one socket are refused before
+// either is bound; ones that can be bound side by side are not.
+func TestCheckDistinct(t *testing.T) {
+	for _, c := range []struct {
+		a, b    string
+		wantErr string // "" for none
+	}{
+		{"127.0.0.1:8080", "127.0.0.1:8080", "is given twice"},
+		{":8080", "tcp::8080", "is given twice"},
+		{"unix:/run/a.sock", "unix:/run/./a.sock", "are the same socket /run/a.sock"},
+		{":8080", "127.0.0.1:8080", "overlap"},
+		{":8080", "[::1]:8080", "overlap"},
+		{"0.0.0.0:8080", "127.0.0.1:8080", "overlap"},
+		{"0.0.0.0:8080", ":8080", "overlap"},
+		{"[::]:8080", "[::1]:8080", "overlap"},
+		{"[::ffff:127.0.0.1]:8080", "127.0.0.1:8080", "overlap"},
+		{"LocalHost:8080", "localhost:8080", "overlap"},
+		{"udp:127.0.0.1:53", "udp::53", "overlap"},
+		{"0.0.0.0:8080", "[::]:8080", ""},
+		{"0.0.0.0:8080", "[::1]:8080", ""},
+		{"[::]:8080", "127.0.0.1:8080", ""},
+		{"127.0.0.1:8080", "127.0.0.2:8080", ""},
+		{"127.0.0.1:8080", "127.0.0.1:8081", ""},
+		{"127.0.0.1:0", "127.0.0.1:0", ""},
+		{"127.0.0.1:53", "udp:127.0.0.1:53", ""},
+		{"localhost:8080", "127.0.0.1:8080", ""}, // names are not resolved here
+		{"unix:/run/a.sock", "unix:/run/b.sock", ""},
+	} {
+		var specs []Spec
+		for _, v := range []string{c.a, c.b} {
+			s, err := Parse(v)
+			if err != nil {
+				t.Fatalf("Parse(%q): %v", v, err)
+			}
+			specs = append(specs, s)
+		}
+		err := CheckDistinct(specs)
+		switch {
+		case c.wantErr == "" && err != nil:
+			t.Errorf("%s and %s: %v, want them accepted", c.a, c.b, err)
+		case c.wantErr != "" && (err == nil || !strings.Contains(err.Error(), c.wantErr)):
+			t.Errorf("%s and %s: %v, want an error mentioning %q", c.a, c.b, err, c.wantErr)
 		}
 	}
 }

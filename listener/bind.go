@@ -231,6 +231,9 @@ func checkFree(fd int, s listen.Spec, sa unix.Sockaddr, v6only bool, family int)
 
 func bindUnix(s listen.Spec, mode os.FileMode) (*Listener, error) {
 	path := s.Address
+	if err := unixpath.CheckLen(path); err != nil {
+		return nil, fmt.Errorf("listen %s: %w", s, err)
+	}
 	dir := filepath.Dir(path)
 	if st, err := os.Stat(dir); err != nil {
 		return nil, fmt.Errorf("listen %s: directory %s does not exist or is unreadable (%w); create it first", s, dir, err)

@@ -177,12 +177,25 @@ func firstLine(s string) string {
 	return line
 }
 
+// MinWatchdog is the shortest watchdog relay pings. relay pings at half
+// the interval, after its supervisor has answered; on a busy host a
+// goroutine can wait tens of milliseconds for a core, so under 100ms the
+// watchdog would fire while relay is healthy. No service keeps a watchdog
+// that short, and pinging at its pace (WATCHDOG_USEC=5 is every 2.5µs)
+// only burns a core.
+const MinWatchdog = 100 * time.Millisecond
+
 // WatchdogInterval returns the interval of the watchdog systemd expects
-// relay to ping (WATCHDOG_USEC, for relay's WATCHDOG_PID), or 0.
+// relay to ping (WATCHDOG_USEC, for relay's WATCHDOG_PID), or 0. One
+// shorter than MinWatchdog is an error: relay does not ping it, and the
+// service manager acts on its own watchdog as it would on a hung relay.
 func WatchdogInterval() (time.Duration, error) {
 	d, err := daemon.SdWatchdogEnabled(false)
 	if err != nil {
 		return 0, fmt.Errorf("reading WATCHDOG_USEC: %w", err)
+	}
+	if d > 0 && d < MinWatchdog {
+		return 0, fmt.Errorf("WATCHDOG_USEC=%d (%s) is shorter than the %s relay can keep: set WatchdogSec= to 1s or more in the unit", d.Microseconds(), d, MinWatchdog)
 	}
 	return d, nil
 }
@@ -288,8 +301,9 @@ func (n *Notifier) Barrier(timeout time.Duration) error {
 }
 
 // PingInterval is how often relay pings a watchdog of the given interval:
-// at half of it, as sd_watchdog_enabled(3) advises.
-func PingInterval(watchdog time.Duration) time.Duration { return watchdog / 2 }
+// at half of it, as sd_watchdog_enabled(3) advises, and never more often
+// than every MinWatchdog/2.
+func PingInterval(watchdog time.Duration) time.Duration { return max(watchdog/2, MinWatchdog/2) }
 
 // RunWatchdog pings the watchdog at once and then at every tick, until ctx
 // ends, each time after alive returns true. alive proves that relay's

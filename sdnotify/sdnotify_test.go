@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -130,6 +131,36 @@ func TestDisabledWithoutNotifySocket(t *testing.T) {
 	}
 	if err := n.StoreFD("x", os.Stdin); err == nil {
 		t.Error("StoreFD without NOTIFY_SOCKET succeeded")
+	}
+}
+
+// A watchdog too short to keep is refused with the fix, and relay never
+// pings faster than its floor, whatever it is given.
+func TestWatchdogIntervalIsBounded(t *testing.T) {
+	t.Setenv("WATCHDOG_PID", strconv.Itoa(os.Getpid()))
+	for usec, want := range map[string]time.Duration{"30000000": 30 * time.Second, "100000": MinWatchdog} {
+		t.Setenv("WATCHDOG_USEC", usec)
+		if got, err := WatchdogInterval(); err != nil || got != want {
+			t.Errorf("WATCHDOG_USEC=%s: %s, %v; want %s", usec, got, err, want)
+		}
+	}
+	for _, usec := range []string{"5", "1", "99999"} {
+		t.Setenv("WATCHDOG_USEC", usec)
+		got, err := WatchdogInterval()
+		if err == nil || got != 0 || !strings.Contains(err.Error(), "WATCHDOG_USEC="+usec+" ") || !strings.Contains(err.Error(), "set WatchdogSec= to 1s or more") {
+			t.Errorf("WATCHDOG_USEC=%s: %s, %v; want 0 and an error naming the value and the fix", usec, got, err)
+		}
+	}
+	t.Setenv("WATCHDOG_USEC", "")
+	if got, err := WatchdogInterval(); err != nil || got != 0 {
+		t.Errorf("no WATCHDOG_USEC: %s, %v; want 0, nil", got, err)
+	}
+	for watchdog, want := range map[time.Duration]time.Duration{
+		5 * time.Microsecond: MinWatchdog / 2, 0: MinWatchdog / 2, MinWatchdog: MinWatchdog / 2, 3 * time.Second: 1500 * time.Millisecond,
+	} {
+		if got := PingInterval(watchdog); got != want {
+			t.Errorf("PingInterval(%s) = %s, want %s", watchdog, got, want)
+		}
 	}
 }
 

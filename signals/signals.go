@@ -79,6 +79,38 @@ func Parse(s string) (syscall.Signal, error) {
 	return 0, fmt.Errorf("unknown signal %q; use a name such as TERM, QUIT, INT or USR1", s)
 }
 
+// ParseStop reads a --stop-signal: a signal as Parse reads it, which must
+// be one a server can take as "stop gracefully". Refused are the signals
+// whose meaning the kernel fixes or that it sends on its own:
+//
+//   - KILL cannot be caught, so it can never mean "finish what you are
+//     doing"; relay sends it itself after --stop-timeout.
+//   - STOP cannot be caught either, and TSTP, TTIN and TTOU suspend a
+//     process by default: the server would hang, not stop.
+//   - CONT resumes a process and is ignored by default; CHLD and URG are
+//     sent by the kernel (a child of the server changed state, out-of-band
+//     data arrived) and ignored by default, so a server that took one of
+//     them as "stop" would stop by accident, and one that does not would
+//     never stop.
+//
+// WINCH stays allowed: it too is ignored by default, but Apache httpd's
+// graceful-stop is SIGWINCH.
+func ParseStop(s string) (syscall.Signal, error) {
+	sig, err := Parse(s)
+	if err != nil {
+		return 0, err
+	}
+	switch sig {
+	case syscall.SIGKILL:
+		return 0, fmt.Errorf("signal %q cannot be caught, so it cannot ask for a graceful stop; give the signal the server stops on (TERM, QUIT, INT...) and bound the stop with --stop-timeout, after which relay sends KILL", s)
+	case syscall.SIGSTOP, syscall.SIGTSTP, syscall.SIGTTIN, syscall.SIGTTOU:
+		return 0, fmt.Errorf("signal %q suspends a process instead of stopping it; give the signal the server stops on, such as TERM, QUIT or INT", s)
+	case syscall.SIGCONT, syscall.SIGCHLD, syscall.SIGURG:
+		return 0, fmt.Errorf("signal %q is ignored by default and sent by the kernel on its own, so it cannot ask for a stop; give the signal the server stops on, such as TERM, QUIT or INT", s)
+	}
+	return sig, nil
+}
+
 // Name returns the short name of sig, such as "TERM".
 func Name(sig syscall.Signal) string {
 	if n := unix.SignalName(sig); n != "" {

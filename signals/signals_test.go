@@ -3,6 +3,7 @@ package signals
 import (
 	"os"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 )
@@ -58,6 +59,25 @@ func TestParse(t *testing.T) {
 	for _, in := range []string{"", "0", "65", "-1", "NOPE", "SIG"} {
 		if got, err := Parse(in); err == nil {
 			t.Errorf("Parse(%q) = %v, want an error", in, got)
+		}
+	}
+}
+
+// A --stop-signal must be one a server can take as "stop gracefully".
+func TestParseStop(t *testing.T) {
+	for _, in := range []string{"TERM", "QUIT", "INT", "USR1", "WINCH", "HUP", "34"} {
+		if _, err := ParseStop(in); err != nil {
+			t.Errorf("ParseStop(%q): %v, want it accepted", in, err)
+		}
+	}
+	for in, want := range map[string]string{
+		"KILL": "--stop-timeout", "9": "--stop-timeout", "sigkill": "--stop-timeout",
+		"STOP": "suspends", "TSTP": "suspends", "TTIN": "suspends", "TTOU": "suspends",
+		"CONT": "ignored by default", "CHLD": "ignored by default", "URG": "ignored by default",
+		"NOPE": "unknown signal",
+	} {
+		if sig, err := ParseStop(in); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ParseStop(%q) = %v, %v; want an error mentioning %q", in, sig, err, want)
 		}
 	}
 }

@@ -17,6 +17,12 @@ const (
 	EnvListenPID     = "LISTEN_PID"
 	EnvListenFDs     = "LISTEN_FDS"
 	EnvListenFDNames = "LISTEN_FDNAMES"
+	// EnvWatchdogUsec and EnvWatchdogPID are systemd's watchdog
+	// variables: relay sets the first for a child with
+	// --child-watchdog, and the exec shim the second, to the child's
+	// own pid.
+	EnvWatchdogUsec = "WATCHDOG_USEC"
+	EnvWatchdogPID  = "WATCHDOG_PID"
 )
 
 // FirstFD is the fd number of the first passed socket (SD_LISTEN_FDS_START).
@@ -32,7 +38,7 @@ func ChildEnv(base []string, names []string, extra ...string) []string {
 	// relay's own sockets or at systemd.
 	drop := map[string]bool{
 		EnvListenPID: true, EnvListenFDs: true, EnvListenFDNames: true, sdnotify.EnvNotifySocket: true,
-		"WATCHDOG_USEC": true, "WATCHDOG_PID": true, sdnotify.EnvFDStore: true,
+		EnvWatchdogUsec: true, EnvWatchdogPID: true, sdnotify.EnvFDStore: true,
 	}
 	for _, kv := range extra {
 		k, _, _ := strings.Cut(kv, "=")

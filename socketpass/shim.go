@@ -136,6 +136,11 @@ func RunShim(args []string) error {
 		out = append(out, EnvListenPID+"="+strconv.Itoa(os.Getpid()))
 		passed, _ = strconv.Atoi(v)
 	}
+	if _, ok := os.LookupEnv(EnvWatchdogUsec); ok {
+		// Like LISTEN_PID: the watchdog is the server's own, pid and
+		// all (relay drops any WATCHDOG_PID it inherited).
+		out = append(out, EnvWatchdogPID+"="+strconv.Itoa(os.Getpid()))
+	}
 	if t.FD != 0 {
 		// The filter and no_new_privs belong to this thread, which
 		// must be the one that calls execve.

@@ -42,6 +42,17 @@ type Config struct {
 
 	Health        health.Spec
 	HealthTimeout time.Duration
+	// Liveness is checked against the serving generation every
+	// LivenessInterval while no restart is under way (Kind "" for
+	// none); after LivenessFailures failures in a row, a restart
+	// replaces it. See liveness.go.
+	Liveness         health.Spec
+	LivenessInterval time.Duration
+	LivenessFailures int
+	// ChildWatchdog, if not zero, is each child's WATCHDOG_USEC: a
+	// serving child that sent WATCHDOG=1 and then none for this long is
+	// replaced like one that failed Liveness.
+	ChildWatchdog time.Duration
 	// Drain is the time from the switch to the new generation until the
 	// old one gets its stop signal. On steered listeners the old one gets
 	// no new connection in it and finishes what it has; on shared ones
@@ -127,6 +138,10 @@ const (
 	DefaultMaxDraining    = 1
 	DefaultRestartBackoff = 100 * time.Millisecond
 	DefaultMaxBackoff     = 30 * time.Second
+	// DefaultLivenessInterval and DefaultLivenessFailures: a serving
+	// generation that stopped answering is replaced within about 30s.
+	DefaultLivenessInterval = 10 * time.Second
+	DefaultLivenessFailures = 3
 )
 
 func (c *Config) setDefaults() error {
@@ -159,6 +174,15 @@ func (c *Config) setDefaults() error {
 	}
 	if c.MaxBackoff < c.RestartBackoff {
 		c.MaxBackoff = max(DefaultMaxBackoff, c.RestartBackoff)
+	}
+	if c.LivenessInterval <= 0 {
+		c.LivenessInterval = DefaultLivenessInterval
+	}
+	if c.LivenessFailures <= 0 {
+		c.LivenessFailures = DefaultLivenessFailures
+	}
+	if c.ChildWatchdog < 0 {
+		return fmt.Errorf("child watchdog %s is negative", c.ChildWatchdog)
 	}
 	if c.Health.Kind == "" {
 		c.Health.Kind, c.Health.Raw = health.Auto, "auto"

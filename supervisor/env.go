@@ -37,6 +37,8 @@ type env struct {
 	// ready is the readiness check of a starting child: nil once it is
 	// ready, or an error that wraps ctx's error once ctx ends.
 	ready func(ctx context.Context, ch health.Child) error
+	// probe is one liveness probe of a serving child: nil if it passed.
+	probe func(ctx context.Context, ch health.Child) error
 	// preflight runs a pre-flight command with childEnv; nil if it
 	// exited 0.
 	preflight func(ctx context.Context, argv, childEnv []string) error
@@ -107,9 +109,11 @@ type reaperProcess struct{ *reaper.Process }
 func (p reaperProcess) pid() int { return p.Pid }
 
 // reaperEnv is the production env: processes from rp, the real clock, and
-// package health's checks of spec.
-func reaperEnv(rp *reaper.Reaper, spec health.Spec, baseEnv []string, tree *cgroup.Tree) env {
+// package health's checks of spec and of liveness; with tree, a cgroup per
+// generation.
+func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, tree *cgroup.Tree) env {
 	checker := health.NewChecker(spec, rp, socketpass.ChildEnv(baseEnv, nil))
+	live := health.NewChecker(liveness, rp, socketpass.ChildEnv(baseEnv, nil))
 	var contain func(int) (container, error)
 	adopted := func(n, pid int) []int { return rp.Adopted(health.EnvGeneration, strconv.Itoa(n), pid) }
 	if tree != nil {
@@ -129,6 +133,7 @@ func reaperEnv(rp *reaper.Reaper, spec health.Spec, baseEnv []string, tree *cgro
 		},
 		orphans: rp.Orphans(),
 		ready:   checker.Wait,
+		probe:   live.Probe,
 		preflight: func(ctx context.Context, argv, childEnv []string) error {
 			return health.RunCommand(ctx, rp, argv, childEnv)
 		},

@@ -84,6 +84,13 @@ type generation struct {
 	// notified is closed at the child's first sd_notify message.
 	notified     chan struct{}
 	notifiedOnce sync.Once
+	// pingPosted: a watchdogPing of this generation is on its way to the
+	// loop; the notify goroutine posts no other meanwhile.
+	pingPosted atomic.Bool
+	// pinged: the child sent WATCHDOG=1 at least once; lastPing is when
+	// the loop heard the last one.
+	pinged   bool
+	lastPing time.Time
 }
 
 func (g *generation) pid() int { return g.proc.pid() }
@@ -118,8 +125,12 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 	for i, a := range cmd.Args {
 		args[i] = health.Expand(a, vars)
 	}
-	childEnv := socketpass.ChildEnv(s.cfg.Env, s.cfg.Sockets.Names(),
-		append([]string{sdnotify.EnvNotifySocket + "=" + notifyPath}, vars.Env()...)...)
+	extra := append([]string{sdnotify.EnvNotifySocket + "=" + notifyPath}, vars.Env()...)
+	if s.cfg.ChildWatchdog > 0 {
+		// The exec shim adds WATCHDOG_PID, the child's own pid.
+		extra = append(extra, socketpass.EnvWatchdogUsec+"="+strconv.FormatInt(s.cfg.ChildWatchdog.Microseconds(), 10))
+	}
+	childEnv := socketpass.ChildEnv(s.cfg.Env, s.cfg.Sockets.Names(), extra...)
 	socks, err := s.cfg.Sockets.Take(n)
 	if err != nil {
 		pr.Close()
@@ -287,12 +298,19 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 	if m.Vars["READY"] == "1" {
 		l.Debug("child sent READY=1")
 	}
-	// The rest (STOPPING=1, MAINPID=, RELOADING=1, WATCHDOG=1, FDSTORE=1,
-	// ...) stays here: relay is the service's main process, and speaks to
-	// the service manager for itself.
+	watched := s.cfg.ChildWatchdog > 0
+	if watched && m.Vars["WATCHDOG"] == "1" && g.pingPosted.CompareAndSwap(false, true) {
+		// Never block the reading: at most one ping per generation is
+		// on its way, and the loop takes its time as the last ping's.
+		go s.post(watchdogPing{g: g})
+	}
+	// The rest (STOPPING=1, MAINPID=, RELOADING=1, WATCHDOG=1 unless
+	// --child-watchdog, FDSTORE=1, ...) stays here: relay is the
+	// service's main process, and speaks to the service manager for
+	// itself.
 	var kept []string
 	for k := range m.Vars {
-		if k != "READY" && k != "STATUS" {
+		if k != "READY" && k != "STATUS" && !(watched && k == "WATCHDOG") {
 			kept = append(kept, k)
 		}
 	}

@@ -70,6 +70,7 @@ type harness struct {
 	startedC   chan *fakeProc
 	checkC     chan *fakeCheck
 	preflightC chan *fakeCheck
+	probeC     chan *fakeCheck // liveness probes
 	orphanC    chan struct{}
 	runC       chan runResult
 
@@ -115,7 +116,7 @@ func newHarnessContained(t *testing.T, tweak func(*Config), contained bool) *har
 	h := &harness{
 		t: t, clock: newFakeClock(), obs: newObserver(),
 		startedC: make(chan *fakeProc, 64), checkC: make(chan *fakeCheck, 64), preflightC: make(chan *fakeCheck, 64),
-		orphanC: make(chan struct{}, 1), runC: make(chan runResult, 1),
+		probeC: make(chan *fakeCheck, 64), orphanC: make(chan struct{}, 1), runC: make(chan runResult, 1),
 	}
 	cfg := Config{
 		Command:        testCommand,
@@ -145,6 +146,7 @@ func newHarnessContained(t *testing.T, tweak func(*Config), contained bool) *har
 			start:       h.start,
 			orphans:     h.orphanC,
 			ready:       h.ready,
+			probe:       h.liveProbe,
 			preflight:   h.preflight,
 			now:         h.clock.Now,
 			afterFunc:   h.clock.AfterFunc,
@@ -186,6 +188,12 @@ func (h *harness) start(path string, argv []string, attr reaper.Attr) (process, 
 func (h *harness) ready(ctx context.Context, ch health.Child) error {
 	c := &fakeCheck{gen: ch.Generation, ctx: ctx, reply: make(chan error, 1)}
 	h.checkC <- c
+	return c.wait()
+}
+
+func (h *harness) liveProbe(ctx context.Context, ch health.Child) error {
+	c := &fakeCheck{gen: ch.Generation, ctx: ctx, reply: make(chan error, 1)}
+	h.probeC <- c
 	return c.wait()
 }
 

@@ -123,6 +123,47 @@ func TestTooManyQueuedRestartsAreRefused(t *testing.T) {
 	}
 }
 
+// A restart refused when it is asked for, because the queue is full or
+// relay is stopping, counts with the refused ones in relay status.
+func TestRefusedRestartRequestsAreCounted(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, nil)
+	h.run()
+	p1 := h.started()
+	numbered := func(i int) RestartRequest {
+		return RestartRequest{Command: &Command{Path: "/srv/server", Args: []string{"server", "-n", strconv.Itoa(i)}}}
+	}
+	for i := range maxQueued {
+		until(t, h.restart(numbered(i)), PhaseQueued)
+	}
+	for i := range 2 {
+		if res := result(t, all(t, h.restart(numbered(maxQueued+i)))); !res.Refused {
+			t.Fatalf("restart %d past a full queue: %+v, want refused", i, res)
+		}
+	}
+	if st := h.wantGens("1:starting"); st.Restarts.Refused != 2 || st.Restarts.OK != 0 || st.Restarts.RolledBack != 0 {
+		t.Errorf("restart counts %+v, want the 2 refused past the full queue", st.Restarts)
+	}
+	h.sup.Stop(false)
+	before, err := h.sup.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res := result(t, all(t, h.restart(RestartRequest{}))); !res.Refused || res.Reason != ErrStopping.Error() {
+		t.Errorf("a restart asked for during the stop: %+v, want refused", res)
+	}
+	after, err := h.sup.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Restarts.Refused != before.Restarts.Refused+1 {
+		t.Errorf("refused %d before and %d after a restart refused during the stop, want one more", before.Restarts.Refused, after.Restarts.Refused)
+	}
+	p1.waitSignals(t, "group TERM")
+	p1.exit(exited(0), false)
+	h.wait()
+}
+
 // waitingForOld brings h, with --max-draining 1 and no drain, to a second
 // restart that waits: generation 1 got its stop signal but lives on, and
 // generation 2 serves. It returns the two, the two restarts' events, and

@@ -14,8 +14,9 @@ import (
 
 // Reasons of the restarts relay begins by itself.
 const (
-	reasonStart   = "start"
-	reasonReplace = "replace crashed child"
+	reasonStart    = "start"
+	reasonReplace  = "replace crashed child"
+	reasonLiveness = "liveness failed"
 )
 
 // maxQueued bounds the distinct restarts waiting behind the one under way.
@@ -37,9 +38,10 @@ type restartRun struct {
 }
 
 // requested reports whether someone asked for run (a signal or a control
-// request), as opposed to relay's own first start and crash replacements.
+// request), as opposed to relay's own first start, crash replacements and
+// liveness replacements.
 func (run *restartRun) requested() bool {
-	return run.reason != reasonStart && run.reason != reasonReplace
+	return run.reason != reasonStart && run.reason != reasonReplace && run.reason != reasonLiveness
 }
 
 func (s *Supervisor) onRestartRequest(r restartReq) {
@@ -51,7 +53,7 @@ func (s *Supervisor) onRestartRequest(r restartReq) {
 		run.waiters = append(run.waiters, r.w)
 	}
 	if s.stop.begun {
-		s.answer(run, Result{Refused: true, Reason: ErrStopping.Error()})
+		s.refuse(run, ErrStopping.Error())
 		return
 	}
 	if s.restarts.current == nil {
@@ -72,11 +74,21 @@ func (s *Supervisor) onRestartRequest(r restartReq) {
 		}
 	}
 	if len(s.restarts.queued) >= maxQueued {
-		s.answer(run, Result{Refused: true, Reason: fmt.Sprintf("%d different restarts are queued already; try again later", maxQueued)})
+		s.refuse(run, fmt.Sprintf("%d different restarts are queued already; try again later", maxQueued))
 		return
 	}
 	s.restarts.queued = append(s.restarts.queued, run)
 	s.cfg.Log.Info("restart requested during a restart; queued", "reason", r.Reason, "queued", len(s.restarts.queued))
+}
+
+// refuse answers a restart that never began as refused, and counts it
+// with the refused restarts that relay status shows.
+func (s *Supervisor) refuse(run *restartRun, reason string) {
+	if run.requested() {
+		s.counts.Refused++
+	}
+	s.cfg.Log.Warn("restart refused", "reason", run.reason, "why", reason)
+	s.answer(run, Result{Refused: true, Reason: reason})
 }
 
 // sameRequest reports whether two restarts ask for the same thing.

@@ -35,8 +35,8 @@ type GenerationStatus struct {
 	Processes int
 }
 
-// RestartCounts counts restarts since relay started. Crash replacements
-// are counted apart.
+// RestartCounts counts restarts since relay started. Crash and liveness
+// replacements are counted apart.
 type RestartCounts struct {
 	OK           int
 	RolledBack   int
@@ -46,6 +46,9 @@ type RestartCounts struct {
 	Queued       bool
 	// QueuedRestarts counts the distinct restarts waiting.
 	QueuedRestarts int
+	// LivenessReplacements counts the restarts that replaced a serving
+	// generation that failed its liveness check or its watchdog.
+	LivenessReplacements int
 }
 
 // LastRestart is the outcome of the last restart that finished.
@@ -132,6 +135,9 @@ func (s *Supervisor) statusSummary() string {
 	}
 	if s.crash.timer != nil {
 		parts = append(parts, "replacement pending")
+	}
+	if s.live.pending != nil {
+		parts = append(parts, "liveness replacement pending")
 	}
 	if n := len(s.restarts.queued); n > 0 {
 		parts = append(parts, fmt.Sprintf("%d restart(s) queued", n))

@@ -44,8 +44,9 @@ type Supervisor struct {
 	gens       generations
 	restarts   restartQueue
 	crash      crashReplacement
+	live       livenessState
 	stop       stopState
-	counts     RestartCounts // OK, RolledBack, Refused, Replacements; status adds the rest
+	counts     RestartCounts // OK, RolledBack, Refused, Replacements, LivenessReplacements; status adds the rest
 	last       *LastRestart
 	statusLine string // the last one the Observer heard
 }
@@ -96,7 +97,7 @@ func New(cfg Config) (*Supervisor, error) {
 		if cfg.Reaper == nil {
 			return env{}, errors.New("no reaper")
 		}
-		return reaperEnv(cfg.Reaper, cfg.Health, cfg.Env, cfg.Cgroups), nil
+		return reaperEnv(cfg.Reaper, cfg.Health, cfg.Liveness, cfg.Env, cfg.Cgroups), nil
 	})
 }
 
@@ -174,6 +175,7 @@ func (s *Supervisor) Run() (Outcome, error) {
 		case <-s.env.orphans:
 			s.checkLingering()
 		}
+		s.syncLiveness()
 		s.publishStatus()
 	}
 	var out Outcome

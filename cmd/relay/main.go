@@ -49,8 +49,12 @@ func newApp(stderr io.Writer) *cli.App {
 			"LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it starts a new generation on the same sockets,\n" +
 			"waits until that generation is ready, and only then stops the old one. Run\n" +
 			"'relay COMMAND --help' for the details.",
-		Commands:        []*cli.Command{runCommand(), restartCommand(), statusCommand(), stopCommand()},
+		Commands:        []*cli.Command{runCommand(), restartCommand(), statusCommand(), stopCommand(), versionCommand()},
 		HideHelpCommand: true,
+		// --version is relay's own flag rather than cli's, whose printer
+		// is a package variable.
+		HideVersion: true,
+		Flags:       []cli.Flag{&cli.BoolFlag{Name: "version", Usage: "print relay's version and commit, as relay version does"}},
 		// "--listen unix:/run/a,b.sock" is one address, not two.
 		DisableSliceFlagSeparator: true,
 		EnableBashCompletion:      false,
@@ -58,6 +62,9 @@ func newApp(stderr io.Writer) *cli.App {
 		ExitErrHandler: func(*cli.Context, error) {},
 		OnUsageError:   onUsageError,
 		Action: func(c *cli.Context) error {
+			if c.Bool("version") {
+				return printVersion(c)
+			}
 			if c.Args().Present() {
 				return usagef("unknown command %q; run 'relay --help' for the commands", c.Args().First())
 			}
@@ -74,9 +81,12 @@ func (e usageError) Unwrap() error { return e.err }
 
 func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
 
-func onUsageError(c *cli.Context, err error, _ bool) error {
+// onUsageError points a bad flag at the help of the command it was given
+// to: relay's own for a global flag (cli passes the root command then, under
+// the app's name), or the subcommand's.
+func onUsageError(c *cli.Context, err error, isSubcommand bool) error {
 	name := "relay"
-	if c.Command != nil && c.Command.Name != "" {
+	if isSubcommand && c.Command != nil && c.Command.Name != "" {
 		name += " " + c.Command.Name
 	}
 	return usageError{fmt.Errorf("%w (see '%s --help')", err, name)}

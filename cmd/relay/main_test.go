@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"strings"
 	"testing"
 )
@@ -45,6 +46,8 @@ func TestUnknownCommandsAndFlags(t *testing.T) {
 	}{
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
 		{[]string{"run", "--no-such-flag", "--", "true"}, "see 'relay run --help'"},
+		{[]string{"--no-such-flag"}, "(see 'relay --help')"},
+		{[]string{"version", "extra"}, "relay version takes no arguments"},
 	} {
 		code, line := runRelay(t, c.args...)
 		if code != exitUsage || !strings.Contains(line, c.want) {
@@ -71,4 +74,47 @@ func realMainOutput(t *testing.T, args ...string) (int, string) {
 	var stderr bytes.Buffer
 	code := realMain(append([]string{"relay"}, args...), &stderr)
 	return code, stderr.String()
+}
+
+// relay --version and relay version print one line with the version and
+// commit from the build info, and exit 0.
+func TestVersion(t *testing.T) {
+	for _, args := range [][]string{{"--version"}, {"version"}} {
+		var stdout, stderr bytes.Buffer
+		app := newApp(&stderr)
+		app.Writer = &stdout
+		code := exitCode(app.Run(append([]string{"relay"}, args...)), &stderr)
+		bi, ok := debug.ReadBuildInfo()
+		if want := versionLine(bi, ok) + "\n"; code != exitOK || stdout.String() != want || stderr.Len() != 0 {
+			t.Errorf("relay %s: exit %d, stdout %q, stderr %q; want exit 0 and %q", args[0], code, stdout.String(), stderr.String(), want)
+		}
+	}
+	for _, c := range []struct {
+		name string
+		bi   *debug.BuildInfo
+		ok   bool
+		want string
+	}{
+		{"no build info", nil, false, "relay (devel) commit unknown"},
+		{"a checkout without VCS info", &debug.BuildInfo{Main: debug.Module{Version: "(devel)"}}, true, "relay (devel) commit unknown"},
+		{"a release", &debug.BuildInfo{Main: debug.Module{Version: "v1.4.0"}, Settings: []debug.BuildSetting{
+			{Key: "vcs", Value: "git"}, {Key: "vcs.revision", Value: "4f1c2e0d9b8a7f6e5d4c3b2a1f0e9d8c7b6a5f4e"}, {Key: "vcs.modified", Value: "false"},
+		}}, true, "relay v1.4.0 commit 4f1c2e0d9b8a7f6e5d4c3b2a1f0e9d8c7b6a5f4e"},
+		{"a modified checkout", &debug.BuildInfo{Main: debug.Module{Version: "(devel)"}, Settings: []debug.BuildSetting{
+			{Key: "vcs.revision", Value: "0357e12"}, {Key: "vcs.modified", Value: "true"},
+		}}, true, "relay (devel) commit 0357e12 (modified)"},
+	} {
+		if got := versionLine(c.bi, c.ok); got != c.want {
+			t.Errorf("%s: %q, want %q", c.name, got, c.want)
+		}
+	}
+}
+
+// A --check of only spaces is a usage error for relay restart too, found
+// before relay is asked anything.
+func TestRestartRefusesABlankCheck(t *testing.T) {
+	code, line := runRelay(t, "restart", "--control", "/nonexistent/relay.sock", "--check", "   ")
+	if code != exitUsage || !strings.Contains(line, "holds no command") {
+		t.Errorf("relay restart --check '   ': exit %d, %q; want a usage error", code, line)
+	}
 }

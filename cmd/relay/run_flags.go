@@ -35,6 +35,15 @@ type runOptions struct {
 	logFormat                         string
 	logLevel                          slog.Level
 	command                           supervisor.Command
+	liveness                          livenessOptions
+}
+
+// livenessOptions are the flags of the serving generation's liveness.
+type livenessOptions struct {
+	check         health.Spec // Kind "" for none
+	interval      time.Duration
+	failures      int
+	childWatchdog time.Duration
 }
 
 // parseRunFlags checks relay run's flags and arguments. Every error it
@@ -48,6 +57,9 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 		return o, err
 	}
 	if err := o.parseRestarts(c); err != nil {
+		return o, err
+	}
+	if err := o.liveness.parse(c); err != nil {
 		return o, err
 	}
 	var err error
@@ -86,6 +98,9 @@ func (o *runOptions) parseListeners(c *cli.Context) error {
 		}
 		o.listens = append(o.listens, s)
 	}
+	if err := listen.CheckDistinct(o.listens); err != nil {
+		return usageError{err}
+	}
 	var err error
 	if o.socketMode, err = listen.FileMode(c.String("socket-mode")); err != nil {
 		return usageError{err}
@@ -100,7 +115,7 @@ func (o *runOptions) parseListeners(c *cli.Context) error {
 // signal, steering, the bind takeover and the timings.
 func (o *runOptions) parseRestarts(c *cli.Context) error {
 	var err error
-	if o.stopSignal, err = signals.Parse(c.String("stop-signal")); err != nil {
+	if o.stopSignal, err = signals.ParseStop(c.String("stop-signal")); err != nil {
 		return usageError{fmt.Errorf("--stop-signal: %w", err)}
 	}
 	if o.steer, err = sockets.ParseSteerMode(c.String("steer")); err != nil {
@@ -132,4 +147,32 @@ func commandError(name string, err error) error {
 		return fmt.Errorf("command %q is not executable; chmod +x it: %w", name, err)
 	}
 	return fmt.Errorf("command %q cannot be run: %w", name, err)
+}
+
+// Bounds of the liveness timings: shorter ones would make relay, or a
+// child pinging its watchdog at half of it, spin.
+const (
+	minLivenessInterval = 10 * time.Millisecond
+	minChildWatchdog    = 100 * time.Millisecond
+)
+
+// parse checks the flags of the serving generation's liveness.
+func (l *livenessOptions) parse(c *cli.Context) error {
+	if v := c.String("liveness"); v != "" {
+		var err error
+		if l.check, err = health.ParseLiveness(v); err != nil {
+			return usageError{err}
+		}
+	}
+	l.interval, l.failures, l.childWatchdog = c.Duration("liveness-interval"), c.Int("liveness-failures"), c.Duration("child-watchdog")
+	if l.interval < minLivenessInterval {
+		return usagef("--liveness-interval %s: must be at least %s, e.g. --liveness-interval 10s", l.interval, minLivenessInterval)
+	}
+	if l.failures < 1 {
+		return usagef("--liveness-failures %d: must be at least 1, e.g. --liveness-failures 3", l.failures)
+	}
+	if l.childWatchdog != 0 && l.childWatchdog < minChildWatchdog {
+		return usagef("--child-watchdog %s: must be at least %s (the child pings every half of it), e.g. --child-watchdog 30s", l.childWatchdog, minChildWatchdog)
+	}
+	return nil
 }

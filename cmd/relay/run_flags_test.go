@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -33,6 +35,17 @@ func TestRunUsageErrors(t *testing.T) {
 		{"bad --check", []string{"--listen", ":0", "--check", "no-such-check-relay-test", "--", "true"}, "not found in PATH"},
 		{"bad --log-format", []string{"--listen", ":0", "--log-format", "xml", "--", "true"}, "--log-format \"xml\": use text or json"},
 		{"bad --log-level", []string{"--listen", ":0", "--log-level", "loud", "--", "true"}, "--log-level \"loud\": use debug, info, warn or error"},
+		{"a --listen URL", []string{"--listen", "tcp://127.0.0.1:8080", "--", "true"}, "not a URL; write 127.0.0.1:8080 or tcp:127.0.0.1:8080"},
+		{"an http --listen URL", []string{"--listen", "http://127.0.0.1:8080/", "--", "true"}, "not a URL; write 127.0.0.1:8080 or tcp:127.0.0.1:8080"},
+		{"a udp --listen URL", []string{"--listen", "udp://127.0.0.1:53", "--", "true"}, "not a URL; write udp:127.0.0.1:53"},
+		{"a unix --listen URL", []string{"--listen", "unix:///run/a.sock", "--", "true"}, "not a URL; write unix:/run/a.sock"},
+		{"the same --listen twice", []string{"--listen", "127.0.0.1:8080", "--listen", "127.0.0.1:8080", "--", "true"}, "--listen \"127.0.0.1:8080\" is given twice; give each address once"},
+		{"overlapping --listen", []string{"--listen", ":8080", "--listen", "127.0.0.1:8080", "--", "true"}, "--listen \":8080\" and --listen \"127.0.0.1:8080\" overlap"},
+		{"--stop-signal KILL", []string{"--listen", ":0", "--stop-signal", "KILL", "--", "true"}, "--stop-signal: signal \"KILL\" cannot be caught"},
+		{"--stop-signal STOP", []string{"--listen", ":0", "--stop-signal", "STOP", "--", "true"}, "suspends a process instead of stopping it"},
+		{"--stop-signal CHLD", []string{"--listen", ":0", "--stop-signal", "CHLD", "--", "true"}, "ignored by default and sent by the kernel"},
+		{"a blank --check", []string{"--listen", ":0", "--check", "   ", "--", "true"}, "--check \"   \" holds no command"},
+		{"a --control path too long", []string{"--listen", ":0", "--control", "/" + strings.Repeat("c", 110), "--", "true"}, "the socket path is 111 bytes, longer than the 107"},
 		{"a command not in PATH", []string{"--listen", ":0", "--", "no-such-command-relay-test"}, "not found in PATH; give a path such as ./no-such-command-relay-test"},
 		{"a missing binary", []string{"--listen", ":0", "--", "/nonexistent/server"}, "does not exist; check the path"},
 		{"a binary that cannot run", []string{"--listen", ":0", "--", "/dev/null"}, "is not executable; chmod +x it"},
@@ -68,5 +81,26 @@ func TestRunRefusesAnAcceptCheckThatCannotTell(t *testing.T) {
 	last := out[strings.LastIndex(strings.TrimSuffix(out, "\n"), "\n")+1:]
 	if code != exitUsage || !strings.HasPrefix(last, "relay: --health accept cannot check tcp-") || !strings.Contains(last, "use --health notify") {
 		t.Errorf("exit %d, last line %q; want a usage error naming the listener and the checks to use", code, last)
+	}
+}
+
+// A unix socket path too long for a socket address is refused as a usage
+// error that says so, and nothing is created for it: no lock file, no
+// socket, for --listen as for --control.
+func TestRunRefusesALongUnixPathLeavingNothing(t *testing.T) {
+	t.Setenv("XDG_RUNTIME_DIR", t.TempDir())
+	dir := t.TempDir()
+	long := filepath.Join(dir, strings.Repeat("s", 120-len(dir)))
+	for _, args := range [][]string{
+		{"--listen", "unix:" + long, "--", "true"},
+		{"--listen", "127.0.0.1:0", "--control", long, "--", "true"},
+	} {
+		code, line := runRelay(t, append([]string{"run"}, args...)...)
+		if code != exitUsage || !strings.Contains(line, "longer than the 107 a unix socket address holds; choose a shorter path") {
+			t.Errorf("relay run %s: exit %d, %q; want a usage error that the path is too long", strings.Join(args, " "), code, line)
+		}
+		if left, _ := os.ReadDir(dir); len(left) != 0 {
+			t.Errorf("relay run %s left %v in %s", strings.Join(args, " "), left, dir)
+		}
 	}
 }

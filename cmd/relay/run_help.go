@@ -81,7 +81,13 @@ proves nothing. The default, auto, needs nothing from the server:
    tcp://{health_addr}        a connection must be accepted by the server (not just made)
    exec:CMD ARGS              CMD must exit 0; it gets RELAY_CHILD_PID, RELAY_GENERATION and
                               RELAY_HEALTH_ADDR; {pid} is replaced in ARGS. No shell is used.
-   delay:2s                   the weakest form: only waits, proves nothing`
+   delay:2s                   the weakest form: only waits, proves nothing
+
+Liveness (opt-in): --liveness CHECK (accept, http://…, tcp://… or exec:CMD, probed like
+--health, at the serving generation alone) runs every --liveness-interval while no restart is
+under way; --liveness-failures in a row, or --child-watchdog D for a child that sent WATCHDOG=1
+and then none for D, replace the serving generation with a restart: it serves until the new one
+is ready, then drains and stops (SIGKILL after --stop-timeout). Replacements back off.`
 
 const runExamples = `
 Examples:
@@ -93,5 +99,7 @@ Examples:
    relay run --listen :8080 --health http://127.0.0.1:8080/healthz -- ./server
    relay run --listen :8080 --health 'http://{health_addr}/healthz' -- ./server --health-addr '{health_addr}'
    relay run --listen unix:/run/app/app.sock --socket-mode 0660 --stop-signal QUIT -- nginx -g 'daemon off;'
+   relay run --listen :8080 --liveness accept --liveness-interval 5s -- ./server
+   relay run --listen :8080 --child-watchdog 30s -- ./server-that-pings-sd_notify-WATCHDOG
    relay restart --name api -- ./server-v2     # restart into a new binary
    kill -HUP $(pidof relay)                    # restart`

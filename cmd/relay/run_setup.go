@@ -61,6 +61,11 @@ func adviseHealth(log *slog.Logger, opts runOptions, set *sockets.Set) error {
 		facts.Listeners = append(facts.Listeners, health.ListenerFact{Name: in.Name, IP: in.IP, Probed: set.Probe(i) != ""})
 	}
 	advice, err := health.Advise(opts.health, facts)
+	if err == nil && opts.liveness.check.Kind != "" {
+		var more []health.Advice
+		more, err = health.AdviseLiveness(opts.liveness.check, facts)
+		advice = append(advice, more...)
+	}
 	for _, a := range advice {
 		log.Log(context.Background(), a.Level, a.Msg, a.Args...)
 	}
@@ -95,6 +100,11 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 		Log:           log,
 		Stderr:        stderr,
 		Observer:      notifier,
+
+		Liveness:         opts.liveness.check,
+		LivenessInterval: opts.liveness.interval,
+		LivenessFailures: opts.liveness.failures,
+		ChildWatchdog:    opts.liveness.childWatchdog,
 	})
 }
 

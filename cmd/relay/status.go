@@ -95,6 +95,9 @@ func printStatus(w io.Writer, d *control.StatusDoc) {
 	tw.Flush()
 	r := d.Restarts
 	fmt.Fprintf(w, "\nrestarts: %d ok, %d rolled back, %d refused, %d crash replacements", r.OK, r.RolledBack, r.Refused, r.Replacements)
+	if r.LivenessReplacements > 0 {
+		fmt.Fprintf(w, ", %d liveness replacements", r.LivenessReplacements)
+	}
 	if r.InProgress {
 		fmt.Fprint(w, "; one in progress")
 	}

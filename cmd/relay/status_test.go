@@ -54,7 +54,7 @@ func TestStatusText(t *testing.T) {
 		"command: /srv/api --port {health_port}\n",
 		"tcp-8080  3   tcp      127.0.0.1:8080  bound      steered\n",
 		"tcp-8080=fd udp-53=bind  /srv/api\n",
-		"restarts: 3 ok, 2 rolled back, 1 refused, 4 crash replacements; one in progress; one queued\n",
+		"restarts: 3 ok, 2 rolled back, 1 refused, 4 crash replacements, 5 liveness replacements; one in progress; one queued\n",
 		"last restart: refused after 2.0035s, ",
 		": readiness check failed\n",
 	} {

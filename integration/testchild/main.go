@@ -59,6 +59,8 @@ func main() {
 		notifyGate     = flag.String("ready-gate-notify", "", "serve at once, but send READY=1 only once this file holds a number at least RELAY_GENERATION")
 		logAccepts     = flag.Bool("log-accepts", false, "with -bind: write a line to stderr for every connection accepted before READY=1 was sent")
 		silent         = flag.Bool("silent", false, "send no sd_notify message at all, as a server that knows nothing of systemd")
+		watchdog       = flag.Bool("watchdog", false, "once ready, send WATCHDOG=1 every half of WATCHDOG_USEC (exit 6 unless WATCHDOG_USEC and WATCHDOG_PID are this process's) until SIGUSR2, then go on serving without a ping")
+		closeOnUSR1    = flag.Bool("close-listeners-on-usr1", false, "on SIGUSR1, close the passed listeners and go on running, as a server that lost its listener")
 	)
 	flag.Parse()
 	if *sleeper {
@@ -127,7 +129,8 @@ func main() {
 	}
 
 	ready := m != "never-ready"
-	var notified atomic.Bool // READY=1 was sent
+	var listeners []net.Listener // the passed ones served
+	var notified atomic.Bool     // READY=1 was sent
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		if *noisy {
@@ -181,7 +184,7 @@ func main() {
 			}
 			serveBound(*bind, mux, gen, *logAccepts, &notified)
 		} else {
-			serveInherited(mux)
+			listeners = serveInherited(mux)
 		}
 		if *notifyGate != "" {
 			waitForGate(*notifyGate, gen)
@@ -190,6 +193,20 @@ func main() {
 			daemon.SdNotify(false, daemon.SdNotifyReady)
 			notified.Store(true)
 		}
+	}
+	if *watchdog {
+		startWatchdog(gen)
+	}
+	if *closeOnUSR1 {
+		usr1 := make(chan os.Signal, 1)
+		signal.Notify(usr1, syscall.SIGUSR1)
+		go func() {
+			<-usr1
+			for _, l := range listeners {
+				l.Close()
+			}
+			fmt.Fprintf(os.Stderr, "testchild: closed its listeners gen=%d pid=%d\n", gen, os.Getpid())
+		}()
 	}
 	<-termC
 	os.Exit(*exitCodeOnTerm)
@@ -227,8 +244,8 @@ func (l loggingListener) Accept() (net.Conn, error) {
 }
 
 // serveInherited serves HTTP on the passed stream sockets and echoes the
-// pid on passed datagram sockets.
-func serveInherited(mux *http.ServeMux) {
+// pid on passed datagram sockets. It returns the stream listeners.
+func serveInherited(mux *http.ServeMux) (listeners []net.Listener) {
 	n, _ := strconv.Atoi(os.Getenv("LISTEN_FDS"))
 	for fd := 3; fd < 3+n; fd++ {
 		f := os.NewFile(uintptr(fd), "fd"+strconv.Itoa(fd))
@@ -256,7 +273,9 @@ func serveInherited(mux *http.ServeMux) {
 			os.Exit(1)
 		}
 		go http.Serve(l, mux)
+		listeners = append(listeners, l)
 	}
+	return listeners
 }
 
 func writeReport(path string) error {
@@ -350,4 +369,32 @@ func gateOpen(path string, gen int) bool {
 	b, _ := os.ReadFile(path)
 	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	return err == nil && n >= gen
+}
+
+// startWatchdog pings WATCHDOG=1 every half of the interval systemd's
+// rules give this process (WATCHDOG_USEC, and WATCHDOG_PID naming it),
+// until SIGUSR2.
+func startWatchdog(gen int) {
+	interval, err := daemon.SdWatchdogEnabled(false)
+	if err != nil || interval == 0 {
+		fmt.Fprintf(os.Stderr, "testchild: watchdog not enabled for pid %d (WATCHDOG_USEC=%q WATCHDOG_PID=%q): %v\n",
+			os.Getpid(), os.Getenv("WATCHDOG_USEC"), os.Getenv("WATCHDOG_PID"), err)
+		os.Exit(6)
+	}
+	usr2 := make(chan os.Signal, 1)
+	signal.Notify(usr2, syscall.SIGUSR2)
+	fmt.Fprintf(os.Stderr, "testchild: watchdog pinging gen=%d pid=%d every %s\n", gen, os.Getpid(), interval/2)
+	go func() {
+		t := time.NewTicker(interval / 2)
+		defer t.Stop()
+		for {
+			daemon.SdNotify(false, daemon.SdNotifyWatchdog)
+			select {
+			case <-usr2:
+				fmt.Fprintf(os.Stderr, "testchild: watchdog stopped gen=%d pid=%d\n", gen, os.Getpid())
+				return
+			case <-t.C:
+			}
+		}
+	}()
 }

@@ -71,3 +71,17 @@ func RemoveStale(path string) error {
 	}
 	return nil
 }
+
+// MaxLen is the longest path a unix socket address holds: sun_path is 108
+// bytes, and the kernel wants a NUL at the end of a path that fills it.
+const MaxLen = len(unix.RawSockaddrUnix{}.Path) - 1
+
+// CheckLen refuses a socket path longer than MaxLen bytes, which bind(2)
+// and connect(2) would refuse with a bare "invalid argument". Check it
+// before anything is created for the path, such as its lock file.
+func CheckLen(path string) error {
+	if len(path) > MaxLen {
+		return fmt.Errorf("the socket path is %d bytes, longer than the %d a unix socket address holds; choose a shorter path", len(path), MaxLen)
+	}
+	return nil
+}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -67,5 +68,29 @@ func TestRemoveStale(t *testing.T) {
 	}
 	if _, err := os.Stat(file); err != nil {
 		t.Errorf("the plain file is gone: %v", err)
+	}
+}
+
+// A path of MaxLen bytes binds; one byte more is refused by CheckLen, as
+// the kernel would refuse it.
+func TestCheckLen(t *testing.T) {
+	dir := t.TempDir()
+	fill := func(n int) string { return filepath.Join(dir, strings.Repeat("s", n-len(dir)-1)) }
+	longest := fill(MaxLen)
+	if err := CheckLen(longest); err != nil {
+		t.Fatalf("CheckLen of %d bytes: %v", len(longest), err)
+	}
+	ln, err := net.Listen("unix", longest)
+	if err != nil {
+		t.Fatalf("binding %d bytes: %v", len(longest), err)
+	}
+	ln.Close()
+	over := fill(MaxLen + 1)
+	if err := CheckLen(over); err == nil || !strings.Contains(err.Error(), "choose a shorter path") {
+		t.Errorf("CheckLen of %d bytes: %v, want an error that says to choose a shorter path", len(over), err)
+	}
+	if ln, err := net.Listen("unix", over); err == nil {
+		ln.Close()
+		t.Errorf("the kernel bound %d bytes: MaxLen is wrong", len(over))
 	}
 }
