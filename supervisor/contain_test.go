@@ -240,6 +240,17 @@ func (h *harness) orphanSignals() []string {
 	return slices.Clone(h.orphanSigs)
 }
 
+// stopPastTimeout stops relay and lets the stop timeout of p, which does
+// not exit, pass: p gets its stop signal, then SIGKILL.
+func (h *harness) stopPastTimeout(p *fakeProc) {
+	h.t.Helper()
+	h.sup.Stop(false)
+	p.waitSignals(h.t, "group TERM")
+	h.clock.waitTimer(h.t, testStopTimeout)
+	h.clock.advance(testStopTimeout)
+	p.waitSignals(h.t, "group TERM", "group KILL")
+}
+
 // Without cgroups, an orphan of a generation adopted outside its process
 // group keeps it lingering; one adopted after the stop timeout's SIGKILL
 // (its parent was still alive then) is killed at once when the main
@@ -248,11 +259,7 @@ func TestAdoptedOrphanAfterTheKill(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
 	p1 := h.serving()
-	h.sup.Stop(false)
-	p1.waitSignals(t, "group TERM")
-	h.clock.waitTimer(t, testStopTimeout)
-	h.clock.advance(testStopTimeout)
-	p1.waitSignals(t, "group TERM", "group KILL")
+	h.stopPastTimeout(p1)
 	if got := h.orphanSignals(); len(got) != 0 {
 		t.Errorf("before any orphan was adopted, orphans got %q", got)
 	}
