@@ -198,7 +198,11 @@ func TestKill9LeavesNoGeneration(t *testing.T) {
 	}
 
 	started := time.Now()
-	r2 := startRelay(t, nil, append([]string{"--name", name, "--listen", addr, "--"}, built.hello)...)
+	// The same control socket too: the dead relay's lock died with it,
+	// and its socket file is stale. (A later --control wins over the
+	// harness's own.)
+	r2 := startRelay(t, nil, append([]string{"--control", r.control, "--name", name, "--listen", addr, "--"}, built.hello)...)
+	r2.control = r.control
 	stale, _ := r2.waitMsg(0, "killed and removed the stale cgroup of an earlier relay of this name", 0)
 	if stale.str("path") != tree {
 		t.Errorf("removed stale cgroup %s, want %s", stale.str("path"), tree)
@@ -212,6 +216,9 @@ func TestKill9LeavesNoGeneration(t *testing.T) {
 		t.Errorf("the new relay's generation: answered by %d (%v), want pid %d", got, err, ready2.num("pid"))
 	}
 	t.Logf("new relay on %s serving %s after its start", addr, time.Since(started).Round(time.Millisecond))
+	if out, errOut, code := r2.client("status"); code != 0 || !strings.Contains(out, name) {
+		t.Errorf("relay status on the dead relay's control socket: exit %d: %s%s", code, out, errOut)
+	}
 	r2.signal(syscall.SIGTERM)
 	r2.wait(30 * time.Second)
 }
