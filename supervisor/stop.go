@@ -17,7 +17,7 @@ func (s *Supervisor) beginStop(now bool) {
 		s.cfg.Log.Info("stopping", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
 		s.cancelReplace()
 		for _, q := range s.restarts.queued {
-			s.answer(q, Result{Refused: true, Reason: ErrStopping.Error()})
+			s.refuse(q, ErrStopping.Error())
 		}
 		s.restarts.queued = nil
 		switch run := s.restarts.current; {

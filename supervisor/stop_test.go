@@ -96,6 +96,9 @@ func TestStopRefusesQueuedRestarts(t *testing.T) {
 	if res := result(t, all(t, h.restart(RestartRequest{}))); !res.Refused || res.Reason != ErrStopping.Error() {
 		t.Errorf("a restart asked for during the stop: %+v, want refused", res)
 	}
+	if st, err := h.sup.Status(); err != nil || st.Restarts.Refused != 2 {
+		t.Errorf("status %+v (%v): want both refusals counted", st.Restarts, err)
+	}
 	p1.waitSignals(t, "group TERM")
 	p1.exit(exited(0), false)
 	h.wait()
