@@ -170,10 +170,12 @@ func removeStale(parent, name string, log *slog.Logger) {
 			continue
 		}
 		pid, err := strconv.Atoi(rest)
-		if err != nil || pid <= 0 || pid == os.Getpid() {
+		if err != nil || pid <= 0 {
 			continue
 		}
-		if err := unix.Kill(pid, 0); !errors.Is(err, unix.ESRCH) {
+		// One with relay's own pid is an earlier relay's (this one has
+		// not made its own yet): a container's PID 1, restarted.
+		if err := unix.Kill(pid, 0); pid != os.Getpid() && !errors.Is(err, unix.ESRCH) {
 			continue // its relay may still run
 		}
 		dir := filepath.Join(parent, e.Name())
@@ -243,7 +245,7 @@ func (t *Tree) NewGroup(n int) (*Group, error) {
 // as they empty (Group.Remove); one still there is left, logged.
 func (t *Tree) Close() {
 	if err := writeFile(filepath.Join(t.parent, "cgroup.procs"), strconv.Itoa(os.Getpid())); err != nil {
-		t.log.Debug("moving relay back to its cgroup", "path", t.parent, "err", err)
+		t.log.Warn("moving relay back to its cgroup; leaving relay's cgroup in place", "path", t.parent, "cgroup", t.Dir, "err", err)
 		return
 	}
 	if err := removeAll(t.Dir); err != nil {
@@ -303,8 +305,11 @@ func (g *Group) Count() int { return len(g.Procs()) }
 // Populated reports whether any process is in the group or under it.
 func (g *Group) Populated() bool {
 	b, err := os.ReadFile(filepath.Join(g.Dir, "cgroup.events"))
-	if err != nil {
+	if errors.Is(err, os.ErrNotExist) {
 		return false // gone
+	}
+	if err != nil {
+		return true // unknown (EMFILE, ...): never forget a live generation
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(line, "populated "); ok {
@@ -348,6 +353,9 @@ func (g *Group) Kill() error {
 			unix.Kill(pid, unix.SIGKILL)
 		}
 	}
+	if n := g.Count(); n > 0 {
+		return fmt.Errorf("killing cgroup %s: %d processes still in it after %d rounds of SIGKILL (a fork loop?)", g.Dir, n, killRounds)
+	}
 	return nil
 }
 
@@ -367,7 +375,10 @@ func (g *Group) WaitEmpty(done <-chan struct{}) bool {
 	f := os.NewFile(uintptr(ifd), "inotify")
 	defer f.Close()
 	if _, err := unix.InotifyAddWatch(ifd, filepath.Join(g.Dir, "cgroup.events"), unix.IN_MODIFY); err != nil {
-		return !g.Populated()
+		if !g.exists() {
+			return true
+		}
+		return g.pollEmpty(done) // no watch to be had (ENOSPC, ...)
 	}
 	stop := make(chan struct{})
 	defer close(stop)

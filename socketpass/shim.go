@@ -120,6 +120,12 @@ func RunShim(args []string) error {
 	if err != nil {
 		return err
 	}
+	// The parent-death signal, the takeover filter and no_new_privs
+	// belong to the thread that sets them, and execve keeps only those of
+	// the thread that calls it; other threads the runtime started have
+	// no parent-death signal. So one thread does all of it: this one,
+	// never unlocked.
+	runtime.LockOSThread()
 	if err := checkParent(args[3]); err != nil {
 		return err
 	}
@@ -142,9 +148,6 @@ func RunShim(args []string) error {
 		out = append(out, EnvWatchdogPID+"="+strconv.Itoa(os.Getpid()))
 	}
 	if t.FD != 0 {
-		// The filter and no_new_privs belong to this thread, which
-		// must be the one that calls execve.
-		runtime.LockOSThread()
 		err := takeover.Install(t.FD, takeover.Options{Unlink: t.Unlink})
 		switch {
 		case err == nil:
@@ -169,8 +172,9 @@ func RunShim(args []string) error {
 	}
 }
 
-// checkParent gives the shim a parent-death signal if it has none, and
-// fails if its parent is no longer the relay whose pid is parent.
+// checkParent gives the calling thread a parent-death signal if it has
+// none (only the thread relay forked has one), and fails if the shim's
+// parent is no longer the relay whose pid is parent.
 func checkParent(parent string) error {
 	if parent == noParent {
 		return nil

@@ -278,3 +278,33 @@ func TestAdoptedOrphanAfterTheKill(t *testing.T) {
 	h.orphaned()
 	h.wait()
 }
+
+// Without cgroups, an orphan adopted while the generation lingers after
+// its kill (a daemon's child, reparented once the daemon was killed) is
+// killed as soon as relay hears of it, so the stop ends.
+func TestOrphanAdoptedWhileLingeringAfterTheKill(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, nil)
+	p1 := h.serving()
+	h.stopPastTimeout(p1)
+	h.adopt(1, 4242)
+	p1.exit(killed(syscall.SIGKILL), false)
+	h.waitLine("stopping")
+	want := []string{"4242 KILL"}
+	if got := h.orphanSignals(); !slices.Equal(got, want) {
+		t.Fatalf("the first orphan got %q, want %q", got, want)
+	}
+	h.adopt(1, 4243) // the daemon's child, reparented after its parent was killed
+	h.orphaned()
+	want = append(want, "4243 KILL")
+	// Each status request is a round trip through the loop, which
+	// takes the orphan notice sooner or later.
+	for i := 0; !slices.Equal(h.orphanSignals(), want); i++ {
+		if _, err := h.sup.Status(); err != nil || i == 10000 {
+			t.Fatalf("orphans got %q, want %q (status: %v)", h.orphanSignals(), want, err)
+		}
+	}
+	h.adopt(1)
+	h.orphaned()
+	h.wait()
+}

@@ -183,6 +183,11 @@ func (s *Supervisor) checkLingering() {
 	kept := s.gens.lingering[:0]
 	for _, g := range s.gens.lingering {
 		if lingers(g) {
+			if g.cg == nil && g.killed {
+				// Adopted since the kill (its parent lived
+				// until then): it was not in it.
+				signalAdopted(g, syscall.SIGKILL)
+			}
 			kept = append(kept, g)
 			continue
 		}

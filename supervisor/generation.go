@@ -219,7 +219,11 @@ func (s *Supervisor) start(g *generation, path string, argv []string, attr reape
 		attr.UseCgroupFD, attr.CgroupFD = false, 0
 		if p, err = s.env.start(path, argv, attr); err == nil {
 			if aerr := cg.Add(p.pid()); aerr != nil {
-				s.cfg.Log.Warn("generation left outside its cgroup", "gen", g.n, "pid", p.pid(), "err", aerr)
+				// Contained by its process group instead: a
+				// cgroup without it would kill nothing.
+				s.cfg.Log.Warn("generation left outside its cgroup; its process group contains it", "gen", g.n, "pid", p.pid(), "err", aerr)
+				cg.Remove()
+				return p, nil
 			}
 		}
 	}

@@ -212,6 +212,11 @@ func signalGroup(g *generation, sig syscall.Signal) {
 	if sig == syscall.SIGKILL && g.cg != nil {
 		if err := g.cg.Kill(); err != nil {
 			g.log.Warn("killing cgroup", "cgroup", g.cg.Path(), "err", err)
+			// Whatever the cgroup could not take, its process
+			// group still can.
+			if err := g.proc.SignalGroup(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+				g.log.Warn("signalling process group", "signal", signals.Name(sig), "err", err)
+			}
 		}
 		return
 	}
