@@ -33,6 +33,8 @@ type Tree struct {
 	// parent is that cgroup, where relay goes back at Close.
 	parent string
 	log    *slog.Logger
+	// guard is relay's end of the guard's pipe (guard.go).
+	guard *os.File
 }
 
 // supervisorLeaf is the cgroup under Tree.Dir that relay itself moves to:
@@ -82,6 +84,10 @@ func setup(name string, log *slog.Logger) (*Tree, error) {
 		os.Remove(leaf)
 		os.Remove(t.Dir)
 		return nil, fmt.Errorf("moving relay into %s: %w", leaf, err)
+	}
+	if err := t.startGuard(); err != nil {
+		t.Close()
+		return nil, err
 	}
 	return t, nil
 }
@@ -244,6 +250,7 @@ func (t *Tree) NewGroup(n int) (*Group, error) {
 // cgroup, if nothing else is left in it. Generations' cgroups are removed
 // as they empty (Group.Remove); one still there is left, logged.
 func (t *Tree) Close() {
+	t.stopGuard()
 	if err := writeFile(filepath.Join(t.parent, "cgroup.procs"), strconv.Itoa(os.Getpid())); err != nil {
 		t.log.Warn("moving relay back to its cgroup; leaving relay's cgroup in place", "path", t.parent, "cgroup", t.Dir, "err", err)
 		return

@@ -19,6 +19,19 @@ import (
 
 const waitLimit = 10 * time.Second
 
+// TestMain lets the test binary, as /proc/self/exe, play the guard that
+// Setup starts.
+func TestMain(m *testing.M) {
+	if IsGuard(os.Args) {
+		if err := RunGuard(os.Args); err != nil {
+			os.Stderr.WriteString(err.Error() + "\n")
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
 func TestUnescape(t *testing.T) {
 	for in, want := range map[string]string{
 		`/sys/fs/cgroup`:        "/sys/fs/cgroup",
@@ -169,5 +182,30 @@ func TestSetupRemovesStale(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "killed and removed the stale cgroup") || !strings.Contains(logs.String(), stale.Dir) {
 		t.Errorf("no log line names the stale cgroup %s:\n%s", stale.Dir, logs.String())
+	}
+}
+
+// When relay dies without Close (SIGKILL), the guard kills what its
+// generations left, setsid daemons and all.
+func TestGuardKillsGenerationsWhenRelayDies(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	tr := setupOrSkip(t, "guard-"+strconv.Itoa(os.Getpid()), log)
+	g, err := tr.NewGroup(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := startIn(t, g)
+	g.CloseFD()
+	if !g.Populated() {
+		t.Fatalf("pid %d is not in %s", cmd.Process.Pid, g.Dir)
+	}
+	// What relay's death does to the guard: its end of the pipe closes.
+	tr.guard.Close()
+	tr.guard = nil
+	waitEmpty(t, g)
+	// The guard exits once it has removed what it killed.
+	waitEmpty(t, &Group{Dir: filepath.Join(tr.Dir, guardLeaf)})
+	if g.exists() {
+		t.Errorf("the guard left %s in place", g.Dir)
 	}
 }

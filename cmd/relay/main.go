@@ -12,6 +12,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/relaysh/relay/cgroup"
 	"github.com/relaysh/relay/socketpass"
 )
 
@@ -28,6 +29,13 @@ func main() {
 }
 
 func realMain(args []string, stderr io.Writer) int {
+	if cgroup.IsGuard(args) {
+		if err := cgroup.RunGuard(args); err != nil {
+			fmt.Fprintf(stderr, "relay: %v\n", err)
+			return exitFailure
+		}
+		return exitOK
+	}
 	if socketpass.IsShim(args) {
 		err := socketpass.RunShim(args)
 		fmt.Fprintf(stderr, "relay: %v\n", err)
