@@ -398,12 +398,24 @@ func (g *Group) WaitEmpty(done <-chan struct{}) bool {
 	}()
 	buf := make([]byte, 4096)
 	for g.Populated() {
-		if _, err := f.Read(buf); err != nil {
+		select {
+		case <-done:
+			return !g.Populated()
+		default:
+		}
+		// kernfs can drop the notification of a cgroup removed right
+		// after it emptied (by the guard, or another relay): look
+		// again every recheckEvery whatever inotify says.
+		f.SetReadDeadline(time.Now().Add(recheckEvery))
+		if _, err := f.Read(buf); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 			return !g.Populated()
 		}
 	}
 	return true
 }
+
+// recheckEvery bounds how long WaitEmpty trusts inotify alone.
+const recheckEvery = 200 * time.Millisecond
 
 // pollInterval paces pollEmpty, for a kernel without inotify.
 const pollInterval = 20 * time.Millisecond
