@@ -101,8 +101,8 @@ func (t *Tree) startGuard() error {
 }
 
 // stopGuard ends the guard after a clean exit, once the generations'
-// cgroups are gone, and waits for its leaf to empty so that the tree can be
-// removed.
+// cgroups are gone and it has nothing left to do, and waits for its leaf to
+// empty so that the tree can be removed.
 func (t *Tree) stopGuard() {
 	if t.guard == nil {
 		return
@@ -110,6 +110,9 @@ func (t *Tree) stopGuard() {
 	t.guard.Close()
 	t.guard = nil
 	g := &Group{Dir: filepath.Join(t.Dir, guardLeaf)}
+	if err := g.Kill(); err != nil {
+		t.log.Warn("stopping the cgroup guard", "cgroup", g.Dir, "err", err)
+	}
 	done := make(chan struct{})
 	timer := time.AfterFunc(staleKillTimeout, func() { close(done) })
 	defer timer.Stop()
