@@ -191,11 +191,7 @@ func removeStale(parent, name string, log *slog.Logger) {
 			log.Warn("killing stale cgroup", "path", dir, "err", err)
 			continue
 		}
-		done := make(chan struct{})
-		timer := time.AfterFunc(staleKillTimeout, func() { close(done) })
-		emptied := g.WaitEmpty(done)
-		timer.Stop()
-		if !emptied {
+		if !g.waitEmptyFor(staleKillTimeout) {
 			log.Warn("stale cgroup still has processes after SIGKILL", "path", dir, "timeout", staleKillTimeout)
 			continue
 		}
@@ -416,6 +412,14 @@ func (g *Group) WaitEmpty(done <-chan struct{}) bool {
 
 // recheckEvery bounds how long WaitEmpty trusts inotify alone.
 const recheckEvery = 200 * time.Millisecond
+
+// waitEmptyFor is WaitEmpty bounded by d.
+func (g *Group) waitEmptyFor(d time.Duration) bool {
+	done := make(chan struct{})
+	timer := time.AfterFunc(d, func() { close(done) })
+	defer timer.Stop()
+	return g.WaitEmpty(done)
+}
 
 // pollInterval paces pollEmpty, for a kernel without inotify.
 const pollInterval = 20 * time.Millisecond

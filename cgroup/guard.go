@@ -10,7 +10,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"time"
 )
 
 // The guard is what makes relay's death take every process of its
@@ -55,12 +54,9 @@ func RunGuard(args []string) error {
 		}
 		g := &Group{Dir: filepath.Join(dir, e.Name())}
 		g.Kill()
-		done := make(chan struct{})
-		timer := time.AfterFunc(staleKillTimeout, func() { close(done) })
-		if g.WaitEmpty(done) {
+		if g.waitEmptyFor(staleKillTimeout) {
 			removeAll(g.Dir)
 		}
-		timer.Stop()
 	}
 	// relay's cgroup itself, with the guard's leaf, goes when the next
 	// relay of this name starts (removeStale).
@@ -113,10 +109,7 @@ func (t *Tree) stopGuard() {
 	if err := g.Kill(); err != nil {
 		t.log.Warn("stopping the cgroup guard", "cgroup", g.Dir, "err", err)
 	}
-	done := make(chan struct{})
-	timer := time.AfterFunc(staleKillTimeout, func() { close(done) })
-	defer timer.Stop()
-	if !g.WaitEmpty(done) {
+	if !g.waitEmptyFor(staleKillTimeout) {
 		t.log.Warn("the cgroup guard did not exit", "cgroup", g.Dir, "timeout", staleKillTimeout, "pids", strconv.Itoa(g.Count()))
 	}
 }
