@@ -8,7 +8,7 @@ import "github.com/relaysh/relay/supervisor"
 func eventFrom(ev supervisor.Event) Event {
 	out := Event{
 		Phase: phaseFrom(ev.Phase), Generation: ev.Generation, Pid: ev.Pid, Check: ev.Check,
-		Signal: ev.Signal, Status: ev.Status, DurationMs: ev.DurationMs,
+		Signal: ev.Signal, Status: ev.Status, DurationMs: ev.DurationMs, Drain: ev.Drain,
 	}
 	if ev.Result != nil {
 		res := resultFrom(*ev.Result)

@@ -154,3 +154,15 @@ func TestPhasesAndStates(t *testing.T) {
 		t.Errorf("a phase the protocol does not know yet is %q on the wire, want its own name", got)
 	}
 }
+
+// TestDrainValues: Event.Drain carries the supervisor's words unchanged.
+func TestDrainValues(t *testing.T) {
+	for _, c := range []struct{ sup, wire string }{
+		{supervisor.DrainAdaptive, DrainAdaptive}, {supervisor.DrainFixed, DrainFixed},
+		{supervisor.DrainEmpty, DrainEmpty}, {supervisor.DrainMax, DrainMax},
+	} {
+		if got := eventFrom(supervisor.Event{Drain: c.sup}).Drain; got != c.wire {
+			t.Errorf("supervisor drain %q is %q on the wire, want %q", c.sup, got, c.wire)
+		}
+	}
+}

@@ -15,7 +15,7 @@ const (
 	PhaseStarting Phase = "starting"        // the new generation was started
 	PhaseWaiting  Phase = "waiting"         // its readiness check runs
 	PhaseReady    Phase = "ready"           // it is ready and serving
-	PhaseDraining Phase = "draining"        // the old generation serves for --drain
+	PhaseDraining Phase = "draining"        // the old generation finishes what it has, --drain at most
 	PhaseStopping Phase = "stopping"        // the old generation got its stop signal
 	PhaseDone     Phase = "done"            // final: see Event.Result
 	PhaseOldExit  Phase = "old_exited"      // after done: the old generation exited
@@ -30,8 +30,22 @@ type Event struct {
 	Signal     string  `json:"signal,omitempty"` // the stop signal, with stopping
 	Status     string  `json:"status,omitempty"` // how an old generation exited
 	DurationMs float64 `json:"duration_ms,omitempty"`
-	Result     *Result `json:"result,omitempty"` // with PhaseDone
+	// Drain, with draining, is how the drain is to end: "adaptive" (as
+	// soon as nothing more can reach the old generation's sockets, at
+	// most duration_ms) or "fixed" (after duration_ms). With stopping,
+	// it is how it ended: "empty", "max" (duration_ms reached before the
+	// sockets emptied) or "fixed", duration_ms being how long it lasted.
+	Drain  string  `json:"drain,omitempty"`
+	Result *Result `json:"result,omitempty"` // with PhaseDone
 }
+
+// The values of Event.Drain.
+const (
+	DrainAdaptive = "adaptive"
+	DrainFixed    = "fixed"
+	DrainEmpty    = "empty"
+	DrainMax      = "max"
+)
 
 // Result is the outcome of one restart.
 type Result struct {

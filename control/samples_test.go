@@ -30,8 +30,8 @@ func sampleEvents() []supervisor.Event {
 		{Phase: supervisor.PhaseStarting, Generation: 5, Pid: 1240},
 		{Phase: supervisor.PhaseWaiting, Generation: 5, Pid: 1240, Check: "tcp 127.0.0.1:8080"},
 		{Phase: supervisor.PhaseReady, Generation: 5, Pid: 1240, DurationMs: 12.5},
-		{Phase: supervisor.PhaseDraining, Generation: 4, Pid: 1100, DurationMs: 1000},
-		{Phase: supervisor.PhaseStopping, Generation: 4, Pid: 1100, Signal: "SIGTERM"},
+		{Phase: supervisor.PhaseDraining, Generation: 4, Pid: 1100, DurationMs: 5000, Drain: supervisor.DrainAdaptive},
+		{Phase: supervisor.PhaseStopping, Generation: 4, Pid: 1100, Signal: "SIGTERM", DurationMs: 21.5, Drain: supervisor.DrainEmpty},
 		{Phase: supervisor.PhaseDone, Generation: 5, Pid: 1240, Check: "c", Signal: "s", Status: "exit 0", DurationMs: 3.25, Result: &res},
 		{Phase: supervisor.PhaseOldExit, Generation: 4, Pid: 1100, Status: "exit status 0"},
 	}

@@ -116,15 +116,21 @@ func (s *Set) steer(mode SteerMode) error {
 		e.Group = g
 		steered = true
 	}
-	if steered {
-		switch state, err := steer.EnableMigration(); {
-		case err != nil:
-			s.log.Info("net.ipv4.tcp_migrate_req stays off: a connection still queued on a retired socket would be reset rather than moved (relay retires a socket only after its generation has exited)", "err", err)
-		case state == steer.MigrationEnabled:
-			s.log.Info("turned on net.ipv4.tcp_migrate_req for this network namespace: connections still queued on a retired socket move to another socket of its group instead of being reset")
-		default:
-			s.log.Debug("net.ipv4.tcp_migrate_req is on")
-		}
+	if !steered {
+		return nil
+	}
+	if o, err := steer.NewObserver(); err != nil {
+		s.log.Warn("adaptive drain unavailable: a replaced generation drains for the whole --drain", "err", err)
+	} else {
+		s.observer = o
+	}
+	switch state, err := steer.EnableMigration(); {
+	case err != nil:
+		s.log.Info("net.ipv4.tcp_migrate_req stays off: a connection still queued on a retired socket would be reset rather than moved (relay retires a socket only after its generation has exited)", "err", err)
+	case state == steer.MigrationEnabled:
+		s.log.Info("turned on net.ipv4.tcp_migrate_req for this network namespace: connections still queued on a retired socket move to another socket of its group instead of being reset")
+	default:
+		s.log.Debug("net.ipv4.tcp_migrate_req is on")
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package sockets
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"net"
@@ -20,6 +21,9 @@ import (
 type Set struct {
 	log     *slog.Logger
 	entries []*entry // in --listen order: fd 3, 4, ... of every child
+	// observer sees a replaced generation's steered sockets empty; nil
+	// where nothing is steered or the kernel cannot show it.
+	observer *steer.Observer
 
 	mu sync.Mutex // guards the entries' holders
 }
@@ -173,6 +177,31 @@ func (s *Set) Switch(gen, back int) error {
 	return nil
 }
 
+// DrainObservable reports whether WaitDrained can see a replaced
+// generation's sockets empty: some listener is steered, and the kernel
+// shows its queue and handshakes.
+func (s *Set) DrainObservable() bool { return s.observer != nil }
+
+// WaitDrained returns once nothing more can reach generation gen's steered
+// sockets, gen having just been switched away from (see
+// steer.Observer.WaitDrained); ctx's error if it ends first. Shared
+// sockets do not hold it up: the next generation accepts on them. Without
+// an observer it returns steer.ErrUnobservable at once. waiting, if not
+// nil, hears once what was still on its way to gen's sockets at the first
+// reading, if anything.
+func (s *Set) WaitDrained(ctx context.Context, gen int, waiting func(steer.Backlog)) error {
+	if s.observer == nil {
+		return steer.ErrUnobservable
+	}
+	var groups []*steer.Group
+	for _, e := range s.entries {
+		if e.Group != nil {
+			groups = append(groups, e.Group)
+		}
+	}
+	return s.observer.WaitDrained(ctx, groups, gen, waiting)
+}
+
 // ProbeControl returns the dialer Control function of generation gen's
 // readiness probes: a probe of a steered listener's public address goes to
 // gen's own socket.
@@ -228,6 +257,9 @@ func (s *Set) ProbesSteered(host, port string) bool {
 
 // Close closes every socket, the groups' first.
 func (s *Set) Close() error {
+	if s.observer != nil {
+		s.observer.Close()
+	}
 	for _, e := range s.entries {
 		if e.Group != nil {
 			e.Group.Close()

@@ -53,10 +53,13 @@ type Config struct {
 	// serving child that sent WATCHDOG=1 and then none for this long is
 	// replaced like one that failed Liveness.
 	ChildWatchdog time.Duration
-	// Drain is the time from the switch to the new generation until the
-	// old one gets its stop signal. On steered listeners the old one gets
-	// no new connection in it and finishes what it has; on shared ones
-	// both accept.
+	// Drain bounds the time from the switch to the new generation until
+	// the old one gets its stop signal. Where Sockets can show it
+	// (Sockets.DrainObservable), the stop signal comes as soon as nothing
+	// more can reach the old generation's steered sockets, and Drain is
+	// the most it waits; elsewhere it waits Drain. On steered listeners
+	// the old generation gets no new connection meanwhile and finishes
+	// what it has; on shared ones both accept. 0: no drain.
 	Drain       time.Duration
 	StopSignal  syscall.Signal
 	StopTimeout time.Duration

@@ -12,6 +12,8 @@ import (
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/sockets"
+	"github.com/relaysh/relay/steer"
 )
 
 // env is everything the state machine needs from outside its goroutine:
@@ -42,6 +44,11 @@ type env struct {
 	// preflight runs a pre-flight command with childEnv; nil if it
 	// exited 0.
 	preflight func(ctx context.Context, argv, childEnv []string) error
+	// drained returns nil once nothing more can reach generation n's
+	// steered sockets, n having just been replaced, or ctx's error; nil
+	// (the func) where that cannot be seen, and drains last --drain.
+	// waiting hears, once, what was still on its way at the first look.
+	drained func(ctx context.Context, n int, waiting func(steer.Backlog)) error
 
 	// now, afterFunc and withTimeout are the clock: time.Now,
 	// time.AfterFunc and context.WithTimeout.
@@ -110,8 +117,8 @@ func (p reaperProcess) pid() int { return p.Pid }
 
 // reaperEnv is the production env: processes from rp, the real clock, and
 // package health's checks of spec and of liveness; with tree, a cgroup per
-// generation.
-func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, tree *cgroup.Tree) env {
+// generation; the drain watch of set's steered sockets where it has one.
+func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, tree *cgroup.Tree, set *sockets.Set) env {
 	checker := health.NewChecker(spec, rp, socketpass.ChildEnv(baseEnv, nil))
 	live := health.NewChecker(liveness, rp, socketpass.ChildEnv(baseEnv, nil))
 	var contain func(int) (container, error)
@@ -120,7 +127,12 @@ func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, 
 		contain = func(n int) (container, error) { return tree.NewGroup(n) }
 		adopted = nil
 	}
+	var drained func(context.Context, int, func(steer.Backlog)) error
+	if set.DrainObservable() {
+		drained = set.WaitDrained
+	}
 	return env{
+		drained:   drained,
 		contain:   contain,
 		adopted:   adopted,
 		signalPid: unix.Kill,

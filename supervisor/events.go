@@ -17,7 +17,7 @@ const (
 	PhaseStarting Phase = "starting"        // the new generation was started
 	PhaseWaiting  Phase = "waiting"         // its readiness check runs
 	PhaseReady    Phase = "ready"           // it is ready and serving
-	PhaseDraining Phase = "draining"        // the old generation serves for --drain
+	PhaseDraining Phase = "draining"        // the old generation finishes what it has, --drain at most
 	PhaseStopping Phase = "stopping"        // the old generation got its stop signal
 	PhaseDone     Phase = "done"            // final: see Event.Result
 	PhaseOldExit  Phase = "old_exited"      // after done: the old generation exited
@@ -32,7 +32,12 @@ type Event struct {
 	Signal     string
 	Status     string // how an old generation exited
 	DurationMs float64
-	Result     *Result // with PhaseDone
+	// Drain, on PhaseDraining, is how the window is to end
+	// (DrainAdaptive or DrainFixed), DurationMs being --drain; on
+	// PhaseStopping, how it ended (DrainEmpty, DrainMax, DrainFixed;
+	// "" for no window), DurationMs being how long it lasted.
+	Drain  string
+	Result *Result // with PhaseDone
 }
 
 // Result is the outcome of one restart.

@@ -91,7 +91,7 @@ func (s *Supervisor) failDuringDrain(g *generation) bool {
 		return false
 	}
 	prev := run.prev
-	run.drainTimer.Stop()
+	run.drain.end()
 	gs.command = prev.cmd
 	reason := fmt.Sprintf("exited during the drain window: %s", g.status)
 	attrs := []any{"reason", reason, "stderr_tail", g.stderr.Lines(stderrTailLines)}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/steer"
 )
 
 // The harness runs a Supervisor on fakes of env (fakeclock_test.go,
@@ -43,14 +44,29 @@ func recv[T any](t *testing.T, c <-chan T, what string) T {
 
 // syncBuffer is a bytes.Buffer safe for the log handler's goroutines.
 type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
+	mu      sync.Mutex
+	buf     bytes.Buffer
+	changed chan struct{} // closed and replaced at each write
 }
 
 func (b *syncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if b.changed != nil {
+		close(b.changed)
+		b.changed = nil
+	}
 	return b.buf.Write(p)
+}
+
+// next returns the text so far and a channel closed at the next write.
+func (b *syncBuffer) next() (string, <-chan struct{}) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.changed == nil {
+		b.changed = make(chan struct{})
+	}
+	return b.buf.String(), b.changed
 }
 
 func (b *syncBuffer) String() string {
@@ -71,6 +87,7 @@ type harness struct {
 	checkC     chan *fakeCheck
 	preflightC chan *fakeCheck
 	probeC     chan *fakeCheck // liveness probes
+	drainC     chan *fakeCheck // watches of old sockets draining
 	orphanC    chan struct{}
 	runC       chan runResult
 
@@ -106,17 +123,28 @@ var testCommand = Command{Path: "/srv/server", Args: []string{"server", "-versio
 // configuration, changed by tweak if not nil. Run it with run.
 func newHarness(t *testing.T, tweak func(*Config)) *harness {
 	t.Helper()
-	return newHarnessContained(t, tweak, false)
+	return newHarnessWith(t, tweak, harnessOpts{})
 }
 
 // newHarnessContained is newHarness, with each generation in a fake
 // cgroup (contain_test.go) if contained.
 func newHarnessContained(t *testing.T, tweak func(*Config), contained bool) *harness {
 	t.Helper()
+	return newHarnessWith(t, tweak, harnessOpts{contained: contained})
+}
+
+// harnessOpts choose the fakes of env that not every test has.
+type harnessOpts struct {
+	contained bool // each generation in a fake cgroup (contain_test.go)
+	adaptive  bool // env.drained is a fake watch (drain_test.go)
+}
+
+func newHarnessWith(t *testing.T, tweak func(*Config), opts harnessOpts) *harness {
+	t.Helper()
 	h := &harness{
 		t: t, clock: newFakeClock(), obs: newObserver(),
 		startedC: make(chan *fakeProc, 64), checkC: make(chan *fakeCheck, 64), preflightC: make(chan *fakeCheck, 64),
-		probeC: make(chan *fakeCheck, 64), orphanC: make(chan struct{}, 1), runC: make(chan runResult, 1),
+		probeC: make(chan *fakeCheck, 64), drainC: make(chan *fakeCheck, 64), orphanC: make(chan struct{}, 1), runC: make(chan runResult, 1),
 	}
 	cfg := Config{
 		Command:        testCommand,
@@ -136,10 +164,15 @@ func newHarnessContained(t *testing.T, tweak func(*Config), contained bool) *har
 	sup, err := newSupervisor(cfg, func(Config) (env, error) {
 		var contain func(int) (container, error)
 		adopted := h.adopted
-		if contained {
+		if opts.contained {
 			contain, adopted = h.newCgroup, nil
 		}
+		var drained func(context.Context, int, func(steer.Backlog)) error
+		if opts.adaptive {
+			drained = h.drained
+		}
 		return env{
+			drained:     drained,
 			contain:     contain,
 			adopted:     adopted,
 			signalPid:   h.signalPid,
@@ -194,6 +227,12 @@ func (h *harness) ready(ctx context.Context, ch health.Child) error {
 func (h *harness) liveProbe(ctx context.Context, ch health.Child) error {
 	c := &fakeCheck{gen: ch.Generation, ctx: ctx, reply: make(chan error, 1)}
 	h.probeC <- c
+	return c.wait()
+}
+
+func (h *harness) drained(ctx context.Context, gen int, _ func(steer.Backlog)) error {
+	c := &fakeCheck{gen: gen, ctx: ctx, reply: make(chan error, 1)}
+	h.drainC <- c
 	return c.wait()
 }
 
@@ -336,6 +375,20 @@ func (h *harness) draining(req RestartRequest) (old, p *fakeProc, seen []Event, 
 	events, p, c := h.starting(req, 2)
 	c.pass()
 	return old, p, until(h.t, events, PhaseDraining), events
+}
+
+// waitLog waits for a log line that contains want.
+func (h *harness) waitLog(want string) {
+	h.t.Helper()
+	deadline := time.Now().Add(waitLimit)
+	for time.Now().Before(deadline) {
+		text, changed := h.logs.next()
+		if strings.Contains(text, want) {
+			return
+		}
+		recv(h.t, changed, fmt.Sprintf("a log line with %q", want))
+	}
+	h.t.Fatalf("no log line with %q within %s", want, waitLimit)
 }
 
 // waitLine waits for the status line want (see observer.waitLine).

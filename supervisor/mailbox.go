@@ -61,8 +61,13 @@ type (
 		run *restartRun
 		err error
 	}
-	// drainEvent: run's drain window ended.
-	drainEvent struct{ run *restartRun }
+	// drainEvent: run's drain window ended (err nil), how is in ended,
+	// or the watch of its old sockets failed (err).
+	drainEvent struct {
+		run   *restartRun
+		ended string
+		err   error
+	}
 	// killEvent: g's stop timeout passed.
 	killEvent struct{ g *generation }
 	// replaceEvent: the backoff before replacement number seq passed.
@@ -74,7 +79,7 @@ type (
 func (ev exitEvent) handleEvent(s *Supervisor)      { s.onExit(ev.g, ev.status) }
 func (ev checkEvent) handleEvent(s *Supervisor)     { s.onCheck(ev.g, ev.err) }
 func (ev preflightEvent) handleEvent(s *Supervisor) { s.onPreflight(ev.run, ev.err) }
-func (ev drainEvent) handleEvent(s *Supervisor)     { s.onDrainEnd(ev.run) }
+func (ev drainEvent) handleEvent(s *Supervisor)     { s.onDrainEnd(ev.run, ev.ended, ev.err) }
 func (ev killEvent) handleEvent(s *Supervisor)      { s.onKillTimeout(ev.g) }
 func (ev replaceEvent) handleEvent(s *Supervisor)   { s.onReplaceDue(ev.seq) }
 func (emptiedEvent) handleEvent(s *Supervisor)      { s.checkLingering() }

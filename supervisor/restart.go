@@ -10,6 +10,7 @@ import (
 
 	"github.com/relaysh/relay/signals"
 	"github.com/relaysh/relay/socketpass"
+	"github.com/relaysh/relay/steer"
 )
 
 // Reasons of the restarts relay begins by itself.
@@ -33,9 +34,44 @@ type restartRun struct {
 	gen        *generation // the new generation, once started
 	prev       *generation // the generation it replaces, in its drain window
 	watch      *generation // the old generation whose exit callers hear of
-	drainTimer timer
+	drain      drainWindow
 	waitLogged bool
 }
+
+// drainWindow is the time between the switch to a restart's new
+// generation and the old one's stop signal.
+type drainWindow struct {
+	began  time.Time
+	timer  timer              // --drain: the end at the latest
+	cancel context.CancelFunc // ends the watch of the old sockets; nil if none
+}
+
+// end stops whatever would end the window: the timer and the watch.
+func (d *drainWindow) end() {
+	if d.timer != nil {
+		d.timer.Stop()
+	}
+	if d.cancel != nil {
+		d.cancel()
+	}
+}
+
+// How a drain ended, in the log and on Event.Drain.
+const (
+	// DrainEmpty: nothing more could reach the old generation's
+	// steered sockets.
+	DrainEmpty = "empty"
+	// DrainMax: --drain passed before they emptied.
+	DrainMax = "max"
+	// DrainFixed: --drain passed; their emptying could not be seen.
+	DrainFixed = "fixed"
+)
+
+// How a drain is to end, on the PhaseDraining Event.Drain.
+const (
+	// DrainAdaptive: when the old sockets are empty, within --drain.
+	DrainAdaptive = "adaptive"
+)
 
 // requested reports whether someone asked for run (a signal or a control
 // request), as opposed to relay's own first start, crash replacements and
@@ -243,28 +279,68 @@ func (s *Supervisor) promote(g *generation) {
 	gs.old = append(gs.old, prev)
 	run.prev = prev
 	if s.cfg.Drain <= 0 {
-		s.retire(run)
+		s.retire(run, "")
 		return
 	}
-	prev.log.Info("old generation draining", "drain", s.cfg.Drain)
-	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), DurationMs: ms(s.cfg.Drain)})
-	run.drainTimer = s.env.afterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run}) })
+	s.beginDrain(run, prev)
 }
 
-func (s *Supervisor) onDrainEnd(run *restartRun) {
-	if run != s.restarts.current {
+// beginDrain opens prev's drain window. Where the sockets can be watched
+// (env.drained), it ends as soon as nothing more can reach prev's steered
+// sockets, --drain at the latest; elsewhere it lasts --drain.
+func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
+	d := &run.drain
+	d.began = s.env.now()
+	mode, atMax := DrainFixed, DrainFixed
+	if s.env.drained != nil {
+		mode, atMax = DrainAdaptive, DrainMax
+		ctx, cancel := context.WithCancel(context.Background())
+		d.cancel = cancel
+		waiting := func(b steer.Backlog) {
+			prev.log.Debug("connections still on their way to the old generation; its drain waits for them",
+				"queued", b.Queued, "handshakes", b.Handshakes)
+		}
+		go func() {
+			err := s.env.drained(ctx, prev.n, waiting)
+			if ctx.Err() == nil {
+				s.post(drainEvent{run: run, ended: DrainEmpty, err: err})
+			}
+		}()
+	}
+	prev.log.Info("old generation draining", "until", mode, "drain", s.cfg.Drain)
+	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), DurationMs: ms(s.cfg.Drain), Drain: mode})
+	d.timer = s.env.afterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run, ended: atMax}) })
+}
+
+// onDrainEnd ends run's drain window: its old sockets are empty, or
+// --drain passed. A watch that failed leaves the window to --drain.
+func (s *Supervisor) onDrainEnd(run *restartRun, ended string, err error) {
+	if run != s.restarts.current || run.prev == nil {
+		return // the stop or a rollback ended the window already
+	}
+	prev := run.prev
+	if err != nil {
+		prev.log.Warn("cannot see the old generation's sockets empty; it drains for the whole --drain", "drain", s.cfg.Drain, "err", err)
 		return
 	}
-	s.retire(run)
+	run.drain.end()
+	took := s.env.now().Sub(run.drain.began)
+	prev.log.Info("old generation drained", "drain", took.Round(time.Microsecond), "ended", ended, "max", s.cfg.Drain)
+	s.retire(run, ended)
 }
 
 // retire ends a successful restart: the old generation gets its stop
 // signal, and the callers following the restart are told when it exits.
-func (s *Supervisor) retire(run *restartRun) {
+// ended says how its drain ended; "" for no drain.
+func (s *Supervisor) retire(run *restartRun, ended string) {
 	prev := run.prev
 	if prev.state == Draining {
 		s.stopGen(prev)
-		run.emit(Event{Phase: PhaseStopping, Generation: prev.n, Pid: prev.pid(), Signal: signals.Name(s.cfg.StopSignal)})
+		ev := Event{Phase: PhaseStopping, Generation: prev.n, Pid: prev.pid(), Signal: signals.Name(s.cfg.StopSignal), Drain: ended}
+		if ended != "" {
+			ev.DurationMs = ms(s.env.now().Sub(run.drain.began))
+		}
+		run.emit(ev)
 	}
 	run.watch = prev
 	s.finishRestart(s.resultFor(run.gen, true, ""))

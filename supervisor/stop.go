@@ -24,7 +24,7 @@ func (s *Supervisor) beginStop(now bool) {
 		case run == nil:
 		case run.prev != nil:
 			// The new generation already serves; the stop ends the drain.
-			run.drainTimer.Stop()
+			run.drain.end()
 			s.finishRestart(s.resultFor(run.gen, true, ""))
 		case run.gen == nil:
 			// It was in its pre-flight check, or waiting for an old

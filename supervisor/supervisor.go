@@ -97,7 +97,7 @@ func New(cfg Config) (*Supervisor, error) {
 		if cfg.Reaper == nil {
 			return env{}, errors.New("no reaper")
 		}
-		return reaperEnv(cfg.Reaper, cfg.Health, cfg.Liveness, cfg.Env, cfg.Cgroups), nil
+		return reaperEnv(cfg.Reaper, cfg.Health, cfg.Liveness, cfg.Env, cfg.Cgroups, cfg.Sockets), nil
 	})
 }
 

@@ -116,9 +116,20 @@ func printEvent(w io.Writer, ev *control.Event) {
 	case control.PhaseReady:
 		fmt.Fprintf(w, "ready after %s\n", msDuration(ev.DurationMs))
 	case control.PhaseDraining:
+		if ev.Drain == control.DrainAdaptive {
+			fmt.Fprintf(w, "old %s draining until nothing more can reach it, at most %s\n", g, msDuration(ev.DurationMs))
+			return
+		}
 		fmt.Fprintf(w, "old %s draining for %s\n", g, msDuration(ev.DurationMs))
 	case control.PhaseStopping:
-		fmt.Fprintf(w, "old %s sent %s\n", g, ev.Signal)
+		switch ev.Drain {
+		case control.DrainEmpty:
+			fmt.Fprintf(w, "old %s drained in %s; sent %s\n", g, msDuration(ev.DurationMs), ev.Signal)
+		case control.DrainMax:
+			fmt.Fprintf(w, "old %s still had connections on their way to it after %s (--drain); sent %s\n", g, msDuration(ev.DurationMs), ev.Signal)
+		default:
+			fmt.Fprintf(w, "old %s sent %s\n", g, ev.Signal)
+		}
 	case control.PhaseOldExit:
 		fmt.Fprintf(w, "old %s exited (%s)\n", g, ev.Status)
 	case control.PhaseDone:

@@ -34,7 +34,7 @@ func runCommand() *cli.Command {
 			&cli.DurationFlag{Name: "child-watchdog", Usage: "give each child WATCHDOG_USEC=`DURATION` (and WATCHDOG_PID); a serving child that sent WATCHDOG=1 and then none for that long is replaced", DefaultText: "off"},
 			&cli.StringFlag{Name: "takeover", Value: string(supervisor.TakeoverAuto), Usage: "`MODE` of the bind takeover: auto makes a bind of a --listen address by the child (or anything it starts) land on relay's socket, where the kernel allows (else logged once, and children take the inherited fds only); on makes its absence an error; off passes the sockets as inherited fds only"},
 			&cli.StringFlag{Name: "steer", Value: string(sockets.SteerAuto), Usage: "`MODE` of the drain on TCP listeners: auto gives each generation a socket of its own and new connections to the serving one only, where the kernel allows (else one shared socket, logged); on refuses to start without it; off shares one socket"},
-			&cli.DurationFlag{Name: "drain", DefaultText: "1s if any listener is steered, else 0", Usage: "`DURATION` from the switch to the new generation until the old one is told to stop; when steered the old one gets no new connection meanwhile, on shared sockets both accept"},
+			&cli.DurationFlag{Name: "drain", DefaultText: "5s if any listener is steered, else 0", Usage: "most `DURATION` from the switch to the new generation until the old one is told to stop: on steered listeners it is told as soon as nothing more can reach its sockets (a fixed --drain, 1s by default, where the kernel cannot show that); on shared sockets, where both accept, it is the drain"},
 			&cli.StringFlag{Name: "stop-signal", Value: "TERM", Usage: "`SIGNAL` that asks a generation to stop (nginx and unicorn want QUIT, haproxy USR1, lighttpd INT)"},
 			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "`DURATION` a generation may take to stop before all of it (its cgroup, or its process group) gets SIGKILL"},
 			&cli.IntFlag{Name: "max-draining", Value: supervisor.DefaultMaxDraining, Usage: "`N` old generations may still be running; a restart past it waits for the oldest to exit"},
@@ -113,12 +113,25 @@ func runAction(c *cli.Context) error {
 // manager to take its last messages (STOPPING=1, the final STATUS=).
 const notifyFlushTimeout = 2 * time.Second
 
-// defaultSteeredDrain is --drain when a listener is steered and the flag is
-// not given. From the switch on, the old generation gets no new
-// connection; the drain only has to let it accept what was already queued
-// on its socket, and let handshakes begun before the switch complete. Both
-// take well under a millisecond on loopback and about one round trip on a
-// network. One second covers slow clients' round trips, and a busy old
-// generation's accept loop, with room to spare; the cost is one second
-// more of two generations alive per restart.
-const defaultSteeredDrain = time.Second
+// The --drain defaults where a listener is steered and the flag is not
+// given. From the switch on, the old generation gets no new connection;
+// its drain only has to let it accept what was already queued on its
+// socket, and let the handshakes begun before the switch complete.
+//
+// Where relay can see that (the kernel's socket diagnostics), the drain
+// ends as soon as nothing more can reach the old socket, a few tens of
+// milliseconds after the switch, and --drain is only its upper bound:
+// defaultAdaptiveDrain. That bound matters only when the old socket does
+// not empty: a client whose SYN-ACK was lost completes its handshake one
+// retransmission later (1s, then 2s more), and an old child that stopped
+// accepting never empties it. Five seconds lets two lost packets in a row
+// through, and still bounds what a wedged old child costs a restart.
+//
+// Where relay cannot see it, the drain is the fixed defaultSteeredDrain:
+// one second covers slow clients' round trips and a busy old generation's
+// accept loop, with room to spare, for one second more of two generations
+// alive per restart.
+const (
+	defaultAdaptiveDrain = 5 * time.Second
+	defaultSteeredDrain  = time.Second
+)

@@ -39,9 +39,9 @@ refuses no connection.
 
 Signals to relay:
    HUP              restart: start a new generation on the same sockets, wait until it is
-                    ready (--health), switch new connections to it, wait --drain, then send
-                    the old one --stop-signal and SIGKILL all of it (its cgroup) after
-                    --stop-timeout.
+                    ready (--health), switch new connections to it, let the old one take
+                    what was already on its way to it (--drain at most), then send it
+                    --stop-signal and SIGKILL all of it (its cgroup) after --stop-timeout.
                     A new generation that fails is killed; the old one is never touched.
    TERM, INT, QUIT  stop every generation gracefully and exit with the child's status.
                     A second one kills them at once.
@@ -54,10 +54,12 @@ Listen forms (each may start with NAME= to set its LISTEN_FDNAMES entry):
 
 Drain (--steer auto, the default): each generation gets a socket of its own in the TCP
 listener's SO_REUSEPORT group, and a BPF program sends new connections to the old
-generation until the new one is ready, then to the new one only. The old one finishes what
-it has during --drain (1s) and gets its stop signal with nothing new arriving, so even a
-plain http.Server.Shutdown loses nothing. UDP and unix sockets, and TCP sockets the kernel
-will not steer (logged), stay one socket shared by every generation.
+generation until the new one is ready, then to the new one only. The old one gets its stop
+signal as soon as its socket's accept queue is empty and every handshake begun before the
+switch has completed (tens of milliseconds; "old generation drained" logs how long), at
+most --drain (5s) after the switch, so even a plain http.Server.Shutdown loses nothing.
+UDP and unix sockets, and TCP sockets the kernel will not steer (logged), stay one socket
+shared by every generation.
 
 Readiness (--health) must be specific to the new child: a probe the old one could answer
 proves nothing. The default, auto, needs nothing from the server:

@@ -79,7 +79,11 @@ func adviseHealth(log *slog.Logger, opts runOptions, set *sockets.Set) error {
 func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reaper.Reaper, cg *cgroup.Tree,
 	log *slog.Logger, stderr io.Writer, notifier *sdnotify.Notifier) (*supervisor.Supervisor, error) {
 	drain := opts.drain
-	if !opts.drainSet && set.Steered() {
+	switch {
+	case opts.drainSet || !set.Steered():
+	case set.DrainObservable():
+		drain = defaultAdaptiveDrain
+	default:
 		drain = defaultSteeredDrain
 	}
 	return supervisor.New(supervisor.Config{

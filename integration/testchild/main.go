@@ -61,6 +61,7 @@ func main() {
 		silent         = flag.Bool("silent", false, "send no sd_notify message at all, as a server that knows nothing of systemd")
 		watchdog       = flag.Bool("watchdog", false, "once ready, send WATCHDOG=1 every half of WATCHDOG_USEC (exit 6 unless WATCHDOG_USEC and WATCHDOG_PID are this process's) until SIGUSR2, then go on serving without a ping")
 		closeOnUSR1    = flag.Bool("close-listeners-on-usr1", false, "on SIGUSR1, close the passed listeners and go on running, as a server that lost its listener")
+		deferAccept    = flag.Bool("defer-accept", false, "set TCP_DEFER_ACCEPT on the passed stream sockets: a client that connects and sends nothing stays a handshake in progress")
 	)
 	flag.Parse()
 	if *sleeper {
@@ -184,6 +185,9 @@ func main() {
 			}
 			serveBound(*bind, mux, gen, *logAccepts, &notified)
 		} else {
+			if *deferAccept {
+				setDeferAccept()
+			}
 			listeners = serveInherited(mux)
 		}
 		if *notifyGate != "" {
@@ -241,6 +245,23 @@ func (l loggingListener) Accept() (net.Conn, error) {
 		fmt.Fprintf(os.Stderr, "testchild: accepted gen=%d pid=%d from %s\n", l.gen, os.Getpid(), c.RemoteAddr())
 	}
 	return c, err
+}
+
+// setDeferAccept sets TCP_DEFER_ACCEPT on the passed TCP listeners, each
+// generation's own socket where relay steers.
+func setDeferAccept() {
+	n, _ := strconv.Atoi(os.Getenv("LISTEN_FDS"))
+	for fd := 3; fd < 3+n; fd++ {
+		typ, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+		dom, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
+		if typ != unix.SOCK_STREAM || (dom != unix.AF_INET && dom != unix.AF_INET6) {
+			continue
+		}
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 600); err != nil {
+			fmt.Fprintln(os.Stderr, "testchild: TCP_DEFER_ACCEPT:", err)
+			os.Exit(1)
+		}
+	}
 }
 
 // serveInherited serves HTTP on the passed stream sockets and echoes the

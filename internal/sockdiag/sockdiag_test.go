@@ -1,0 +1,134 @@
+package sockdiag
+
+import (
+	"net"
+	"net/netip"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// deferListener listens on loopback with TCP_DEFER_ACCEPT, so that a
+// client that connected and sent nothing stays a request socket.
+func deferListener(t *testing.T, network, addr string) *net.TCPListener {
+	t.Helper()
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30)
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	l, err := lc.Listen(t.Context(), network, addr)
+	if err != nil {
+		t.Skipf("no %s listener on %s: %v", network, addr, err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l.(*net.TCPListener)
+}
+
+// waitFor polls Handshakes until want says yes, for at most 5s.
+func waitFor(t *testing.T, c *Conn, family uint8, port uint16, want func([]Handshake) bool) []Handshake {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		hs, err := c.Handshakes(family, port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want(hs) {
+			return hs
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("handshakes on port %d: %v", port, hs)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestHandshakesSeesAPendingOneUntilItCompletes(t *testing.T) {
+	for _, tc := range []struct {
+		network, addr string
+		family        uint8
+	}{{"tcp4", "127.0.0.1:0", unix.AF_INET}, {"tcp6", "[::1]:0", unix.AF_INET6}} {
+		t.Run(tc.network, func(t *testing.T) {
+			l := deferListener(t, tc.network, tc.addr)
+			port := uint16(l.Addr().(*net.TCPAddr).Port)
+			c, err := Dial()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if hs, err := c.Handshakes(tc.family, port); err != nil || len(hs) != 0 {
+				t.Fatalf("before any client: %v, %v", hs, err)
+			}
+			client, err := net.Dial(tc.network, l.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer client.Close()
+			me := client.LocalAddr().(*net.TCPAddr).AddrPort()
+			want := Handshake{Local: l.Addr().(*net.TCPAddr).AddrPort(), Remote: me}
+			waitFor(t, c, tc.family, port, func(hs []Handshake) bool { return slices.Contains(hs, want) })
+
+			// Data completes it into the accept queue.
+			if _, err := client.Write([]byte("x")); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, c, tc.family, port, func(hs []Handshake) bool { return !slices.Contains(hs, want) })
+			conn, err := l.AcceptTCP()
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn.Close()
+		})
+	}
+}
+
+func TestHandshakesOfADualStackListenerShowIPv4Unmapped(t *testing.T) {
+	l := deferListener(t, "tcp", "[::]:0")
+	port := uint16(l.Addr().(*net.TCPAddr).Port)
+	c, err := Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	client, err := net.Dial("tcp4", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port).String())
+	if err != nil {
+		t.Skipf("no IPv4 to a dual-stack listener: %v", err)
+	}
+	defer client.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var all []Handshake
+		for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+			hs, err := c.Handshakes(family, port)
+			if err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, hs...)
+		}
+		if len(all) == 1 {
+			if all[0].Local != netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port) {
+				t.Fatalf("local address %v, want 127.0.0.1:%d", all[0].Local, port)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("handshakes on port %d: %v, want one", port, all)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestParseRefusesAShortMessage(t *testing.T) {
+	if _, err := parse(make([]byte, sizeofMsg-1)); err == nil {
+		t.Fatal("a short message parsed")
+	}
+}
