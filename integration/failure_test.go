@@ -324,12 +324,20 @@ func TestNewChildDyingAfterTheOldOneExitedIsReplaced(t *testing.T) {
 // startDrainWindow runs relay with a long drain, restarts it, and returns
 // once generation 2 is ready and generation 1 is in its drain window: the
 // relay, its address, generation 1's ready line, generation 2's starting
-// line, and the log index to read on from.
+// line, and the log index to read on from. A client that connected to
+// generation 1 and sends nothing (its socket defers accept until data)
+// is a handshake in progress towards it, which holds its drain open for
+// the whole test.
 func startDrainWindow(t *testing.T) (*relayProc, string, logLine, logLine, int) {
 	t.Helper()
-	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--drain", "1m", "--", built.testchild)
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--drain", "1m", "--", built.testchild, "-defer-accept")
 	addr := r.listenAddrs(1)[0].str("addr")
 	first, from := r.waitMsg(0, "generation ready", 1)
+	hold, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hold.Close() })
 	r.signal(syscall.SIGHUP)
 	starting, _ := r.waitMsg(from, "generation starting", 2)
 	_, from = r.waitMsg(from, "old generation draining", 1)

@@ -3,6 +3,9 @@ package integration
 import (
 	"bufio"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -338,4 +341,58 @@ func TestPassedSocketSteering(t *testing.T) {
 		r.signal(syscall.SIGTERM)
 		r.wait(30 * time.Second)
 	})
+}
+
+// Steering 5: a client whose handshake towards the old generation began
+// before the switch and is still in progress (it connected and sent
+// nothing: the old child's socket defers accept until data) holds the old
+// generation's drain open, while new connections go to the new one. Once
+// it sends its request, the old generation answers it, and only then gets
+// its stop signal.
+func TestDrainWaitsForAHandshakeBegunBeforeTheSwitch(t *testing.T) {
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--drain", "1m", "--", built.testchild, "-defer-accept")
+	addr := r.listenAddrs(1)[0].str("addr")
+	first, from := r.waitMsg(0, "generation ready", 1)
+	slow, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	r.signal(syscall.SIGHUP)
+	second, from := r.waitMsg(from, "generation ready", 2)
+	w, _ := r.waitMsg(from, "connections still on their way to the old generation; its drain waits for them", 1)
+	if w.num("handshakes") != 1 || w.num("pid") != first.num("pid") {
+		t.Errorf("the drain waits for %v, want one handshake towards pid %d", w, first.num("pid"))
+	}
+	for range 3 {
+		if pid, err := get(newConnClient(), httpURL(addr)); err != nil || pid != second.num("pid") {
+			t.Fatalf("a new connection during the drain: pid %d, %v; want the new generation's %d", pid, err, second.num("pid"))
+		}
+	}
+	if n := r.count("old generation drained"); n != 0 {
+		t.Fatalf("the old generation's drain ended with a handshake towards it in progress")
+	}
+	if _, err := slow.Write([]byte("GET / HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	slow.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(slow), nil)
+	if err != nil {
+		t.Fatalf("the slow client's request: %v", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("the slow client's answer: %v", err)
+	}
+	if pid, err := pidHeader(resp, body); err != nil || pid != first.num("pid") {
+		t.Errorf("the slow client was answered by pid %d (%v), want the old generation's %d", pid, err, first.num("pid"))
+	}
+	d, _ := r.waitMsg(from, "old generation drained", 1)
+	if d.str("ended") != "empty" {
+		t.Errorf("drained line %v, want ended=empty", d)
+	}
+	r.waitMsg(from, "stopping generation", 1)
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
 }
