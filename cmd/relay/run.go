@@ -98,7 +98,8 @@ func runAction(c *cli.Context) error {
 		return err
 	}
 	defer rp.Close()
-	sup, err := newSupervisor(opts, set, notifyDir, rp, cg, log, stderr, notifier)
+	mem := newMemoryReturner(notifier)
+	sup, err := newSupervisor(opts, set, notifyDir, rp, cg, log, stderr, mem)
 	if err != nil {
 		return err
 	}
@@ -106,7 +107,7 @@ func runAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	return runActors(log, sigC, sup, ctl, notifier)
+	return runActors(log, sigC, sup, ctl, notifier, mem)
 }
 
 // notifyFlushTimeout bounds how long relay waits, at exit, for the service

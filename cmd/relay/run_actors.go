@@ -20,12 +20,13 @@ import (
 
 // runActors runs the control server, the supervisor, the signal loop and
 // the watchdog until the supervisor is done, and says how relay ends.
-func runActors(log *slog.Logger, sigC <-chan os.Signal, sup *supervisor.Supervisor, ctl *control.Server, notifier *sdnotify.Notifier) error {
+func runActors(log *slog.Logger, sigC <-chan os.Signal, sup *supervisor.Supervisor, ctl *control.Server, notifier *sdnotify.Notifier, mem *memoryReturner) error {
 	var g run.Group
 	addControl(&g, ctl)
 	outcome := addSupervisor(&g, sup)
 	addSignalLoop(&g, sigC, sup)
 	addWatchdog(&g, log, notifier, sup)
+	addMemoryReturner(&g, mem)
 	if err := g.Run(); err != nil {
 		return err
 	}

@@ -77,7 +77,7 @@ func adviseHealth(log *slog.Logger, opts runOptions, set *sockets.Set) error {
 
 // newSupervisor makes the supervisor of the generations on set.
 func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reaper.Reaper, cg *cgroup.Tree,
-	log *slog.Logger, stderr io.Writer, notifier *sdnotify.Notifier) (*supervisor.Supervisor, error) {
+	log *slog.Logger, stderr io.Writer, observer supervisor.Observer) (*supervisor.Supervisor, error) {
 	drain := opts.drain
 	switch {
 	case opts.drainSet || !set.Steered():
@@ -103,7 +103,7 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 		Cgroups:       cg,
 		Log:           log,
 		Stderr:        stderr,
-		Observer:      notifier,
+		Observer:      observer,
 
 		Liveness:         opts.liveness.check,
 		LivenessInterval: opts.liveness.interval,
