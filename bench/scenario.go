@@ -380,6 +380,7 @@ func runOne(ctx context.Context, s *settings, sc scenario, mode string) (report.
 			return report.Result{}, err
 		}
 		sup = &report.Proc{Name: st.supervisor, RSSBeforeKB: before.rssKB, RSSAfterKB: after.rssKB, RSSPeakKB: after.peakKB,
+			RSSAnonAfterKB: after.anonKB, RSSFileAfterKB: after.fileKB,
 			CPUSeconds: (after.cpu - before.cpu).Seconds(), FDsBefore: before.fds, FDsAfter: done.fds}
 	}
 	stopErr := run.finish()
@@ -453,7 +454,7 @@ func measureIdle(ctx context.Context, s *settings, sc scenario) (report.Idle, er
 		return report.Idle{}, err
 	}
 	idle := report.Idle{Name: st.supervisor, Seconds: time.Since(t0).Seconds(),
-		CPUSeconds: (after.cpu - before.cpu).Seconds(), RSSKB: after.rssKB, FDs: after.fds}
+		CPUSeconds: (after.cpu - before.cpu).Seconds(), RSSKB: after.rssKB, RSSAnonKB: after.anonKB, RSSFileKB: after.fileKB, FDs: after.fds}
 	if err := run.finish(); err != nil {
 		return idle, fmt.Errorf("idle %s: %w", sc.name, err)
 	}

@@ -14,7 +14,10 @@ type Idle struct {
 	Seconds    float64 `json:"seconds"`
 	CPUSeconds float64 `json:"cpu_seconds"`
 	RSSKB      int64   `json:"rss_kb"`
-	FDs        int     `json:"fds"`
+	// RSSAnonKB and RSSFileKB split RSSKB (RssAnon, RssFile).
+	RSSAnonKB int64 `json:"rss_anon_kb"`
+	RSSFileKB int64 `json:"rss_file_kb"`
+	FDs       int   `json:"fds"`
 }
 
 // Report is a whole benchmark: its settings, the runs and the idle figures.
@@ -79,20 +82,21 @@ func (rep *Report) WriteMarkdown(w io.Writer) error {
 			num(r.DuringRe.P50, r.DuringRe.Count), num(r.DuringRe.P99, r.DuringRe.Count), num(r.DuringRe.P999, r.DuringRe.Count), num(r.DuringRe.Max, r.DuringRe.Count))
 	}
 
-	b.WriteString("\n**Restarts and the supervisor.** Restart latency: from the trigger to the first response from the new pid; in keep-alive mode clients move only when the old child closes their connections, so there it is at least the handover. Handover: from the trigger to the old child receiving its stop signal (from the backend's log, to the millisecond). RSS and CPU are the supervisor's own, over the run; fds before the first restart and after the last.\n\n")
-	b.WriteString("| scenario | mode | restarts | latency p50 | latency max | handover p50 | handover max | supervisor | RSS MiB (peak) | CPU s | fds before → after |\n")
-	b.WriteString("|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|\n")
+	b.WriteString("\n**Restarts and the supervisor.** Restart latency: from the trigger to the first response from the new pid; in keep-alive mode clients move only when the old child closes their connections, so there it is at least the handover. Handover: from the trigger to the old child receiving its stop signal (from the backend's log, to the millisecond). RSS and CPU are the supervisor's own, over the run; RSS is split into anonymous memory (RssAnon: the process's own) and file-backed pages (RssFile: mostly its binary, shared by every process that runs it); fds before the first restart and after the last.\n\n")
+	b.WriteString("| scenario | mode | restarts | latency p50 | latency max | handover p50 | handover max | supervisor | RSS MiB (peak) | anon / file MiB | CPU s | fds before → after |\n")
+	b.WriteString("|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|\n")
 	for _, r := range rep.Results {
 		lat, hand := restartFigures(r.Restarts)
-		sup, rss, cpu, fds := "—", "—", "—", "—"
+		sup, rss, split, cpu, fds := "—", "—", "—", "—", "—"
 		if p := r.Supervisor; p != nil {
 			sup = p.Name
 			rss = fmt.Sprintf("%.1f (%.1f)", mib(p.RSSAfterKB), mib(p.RSSPeakKB))
+			split = rssSplit(p.RSSAnonAfterKB, p.RSSFileAfterKB)
 			cpu = fmt.Sprintf("%.2f", p.CPUSeconds)
 			fds = fmt.Sprintf("%d → %d", p.FDsBefore, p.FDsAfter)
 		}
-		fmt.Fprintf(&b, "| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |\n", r.Scenario, r.Mode, len(r.Restarts),
-			lat[0], lat[1], hand[0], hand[1], sup, rss, cpu, fds)
+		fmt.Fprintf(&b, "| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", r.Scenario, r.Mode, len(r.Restarts),
+			lat[0], lat[1], hand[0], hand[1], sup, rss, split, cpu, fds)
 	}
 
 	if rep.Cost != nil && len(rep.Cost.Runs) > 0 {
@@ -100,9 +104,9 @@ func (rep *Report) WriteMarkdown(w io.Writer) error {
 	}
 	if len(rep.Idle) > 0 {
 		b.WriteString("\n**Idle.** One child serving, no load.\n\n")
-		b.WriteString("| supervisor | idle s | CPU s | RSS MiB | fds |\n|---|--:|--:|--:|--:|\n")
+		b.WriteString("| supervisor | idle s | CPU s | RSS MiB | anon / file MiB | fds |\n|---|--:|--:|--:|--:|--:|\n")
 		for _, i := range rep.Idle {
-			fmt.Fprintf(&b, "| %s | %.0f | %.2f | %.1f | %d |\n", i.Name, i.Seconds, i.CPUSeconds, mib(i.RSSKB), i.FDs)
+			fmt.Fprintf(&b, "| %s | %.0f | %.2f | %.1f | %s | %d |\n", i.Name, i.Seconds, i.CPUSeconds, mib(i.RSSKB), rssSplit(i.RSSAnonKB, i.RSSFileKB), i.FDs)
 		}
 	}
 	for _, s := range rep.Skipped {
@@ -153,3 +157,12 @@ func num(v float64, count int64) string {
 }
 
 func mib(kb int64) float64 { return float64(kb) / 1024 }
+
+// rssSplit is a table cell with RssAnon and RssFile in MiB, or "—" when
+// neither was read.
+func rssSplit(anonKB, fileKB int64) string {
+	if anonKB == 0 && fileKB == 0 {
+		return "—"
+	}
+	return fmt.Sprintf("%.2f / %.2f", mib(anonKB), mib(fileKB))
+}
