@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -9,8 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -398,36 +395,8 @@ func runOne(ctx context.Context, s *settings, sc scenario, mode string) (report.
 // stopSignals reads when each backend pid got its stop signal, from the
 // run's log, as offsets from base.
 func stopSignals(logPath string, base time.Time) (map[int32]time.Duration, error) {
-	f, err := os.Open(logPath)
-	if err != nil {
-		return nil, fmt.Errorf("reading the run's log: %w", err)
-	}
-	defer f.Close()
-	// The line the backend (examples/hello) logs when it gets its stop
-	// signal, while serving or still starting up. Its time has millisecond
-	// precision.
-	helloStop := regexp.MustCompile(`^time=(\S+) level=INFO msg=(?:stopping|"signal during startup, exiting") pid=(\d+) `)
-	out := map[int32]time.Duration{}
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		m := helloStop.FindStringSubmatch(sc.Text())
-		if m == nil {
-			continue
-		}
-		at, err := time.Parse(time.RFC3339Nano, m[1])
-		pid, err2 := strconv.Atoi(m[2])
-		if err != nil || err2 != nil {
-			continue
-		}
-		if _, seen := out[int32(pid)]; !seen {
-			out[int32(pid)] = at.Sub(base)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("reading the run's log: %w", err)
-	}
-	return out, nil
+	l, err := readRunLog(logPath, base)
+	return l.stops, err
 }
 
 // measureIdle runs a supervisor with one backend and no load for s.idle and

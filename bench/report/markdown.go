@@ -31,6 +31,10 @@ type Report struct {
 	Notes []string `json:"notes,omitempty"`
 	// Cost is the takeover cost comparison, nil when it was not run.
 	Cost *Cost `json:"takeover_cost,omitempty"`
+	// Tight is the tight-restarts run, nil when it was not run.
+	Tight *Tight `json:"tight_restarts,omitempty"`
+	// Memory is relay's memory over many restarts, nil when not run.
+	Memory *Memory `json:"memory,omitempty"`
 }
 
 // SetRatios fills VsDirect from the direct run of the same mode.
@@ -101,6 +105,12 @@ func (rep *Report) WriteMarkdown(w io.Writer) error {
 
 	if rep.Cost != nil && len(rep.Cost.Runs) > 0 {
 		rep.Cost.writeMarkdown(&b)
+	}
+	if rep.Tight != nil && len(rep.Tight.Runs) > 0 {
+		rep.Tight.writeMarkdown(&b)
+	}
+	if rep.Memory != nil && len(rep.Memory.Points) > 0 {
+		rep.Memory.writeMarkdown(&b)
 	}
 	if len(rep.Idle) > 0 {
 		b.WriteString("\n**Idle.** One child serving, no load.\n\n")
