@@ -10,6 +10,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -99,6 +100,12 @@ func newApp() *cli.App {
 			&cli.IntFlag{Name: "cost-rounds", Value: 3, Usage: "`N` rounds of the takeover cost comparison; 0 skips it"},
 			&cli.DurationFlag{Name: "cost-duration", Value: 5 * time.Second, Usage: "`DURATION` of the keep-alive load in each takeover cost run"},
 			&cli.IntFlag{Name: "cost-restarts", Value: 5, Usage: "`K` restarts after the load in each takeover cost run, for start-time samples"},
+			&cli.IntFlag{Name: "tight-restarts", Value: 10, Usage: "`N` restarts in the tight-restarts run (relay and start_server side by side); 0 skips it"},
+			&cli.DurationFlag{Name: "tight-interval", Value: 1400 * time.Millisecond, Usage: "`DURATION` between the tight run's restarts, sent whether or not the last one finished"},
+			&cli.DurationFlag{Name: "tight-startup", Value: 300 * time.Millisecond, Usage: "the backend's startup `DURATION` in the tight run (hello -startup)"},
+			&cli.IntFlag{Name: "memory-restarts", Value: 1000, Usage: "`N` restarts in a row in the memory run (relay restart, no load); 0 skips it"},
+			&cli.DurationFlag{Name: "memory-drain", Usage: "relay's --drain `DURATION` in the memory run (default: relay's own)"},
+			&cli.DurationFlag{Name: "memory-settle", Value: 10 * time.Second, Usage: "the longest `DURATION` to wait for relay's memory to settle after the memory run's last restart"},
 		},
 		Action:          benchAction,
 		HideHelpCommand: true,
@@ -128,6 +135,20 @@ func benchAction(c *cli.Context) error {
 		delay: c.Duration("delay"), timeout: c.Duration("timeout"), idle: c.Duration("idle"), bucket: c.Duration("bucket"),
 		plainShutdown: c.Bool("plain-shutdown"),
 		costRounds:    c.Int("cost-rounds"), costDuration: c.Duration("cost-duration"), costRestarts: c.Int("cost-restarts"),
+		tightRestarts: c.Int("tight-restarts"), tightInterval: c.Duration("tight-interval"), tightStartup: c.Duration("tight-startup"),
+		memoryRestarts: c.Int("memory-restarts"), memorySettle: c.Duration("memory-settle"),
+	}
+	if c.IsSet("memory-drain") {
+		if c.Duration("memory-drain") < 0 {
+			return errors.New("--memory-drain must not be negative")
+		}
+		s.memoryDrain = c.Duration("memory-drain").String()
+	}
+	if s.tightRestarts < 0 || (s.tightRestarts > 0 && s.tightInterval <= 0) || s.tightStartup < 0 {
+		return errors.New("--tight-restarts and --tight-startup must not be negative, --tight-interval positive")
+	}
+	if s.memoryRestarts < 0 || s.memorySettle < 0 {
+		return errors.New("--memory-restarts and --memory-settle must not be negative")
 	}
 	if s.plainShutdown {
 		s.lameDuck = 0
@@ -217,6 +238,8 @@ func benchAction(c *cli.Context) error {
 		"startup": s.startup.String(), "work": s.work.String(), "lame_duck": s.lameDuck.String(),
 		"delay": s.delay.String(), "timeout": s.timeout.String(), "plain_shutdown": strconv.FormatBool(s.plainShutdown),
 		"cost_rounds": strconv.Itoa(s.costRounds), "cost_duration": s.costDuration.String(), "cost_restarts": strconv.Itoa(s.costRestarts),
+		"tight_restarts": strconv.Itoa(s.tightRestarts), "tight_interval": s.tightInterval.String(), "tight_startup": s.tightStartup.String(),
+		"memory_restarts": strconv.Itoa(s.memoryRestarts), "memory_drain": cmp.Or(s.memoryDrain, "relay's default"), "memory_settle": s.memorySettle.String(),
 	}}
 
 	// The idle supervisors run alongside the matrix: idle, they use next to
@@ -278,6 +301,29 @@ func benchAction(c *cli.Context) error {
 			runErrs = append(runErrs, fmt.Errorf("takeover cost: %w", err))
 		}
 		rep.Cost = cost
+	}
+	if s.tightRestarts > 0 {
+		if s.starter == "" {
+			rep.Skipped = append(rep.Skipped, "start_server in the tight-restarts run: not installed (Debian: apt-get install libserver-starter-perl)")
+		}
+		tight, err := runTight(ctx, s)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil {
+			runErrs = append(runErrs, err)
+		}
+		rep.Tight = tight
+	}
+	if s.memoryRestarts > 0 {
+		mem, err := runMemory(ctx, s)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil {
+			runErrs = append(runErrs, err)
+		}
+		rep.Memory = mem
 	}
 	if s.idle > 0 {
 		fmt.Fprintln(os.Stderr, "waiting for the idle measurement")

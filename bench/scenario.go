@@ -28,6 +28,14 @@ type settings struct {
 	// The takeover cost comparison: rounds, restarts and load per run.
 	costRounds, costRestarts int
 	costDuration             time.Duration
+	// The tight-restarts run: SIGHUPs, their spacing, the backend's startup.
+	tightRestarts               int
+	tightInterval, tightStartup time.Duration
+	// The memory run: restarts, relay's --drain ("" for its default), and
+	// the longest wait for the memory to settle at the end.
+	memoryRestarts int
+	memoryDrain    string
+	memorySettle   time.Duration
 }
 
 // scenario is one way of running and restarting the backend.

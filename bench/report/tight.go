@@ -21,10 +21,10 @@ const (
 	DrainReadyToStop = "ready→stop"
 )
 
-// startedSlack allows for the backend's log times, which are truncated to
+// StartedSlack allows for the backend's log times, which are truncated to
 // the millisecond: a process whose first line is logged at most this long
 // before a trigger may still have started after it.
-const startedSlack = time.Millisecond
+const StartedSlack = time.Millisecond
 
 // Drained is one "old generation drained" line of relay's: the generation
 // that drained, how long its drain took and why it ended.
@@ -179,12 +179,40 @@ func tightRestart(sorted []load.Sample, t time.Duration, started map[int32]time.
 			continue
 		}
 		at, known := started[s.Pid]
-		if (known && at >= t-startedSlack) || (!known && !before[s.Pid]) {
+		if (known && at >= t-StartedSlack) || (!known && !before[s.Pid]) {
 			rs.NewPid, rs.LatencyMs = s.Pid, ms(s.End()-t)
 			return rs
 		}
 	}
 	return rs
+}
+
+// Figures returns the median and maximum of the restart latencies, the
+// handovers and the drains, in ms, as table cells; the latency's maximum
+// says how many restarts no new process answered.
+func (r *TightRun) Figures() (lat, hand, drain [2]string) {
+	var l, h, d []float64
+	missing := 0
+	for _, rs := range r.Restarts {
+		if rs.LatencyMs >= 0 {
+			l = append(l, rs.LatencyMs)
+		} else {
+			missing++
+		}
+	}
+	for _, ho := range r.Handovers {
+		if ho.HandoverMs >= 0 {
+			h = append(h, ho.HandoverMs)
+		}
+		if ho.DrainMs >= 0 {
+			d = append(d, ho.DrainMs)
+		}
+	}
+	lat = medianMax(l)
+	if missing > 0 {
+		lat[1] += fmt.Sprintf(" (%d never answered)", missing)
+	}
+	return lat, medianMax(h), medianMax(d)
 }
 
 func (tg *Tight) writeMarkdown(b *strings.Builder) {
@@ -195,27 +223,7 @@ func (tg *Tight) writeMarkdown(b *strings.Builder) {
 	b.WriteString("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|\n")
 	var notes []string
 	for _, r := range tg.Runs {
-		var lat, hand, drain []float64
-		missing := 0
-		for _, rs := range r.Restarts {
-			if rs.LatencyMs >= 0 {
-				lat = append(lat, rs.LatencyMs)
-			} else {
-				missing++
-			}
-		}
-		for _, h := range r.Handovers {
-			if h.HandoverMs >= 0 {
-				hand = append(hand, h.HandoverMs)
-			}
-			if h.DrainMs >= 0 {
-				drain = append(drain, h.DrainMs)
-			}
-		}
-		l, hd, dr := medianMax(lat), medianMax(hand), medianMax(drain)
-		if missing > 0 {
-			l[1] += fmt.Sprintf(" (%d never answered)", missing)
-		}
+		l, hd, dr := r.Figures()
 		coalesced, queued, ended := "—", "—", "—"
 		if r.DrainSource != "" {
 			coalesced, queued = fmt.Sprint(r.Coalesced), fmt.Sprint(r.Queued)
