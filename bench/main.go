@@ -85,9 +85,9 @@ Nothing here asserts anything: it measures and prints.`
 
 const examples = `
 Examples:
-   go run ./bench                                   # the full matrix, about 10 minutes
-   go run ./bench --duration 8s --restarts 3 --idle 0 --cost-rounds 0 --scenarios direct,relay-bind
-   go run ./bench --scenarios direct --modes keep-alive --idle 0 --cost-rounds 5   # mostly the takeover cost
+   go run ./bench                                   # everything: about 11 minutes, plus 1000 x relay's drain
+   go run ./bench --duration 8s --restarts 3 --idle 0 --cost-rounds 0 --tight-restarts 0 --memory-restarts 0 --scenarios direct,relay-bind
+   go run ./bench --scenarios direct --modes keep-alive --idle 0 --cost-rounds 5 --tight-restarts 0 --memory-restarts 0   # mostly the takeover cost
    go run ./bench --duration 2m --restarts 40 -c 64 --startup 1s --work 2ms
    go run ./bench --scenarios '' --idle 0 --cost-rounds 0 --memory-restarts 0       # the tight restarts alone
    go run ./bench --scenarios '' --idle 0 --cost-rounds 0 --tight-restarts 0 --memory-restarts 100 --memory-drain 0s

@@ -5,6 +5,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/relaysh/relay/bench/report"
 	"github.com/relaysh/relay/internal/procfs"
 )
 
@@ -61,4 +62,12 @@ func (u *usage) setMemory(status procfs.Status) error {
 		*f.dst = n
 	}
 	return nil
+}
+
+// supervisorUsage is a supervisor's usage over a run, from readings before
+// and after it, and the fds it had once the run's restarts were over.
+func supervisorUsage(name string, before, after usage, fdsAfter int) *report.Proc {
+	return &report.Proc{Name: name, RSSBeforeKB: before.rssKB, RSSAfterKB: after.rssKB, RSSPeakKB: after.peakKB,
+		RSSAnonAfterKB: after.anonKB, RSSFileAfterKB: after.fileKB,
+		CPUSeconds: (after.cpu - before.cpu).Seconds(), FDsBefore: before.fds, FDsAfter: fdsAfter}
 }

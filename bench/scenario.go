@@ -384,9 +384,7 @@ func runOne(ctx context.Context, s *settings, sc scenario, mode string) (report.
 		if err != nil {
 			return report.Result{}, err
 		}
-		sup = &report.Proc{Name: st.supervisor, RSSBeforeKB: before.rssKB, RSSAfterKB: after.rssKB, RSSPeakKB: after.peakKB,
-			RSSAnonAfterKB: after.anonKB, RSSFileAfterKB: after.fileKB,
-			CPUSeconds: (after.cpu - before.cpu).Seconds(), FDsBefore: before.fds, FDsAfter: done.fds}
+		sup = supervisorUsage(st.supervisor, before, after, done.fds)
 	}
 	stopErr := run.finish()
 	signals, err := stopSignals(run.logPath, base)

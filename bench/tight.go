@@ -109,16 +109,13 @@ func tightRun(ctx context.Context, s *settings, sc scenario) (report.TightRun, e
 	if err != nil {
 		return report.TightRun{}, err
 	}
-	proc := &report.Proc{Name: st.supervisor, RSSBeforeKB: before.rssKB, RSSAfterKB: after.rssKB, RSSPeakKB: after.peakKB,
-		RSSAnonAfterKB: after.anonKB, RSSFileAfterKB: after.fileKB, CPUSeconds: (after.cpu - before.cpu).Seconds(),
-		FDsBefore: before.fds, FDsAfter: after.fds}
 	stopErr := run.finish()
 	l, err := readRunLog(run.logPath, base)
 	if err != nil {
 		return report.TightRun{}, err
 	}
 	in := report.TightInput{Supervisor: st.supervisor, Samples: lr.Samples, Triggers: triggers,
-		Started: l.started, Ready: l.ready, Stops: l.stops, Proc: proc}
+		Started: l.started, Ready: l.ready, Stops: l.stops, Proc: supervisorUsage(st.supervisor, before, after, after.fds)}
 	if st.supervisor == "relay" {
 		in.Switched, in.Drained, in.Coalesced, in.Queued = l.switched, l.drained, l.coalesced, l.queued
 	}
