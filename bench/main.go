@@ -10,6 +10,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -56,17 +57,41 @@ notify) with -startup 0, and hello -bind alone for reference. It compares their
 throughput, relay's ready_after (from just before relay starts a generation's process to
 its READY=1) and how long hello's own net.Listen took.
 
+Tight restarts (--tight-restarts, 0 skips it): relay (steered, --health notify, its
+defaults otherwise) and then start_server, each with hello -startup --tight-startup under
+the same new-conn load, sent a SIGHUP every --tight-interval whether or not the last restart
+has finished, as an operator or an autoscaler would; the default 1.4s is less than the
+startup + relay's 1s drain. Per supervisor: restart latency (from a SIGHUP to the first
+answer from a process started after it), handover (the new generation's readiness to the
+old one's stop signal), the drain relay took (from its "old generation drained" lines; where
+it logs none, from its "generation ready" line to the old one's stop signal), failed
+requests, and the restarts relay queued or coalesced; median and max.
+
+Memory (--memory-restarts, 0 skips it): relay --health notify (steered, --drain
+--memory-drain if given, its defaults otherwise) with hello -startup 0 -lame-duck 0,
+restarted N times in a row with "relay restart", no load. relay's VmRSS, RssAnon (its own
+memory) and RssFile (mostly its binary, shared by every relay on the host) before the
+first restart, after the 1st, 10th, 100th, 250th, 500th, 1000th and last, and after a wait
+of at most --memory-settle that ends once RssAnon has stayed the same for 2s. Each restart
+takes at least relay's drain: with a fixed 1s drain, 1000 restarts take about 17 minutes.
+
+Everywhere a supervisor's RSS is shown, it is split into RssAnon and RssFile too.
+
 It prints and writes to --out: results.md (the tables), results.json (every figure,
 with a timeline), chart-MODE.svg, and logs/ (each run's supervisor and backend output).
 A relay (and start_server) with one child and no load is watched for --idle alongside.
+--scenarios '' runs none of the scenarios, for the other runs alone.
 Nothing here asserts anything: it measures and prints.`
 
 const examples = `
 Examples:
-   go run ./bench                                   # the full matrix, about 10 minutes
-   go run ./bench --duration 8s --restarts 3 --idle 0 --cost-rounds 0 --scenarios direct,relay-bind
-   go run ./bench --scenarios direct --modes keep-alive --idle 0 --cost-rounds 5   # mostly the takeover cost
-   go run ./bench --duration 2m --restarts 40 -c 64 --startup 1s --work 2ms`
+   go run ./bench                                   # everything: about 11 minutes, plus 1000 x relay's drain
+   go run ./bench --duration 8s --restarts 3 --idle 0 --cost-rounds 0 --tight-restarts 0 --memory-restarts 0 --scenarios direct,relay-bind
+   go run ./bench --scenarios direct --modes keep-alive --idle 0 --cost-rounds 5 --tight-restarts 0 --memory-restarts 0   # mostly the takeover cost
+   go run ./bench --duration 2m --restarts 40 -c 64 --startup 1s --work 2ms
+   go run ./bench --scenarios '' --idle 0 --cost-rounds 0 --memory-restarts 0       # the tight restarts alone
+   go run ./bench --scenarios '' --idle 0 --cost-rounds 0 --tight-restarts 0 --memory-restarts 100 --memory-drain 0s
+   go run ./bench --tight-restarts 20 --tight-interval 1s --tight-startup 500ms --scenarios '' --idle 0 --cost-rounds 0 --memory-restarts 0`
 
 func main() {
 	if err := newApp().Run(os.Args); err != nil {
@@ -99,6 +124,12 @@ func newApp() *cli.App {
 			&cli.IntFlag{Name: "cost-rounds", Value: 3, Usage: "`N` rounds of the takeover cost comparison; 0 skips it"},
 			&cli.DurationFlag{Name: "cost-duration", Value: 5 * time.Second, Usage: "`DURATION` of the keep-alive load in each takeover cost run"},
 			&cli.IntFlag{Name: "cost-restarts", Value: 5, Usage: "`K` restarts after the load in each takeover cost run, for start-time samples"},
+			&cli.IntFlag{Name: "tight-restarts", Value: 10, Usage: "`N` restarts in the tight-restarts run (relay and start_server side by side); 0 skips it"},
+			&cli.DurationFlag{Name: "tight-interval", Value: 1400 * time.Millisecond, Usage: "`DURATION` between the tight run's restarts, sent whether or not the last one finished"},
+			&cli.DurationFlag{Name: "tight-startup", Value: 300 * time.Millisecond, Usage: "the backend's startup `DURATION` in the tight run (hello -startup)"},
+			&cli.IntFlag{Name: "memory-restarts", Value: 1000, Usage: "`N` restarts in a row in the memory run (relay restart, no load); 0 skips it"},
+			&cli.DurationFlag{Name: "memory-drain", Usage: "relay's --drain `DURATION` in the memory run (default: relay's own)"},
+			&cli.DurationFlag{Name: "memory-settle", Value: 10 * time.Second, Usage: "the longest `DURATION` to wait for relay's memory to settle after the memory run's last restart"},
 		},
 		Action:          benchAction,
 		HideHelpCommand: true,
@@ -128,6 +159,20 @@ func benchAction(c *cli.Context) error {
 		delay: c.Duration("delay"), timeout: c.Duration("timeout"), idle: c.Duration("idle"), bucket: c.Duration("bucket"),
 		plainShutdown: c.Bool("plain-shutdown"),
 		costRounds:    c.Int("cost-rounds"), costDuration: c.Duration("cost-duration"), costRestarts: c.Int("cost-restarts"),
+		tightRestarts: c.Int("tight-restarts"), tightInterval: c.Duration("tight-interval"), tightStartup: c.Duration("tight-startup"),
+		memoryRestarts: c.Int("memory-restarts"), memorySettle: c.Duration("memory-settle"),
+	}
+	if c.IsSet("memory-drain") {
+		if c.Duration("memory-drain") < 0 {
+			return errors.New("--memory-drain must not be negative")
+		}
+		s.memoryDrain = c.Duration("memory-drain").String()
+	}
+	if s.tightRestarts < 0 || (s.tightRestarts > 0 && s.tightInterval <= 0) || s.tightStartup < 0 {
+		return errors.New("--tight-restarts and --tight-startup must not be negative, --tight-interval positive")
+	}
+	if s.memoryRestarts < 0 || s.memorySettle < 0 {
+		return errors.New("--memory-restarts and --memory-settle must not be negative")
 	}
 	if s.plainShutdown {
 		s.lameDuck = 0
@@ -150,14 +195,18 @@ func benchAction(c *cli.Context) error {
 	var run []scenario
 	var skipped []string
 	all := scenarios()
-	for _, name := range strings.Split(c.String("scenarios"), ",") {
+	var names []string
+	if c.String("scenarios") != "" {
+		names = strings.Split(c.String("scenarios"), ",")
+	}
+	for _, name := range names {
 		i := slices.IndexFunc(all, func(sc scenario) bool { return sc.name == name })
 		if i < 0 {
-			var names []string
+			var known []string
 			for _, sc := range all {
-				names = append(names, sc.name)
+				known = append(known, sc.name)
 			}
-			return fmt.Errorf("unknown scenario %q: choose from %s", name, strings.Join(names, ", "))
+			return fmt.Errorf("unknown scenario %q: choose from %s, or '' for none", name, strings.Join(known, ", "))
 		}
 		run = append(run, all[i])
 	}
@@ -217,6 +266,8 @@ func benchAction(c *cli.Context) error {
 		"startup": s.startup.String(), "work": s.work.String(), "lame_duck": s.lameDuck.String(),
 		"delay": s.delay.String(), "timeout": s.timeout.String(), "plain_shutdown": strconv.FormatBool(s.plainShutdown),
 		"cost_rounds": strconv.Itoa(s.costRounds), "cost_duration": s.costDuration.String(), "cost_restarts": strconv.Itoa(s.costRestarts),
+		"tight_restarts": strconv.Itoa(s.tightRestarts), "tight_interval": s.tightInterval.String(), "tight_startup": s.tightStartup.String(),
+		"memory_restarts": strconv.Itoa(s.memoryRestarts), "memory_drain": cmp.Or(s.memoryDrain, "relay's default"), "memory_settle": s.memorySettle.String(),
 	}}
 
 	// The idle supervisors run alongside the matrix: idle, they use next to
@@ -279,6 +330,29 @@ func benchAction(c *cli.Context) error {
 		}
 		rep.Cost = cost
 	}
+	if s.tightRestarts > 0 {
+		if s.starter == "" {
+			rep.Skipped = append(rep.Skipped, "start_server in the tight-restarts run: not installed (Debian: apt-get install libserver-starter-perl)")
+		}
+		tight, err := runTight(ctx, s)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil {
+			runErrs = append(runErrs, err)
+		}
+		rep.Tight = tight
+	}
+	if s.memoryRestarts > 0 {
+		mem, err := runMemory(ctx, s)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil {
+			runErrs = append(runErrs, err)
+		}
+		rep.Memory = mem
+	}
 	if s.idle > 0 {
 		fmt.Fprintln(os.Stderr, "waiting for the idle measurement")
 	}
@@ -335,6 +409,9 @@ func writeOutputs(out string, rep *report.Report, modes []string) error {
 			if r.Mode == mode {
 				runs = append(runs, r)
 			}
+		}
+		if len(runs) == 0 {
+			continue
 		}
 		f, err := os.Create(filepath.Join(out, "chart-"+mode+".svg"))
 		if err != nil {

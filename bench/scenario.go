@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -9,8 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -31,6 +28,14 @@ type settings struct {
 	// The takeover cost comparison: rounds, restarts and load per run.
 	costRounds, costRestarts int
 	costDuration             time.Duration
+	// The tight-restarts run: SIGHUPs, their spacing, the backend's startup.
+	tightRestarts               int
+	tightInterval, tightStartup time.Duration
+	// The memory run: restarts, relay's --drain ("" for its default), and
+	// the longest wait for the memory to settle at the end.
+	memoryRestarts int
+	memoryDrain    string
+	memorySettle   time.Duration
 }
 
 // scenario is one way of running and restarting the backend.
@@ -379,8 +384,7 @@ func runOne(ctx context.Context, s *settings, sc scenario, mode string) (report.
 		if err != nil {
 			return report.Result{}, err
 		}
-		sup = &report.Proc{Name: st.supervisor, RSSBeforeKB: before.rssKB, RSSAfterKB: after.rssKB, RSSPeakKB: after.peakKB,
-			CPUSeconds: (after.cpu - before.cpu).Seconds(), FDsBefore: before.fds, FDsAfter: done.fds}
+		sup = supervisorUsage(st.supervisor, before, after, done.fds)
 	}
 	stopErr := run.finish()
 	signals, err := stopSignals(run.logPath, base)
@@ -397,36 +401,8 @@ func runOne(ctx context.Context, s *settings, sc scenario, mode string) (report.
 // stopSignals reads when each backend pid got its stop signal, from the
 // run's log, as offsets from base.
 func stopSignals(logPath string, base time.Time) (map[int32]time.Duration, error) {
-	f, err := os.Open(logPath)
-	if err != nil {
-		return nil, fmt.Errorf("reading the run's log: %w", err)
-	}
-	defer f.Close()
-	// The line the backend (examples/hello) logs when it gets its stop
-	// signal, while serving or still starting up. Its time has millisecond
-	// precision.
-	helloStop := regexp.MustCompile(`^time=(\S+) level=INFO msg=(?:stopping|"signal during startup, exiting") pid=(\d+) `)
-	out := map[int32]time.Duration{}
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		m := helloStop.FindStringSubmatch(sc.Text())
-		if m == nil {
-			continue
-		}
-		at, err := time.Parse(time.RFC3339Nano, m[1])
-		pid, err2 := strconv.Atoi(m[2])
-		if err != nil || err2 != nil {
-			continue
-		}
-		if _, seen := out[int32(pid)]; !seen {
-			out[int32(pid)] = at.Sub(base)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("reading the run's log: %w", err)
-	}
-	return out, nil
+	l, err := readRunLog(logPath, base)
+	return l.stops, err
 }
 
 // measureIdle runs a supervisor with one backend and no load for s.idle and
@@ -453,7 +429,7 @@ func measureIdle(ctx context.Context, s *settings, sc scenario) (report.Idle, er
 		return report.Idle{}, err
 	}
 	idle := report.Idle{Name: st.supervisor, Seconds: time.Since(t0).Seconds(),
-		CPUSeconds: (after.cpu - before.cpu).Seconds(), RSSKB: after.rssKB, FDs: after.fds}
+		CPUSeconds: (after.cpu - before.cpu).Seconds(), RSSKB: after.rssKB, RSSAnonKB: after.anonKB, RSSFileKB: after.fileKB, FDs: after.fds}
 	if err := run.finish(); err != nil {
 		return idle, fmt.Errorf("idle %s: %w", sc.name, err)
 	}

@@ -31,13 +31,18 @@ type Input struct {
 
 // Proc is a supervisor's resource usage over a run.
 type Proc struct {
-	Name        string  `json:"name"`
-	RSSBeforeKB int64   `json:"rss_before_kb"`
-	RSSAfterKB  int64   `json:"rss_after_kb"`
-	RSSPeakKB   int64   `json:"rss_peak_kb"`
-	CPUSeconds  float64 `json:"cpu_seconds"`
-	FDsBefore   int     `json:"fds_before"`
-	FDsAfter    int     `json:"fds_after"`
+	Name        string `json:"name"`
+	RSSBeforeKB int64  `json:"rss_before_kb"`
+	RSSAfterKB  int64  `json:"rss_after_kb"`
+	RSSPeakKB   int64  `json:"rss_peak_kb"`
+	// The RSS after the run split into anonymous memory (RssAnon), the
+	// process's own, and file-backed pages (RssFile), mostly its binary,
+	// which every process mapping the same file shares.
+	RSSAnonAfterKB int64   `json:"rss_anon_after_kb"`
+	RSSFileAfterKB int64   `json:"rss_file_after_kb"`
+	CPUSeconds     float64 `json:"cpu_seconds"`
+	FDsBefore      int     `json:"fds_before"`
+	FDsAfter       int     `json:"fds_after"`
 }
 
 // Latency is a latency distribution, in milliseconds.
