@@ -78,12 +78,19 @@ func TestAdaptiveDrainEndsAtItsMaximum(t *testing.T) {
 	h := newAdaptive(t)
 	old, _, _, events := h.draining(RestartRequest{})
 	w := h.watch(1)
+	stoppedAt(t, h, old, events, DrainMax)
+	ended(t, w)
+}
+
+// stoppedAt lets --drain pass, and checks that the old generation got its
+// stop signal then, and that the stopping event says how the drain ended.
+func stoppedAt(t *testing.T, h *harness, old *fakeProc, events <-chan Event, ended string) {
+	t.Helper()
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(testDrain)
 	old.waitSignals(t, "group TERM")
-	ended(t, w)
-	if ev := eventOf(t, until(t, events, PhaseDone), PhaseStopping); ev.Drain != DrainMax || ev.DurationMs != ms(testDrain) {
-		t.Errorf("stopping event %+v, want the maximum %s", ev, testDrain)
+	if ev := eventOf(t, until(t, events, PhaseDone), PhaseStopping); ev.Drain != ended || ev.DurationMs != ms(testDrain) {
+		t.Errorf("stopping event %+v, want drain %s after %s", ev, ended, testDrain)
 	}
 }
 
@@ -98,12 +105,7 @@ func TestFailedDrainWatchWaitsForTheMaximum(t *testing.T) {
 	if got := old.got(); len(got) != 0 {
 		t.Errorf("the old generation got %q after the watch failed", got)
 	}
-	h.clock.waitTimer(t, testDrain)
-	h.clock.advance(testDrain)
-	old.waitSignals(t, "group TERM")
-	if ev := eventOf(t, until(t, events, PhaseDone), PhaseStopping); ev.Drain != DrainMax {
-		t.Errorf("stopping event %+v, want the maximum", ev)
-	}
+	stoppedAt(t, h, old, events, DrainMax)
 }
 
 // relay's stop during the drain ends the watch.
@@ -144,10 +146,5 @@ func TestFixedDrainSaysSo(t *testing.T) {
 	if ev := eventOf(t, evs, PhaseDraining); ev.Drain != DrainFixed {
 		t.Errorf("draining event %+v, want fixed", ev)
 	}
-	h.clock.waitTimer(t, testDrain)
-	h.clock.advance(testDrain)
-	old.waitSignals(t, "group TERM")
-	if ev := eventOf(t, until(t, events, PhaseDone), PhaseStopping); ev.Drain != DrainFixed || ev.DurationMs != ms(testDrain) {
-		t.Errorf("stopping event %+v, want fixed after %s", ev, testDrain)
-	}
+	stoppedAt(t, h, old, events, DrainFixed)
 }
