@@ -7,10 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -290,17 +292,85 @@ func RunCommand(ctx context.Context, starter Starter, argv []string, env []strin
 	return fmt.Errorf("%s: %s", cmdline, st)
 }
 
-// PickHealthAddr reserves a free loopback port for a child's private health
-// address. The port is only reserved while this function runs: the child
-// must bind it soon after it starts.
+// PickHealthAddr chooses a free loopback port for a child's private health
+// address. The port is free when it returns, and the child must bind it
+// soon after it starts. Where it can, the port comes from below the kernel's
+// ephemeral range (net.ipv4.ip_local_port_range), skipping the ports
+// reserved there (ip_local_reserved_ports): no outgoing connection is given
+// such a port on its own, so none can take it before the child binds it, as
+// one could take a port from the ephemeral range.
 func PickHealthAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	ports, _ := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	reserved, _ := os.ReadFile("/proc/sys/net/ipv4/ip_local_reserved_ports")
+	for _, port := range candidatePorts(string(ports), string(reserved), rand.IntN) {
+		if addr, err := freeLoopback(port); err == nil {
+			return addr, nil
+		}
+	}
+	addr, err := freeLoopback(0) // the kernel's choice, from the ephemeral range
 	if err != nil {
 		return "", fmt.Errorf("picking a private health port: %w", err)
 	}
+	return addr, nil
+}
+
+// healthPortTries bounds the ports PickHealthAddr tries below the
+// ephemeral range.
+const healthPortTries = 16
+
+// candidatePorts returns up to healthPortTries random ports from 1024 to
+// just below the ephemeral range given in portRange ("32768 60999"), none
+// of them in reserved ("8080,9000-9010"); none if that leaves no room.
+func candidatePorts(portRange, reserved string, intN func(int) int) []int {
+	f := strings.Fields(portRange)
+	if len(f) != 2 {
+		return nil
+	}
+	low, err := strconv.Atoi(f[0])
+	if err != nil || low <= 1024+healthPortTries {
+		return nil
+	}
+	var out []int
+	for range healthPortTries {
+		p := 1024 + intN(low-1024)
+		if !inPortList(reserved, p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// inPortList reports whether port is in a list like "8080,9000-9010".
+func inPortList(list string, port int) bool {
+	for _, item := range strings.Split(strings.TrimSpace(list), ",") {
+		lo, hi, isRange := strings.Cut(item, "-")
+		a, err := strconv.Atoi(lo)
+		if err != nil {
+			continue
+		}
+		b := a
+		if isRange {
+			if b, err = strconv.Atoi(hi); err != nil {
+				continue
+			}
+		}
+		if port >= a && port <= b {
+			return true
+		}
+	}
+	return false
+}
+
+// freeLoopback binds 127.0.0.1:port (0: any) and lets it go, returning
+// the address.
+func freeLoopback(port int) (string, error) {
+	l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+	if err != nil {
+		return "", err
+	}
 	addr := l.Addr().String()
 	if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
-		return "", fmt.Errorf("picking a private health port: %w", err)
+		return "", err
 	}
 	return addr, nil
 }

@@ -5,7 +5,9 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -140,5 +142,53 @@ func TestHTTPCheckWaitsForThePrivateAddress(t *testing.T) {
 	close(ready)
 	if err := <-done; err != nil {
 		t.Fatalf("check failed: %v", err)
+	}
+}
+
+// The health port comes from below the ephemeral range, outside the
+// reserved ports, and is free.
+func TestPickHealthAddrAvoidsTheEphemeralRange(t *testing.T) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		t.Skipf("no ip_local_port_range: %v", err)
+	}
+	low, _ := strconv.Atoi(strings.Fields(string(b))[0])
+	if low <= 1024+healthPortTries {
+		t.Skipf("ephemeral range starts at %d: no room below it", low)
+	}
+	for range 20 {
+		addr, err := PickHealthAddr()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, port, _ := net.SplitHostPort(addr)
+		if p, _ := strconv.Atoi(port); p < 1024 || p >= low {
+			t.Fatalf("health address %s: port outside 1024..%d", addr, low-1)
+		}
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			t.Fatalf("the picked address %s is not free: %v", addr, err)
+		}
+		l.Close()
+	}
+}
+
+func TestCandidatePorts(t *testing.T) {
+	seq := 0
+	next := func(n int) int { seq++; return (seq * 7) % n }
+	got := candidatePorts("32768\t60999\n", "1031,1038-1040\n", next)
+	if len(got) == 0 || len(got) > healthPortTries {
+		t.Fatalf("%d candidates, want 1..%d", len(got), healthPortTries)
+	}
+	for _, p := range got {
+		if p < 1024 || p >= 32768 || p == 1031 || (p >= 1038 && p <= 1040) {
+			t.Errorf("candidate %d: outside 1024..32767 or reserved", p)
+		}
+	}
+	if got := candidatePorts("1024 60999", "", next); got != nil {
+		t.Errorf("no room below the range, got %v", got)
+	}
+	if got := candidatePorts("garbage", "", next); got != nil {
+		t.Errorf("an unreadable range gave %v", got)
 	}
 }
