@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/sockdiag"
 )
 
 // Polling intervals of awaitAccepted: a connection that the server takes
@@ -58,7 +60,7 @@ func awaitAccepted(ctx context.Context, conn *net.TCPConn) error {
 	if err != nil {
 		return err
 	}
-	diag, err := openSockDiag()
+	diag, err := sockdiag.Dial()
 	if err != nil {
 		return err
 	}
@@ -93,14 +95,14 @@ func awaitAccepted(ctx context.Context, conn *net.TCPConn) error {
 // when sock_diag does not find it, it cannot tell about the server's end
 // either (no tcp_diag in this kernel, say), and waiting would only end in
 // a misleading timeout.
-func checkOwnEnd(diag *sockDiag, conn *net.TCPConn, local, remote netip.AddrPort, ifindex uint32) error {
-	_, found, err := diag.lookup(local, remote, ifindex)
-	if err != nil || found == foundSocket {
+func checkOwnEnd(diag *sockdiag.Conn, conn *net.TCPConn, local, remote netip.AddrPort, ifindex uint32) error {
+	_, found, err := diag.Lookup(local, remote, ifindex)
+	if err != nil || found == sockdiag.FoundSocket {
 		return err
 	}
 	if st, err := tcpInfoState(conn); err != nil {
 		return err
-	} else if st == tcpClose {
+	} else if st == sockdiag.StateClose {
 		return fmt.Errorf("not accepted: the connection was reset")
 	}
 	return fmt.Errorf("NETLINK_SOCK_DIAG does not report TCP connection %s→%s (is tcp_diag missing from the kernel?), so relay cannot see whether the server accepted it", local, remote)
@@ -109,25 +111,25 @@ func checkOwnEnd(diag *sockDiag, conn *net.TCPConn, local, remote netip.AddrPort
 // lookAtAccept looks once at the server's end of a connection (from local
 // to remote) and, when that is not to be found, at the client's end.
 // detail says more about a pending connection that is not plainly queued.
-func lookAtAccept(diag *sockDiag, conn *net.TCPConn, local, remote netip.AddrPort, ifindex uint32) (st acceptState, detail string, err error) {
-	server, found, err := diag.lookup(remote, local, ifindex)
+func lookAtAccept(diag *sockdiag.Conn, conn *net.TCPConn, local, remote netip.AddrPort, ifindex uint32) (st acceptState, detail string, err error) {
+	server, found, err := diag.Lookup(remote, local, ifindex)
 	if err != nil {
 		return pending, "", err
 	}
-	if found == foundSocket {
+	if found == sockdiag.FoundSocket {
 		switch {
-		case server.inode != 0:
+		case server.Inode != 0:
 			return accepted, "", nil
-		case server.state == tcpFinWait1, server.state == tcpFinWait2, server.state == tcpClosing,
-			server.state == tcpTimeWait, server.state == tcpLastAck:
+		case server.State == sockdiag.StateFinWait1, server.State == sockdiag.StateFinWait2, server.State == sockdiag.StateClosing,
+			server.State == sockdiag.StateTimeWait, server.State == sockdiag.StateLastAck:
 			// Accepted and closed: an orphan, or a time-wait socket.
 			return accepted, "", nil
-		case server.state == tcpEstablished, server.state == tcpCloseWait:
+		case server.State == sockdiag.StateEstablished, server.State == sockdiag.StateCloseWait:
 			return pending, "", nil
 		}
 		// SYN_RECV, NEW_SYN_RECV: the server has not taken the
 		// handshake's last ACK, as when the accept queue is full.
-		return pending, "server side in " + tcpStateName(server.state), nil
+		return pending, "server side in " + sockdiag.StateName(server.State), nil
 	}
 	// No server end: the handshake's last ACK may still be on its way
 	// (connect returns when the client sends it), or the server reset
@@ -137,17 +139,17 @@ func lookAtAccept(diag *sockDiag, conn *net.TCPConn, local, remote netip.AddrPor
 		return pending, "", err
 	}
 	switch {
-	case client == tcpEstablished && found == foundNone:
+	case client == sockdiag.StateEstablished && found == sockdiag.FoundNone:
 		// Not even a listener: the server is not on this host, or
 		// not in relay's network namespace.
 		return pending, fmt.Sprintf("no socket of this host has address %s", remote), nil
-	case client == tcpEstablished:
+	case client == sockdiag.StateEstablished:
 		return pending, "server side not found yet", nil
-	case client == tcpCloseWait:
+	case client == sockdiag.StateCloseWait:
 		// The server sent its FIN: it accepted and closed.
 		return accepted, "", nil
 	}
-	return pending, "", fmt.Errorf("not accepted: the connection is %s and the server has no end of it (reset)", tcpStateName(client))
+	return pending, "", fmt.Errorf("not accepted: the connection is %s and the server has no end of it (reset)", sockdiag.StateName(client))
 }
 
 // tcpTuple returns conn's addresses and, for a link-local peer, the index

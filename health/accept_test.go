@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/sockdiag"
 )
 
 // failAfter bounds each wait a test expects to end; it is never reached
@@ -209,24 +211,24 @@ func TestSockDiagListenerFallback(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			d, err := openSockDiag()
+			d, err := sockdiag.Dial()
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer d.Close()
 			bogus := netip.AddrPortFrom(local.Addr(), local.Port()+1)
-			if _, found, err := d.lookup(remote, bogus, ifindex); err != nil || found != foundListener {
+			if _, found, err := d.Lookup(remote, bogus, ifindex); err != nil || found != sockdiag.FoundListener {
 				t.Errorf("lookup of a tuple with no socket = %v, %v; want the listener", found, err)
 			}
-			s, found, err := d.lookup(remote, local, ifindex)
-			if err != nil || found != foundSocket || s.state != tcpEstablished || s.inode != 0 {
+			s, found, err := d.Lookup(remote, local, ifindex)
+			if err != nil || found != sockdiag.FoundSocket || s.State != sockdiag.StateEstablished || s.Inode != 0 {
 				t.Errorf("lookup of the queued server end = %+v, %v, %v; want ESTABLISHED with no inode", s, found, err)
 			}
 			acceptOne(t, l, conn)
-			if s, found, err := d.lookup(remote, local, ifindex); err != nil || found != foundSocket || s.inode == 0 {
+			if s, found, err := d.Lookup(remote, local, ifindex); err != nil || found != sockdiag.FoundSocket || s.Inode == 0 {
 				t.Errorf("lookup of the accepted server end = %+v, %v, %v; want an inode", s, found, err)
 			}
-			if s, found, err := d.lookup(local, remote, ifindex); err != nil || found != foundSocket || s.inode == 0 {
+			if s, found, err := d.Lookup(local, remote, ifindex); err != nil || found != sockdiag.FoundSocket || s.Inode == 0 {
 				t.Errorf("lookup of the client end = %+v, %v, %v; want an inode", s, found, err)
 			}
 		})

@@ -1,6 +1,7 @@
-// Package sockdiag lists the TCP handshakes in progress towards a local
-// port, through the kernel's socket diagnostics (NETLINK_SOCK_DIAG, the
-// interface ss(8) uses).
+// Package sockdiag reads TCP sockets through the kernel's socket
+// diagnostics (NETLINK_SOCK_DIAG, the interface ss(8) uses): one socket by
+// its 4-tuple (Lookup), and the handshakes in progress towards a local port
+// (Handshakes). It needs no privilege.
 //
 // A handshake in progress is a request socket: made when a SYN reached a
 // listener, it stays in state SYN_RECV until the client's ACK completes
@@ -15,10 +16,42 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"time"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
+
+// TCP states as the kernel numbers them (include/net/tcp_states.h), in
+// Socket.State and in tcpi_state.
+const (
+	StateEstablished = 1
+	StateSynSent     = 2
+	StateSynRecv     = 3
+	StateFinWait1    = 4
+	StateFinWait2    = 5
+	StateTimeWait    = 6
+	StateClose       = 7
+	StateCloseWait   = 8
+	StateLastAck     = 9
+	StateListen      = 10
+	StateClosing     = 11
+	StateNewSynRecv  = 12
+)
+
+// StateName names a TCP state for messages.
+func StateName(s uint8) string {
+	names := [...]string{
+		StateEstablished: "ESTABLISHED", StateSynSent: "SYN_SENT", StateSynRecv: "SYN_RECV",
+		StateFinWait1: "FIN_WAIT1", StateFinWait2: "FIN_WAIT2", StateTimeWait: "TIME_WAIT",
+		StateClose: "CLOSE", StateCloseWait: "CLOSE_WAIT", StateLastAck: "LAST_ACK",
+		StateListen: "LISTEN", StateClosing: "CLOSING", StateNewSynRecv: "NEW_SYN_RECV",
+	}
+	if int(s) < len(names) && names[s] != "" {
+		return names[s]
+	}
+	return fmt.Sprintf("state %d", s)
+}
 
 // Handshake is one handshake in progress towards a local listener.
 type Handshake struct {
@@ -27,6 +60,29 @@ type Handshake struct {
 
 // Conn is a socket diagnostics connection. It is safe for concurrent use.
 type Conn struct{ c *netlink.Conn }
+
+// Socket is what the kernel reports of one TCP socket.
+type Socket struct {
+	State uint8
+	// Inode is 0 while the socket has no struct file: a connection
+	// still in its listener's accept queue, a request or time-wait
+	// socket, an orphan its process closed.
+	Inode uint32
+}
+
+// Found is what a Lookup found.
+type Found int
+
+// What a Lookup can find.
+const (
+	FoundNone     Found = iota // no socket has that 4-tuple, not even a listener
+	FoundListener              // only the listener on the local address and port
+	FoundSocket                // the socket of that 4-tuple
+)
+
+// replyTimeout bounds a wait for the kernel's answer to an exact lookup,
+// which it gives at once.
+const replyTimeout = time.Second
 
 // Dial opens a socket diagnostics connection. It needs no privilege.
 func Dial() (*Conn, error) {
@@ -48,14 +104,14 @@ func (c *Conn) Close() error { return c.c.Close() }
 func (c *Conn) Handshakes(family uint8, port uint16) ([]Handshake, error) {
 	msgs, err := c.c.Execute(netlink.Message{
 		Header: netlink.Header{Type: unix.SOCK_DIAG_BY_FAMILY, Flags: netlink.Request | netlink.Dump},
-		Data:   request(family),
+		Data:   request(family, 1<<StateSynRecv, netip.AddrPort{}, netip.AddrPort{}, 0),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("listing the TCP handshakes in progress: %w", err)
 	}
 	var out []Handshake
 	for _, m := range msgs {
-		h, err := parse(m.Data)
+		_, h, err := parse(m.Data)
 		if err != nil {
 			return nil, err
 		}
@@ -66,6 +122,50 @@ func (c *Conn) Handshakes(family uint8, port uint16) ([]Handshake, error) {
 	return out, nil
 }
 
+// Lookup asks for the TCP socket whose local end is local and whose peer
+// is remote; ifindex is the interface of a link-local address, else 0.
+//
+// For a 4-tuple with no socket, the kernel falls back to a listener on
+// local's address and port and reports that one: Lookup checks the
+// answer's 4-tuple and reports such an answer as FoundListener.
+func (c *Conn) Lookup(local, remote netip.AddrPort, ifindex uint32) (Socket, Found, error) {
+	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+	if local.Addr().Is4() != remote.Addr().Is4() {
+		return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s: mixed address families", local, remote)
+	}
+	family := uint8(unix.AF_INET6)
+	if local.Addr().Is4() {
+		family = unix.AF_INET
+	}
+	if err := c.c.SetReadDeadline(time.Now().Add(replyTimeout)); err != nil {
+		return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s: %w", local, remote, err)
+	}
+	msgs, err := c.c.Execute(netlink.Message{
+		Header: netlink.Header{Type: unix.SOCK_DIAG_BY_FAMILY, Flags: netlink.Request},
+		Data:   request(family, ^uint32(0), local, remote, ifindex),
+	})
+	if errors.Is(err, unix.ENOENT) {
+		return Socket{}, FoundNone, nil
+	} else if err != nil {
+		return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s with sock_diag: %w", local, remote, err)
+	}
+	for _, m := range msgs {
+		s, h, err := parse(m.Data)
+		if err != nil {
+			return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s with sock_diag: %w", local, remote, err)
+		}
+		switch {
+		case s.State == StateListen:
+			return Socket{}, FoundListener, nil // the kernel's fallback
+		case h.Local != local || h.Remote != remote:
+			return Socket{}, FoundNone, nil
+		}
+		return s, FoundSocket, nil
+	}
+	return Socket{}, FoundNone, nil
+}
+
 // The layout of struct inet_diag_req_v2 and struct inet_diag_msg
 // (linux/inet_diag.h): a socket id is the two ports in network order, two
 // 16-byte addresses, an interface index and a 64-bit cookie.
@@ -73,30 +173,61 @@ const (
 	sizeofReq    = 56
 	sizeofMsg    = 72
 	offsetMsgID  = 4
-	tcpSynRecv   = 3 // TCP_SYN_RECV: the kernel lists request sockets under it
+	offsetReqID  = 8
 	sizeofSockID = 48
+	noCookie     = ^uint32(0) // INET_DIAG_NOCOOKIE
 )
 
-func request(family uint8) []byte {
+// request encodes an inet_diag_req_v2 for the sockets of family in
+// states (a bit per state; the kernel lists request sockets under
+// StateSynRecv). An exact lookup names local, remote and ifindex; a dump
+// leaves them zero.
+func request(family uint8, states uint32, local, remote netip.AddrPort, ifindex uint32) []byte {
+	ne := binary.NativeEndian
 	b := make([]byte, sizeofReq)
 	b[0] = family
 	b[1] = unix.IPPROTO_TCP
-	binary.NativeEndian.PutUint32(b[4:8], 1<<tcpSynRecv)
+	ne.PutUint32(b[4:8], states)
+	id := b[offsetReqID:]
+	binary.BigEndian.PutUint16(id[0:], local.Port())
+	binary.BigEndian.PutUint16(id[2:], remote.Port())
+	putAddr(id[4:20], local.Addr())
+	putAddr(id[20:36], remote.Addr())
+	ne.PutUint32(id[36:], ifindex)
+	ne.PutUint32(id[40:], noCookie)
+	ne.PutUint32(id[44:], noCookie)
 	return b
+}
+
+// putAddr writes an address as idiag_src or idiag_dst holds it: an IPv4
+// address in the first four bytes, an IPv6 address in all sixteen; the
+// zero Addr as zeros.
+func putAddr(b []byte, a netip.Addr) {
+	switch {
+	case a.Is4():
+		v := a.As4()
+		copy(b, v[:])
+	case a.Is6():
+		v := a.As16()
+		copy(b, v[:])
+	}
 }
 
 // errShort reports a reply too short to be an inet_diag_msg.
 var errShort = errors.New("short inet_diag_msg from the kernel")
 
-func parse(b []byte) (Handshake, error) {
+// parse reads an inet_diag_msg: the socket's state and inode, and its
+// 4-tuple.
+func parse(b []byte) (Socket, Handshake, error) {
 	if len(b) < sizeofMsg {
-		return Handshake{}, errShort
+		return Socket{}, Handshake{}, errShort
 	}
 	family := b[0]
 	id := b[offsetMsgID : offsetMsgID+sizeofSockID]
 	local := addr(family, id[4:20], binary.BigEndian.Uint16(id[0:2]))
 	remote := addr(family, id[20:36], binary.BigEndian.Uint16(id[2:4]))
-	return Handshake{Local: local, Remote: remote}, nil
+	inode := binary.NativeEndian.Uint32(b[offsetMsgID+sizeofSockID+16:])
+	return Socket{State: b[1], Inode: inode}, Handshake{Local: local, Remote: remote}, nil
 }
 
 func addr(family uint8, b []byte, port uint16) netip.AddrPort {

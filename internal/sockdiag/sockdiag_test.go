@@ -128,7 +128,7 @@ func TestHandshakesOfADualStackListenerShowIPv4Unmapped(t *testing.T) {
 }
 
 func TestParseRefusesAShortMessage(t *testing.T) {
-	if _, err := parse(make([]byte, sizeofMsg-1)); err == nil {
+	if _, _, err := parse(make([]byte, sizeofMsg-1)); err == nil {
 		t.Fatal("a short message parsed")
 	}
 }
