@@ -150,20 +150,20 @@ func (c *Conn) Lookup(local, remote netip.AddrPort, ifindex uint32) (Socket, Fou
 	} else if err != nil {
 		return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s with sock_diag: %w", local, remote, err)
 	}
-	for _, m := range msgs {
-		s, h, err := parse(m.Data)
-		if err != nil {
-			return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s with sock_diag: %w", local, remote, err)
-		}
-		switch {
-		case s.State == StateListen:
-			return Socket{}, FoundListener, nil // the kernel's fallback
-		case h.Local != local || h.Remote != remote:
-			return Socket{}, FoundNone, nil
-		}
-		return s, FoundSocket, nil
+	if len(msgs) == 0 {
+		return Socket{}, FoundNone, nil
 	}
-	return Socket{}, FoundNone, nil
+	s, h, err := parse(msgs[0].Data)
+	if err != nil {
+		return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s with sock_diag: %w", local, remote, err)
+	}
+	switch {
+	case s.State == StateListen:
+		return Socket{}, FoundListener, nil // the kernel's fallback
+	case h.Local != local || h.Remote != remote:
+		return Socket{}, FoundNone, nil
+	}
+	return s, FoundSocket, nil
 }
 
 // The layout of struct inet_diag_req_v2 and struct inet_diag_msg
