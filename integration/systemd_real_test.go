@@ -5,9 +5,11 @@ package integration
 // 254 as PID 1 of a container (nspawn_test.go).
 
 import (
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestSystemdRealBoot: the harness boots the systemd the units need
@@ -21,4 +23,99 @@ func TestSystemdRealBoot(t *testing.T) {
 	if out, err := c.run("test", "-x", "/usr/local/bin/relay", "-a", "-x", "/usr/local/bin/myapp", "-a", "-x", "/usr/local/bin/testchild"); err != nil {
 		t.Fatalf("the binaries are not installed in the container: %v %s", err, out)
 	}
+}
+
+// relayServiceUnit is examples/systemd/relay.service with relay listening on
+// 127.0.0.1:port and myapp (examples/hello) started without the example's
+// config file, which hello does not read.
+func relayServiceUnit(t *testing.T, port int) string {
+	t.Helper()
+	return exampleUnit(t, "relay.service",
+		"--listen http=:8080", "--listen http=127.0.0.1:"+strconv.Itoa(port),
+		"/usr/local/bin/myapp --config /etc/myapp.yaml", "/usr/local/bin/myapp")
+}
+
+// waitActive waits until unit's ActiveState is want, bounded by timeout.
+func (c *sdContainer) waitActive(unit, want string, timeout time.Duration) {
+	c.t.Helper()
+	var got string
+	waitUntil(c.t, timeout, unit+" "+want, func() bool {
+		got = c.show(unit, "ActiveState")
+		return got == want
+	})
+}
+
+// TestSystemdRealReloadUnderLoad: relay.service (Type=notify-reload) as
+// shipped. systemctl reload, ten times under load that opens a connection
+// per request, fails no request; each reload succeeds, returns only once
+// the new generation serves (the next request is answered by a new pid),
+// and leaves relay the unit's main process; StatusText shows the
+// generations.
+func TestSystemdRealReloadUnderLoad(t *testing.T) {
+	c := bootSystemd(t)
+	port := freeLoopbackPort(t)
+	c.installUnit("relay.service", relayServiceUnit(t, port))
+	c.mustSystemctl("start", "relay.service")
+	url := httpURL("127.0.0.1:" + strconv.Itoa(port))
+	client := newConnClient()
+	serving, err := get(client, url)
+	if err != nil {
+		t.Fatalf("relay.service started, but does not serve: %v\n%s", err, c.journal("relay.service"))
+	}
+	mainPID := c.show("relay.service", "MainPID")
+	t.Logf("relay.service started: MainPID %s, StatusText %q, myapp pid %d", mainPID, c.show("relay.service", "StatusText"), serving)
+
+	ld := startLoad(url, 4, 5*time.Minute)
+	var durations []time.Duration
+	for i := range 10 {
+		start := time.Now()
+		out, err := c.systemctl("reload", "relay.service")
+		d := time.Since(start)
+		durations = append(durations, d)
+		if err != nil {
+			ld.stop()
+			t.Fatalf("reload %d: %v: %s\n%s", i+1, err, out, c.journal("relay.service"))
+		}
+		// Right after systemctl reload returns, the new generation serves.
+		now, err := get(client, url)
+		if err != nil {
+			t.Errorf("reload %d: a request right after systemctl reload returned failed: %v", i+1, err)
+		} else if now == serving {
+			t.Errorf("reload %d: systemctl reload returned, but the old generation (pid %d) still answers", i+1, serving)
+		}
+		serving = now
+		if r := c.show("relay.service", "ReloadResult"); r != "success" {
+			t.Errorf("reload %d: ReloadResult=%s, want success", i+1, r)
+		}
+		if p := c.show("relay.service", "MainPID"); p != mainPID {
+			t.Errorf("reload %d: MainPID %s, want relay's %s still", i+1, p, mainPID)
+		}
+		status := c.show("relay.service", "StatusText")
+		if want := fmt.Sprintf("gen %d pid %d serving", i+2, serving); !strings.Contains(status, want) {
+			t.Errorf("reload %d: StatusText %q does not say %q", i+1, status, want)
+		}
+		if a := c.show("relay.service", "ActiveState"); a != "active" {
+			t.Errorf("reload %d: ActiveState %s, want active", i+1, a)
+		}
+		t.Logf("reload %d: systemctl reload took %s; StatusText %q", i+1, d.Round(time.Millisecond), status)
+	}
+	ld.stop()
+	requests, failures := ld.summary()
+	var longest time.Duration
+	for _, d := range durations {
+		longest = max(longest, d)
+	}
+	t.Logf("10 reloads under load: %d requests, %d failed; systemctl reload took %v (longest %s)", requests, len(failures), roundAll(durations), longest.Round(time.Millisecond))
+	noFailures(t, failures, requests)
+	if requests == 0 {
+		t.Error("the load sent no request")
+	}
+}
+
+func roundAll(ds []time.Duration) []string {
+	out := make([]string, len(ds))
+	for i, d := range ds {
+		out[i] = d.Round(time.Millisecond).String()
+	}
+	return out
 }
