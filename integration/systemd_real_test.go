@@ -5,7 +5,9 @@ package integration
 // 254 as PID 1 of a container (nspawn_test.go).
 
 import (
+	"errors"
 	"fmt"
+	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -118,4 +120,72 @@ func roundAll(ds []time.Duration) []string {
 		out[i] = d.Round(time.Millisecond).String()
 	}
 	return out
+}
+
+// TestSystemdRealTemplateReloadRolledBack: relay@.service as shipped
+// (Type=notify, ExecReload=relay restart) with /etc/relay/api.conf. A
+// restart whose new generation exits before it is ready is rolled back:
+// systemctl reload fails, the journal says why, and the old generation
+// serves on without a failed request. The next reload, with the fault
+// gone, succeeds.
+func TestSystemdRealTemplateReloadRolledBack(t *testing.T) {
+	c := bootSystemd(t)
+	port := freeLoopbackPort(t)
+	c.writeFile("/etc/relay/mode", "serve\n")
+	c.writeFile("/etc/relay/api.conf", fmt.Sprintf(
+		"RELAY_LISTEN=127.0.0.1:%d\nRELAY_OPTIONS=--drain 1s\nAPP_COMMAND=/usr/local/bin/testchild -mode-file /etc/relay/mode\n", port))
+	c.installUnit("relay@.service", exampleUnit(t, "relay@.service"))
+	c.mustSystemctl("start", "relay@api.service")
+	const unit = "relay@api.service"
+	url := httpURL("127.0.0.1:" + strconv.Itoa(port))
+	client := newConnClient()
+	serving, err := get(client, url)
+	if err != nil {
+		t.Fatalf("%s started, but does not serve: %v\n%s", unit, err, c.journal(unit))
+	}
+	mainPID := c.show(unit, "MainPID")
+
+	ld := startLoad(url, 4, 5*time.Minute)
+	// The next generation cannot open its database: it exits 3 at start.
+	c.writeFile("/etc/relay/mode", "exit\n")
+	out, err := c.systemctl("reload", unit)
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() == 0 {
+		ld.stop()
+		t.Fatalf("systemctl reload of a restart that was rolled back: %v, want a non-zero exit: %s", err, out)
+	}
+	t.Logf("systemctl reload exited %d: %s", exit.ExitCode(), strings.TrimSpace(out))
+	now, err := get(client, url)
+	ld.stop()
+	if err != nil || now != serving {
+		t.Errorf("after the rollback, pid %d answered (%v), want the old generation's %d", now, err, serving)
+	}
+	requests, failures := ld.summary()
+	t.Logf("a rolled-back reload under load: %d requests, %d failed", requests, len(failures))
+	noFailures(t, failures, requests)
+	journal := c.journal(unit)
+	for _, want := range []string{
+		"restart rolled back: ",                                        // relay restart, the ExecReload= command
+		"cannot open database: exiting with 3 on purpose",              // the new generation's stderr, quoted
+		"Control process exited, code=exited, status=3/NOTIMPLEMENTED", // systemd's verdict
+	} {
+		if !strings.Contains(journal, want) {
+			t.Errorf("the journal of %s does not say %q:\n%s", unit, want, journal)
+		}
+	}
+	if a, p := c.show(unit, "ActiveState"), c.show(unit, "MainPID"); a != "active" || p != mainPID {
+		t.Errorf("after the rollback: ActiveState %s MainPID %s, want active and relay's %s still", a, p, mainPID)
+	}
+	if s := c.show(unit, "StatusText"); !strings.Contains(s, fmt.Sprintf("pid %d serving", serving)) || !strings.Contains(s, "rolled back") {
+		t.Errorf("StatusText %q, want the old generation serving and the rollback", s)
+	}
+
+	// The fault gone, a reload succeeds and a new generation serves.
+	c.writeFile("/etc/relay/mode", "serve\n")
+	if out, err := c.systemctl("reload", unit); err != nil {
+		t.Fatalf("systemctl reload after the fault was fixed: %v: %s\n%s", err, out, c.journal(unit))
+	}
+	if now, err := get(client, url); err != nil || now == serving {
+		t.Errorf("after a successful reload, pid %d answered (%v), want a new generation, not %d", now, err, serving)
+	}
 }
