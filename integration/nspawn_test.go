@@ -357,6 +357,27 @@ func (c *sdContainer) show(unit, prop string) string {
 	return strings.TrimSpace(c.mustSystemctl(args...))
 }
 
+// hostPath is the host's path of path in the container's file system.
+func (c *sdContainer) hostPath(path string) string {
+	return filepath.Join(fmt.Sprintf("/proc/%d/root", c.pid1), path)
+}
+
+// cgroupDirs returns the host paths of the container's cgroup cg (a
+// ControlGroup= value) in its cgroup2 hierarchy and its name=systemd one
+// (if it has one).
+func (c *sdContainer) cgroupDirs(cg string) []string {
+	c.t.Helper()
+	v2, v1, err := cgroupMountsIn(fmt.Sprintf("/proc/%d/mountinfo", c.pid1))
+	if err != nil {
+		c.t.Fatalf("the container's cgroup mounts: %v", err)
+	}
+	dirs := []string{c.hostPath(filepath.Join(v2, cg))}
+	if v1 != "" {
+		dirs = append(dirs, c.hostPath(filepath.Join(v1, cg)))
+	}
+	return dirs
+}
+
 // journal returns unit's journal since boot, messages only.
 func (c *sdContainer) journal(unit string) string {
 	out, err := c.run("journalctl", "--no-pager", "-b", "-o", "cat", "-u", unit)
@@ -458,7 +479,13 @@ func (c *sdContainer) down() {
 // cgroupMounts finds the cgroup2 mount and the name=systemd v1 one (empty
 // on a host with no v1 hierarchies) in /proc/self/mountinfo.
 func cgroupMounts() (v2, v1 string, err error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	return cgroupMountsIn("/proc/self/mountinfo")
+}
+
+// cgroupMountsIn is cgroupMounts in the mount namespace whose mountinfo
+// file is path.
+func cgroupMountsIn(path string) (v2, v1 string, err error) {
+	f, err := os.Open(path)
 	if err != nil {
 		return "", "", err
 	}
@@ -474,7 +501,7 @@ func cgroupMounts() (v2, v1 string, err error) {
 				break
 			}
 		}
-		if sep < 5 || sep+3 >= len(fields) || fields[3] != "/" {
+		if sep < 5 || sep+3 >= len(fields) {
 			continue
 		}
 		point := fields[4]

@@ -189,3 +189,112 @@ func TestSystemdRealTemplateReloadRolledBack(t *testing.T) {
 		t.Errorf("after a successful reload, pid %d answered (%v), want a new generation, not %d", now, err, serving)
 	}
 }
+
+// TestSystemdRealStop: systemctl stop of relay.service as shipped
+// (KillMode=mixed, Delegate=yes). relay contains each generation in a
+// gen-N cgroup under the unit's, stops its generations itself, before
+// TimeoutStopSec, and exits with the serving child's status (0 for myapp,
+// 3 for a child that exits 3 on SIGTERM, under relay@.service); nothing is
+// left in the unit's cgroup.
+func TestSystemdRealStop(t *testing.T) {
+	c := bootSystemd(t)
+	port := freeLoopbackPort(t)
+	c.installUnit("relay.service", relayServiceUnit(t, port))
+	c.mustSystemctl("start", "relay.service")
+	url := httpURL("127.0.0.1:" + strconv.Itoa(port))
+	gen1, err := get(newConnClient(), url)
+	if err != nil {
+		t.Fatalf("relay.service does not serve: %v\n%s", err, c.journal("relay.service"))
+	}
+	mainPID, cg := c.show("relay.service", "MainPID"), c.show("relay.service", "ControlGroup")
+
+	// Under Delegate=yes, relay divides the unit's cgroup: itself in
+	// relay-NAME.PID/supervisor, generation 1 in relay-NAME.PID/gen-1.
+	relayCg := cg + "/relay-relay." + mainPID
+	procCgroup := func(pid string) string {
+		out, err := c.run("cat", "/proc/"+pid+"/cgroup")
+		if err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		for _, line := range strings.Split(out, "\n") {
+			if p, ok := strings.CutPrefix(line, "0::"); ok {
+				return p
+			}
+		}
+		t.Fatalf("pid %s is in no cgroup v2: %s", pid, out)
+		return ""
+	}
+	if got, want := procCgroup(strconv.Itoa(gen1)), relayCg+"/gen-1"; got != want {
+		t.Errorf("generation 1 (pid %d) is in cgroup %s, want %s", gen1, got, want)
+	}
+	if got, want := procCgroup(mainPID), relayCg+"/supervisor"; got != want {
+		t.Errorf("relay (pid %s) is in cgroup %s, want %s", mainPID, got, want)
+	}
+	journal := c.journal("relay.service")
+	if !strings.Contains(journal, `msg="containment cgroup" path=`) || !strings.Contains(journal, relayCg+"\n") {
+		t.Errorf("relay did not log its containment cgroup %s:\n%s", relayCg, journal)
+	}
+	t.Logf("relay (pid %s) in %s/supervisor, generation 1 (pid %d) in %s/gen-1", mainPID, relayCg, gen1, relayCg)
+
+	c.mustSystemctl("stop", "relay.service")
+	checkStopped(t, c, "relay.service", cg, "inactive", "success", "0", gen1)
+	journal = c.journal("relay.service")
+	for _, want := range []string{
+		fmt.Sprintf(`msg="stopping generation" gen=1 pid=%d signal=TERM`, gen1),
+		fmt.Sprintf(`msg="generation exited" gen=1 pid=%d status="exit status 0"`, gen1),
+		`msg="relay exiting" child_status="exit status 0" exit_code=0`,
+	} {
+		if !strings.Contains(journal, want) {
+			t.Errorf("the journal of relay.service does not say %q:\n%s", want, journal)
+		}
+	}
+
+	// A serving child that exits 3 on SIGTERM: relay exits 3, and systemd
+	// records it (and, as for any main process that exits non-zero, marks
+	// the unit failed).
+	c.writeFile("/etc/relay/three.conf", fmt.Sprintf(
+		"RELAY_LISTEN=127.0.0.1:%d\nRELAY_OPTIONS=\nAPP_COMMAND=/usr/local/bin/testchild -exit-on-term 3\n", port))
+	c.installUnit("relay@.service", exampleUnit(t, "relay@.service"))
+	c.mustSystemctl("start", "relay@three.service")
+	child, err := get(newConnClient(), url)
+	if err != nil {
+		t.Fatalf("relay@three.service does not serve: %v\n%s", err, c.journal("relay@three.service"))
+	}
+	cg = c.show("relay@three.service", "ControlGroup")
+	c.mustSystemctl("stop", "relay@three.service")
+	checkStopped(t, c, "relay@three.service", cg, "failed", "exit-code", "3", child)
+	if j := c.journal("relay@three.service"); !strings.Contains(j, `msg="relay exiting" child_status="exit status 3" exit_code=3`) {
+		t.Errorf("relay did not exit with its child's status 3:\n%s", j)
+	}
+}
+
+// checkStopped checks a unit systemctl stop has stopped: its ActiveState,
+// Result and the main process's exit status as wanted, not killed by
+// systemd on a timeout, its child pid gone, nothing left in its cgroup cg.
+func checkStopped(t *testing.T, c *sdContainer, unit, cg, state, result, status string, child int) {
+	t.Helper()
+	if a := c.show(unit, "ActiveState"); a != state {
+		t.Errorf("%s after systemctl stop: ActiveState %s, want %s", unit, a, state)
+	}
+	if r := c.show(unit, "Result"); r != result {
+		t.Errorf("%s after systemctl stop: Result %s, want %s (timeout: TimeoutStopSec passed)", unit, r, result)
+	}
+	if s := c.show(unit, "ExecMainStatus"); s != status {
+		t.Errorf("%s after systemctl stop: ExecMainStatus %s, want %s", unit, s, status)
+	}
+	j := c.journal(unit)
+	for _, bad := range []string{"timed out", "Killing process", "remains running"} {
+		if strings.Contains(j, bad) {
+			t.Errorf("%s: systemd had to step in (%q):\n%s", unit, bad, j)
+		}
+	}
+	if out, err := c.run("test", "-e", "/proc/"+strconv.Itoa(child)); err == nil {
+		t.Errorf("%s stopped, but its child pid %d still runs: %s", unit, child, out)
+	}
+	for _, dir := range c.cgroupDirs(cg) {
+		if procs := cgroupProcs(dir); len(procs) > 0 {
+			t.Errorf("%s stopped, but its cgroup %s holds %v", unit, dir, procs)
+		}
+	}
+	t.Logf("%s stopped: ActiveState=%s Result=%s ExecMainStatus=%s, nothing left in cgroup %s", unit, state, result, status, cg)
+}
