@@ -36,6 +36,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -493,23 +494,17 @@ func cgroupMountsIn(path string) (v2, v1 string, err error) {
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		// ID PARENT MAJ:MIN ROOT POINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPER
-		fields := strings.Fields(sc.Text())
-		sep := -1
-		for i, f := range fields {
-			if f == "-" {
-				sep = i
-				break
-			}
-		}
-		if sep < 5 || sep+3 >= len(fields) {
+		// (the harness's mount points hold no space, which would be \040)
+		mount, fs, ok := strings.Cut(sc.Text(), " - ")
+		m, f := strings.Fields(mount), strings.Fields(fs)
+		if !ok || len(m) < 5 || len(f) < 3 {
 			continue
 		}
-		point := fields[4]
-		switch fstype, super := fields[sep+1], fields[sep+3]; {
-		case fstype == "cgroup2" && v2 == "":
-			v2 = point
-		case fstype == "cgroup" && v1 == "" && strings.Contains(","+super+",", ",name=systemd,"):
-			v1 = point
+		if f[0] == "cgroup2" && v2 == "" {
+			v2 = m[4]
+		}
+		if f[0] == "cgroup" && v1 == "" && slices.Contains(strings.Split(f[2], ","), "name=systemd") {
+			v1 = m[4]
 		}
 	}
 	if err := sc.Err(); err != nil {
@@ -616,24 +611,24 @@ func cgroupProcs(dir string) []int {
 	return out
 }
 
-// rmdirTree removes the cgroup dir and those below it with rmdir only.
+// rmdirTree removes the cgroup dir and those below it with rmdir only,
+// deepest first (WalkDir lists a directory before what it holds, and does
+// not follow symlinks).
 func rmdirTree(dir string) error {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
+	var dirs []string
+	err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, p)
 		}
 		return err
+	})
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
 	}
-	for _, e := range ents {
-		if e.IsDir() && e.Type()&os.ModeSymlink == 0 {
-			if err := rmdirTree(filepath.Join(dir, e.Name())); err != nil {
-				return err
-			}
+	for _, d := range slices.Backward(dirs) {
+		if err := unix.Rmdir(d); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("removing cgroup %s: %w", d, err)
 		}
-	}
-	if err := unix.Rmdir(dir); err != nil && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("removing cgroup %s: %w", dir, err)
 	}
 	return nil
 }

@@ -37,14 +37,19 @@ func relayServiceUnit(t *testing.T, port int) string {
 		"/usr/local/bin/myapp --config /etc/myapp.yaml", "/usr/local/bin/myapp")
 }
 
-// waitActive waits until unit's ActiveState is want, bounded by timeout.
-func (c *sdContainer) waitActive(unit, want string, timeout time.Duration) {
-	c.t.Helper()
-	var got string
-	waitUntil(c.t, timeout, unit+" "+want, func() bool {
-		got = c.show(unit, "ActiveState")
-		return got == want
-	})
+// startRelayService installs relay.service (relayServiceUnit) in c, starts
+// it, and returns its URL and the pid of the myapp that answers it.
+func startRelayService(t *testing.T, c *sdContainer) (url string, serving int) {
+	t.Helper()
+	port := freeLoopbackPort(t)
+	c.installUnit("relay.service", relayServiceUnit(t, port))
+	c.mustSystemctl("start", "relay.service")
+	url = httpURL("127.0.0.1:" + strconv.Itoa(port))
+	serving, err := get(newConnClient(), url)
+	if err != nil {
+		t.Fatalf("relay.service started, but does not serve: %v\n%s", err, c.journal("relay.service"))
+	}
+	return url, serving
 }
 
 // TestSystemdRealReloadUnderLoad: relay.service (Type=notify-reload) as
@@ -55,15 +60,8 @@ func (c *sdContainer) waitActive(unit, want string, timeout time.Duration) {
 // generations.
 func TestSystemdRealReloadUnderLoad(t *testing.T) {
 	c := bootSystemd(t)
-	port := freeLoopbackPort(t)
-	c.installUnit("relay.service", relayServiceUnit(t, port))
-	c.mustSystemctl("start", "relay.service")
-	url := httpURL("127.0.0.1:" + strconv.Itoa(port))
+	url, serving := startRelayService(t, c)
 	client := newConnClient()
-	serving, err := get(client, url)
-	if err != nil {
-		t.Fatalf("relay.service started, but does not serve: %v\n%s", err, c.journal("relay.service"))
-	}
 	mainPID := c.show("relay.service", "MainPID")
 	t.Logf("relay.service started: MainPID %s, StatusText %q, myapp pid %d", mainPID, c.show("relay.service", "StatusText"), serving)
 
@@ -198,14 +196,7 @@ func TestSystemdRealTemplateReloadRolledBack(t *testing.T) {
 // left in the unit's cgroup.
 func TestSystemdRealStop(t *testing.T) {
 	c := bootSystemd(t)
-	port := freeLoopbackPort(t)
-	c.installUnit("relay.service", relayServiceUnit(t, port))
-	c.mustSystemctl("start", "relay.service")
-	url := httpURL("127.0.0.1:" + strconv.Itoa(port))
-	gen1, err := get(newConnClient(), url)
-	if err != nil {
-		t.Fatalf("relay.service does not serve: %v\n%s", err, c.journal("relay.service"))
-	}
+	_, gen1 := startRelayService(t, c)
 	mainPID, cg := c.show("relay.service", "MainPID"), c.show("relay.service", "ControlGroup")
 
 	// Under Delegate=yes, relay divides the unit's cgroup: itself in
@@ -252,11 +243,12 @@ func TestSystemdRealStop(t *testing.T) {
 	// A serving child that exits 3 on SIGTERM: relay exits 3, and systemd
 	// records it (and, as for any main process that exits non-zero, marks
 	// the unit failed).
+	port := freeLoopbackPort(t)
 	c.writeFile("/etc/relay/three.conf", fmt.Sprintf(
 		"RELAY_LISTEN=127.0.0.1:%d\nRELAY_OPTIONS=\nAPP_COMMAND=/usr/local/bin/testchild -exit-on-term 3\n", port))
 	c.installUnit("relay@.service", exampleUnit(t, "relay@.service"))
 	c.mustSystemctl("start", "relay@three.service")
-	child, err := get(newConnClient(), url)
+	child, err := get(newConnClient(), httpURL("127.0.0.1:"+strconv.Itoa(port)))
 	if err != nil {
 		t.Fatalf("relay@three.service does not serve: %v\n%s", err, c.journal("relay@three.service"))
 	}
