@@ -397,12 +397,29 @@ func (c *sdContainer) writeFile(path, content string) {
 	if !ok || strings.HasPrefix(rel, "../") {
 		c.t.Fatalf("writeFile(%q): only files under /etc can be written", path)
 	}
-	p := filepath.Join(c.etc, rel)
+	// The copy of /etc may hold symlinks to absolute paths, which the
+	// host would resolve to its own files: never write through one.
+	p := c.etc
+	for _, name := range strings.Split(rel, "/") {
+		p = filepath.Join(p, name)
+		fi, err := os.Lstat(p)
+		if err == nil && fi.Mode()&os.ModeSymlink != 0 {
+			c.t.Fatalf("writeFile(%q): %s is a symlink in the container's /etc; write elsewhere", path, p)
+		}
+	}
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		c.t.Fatal(err)
 	}
-	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
-		c.t.Fatal(err)
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW, 0o644)
+	if err != nil {
+		c.t.Fatalf("writing the container's %s: %v", path, err)
+	}
+	_, err = f.WriteString(content)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		c.t.Fatalf("writing the container's %s: %v", path, err)
 	}
 }
 
@@ -530,7 +547,7 @@ func removeStaleContainers(t *testing.T, v2, v1 string) {
 			continue
 		}
 		for _, e := range ents {
-			if !staleName(e.Name()) || e.Type()&os.ModeSymlink != 0 || !e.IsDir() {
+			if !staleName(e.Name()) || e.Type()&os.ModeSymlink != 0 || !e.IsDir() || !ownedByUs(filepath.Join(parent, e.Name())) {
 				continue
 			}
 			p := filepath.Join(parent, e.Name())
@@ -546,6 +563,13 @@ func removeStaleContainers(t *testing.T, v2, v1 string) {
 			t.Logf("removed %s, left by a killed test run", p)
 		}
 	}
+}
+
+// ownedByUs reports whether path (not followed) belongs to this process's
+// user, as what the harness made does.
+func ownedByUs(path string) bool {
+	var st unix.Stat_t
+	return unix.Lstat(path, &st) == nil && int(st.Uid) == os.Geteuid()
 }
 
 // staleName reports whether name is relay-sd.PID.N of a test process that
