@@ -315,58 +315,56 @@ func TestSystemdRealRestartKeepsTheSocketInTheFDStore(t *testing.T) {
 	}
 
 	t.Run("restart", func(t *testing.T) {
-		oldRelay := mainPID(t, c, "relay.service")
-		oldChild := servedPID(t, url)
-		ld := startOpenLoad(url, 5*time.Millisecond, 60*time.Second)
-		waitUntil(t, 10*time.Second, "the load answered", func() bool { return ld.answeredByOtherThan(nil) })
-		asked := time.Now()
-		c.mustSystemctl("restart", "relay.service")
-		newRelay := waitActiveWithNewPID(t, c, "relay.service", oldRelay, 30*time.Second)
-		waitUntil(t, 10*time.Second, "the new relay's generation answering the load", func() bool {
-			return ld.answeredByOtherThan(map[int]bool{oldChild: true})
+		_, failed := relayOutage(t, c, url, "Deactivated successfully", func(int) {
+			c.mustSystemctl("restart", "relay.service")
 		})
-		shots := ld.stop()
-		es := journalEntries(t, c, "relay.service")
-		gone := systemdSaid(t, es, asked, "Deactivated successfully")
-		back := systemdSaid(t, es, gone.at, "Started ")
-		failed, _ := downWindow(t, shots, gone.at, back.at, newGenerations(t, c, newRelay))
 		if len(failed) > 0 {
 			t.Errorf("%d requests sent before the old relay exited failed, the first: %v", len(failed), failed[0].err)
-		}
-		if l := relayLogged(t, es, newRelay, "msg=listening"); !strings.Contains(l.msg, "origin=inherited") {
-			t.Errorf("the new relay did not take its socket from the fd store: %s", l.msg)
-		}
-		if n := c.show("relay.service", "NFileDescriptorStore"); n != "1" {
-			t.Errorf("NFileDescriptorStore=%s after the restart, want 1", n)
 		}
 	})
 
 	t.Run("crash", func(t *testing.T) {
-		oldRelay := mainPID(t, c, "relay.service")
-		oldChild := servedPID(t, url)
 		restarts := c.show("relay.service", "NRestarts")
-		ld := startOpenLoad(url, 5*time.Millisecond, 60*time.Second)
-		waitUntil(t, 10*time.Second, "the load answered", func() bool { return ld.answeredByOtherThan(nil) })
-		killed := time.Now()
-		runIn(t, c, "kill", "-KILL", strconv.Itoa(oldRelay))
-		newRelay := waitActiveWithNewPID(t, c, "relay.service", oldRelay, 30*time.Second)
-		waitUntil(t, 10*time.Second, "the new relay's generation answering the load", func() bool {
-			return ld.answeredByOtherThan(map[int]bool{oldChild: true})
+		// A request the killed generation had taken and not answered is
+		// lost with it: quoted, not failed.
+		relayOutage(t, c, url, "Failed with result 'signal'", func(oldRelay int) {
+			runIn(t, c, "kill", "-KILL", strconv.Itoa(oldRelay))
 		})
-		shots := ld.stop()
 		if n := c.show("relay.service", "NRestarts"); n == restarts {
 			t.Errorf("NRestarts=%s, unchanged by the crash: Restart=on-failure did not restart relay", n)
 		}
-		es := journalEntries(t, c, "relay.service")
-		gone := systemdSaid(t, es, killed, "Failed with result 'signal'")
-		back := systemdSaid(t, es, gone.at, "Started ")
-		// A request the killed generation had taken and not answered is
-		// lost with it: quoted, not failed.
-		downWindow(t, shots, gone.at, back.at, newGenerations(t, c, newRelay))
-		if l := relayLogged(t, es, newRelay, "msg=listening"); !strings.Contains(l.msg, "origin=inherited") {
-			t.Errorf("the new relay did not take its socket from the fd store: %s", l.msg)
-		}
 	})
+}
+
+// relayOutage ends the running relay.service with end, under load on url,
+// waits for a new relay to serve, and checks the requests across the
+// outage (downWindow): gone is what systemd logs once the old relay and its
+// children are gone. The new relay must have its socket from the fd store.
+// It returns the unit's journal and the requests that failed before gone.
+func relayOutage(t *testing.T, c *sdContainer, url, gone string, end func(oldRelay int)) ([]journalEntry, []shot) {
+	t.Helper()
+	oldRelay := mainPID(t, c, "relay.service")
+	oldChild := servedPID(t, url)
+	ld := startOpenLoad(url, 5*time.Millisecond, 90*time.Second)
+	waitUntil(t, 10*time.Second, "the load answered", func() bool { return ld.answeredByOtherThan(nil) })
+	from := time.Now()
+	end(oldRelay)
+	newRelay := waitActiveWithNewPID(t, c, "relay.service", oldRelay, 60*time.Second)
+	waitUntil(t, 10*time.Second, "the new relay's generation answering the load", func() bool {
+		return ld.answeredByOtherThan(map[int]bool{oldChild: true})
+	})
+	shots := ld.stop()
+	es := journalEntries(t, c, "relay.service")
+	down := systemdSaid(t, es, from, gone)
+	back := systemdSaid(t, es, down.at, "Started ")
+	failed, _ := downWindow(t, shots, down.at, back.at, newGenerations(t, c, newRelay))
+	if l := relayLogged(t, es, newRelay, "msg=listening"); !strings.Contains(l.msg, "origin=inherited") {
+		t.Errorf("the new relay did not take its socket from the fd store: %s", l.msg)
+	}
+	if n := c.show("relay.service", "NFileDescriptorStore"); n != "1" {
+		t.Errorf("NFileDescriptorStore=%s after relay came back, want 1", n)
+	}
+	return es, failed
 }
 
 // shippedSocket is examples/systemd/relay.socket listening on addr.
@@ -488,34 +486,16 @@ func TestSystemdRealWatchdogRestartsAFrozenRelay(t *testing.T) {
 	if w := c.show("relay.service", "WatchdogUSec"); w != "4s" {
 		t.Fatalf("WatchdogUSec=%s, want the drop-in's 4s", w)
 	}
-	oldRelay := mainPID(t, c, "relay.service")
-	oldChild := servedPID(t, url)
 	restarts := c.show("relay.service", "NRestarts")
-
-	ld := startOpenLoad(url, 5*time.Millisecond, 60*time.Second)
-	waitUntil(t, 10*time.Second, "the load answered", func() bool { return ld.answeredByOtherThan(nil) })
 	frozen := time.Now()
-	runIn(t, c, "kill", "-STOP", strconv.Itoa(oldRelay))
-	newRelay := waitActiveWithNewPID(t, c, "relay.service", oldRelay, 60*time.Second)
-	waitUntil(t, 10*time.Second, "the new relay's generation answering the load", func() bool {
-		return ld.answeredByOtherThan(map[int]bool{oldChild: true})
+	es, _ := relayOutage(t, c, url, "Failed with result 'watchdog'", func(oldRelay int) {
+		runIn(t, c, "kill", "-STOP", strconv.Itoa(oldRelay))
 	})
-	shots := ld.stop()
-
+	systemdSaid(t, es, frozen, "Watchdog timeout")
 	if n := c.show("relay.service", "NRestarts"); n == restarts {
 		t.Errorf("NRestarts=%s, unchanged: systemd did not restart relay", n)
 	}
-	es := journalEntries(t, c, "relay.service")
-	systemdSaid(t, es, frozen, "Watchdog timeout")
-	gone := systemdSaid(t, es, frozen, "Failed with result 'watchdog'")
-	back := systemdSaid(t, es, gone.at, "Started ")
-	downWindow(t, shots, gone.at, back.at, newGenerations(t, c, newRelay))
-	if l := relayLogged(t, es, newRelay, "msg=listening"); !strings.Contains(l.msg, "origin=inherited") {
-		t.Errorf("the new relay did not take its socket from the fd store: %s", l.msg)
-	}
-	if n := c.show("relay.service", "NFileDescriptorStore"); n != "1" {
-		t.Errorf("NFileDescriptorStore=%s after the watchdog restart, want 1", n)
-	}
+	newRelay := mainPID(t, c, "relay.service")
 	pid := servedPID(t, url)
 	if p := parentOf(t, c, pid); p != newRelay {
 		t.Errorf("pid %d answered after the restart; its parent is %d, not the new MainPID %d", pid, p, newRelay)
