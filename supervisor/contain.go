@@ -3,6 +3,7 @@ package supervisor
 import (
 	"errors"
 	"os"
+	"slices"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -37,9 +38,20 @@ func adopted(g *generation) []int {
 	return g.adopted()
 }
 
-// signalAdopted sends sig to the orphans of g outside its process group.
+// signalAdopted sends sig to the orphans of g outside its process group;
+// SIGKILL only to those not sent it before, which may be listed still,
+// dead but not yet reaped.
 func signalAdopted(g *generation, sig syscall.Signal) {
 	pids := adopted(g)
+	if sig == syscall.SIGKILL {
+		if g.orphansKilled == nil {
+			g.orphansKilled = map[int]bool{}
+		}
+		pids = slices.DeleteFunc(pids, func(pid int) bool { return g.orphansKilled[pid] })
+		for _, pid := range pids {
+			g.orphansKilled[pid] = true
+		}
+	}
 	if len(pids) == 0 {
 		return
 	}

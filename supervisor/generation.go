@@ -73,6 +73,9 @@ type generation struct {
 	// relay; nil with a cgroup (see contain.go).
 	adopted   func() []int
 	signalPid func(pid int, sig syscall.Signal) error // env.signalPid
+	// orphansKilled are the adopted orphans sent SIGKILL already, which
+	// stay listed until they are reaped.
+	orphansKilled map[int]bool
 	status    reaper.Status
 	// exitWatchers follow the restart that retired this generation, and
 	// are told when it exits.
