@@ -76,7 +76,7 @@ type generation struct {
 	// orphansKilled are the adopted orphans sent SIGKILL already, which
 	// stay listed until they are reaped.
 	orphansKilled map[int]bool
-	status    reaper.Status
+	status        reaper.Status
 	// exitWatchers follow the restart that retired this generation, and
 	// are told when it exits.
 	exitWatchers []*waiter
