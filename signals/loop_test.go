@@ -20,7 +20,7 @@ func (r recorder) Stop(now bool) {
 	}
 	r.c <- "stop"
 }
-func (r recorder) StopAfter(d time.Duration) { r.c <- "stop after " + d.String() }
+func (r recorder) StopAfter(d time.Duration)  { r.c <- "stop after " + d.String() }
 func (r recorder) Forward(sig syscall.Signal) { r.c <- "forward " + Name(sig) }
 
 func TestLoopTurnsSignalsIntoRequests(t *testing.T) {
