@@ -23,6 +23,22 @@ func (r recorder) Stop(now bool) {
 func (r recorder) StopAfter(d time.Duration)  { r.c <- "stop after " + d.String() }
 func (r recorder) Forward(sig syscall.Signal) { r.c <- "forward " + Name(sig) }
 
+// next waits for the next n requests.
+func (r recorder) next(t *testing.T, n int) []string {
+	t.Helper()
+	var got []string
+	timeout := time.After(10 * time.Second)
+	for len(got) < n {
+		select {
+		case req := <-r.c:
+			got = append(got, req)
+		case <-timeout:
+			t.Fatalf("got %q so far, want %d requests", got, n)
+		}
+	}
+	return got
+}
+
 func TestLoopTurnsSignalsIntoRequests(t *testing.T) {
 	sigC := make(chan os.Signal, 8)
 	rec := recorder{c: make(chan string, 8)}
@@ -34,16 +50,7 @@ func TestLoopTurnsSignalsIntoRequests(t *testing.T) {
 		sigC <- s
 	}
 	want := []string{"restart signal HUP", "forward USR1", "stop", "stop now"}
-	var got []string
-	timeout := time.After(10 * time.Second)
-	for len(got) < len(want) {
-		select {
-		case r := <-rec.c:
-			got = append(got, r)
-		case <-timeout:
-			t.Fatalf("got %q so far, want %q", got, want)
-		}
-	}
+	got := rec.next(t, len(want))
 	if !slices.Equal(got, want) {
 		t.Fatalf("requests %q, want %q (SIGPIPE ignored, a second stop signal stops now)", got, want)
 	}
@@ -72,16 +79,7 @@ func TestLoopWithShutdownDelay(t *testing.T) {
 		sigC <- s
 	}
 	want := []string{"stop after 2s", "restart signal HUP", "stop", "stop now", "stop now"}
-	var got []string
-	timeout := time.After(10 * time.Second)
-	for len(got) < len(want) {
-		select {
-		case r := <-rec.c:
-			got = append(got, r)
-		case <-timeout:
-			t.Fatalf("got %q so far, want %q", got, want)
-		}
-	}
+	got := rec.next(t, len(want))
 	if !slices.Equal(got, want) {
 		t.Fatalf("requests %q, want %q", got, want)
 	}
