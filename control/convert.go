@@ -83,7 +83,8 @@ func statusDoc(info Info, control string, pid int, st supervisor.Status) *Status
 			Queued: st.Restarts.Queued, QueuedRestarts: st.Restarts.QueuedRestarts,
 			LivenessReplacements: st.Restarts.LivenessReplacements,
 		},
-		Stopping: st.Stopping,
+		Stopping:   st.Stopping,
+		ShutdownAt: st.ShutdownAt,
 	}
 	for _, g := range st.Generations {
 		doc.Generations = append(doc.Generations, GenerationStatus{

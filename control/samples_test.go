@@ -50,7 +50,8 @@ func sampleStatus() supervisor.Status {
 		LastRestart: &supervisor.LastRestart{
 			Result: sampleResult(), Finished: sampleStart().Add(2 * time.Minute), DurationMs: 2003.5,
 		},
-		Stopping: true,
+		Stopping:   true,
+		ShutdownAt: sampleStart().Add(3 * time.Minute),
 	}
 }
 

@@ -19,7 +19,12 @@ type StatusDoc struct {
 	Restarts    RestartCounts      `json:"restarts"`
 	// LastRestart is absent until a requested restart has finished.
 	LastRestart *LastRestart `json:"last_restart,omitempty"`
-	Stopping    bool         `json:"stopping"`
+	// Stopping: the graceful stop has begun.
+	Stopping bool `json:"stopping"`
+	// ShutdownAt is absent unless a shutdown delay runs (relay got a
+	// stop signal with --shutdown-delay): then it is when the graceful
+	// stop begins. Meanwhile relay serves, but is going.
+	ShutdownAt time.Time `json:"shutdown_at,omitzero"`
 }
 
 // ListenerInfo describes one socket relay holds.

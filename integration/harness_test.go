@@ -139,6 +139,9 @@ type relayProc struct {
 	changed chan struct{}
 	exited  chan struct{}
 	waitErr error
+	// nsPids: relay runs in a PID namespace of its own, so the pids it
+	// logs are not the host's, and the cleanup must not kill them.
+	nsPids bool
 }
 
 // startRelay starts relay with args (JSON logs are added) and waits until
@@ -221,7 +224,7 @@ func startRelayWrapped(tb testing.TB, wrap []string, bin string, env []string, e
 		// their process groups too.
 		r.mu.Lock()
 		for _, l := range r.logs {
-			if l.str("msg") == "generation starting" {
+			if l.str("msg") == "generation starting" && !r.nsPids {
 				syscall.Kill(-l.num("pid"), syscall.SIGKILL)
 			}
 		}

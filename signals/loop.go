@@ -5,12 +5,14 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 )
 
 // Target is what the signals sent to relay act on: the supervisor.
 type Target interface {
 	RequestRestart(reason string) error
 	Stop(now bool)
+	StopAfter(d time.Duration)
 	Forward(sig syscall.Signal)
 }
 
@@ -23,21 +25,28 @@ func Notify() (c <-chan os.Signal, stop func()) {
 	return ch, func() { signal.Stop(ch) }
 }
 
-// Loop turns the signals from c into requests to t, as Decide says, until
-// ctx ends. It never ends on its own: in relay's run group only the
-// supervisor's return says how relay ends.
-func Loop(ctx context.Context, c <-chan os.Signal, t Target) {
-	stopping := false
+// Loop turns the signals from c into requests to t, as Decide and
+// StopStep say, until ctx ends. delay is the shutdown delay
+// (--shutdown-delay; 0 for none). It never ends on its own: in relay's run
+// group only the supervisor's return says how relay ends.
+func Loop(ctx context.Context, c <-chan os.Signal, t Target, delay time.Duration) {
+	stops := 0
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case sig := <-c:
-			switch Decide(sig, stopping) {
+			a := Decide(sig, false)
+			if a == Stop {
+				stops++
+				a = StopStep(stops, delay > 0)
+			}
+			switch a {
 			case Restart:
 				t.RequestRestart("signal " + Name(sig.(syscall.Signal)))
+			case StopDelayed:
+				t.StopAfter(delay)
 			case Stop:
-				stopping = true
 				t.Stop(false)
 			case StopNow:
 				t.Stop(true)

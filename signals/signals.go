@@ -29,10 +29,13 @@ const (
 	// Forward: pass the signal on to the serving child (SIGUSR1, SIGUSR2,
 	// SIGWINCH).
 	Forward
+	// StopDelayed: keep serving for the shutdown delay, then stop as
+	// Stop (the first stop signal, with --shutdown-delay).
+	StopDelayed
 )
 
 func (a Action) String() string {
-	return [...]string{"ignore", "restart", "stop", "stop-now", "forward"}[a]
+	return [...]string{"ignore", "restart", "stop", "stop-now", "forward", "stop-delayed"}[a]
 }
 
 // Handled lists the signals relay takes over; pass them to signal.Notify.
@@ -58,6 +61,21 @@ func Decide(sig os.Signal, stopping bool) Action {
 		return Forward
 	}
 	return Ignore
+}
+
+// StopStep returns what the n-th stop signal (TERM, INT or QUIT; n from
+// 1) asks for. Without a shutdown delay, the first stops gracefully and
+// any later one kills at once. With one, the first begins the delay, the
+// second ends it and begins the graceful stop (nothing more if the delay
+// is over), and any later one kills at once.
+func StopStep(n int, delayed bool) Action {
+	switch {
+	case n <= 1 && delayed:
+		return StopDelayed
+	case n <= 1, n == 2 && delayed:
+		return Stop
+	}
+	return StopNow
 }
 
 // Parse reads a signal given as a name ("TERM", "SIGTERM", "term") or a

@@ -47,6 +47,21 @@ func TestHandled(t *testing.T) {
 	}
 }
 
+func TestStopStep(t *testing.T) {
+	for _, c := range []struct {
+		n       int
+		delayed bool
+		want    Action
+	}{
+		{1, false, Stop}, {2, false, StopNow}, {3, false, StopNow},
+		{1, true, StopDelayed}, {2, true, Stop}, {3, true, StopNow}, {4, true, StopNow},
+	} {
+		if got := StopStep(c.n, c.delayed); got != c.want {
+			t.Errorf("StopStep(%d, delayed=%v) = %v, want %v", c.n, c.delayed, got, c.want)
+		}
+	}
+}
+
 func TestParse(t *testing.T) {
 	for in, want := range map[string]syscall.Signal{
 		"TERM": syscall.SIGTERM, "SIGTERM": syscall.SIGTERM, "term": syscall.SIGTERM,

@@ -37,6 +37,7 @@ func runCommand() *cli.Command {
 			&cli.DurationFlag{Name: "drain", DefaultText: "5s if any listener is steered, else 0", Usage: "the longest `DURATION` from the switch to the new generation to the old one's stop signal: on steered listeners the signal comes as soon as nothing more can reach the old sockets (after a fixed --drain, 1s by default, where the kernel cannot show that); on shared sockets, where both accept, after --drain"},
 			&cli.StringFlag{Name: "stop-signal", Value: "TERM", Usage: "`SIGNAL` that asks a generation to stop (nginx and unicorn want QUIT, haproxy USR1, lighttpd INT)"},
 			&cli.DurationFlag{Name: "stop-timeout", Value: supervisor.DefaultStopTimeout, Usage: "`DURATION` a generation may take to stop before all of it (its cgroup, or its process group) gets SIGKILL"},
+			&cli.DurationFlag{Name: "shutdown-delay", Usage: "on the first TERM, INT or QUIT, keep serving for `DURATION` (restarts refused, crashes still replaced, relay status says so), then stop as usual; a second stop signal ends the delay, a third kills. For a load balancer (a Kubernetes Service) to take relay out of rotation before it stops", DefaultText: "0: stop at once"},
 			&cli.IntFlag{Name: "max-draining", Value: supervisor.DefaultMaxDraining, Usage: "`N` old generations may still be running; a restart past it waits for the oldest to exit"},
 			&cli.StringFlag{Name: "name", Value: control.DefaultName, Usage: "`NAME` of this relay, for relay restart/status/stop; sets the default --control path"},
 			&cli.StringFlag{Name: "control", Usage: "`PATH` of the control socket, in a directory only you can enter (created 0700 if missing; default: NAME.sock in $XDG_RUNTIME_DIR/relay, /run/relay for root, else $TMPDIR/relay-UID)"},
@@ -107,7 +108,7 @@ func runAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	return runActors(log, sigC, sup, ctl, notifier, mem)
+	return runActors(log, sigC, opts.shutdownDelay, sup, ctl, notifier, mem)
 }
 
 // notifyFlushTimeout bounds how long relay waits, at exit, for the service

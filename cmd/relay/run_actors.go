@@ -20,11 +20,11 @@ import (
 
 // runActors runs the control server, the supervisor, the signal loop and
 // the watchdog until the supervisor is done, and says how relay ends.
-func runActors(log *slog.Logger, sigC <-chan os.Signal, sup *supervisor.Supervisor, ctl *control.Server, notifier *sdnotify.Notifier, mem *memoryReturner) error {
+func runActors(log *slog.Logger, sigC <-chan os.Signal, shutdownDelay time.Duration, sup *supervisor.Supervisor, ctl *control.Server, notifier *sdnotify.Notifier, mem *memoryReturner) error {
 	var g run.Group
 	addControl(&g, ctl)
 	outcome := addSupervisor(&g, sup)
-	addSignalLoop(&g, sigC, sup)
+	addSignalLoop(&g, sigC, shutdownDelay, sup)
 	addWatchdog(&g, log, notifier, sup)
 	addMemoryReturner(&g, mem)
 	if err := g.Run(); err != nil {
@@ -51,11 +51,12 @@ func addSupervisor(g *run.Group, sup *supervisor.Supervisor) *supervisor.Outcome
 }
 
 // addSignalLoop turns signals sent to relay into supervisor requests
-// (signals.Decide) until the supervisor is done. It never returns first:
-// only the supervisor's result says how relay ends.
-func addSignalLoop(g *run.Group, sigC <-chan os.Signal, sup *supervisor.Supervisor) {
+// (signals.Decide, signals.StopStep with the --shutdown-delay) until the
+// supervisor is done. It never returns first: only the supervisor's result
+// says how relay ends.
+func addSignalLoop(g *run.Group, sigC <-chan os.Signal, delay time.Duration, sup *supervisor.Supervisor) {
 	ctx, cancel := context.WithCancel(context.Background())
-	g.Add(func() error { signals.Loop(ctx, sigC, sup); return nil }, func(error) { cancel() })
+	g.Add(func() error { signals.Loop(ctx, sigC, sup, delay); return nil }, func(error) { cancel() })
 }
 
 // addWatchdog pings systemd's watchdog (WatchdogSec=) while the supervisor

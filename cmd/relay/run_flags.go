@@ -27,6 +27,7 @@ type runOptions struct {
 	steer                             sockets.SteerMode
 	takeover                          supervisor.TakeoverMode
 	healthTimeout, drain, stopTimeout time.Duration
+	shutdownDelay                     time.Duration
 	drainSet                          bool // --drain was given
 	stopSignal                        syscall.Signal
 	maxDraining                       int
@@ -130,6 +131,9 @@ func (o *runOptions) parseRestarts(c *cli.Context) error {
 	o.drainSet = c.IsSet("drain")
 	if o.healthTimeout <= 0 || o.stopTimeout <= 0 || o.drain < 0 {
 		return usagef("--health-timeout and --stop-timeout must be positive and --drain not negative")
+	}
+	if o.shutdownDelay = c.Duration("shutdown-delay"); o.shutdownDelay < 0 {
+		return usagef("--shutdown-delay %s: must not be negative, e.g. --shutdown-delay 5s (0, the default, stops at once)", o.shutdownDelay)
 	}
 	if o.maxDraining = c.Int("max-draining"); o.maxDraining < 1 {
 		return usagef("--max-draining %d: must be at least 1", o.maxDraining)

@@ -30,6 +30,7 @@ func TestRunUsageErrors(t *testing.T) {
 		{"negative --drain", []string{"--listen", ":0", "--drain", "-1s", "--", "true"}, "--drain not negative"},
 		{"zero --health-timeout", []string{"--listen", ":0", "--health-timeout", "0s", "--", "true"}, "must be positive"},
 		{"negative --stop-timeout", []string{"--listen", ":0", "--stop-timeout", "-2s", "--", "true"}, "must be positive"},
+		{"negative --shutdown-delay", []string{"--listen", ":0", "--shutdown-delay", "-1s", "--", "true"}, "--shutdown-delay -1s: must not be negative"},
 		{"--max-draining 0", []string{"--listen", ":0", "--max-draining", "0", "--", "true"}, "--max-draining 0: must be at least 1"},
 		{"bad --name", []string{"--listen", ":0", "--name", "a/b", "--", "true"}, "--name \"a/b\": want 1 to 64 letters"},
 		{"bad --check", []string{"--listen", ":0", "--check", "no-such-check-relay-test", "--", "true"}, "not found in PATH"},

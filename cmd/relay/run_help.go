@@ -44,7 +44,15 @@ Signals to relay:
                     --stop-signal and SIGKILL all of it (its cgroup) after --stop-timeout.
                     A new generation that fails is killed; the old one is never touched.
    TERM, INT, QUIT  stop every generation gracefully and exit with the child's status.
-                    A second one kills them at once.
+                    A second one kills them at once. With --shutdown-delay D, the first
+                    one makes relay keep serving for D first ("shutdown delay: serving on
+                    until ..."; restarts refused, crashes replaced), the second ends the
+                    delay and stops gracefully at once, the third kills.
+
+As PID 1 (a container's entrypoint), relay reaps every orphan of the container, exits with
+the serving child's status, and passes the children's stdout and stderr through as its own.
+Signals it does not act on are ignored; SIGKILL and SIGSTOP sent from inside the container
+are dropped by the kernel.
    USR1, USR2, WINCH  forwarded to the serving child.
 
 Listen forms (each may start with NAME= to set its LISTEN_FDNAMES entry):
@@ -103,5 +111,6 @@ Examples:
    relay run --listen unix:/run/app/app.sock --socket-mode 0660 --stop-signal QUIT -- nginx -g 'daemon off;'
    relay run --listen :8080 --liveness accept --liveness-interval 5s -- ./server
    relay run --listen :8080 --child-watchdog 30s -- ./server-that-pings-sd_notify-WATCHDOG
+   relay run --listen :8080 --shutdown-delay 5s --stop-timeout 20s -- ./server   # Kubernetes: grace period 30s
    relay restart --name api -- ./server-v2     # restart into a new binary
    kill -HUP $(pidof relay)                    # restart`

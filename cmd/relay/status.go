@@ -71,7 +71,10 @@ func socketsTaken(ls []control.ListenerInfo, took map[string]string) string {
 func printStatus(w io.Writer, d *control.StatusDoc) {
 	up := time.Since(d.Started).Round(time.Second)
 	fmt.Fprintf(w, "relay %q (pid %d), up %s, control %s\n", d.Name, d.Pid, up, d.Control)
-	if d.Stopping {
+	switch {
+	case !d.ShutdownAt.IsZero():
+		fmt.Fprintln(w, shutdownLine(time.Until(d.ShutdownAt)))
+	case d.Stopping:
 		fmt.Fprintln(w, "STOPPING")
 	}
 	fmt.Fprintf(w, "command: %s\n\n", strings.Join(d.Command, " "))
@@ -113,4 +116,13 @@ func printStatus(w io.Writer, d *control.StatusDoc) {
 			fmt.Fprintf(w, "last restart: %s after %s, %s ago: %s\n", outcomeWord(&l.Result), msDuration(l.DurationMs), ago, l.Reason)
 		}
 	}
+}
+
+// shutdownLine says when a shutdown delay that ends in left ends:
+// "STOPPING in 1.5s (--shutdown-delay; serving until then)".
+func shutdownLine(left time.Duration) string {
+	if left <= 0 {
+		return "STOPPING now (--shutdown-delay over)"
+	}
+	return fmt.Sprintf("STOPPING in %s (--shutdown-delay; serving until then)", left.Round(100*time.Millisecond))
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 // statusGolden is the first status document of control's golden file,
@@ -50,7 +51,7 @@ func TestStatusText(t *testing.T) {
 	}
 	for _, want := range []string{
 		`relay "api" (pid 777), up `,
-		"STOPPING\n",
+		"STOPPING now (--shutdown-delay over)\n",
 		"command: /srv/api --port {health_port}\n",
 		"tcp-8080  3   tcp      127.0.0.1:8080  bound      steered\n",
 		"tcp-8080=fd udp-53=bind  /srv/api\n",
@@ -61,6 +62,15 @@ func TestStatusText(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("relay status printed\n%s\nwant %q in it", out, want)
 		}
+	}
+
+	ahead, err := json.Marshal(time.Now().Add(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	path, _ = fakeRelay(t, `{"v":1,"type":"status","status":{"version":1,"name":"api","generations":[],"stopping":false,"shutdown_at":`+string(ahead)+`}}`)
+	if out, err := runClient(statusCommand(), "--control", path); err != nil || !(strings.Contains(out, "STOPPING in 1h0m0s (") || strings.Contains(out, "STOPPING in 59m59.9s (")) || !strings.Contains(out, "(--shutdown-delay; serving until then)\n") {
+		t.Errorf("relay status in a shutdown delay: %v, printed\n%s\nwant the time left", err, out)
 	}
 
 	path, _ = fakeRelay(t) // closes without an answer

@@ -8,12 +8,14 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -62,8 +64,24 @@ func main() {
 		watchdog       = flag.Bool("watchdog", false, "once ready, send WATCHDOG=1 every half of WATCHDOG_USEC (exit 6 unless WATCHDOG_USEC and WATCHDOG_PID are this process's) until SIGUSR2, then go on serving without a ping")
 		closeOnUSR1    = flag.Bool("close-listeners-on-usr1", false, "on SIGUSR1, close the passed listeners and go on running, as a server that lost its listener")
 		deferAccept    = flag.Bool("defer-accept", false, "set TCP_DEFER_ACCEPT on the passed stream sockets: a client that connects and sends nothing stays a handshake in progress")
+		orphans        = flag.Int("orphans", 0, "before serving, leave this many orphans: each started by a process of its own that exits at once, so it is adopted by the nearest subreaper (relay), and exits when its parent has; then write one line to stdout")
+		orphanParent   = flag.Bool("orphan-parent", false, "be an orphan's parent: start one -orphan and exit without waiting for it")
+		orphan         = flag.Bool("orphan", false, "be an orphan: exit once stdin ends, i.e. once the parent that holds its other end has exited")
 	)
 	flag.Parse()
+	switch {
+	case *orphan:
+		io.Copy(io.Discard, os.Stdin)
+		return
+	case *orphanParent:
+		w, err := startOrphan()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "testchild: orphan:", err)
+			os.Exit(1)
+		}
+		runtime.KeepAlive(w) // open until the exit, which ends the orphan
+		os.Exit(0)
+	}
 	if *sleeper {
 		signal.Ignore(syscall.SIGTERM)
 		time.Sleep(time.Hour)
@@ -105,6 +123,15 @@ func main() {
 		if *grandchildPid != "" {
 			writeFileAtomic(*grandchildPid, []byte(strconv.Itoa(gc.Process.Pid)))
 		}
+	}
+	if *orphans > 0 {
+		for i := range *orphans {
+			if err := exec.Command("/proc/self/exe", "-orphan-parent").Run(); err != nil {
+				fmt.Fprintf(os.Stderr, "testchild: orphan %d: %v\n", i, err)
+				os.Exit(1)
+			}
+		}
+		fmt.Printf("testchild: pid %d left %d orphans\n", os.Getpid(), *orphans)
 	}
 	if *signalFile != "" {
 		sigC := make(chan os.Signal, 4)
@@ -418,4 +445,22 @@ func startWatchdog(gen int) {
 			}
 		}
 	}()
+}
+
+// startOrphan starts an -orphan whose stdin is a pipe whose write end
+// only this process holds, and returns that end: the orphan ends once this
+// process has exited, adopted by then.
+func startOrphan() (*os.File, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	cmd := exec.Command("/proc/self/exe", "-orphan")
+	cmd.Stdin = r
+	if err := cmd.Start(); err != nil {
+		w.Close()
+		return nil, err
+	}
+	return w, nil
 }
