@@ -44,6 +44,7 @@
 //	any       Stop                   check cancelled; stop signal, Stopping (a
 //	                                 second Stop changes nothing)
 //	any       Stop(now)              SIGKILL to its group, lingering ones too
+//	any       StopAfter(d)           nothing, for d (the shutdown delay); then Stop
 //	Exited    orphans reaped, or     forgotten once its group (or cgroup) is empty;
 //	          its cgroup emptied     its cgroup is removed
 //
@@ -90,4 +91,11 @@
 // one whose new generation is starting ends when that one has exited.
 // Every live generation then gets the stop signal, and SIGKILL to its group
 // after the stop timeout.
+//
+// StopAfter(d) puts a shutdown delay before the stop: for d, everything
+// serves as before and crashed generations are still replaced, but the
+// queued restarts are refused at once and the ones asked for later on
+// arrival (a restart under way goes on), and Status.ShutdownAt says when
+// the stop begins, so a readiness probe can fail meanwhile. When d has
+// passed, or at a Stop, the stop above begins.
 package supervisor

@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"syscall"
+	"time"
 
 	"github.com/relaysh/relay/reaper"
 	"github.com/relaysh/relay/signals"
@@ -21,14 +22,16 @@ type (
 		RestartRequest
 		w *waiter // nil for fire and forget
 	}
-	stopReq    struct{ now bool }
-	forwardReq struct{ sig syscall.Signal }
-	statusReq  struct{ reply chan Status }
+	stopReq      struct{ now bool }
+	stopAfterReq struct{ d time.Duration }
+	forwardReq   struct{ sig syscall.Signal }
+	statusReq    struct{ reply chan Status }
 )
 
-func (r restartReq) handleRequest(s *Supervisor) { s.onRestartRequest(r) }
-func (r stopReq) handleRequest(s *Supervisor)    { s.beginStop(r.now) }
-func (r statusReq) handleRequest(s *Supervisor)  { r.reply <- s.status() }
+func (r restartReq) handleRequest(s *Supervisor)   { s.onRestartRequest(r) }
+func (r stopReq) handleRequest(s *Supervisor)      { s.beginStop(r.now) }
+func (r stopAfterReq) handleRequest(s *Supervisor) { s.delayStop(r.d) }
+func (r statusReq) handleRequest(s *Supervisor)    { r.reply <- s.status() }
 
 func (r forwardReq) handleRequest(s *Supervisor) {
 	g := s.gens.serving
@@ -74,6 +77,8 @@ type (
 	replaceEvent struct{ seq int }
 	// emptiedEvent: a lingering generation's cgroup has no process left.
 	emptiedEvent struct{}
+	// delayEvent: the shutdown delay passed.
+	delayEvent struct{}
 )
 
 func (ev exitEvent) handleEvent(s *Supervisor)      { s.onExit(ev.g, ev.status) }
@@ -83,6 +88,7 @@ func (ev drainEvent) handleEvent(s *Supervisor)     { s.onDrainEnd(ev.run, ev.en
 func (ev killEvent) handleEvent(s *Supervisor)      { s.onKillTimeout(ev.g) }
 func (ev replaceEvent) handleEvent(s *Supervisor)   { s.onReplaceDue(ev.seq) }
 func (emptiedEvent) handleEvent(s *Supervisor)      { s.checkLingering() }
+func (delayEvent) handleEvent(s *Supervisor)        { s.onDelayEnd() }
 
 // post delivers an event from a helper goroutine, unless Run has returned.
 func (s *Supervisor) post(ev event) {

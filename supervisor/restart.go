@@ -88,7 +88,7 @@ func (s *Supervisor) onRestartRequest(r restartReq) {
 	if r.w != nil {
 		run.waiters = append(run.waiters, r.w)
 	}
-	if s.stop.begun {
+	if s.stop.begun || s.delaying() {
 		s.refuse(run, ErrStopping.Error())
 		return
 	}
@@ -384,7 +384,7 @@ func (s *Supervisor) finishRestart(res Result) {
 			"pid", res.Pid, "took", res.Duration.Round(time.Microsecond), "reason", run.reason)
 	}
 	s.answer(run, res)
-	if run.requested() && !s.stop.begun {
+	if run.requested() && !s.stop.begun && !s.delaying() {
 		s.cfg.Observer.Ready() // ends the reload, whatever its outcome
 	}
 	if s.stop.fatal != nil && !s.stop.begun {

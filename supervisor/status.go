@@ -13,7 +13,12 @@ type Status struct {
 	Generations []GenerationStatus
 	Restarts    RestartCounts
 	LastRestart *LastRestart
-	Stopping    bool
+	// Stopping: the graceful stop has begun.
+	Stopping bool
+	// ShutdownAt is zero unless a shutdown delay (StopAfter) runs: then
+	// it is when the graceful stop begins. Meanwhile relay serves as
+	// before but is going: a readiness probe should fail.
+	ShutdownAt time.Time
 }
 
 // GenerationStatus describes one live generation.
@@ -79,6 +84,7 @@ func (s *Supervisor) status() Status {
 		Restarts:    counts,
 		LastRestart: s.last,
 		Stopping:    s.stop.begun,
+		ShutdownAt:  s.stop.delayUntil,
 	}
 	for _, g := range s.oldestFirst() {
 		gs := GenerationStatus{
@@ -119,6 +125,8 @@ func (s *Supervisor) statusSummary() string {
 	var parts []string
 	if s.stop.begun {
 		parts = append(parts, "stopping")
+	} else if s.delaying() {
+		parts = append(parts, "shutdown delay: stopping at "+s.stop.delayUntil.Format(time.TimeOnly))
 	} else if s.gens.serving == nil && s.gens.everReady {
 		parts = append(parts, "no generation serving")
 	}

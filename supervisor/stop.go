@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"syscall"
+	"time"
 
 	"github.com/relaysh/relay/signals"
 )
@@ -11,15 +12,16 @@ import (
 // unless now: then every group, lingering ones too, gets SIGKILL.
 func (s *Supervisor) beginStop(now bool) {
 	if !s.stop.begun {
+		delayed := s.delaying()
+		s.endDelay()
 		s.stop.begun = true
-		s.cfg.Observer.Stopping()
+		if !delayed {
+			s.cfg.Observer.Stopping()
+		}
 		s.stop.exitGen = s.gens.serving
 		s.cfg.Log.Info("stopping", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
 		s.cancelReplace()
-		for _, q := range s.restarts.queued {
-			s.refuse(q, ErrStopping.Error())
-		}
-		s.restarts.queued = nil
+		s.refuseQueued()
 		switch run := s.restarts.current; {
 		case run == nil:
 		case run.prev != nil:
@@ -52,6 +54,58 @@ func (s *Supervisor) beginStop(now bool) {
 			signalGroup(g, syscall.SIGKILL)
 		}
 	}
+}
+
+// refuseQueued answers the restarts waiting behind the one under way as
+// refused: relay is stopping.
+func (s *Supervisor) refuseQueued() {
+	for _, q := range s.restarts.queued {
+		s.refuse(q, ErrStopping.Error())
+	}
+	s.restarts.queued = nil
+}
+
+// delayStop begins the shutdown delay: the graceful stop begins after d,
+// or at once if d <= 0. Meanwhile everything serves as before, crashed
+// generations are replaced, and restarts are refused: the queued ones now,
+// the ones asked for later on arrival. A restart under way goes on; if it
+// is still under way when the delay ends, the stop ends it as usual.
+func (s *Supervisor) delayStop(d time.Duration) {
+	switch {
+	case s.stop.begun || s.delaying():
+		return
+	case d <= 0:
+		s.beginStop(false)
+		return
+	}
+	s.stop.delayUntil = s.env.now().Add(d)
+	s.stop.delayTimer = s.env.afterFunc(d, func() { s.post(delayEvent{}) })
+	s.cfg.Observer.Stopping()
+	s.cfg.Log.Info("shutdown delay: serving on until "+s.stop.delayUntil.Format(time.RFC3339Nano),
+		"shutdown_delay", d, "then", "stopping with "+signals.Name(s.cfg.StopSignal))
+	s.refuseQueued()
+}
+
+// delaying reports whether a shutdown delay runs.
+func (s *Supervisor) delaying() bool { return !s.stop.delayUntil.IsZero() }
+
+// endDelay stops the shutdown delay's timer, if one runs.
+func (s *Supervisor) endDelay() {
+	if s.stop.delayTimer != nil {
+		s.stop.delayTimer.Stop()
+		s.stop.delayTimer = nil
+	}
+	s.stop.delayUntil = time.Time{}
+}
+
+// onDelayEnd begins the graceful stop once the shutdown delay has passed,
+// unless a Stop began it already.
+func (s *Supervisor) onDelayEnd() {
+	if !s.delaying() || s.stop.begun {
+		return
+	}
+	s.cfg.Log.Info("shutdown delay over")
+	s.beginStop(false)
 }
 
 // stopGen sends g its stop signal, and SIGKILL to its group after the stop

@@ -82,6 +82,10 @@ type stopState struct {
 	begun   bool
 	exitGen *generation // serving when the stop began: its status is relay's
 	fatal   error       // why Run fails: the first generation never became ready
+	// delayUntil is when the graceful stop begins, while a shutdown
+	// delay (StopAfter) runs; zero otherwise. delayTimer ends it.
+	delayUntil time.Time
+	delayTimer timer
 }
 
 // Outcome is how Run ended.
@@ -151,8 +155,16 @@ func (s *Supervisor) Restart(req RestartRequest) (<-chan Event, error) {
 	return w.c, nil
 }
 
-// Stop stops every generation: gracefully, or at once with SIGKILL.
+// Stop stops every generation: gracefully, or at once with SIGKILL. A
+// shutdown delay under way (StopAfter) ends.
 func (s *Supervisor) Stop(now bool) { s.request(stopReq{now: now}) }
+
+// StopAfter begins a shutdown delay: everything keeps serving for d,
+// crashed generations are still replaced, restarts asked for meanwhile
+// are refused (ErrStopping), and Status.ShutdownAt says when the graceful
+// stop (as Stop(false)) begins. Stop ends the delay early. StopAfter
+// during a delay or a stop changes nothing; d <= 0 is Stop(false).
+func (s *Supervisor) StopAfter(d time.Duration) { s.request(stopAfterReq{d: d}) }
 
 // Forward sends sig to the serving child's main process.
 func (s *Supervisor) Forward(sig syscall.Signal) { s.request(forwardReq{sig: sig}) }
