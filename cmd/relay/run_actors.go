@@ -8,6 +8,7 @@ import (
 
 	"github.com/oklog/run"
 
+	"github.com/relaysh/relay/admin"
 	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/sdnotify"
 	"github.com/relaysh/relay/signals"
@@ -20,9 +21,10 @@ import (
 
 // runActors runs the control server, the supervisor, the signal loop and
 // the watchdog until the supervisor is done, and says how relay ends.
-func runActors(log *slog.Logger, sigC <-chan os.Signal, sup *supervisor.Supervisor, ctl *control.Server, notifier *sdnotify.Notifier, mem *memoryReturner) error {
+func runActors(log *slog.Logger, sigC <-chan os.Signal, sup *supervisor.Supervisor, ctl *control.Server, adm *admin.Server, notifier *sdnotify.Notifier, mem *memoryReturner) error {
 	var g run.Group
 	addControl(&g, ctl)
+	addAdmin(&g, adm)
 	outcome := addSupervisor(&g, sup)
 	addSignalLoop(&g, sigC, sup)
 	addWatchdog(&g, log, notifier, sup)
