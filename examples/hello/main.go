@@ -19,7 +19,8 @@
 // Endpoints:
 //
 //	GET /         200 "hello from pid <pid> generation <gen>\n"
-//	              with headers X-Pid and X-Generation
+//	              with headers X-Pid and X-Generation ("hello" is the first
+//	              line of -greeting-file when given)
 //	GET /healthz  200 "ok\n" while serving, 503 once shutting down
 //
 // Run "hello -h" for the flags.
@@ -36,6 +37,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -81,6 +83,9 @@ func run() int {
 			"no sd_notify message unless -notify; for relay's bind takeover")
 	notify := flag.Bool("notify", false,
 		"with -bind, still send sd_notify READY=1 once serving (without -bind it is always sent)")
+	greetingFile := flag.String("greeting-file", "",
+		"file whose first line replaces \"hello\" in the answers to GET /; read once at start,\n"+
+			"so a change shows after a restart (a config file, e.g. from a Kubernetes ConfigMap)")
 	flag.Parse()
 
 	// Every log line carries pid and generation, so that the interleaved
@@ -92,6 +97,12 @@ func run() int {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).
 		With("pid", pid, "generation", gen)
+
+	greeting, err := readGreeting(*greetingFile)
+	if err != nil {
+		log.Error("greeting", "err", err)
+		return 1
+	}
 
 	if *healthAddr == "" && !*bind {
 		*healthAddr = os.Getenv("RELAY_HEALTH_ADDR")
@@ -160,7 +171,7 @@ func run() int {
 		}
 		w.Header().Set("X-Pid", strconv.Itoa(pid))
 		w.Header().Set("X-Generation", gen)
-		fmt.Fprintf(w, "hello from pid %d generation %s\n", pid, gen)
+		fmt.Fprintf(w, "%s from pid %d generation %s\n", greeting, pid, gen)
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		if draining.Load() {
@@ -455,4 +466,23 @@ func (t *connTracker) waitIdle(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// readGreeting returns the first line of path, or "hello" when path is
+// empty. A file that cannot be read, or whose first line is empty, is an
+// error: hello exits, and under relay the restart that started it rolls
+// back.
+func readGreeting(path string) (string, error) {
+	if path == "" {
+		return "hello", nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("reading -greeting-file: %w", err)
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	if line = strings.TrimSpace(line); line == "" {
+		return "", fmt.Errorf("-greeting-file %s: the first line is empty; write the greeting there", path)
+	}
+	return line, nil
 }
