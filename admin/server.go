@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"syscall"
 	"time"
 
@@ -55,10 +56,12 @@ const (
 
 // Server is the admin listener.
 type Server struct {
-	ln     net.Listener
-	srv    *http.Server
-	log    *slog.Logger
-	closed chan struct{}
+	ln  net.Listener
+	srv *http.Server
+	log *slog.Logger
+
+	closeOnce sync.Once
+	closed    chan struct{} // closed by Close
 }
 
 // Listen binds addr ([HOST]:PORT) and returns the Server, to be run with
@@ -113,20 +116,22 @@ func (s *Server) Serve() error {
 	return nil
 }
 
-// Close stops the Server: requests in flight get closeTimeout to finish.
-// It may be called more than once.
+// Close stops the Server and closes its socket, whether or not Serve ran:
+// requests in flight get closeTimeout to finish. It may be called more
+// than once, and on a nil Server.
 func (s *Server) Close() {
-	select {
-	case <-s.closed:
+	if s == nil {
 		return
-	default:
+	}
+	s.closeOnce.Do(func() {
 		close(s.closed)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
-	defer cancel()
-	if err := s.srv.Shutdown(ctx); err != nil {
-		s.srv.Close()
-	}
+		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+		defer cancel()
+		if err := s.srv.Shutdown(ctx); err != nil {
+			s.srv.Close()
+		}
+		s.ln.Close() // if Serve never ran; else closed already
+	})
 }
 
 // newHandler routes the admin paths; anything else is 404, and a method
