@@ -93,6 +93,9 @@ type Config struct {
 	// Observer hears what a service manager needs to know; nil for
 	// nobody.
 	Observer Observer
+	// Recorder hears each readiness and each restart's outcome, for
+	// metrics; nil for nobody.
+	Recorder Recorder
 }
 
 // TakeoverMode is the --takeover setting.
@@ -126,6 +129,26 @@ type Observer interface {
 	// "gen 4 pid 1234 serving; gen 5 pid 1240 starting".
 	Status(line string)
 }
+
+// Recorder hears what the metrics count one by one, where a snapshot
+// (Status) would miss all but the last. Its methods are called from the
+// supervisor's goroutine and must not block.
+type Recorder interface {
+	// GenerationReady: generation gen became ready, readyAfter after its
+	// start. Every generation that serves is told once, the first and
+	// the replacements included.
+	GenerationReady(gen int, readyAfter time.Duration)
+	// RestartFinished: a requested restart that began ended with res
+	// (OK, Refused, or else rolled back; res.Duration from its begin to
+	// its outcome). Restarts refused before they began (queued at the
+	// stop, or past maxQueued) are counted in Status only.
+	RestartFinished(res Result)
+}
+
+type noRecorder struct{}
+
+func (noRecorder) GenerationReady(int, time.Duration) {}
+func (noRecorder) RestartFinished(Result)             {}
 
 type noObserver struct{}
 
@@ -202,6 +225,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Observer == nil {
 		c.Observer = noObserver{}
+	}
+	if c.Recorder == nil {
+		c.Recorder = noRecorder{}
 	}
 	if c.Stdin == nil {
 		c.Stdin = os.Stdin

@@ -266,6 +266,7 @@ func (s *Supervisor) promote(g *generation) {
 	g.log.Info("generation ready", "ready_after", g.readyAt.Sub(g.started).Round(time.Microsecond),
 		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond), "sockets", s.socketsTaken(g))
 	run.emit(Event{Phase: PhaseReady, Generation: g.n, Pid: g.pid(), DurationMs: ms(g.readyAt.Sub(g.started))})
+	s.cfg.Recorder.GenerationReady(g.n, g.readyAt.Sub(g.started))
 	prev := gs.serving
 	gs.serving = g
 	if run.reason == reasonStart {
@@ -376,6 +377,7 @@ func (s *Supervisor) finishRestart(res Result) {
 			s.counts.RolledBack++
 		}
 		s.last = &LastRestart{Result: res, Finished: s.env.now(), DurationMs: ms(res.Duration)}
+		s.cfg.Recorder.RestartFinished(res)
 	}
 	if run.reason != reasonStart || !res.OK {
 		s.cfg.Log.Log(context.Background(), logLevel(res.OK), "restart finished", "ok", res.OK, "gen", res.Generation,

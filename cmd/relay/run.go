@@ -42,6 +42,7 @@ func runCommand() *cli.Command {
 			&cli.StringFlag{Name: "name", Value: control.DefaultName, Usage: "`NAME` of this relay, for relay restart/status/stop; sets the default --control path"},
 			&cli.StringFlag{Name: "control", Usage: "`PATH` of the control socket, in a directory only you can enter (created 0700 if missing; default: NAME.sock in $XDG_RUNTIME_DIR/relay, /run/relay for root, else $TMPDIR/relay-UID)"},
 			&cli.StringFlag{Name: "check", Usage: "pre-flight `CMD` run before every requested restart, e.g. \"nginx -t\"; if it fails, the restart is refused and nothing changes (split on spaces, no shell)"},
+			&cli.StringFlag{Name: "metrics", Usage: "serve /metrics (Prometheus), /healthz and /readyz on `ADDR` ([IP]:PORT, e.g. 127.0.0.1:9090 or :9090), a listener of relay's own that no child gets", DefaultText: "off"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log `FORMAT`: text or json"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log `LEVEL`: debug, info, warn or error"},
 		},
@@ -100,15 +101,21 @@ func runAction(c *cli.Context) error {
 	}
 	defer rp.Close()
 	mem := newMemoryReturner(notifier)
-	sup, err := newSupervisor(opts, set, notifyDir, rp, cg, log, stderr, mem)
+	rec := newRecorder(opts)
+	sup, err := newSupervisor(opts, set, notifyDir, rp, cg, log, stderr, mem, supervisorRecorder(rec))
+	if err != nil {
+		return err
+	}
+	adm, err := listenAdmin(opts, sup, rec, log)
 	if err != nil {
 		return err
 	}
 	ctl, err := listenControl(opts, sup, set, log)
 	if err != nil {
+		adm.Close()
 		return err
 	}
-	return runActors(log, sigC, opts.shutdownDelay, sup, ctl, notifier, mem)
+	return runActors(actors{log: log, sigC: sigC, shutdownDelay: opts.shutdownDelay, sup: sup, ctl: ctl, adm: adm, notifier: notifier, mem: mem})
 }
 
 // notifyFlushTimeout bounds how long relay waits, at exit, for the service

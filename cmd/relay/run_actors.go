@@ -8,6 +8,7 @@ import (
 
 	"github.com/oklog/run"
 
+	"github.com/relaysh/relay/admin"
 	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/sdnotify"
 	"github.com/relaysh/relay/signals"
@@ -18,19 +19,33 @@ import (
 // the first to return interrupts the others, and the group returns the
 // first one's result once all have stopped.
 
-// runActors runs the control server, the supervisor, the signal loop and
-// the watchdog until the supervisor is done, and says how relay ends.
-func runActors(log *slog.Logger, sigC <-chan os.Signal, shutdownDelay time.Duration, sup *supervisor.Supervisor, ctl *control.Server, notifier *sdnotify.Notifier, mem *memoryReturner) error {
+// actors are what runActors runs.
+type actors struct {
+	log           *slog.Logger
+	sigC          <-chan os.Signal
+	shutdownDelay time.Duration
+	sup           *supervisor.Supervisor
+	ctl           *control.Server
+	adm           *admin.Server // nil without --metrics
+	notifier      *sdnotify.Notifier
+	mem           *memoryReturner
+}
+
+// runActors runs the control server, the admin listener, the supervisor,
+// the signal loop, the watchdog and the memory returner until the
+// supervisor is done, and says how relay ends.
+func runActors(a actors) error {
 	var g run.Group
-	addControl(&g, ctl)
-	outcome := addSupervisor(&g, sup)
-	addSignalLoop(&g, sigC, shutdownDelay, sup)
-	addWatchdog(&g, log, notifier, sup)
-	addMemoryReturner(&g, mem)
+	addControl(&g, a.ctl)
+	addAdmin(&g, a.adm)
+	outcome := addSupervisor(&g, a.sup)
+	addSignalLoop(&g, a.sigC, a.shutdownDelay, a.sup)
+	addWatchdog(&g, a.log, a.notifier, a.sup)
+	addMemoryReturner(&g, a.mem)
 	if err := g.Run(); err != nil {
 		return err
 	}
-	return exitWith(log, *outcome)
+	return exitWith(a.log, *outcome)
 }
 
 // addControl serves the control socket.

@@ -37,6 +37,7 @@ type runOptions struct {
 	logLevel                          slog.Level
 	command                           supervisor.Command
 	liveness                          livenessOptions
+	metrics                           string // --metrics: the admin listener's address; "" for none
 }
 
 // livenessOptions are the flags of the serving generation's liveness.
@@ -72,6 +73,9 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 		return o, usageError{err}
 	}
 	if o.check, err = parseCheck(c.String("check")); err != nil {
+		return o, err
+	}
+	if o.metrics, err = parseMetricsAddr(c.String("metrics")); err != nil {
 		return o, err
 	}
 	if o.logFormat = c.String("log-format"); o.logFormat != "text" && o.logFormat != "json" {

@@ -97,7 +97,14 @@ Liveness (opt-in): --liveness CHECK (accept, http://…, tcp://… or exec:CMD, 
 --health, at the serving generation alone) runs every --liveness-interval while no restart is
 under way; --liveness-failures in a row, or --child-watchdog D for a child that sent WATCHDOG=1
 and then none for D, replace the serving generation with a restart: it serves until the new one
-is ready, then drains and stops (SIGKILL after --stop-timeout). Replacements back off.`
+is ready, then drains and stops (SIGKILL after --stop-timeout). Replacements back off.
+
+Admin listener (opt-in): --metrics ADDR binds a listener of relay's own (never passed to a
+child) serving GET /metrics (Prometheus text format: relay_restarts_total{outcome}, readiness
+and restart-duration histograms, the serving generation, ...; docs/containers.md tables them),
+/healthz (200 while relay's supervisor answers within 1s, else 503) and /readyz (200 while a
+generation serves and relay is not stopping nor in its shutdown delay, else 503): point a
+Kubernetes liveness probe at /healthz and a readiness probe at /readyz. Anything else is 404.`
 
 const runExamples = `
 Examples:
@@ -112,5 +119,6 @@ Examples:
    relay run --listen :8080 --liveness accept --liveness-interval 5s -- ./server
    relay run --listen :8080 --child-watchdog 30s -- ./server-that-pings-sd_notify-WATCHDOG
    relay run --listen :8080 --shutdown-delay 5s --stop-timeout 20s -- ./server   # Kubernetes: grace period 30s
+   relay run --listen :8080 --metrics :9090 -- ./server   # curl localhost:9090/metrics
    relay restart --name api -- ./server-v2     # restart into a new binary
    kill -HUP $(pidof relay)                    # restart`

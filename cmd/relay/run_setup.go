@@ -77,7 +77,7 @@ func adviseHealth(log *slog.Logger, opts runOptions, set *sockets.Set) error {
 
 // newSupervisor makes the supervisor of the generations on set.
 func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reaper.Reaper, cg *cgroup.Tree,
-	log *slog.Logger, stderr io.Writer, observer supervisor.Observer) (*supervisor.Supervisor, error) {
+	log *slog.Logger, stderr io.Writer, observer supervisor.Observer, rec supervisor.Recorder) (*supervisor.Supervisor, error) {
 	drain := opts.drain
 	switch {
 	case opts.drainSet || !set.Steered():
@@ -104,6 +104,7 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 		Log:           log,
 		Stderr:        stderr,
 		Observer:      observer,
+		Recorder:      rec,
 
 		Liveness:         opts.liveness.check,
 		LivenessInterval: opts.liveness.interval,

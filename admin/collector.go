@@ -1,0 +1,96 @@
+package admin
+
+import (
+	"log/slog"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/relaysh/relay/supervisor"
+)
+
+// BuildInfo names the relay binary, for relay_build_info.
+type BuildInfo struct {
+	Version   string // the main module's version, "(devel)" for a checkout
+	GoVersion string // runtime.Version()
+}
+
+// statusCollector turns one supervisor Status per scrape into relay's
+// counters and gauges. The counters are the supervisor's own, which only
+// grow for relay's life, so they never go down.
+type statusCollector struct {
+	status func() (supervisor.Status, error)
+	build  BuildInfo
+	log    *slog.Logger
+
+	restarts, crashes, liveness, serving, generations, lastTime, lastSuccess, buildInfo *prometheus.Desc
+}
+
+// generationStates are the states relay_generations reports, each always
+// present (0 for none): exited generations are no longer live.
+var generationStates = []supervisor.State{supervisor.Starting, supervisor.Serving, supervisor.Draining, supervisor.Stopping}
+
+func newStatusCollector(status func() (supervisor.Status, error), build BuildInfo, log *slog.Logger) *statusCollector {
+	return &statusCollector{
+		status: status, build: build, log: log,
+		restarts: prometheus.NewDesc("relay_restarts_total",
+			"Requested restarts (signal or relay restart) that ended, by outcome: ok, rolled_back (the new generation failed; the old one serves on) or refused (nothing was started).",
+			[]string{"outcome"}, nil),
+		crashes: prometheus.NewDesc("relay_crash_replacements_total",
+			"Restarts relay began by itself to replace a serving generation that exited.", nil, nil),
+		liveness: prometheus.NewDesc("relay_liveness_replacements_total",
+			"Restarts relay began by itself to replace a serving generation that failed its liveness check or its watchdog.", nil, nil),
+		serving: prometheus.NewDesc("relay_serving_generation",
+			"Number of the generation that serves new connections; 0 while none does.", nil, nil),
+		generations: prometheus.NewDesc("relay_generations",
+			"Live generations by state.", []string{"state"}, nil),
+		lastTime: prometheus.NewDesc("relay_last_restart_timestamp_seconds",
+			"When the last requested restart ended, in seconds since the Unix epoch; absent before the first.", nil, nil),
+		lastSuccess: prometheus.NewDesc("relay_last_restart_success",
+			"1 if the last requested restart succeeded, 0 if it was rolled back or refused; absent before the first.", nil, nil),
+		buildInfo: prometheus.NewDesc("relay_build_info",
+			"Always 1; its labels name the relay binary.", []string{"version", "goversion"}, nil),
+	}
+}
+
+// Describe is part of prometheus.Collector.
+func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.restarts, c.crashes, c.liveness, c.serving, c.generations, c.lastTime, c.lastSuccess, c.buildInfo} {
+		ch <- d
+	}
+}
+
+// Collect is part of prometheus.Collector. Without a status, the scrape
+// gets the build info and the histograms only, and the error is logged.
+func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(c.buildInfo, prometheus.GaugeValue, 1, c.build.Version, c.build.GoVersion)
+	st, err := c.status()
+	if err != nil {
+		c.log.Warn("metrics: relay's counters left out of a scrape", "err", err)
+		return
+	}
+	r := st.Restarts
+	for _, o := range []struct {
+		outcome string
+		n       int
+	}{{outcomeOK, r.OK}, {outcomeRolledBack, r.RolledBack}, {outcomeRefused, r.Refused}} {
+		ch <- prometheus.MustNewConstMetric(c.restarts, prometheus.CounterValue, float64(o.n), o.outcome)
+	}
+	ch <- prometheus.MustNewConstMetric(c.crashes, prometheus.CounterValue, float64(r.Replacements))
+	ch <- prometheus.MustNewConstMetric(c.liveness, prometheus.CounterValue, float64(r.LivenessReplacements))
+	ch <- prometheus.MustNewConstMetric(c.serving, prometheus.GaugeValue, float64(servingGeneration(st)))
+	byState := map[supervisor.State]int{}
+	for _, g := range st.Generations {
+		byState[g.State]++
+	}
+	for _, s := range generationStates {
+		ch <- prometheus.MustNewConstMetric(c.generations, prometheus.GaugeValue, float64(byState[s]), string(s))
+	}
+	if l := st.LastRestart; l != nil {
+		ch <- prometheus.MustNewConstMetric(c.lastTime, prometheus.GaugeValue, float64(l.Finished.UnixNano())/1e9)
+		success := 0.0
+		if l.OK {
+			success = 1
+		}
+		ch <- prometheus.MustNewConstMetric(c.lastSuccess, prometheus.GaugeValue, success)
+	}
+}
