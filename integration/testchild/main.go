@@ -205,6 +205,14 @@ func main() {
 			fmt.Fprintln(os.Stderr, "testchild: notify:", err)
 		}
 	}
+	// Asked for before serving: a SIGUSR1 that came before signal.Notify
+	// would be dropped by Go's runtime, and the test that sent it, having
+	// seen an answer, would wait for a close that never comes.
+	var usr1 chan os.Signal
+	if *closeOnUSR1 {
+		usr1 = make(chan os.Signal, 1)
+		signal.Notify(usr1, syscall.SIGUSR1)
+	}
 	if ready {
 		if *bind != "" {
 			if *bindGate != "" {
@@ -229,8 +237,6 @@ func main() {
 		startWatchdog(gen)
 	}
 	if *closeOnUSR1 {
-		usr1 := make(chan os.Signal, 1)
-		signal.Notify(usr1, syscall.SIGUSR1)
 		go func() {
 			<-usr1
 			for _, l := range listeners {
