@@ -40,8 +40,10 @@ const (
 	// queue, and a server's step from accept(2) to counting the
 	// connection as one to finish (a Go http.Server tracks it just
 	// after Accept returns), so that the stop signal never lands between
-	// the two.
-	drainQuiet = 10 * time.Millisecond
+	// the two. That step is microseconds, but a server's thread can wait
+	// longer than that for a CPU on a busy machine: 20 ms leaves room for
+	// a scheduler's delay, for 10 ms more per restart.
+	drainQuiet = 20 * time.Millisecond
 )
 
 // ErrUnobservable is returned where the kernel's socket diagnostics
