@@ -8,15 +8,19 @@ import (
 	"time"
 )
 
-// With --shutdown-delay, SIGTERM leaves everything serving: relay status
-// says the delay is on at once, a restart is refused, requests sent after
-// the signal are answered by the serving generation, and relay's stop
-// begins only after the load, playing a load balancer that let go of it
-// during the delay, has ended. No request of the whole run fails.
+// With --shutdown-delay, SIGTERM leaves everything serving: /readyz on the
+// admin listener fails and relay status says the delay is on at once (while
+// /healthz passes), a restart is refused, requests sent after the signal
+// are answered by the serving generation, and relay's stop begins only
+// after the load, playing a load balancer that let go of it during the
+// delay, has ended. No request of the whole run fails.
 func TestShutdownDelayServesOn(t *testing.T) {
-	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--shutdown-delay", "2s", "--", built.hello, "-lame-duck", "500ms")
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--shutdown-delay", "2s",
+		"--", built.hello, "-lame-duck", "500ms")
 	addr := r.listenAddrs(1)[0].str("addr")
+	a := newAdminClient(t, r)
 	ready, from := r.waitMsg(0, "generation ready", 1)
+	a.expect("/readyz", 200)
 	pid := ready.num("pid")
 	ld := startLoad(httpURL(addr), 4, time.Minute)
 	waitUntil(t, 30*time.Second, "the generation to answer the load", func() bool { n, _ := ld.served(pid); return n > 0 })
@@ -26,6 +30,8 @@ func TestShutdownDelayServesOn(t *testing.T) {
 	_, from = r.waitFor(from, 30*time.Second, "the shutdown delay's line", func(l logLine) bool {
 		return strings.HasPrefix(l.str("msg"), "shutdown delay: serving on until ")
 	})
+	a.expect("/readyz", 503)
+	a.expect("/healthz", 200)
 	out, errOut, code := r.client("status", "--json")
 	var doc struct {
 		Stopping   bool      `json:"stopping"`
@@ -37,11 +43,12 @@ func TestShutdownDelayServesOn(t *testing.T) {
 	if out, errOut, code := r.client("restart"); code == 0 || !strings.Contains(out+errOut, "relay is stopping") {
 		t.Errorf("relay restart in the delay: exit %d, %s%s; want it refused: relay is stopping", code, out, errOut)
 	}
-	// The load balancer lets go of relay during the delay: the load ends
-	// halfway to the shutdown_at relay announced.
-	if !doc.ShutdownAt.IsZero() {
-		<-time.After(time.Until(sent.Add(doc.ShutdownAt.Sub(sent) / 2)))
-	}
+	// The load balancer lets go of relay during the delay, once it has
+	// had 200 more answers after the signal.
+	waitUntil(t, 30*time.Second, "200 answers after SIGTERM", func() bool {
+		n, _ := ld.served(pid)
+		return n >= before+200 && ld.lastSent(pid).After(sent)
+	})
 	ld.stop()
 	during, _ := ld.served(pid)
 	answeredAfter := ld.lastSent(pid).After(sent)
