@@ -27,7 +27,9 @@ type statusCollector struct {
 
 // generationStates are the states relay_generations reports, each always
 // present (0 for none): exited generations are no longer live.
-var generationStates = []supervisor.State{supervisor.Starting, supervisor.Serving, supervisor.Draining, supervisor.Stopping}
+func generationStates() []supervisor.State {
+	return []supervisor.State{supervisor.Starting, supervisor.Serving, supervisor.Draining, supervisor.Stopping}
+}
 
 func newStatusCollector(status func() (supervisor.Status, error), build BuildInfo, log *slog.Logger) *statusCollector {
 	return &statusCollector{
@@ -82,7 +84,7 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, g := range st.Generations {
 		byState[g.State]++
 	}
-	for _, s := range generationStates {
+	for _, s := range generationStates() {
 		ch <- prometheus.MustNewConstMetric(c.generations, prometheus.GaugeValue, float64(byState[s]), string(s))
 	}
 	if l := st.LastRestart; l != nil {

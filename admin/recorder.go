@@ -11,10 +11,13 @@ import (
 // The histograms' buckets, in seconds. Readiness runs from a server's
 // first accept (milliseconds) to --health-timeout (60s by default); a
 // restart adds its pre-flight check and its drain (5s at most by default).
-var (
-	readinessBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
-	restartBuckets   = []float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}
-)
+func readinessBuckets() []float64 {
+	return []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
+}
+
+func restartBuckets() []float64 {
+	return []float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}
+}
 
 // Outcome label values of relay_restarts_total and
 // relay_restart_duration_seconds.
@@ -24,7 +27,8 @@ const (
 	outcomeRefused    = "refused"
 )
 
-var outcomes = []string{outcomeOK, outcomeRolledBack, outcomeRefused}
+// outcomes are the outcome label values, each always present.
+func outcomes() []string { return []string{outcomeOK, outcomeRolledBack, outcomeRefused} }
 
 // Recorder keeps the histograms of readiness and restart durations. It is
 // the supervisor's Recorder (it is told of each event as it happens) and a
@@ -44,15 +48,15 @@ func NewRecorder() *Recorder {
 		readiness: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "relay_readiness_seconds",
 			Help:    "Time from a generation's start to its readiness, for every generation that became ready.",
-			Buckets: readinessBuckets,
+			Buckets: readinessBuckets(),
 		}),
 		restarts: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "relay_restart_duration_seconds",
 			Help:    "Time from the begin of a requested restart to its outcome, by outcome.",
-			Buckets: restartBuckets,
+			Buckets: restartBuckets(),
 		}, []string{"outcome"}),
 	}
-	for _, o := range outcomes {
+	for _, o := range outcomes() {
 		r.restarts.WithLabelValues(o)
 	}
 	return r
