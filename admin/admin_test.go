@@ -58,11 +58,12 @@ func (f *fakeSource) wedge(t *testing.T) {
 
 var testBuild = BuildInfo{Version: "v1.2.3", GoVersion: "go1.26.8"}
 
-// serving is a status with generation 4 draining and 5 serving, after
-// restarts of every outcome.
+// serving is a status with generation 3 exited with processes left, 4
+// draining and 5 serving, after restarts of every outcome.
 func serving() supervisor.Status {
 	return supervisor.Status{
 		Generations: []supervisor.GenerationStatus{
+			{Generation: 3, Pid: 90, State: supervisor.Exited, Processes: 2},
 			{Generation: 4, Pid: 100, State: supervisor.Draining},
 			{Generation: 5, Pid: 101, State: supervisor.Serving},
 		},
@@ -102,9 +103,10 @@ relay_liveness_replacements_total 1
 # HELP relay_serving_generation Number of the generation that serves new connections; 0 while none does.
 # TYPE relay_serving_generation gauge
 relay_serving_generation 5
-# HELP relay_generations Live generations by state.
+# HELP relay_generations Generations of which a process is alive, by state; exited: its main process exited, other processes of it have not yet.
 # TYPE relay_generations gauge
 relay_generations{state="draining"} 1
+relay_generations{state="exited"} 1
 relay_generations{state="serving"} 1
 relay_generations{state="starting"} 0
 relay_generations{state="stopping"} 0

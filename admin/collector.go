@@ -26,9 +26,11 @@ type statusCollector struct {
 }
 
 // generationStates are the states relay_generations reports, each always
-// present (0 for none): exited generations are no longer live.
+// present (0 for none). An exited generation is live while processes of it
+// are left (workers finishing, a daemon it started); once none is, it is
+// no longer listed.
 func generationStates() []supervisor.State {
-	return []supervisor.State{supervisor.Starting, supervisor.Serving, supervisor.Draining, supervisor.Stopping}
+	return []supervisor.State{supervisor.Starting, supervisor.Serving, supervisor.Draining, supervisor.Stopping, supervisor.Exited}
 }
 
 func newStatusCollector(status func() (supervisor.Status, error), build BuildInfo, log *slog.Logger) *statusCollector {
@@ -44,7 +46,7 @@ func newStatusCollector(status func() (supervisor.Status, error), build BuildInf
 		serving: prometheus.NewDesc("relay_serving_generation",
 			"Number of the generation that serves new connections; 0 while none does.", nil, nil),
 		generations: prometheus.NewDesc("relay_generations",
-			"Live generations by state.", []string{"state"}, nil),
+			"Generations of which a process is alive, by state; exited: its main process exited, other processes of it have not yet.", []string{"state"}, nil),
 		lastTime: prometheus.NewDesc("relay_last_restart_timestamp_seconds",
 			"When the last requested restart ended, in seconds since the Unix epoch; absent before the first.", nil, nil),
 		lastSuccess: prometheus.NewDesc("relay_last_restart_success",

@@ -34,7 +34,10 @@ type Event struct {
 	// soon as nothing more can reach the old generation's sockets, at
 	// most duration_ms) or "fixed" (after duration_ms). With stopping,
 	// it is how it ended: "empty", "max" (duration_ms reached before the
-	// sockets emptied) or "fixed", duration_ms being how long it lasted.
+	// sockets emptied) or "fixed", duration_ms being how long it lasted;
+	// or "handed_over": the old generation had failed its liveness
+	// check, and what was queued on its sockets moved to the new one at
+	// once, with no drain.
 	Drain  string  `json:"drain,omitempty"`
 	Result *Result `json:"result,omitempty"` // with PhaseDone
 }
@@ -45,6 +48,7 @@ const (
 	DrainFixed    = "fixed"
 	DrainEmpty    = "empty"
 	DrainMax      = "max"
+	DrainHandover = "handed_over"
 )
 
 // Result is the outcome of one restart.

@@ -63,10 +63,16 @@ type Config struct {
 	Drain       time.Duration
 	StopSignal  syscall.Signal
 	StopTimeout time.Duration
-	// MaxDraining bounds the old generations still alive (draining or
-	// stopping). A restart that would go past it waits for the oldest to
-	// exit before it starts its new generation; StopTimeout bounds that
-	// wait. At most MaxDraining+1 generations are alive at once.
+	// KillMode says which processes of a generation the stop signal
+	// reaches; SIGCONT after it and SIGKILL after StopTimeout reach all
+	// of them either way. "" is KillMixed.
+	KillMode KillMode
+	// MaxDraining bounds the old generations of which any process is
+	// still alive: draining, stopping, or exited with processes left
+	// (workers finishing, a daemon it started). A restart that would go
+	// past it waits for the oldest to be gone before it starts its new
+	// generation; StopTimeout bounds that wait. At most MaxDraining+1
+	// generations have live processes at once.
 	MaxDraining int
 	// RestartBackoff is the first delay before replacing a crashed
 	// child; it doubles with each failure in a row up to MaxBackoff.
@@ -112,6 +118,38 @@ const (
 	// TakeoverOff passes the sockets as inherited fds only.
 	TakeoverOff TakeoverMode = "off"
 )
+
+// KillMode is the --kill-mode setting: who gets the stop signal. The names
+// and meanings are those of systemd's KillMode=.
+type KillMode string
+
+// The kill modes.
+const (
+	// KillMixed sends the stop signal to the generation's main process
+	// alone, which passes it on to its workers as its own graceful stop
+	// protocol says (a prefork master signals its workers to finish
+	// their requests); then SIGCONT to every process of the generation,
+	// and SIGKILL to every one after the stop timeout.
+	KillMixed KillMode = "mixed"
+	// KillControlGroup sends the stop signal, then SIGCONT, to every
+	// process of the generation at once: for a main process that does
+	// not pass it on, such as a shell that runs the server without
+	// exec. SIGKILL after the stop timeout, as with KillMixed.
+	KillControlGroup KillMode = "control-group"
+)
+
+// ParseKillMode parses a --kill-mode value. systemd's other modes,
+// process and none, would leave processes of a stopped generation
+// running, which relay never does.
+func ParseKillMode(v string) (KillMode, error) {
+	switch m := KillMode(v); m {
+	case KillMixed, KillControlGroup:
+		return m, nil
+	case "process", "none":
+		return "", fmt.Errorf("%q would leave a stopped generation's other processes running, and relay stops all of a generation; use mixed (the stop signal to the main process) or control-group (to every process)", v)
+	}
+	return "", fmt.Errorf("%q is not a kill mode; use mixed (the stop signal to the main process) or control-group (to every process)", v)
+}
 
 // Observer hears of the supervisor's milestones, for a service manager
 // such as systemd. Its methods are called from the supervisor's goroutine,
@@ -188,6 +226,13 @@ func (c *Config) setDefaults() error {
 	}
 	if c.StopSignal == 0 {
 		c.StopSignal = syscall.SIGTERM
+	}
+	switch c.KillMode {
+	case "":
+		c.KillMode = KillMixed
+	case KillMixed, KillControlGroup:
+	default:
+		return fmt.Errorf("unknown kill mode %q", c.KillMode)
 	}
 	if c.MaxDraining == 0 {
 		c.MaxDraining = DefaultMaxDraining

@@ -63,13 +63,24 @@ func signalAdopted(g *generation, sig syscall.Signal) {
 	}
 }
 
-// sendStop sends the stop signal through send, then SIGCONT, as systemd
-// does: a stopped process (SIGSTOP) could otherwise not act on it and
-// would wait for SIGKILL.
-func (s *Supervisor) sendStop(g *generation, send func(*generation, syscall.Signal)) {
-	send(g, s.cfg.StopSignal)
-	if s.cfg.StopSignal != syscall.SIGCONT {
-		send(g, syscall.SIGCONT)
+// sendStop asks g to stop, by --kill-mode: the stop signal to its main
+// process alone (mixed), or to every process of it (control-group); then
+// SIGCONT to every process of it, as systemd does: a stopped process
+// (SIGSTOP) could otherwise not act on the signal and would wait for
+// SIGKILL. What is left of a generation whose main process has exited
+// gets both signals: nothing else would pass them on.
+func (s *Supervisor) sendStop(g *generation) {
+	sig := s.cfg.StopSignal
+	switch {
+	case g.state == Exited || s.cfg.KillMode == KillControlGroup:
+		signalLeft(g, sig)
+	default:
+		if err := g.proc.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			g.log.Warn("signalling the main process", "signal", signals.Name(sig), "err", err)
+		}
+	}
+	if sig != syscall.SIGCONT {
+		signalLeft(g, syscall.SIGCONT)
 	}
 }
 

@@ -132,10 +132,10 @@ func TestStopSignalThenCont(t *testing.T) {
 	h := newHarness(t, func(c *Config) { c.StopSignal = syscall.SIGQUIT })
 	p1, p2, _, _ := h.draining(RestartRequest{})
 	h.clock.advance(testDrain)
-	p1.waitSeq(t, "group QUIT", "group CONT")
+	p1.waitSeq(t, "QUIT", "group CONT")
 	p1.exit(exited(0), false)
 	h.sup.Stop(false)
-	p2.waitSeq(t, "group QUIT", "group CONT")
+	p2.waitSeq(t, "QUIT", "group CONT")
 	p2.exit(exited(0), false)
 	h.wait()
 }
@@ -162,11 +162,11 @@ func TestCgroupIsTheGeneration(t *testing.T) {
 		t.Errorf("status says %d processes, want 3", st.Generations[0].Processes)
 	}
 	h.sup.Stop(false)
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	p1.exit(exited(0), false)
-	h.waitLine("stopping") // the main process is gone; the cgroup lingers
-	if got := cg.got(); len(got) != 0 {
-		t.Errorf("after a stop, the leftovers of a generation told to stop got %q, want nothing more", got)
+	h.waitLine("stopping; gen 1 pid 1001 exited, processes left") // the main process is gone; the cgroup lingers
+	if got := cg.got(); !slices.Equal(got, []string{"CONT"}) {
+		t.Errorf("the leftovers of a generation told to stop got %q, want only the SIGCONT after the stop signal", got)
 	}
 	if cg.wasRemoved() {
 		t.Fatalf("the cgroup was removed while it had processes")
@@ -178,8 +178,8 @@ func TestCgroupIsTheGeneration(t *testing.T) {
 	}
 	h.clock.advance(testStopTimeout)
 	h.wait()
-	if got := cg.got(); !slices.Equal(got, []string{"kill"}) {
-		t.Errorf("the cgroup got %q, want one kill", got)
+	if got := cg.got(); !slices.Equal(got, []string{"CONT", "kill"}) {
+		t.Errorf("the cgroup got %q, want the SIGCONT after the stop signal, then one kill", got)
 	}
 	if !cg.wasRemoved() {
 		t.Errorf("the empty cgroup was not removed")
@@ -196,7 +196,7 @@ func TestCgroupLeftoversOfACrash(t *testing.T) {
 	cg := h.cgroup(1)
 	cg.setOthers(1)
 	cg.main.exit(exited(3), false)
-	h.waitLine("no generation serving; replacement pending")
+	h.waitLine("no generation serving; gen 1 pid 1001 exited, processes left; replacement pending")
 	h.clock.waitTimer(t, testStopTimeout)
 	if got := cg.got(); !slices.Equal(got, []string{"TERM", "CONT"}) {
 		t.Errorf("the leftovers got %q, want TERM then CONT", got)
@@ -245,10 +245,10 @@ func (h *harness) orphanSignals() []string {
 func (h *harness) stopPastTimeout(p *fakeProc) {
 	h.t.Helper()
 	h.sup.Stop(false)
-	p.waitSignals(h.t, "group TERM")
+	p.waitSignals(h.t, "TERM")
 	h.clock.waitTimer(h.t, testStopTimeout)
 	h.clock.advance(testStopTimeout)
-	p.waitSignals(h.t, "group TERM", "group KILL")
+	p.waitSignals(h.t, "TERM", "group KILL")
 }
 
 // Without cgroups, an orphan of a generation adopted outside its process
@@ -265,7 +265,7 @@ func TestAdoptedOrphanAfterTheKill(t *testing.T) {
 	}
 	h.adopt(1, 4242) // the daemon, reparented as its parent died
 	p1.exit(killed(syscall.SIGKILL), false)
-	h.waitLine("stopping")
+	h.waitLine("stopping; gen 1 pid 1001 exited, processes left")
 	if got := h.orphanSignals(); !slices.Equal(got, []string{"4242 KILL"}) {
 		t.Errorf("the adopted orphan got %q, want KILL", got)
 	}
@@ -289,7 +289,7 @@ func TestOrphanAdoptedWhileLingeringAfterTheKill(t *testing.T) {
 	h.stopPastTimeout(p1)
 	h.adopt(1, 4242)
 	p1.exit(killed(syscall.SIGKILL), false)
-	h.waitLine("stopping")
+	h.waitLine("stopping; gen 1 pid 1001 exited, processes left")
 	want := []string{"4242 KILL"}
 	if got := h.orphanSignals(); !slices.Equal(got, want) {
 		t.Fatalf("the first orphan got %q, want %q", got, want)

@@ -102,7 +102,9 @@ func TestRestartReplacesThePendingReplacement(t *testing.T) {
 
 // The processes a generation leaves in its group are stopped too: its
 // group gets the stop signal when its main process exits on its own, and
-// SIGKILL after the stop timeout; relay waits for the group to empty.
+// SIGKILL after the stop timeout; relay waits for the group to empty. A
+// generation told to stop whose main process exits before its workers
+// (--kill-mode mixed) leaves them alone until the stop timeout.
 func TestLingeringGroupIsStoppedAndAwaited(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
@@ -113,17 +115,17 @@ func TestLingeringGroupIsStoppedAndAwaited(t *testing.T) {
 	h.clock.advance(testRestartBackoff)
 	p2 := h.started()
 	h.check(2).pass()
-	h.waitLine("gen 2 pid 1002 serving")
+	h.waitLine("gen 1 pid 1001 exited, processes left; gen 2 pid 1002 serving")
 	h.clock.advance(testStopTimeout)
 	p1.waitSignals(t, "group TERM", "group KILL")
 	h.sup.Stop(false)
-	p2.waitSignals(t, "group TERM")
+	p2.waitSignals(t, "TERM")
 	p2.exit(exited(0), true) // its group lingers as well
-	h.waitLine("stopping")
+	h.waitLine("stopping; gen 1 pid 1001 exited, processes left; gen 2 pid 1002 exited, processes left")
 	p1.groupGone()
 	h.orphaned()
 	h.clock.advance(testStopTimeout)
-	p2.waitSignals(t, "group TERM", "group KILL")
+	p2.waitSignals(t, "TERM", "group KILL")
 	select {
 	case <-h.sup.Done():
 		t.Fatalf("Run returned while a group still had processes")
@@ -134,8 +136,8 @@ func TestLingeringGroupIsStoppedAndAwaited(t *testing.T) {
 	if _, err := h.wait(); err != nil {
 		t.Fatal(err)
 	}
-	if got := p2.got(); !slices.Equal(got, []string{"group TERM", "group KILL"}) {
-		t.Errorf("generation 2 got %q", got)
+	if got := p2.got(); !slices.Equal(got, []string{"TERM", "group KILL"}) {
+		t.Errorf("generation 2 got %q, want TERM to its main process alone, then SIGKILL to its group after the stop timeout", got)
 	}
 }
 

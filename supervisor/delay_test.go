@@ -51,7 +51,7 @@ func TestShutdownDelayServesOnThenStops(t *testing.T) {
 		t.Errorf("during the delay the serving child got %q", got)
 	}
 	h.clock.advance(time.Millisecond)
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	st := h.wantGens("1:stopping")
 	if !st.Stopping || !st.ShutdownAt.IsZero() || st.Restarts.Refused != 1 {
 		t.Errorf("after the delay: Stopping=%v ShutdownAt=%v refused=%d, want stopping, no ShutdownAt, 1 refused",
@@ -85,7 +85,7 @@ func TestShutdownDelayReplacesACrash(t *testing.T) {
 		t.Errorf("restart counts %+v, want 1 replacement", st.Restarts)
 	}
 	h.clock.advance(at.Sub(h.clock.Now()))
-	p2.waitSignals(t, "group TERM")
+	p2.waitSignals(t, "TERM")
 	p2.exit(exited(0), false)
 	if out, err := h.wait(); err != nil || out.Child.ExitCode() != 0 {
 		t.Errorf("Run = %+v, %v; want generation 2's exit status 0", out, err)
@@ -101,7 +101,7 @@ func TestStopEndsTheShutdownDelay(t *testing.T) {
 	h.sup.StopAfter(testShutdownDelay)
 	h.clock.waitTimer(t, testShutdownDelay)
 	h.sup.Stop(false)
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	if h.clock.pending(testShutdownDelay) {
 		t.Error("the delay's timer is still pending after Stop")
 	}
@@ -109,7 +109,7 @@ func TestStopEndsTheShutdownDelay(t *testing.T) {
 		t.Errorf("Stopping=%v ShutdownAt=%v, want the stop begun and no delay", st.Stopping, st.ShutdownAt)
 	}
 	h.sup.Stop(true)
-	p1.waitSignals(t, "group TERM", "group KILL")
+	p1.waitSignals(t, "TERM", "group KILL")
 	p1.exit(killed(syscall.SIGKILL), false)
 	h.wait()
 	if got := h.obs.milestones(); !slices.Equal(got, []string{"ready", "stopping"}) {
@@ -119,7 +119,7 @@ func TestStopEndsTheShutdownDelay(t *testing.T) {
 	h = newHarness(t, nil)
 	p1 = h.serving()
 	h.sup.StopAfter(0)
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	if st := h.wantGens("1:stopping"); !st.ShutdownAt.IsZero() {
 		t.Errorf("StopAfter(0): ShutdownAt=%v, want none", st.ShutdownAt)
 	}
@@ -141,14 +141,14 @@ func TestShutdownDelayRefusesQueuedRestarts(t *testing.T) {
 	c.pass()
 	until(t, events, PhaseDraining)
 	h.clock.advance(testDrain)
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	if res := result(t, until(t, events, PhaseDone)); !res.OK || res.Generation != 2 {
 		t.Errorf("the restart under way: %+v, want generation 2 ready", res)
 	}
 	p1.exit(exited(0), false)
 	h.waitLine("shutdown delay: stopping at 03:04:08; gen 2 pid 1002 serving")
 	h.clock.advance(testShutdownDelay - testDrain)
-	p2.waitSignals(t, "group TERM")
+	p2.waitSignals(t, "TERM")
 	p2.exit(exited(0), false)
 	h.wait()
 	if got := h.obs.milestones(); !slices.Equal(got, []string{"ready", "reloading", "stopping"}) {

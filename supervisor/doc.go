@@ -36,23 +36,43 @@
 //	          window                 again if still Draining, else nothing serves
 //	                                 and a replacement follows
 //	Serving   exits, otherwise       a crash: a replacement after the backoff
-//	Draining  drain timer            stop signal, Stopping; its restart is done
+//	Draining  drain timer, or its    stop signal, Stopping; its restart is done
+//	          sockets emptied
+//	Draining  (at the switch) it     no drain: its steered sockets leave their
+//	          failed its liveness    groups, and what was queued on them moves to
+//	          check                  the new one's; stop signal, Stopping
 //	Draining  exits                  leaves the old ones; a restart waiting on
-//	Stopping                         --max-draining starts its generation
+//	Stopping                         --max-draining starts its generation, once
+//	                                 nothing of it is left
 //	Stopping  stop timeout           SIGKILL to its group (its whole cgroup, where
 //	                                 relay has cgroups: contain.go)
 //	any       Stop                   check cancelled; stop signal, Stopping (a
 //	                                 second Stop changes nothing)
 //	any       Stop(now)              SIGKILL to its group, lingering ones too
 //	any       StopAfter(d)           nothing, for d (the shutdown delay); then Stop
-//	Exited    orphans reaped, or     forgotten once its group (or cgroup) is empty;
-//	          its cgroup emptied     its cgroup is removed
+//	Exited    orphans reaped, or     gone once its group (or cgroup) is empty: its
+//	          its cgroup emptied     cgroup is removed, the restart that retired it
+//	                                 reports its exit, and a restart waiting on
+//	                                 --max-draining may start
+//
+// The stop signal goes where --kill-mode says (sendStop): to the main
+// process alone (KillMixed, the default: a prefork master passes it on to
+// its workers as its own graceful stop protocol says), or to every process
+// of the generation (KillControlGroup). SIGCONT to every process follows
+// it, and SIGKILL to every process follows the stop timeout, either way.
 //
 // An exited generation whose group (or cgroup) still has processes
-// lingers: what is left gets the stop signal (unless it had it) and SIGKILL
-// after the stop timeout. Every stop signal is followed by SIGCONT. Run returns once relay stops and nothing is alive or
-// lingering; its Outcome is the exit status of the generation that served
-// when the stop began.
+// lingers, and is a generation still: Status lists it (Exited, with its
+// processes), it counts against --max-draining, and the restart that
+// retired it is told it exited only when it is gone. What is left of one
+// that was Stopping gets nothing more until SIGKILL at the stop timeout
+// (workers finishing their requests are left to finish); what is left of
+// one that exited on its own gets the stop signal at once, there being no
+// main process to pass it on, and SIGKILL after the stop timeout.
+//
+// Run returns once relay stops and nothing is alive or lingering; its
+// Outcome is the exit status of the generation that served when the stop
+// began.
 //
 // # Restarts
 //
@@ -68,13 +88,15 @@
 //	                                                      request is coalesced, a different one
 //	                                                      queued in order (at most maxQueued)
 //	checking         it has a pre-flight command          done, refused, if it fails or relay stops
-//	waiting_for_old  --max-draining old ones still live   when one exits (or nothing serves)
+//	waiting_for_old  --max-draining old ones still live   when one is gone, every process of it
+//	                                                      (or when nothing serves)
 //	starting         the new generation was started       done, rolled back, if it fails
 //	ready            its readiness check passed           done at once when nothing served before
 //	draining         the old one serves for --drain       done, ok, at its end or at a stop; rolled
 //	                                                      back if the new one exits meanwhile
 //	stopping         the old one got its stop signal      done
-//	old_exited       after done: the old one exited       the channel is closed
+//	old_exited       after done: the old one is gone,     the channel is closed
+//	                 every process of it
 //
 // Relay begins two restarts by itself, never counted as requested and never
 // told to the Observer as reloads: the first start, and the replacement of

@@ -55,7 +55,7 @@ func TestAdaptiveDrainStopsTheOldOnceItsSocketsAreEmpty(t *testing.T) {
 	}
 	h.clock.advance(testDrain / 4)
 	w.pass()
-	old.waitSignals(t, "group TERM")
+	old.waitSignals(t, "TERM")
 	evs = until(t, events, PhaseDone)
 	if ev := eventOf(t, evs, PhaseStopping); ev.Drain != DrainEmpty || ev.DurationMs != ms(testDrain/4) {
 		t.Errorf("stopping event %+v, want drained empty after %s", ev, testDrain/4)
@@ -88,7 +88,7 @@ func stoppedAt(t *testing.T, h *harness, old *fakeProc, events <-chan Event, end
 	t.Helper()
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(testDrain)
-	old.waitSignals(t, "group TERM")
+	old.waitSignals(t, "TERM")
 	if ev := eventOf(t, until(t, events, PhaseDone), PhaseStopping); ev.Drain != ended || ev.DurationMs != ms(testDrain) {
 		t.Errorf("stopping event %+v, want drain %s after %s", ev, ended, testDrain)
 	}
@@ -116,8 +116,8 @@ func TestStopDuringAdaptiveDrainEndsTheWatch(t *testing.T) {
 	w := h.watch(1)
 	h.sup.Stop(false)
 	ended(t, w)
-	old.waitSignals(t, "group TERM")
-	p.waitSignals(t, "group TERM")
+	old.waitSignals(t, "TERM")
+	p.waitSignals(t, "TERM")
 }
 
 // A new generation that fails in its drain window gives the old one back

@@ -49,6 +49,13 @@ type env struct {
 	// (the func) where that cannot be seen, and drains last --drain.
 	// waiting hears, once, what was still on its way at the first look.
 	drained func(ctx context.Context, n int, waiting func(steer.Backlog)) error
+	// handOver takes generation n's steered sockets out of their groups
+	// at once, n having just been switched away from, so that the kernel
+	// moves what is queued on them to the other sockets of the groups;
+	// it returns how many connections were queued. Nil where the kernel
+	// would reset them instead (net.ipv4.tcp_migrate_req off) or nothing
+	// is steered.
+	handOver func(n int) (int, error)
 
 	// now, afterFunc and withTimeout are the clock: time.Now,
 	// time.AfterFunc and context.WithTimeout.

@@ -18,29 +18,28 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	if err := g.notify.Close(); err != nil {
 		g.log.Debug("closing notify socket", "err", err)
 	}
-	for _, w := range g.exitWatchers {
-		w.send(Event{Phase: PhaseOldExit, Generation: g.n, Pid: g.pid(), Status: st.String()})
-		w.close()
-	}
-	g.exitWatchers = nil
 	if lingers(g) {
-		// Processes of its group (or cgroup) outlived it: stop them too,
-		// or kill them if its stop timeout has passed: what was
-		// adopted since the kill was not in it.
+		// Processes of it outlived its main process (workers still
+		// finishing, a daemon it started): the generation lives on
+		// until they are gone, and counts against --max-draining.
+		// Stopping, they have had the stop signal (or the main process
+		// was to pass it on), and get SIGKILL at the stop timeout;
+		// otherwise nothing is left to pass it on: they get it now.
+		// Killed, they get SIGKILL again: what was adopted since the
+		// kill was not in it.
 		switch {
 		case g.killed:
 			signalGroup(g, syscall.SIGKILL)
 		case prev != Stopping:
-			s.sendStop(g, signalLeft)
+			s.sendStop(g)
 		}
 		s.armKill(g)
 		s.watchEmpty(g)
 		gs.lingering = append(gs.lingering, g)
+		g.log.Info("main process exited; the generation's other processes live on", "status", st.String(),
+			"processes", processes(g), "killed_after", s.cfg.StopTimeout)
 	} else {
-		if g.killTimer != nil {
-			g.killTimer.Stop()
-		}
-		forget(g)
+		s.gone(g)
 	}
 
 	// Its sockets go back to the steering groups before anything below
@@ -178,9 +177,11 @@ func (s *Supervisor) onReplaceDue(seq int) {
 	}
 }
 
-// checkLingering forgets the groups whose last process has gone.
+// checkLingering forgets the generations whose last process has gone. A
+// restart waiting for --max-draining may start its generation then.
 func (s *Supervisor) checkLingering() {
 	kept := s.gens.lingering[:0]
+	forgot := false
 	for _, g := range s.gens.lingering {
 		if lingers(g) {
 			if g.cg == nil && g.killed {
@@ -191,17 +192,35 @@ func (s *Supervisor) checkLingering() {
 			kept = append(kept, g)
 			continue
 		}
-		if g.killTimer != nil {
-			g.killTimer.Stop()
-		}
 		if g.cg != nil {
-			g.log.Debug("cgroup empty", "cgroup", g.cg.Path())
+			g.log.Info("generation gone: its cgroup is empty", "cgroup", g.cg.Path())
 		} else {
-			g.log.Debug("process group gone")
+			g.log.Info("generation gone: no process of it is left")
 		}
-		forget(g)
+		s.gone(g)
+		forgot = true
 	}
+	clear(s.gens.lingering[len(kept):])
 	s.gens.lingering = kept
+	if forgot {
+		s.advance()
+	}
+}
+
+// gone ends what relay keeps of g once no process of it is left: its kill
+// timer, its cgroup, and the callers of the restart that retired it, who
+// hear now that it exited.
+func (s *Supervisor) gone(g *generation) {
+	g.gone = true
+	if g.killTimer != nil {
+		g.killTimer.Stop()
+	}
+	forget(g)
+	for _, w := range g.exitWatchers {
+		w.send(Event{Phase: PhaseOldExit, Generation: g.n, Pid: g.pid(), Status: g.status.String()})
+		w.close()
+	}
+	g.exitWatchers = nil
 }
 
 func remove(gs []*generation, g *generation) []*generation {

@@ -77,8 +77,10 @@ type generation struct {
 	// stay listed until they are reaped.
 	orphansKilled map[int]bool
 	status        reaper.Status
+	// gone: no process of it is left, its main process nor any other.
+	gone bool
 	// exitWatchers follow the restart that retired this generation, and
-	// are told when it exits.
+	// are told when it is gone.
 	exitWatchers []*waiter
 	// pidForNotify is the pid, for the notify socket's goroutine.
 	pidForNotify atomic.Int64

@@ -91,15 +91,17 @@ type harness struct {
 	orphanC    chan struct{}
 	runC       chan runResult
 
-	mu         sync.Mutex
-	procs      []*fakeProc
-	cgroups    []*fakeCgroup // by generation, from 1, when contained
-	attrs      []reaper.Attr // each start's
-	orphans    map[int][]int // by generation: what env.adopted lists
-	orphanSigs []string      // what signalPid sent: "4242 KILL"
-	startErr   error         // the next start fails with it
-	holdStderr bool          // children keep their stderr open until closeStderr
-	manual     bool          // the test plays Run's loop (see step)
+	mu          sync.Mutex
+	procs       []*fakeProc
+	cgroups     []*fakeCgroup // by generation, from 1, when contained
+	attrs       []reaper.Attr // each start's
+	orphans     map[int][]int // by generation: what env.adopted lists
+	orphanSigs  []string      // what signalPid sent: "4242 KILL"
+	handedOver  []int         // the generations env.handOver was called for
+	handOverErr error         // what env.handOver returns
+	startErr    error         // the next start fails with it
+	holdStderr  bool          // children keep their stderr open until closeStderr
+	manual      bool          // the test plays Run's loop (see step)
 }
 
 type runResult struct {
@@ -137,6 +139,7 @@ func newHarnessContained(t *testing.T, tweak func(*Config), contained bool) *har
 type harnessOpts struct {
 	contained bool // each generation in a fake cgroup (contain_test.go)
 	adaptive  bool // env.drained is a fake watch (drain_test.go)
+	handOver  bool // env.handOver records its calls (kill_test.go)
 }
 
 func newHarnessWith(t *testing.T, tweak func(*Config), opts harnessOpts) *harness {
@@ -171,8 +174,13 @@ func newHarnessWith(t *testing.T, tweak func(*Config), opts harnessOpts) *harnes
 		if opts.adaptive {
 			drained = h.drained
 		}
+		var handOver func(int) (int, error)
+		if opts.handOver {
+			handOver = h.handOver
+		}
 		return env{
 			drained:     drained,
+			handOver:    handOver,
 			contain:     contain,
 			adopted:     adopted,
 			signalPid:   h.signalPid,
@@ -234,6 +242,13 @@ func (h *harness) drained(ctx context.Context, gen int, _ func(steer.Backlog)) e
 	c := &fakeCheck{gen: gen, ctx: ctx, reply: make(chan error, 1)}
 	h.drainC <- c
 	return c.wait()
+}
+
+func (h *harness) handOver(gen int) (int, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.handedOver = append(h.handedOver, gen)
+	return 3, h.handOverErr
 }
 
 func (h *harness) preflight(ctx context.Context, argv, _ []string) error {

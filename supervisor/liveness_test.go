@@ -138,10 +138,10 @@ func TestLivenessFailureReplacesAfterTheNewServes(t *testing.T) {
 	old.untouched(t, "the failed generation in its drain")
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(testDrain)
-	old.waitSignals(t, "group TERM")
+	old.waitSignals(t, "TERM")
 	// A hung child is killed after the stop timeout.
 	h.clock.advance(testStopTimeout)
-	old.waitSignals(t, "group TERM", "group KILL")
+	old.waitSignals(t, "TERM", "group KILL")
 	old.exit(killed(syscall.SIGKILL), false)
 	h.waitLine("gen 2 pid 1002 serving")
 	h.wantReplaced("2:serving", 1)

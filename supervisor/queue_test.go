@@ -32,7 +32,7 @@ func TestRestartsDuringARestartAreCoalesced(t *testing.T) {
 	h.check(1).pass()
 	second := h.started()
 	h.check(2).pass()
-	first.waitSignals(t, "group TERM")
+	first.waitSignals(t, "TERM")
 	first.exit(killed(syscall.SIGTERM), false)
 	for i, events := range followers {
 		evs := all(t, events)
@@ -67,14 +67,14 @@ func TestDifferentRestartsAreQueuedInOrder(t *testing.T) {
 	h.check(1).pass()
 	p2 := h.started()
 	h.check(2).pass()
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	p1.exit(exited(0), false)
 	p3 := h.started()
 	if got := strings.Join(p3.argv, " "); !strings.HasSuffix(got, " /srv/server server -version 2") {
 		t.Errorf("generation 3 ran %q, want the other command", got)
 	}
 	h.check(3).pass()
-	p2.waitSignals(t, "group TERM")
+	p2.waitSignals(t, "TERM")
 	p2.exit(exited(0), false)
 	for name, c := range map[string]struct {
 		events <-chan Event
@@ -159,7 +159,7 @@ func TestRefusedRestartRequestsAreCounted(t *testing.T) {
 	if after.Restarts.Refused != before.Restarts.Refused+1 {
 		t.Errorf("refused %d before and %d after a restart refused during the stop, want one more", before.Restarts.Refused, after.Restarts.Refused)
 	}
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	p1.exit(exited(0), false)
 	h.wait()
 }
@@ -174,7 +174,7 @@ func waitingForOld(h *harness) (p1, p2 *fakeProc, first, second <-chan Event, ev
 	first, p2, c := h.starting(RestartRequest{}, 2)
 	c.pass()
 	until(h.t, first, PhaseDone)
-	p1.waitSignals(h.t, "group TERM") // it takes its time to stop
+	p1.waitSignals(h.t, "TERM") // it takes its time to stop
 	second = h.restart(RestartRequest{})
 	return p1, p2, first, second, until(h.t, second, PhaseWaitOld)
 }
@@ -199,7 +199,7 @@ func TestMaxDrainingWaitsForTheOldToExit(t *testing.T) {
 	if res := result(t, evs); !res.OK || res.Pid != p3.id {
 		t.Errorf("result %+v, want generation 3 ready", res)
 	}
-	p2.waitSignals(t, "group TERM")
+	p2.waitSignals(t, "TERM")
 }
 
 // A restart waiting for an old generation need not wait once nothing

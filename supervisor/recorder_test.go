@@ -61,7 +61,7 @@ func TestRecorderHearsReadinessAndOutcomes(t *testing.T) {
 	h.clock.advance(1500 * time.Millisecond)
 	c.pass()
 	until(t, events, PhaseDone)
-	old.waitSignals(t, "group TERM")
+	old.waitSignals(t, "TERM")
 	old.exit(exited(0), false)
 	all(t, events)
 

@@ -65,6 +65,10 @@ const (
 	DrainMax = "max"
 	// DrainFixed: --drain passed; their emptying could not be seen.
 	DrainFixed = "fixed"
+	// DrainHandedOver: no drain. The old generation failed its liveness
+	// check, so what was queued on its steered sockets was moved to the
+	// new generation's at the switch (env.handOver).
+	DrainHandedOver = "handed_over"
 )
 
 // How a drain is to end, on the PhaseDraining Event.Drain.
@@ -190,12 +194,12 @@ func (s *Supervisor) advance() {
 		return // nothing to start, already started, or the check still runs
 	}
 	// The new generation will push the serving one into the old ones.
-	if gs.serving != nil && len(gs.old) >= s.cfg.MaxDraining {
+	if old := s.retired(); gs.serving != nil && len(old) >= s.cfg.MaxDraining {
 		if !run.waitLogged {
 			run.waitLogged = true
-			run.emit(Event{Phase: PhaseWaitOld, Generation: gs.old[0].n, Pid: gs.old[0].pid()})
-			s.cfg.Log.Info("waiting for an old generation to exit before starting a new one",
-				"old_generations", len(gs.old), "max_draining", s.cfg.MaxDraining)
+			run.emit(Event{Phase: PhaseWaitOld, Generation: old[0].n, Pid: old[0].pid()})
+			s.cfg.Log.Info("waiting for an old generation to be gone before starting a new one",
+				"old_generations", len(old), "max_draining", s.cfg.MaxDraining, "oldest_gen", old[0].n, "oldest_pid", old[0].pid())
 		}
 		return
 	}
@@ -279,6 +283,10 @@ func (s *Supervisor) promote(g *generation) {
 	prev.state = Draining
 	gs.old = append(gs.old, prev)
 	run.prev = prev
+	if run.reason == reasonLiveness && s.env.handOver != nil {
+		s.handOver(run, prev)
+		return
+	}
 	if s.cfg.Drain <= 0 {
 		s.retire(run, "")
 		return
@@ -313,6 +321,24 @@ func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
 	d.timer = s.env.afterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run, ended: atMax}) })
 }
 
+// handOver retires prev, which failed its liveness check, with no drain:
+// one that stopped accepting (hung, or stopped with SIGSTOP) would hold the
+// connections queued on its steered sockets until --drain, and then reset
+// them. Its sockets leave their groups now instead, and the kernel moves
+// what was queued on them, and the handshakes on their way, to the new
+// generation's sockets. If they cannot leave, it drains as usual.
+func (s *Supervisor) handOver(run *restartRun, prev *generation) {
+	queued, err := s.env.handOver(prev.n)
+	if err != nil {
+		prev.log.Warn("cannot move the connections queued on the failed generation's sockets; it drains as usual", "err", err)
+		s.beginDrain(run, prev)
+		return
+	}
+	prev.log.Info("old generation failed its liveness check: its queued connections moved to the new generation, no drain",
+		"queued", queued, "new_gen", run.gen.n, "new_pid", run.gen.pid())
+	s.retire(run, DrainHandedOver)
+}
+
 // onDrainEnd ends run's drain window: its old sockets are empty, or
 // --drain passed. A watch that failed leaves the window to --drain.
 func (s *Supervisor) onDrainEnd(run *restartRun, ended string, err error) {
@@ -338,7 +364,7 @@ func (s *Supervisor) retire(run *restartRun, ended string) {
 	if prev.state == Draining {
 		s.stopGen(prev)
 		ev := Event{Phase: PhaseStopping, Generation: prev.n, Pid: prev.pid(), Signal: signals.Name(s.cfg.StopSignal), Drain: ended}
-		if ended != "" {
+		if ended != "" && ended != DrainHandedOver {
 			ev.DurationMs = ms(s.env.now().Sub(run.drain.began))
 		}
 		run.emit(ev)
@@ -409,7 +435,7 @@ func (s *Supervisor) finishRestart(res Result) {
 func (s *Supervisor) answer(run *restartRun, res Result) {
 	for _, w := range run.waiters {
 		w.send(Event{Phase: PhaseDone, Result: &res})
-		if run.watch != nil && run.watch.state != Exited {
+		if run.watch != nil && !run.watch.gone {
 			run.watch.exitWatchers = append(run.watch.exitWatchers, w)
 		} else {
 			w.close()

@@ -23,7 +23,7 @@ func TestRestartReadyDrainsThenStopsTheOld(t *testing.T) {
 	}
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(testDrain)
-	old.waitSignals(t, "group TERM")
+	old.waitSignals(t, "TERM")
 	evs = append(evs, until(t, events, PhaseDone)...)
 	if res := result(t, evs); !res.OK || res.Generation != 2 || res.Pid != p.id || !slices.Equal(res.Command, testCommand.Args) {
 		t.Errorf("result %+v, want generation 2 (pid %d) running %q", res, p.id, testCommand.Args)
@@ -250,12 +250,12 @@ func TestObserverHearsMilestonesInOrder(t *testing.T) {
 	old, p, _, events := h.draining(RestartRequest{})
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(testDrain)
-	old.waitSignals(t, "group TERM")
+	old.waitSignals(t, "TERM")
 	until(t, events, PhaseDone)
 	old.exit(exited(0), false)
 	all(t, events)
 	h.sup.Stop(false)
-	p.waitSignals(t, "group TERM")
+	p.waitSignals(t, "TERM")
 	p.exit(exited(0), false)
 	h.wait()
 	want := []string{

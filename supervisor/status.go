@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 )
@@ -21,7 +22,9 @@ type Status struct {
 	ShutdownAt time.Time
 }
 
-// GenerationStatus describes one live generation.
+// GenerationStatus describes one live generation: one of which any process
+// is alive. Its State is Exited when its main process has exited but other
+// processes of it live on (Processes counts them).
 type GenerationStatus struct {
 	Generation int
 	Pid        int
@@ -100,11 +103,13 @@ func (s *Supervisor) status() Status {
 	return st
 }
 
-// oldestFirst lists the live generations oldest first: the old ones, then
-// the serving one, then a new one.
+// oldestFirst lists the generations of which any process is alive, oldest
+// first: the lingering ones (exited, with processes left) among the old
+// ones, then the serving one, then a new one.
 func (s *Supervisor) oldestFirst() []*generation {
-	gens := s.alive()
-	return append(append([]*generation(nil), s.gens.old...), gens[:len(gens)-len(s.gens.old)]...)
+	gens := append(s.alive(), s.gens.lingering...)
+	slices.SortFunc(gens, func(a, b *generation) int { return a.n - b.n })
+	return gens
 }
 
 // publishStatus tells the Observer the status line, if it changed.
@@ -131,7 +136,11 @@ func (s *Supervisor) statusSummary() string {
 		parts = append(parts, "no generation serving")
 	}
 	for _, g := range s.oldestFirst() {
-		parts = append(parts, fmt.Sprintf("gen %d pid %d %s", g.n, g.pid(), g.state))
+		part := fmt.Sprintf("gen %d pid %d %s", g.n, g.pid(), g.state)
+		if g.state == Exited {
+			part += ", processes left"
+		}
+		parts = append(parts, part)
 	}
 	if run := s.restarts.current; run != nil && run.gen == nil && !s.stop.begun {
 		switch {

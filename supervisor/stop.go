@@ -108,12 +108,12 @@ func (s *Supervisor) onDelayEnd() {
 	s.beginStop(false)
 }
 
-// stopGen sends g its stop signal, and SIGKILL to its group after the stop
-// timeout.
+// stopGen sends g its stop signal (sendStop), and SIGKILL to all of it
+// after the stop timeout.
 func (s *Supervisor) stopGen(g *generation) {
 	g.state = Stopping
-	g.log.Info("stopping generation", "signal", signals.Name(s.cfg.StopSignal), "stop_timeout", s.cfg.StopTimeout)
-	s.sendStop(g, signalGroup)
+	g.log.Info("stopping generation", "signal", signals.Name(s.cfg.StopSignal), "kill_mode", s.cfg.KillMode, "stop_timeout", s.cfg.StopTimeout)
+	s.sendStop(g)
 	s.armKill(g)
 }
 

@@ -27,7 +27,7 @@ func TestStopDuringPreflight(t *testing.T) {
 	if !errors.Is(c.ctx.Err(), context.Canceled) {
 		t.Errorf("the pre-flight check's context: %v, want it cancelled", c.ctx.Err())
 	}
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	h.noStart()
 	p1.exit(exited(0), false)
 	if out, err := h.wait(); err != nil || out.Child == nil || out.Child.ExitCode() != 0 {
@@ -43,8 +43,8 @@ func TestStopDuringStart(t *testing.T) {
 	p1 := h.serving()
 	events, p2, c := h.starting(RestartRequest{}, 2)
 	h.sup.Stop(false)
-	p1.waitSignals(t, "group TERM")
-	p2.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
+	p2.waitSignals(t, "TERM")
 	recv(t, c.ctx.Done(), "the new generation's check to be cancelled")
 	p2.exit(killed(syscall.SIGTERM), false)
 	evs := all(t, events)
@@ -69,8 +69,8 @@ func TestStopDuringDrain(t *testing.T) {
 	if res := result(t, evs); !res.OK || res.Generation != 2 {
 		t.Errorf("result %+v, want generation 2 ready", res)
 	}
-	p1.waitSignals(t, "group TERM")
-	p2.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
+	p2.waitSignals(t, "TERM")
 	if h.clock.pending(testDrain) {
 		t.Errorf("the drain timer is still pending")
 	}
@@ -99,7 +99,7 @@ func TestStopRefusesQueuedRestarts(t *testing.T) {
 	if st, err := h.sup.Status(); err != nil || st.Restarts.Refused != 2 {
 		t.Errorf("status %+v (%v): want both refusals counted", st.Restarts, err)
 	}
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	p1.exit(exited(0), false)
 	h.wait()
 }
@@ -110,14 +110,14 @@ func TestSecondStopAndStopNow(t *testing.T) {
 	h := newHarness(t, nil)
 	p1 := h.serving()
 	h.sup.Stop(false)
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	h.sup.Stop(false)
 	h.wantGens("1:stopping") // answered after the second stop
-	if got := p1.got(); !slices.Equal(got, []string{"group TERM"}) {
+	if got := p1.got(); !slices.Equal(got, []string{"TERM"}) {
 		t.Errorf("after a second stop the child got %q, want one TERM", got)
 	}
 	h.sup.Stop(true)
-	p1.waitSignals(t, "group TERM", "group KILL")
+	p1.waitSignals(t, "TERM", "group KILL")
 	p1.exit(killed(syscall.SIGKILL), false)
 	if out, err := h.wait(); err != nil || out.Child.ExitCode() != 128+int(syscall.SIGKILL) {
 		t.Errorf("Run = %+v, %v; want the child's SIGKILL", out, err)
@@ -133,7 +133,7 @@ func TestStopTimeoutKillsTheGroup(t *testing.T) {
 	h := newHarness(t, nil)
 	p1 := h.serving()
 	h.sup.Stop(false)
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	h.clock.waitTimer(t, testStopTimeout)
 	h.clock.advance(testStopTimeout - 1)
 	h.wantGens("1:stopping")
@@ -141,7 +141,7 @@ func TestStopTimeoutKillsTheGroup(t *testing.T) {
 		t.Errorf("before the stop timeout the child got %q", got)
 	}
 	h.clock.advance(1)
-	p1.waitSignals(t, "group TERM", "group KILL")
+	p1.waitSignals(t, "TERM", "group KILL")
 	p1.exit(killed(syscall.SIGKILL), false)
 	h.wait()
 }
@@ -154,9 +154,9 @@ func TestOutcomeIsTheServingGenerations(t *testing.T) {
 	p1 := h.serving()
 	_, p2, _ := h.starting(RestartRequest{}, 2)
 	h.sup.Stop(false)
-	p1.waitSignals(t, "group TERM")
+	p1.waitSignals(t, "TERM")
 	p1.exit(exited(3), false)
-	p2.waitSignals(t, "group TERM")
+	p2.waitSignals(t, "TERM")
 	p2.exit(exited(0), false)
 	if out, err := h.wait(); err != nil || out.Child.ExitCode() != 3 {
 		t.Errorf("Run = %+v, %v; want generation 1's exit status 3", out, err)

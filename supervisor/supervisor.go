@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -215,6 +216,15 @@ func (s *Supervisor) alive() []*generation {
 		}
 	}
 	return append(gs, s.gens.old...)
+}
+
+// retired lists the generations that count against --max-draining, oldest
+// first: the old ones, whose main process is alive, and the lingering ones,
+// whose main process has exited but not every other process of theirs.
+func (s *Supervisor) retired() []*generation {
+	gs := append(slices.Clone(s.gens.old), s.gens.lingering...)
+	slices.SortFunc(gs, func(a, b *generation) int { return a.n - b.n })
+	return gs
 }
 
 // signalGroup sends sig to g's process group; SIGKILL kills all of g's

@@ -21,8 +21,8 @@ flags). It becomes the command for later restarts and crash replacements only on
 generation is ready; if it fails, the old command stays.
 
 Exit status:
-   0  the new generation serves and the old one has been told to stop (and has exited,
-      unless --no-wait)
+   0  the new generation serves and the old one has been told to stop (and is gone:
+      its main process and every other process of it have exited, unless --no-wait)
    3  the restart was rolled back or refused (pre-flight check failed, command not found);
       the old generation still serves, untouched
    4  relay cannot be reached (not running, wrong --name/--control) or refused this user
@@ -108,7 +108,7 @@ func printEvent(w io.Writer, ev *control.Event) {
 	case control.PhaseChecked:
 		fmt.Fprintln(w, "pre-flight check passed")
 	case control.PhaseWaitOld:
-		fmt.Fprintf(w, "waiting for old %s to exit (--max-draining)\n", g)
+		fmt.Fprintf(w, "waiting for old %s to be gone (--max-draining)\n", g)
 	case control.PhaseStarting:
 		fmt.Fprintf(w, "%s starting\n", g)
 	case control.PhaseWaiting:
@@ -127,11 +127,13 @@ func printEvent(w io.Writer, ev *control.Event) {
 			fmt.Fprintf(w, "old %s drained in %s; sent %s\n", g, msDuration(ev.DurationMs), ev.Signal)
 		case control.DrainMax:
 			fmt.Fprintf(w, "old %s still had connections on their way to it after %s (--drain); sent %s\n", g, msDuration(ev.DurationMs), ev.Signal)
+		case control.DrainHandover:
+			fmt.Fprintf(w, "old %s failed its liveness check: its queued connections moved to the new generation; sent %s\n", g, ev.Signal)
 		default:
 			fmt.Fprintf(w, "old %s sent %s\n", g, ev.Signal)
 		}
 	case control.PhaseOldExit:
-		fmt.Fprintf(w, "old %s exited (%s)\n", g, ev.Status)
+		fmt.Fprintf(w, "old %s exited (%s); nothing of it is left\n", g, ev.Status)
 	case control.PhaseDone:
 		r := ev.Result
 		if r.OK {

@@ -27,7 +27,7 @@ func TestRestartOutcomes(t *testing.T) {
 				`{"v":1,"type":"event","event":{"phase":"done","result":{"ok":true,"generation":5,"pid":1240,"duration_ns":9600000}}}`,
 				`{"v":1,"type":"event","event":{"phase":"old_exited","generation":4,"pid":1200,"status":"exit status 0"}}`},
 			out: []string{"generation 5 (pid 1240) starting", "ready after 12.5ms",
-				"restart done: generation 5 (pid 1240) serving, took 9.6ms", "old generation 4 (pid 1200) exited (exit status 0)"}},
+				"restart done: generation 5 (pid 1240) serving, took 9.6ms", "old generation 4 (pid 1200) exited (exit status 0); nothing of it is left"}},
 		{name: "rolled back", want: exitRolledBack,
 			lines: []string{starting,
 				`{"v":1,"type":"event","event":{"phase":"done","result":{"ok":false,"generation":5,"pid":1240,"reason":"exited before ready","stderr_tail":"panic: x\nexit 2","duration_ns":1}}}`},

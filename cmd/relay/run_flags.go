@@ -30,6 +30,7 @@ type runOptions struct {
 	shutdownDelay                     time.Duration
 	drainSet                          bool // --drain was given
 	stopSignal                        syscall.Signal
+	killMode                          supervisor.KillMode
 	maxDraining                       int
 	name, controlPath                 string
 	check                             []string
@@ -122,6 +123,9 @@ func (o *runOptions) parseRestarts(c *cli.Context) error {
 	var err error
 	if o.stopSignal, err = signals.ParseStop(c.String("stop-signal")); err != nil {
 		return usageError{fmt.Errorf("--stop-signal: %w", err)}
+	}
+	if o.killMode, err = supervisor.ParseKillMode(c.String("kill-mode")); err != nil {
+		return usageError{fmt.Errorf("--kill-mode: %w", err)}
 	}
 	if o.steer, err = sockets.ParseSteerMode(c.String("steer")); err != nil {
 		return usageError{err}

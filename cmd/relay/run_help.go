@@ -40,14 +40,25 @@ refuses no connection.
 Signals to relay:
    HUP              restart: start a new generation on the same sockets, wait until it is
                     ready (--health), switch new connections to it, let the old one take
-                    what was already on its way to it (--drain at most), then send it
-                    --stop-signal and SIGKILL all of it (its cgroup) after --stop-timeout.
-                    A new generation that fails is killed; the old one is never touched.
+                    what was already on its way to it (--drain at most), then stop it (see
+                    Stopping a generation). A new generation that fails is killed; the old
+                    one is never touched.
    TERM, INT, QUIT  stop every generation gracefully and exit with the child's status.
                     A second one kills them at once. With --shutdown-delay D, the first
                     one makes relay keep serving for D first ("shutdown delay: serving on
                     until ..."; restarts refused, crashes replaced), the second ends the
                     delay and stops gracefully at once, the third kills.
+
+Stopping a generation (--kill-mode mixed, the default, as systemd's KillMode=mixed):
+--stop-signal goes to its main process alone, then SIGCONT to every process of it; a prefork
+master (nginx, starman, unicorn, gunicorn, uwsgi) passes its graceful stop on to its workers,
+which finish their requests (a worker signalled directly often drops its request). After
+--stop-timeout, SIGKILL to every process of it (its cgroup). --kill-mode control-group sends
+--stop-signal to every process at once, for a main process that does not pass it on (a shell
+that runs the server without exec). A generation is gone only when every process of it is:
+workers still finishing after their master exited, or a daemon it started, keep it listed in
+relay status, count against --max-draining, and hold relay restart until they are gone
+(SIGKILL at --stop-timeout at the latest).
 
 As PID 1 (a container's entrypoint), relay reaps every orphan of the container, exits with
 the serving child's status, and passes the children's stdout and stderr through as its own.
@@ -97,7 +108,9 @@ Liveness (opt-in): --liveness CHECK (accept, http://…, tcp://… or exec:CMD, 
 --health, at the serving generation alone) runs every --liveness-interval while no restart is
 under way; --liveness-failures in a row, or --child-watchdog D for a child that sent WATCHDOG=1
 and then none for D, replace the serving generation with a restart: it serves until the new one
-is ready, then drains and stops (SIGKILL after --stop-timeout). Replacements back off.
+is ready, then stops (SIGKILL after --stop-timeout), with no drain: what was queued on its
+steered sockets moves to the new generation at the switch (net.ipv4.tcp_migrate_req), since a
+hung server never takes it. Replacements back off.
 
 Admin listener (opt-in): --metrics ADDR binds a listener of relay's own (never passed to a
 child) serving GET /metrics (Prometheus text format: relay_restarts_total{outcome}, readiness
@@ -111,6 +124,8 @@ Examples:
    relay run --listen :8080 -- ./server --config prod.yaml
    relay run --listen 127.0.0.1:8000 -- python3 -m http.server --bind 127.0.0.1 8000
    relay run --listen 0.0.0.0:8080 --stop-signal QUIT -- nginx -g 'daemon off;'   # "listen 8080;"
+   relay run --listen 127.0.0.1:5000 --stop-signal QUIT -- starman --workers 4 --listen 127.0.0.1:5000 app.psgi
+   relay run --listen :8080 --kill-mode control-group -- sh -c './prepare && ./server'
    relay run --listen :8080 --takeover off -- ./server-that-reads-LISTEN_FDS
    relay run --listen http=:8080 --listen admin=127.0.0.1:9090 --drain 2s -- ./server
    relay run --listen :8080 --health http://127.0.0.1:8080/healthz -- ./server

@@ -96,6 +96,7 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 		HealthTimeout: opts.healthTimeout,
 		Drain:         drain,
 		StopSignal:    opts.stopSignal,
+		KillMode:      opts.killMode,
 		StopTimeout:   opts.stopTimeout,
 		MaxDraining:   opts.maxDraining,
 		RuntimeDir:    notifyDir,
