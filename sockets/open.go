@@ -124,9 +124,11 @@ func (s *Set) steer(mode SteerMode) error {
 	} else {
 		s.observer = o
 	}
-	switch state, err := steer.EnableMigration(); {
+	state, err := steer.EnableMigration()
+	s.migrates = err == nil
+	switch {
 	case err != nil:
-		s.log.Info("net.ipv4.tcp_migrate_req stays off: a connection still queued on a retired socket would be reset rather than moved (relay retires a socket only after its generation has exited)", "err", err)
+		s.log.Info("net.ipv4.tcp_migrate_req stays off: a connection still queued on a retired socket would be reset rather than moved (relay retires a socket once its generation has exited, and a generation that failed its liveness check drains instead of handing its queue over)", "err", err)
 	case state == steer.MigrationEnabled:
 		s.log.Info("turned on net.ipv4.tcp_migrate_req for this network namespace: connections still queued on a retired socket move to another socket of its group instead of being reset")
 	default:

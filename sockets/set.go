@@ -2,6 +2,7 @@ package sockets
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -24,6 +25,8 @@ type Set struct {
 	// observer sees a replaced generation's steered sockets empty; nil
 	// where nothing is steered or the kernel cannot show it.
 	observer *steer.Observer
+	// migrates: net.ipv4.tcp_migrate_req was on, or turned on, at Open.
+	migrates bool
 
 	mu sync.Mutex // guards the entries' holders
 }
@@ -200,6 +203,41 @@ func (s *Set) WaitDrained(ctx context.Context, gen int, waiting func(steer.Backl
 		}
 	}
 	return s.observer.WaitDrained(ctx, groups, gen, waiting)
+}
+
+// Migrates reports whether the kernel moves the connections queued on a
+// socket that leaves its group to another socket of the group, rather
+// than resetting them: net.ipv4.tcp_migrate_req was on at Open, or Open
+// turned it on (relay never turns it off). False where no listener is
+// steered.
+func (s *Set) Migrates() bool { return s.migrates }
+
+// HandOver takes generation gen's own sockets out of every steered
+// listener's group now, although gen still holds them, so that the
+// connections queued on them and the handshakes towards them go to the
+// other sockets of each group (see steer.Group.Evict): for a generation
+// replaced because it hung, which will never accept them. gen must have
+// been switched away from. Where Migrates is false the kernel resets those
+// connections instead. Shared sockets are untouched: the next generation
+// accepts from them already.
+//
+// queued is the number of connections that were in gen's accept queues. A
+// listener whose socket cannot leave (the error wraps steer.ErrPinned or
+// steer.ErrTarget) does not stop the others; the errors are joined.
+// Release(gen) once gen has exited is still needed.
+func (s *Set) HandOver(gen int) (queued int, err error) {
+	var errs []error
+	for _, e := range s.entries {
+		if e.Group == nil {
+			continue
+		}
+		n, err := e.Group.Evict(gen)
+		queued += n
+		if err != nil {
+			errs = append(errs, fmt.Errorf("handing the connections queued for generation %d on %s over: %w", gen, e.Listener.Spec.Name, err))
+		}
+	}
+	return queued, errors.Join(errs...)
 }
 
 // ProbeControl returns the dialer Control function of generation gen's

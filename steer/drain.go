@@ -167,7 +167,8 @@ func (o *Observer) backlog(groups []*Group, gen int, pending []map[sockdiag.Hand
 }
 
 // Queued is the number of connections waiting in the accept queue of
-// generation gen's socket; 0 where gen has none.
+// generation gen's socket; 0 where gen has none (it exited, or Evict took
+// its socket out).
 func (g *Group) Queued(gen int) (int, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()

@@ -65,6 +65,10 @@ type Group struct {
 	probe   *member   // where connections from probeFrom go
 	from    netip.AddrPort
 	applied []bpf.Instruction // the program attached last
+	// evicted are the sockets taken out of the group while their
+	// generation still held them (Evict); relay's copy stays open until
+	// Release.
+	evicted []*member
 	closed  bool
 }
 
@@ -264,10 +268,15 @@ func (g *Group) retargetLocked(active, probe *member, from netip.AddrPort) error
 
 // Release tells the group that generation gen has exited. Its socket
 // leaves the group, unless it is still the public target: then it keeps
-// queueing connections for the next generation to take.
+// queueing connections for the next generation to take. A socket Evict
+// took out has left already: Release only closes relay's copy.
 func (g *Group) Release(gen int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	if i := slices.IndexFunc(g.evicted, func(m *member) bool { return m.gen == gen }); i >= 0 {
+		g.evicted[i].file.Close()
+		g.evicted = slices.Delete(g.evicted, i, i+1)
+	}
 	m := g.memberLocked(gen)
 	if m == nil {
 		return
@@ -293,7 +302,10 @@ func (g *Group) Close() {
 			m.file.Close()
 		}
 	}
-	g.members = nil
+	for _, m := range g.evicted {
+		m.file.Close()
+	}
+	g.members, g.evicted = nil, nil
 }
 
 func (g *Group) memberLocked(gen int) *member {
@@ -356,31 +368,42 @@ func (g *Group) canRemoveLocked(m *member) bool {
 	return len(g.members) == 2
 }
 
-// removeLocked takes m out of the group: shutdown(2) on a listening socket
-// unhashes it at once, whoever else holds a copy. Connections still queued
-// on it are reset, or moved to another socket of the group where
-// net.ipv4.tcp_migrate_req is on.
+// removeLocked takes m out of the group for good and closes relay's copy.
 func (g *Group) removeLocked(m *member) {
-	i := g.indexLocked(m)
-	queued := 0
-	if info, err := unix.GetsockoptTCPInfo(m.fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-		queued = int(info.Unacked)
-	}
-	if err := unix.Shutdown(m.fd, unix.SHUT_RD); err != nil {
+	queued, err := g.detachLocked(m)
+	if err != nil {
 		g.log.Warn("shutting down a retired socket", "listener", g.name, "err", err)
 	}
 	m.file.Close()
-	last := len(g.members) - 1
-	g.members[i] = g.members[last]
-	g.members = g.members[:last]
 	if queued > 0 {
 		g.log.Warn("a retired socket still had connections queued", "listener", g.name, "queued", queued)
 	}
+}
+
+// detachLocked takes m out of the group: shutdown(2) on a listening socket
+// unhashes it at once, whoever else holds a copy. Connections still queued
+// on it are reset, or moved to another socket of the group where
+// net.ipv4.tcp_migrate_req is on. The mirror drops m and the program
+// follows the socket the kernel moved into m's slot. queued is how many
+// connections were in m's accept queue just before.
+//
+// The mirror drops m even if shutdown fails: it fails only for a socket
+// that was not listening, which is in no group's array.
+func (g *Group) detachLocked(m *member) (queued int, err error) {
+	i := g.indexLocked(m)
+	if info, err := unix.GetsockoptTCPInfo(m.fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+		queued = int(info.Unacked)
+	}
+	err = unix.Shutdown(m.fd, unix.SHUT_RD)
+	last := len(g.members) - 1
+	g.members[i] = g.members[last]
+	g.members = g.members[:last]
 	if len(g.members) > 0 {
 		if err := g.applyLocked(); err != nil {
 			g.log.Error("re-attaching the steering program", "listener", g.name, "err", err)
 		}
 	}
+	return queued, err
 }
 
 // control runs fn on f's descriptor without changing its blocking mode.

@@ -138,8 +138,13 @@ func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, 
 	if set.DrainObservable() {
 		drained = set.WaitDrained
 	}
+	var handOver func(int) (int, error)
+	if set.Steered() && set.Migrates() {
+		handOver = set.HandOver
+	}
 	return env{
 		drained:   drained,
+		handOver:  handOver,
 		contain:   contain,
 		adopted:   adopted,
 		signalPid: unix.Kill,

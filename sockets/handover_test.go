@@ -1,0 +1,141 @@
+package sockets
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/steer"
+)
+
+// acceptLine accepts a connection on the listening socket l within 5 s
+// and reads its first line.
+func acceptLine(t *testing.T, l *os.File) string {
+	t.Helper()
+	fds := []unix.PollFd{{Fd: int32(l.Fd()), Events: unix.POLLIN}}
+	deadline := time.Now().Add(5 * time.Second)
+	for fds[0].Revents&unix.POLLIN == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no connection to accept in 5 s")
+		}
+		if _, err := unix.Poll(fds, 100); err != nil && !errors.Is(err, unix.EINTR) {
+			t.Fatal(err)
+		}
+	}
+	nfd, _, err := unix.Accept4(int(l.Fd()), unix.SOCK_CLOEXEC)
+	if err != nil {
+		t.Fatalf("accept: %v", err)
+	}
+	f := os.NewFile(uintptr(nfd), "accepted")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		t.Fatalf("reading the request: %v", err)
+	}
+	return strings.TrimSuffix(line, "\n")
+}
+
+// HandOver moves what waits in a generation's steered sockets to the
+// serving generation's, and leaves the shared ones alone.
+func TestHandOver(t *testing.T) {
+	set := openSet(t, SteerAuto, "127.0.0.1:0", "udp:127.0.0.1:0")
+	if !set.Migrates() {
+		why := "net.ipv4.tcp_migrate_req is off and relay could not turn it on: a shut down socket's queue would be reset"
+		if os.Getenv("RELAY_REQUIRE_ALL") == "1" {
+			t.Fatal(why + " (RELAY_REQUIRE_ALL=1: nothing may be skipped)")
+		}
+		t.Skip(why)
+	}
+	tcp, udp := port(t, set, 0), port(t, set, 1)
+	gen1, err := set.Take(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen2, err := set.Take(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gen1[1] != gen2[1] {
+		t.Fatal("the UDP listener is not one shared socket")
+	}
+	const n = 4
+	for i := range n {
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", tcp), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if _, err := fmt.Fprintf(c, "queued %d\n", i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g := set.entries[0].Group
+	deadline := time.Now().Add(5 * time.Second)
+	for q, _ := g.Queued(1); q != n; q, _ = g.Queued(1) {
+		if time.Now().After(deadline) {
+			t.Fatalf("generation 1's queue: %d connections, want %d", q, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := set.Switch(2, 1); err != nil {
+		t.Fatal(err)
+	}
+
+	if _, err := set.HandOver(2); !errors.Is(err, steer.ErrTarget) {
+		t.Fatalf("HandOver of the serving generation: %v, want steer.ErrTarget", err)
+	}
+	queued, err := set.HandOver(1)
+	if err != nil || queued != n {
+		t.Fatalf("HandOver: %d, %v; want %d", queued, err, n)
+	}
+	got := map[string]bool{}
+	for range n {
+		got[acceptLine(t, gen2[0])] = true
+	}
+	for i := range n {
+		if !got[fmt.Sprintf("queued %d", i)] {
+			t.Fatalf("generation 2 served %v, want queued 0 to %d", got, n-1)
+		}
+	}
+
+	// The shared UDP socket still works.
+	c, err := net.Dial("udp", fmt.Sprintf("127.0.0.1:%d", udp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	pc, err := net.FilePacketConn(gen2[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	if err := pc.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 16)
+	if k, _, err := pc.ReadFrom(buf); err != nil || string(buf[:k]) != "ping" {
+		t.Fatalf("the shared UDP socket after HandOver: %q, %v", buf[:k], err)
+	}
+	set.Release(1)
+	if q, err := set.HandOver(1); q != 0 || err != nil {
+		t.Fatalf("HandOver after Release: %d, %v", q, err)
+	}
+}
