@@ -111,8 +111,9 @@
 // restart in its pre-flight check or waiting for an old generation is
 // refused, one in its drain window is done (the new generation serves),
 // one whose new generation is starting ends when that one has exited.
-// Every live generation then gets the stop signal, and SIGKILL to its group
-// after the stop timeout.
+// Every live generation then gets the stop signal (sendStop: its main
+// process, or every process of it, by --kill-mode), and SIGKILL to all of
+// it after the stop timeout.
 //
 // StopAfter(d) puts a shutdown delay before the stop: for d, everything
 // serves as before and crashed generations are still replaced, but the

@@ -68,7 +68,7 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		if s.env.now().Sub(g.readyAt) >= stableAfter {
 			s.crash.crashes = 0
 		}
-		// A restart waiting for an old generation to exit need not
+		// A restart waiting for an old generation to be gone need not
 		// wait any more: nothing serves.
 		s.advance()
 		s.scheduleReplace()

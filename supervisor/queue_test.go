@@ -189,7 +189,7 @@ func TestMaxDrainingWaitsForTheOldToExit(t *testing.T) {
 		t.Errorf("waiting for %+v, want generation 1", ev)
 	}
 	h.noStart()
-	h.waitLine("gen 1 pid 1001 stopping; gen 2 pid 1002 serving; restart waiting for an old generation to exit")
+	h.waitLine("gen 1 pid 1001 stopping; gen 2 pid 1002 serving; restart waiting for an old generation to be gone")
 	p1.exit(exited(0), false)
 	all(t, first)
 	p3 := h.started()

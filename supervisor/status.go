@@ -147,7 +147,7 @@ func (s *Supervisor) statusSummary() string {
 		case run.cancelPre != nil:
 			parts = append(parts, "pre-flight check running")
 		case run.waitLogged:
-			parts = append(parts, "restart waiting for an old generation to exit")
+			parts = append(parts, "restart waiting for an old generation to be gone")
 		}
 	}
 	if s.crash.timer != nil {
