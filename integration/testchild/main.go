@@ -18,6 +18,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -67,6 +68,7 @@ func main() {
 		orphans        = flag.Int("orphans", 0, "before serving, leave this many orphans: each started by a process of its own that exits at once, so it is adopted by the nearest subreaper (relay), and exits when its parent has; then write one line to stdout")
 		orphanParent   = flag.Bool("orphan-parent", false, "be an orphan's parent: start one -orphan and exit without waiting for it")
 		orphan         = flag.Bool("orphan", false, "be an orphan: exit once stdin ends, i.e. once the parent that holds its other end has exited")
+		hangEndpoint   = flag.Bool("hang-endpoint", false, "serve /hang on the passed sockets: answer it, stop accepting, and once every connection accepted so far has closed, stop this process with SIGSTOP (a server that hangs with connections queued on its socket)")
 	)
 	flag.Parse()
 	switch {
@@ -159,7 +161,19 @@ func main() {
 	ready := m != "never-ready"
 	var listeners []net.Listener // the passed ones served
 	var notified atomic.Bool     // READY=1 was sent
+	var hang *hangGate           // with -hang-endpoint
 	mux := http.NewServeMux()
+	if *hangEndpoint {
+		hang = newHangGate(gen)
+		mux.HandleFunc("/hang", func(w http.ResponseWriter, r *http.Request) {
+			// Shut before the answer: whoever has it knows that this
+			// process accepts no more connections.
+			hang.shut()
+			w.Header().Set("Connection", "close")
+			w.Header().Set("X-Pid", strconv.Itoa(os.Getpid()))
+			fmt.Fprintf(w, "pid=%d gen=%d hanging\n", os.Getpid(), gen)
+		})
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		if *noisy {
 			fmt.Fprintf(os.Stderr, "testchild: request %s\n", r.URL.Path)
@@ -223,7 +237,7 @@ func main() {
 			if *deferAccept {
 				setDeferAccept()
 			}
-			listeners = serveInherited(mux)
+			listeners = serveInherited(mux, hang)
 		}
 		if *notifyGate != "" {
 			waitForGate(*notifyGate, gen)
@@ -298,8 +312,9 @@ func setDeferAccept() {
 }
 
 // serveInherited serves HTTP on the passed stream sockets and echoes the
-// pid on passed datagram sockets. It returns the stream listeners.
-func serveInherited(mux *http.ServeMux) (listeners []net.Listener) {
+// pid on passed datagram sockets. It returns the stream listeners. With a
+// hangGate, the stream listeners accept through it.
+func serveInherited(mux *http.ServeMux, hang *hangGate) (listeners []net.Listener) {
 	n, _ := strconv.Atoi(os.Getenv("LISTEN_FDS"))
 	for fd := 3; fd < 3+n; fd++ {
 		f := os.NewFile(uintptr(fd), "fd"+strconv.Itoa(fd))
@@ -325,6 +340,9 @@ func serveInherited(mux *http.ServeMux) (listeners []net.Listener) {
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "testchild: listener:", err)
 			os.Exit(1)
+		}
+		if hang != nil {
+			l = hang.listener(l)
 		}
 		go http.Serve(l, mux)
 		listeners = append(listeners, l)
@@ -469,4 +487,132 @@ func startOrphan() (*os.File, error) {
 		return nil, err
 	}
 	return w, nil
+}
+
+// hangGate makes a server hang the way a deadlocked one does, with no
+// connection of its own left unanswered: shut stops every accept, and once
+// the connections accepted so far have all closed (answered), the process
+// stops itself with SIGSTOP. What clients send from then on waits in the
+// accept queue of its socket, and only there.
+type hangGate struct {
+	gen     int
+	mu      sync.Mutex
+	shutC   chan struct{} // closed by shut
+	shutOne sync.Once
+	lns     []*gatedListener
+	open    int           // connections accepted and not yet closed
+	parked  int           // accept loops that will accept no more
+	changed chan struct{} // closed and replaced when open or parked change
+}
+
+func newHangGate(gen int) *hangGate {
+	return &hangGate{gen: gen, shutC: make(chan struct{}), changed: make(chan struct{})}
+}
+
+// listener makes l accept through the gate. Call it before shut.
+func (h *hangGate) listener(l net.Listener) net.Listener {
+	g := &gatedListener{Listener: l, h: h}
+	h.mu.Lock()
+	h.lns = append(h.lns, g)
+	h.mu.Unlock()
+	return g
+}
+
+// shut stops accepting and starts the wait for the stop. Only the first
+// call does anything.
+func (h *hangGate) shut() {
+	h.shutOne.Do(func() {
+		close(h.shutC)
+		h.mu.Lock()
+		lns := append([]*gatedListener(nil), h.lns...)
+		h.mu.Unlock()
+		for _, l := range lns {
+			// Wakes an accept under way, which then parks.
+			if d, ok := l.Listener.(interface{ SetDeadline(time.Time) error }); ok {
+				d.SetDeadline(time.Unix(1, 0))
+			}
+		}
+		go h.stopWhenIdle(len(lns))
+	})
+}
+
+// stopWhenIdle waits, at most 10 s, until every accept loop has parked and
+// every accepted connection has closed, then sends SIGSTOP to this
+// process. It says on stderr how many connections were still open.
+func (h *hangGate) stopWhenIdle(loops int) {
+	deadline := time.NewTimer(10 * time.Second)
+	defer deadline.Stop()
+wait:
+	for {
+		h.mu.Lock()
+		open, parked, changed := h.open, h.parked, h.changed
+		h.mu.Unlock()
+		if open == 0 && parked >= loops {
+			break
+		}
+		select {
+		case <-changed:
+		case <-deadline.C:
+			break wait
+		}
+	}
+	h.mu.Lock()
+	open := h.open
+	h.mu.Unlock()
+	fmt.Fprintf(os.Stderr, "testchild: stopping itself (SIGSTOP) gen=%d pid=%d open=%d\n", h.gen, os.Getpid(), open)
+	syscall.Kill(os.Getpid(), syscall.SIGSTOP)
+}
+
+// update changes the counts under the lock and wakes stopWhenIdle.
+func (h *hangGate) update(f func()) {
+	h.mu.Lock()
+	f()
+	close(h.changed)
+	h.changed = make(chan struct{})
+	h.mu.Unlock()
+}
+
+// gatedListener counts what it accepts, and once its gate is shut accepts
+// nothing more: its Accept blocks for good.
+type gatedListener struct {
+	net.Listener
+	h *hangGate
+}
+
+func (l *gatedListener) Accept() (net.Conn, error) {
+	for {
+		select {
+		case <-l.h.shutC:
+			// Counted after any connection this loop accepted
+			// before (the same goroutine), so a stop that waits for
+			// both leaves none unanswered.
+			l.h.update(func() { l.h.parked++ })
+			select {}
+		default:
+		}
+		c, err := l.Listener.Accept()
+		if err != nil {
+			select {
+			case <-l.h.shutC:
+				continue // the deadline set by shut
+			default:
+				return nil, err
+			}
+		}
+		l.h.update(func() { l.h.open++ })
+		return &gatedConn{Conn: c, h: l.h}, nil
+	}
+}
+
+// gatedConn tells its gate when it closes.
+type gatedConn struct {
+	net.Conn
+	h    *hangGate
+	once sync.Once
+}
+
+func (c *gatedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { c.h.update(func() { c.h.open-- }) })
+	return err
 }

@@ -1,0 +1,181 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// TestConformance runs real servers from Debian's packages under relay, each
+// in the mode its users run it (the socket inherited where the server reads
+// LISTEN_FDS or another inherited-fd protocol, its own bind, taken over by
+// relay, where it binds itself) and with its documented graceful stop
+// signal. Each is restarted RELAY_CONFORMANCE_RESTARTS times (3) with `relay
+// restart`, with a slow request in flight in the old generation at every
+// restart and a load of new connections throughout, and must fail no
+// request: every slow request is answered 200, in full, by the generation
+// that received it. docs/servers.md tables the servers.
+//
+// The slow request goes to the apps of testdata/conformance: a worker that
+// receives it writes a marker file naming its pid, then holds it until the
+// test has seen relay stop the old generation, and answers
+// RELAY_CONFORMANCE_SLOW (1.5s) after that. nginx, which runs no app, sends
+// a static file at a limited rate instead, lasting that long plus 3 s.
+//
+// .ci/run installs the servers and sets RELAY_REQUIRE_CONFORMANCE=1, where
+// a missing one fails its test; elsewhere it is skipped.
+func TestConformance(t *testing.T) {
+	t.Parallel()
+	cfg := conformanceSettings(t)
+	for _, c := range conformanceCases() {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			runConformance(t, c, cfg)
+		})
+	}
+}
+
+// conformanceCases are the servers and their modes.
+func conformanceCases() []conformanceCase {
+	return []conformanceCase{
+		{
+			// Perl's prefork PSGI server. It inherits a socket through
+			// Server::Starter's SERVER_STARTER_PORT (host:port=fd), not
+			// LISTEN_FDS. QUIT is its graceful stop: the master sends its
+			// workers HUP, and each finishes its request.
+			name: "starman-inherited", takes: "fd", gated: true,
+			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
+				starman := conformanceProgram(t, "starman")
+				listen := "127.0.0.1:" + strconv.Itoa(port)
+				return []string{"--stop-signal", "QUIT"},
+					[]string{"env", "SERVER_STARTER_PORT=" + listen + "=3", starman, "--workers", "2", "--listen", listen, conformanceApp(t, "app.psgi")}
+			},
+		},
+		{
+			// starman binding its own port: relay takes the bind over.
+			name: "starman-bind", takes: "bind", gated: true,
+			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
+				starman := conformanceProgram(t, "starman")
+				return []string{"--stop-signal", "QUIT"},
+					[]string{starman, "--workers", "2", "--listen", "127.0.0.1:" + strconv.Itoa(port), conformanceApp(t, "app.psgi")}
+			},
+		},
+		{
+			// uWSGI's master and two workers, with its python3 plugin.
+			// uWSGI takes LISTEN_FDS by itself ("SystemD socket
+			// activation detected"), and with it ignores a --http-socket
+			// address, serving the inherited socket with its own binary
+			// protocol; --protocol http makes that socket speak HTTP.
+			// uWSGI 2.0's TERM is a brutal reload; its documented way to
+			// make TERM a graceful stop is the hook below.
+			name: "uwsgi-inherited", takes: "fd", gated: true,
+			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
+				uwsgi := conformanceProgram(t, "uwsgi")
+				if out, err := exec.Command(uwsgi, "--need-plugin", "python3", "--version").CombinedOutput(); err != nil {
+					conformanceMissing(t, fmt.Sprintf("uwsgi has no python3 plugin (Debian's uwsgi-plugin-python3): %v: %s", err, out))
+				}
+				return []string{"--health", fmt.Sprintf("http://127.0.0.1:%d/healthz", port)},
+					[]string{uwsgi, "--plugin", "python3", "--protocol", "http", "--wsgi-file", conformanceApp(t, "app.py"),
+						"--master", "--processes", "2", "--hook-master-start", "unix_signal:15 gracefully_kill_them_all"}
+			},
+		},
+		{
+			// gunicorn's master and two sync workers. It takes LISTEN_FDS
+			// by itself (its --bind is then not bound); TERM is its
+			// graceful stop.
+			name: "gunicorn-inherited", takes: "fd", gated: true,
+			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
+				gunicorn := conformanceProgram(t, "gunicorn")
+				app := conformanceApp(t, "app.py")
+				return nil, []string{gunicorn, "--workers", "2", "--bind", "127.0.0.1:" + strconv.Itoa(port),
+					"--chdir", filepath.Dir(app), "app:application"}
+			},
+		},
+		{
+			// Puma in cluster mode (two workers, threads). It takes
+			// LISTEN_FDS by itself, for the --bind it matches; TERM is
+			// its graceful stop.
+			name: "puma-inherited", takes: "fd", gated: true,
+			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
+				puma := conformanceProgram(t, "puma")
+				return nil, []string{puma, "--workers", "2", "--threads", "1:4",
+					"--bind", "tcp://127.0.0.1:" + strconv.Itoa(port), conformanceApp(t, "config.ru")}
+			},
+		},
+		{
+			// unicorn's master and two workers (unicorn.conf.rb). It
+			// takes LISTEN_FDS by itself; QUIT is its graceful stop.
+			name: "unicorn-inherited", takes: "fd", gated: true,
+			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
+				unicorn := conformanceProgram(t, "unicorn")
+				return []string{"--stop-signal", "QUIT"},
+					[]string{unicorn, "-c", conformanceApp(t, "unicorn.conf.rb"), "--listen", "127.0.0.1:" + strconv.Itoa(port), conformanceApp(t, "config.ru")}
+			},
+		},
+		{
+			// nginx's master and two workers, binding a stock
+			// `listen 127.0.0.1:PORT;`; QUIT is its graceful stop.
+			name: "nginx-bind", takes: "bind", gated: false,
+			setup: func(t *testing.T, port int, dir string, cfg conformanceConfig) ([]string, []string) {
+				nginx := conformanceProgram(t, "nginx")
+				conf := conformanceNginx(t, dir, port, cfg.slow+3*time.Second)
+				return []string{"--stop-signal", "QUIT"},
+					[]string{nginx, "-p", dir, "-c", conf, "-e", "stderr",
+						"-g", "daemon off; master_process on; pid " + filepath.Join(dir, "nginx-{generation}.pid") + ";"}
+			},
+		},
+	}
+}
+
+// conformanceNginx writes nginx's configuration and its slow file into
+// prefix and returns the configuration's path. GET /slow sends the file,
+// 64 KiB, at a rate that makes it last about last; every answer carries
+// the worker's pid in X-Pid. The workers, which run as nobody, can read
+// the file.
+func conformanceNginx(t *testing.T, prefix string, port int, last time.Duration) string {
+	t.Helper()
+	for d := prefix; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fill := conformanceFill()
+	slow := filepath.Join(prefix, "slow.txt")
+	if err := os.WriteFile(slow, fill, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// nginx lets a second's worth of limit_rate go at once, then sends
+	// limit_rate bytes a second.
+	rate := int(float64(len(fill)) / (last.Seconds() + 1))
+	conf := filepath.Join(prefix, "nginx.conf")
+	writeMode(t, conf, fmt.Sprintf(`worker_processes 2;
+error_log stderr;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path %[1]s/body;
+    proxy_temp_path %[1]s/proxy;
+    fastcgi_temp_path %[1]s/fastcgi;
+    uwsgi_temp_path %[1]s/uwsgi;
+    scgi_temp_path %[1]s/scgi;
+    server {
+        listen 127.0.0.1:%[2]d;
+        location = /slow {
+            alias %[3]s;
+            default_type text/plain;
+            limit_rate %[4]d;
+            add_header X-Pid $pid;
+        }
+        location / {
+            add_header X-Pid $pid;
+            return 200 "$pid\n";
+        }
+    }
+}
+`, prefix, port, slow, rate))
+	return conf
+}
