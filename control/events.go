@@ -36,8 +36,8 @@ type Event struct {
 	// it is how it ended: "empty", "max" (duration_ms reached before the
 	// sockets emptied) or "fixed", duration_ms being how long it lasted;
 	// or "handed_over": the old generation had failed its liveness
-	// check, and what was queued on its sockets moved to the new one at
-	// once, with no drain.
+	// check and accepted nothing queued on its sockets, so what was
+	// queued there moved to the new one, duration_ms after the switch.
 	Drain  string  `json:"drain,omitempty"`
 	Result *Result `json:"result,omitempty"` // with PhaseDone
 }

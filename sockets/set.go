@@ -10,6 +10,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/relaysh/relay/internal/sockaddr"
 	"github.com/relaysh/relay/listener"
@@ -238,6 +239,21 @@ func (s *Set) HandOver(gen int) (queued int, err error) {
 		}
 	}
 	return queued, errors.Join(errs...)
+}
+
+// WaitStalled returns nil once generation gen, switched away from, has
+// connections queued on one of its steered sockets and has accepted none of
+// them for quiet (see steer.WaitStalled): it will not take them, and only
+// HandOver can get them served. It returns ctx's error if ctx ends first,
+// and waits for ctx where nothing is steered.
+func (s *Set) WaitStalled(ctx context.Context, gen int, quiet time.Duration) error {
+	var groups []*steer.Group
+	for _, e := range s.entries {
+		if e.Group != nil {
+			groups = append(groups, e.Group)
+		}
+	}
+	return steer.WaitStalled(ctx, groups, gen, quiet)
 }
 
 // ProbeControl returns the dialer Control function of generation gen's

@@ -38,9 +38,10 @@
 //	Serving   exits, otherwise       a crash: a replacement after the backoff
 //	Draining  drain timer, or its    stop signal, Stopping; its restart is done
 //	          sockets emptied
-//	Draining  (at the switch) it     no drain: its steered sockets leave their
-//	          failed its liveness    groups, and what was queued on them moves to
-//	          check                  the new one's; stop signal, Stopping
+//	Draining  it failed its liveness its steered sockets leave their groups, and
+//	          check, and accepted    what was queued on them moves to the new
+//	          nothing queued for     one's (the hand-over); stop signal, Stopping
+//	          stallQuiet
 //	Draining  exits                  leaves the old ones; a restart waiting on
 //	Stopping                         --max-draining starts its generation, once
 //	                                 nothing of it is left

@@ -49,12 +49,15 @@ type env struct {
 	// (the func) where that cannot be seen, and drains last --drain.
 	// waiting hears, once, what was still on its way at the first look.
 	drained func(ctx context.Context, n int, waiting func(steer.Backlog)) error
-	// handOver takes generation n's steered sockets out of their groups
-	// at once, n having just been switched away from, so that the kernel
-	// moves what is queued on them to the other sockets of the groups;
-	// it returns how many connections were queued. Nil where the kernel
-	// would reset them instead (net.ipv4.tcp_migrate_req off) or nothing
-	// is steered.
+	// stalled returns nil once generation n, switched away from, has
+	// connections queued on a steered socket and has accepted none of
+	// them for quiet, or ctx's error. handOver then takes n's steered
+	// sockets out of their groups at once, so that the kernel moves what
+	// is queued on them to the other sockets of the groups; it returns
+	// how many connections were queued. Both nil where the kernel would
+	// reset them instead (net.ipv4.tcp_migrate_req off) or nothing is
+	// steered.
+	stalled  func(ctx context.Context, n int, quiet time.Duration) error
 	handOver func(n int) (int, error)
 
 	// now, afterFunc and withTimeout are the clock: time.Now,
@@ -138,12 +141,14 @@ func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, 
 	if set.DrainObservable() {
 		drained = set.WaitDrained
 	}
+	var stalled func(context.Context, int, time.Duration) error
 	var handOver func(int) (int, error)
 	if set.Steered() && set.Migrates() {
-		handOver = set.HandOver
+		stalled, handOver = set.WaitStalled, set.HandOver
 	}
 	return env{
 		drained:   drained,
+		stalled:   stalled,
 		handOver:  handOver,
 		contain:   contain,
 		adopted:   adopted,

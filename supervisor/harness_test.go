@@ -88,6 +88,7 @@ type harness struct {
 	preflightC chan *fakeCheck
 	probeC     chan *fakeCheck // liveness probes
 	drainC     chan *fakeCheck // watches of old sockets draining
+	stallC     chan *fakeCheck // watches of old sockets stalling
 	orphanC    chan struct{}
 	runC       chan runResult
 
@@ -139,7 +140,7 @@ func newHarnessContained(t *testing.T, tweak func(*Config), contained bool) *har
 type harnessOpts struct {
 	contained bool // each generation in a fake cgroup (contain_test.go)
 	adaptive  bool // env.drained is a fake watch (drain_test.go)
-	handOver  bool // env.handOver records its calls (kill_test.go)
+	handOver  bool // env.stalled is a fake watch, env.handOver records its calls (kill_test.go)
 }
 
 func newHarnessWith(t *testing.T, tweak func(*Config), opts harnessOpts) *harness {
@@ -147,7 +148,7 @@ func newHarnessWith(t *testing.T, tweak func(*Config), opts harnessOpts) *harnes
 	h := &harness{
 		t: t, clock: newFakeClock(), obs: newObserver(),
 		startedC: make(chan *fakeProc, 64), checkC: make(chan *fakeCheck, 64), preflightC: make(chan *fakeCheck, 64),
-		probeC: make(chan *fakeCheck, 64), drainC: make(chan *fakeCheck, 64), orphanC: make(chan struct{}, 1), runC: make(chan runResult, 1),
+		probeC: make(chan *fakeCheck, 64), drainC: make(chan *fakeCheck, 64), stallC: make(chan *fakeCheck, 64), orphanC: make(chan struct{}, 1), runC: make(chan runResult, 1),
 	}
 	cfg := Config{
 		Command:        testCommand,
@@ -174,12 +175,14 @@ func newHarnessWith(t *testing.T, tweak func(*Config), opts harnessOpts) *harnes
 		if opts.adaptive {
 			drained = h.drained
 		}
+		var stalled func(context.Context, int, time.Duration) error
 		var handOver func(int) (int, error)
 		if opts.handOver {
-			handOver = h.handOver
+			stalled, handOver = h.stalled, h.handOver
 		}
 		return env{
 			drained:     drained,
+			stalled:     stalled,
 			handOver:    handOver,
 			contain:     contain,
 			adopted:     adopted,
@@ -241,6 +244,12 @@ func (h *harness) liveProbe(ctx context.Context, ch health.Child) error {
 func (h *harness) drained(ctx context.Context, gen int, _ func(steer.Backlog)) error {
 	c := &fakeCheck{gen: gen, ctx: ctx, reply: make(chan error, 1)}
 	h.drainC <- c
+	return c.wait()
+}
+
+func (h *harness) stalled(ctx context.Context, gen int, _ time.Duration) error {
+	c := &fakeCheck{gen: gen, ctx: ctx, reply: make(chan error, 1)}
+	h.stallC <- c
 	return c.wait()
 }
 

@@ -97,6 +97,7 @@ func TestKillModeControlGroupSignalsEveryProcess(t *testing.T) {
 		h.clock.waitTimer(t, testStopTimeout)
 		h.clock.advance(testStopTimeout)
 		old.waitSeq(t, "group TERM", "group CONT", "group KILL")
+		h.wantGens("1:stopping 2:serving") // a round trip: the kill event was handled
 		if got, want := h.orphanSignals(), []string{"4242 TERM", "4242 CONT", "4242 KILL"}; !slices.Equal(got, want) {
 			t.Errorf("the orphan got %q, want %q", got, want)
 		}
@@ -169,63 +170,94 @@ func TestLingeringGenerationCountsUntilGone(t *testing.T) {
 		PhaseWaitOld, PhaseStarting, PhaseWaiting, PhaseReady, PhaseStopping, PhaseDone)
 }
 
-// A generation replaced because it failed its liveness check has no
-// drain: at the switch its steered sockets are handed over (what was
-// queued on them moves to the new generation) and it gets its stop signal
-// at once.
-func TestLivenessReplacementHandsTheQueueOver(t *testing.T) {
-	t.Parallel()
-	h := newHarnessWith(t, withLiveness, harnessOpts{handOver: true})
+// liveReplaced brings h, with --liveness and the fake stall watch, to the
+// drain of generation 1, replaced because it failed its liveness check,
+// and returns it and the watch of its sockets stalling.
+func liveReplaced(h *harness) (*fakeProc, *fakeCheck) {
+	h.t.Helper()
 	old := h.serving()
 	h.failProbes(1, testLivenessFailures)
-	h.clock.waitTimer(t, testRestartBackoff)
+	h.clock.waitTimer(h.t, testRestartBackoff)
 	h.clock.advance(testRestartBackoff)
 	h.started()
 	h.check(2).pass()
-	old.waitSignals(t, "TERM")
-	h.waitLine("gen 1 pid 1001 stopping; gen 2 pid 1002 serving")
-	h.mu.Lock()
-	handed := slices.Clone(h.handedOver)
-	h.mu.Unlock()
-	if !slices.Equal(handed, []int{1}) {
-		t.Errorf("handed over the sockets of generations %v, want [1]", handed)
+	stall := recv(h.t, h.stallC, "the watch of generation 1's sockets stalling")
+	if stall.gen != 1 {
+		h.t.Fatalf("watching generation %d's sockets stall, want 1", stall.gen)
 	}
-	if h.clock.pending(testDrain) {
-		t.Errorf("a drain timer runs for a generation whose queue was handed over")
-	}
-	h.logged("its queued connections moved to the new generation")
+	h.waitLine("gen 1 pid 1001 draining; gen 2 pid 1002 serving")
+	old.untouched(h.t, "the failed generation in its drain")
+	return old, stall
 }
 
-// A requested restart drains as before, and so does a liveness
-// replacement whose hand-over failed.
-func TestHandOverOnlyForALivenessReplacement(t *testing.T) {
+// handedOver returns the generations env.handOver was called for.
+func (h *harness) handedOverGens() []int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.handedOver)
+}
+
+// A generation replaced because it failed its liveness check drains as
+// usual while it accepts; once connections wait on its sockets and it
+// takes none (it hung), its sockets are handed over (what was queued on
+// them moves to the new generation) and it gets its stop signal at once.
+func TestLivenessReplacementHandsAStalledQueueOver(t *testing.T) {
+	t.Parallel()
+	h := newHarnessWith(t, withLiveness, harnessOpts{handOver: true})
+	old, stall := liveReplaced(h)
+	if got := h.handedOverGens(); len(got) != 0 {
+		t.Fatalf("handed over generations %v before the old one stalled", got)
+	}
+	stall.pass()
+	old.waitSignals(t, "TERM")
+	h.waitLine("gen 1 pid 1001 stopping; gen 2 pid 1002 serving")
+	if got := h.handedOverGens(); !slices.Equal(got, []int{1}) {
+		t.Errorf("handed over the sockets of generations %v, want [1]", got)
+	}
+	if h.clock.pending(testDrain) {
+		t.Errorf("the drain timer runs on after the hand-over")
+	}
+	h.logged("accepts nothing: its queued connections moved to the new generation")
+}
+
+// The stall watch never hands over a generation that accepts: its drain
+// ends as usual and ends the watch.
+func TestLivenessReplacementThatAcceptsDrains(t *testing.T) {
+	t.Parallel()
+	h := newHarnessWith(t, withLiveness, harnessOpts{handOver: true})
+	old, stall := liveReplaced(h)
+	h.clock.advance(testDrain)
+	old.waitSignals(t, "TERM")
+	recv(t, stall.ctx.Done(), "the end of the stall watch")
+	if got := h.handedOverGens(); len(got) != 0 {
+		t.Errorf("handed over generations %v, want none", got)
+	}
+}
+
+// A requested restart is never handed over, and a liveness replacement
+// whose hand-over failed drains on.
+func TestHandOverOnlyForAStalledLivenessReplacement(t *testing.T) {
 	t.Parallel()
 	t.Run("requested", func(t *testing.T) {
 		t.Parallel()
 		h := newHarnessWith(t, nil, harnessOpts{handOver: true})
 		old, _, _, _ := h.draining(RestartRequest{})
 		old.untouched(t, "a generation in its drain")
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		if len(h.handedOver) != 0 {
-			t.Errorf("a requested restart handed over generations %v", h.handedOver)
+		select {
+		case c := <-h.stallC:
+			t.Errorf("a requested restart watches generation %d's sockets stall", c.gen)
+		default:
 		}
 	})
 	t.Run("hand-over failed", func(t *testing.T) {
 		t.Parallel()
 		h := newHarnessWith(t, withLiveness, harnessOpts{handOver: true})
 		h.handOverErr = errors.New("no migration")
-		old := h.serving()
-		h.failProbes(1, testLivenessFailures)
-		h.clock.waitTimer(t, testRestartBackoff)
-		h.clock.advance(testRestartBackoff)
-		h.started()
-		h.check(2).pass()
-		h.waitLine("gen 1 pid 1001 draining; gen 2 pid 1002 serving")
+		old, stall := liveReplaced(h)
+		stall.pass()
+		h.waitLog("it drains on")
 		old.untouched(t, "a generation whose hand-over failed, in its drain")
-		h.clock.waitTimer(t, testDrain)
 		h.clock.advance(testDrain)
 		old.waitSeq(t, "TERM", "group CONT")
-		h.logged("it drains as usual")
 	})
 }

@@ -139,6 +139,9 @@ func TestLivenessFailureReplacesAfterTheNewServes(t *testing.T) {
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(testDrain)
 	old.waitSignals(t, "TERM")
+	// The restart is over once the new one's watch is armed; only then may
+	// the clock move, or the watch's first probe would come due after it.
+	h.clock.waitTimer(t, testLivenessInterval)
 	// A hung child is killed after the stop timeout.
 	h.clock.advance(testStopTimeout)
 	old.waitSignals(t, "TERM", "group KILL")

@@ -71,6 +71,9 @@ type (
 		ended string
 		err   error
 	}
+	// stallEvent: the old generation of run, which failed its liveness
+	// check, has accepted nothing queued on its sockets for stallQuiet.
+	stallEvent struct{ run *restartRun }
 	// killEvent: g's stop timeout passed.
 	killEvent struct{ g *generation }
 	// replaceEvent: the backoff before replacement number seq passed.
@@ -85,6 +88,7 @@ func (ev exitEvent) handleEvent(s *Supervisor)      { s.onExit(ev.g, ev.status) 
 func (ev checkEvent) handleEvent(s *Supervisor)     { s.onCheck(ev.g, ev.err) }
 func (ev preflightEvent) handleEvent(s *Supervisor) { s.onPreflight(ev.run, ev.err) }
 func (ev drainEvent) handleEvent(s *Supervisor)     { s.onDrainEnd(ev.run, ev.ended, ev.err) }
+func (ev stallEvent) handleEvent(s *Supervisor)     { s.onStall(ev.run) }
 func (ev killEvent) handleEvent(s *Supervisor)      { s.onKillTimeout(ev.g) }
 func (ev replaceEvent) handleEvent(s *Supervisor)   { s.onReplaceDue(ev.seq) }
 func (emptiedEvent) handleEvent(s *Supervisor)      { s.checkLingering() }

@@ -65,9 +65,10 @@ const (
 	DrainMax = "max"
 	// DrainFixed: --drain passed; their emptying could not be seen.
 	DrainFixed = "fixed"
-	// DrainHandedOver: no drain. The old generation failed its liveness
-	// check, so what was queued on its steered sockets was moved to the
-	// new generation's at the switch (env.handOver).
+	// DrainHandedOver: the old generation failed its liveness check and
+	// accepted nothing queued on its steered sockets for stallQuiet, so
+	// what was queued there was moved to the new generation's
+	// (env.handOver).
 	DrainHandedOver = "handed_over"
 )
 
@@ -283,10 +284,6 @@ func (s *Supervisor) promote(g *generation) {
 	prev.state = Draining
 	gs.old = append(gs.old, prev)
 	run.prev = prev
-	if run.reason == reasonLiveness && s.env.handOver != nil {
-		s.handOver(run, prev)
-		return
-	}
 	if s.cfg.Drain <= 0 {
 		s.retire(run, "")
 		return
@@ -300,11 +297,19 @@ func (s *Supervisor) promote(g *generation) {
 func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
 	d := &run.drain
 	d.began = s.env.now()
+	ctx, cancel := context.WithCancel(context.Background())
+	d.cancel = cancel // ends the watches below
+	if run.reason == reasonLiveness && s.env.stalled != nil && s.env.handOver != nil {
+		go func() {
+			err := s.env.stalled(ctx, prev.n, stallQuiet)
+			if ctx.Err() == nil && err == nil {
+				s.post(stallEvent{run: run})
+			}
+		}()
+	}
 	mode, atMax := DrainFixed, DrainFixed
 	if s.env.drained != nil {
 		mode, atMax = DrainAdaptive, DrainMax
-		ctx, cancel := context.WithCancel(context.Background())
-		d.cancel = cancel
 		waiting := func(b steer.Backlog) {
 			prev.log.Debug("connections still on their way to the old generation; its drain waits for them",
 				"queued", b.Queued, "handshakes", b.Handshakes)
@@ -321,21 +326,36 @@ func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
 	d.timer = s.env.afterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run, ended: atMax}) })
 }
 
-// handOver retires prev, which failed its liveness check, with no drain:
-// one that stopped accepting (hung, or stopped with SIGSTOP) would hold the
-// connections queued on its steered sockets until --drain, and then reset
-// them. Its sockets leave their groups now instead, and the kernel moves
-// what was queued on them, and the handshakes on their way, to the new
-// generation's sockets. If they cannot leave, it drains as usual.
-func (s *Supervisor) handOver(run *restartRun, prev *generation) {
+// stallQuiet is how long the old generation of a liveness replacement may
+// leave connections queued on its sockets without accepting any before they
+// are handed over to the new one. A server that accepts at all takes one
+// within milliseconds; one that takes none for this long is hung, and only
+// the hand-over gets what waits there served.
+const stallQuiet = 100 * time.Millisecond
+
+// onStall hands over the sockets of run's old generation, which failed its
+// liveness check and has accepted nothing queued on them for stallQuiet: a
+// generation that stopped accepting (hung, or stopped with SIGSTOP) would
+// hold them until --drain, and then they would be reset. Its sockets leave
+// their groups, and the kernel moves what was queued on them, and the
+// handshakes on their way, to the new generation's sockets; it gets its
+// stop signal at once. If they cannot leave, it drains on as usual. A
+// generation that still accepts is never handed over: its listener
+// vanishing under it could make it drop what it serves.
+func (s *Supervisor) onStall(run *restartRun) {
+	if run != s.restarts.current || run.prev == nil || run.prev.state != Draining {
+		return // the drain ended already
+	}
+	prev := run.prev
 	queued, err := s.env.handOver(prev.n)
 	if err != nil {
-		prev.log.Warn("cannot move the connections queued on the failed generation's sockets; it drains as usual", "err", err)
-		s.beginDrain(run, prev)
+		prev.log.Warn("cannot move the connections queued on the failed generation's sockets; it drains on", "err", err)
 		return
 	}
-	prev.log.Info("old generation failed its liveness check: its queued connections moved to the new generation, no drain",
-		"queued", queued, "new_gen", run.gen.n, "new_pid", run.gen.pid())
+	run.drain.end()
+	prev.log.Info("old generation failed its liveness check and accepts nothing: its queued connections moved to the new generation",
+		"queued", queued, "accepted_none_for", stallQuiet, "after_switch", s.env.now().Sub(run.drain.began).Round(time.Microsecond),
+		"new_gen", run.gen.n, "new_pid", run.gen.pid())
 	s.retire(run, DrainHandedOver)
 }
 
@@ -364,7 +384,7 @@ func (s *Supervisor) retire(run *restartRun, ended string) {
 	if prev.state == Draining {
 		s.stopGen(prev)
 		ev := Event{Phase: PhaseStopping, Generation: prev.n, Pid: prev.pid(), Signal: signals.Name(s.cfg.StopSignal), Drain: ended}
-		if ended != "" && ended != DrainHandedOver {
+		if ended != "" {
 			ev.DurationMs = ms(s.env.now().Sub(run.drain.began))
 		}
 		run.emit(ev)

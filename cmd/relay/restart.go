@@ -128,7 +128,7 @@ func printEvent(w io.Writer, ev *control.Event) {
 		case control.DrainMax:
 			fmt.Fprintf(w, "old %s still had connections on their way to it after %s (--drain); sent %s\n", g, msDuration(ev.DurationMs), ev.Signal)
 		case control.DrainHandover:
-			fmt.Fprintf(w, "old %s failed its liveness check: its queued connections moved to the new generation; sent %s\n", g, ev.Signal)
+			fmt.Fprintf(w, "old %s accepted nothing: its queued connections moved to the new generation %s after the switch; sent %s\n", g, msDuration(ev.DurationMs), ev.Signal)
 		default:
 			fmt.Fprintf(w, "old %s sent %s\n", g, ev.Signal)
 		}

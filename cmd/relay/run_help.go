@@ -108,9 +108,9 @@ Liveness (opt-in): --liveness CHECK (accept, http://…, tcp://… or exec:CMD, 
 --health, at the serving generation alone) runs every --liveness-interval while no restart is
 under way; --liveness-failures in a row, or --child-watchdog D for a child that sent WATCHDOG=1
 and then none for D, replace the serving generation with a restart: it serves until the new one
-is ready, then stops (SIGKILL after --stop-timeout), with no drain: what was queued on its
-steered sockets moves to the new generation at the switch (net.ipv4.tcp_migrate_req), since a
-hung server never takes it. Replacements back off.
+is ready, then drains and stops (SIGKILL after --stop-timeout); if it accepts nothing for 100ms
+while connections wait on its steered sockets (it hung), they move to the new generation at once
+(net.ipv4.tcp_migrate_req) instead of waiting out --drain. Replacements back off.
 
 Admin listener (opt-in): --metrics ADDR binds a listener of relay's own (never passed to a
 child) serving GET /metrics (Prometheus text format: relay_restarts_total{outcome}, readiness
