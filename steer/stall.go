@@ -17,6 +17,12 @@ const stallPoll = 5 * time.Millisecond
 // there will be served only if it moves (Evict). It returns ctx's error if
 // ctx ends first; a queue it cannot read counts as empty.
 func WaitStalled(ctx context.Context, groups []*Group, gen int, quiet time.Duration) error {
+	return waitStalled(ctx, groups, gen, quiet, nil)
+}
+
+// waitStalled is WaitStalled; polled, if not nil, is called after each
+// reading of the queues (a test's hook).
+func waitStalled(ctx context.Context, groups []*Group, gen int, quiet time.Duration, polled func()) error {
 	type watch struct {
 		last  int       // the queue at the last look
 		since time.Time // when it was last empty or shrank
@@ -35,12 +41,15 @@ func WaitStalled(ctx context.Context, groups []*Group, gen int, quiet time.Durat
 			}
 			w := &watches[i]
 			if n == 0 || n < w.last {
-				w.since = now
+				w.since = now // empty, or one was taken: not stalled
 			}
 			w.last = n
-			if n > 0 && now.Sub(w.since) >= quiet {
+			if now.Sub(w.since) >= quiet {
 				return nil
 			}
+		}
+		if polled != nil {
+			polled()
 		}
 		if err := sleep(ctx, stallPoll); err != nil {
 			return err
