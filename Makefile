@@ -8,7 +8,7 @@ BENCH_FLAGS ?=
 
 .PHONY: test bench demo
 test:
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 -timeout 30m ./...
 
 bench:
 	$(GO) run ./bench $(BENCH_FLAGS)
