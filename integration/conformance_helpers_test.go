@@ -2,8 +2,6 @@ package integration
 
 import (
 	"bytes"
-	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -211,21 +209,9 @@ type conformanceRestart struct {
 func startConformanceRestart(r *relayProc) <-chan conformanceRestart {
 	out := make(chan conformanceRestart, 1)
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, built.relay, "restart", "--control", r.control)
-		var stdout, stderr bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &stdout, &stderr
-		err := cmd.Run()
-		code := -1
-		if cmd.ProcessState != nil {
-			code = cmd.ProcessState.ExitCode()
-		}
-		var exit *exec.ExitError
-		if errors.As(err, &exit) {
-			err = nil // the code says it
-		}
-		out <- conformanceRestart{stdout: stdout.String(), stderr: stderr.String(), code: code, err: err}
+		var o conformanceRestart
+		o.stdout, o.stderr, o.code, o.err = relayCommand(r.control, "restart")
+		out <- o
 	}()
 	return out
 }

@@ -537,14 +537,34 @@ func mustFreeTCPAddr(t testing.TB) (net.Listener, string) {
 // control socket and returns its stdout, stderr and exit code.
 func (r *relayProc) client(sub string, args ...string) (string, string, int) {
 	r.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, built.relay, append([]string{sub, "--control", r.control}, args...)...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	if cmd.ProcessState == nil {
+	stdout, stderr, code, err := relayCommand(r.control, sub, args...)
+	if err != nil {
 		r.t.Fatalf("relay %s: %v", sub, err)
 	}
-	return stdout.String(), stderr.String(), cmd.ProcessState.ExitCode()
+	return stdout, stderr, code
+}
+
+// relayCommand runs relay SUB (restart, status, stop) against the control
+// socket ctl, and returns its stdout, stderr and exit code; err only if it
+// could not run. It never fails the test, so a goroutine other than the
+// test's may run it. It returns as soon as the client has its answer: a
+// program built with -race sleeps 1 s before it exits (GORACE's
+// atexit_sleep_ms), which would hide what relay did in that second (a
+// helper killed at a 1 s stop timeout); here it sleeps none.
+func relayCommand(ctl, sub string, args ...string) (stdout, stderr string, code int, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, built.relay, append([]string{sub, "--control", ctl}, args...)...)
+	gorace := "atexit_sleep_ms=0"
+	if v := os.Getenv("GORACE"); v != "" {
+		gorace = v + " " + gorace
+	}
+	cmd.Env = append(os.Environ(), "GORACE="+gorace)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	err = cmd.Run()
+	if cmd.ProcessState == nil {
+		return o.String(), e.String(), -1, err
+	}
+	return o.String(), e.String(), cmd.ProcessState.ExitCode(), nil
 }

@@ -2,13 +2,11 @@ package integration
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"maps"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -250,30 +248,6 @@ func (s *genSampler) stop() ([]int, time.Time, int) {
 	close(s.stopC)
 	<-s.done
 	return s.most, s.mostAt, s.samples
-}
-
-// relayCommand runs relay SUB (restart, status, stop) against the control
-// socket ctl. Unlike relayProc.client it never fails the test, so that a
-// goroutine other than the test's may run it, and it returns as soon as
-// the client has its answer: a program built with -race sleeps 1 s before
-// it exits (GORACE's atexit_sleep_ms), which would hide what relay did in
-// that second (a helper killed at a 1 s stop timeout); here it sleeps none.
-func relayCommand(ctl, sub string, args ...string) (stdout, stderr string, code int, err error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, built.relay, append([]string{sub, "--control", ctl}, args...)...)
-	gorace := "atexit_sleep_ms=0"
-	if v := os.Getenv("GORACE"); v != "" {
-		gorace = v + " " + gorace
-	}
-	cmd.Env = append(os.Environ(), "GORACE="+gorace)
-	var o, e bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &o, &e
-	err = cmd.Run()
-	if cmd.ProcessState == nil {
-		return o.String(), e.String(), -1, err
-	}
-	return o.String(), e.String(), cmd.ProcessState.ExitCode(), nil
 }
 
 // statusGen is a generation in relay status --json.

@@ -197,13 +197,7 @@ func (s *Set) WaitDrained(ctx context.Context, gen int, waiting func(steer.Backl
 	if s.observer == nil {
 		return steer.ErrUnobservable
 	}
-	var groups []*steer.Group
-	for _, e := range s.entries {
-		if e.Group != nil {
-			groups = append(groups, e.Group)
-		}
-	}
-	return s.observer.WaitDrained(ctx, groups, gen, waiting)
+	return s.observer.WaitDrained(ctx, s.steered(), gen, waiting)
 }
 
 // Migrates reports whether the kernel moves the connections queued on a
@@ -247,13 +241,18 @@ func (s *Set) HandOver(gen int) (queued int, err error) {
 // HandOver can get them served. It returns ctx's error if ctx ends first,
 // and waits for ctx where nothing is steered.
 func (s *Set) WaitStalled(ctx context.Context, gen int, quiet time.Duration) error {
+	return steer.WaitStalled(ctx, s.steered(), gen, quiet)
+}
+
+// steered returns the steered listeners' groups, in fd order.
+func (s *Set) steered() []*steer.Group {
 	var groups []*steer.Group
 	for _, e := range s.entries {
 		if e.Group != nil {
 			groups = append(groups, e.Group)
 		}
 	}
-	return steer.WaitStalled(ctx, groups, gen, quiet)
+	return groups
 }
 
 // ProbeControl returns the dialer Control function of generation gen's

@@ -143,7 +143,7 @@ func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, 
 	}
 	var stalled func(context.Context, int, time.Duration) error
 	var handOver func(int) (int, error)
-	if set.Steered() && set.Migrates() {
+	if set.Migrates() { // only where a listener is steered
 		stalled, handOver = set.WaitStalled, set.HandOver
 	}
 	return env{

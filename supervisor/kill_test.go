@@ -190,7 +190,7 @@ func liveReplaced(h *harness) (*fakeProc, *fakeCheck) {
 	return old, stall
 }
 
-// handedOver returns the generations env.handOver was called for.
+// handedOverGens returns the generations env.handOver was called for.
 func (h *harness) handedOverGens() []int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
