@@ -17,7 +17,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/internal/reaper"
 )
 
 // Probe intervals: the first retry comes after firstInterval and the

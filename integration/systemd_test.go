@@ -19,7 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/internal/sockaddr"
-	"github.com/relaysh/relay/listener"
+	"github.com/relaysh/relay/internal/sockets"
 	"github.com/relaysh/relay/socketpass"
 )
 
@@ -518,7 +518,7 @@ func TestFDStoreHandsSocketsToTheNextRelay(t *testing.T) {
 	rec.waitCount(1, "READY=1", has("READY", "1"))
 
 	stored := rec.waitCount(2, "FDSTORE=1", has("FDSTORE", "1"))
-	wantNames := []string{listener.StoreNamePrefix + "tcp-" + port, listener.StoreNamePrefix + "unix-app.sock"}
+	wantNames := []string{sockets.StoreNamePrefix + "tcp-" + port, sockets.StoreNamePrefix + "unix-app.sock"}
 	var files []*os.File
 	for i, m := range stored {
 		if m.vars["FDNAME"] != wantNames[i] || len(m.files) != 1 {

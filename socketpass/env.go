@@ -9,7 +9,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/relaysh/relay/sdnotify"
+	"github.com/relaysh/relay/internal/sdnotify"
 )
 
 // Environment variables of the socket-activation protocol.

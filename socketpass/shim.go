@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/relaysh/relay/takeover"
+	"github.com/relaysh/relay/internal/takeover"
 )
 
 // shimCommand is the hidden first argument that makes the relay binary act

@@ -9,10 +9,10 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/relaysh/relay/cgroup"
 	"github.com/relaysh/relay/health"
-	"github.com/relaysh/relay/reaper"
-	"github.com/relaysh/relay/sockets"
+	"github.com/relaysh/relay/internal/cgroup"
+	"github.com/relaysh/relay/internal/reaper"
+	"github.com/relaysh/relay/internal/sockets"
 )
 
 // Command is what a generation runs.

@@ -8,12 +8,12 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/relaysh/relay/cgroup"
 	"github.com/relaysh/relay/health"
-	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/internal/cgroup"
+	"github.com/relaysh/relay/internal/reaper"
+	"github.com/relaysh/relay/internal/sockets"
+	"github.com/relaysh/relay/internal/sockets/steer"
 	"github.com/relaysh/relay/socketpass"
-	"github.com/relaysh/relay/sockets"
-	"github.com/relaysh/relay/steer"
 )
 
 // env is everything the state machine needs from outside its goroutine:

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"syscall"
 
-	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/internal/reaper"
 )
 
 func (s *Supervisor) onExit(g *generation, st reaper.Status) {

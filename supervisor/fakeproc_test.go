@@ -13,7 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/internal/reaper"
 	"github.com/relaysh/relay/signals"
 )
 

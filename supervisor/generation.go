@@ -18,8 +18,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/health"
-	"github.com/relaysh/relay/reaper"
-	"github.com/relaysh/relay/sdnotify"
+	"github.com/relaysh/relay/internal/reaper"
+	"github.com/relaysh/relay/internal/sdnotify"
 	"github.com/relaysh/relay/socketpass"
 )
 

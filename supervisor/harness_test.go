@@ -17,8 +17,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/health"
-	"github.com/relaysh/relay/reaper"
-	"github.com/relaysh/relay/steer"
+	"github.com/relaysh/relay/internal/reaper"
+	"github.com/relaysh/relay/internal/sockets/steer"
 )
 
 // The harness runs a Supervisor on fakes of env (fakeclock_test.go,

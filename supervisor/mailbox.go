@@ -4,7 +4,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/relaysh/relay/reaper"
+	"github.com/relaysh/relay/internal/reaper"
 	"github.com/relaysh/relay/signals"
 )
 

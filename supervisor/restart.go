@@ -8,9 +8,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/relaysh/relay/internal/sockets/steer"
 	"github.com/relaysh/relay/signals"
 	"github.com/relaysh/relay/socketpass"
-	"github.com/relaysh/relay/steer"
 )
 
 // Reasons of the restarts relay begins by itself.

@@ -8,8 +8,8 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/relaysh/relay/sockets"
-	"github.com/relaysh/relay/takeover"
+	"github.com/relaysh/relay/internal/sockets"
+	"github.com/relaysh/relay/internal/takeover"
 )
 
 // How a generation took a listener's socket, in logs and status.

@@ -12,7 +12,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/relaysh/relay/cgroup"
+	"github.com/relaysh/relay/internal/cgroup"
 	"github.com/relaysh/relay/socketpass"
 )
 

@@ -6,14 +6,14 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/relaysh/relay/cgroup"
 	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/health"
-	"github.com/relaysh/relay/reaper"
-	"github.com/relaysh/relay/sdnotify"
+	"github.com/relaysh/relay/internal/cgroup"
+	"github.com/relaysh/relay/internal/reaper"
+	"github.com/relaysh/relay/internal/sdnotify"
+	"github.com/relaysh/relay/internal/sockets"
 	"github.com/relaysh/relay/signals"
 	"github.com/relaysh/relay/socketpass"
-	"github.com/relaysh/relay/sockets"
 	"github.com/relaysh/relay/supervisor"
 )
 

@@ -8,9 +8,9 @@ import (
 
 	"github.com/oklog/run"
 
-	"github.com/relaysh/relay/admin"
 	"github.com/relaysh/relay/control"
-	"github.com/relaysh/relay/sdnotify"
+	"github.com/relaysh/relay/internal/admin"
+	"github.com/relaysh/relay/internal/sdnotify"
 	"github.com/relaysh/relay/signals"
 	"github.com/relaysh/relay/supervisor"
 )

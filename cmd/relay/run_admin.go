@@ -10,7 +10,7 @@ import (
 
 	"github.com/oklog/run"
 
-	"github.com/relaysh/relay/admin"
+	"github.com/relaysh/relay/internal/admin"
 	"github.com/relaysh/relay/supervisor"
 )
 

@@ -13,15 +13,14 @@ import (
 
 	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/health"
-	"github.com/relaysh/relay/listen"
+	"github.com/relaysh/relay/internal/sockets"
 	"github.com/relaysh/relay/signals"
-	"github.com/relaysh/relay/sockets"
 	"github.com/relaysh/relay/supervisor"
 )
 
 // runOptions are relay run's flags, checked.
 type runOptions struct {
-	listens                           []listen.Spec
+	listens                           []sockets.Spec
 	socketMode                        os.FileMode
 	health                            health.Spec
 	steer                             sockets.SteerMode
@@ -98,17 +97,17 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 // check.
 func (o *runOptions) parseListeners(c *cli.Context) error {
 	for _, v := range c.StringSlice("listen") {
-		s, err := listen.Parse(v)
+		s, err := sockets.ParseSpec(v)
 		if err != nil {
 			return usageError{err}
 		}
 		o.listens = append(o.listens, s)
 	}
-	if err := listen.CheckDistinct(o.listens); err != nil {
+	if err := sockets.CheckDistinct(o.listens); err != nil {
 		return usageError{err}
 	}
 	var err error
-	if o.socketMode, err = listen.FileMode(c.String("socket-mode")); err != nil {
+	if o.socketMode, err = sockets.ParseFileMode(c.String("socket-mode")); err != nil {
 		return usageError{err}
 	}
 	if o.health, err = health.Parse(c.String("health")); err != nil {

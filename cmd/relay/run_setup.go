@@ -7,23 +7,22 @@ import (
 	"os"
 	"time"
 
-	"github.com/relaysh/relay/cgroup"
 	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/health"
-	"github.com/relaysh/relay/listener"
-	"github.com/relaysh/relay/reaper"
-	"github.com/relaysh/relay/sdnotify"
-	"github.com/relaysh/relay/sockets"
+	"github.com/relaysh/relay/internal/cgroup"
+	"github.com/relaysh/relay/internal/reaper"
+	"github.com/relaysh/relay/internal/sdnotify"
+	"github.com/relaysh/relay/internal/sockets"
 	"github.com/relaysh/relay/supervisor"
 )
 
 // takePassed takes the sockets systemd passed to relay, if any: with no
 // --listen either, relay has nothing to serve.
-func takePassed(log *slog.Logger, opts runOptions) ([]*listener.Listener, error) {
-	if pid, foreign := listener.ForeignListenPID(); foreign {
+func takePassed(log *slog.Logger, opts runOptions) ([]*sockets.Listener, error) {
+	if pid, foreign := sockets.ForeignListenPID(); foreign {
 		log.Warn("ignoring LISTEN_FDS: LISTEN_PID is not relay's pid", "listen_pid", pid, "pid", os.Getpid())
 	}
-	passed, err := listener.TakeActivated()
+	passed, err := sockets.TakeActivated()
 	if err != nil {
 		return nil, err
 	}
@@ -36,7 +35,7 @@ func takePassed(log *slog.Logger, opts runOptions) ([]*listener.Listener, error)
 // openSockets binds the --listen sockets that passed ones do not serve,
 // and says what relay listens on and what the readiness check can tell
 // apart there.
-func openSockets(log *slog.Logger, opts runOptions, passed []*listener.Listener, notifier *sdnotify.Notifier) (*sockets.Set, error) {
+func openSockets(log *slog.Logger, opts runOptions, passed []*sockets.Listener, notifier *sdnotify.Notifier) (*sockets.Set, error) {
 	set, err := sockets.Open(sockets.Options{Specs: opts.listens, Passed: passed, UnixMode: opts.socketMode,
 		Steer: opts.steer, Notifier: notifier, Log: log})
 	if err != nil {

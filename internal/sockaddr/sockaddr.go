@@ -4,6 +4,7 @@
 package sockaddr
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -96,4 +97,37 @@ func (s Socket) Covers(a netip.AddrPort) bool {
 	default:
 		return s.Family != unix.AF_INET || aa.IsUnspecified()
 	}
+}
+
+// Resolve returns the IP in host, or for a name the address net.Listen
+// would bind: the first IPv4 one, else the first.
+func Resolve(host string) (net.IP, error) {
+	if ip := net.ParseIP(host); ip != nil {
+		return ip, nil
+	}
+	addrs, err := net.DefaultResolver.LookupIPAddr(context.Background(), host)
+	if err == nil && len(addrs) == 0 {
+		err = errors.New("no address")
+	}
+	if err != nil {
+		return nil, fmt.Errorf("cannot resolve host %q: %w", host, err)
+	}
+	for _, a := range addrs {
+		if a.IP.To4() != nil {
+			return a.IP, nil
+		}
+	}
+	return addrs[0].IP, nil
+}
+
+// FromIP returns the family and socket address of ip and port.
+func FromIP(ip net.IP, port int) (int, unix.Sockaddr) {
+	if ip4 := ip.To4(); ip4 != nil {
+		sa := &unix.SockaddrInet4{Port: port}
+		copy(sa.Addr[:], ip4)
+		return unix.AF_INET, sa
+	}
+	sa := &unix.SockaddrInet6{Port: port}
+	copy(sa.Addr[:], ip.To16())
+	return unix.AF_INET6, sa
 }

@@ -1,4 +1,4 @@
-package listener
+package sockets
 
 import (
 	"net"
@@ -6,8 +6,6 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/relaysh/relay/listen"
 )
 
 func reusePortOn(t *testing.T, l *Listener) bool {
@@ -28,18 +26,18 @@ func reusePortOn(t *testing.T, l *Listener) bool {
 }
 
 // bindAll binds every spec as Open does with nothing passed.
-func bindAll(specs []listen.Spec, opts BindOptions) ([]*Listener, error) {
-	return Open(specs, nil, opts, nil)
+func bindAll(specs []Spec, opts BindOptions) ([]*Listener, error) {
+	return openListeners(specs, nil, opts, nil)
 }
 
 // With ReusePort, a TCP socket gets SO_REUSEPORT, yet a port something else
 // holds is still "in use", whether that holder has SO_REUSEPORT or not.
 func TestBindReusePort(t *testing.T) {
-	spec, err := listen.Parse("127.0.0.1:0")
+	spec, err := ParseSpec("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ls, err := bindAll([]listen.Spec{spec}, BindOptions{ReusePort: true})
+	ls, err := bindAll([]Spec{spec}, BindOptions{ReusePort: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,8 +50,8 @@ func TestBindReusePort(t *testing.T) {
 	}
 
 	// A second relay on the same port, with SO_REUSEPORT too, is refused.
-	again, _ := listen.Parse(ls[0].Addr)
-	if second, err := bindAll([]listen.Spec{again}, BindOptions{ReusePort: true}); err == nil {
+	again, _ := ParseSpec(ls[0].Addr)
+	if second, err := bindAll([]Spec{again}, BindOptions{ReusePort: true}); err == nil {
 		CloseAll(second)
 		t.Fatal("a second bind with ReusePort joined the first socket's port")
 	} else if !strings.Contains(err.Error(), "address already in use") {
@@ -66,20 +64,20 @@ func TestBindReusePort(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer other.Close()
-	held, _ := listen.Parse(other.Addr().String())
-	if _, err := bindAll([]listen.Spec{held}, BindOptions{ReusePort: true}); err == nil || !strings.Contains(err.Error(), "address already in use") {
+	held, _ := ParseSpec(other.Addr().String())
+	if _, err := bindAll([]Spec{held}, BindOptions{ReusePort: true}); err == nil || !strings.Contains(err.Error(), "address already in use") {
 		t.Fatalf("want an address-in-use error, got %v", err)
 	}
 
 	// UDP and plain binds get no SO_REUSEPORT.
-	udp, _ := listen.Parse("udp:127.0.0.1:0")
-	tcp, _ := listen.Parse("127.0.0.1:0")
-	plain, err := bindAll([]listen.Spec{udp, tcp}, BindOptions{ReusePort: false})
+	udp, _ := ParseSpec("udp:127.0.0.1:0")
+	tcp, _ := ParseSpec("127.0.0.1:0")
+	plain, err := bindAll([]Spec{udp, tcp}, BindOptions{ReusePort: false})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer CloseAll(plain)
-	withOpt, err := bindAll([]listen.Spec{udp}, BindOptions{ReusePort: true})
+	withOpt, err := bindAll([]Spec{udp}, BindOptions{ReusePort: true})
 	if err != nil {
 		t.Fatal(err)
 	}

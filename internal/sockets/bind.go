@@ -1,11 +1,6 @@
-// Package listener opens relay's listening sockets, which it holds for its
-// whole life: it binds one for each --listen spec, adopts the ones passed
-// to relay itself by socket activation (a .socket unit, or systemd's fd
-// store after a restart of relay), and closes them at the end.
-package listener
+package sockets
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -18,7 +13,6 @@ import (
 	"github.com/relaysh/relay/internal/sockaddr"
 	"github.com/relaysh/relay/internal/sockopt"
 	"github.com/relaysh/relay/internal/unixpath"
-	"github.com/relaysh/relay/listen"
 )
 
 // listenBacklog is passed to listen(2); the kernel caps it at
@@ -33,7 +27,7 @@ const listenBacklog = 65535
 // has a reason to change its file status flags, which every generation
 // shares.
 type Listener struct {
-	Spec listen.Spec
+	Spec Spec
 	// Addr is the bound address: host:port, or the unix socket path.
 	Addr string
 	// Origin says whether relay bound the socket or was passed it.
@@ -64,7 +58,7 @@ func (l *Listener) Close() error {
 	if errors.Is(err, os.ErrClosed) {
 		err = nil // a steering group retired it already
 	}
-	if l.Spec.Network == listen.Unix && l.ino != 0 {
+	if l.Spec.Network == sockaddr.Unix && l.ino != 0 {
 		var st unix.Stat_t
 		if unix.Lstat(l.Addr, &st) == nil && st.Dev == l.dev && st.Ino == l.ino {
 			if rmErr := os.Remove(l.Addr); rmErr != nil && err == nil {
@@ -102,16 +96,16 @@ func CloseAll(ls []*Listener) error {
 	return first
 }
 
-func bindOne(s listen.Spec, opts BindOptions) (*Listener, error) {
+func bindOne(s Spec, opts BindOptions) (*Listener, error) {
 	var (
 		l   *Listener
 		err error
 	)
 	switch s.Network {
-	case listen.Unix:
+	case sockaddr.Unix:
 		l, err = bindUnix(s, opts.UnixMode)
-	case listen.TCP, listen.UDP:
-		l, err = bindInet(s, opts.ReusePort && s.Network == listen.TCP)
+	case sockaddr.TCP, sockaddr.UDP:
+		l, err = bindInet(s, opts.ReusePort && s.Network == sockaddr.TCP)
 	default:
 		err = fmt.Errorf("unknown network %q", s.Network)
 	}
@@ -119,15 +113,15 @@ func bindOne(s listen.Spec, opts BindOptions) (*Listener, error) {
 		return nil, err
 	}
 	if !s.NameGiven {
-		l.Spec.Name = listen.DefaultName(s.Network, l.Addr)
+		l.Spec.Name = DefaultName(s.Network, l.Addr)
 	}
 	l.Origin = Bound
 	return l, nil
 }
 
-func bindInet(s listen.Spec, reusePort bool) (*Listener, error) {
+func bindInet(s Spec, reusePort bool) (*Listener, error) {
 	sotype := unix.SOCK_STREAM
-	if s.Network == listen.UDP {
+	if s.Network == sockaddr.UDP {
 		sotype = unix.SOCK_DGRAM
 	}
 	host, portStr, err := net.SplitHostPort(s.Address)
@@ -141,19 +135,16 @@ func bindInet(s listen.Spec, reusePort bool) (*Listener, error) {
 		sa     unix.Sockaddr
 		v6only = true
 	)
-	switch ip := parseHost(host); {
-	case host == "":
+	if host == "" {
 		// All addresses: one dual-stack IPv6 socket, as Go's net package
 		// does, or plain IPv4 where IPv6 is off.
 		family, sa, v6only = unix.AF_INET6, &unix.SockaddrInet6{Port: port}, false
-	case ip == nil:
-		addrs, err := net.DefaultResolver.LookupIPAddr(context.Background(), host)
-		if err != nil || len(addrs) == 0 {
-			return nil, fmt.Errorf("listen %s: cannot resolve host %q: %w", s, host, err)
+	} else {
+		ip, err := sockaddr.Resolve(host)
+		if err != nil {
+			return nil, fmt.Errorf("listen %s: %w", s, err)
 		}
-		family, sa = inetSockaddr(pickAddr(addrs), port)
-	default:
-		family, sa = inetSockaddr(ip, port)
+		family, sa = sockaddr.FromIP(ip, port)
 	}
 
 	fd, err := unix.Socket(family, sotype|unix.SOCK_CLOEXEC, 0)
@@ -214,7 +205,7 @@ func bindInet(s listen.Spec, reusePort bool) (*Listener, error) {
 // checkFree binds fd, a fresh socket without SO_REUSEPORT, to sa and
 // closes it. It returns the address it got (with the port the kernel chose
 // for port 0), or the bind error.
-func checkFree(fd int, s listen.Spec, sa unix.Sockaddr, v6only bool, family int) (unix.Sockaddr, error) {
+func checkFree(fd int, s Spec, sa unix.Sockaddr, v6only bool, family int) (unix.Sockaddr, error) {
 	defer unix.Close(fd)
 	if err := sockopt.Set(fd, family, sockopt.Options{ReuseAddr: true, V6Only: v6only}); err != nil {
 		return nil, fmt.Errorf("listen %s: %w", s, err)
@@ -229,7 +220,7 @@ func checkFree(fd int, s listen.Spec, sa unix.Sockaddr, v6only bool, family int)
 	return got, nil
 }
 
-func bindUnix(s listen.Spec, mode os.FileMode) (*Listener, error) {
+func bindUnix(s Spec, mode os.FileMode) (*Listener, error) {
 	path := s.Address
 	if err := unixpath.CheckLen(path); err != nil {
 		return nil, fmt.Errorf("listen %s: %w", s, err)
@@ -299,7 +290,7 @@ func bindUnix(s listen.Spec, mode os.FileMode) (*Listener, error) {
 }
 
 // lockPath takes the lock that guards a unix socket path.
-func lockPath(s listen.Spec, path string) (*os.File, error) {
+func lockPath(s Spec, path string) (*os.File, error) {
 	f, err := unixpath.Lock(path)
 	if errors.Is(err, unixpath.ErrLocked) {
 		return nil, fmt.Errorf("listen %s: address already in use: another relay holds %s; stop it or choose another path", s, s.Address)
@@ -312,7 +303,7 @@ func lockPath(s listen.Spec, path string) (*os.File, error) {
 
 // removeStaleSocket removes a socket file left behind by a process that is
 // gone. A live socket, or a file that is not a socket, is an error.
-func removeStaleSocket(s listen.Spec, path string) error {
+func removeStaleSocket(s Spec, path string) error {
 	err := unixpath.RemoveStale(path)
 	if errors.Is(err, unixpath.ErrLive) {
 		return fmt.Errorf("listen %s: address already in use: a live process listens on %s; stop it or choose another path", s, path)
@@ -323,11 +314,11 @@ func removeStaleSocket(s listen.Spec, path string) error {
 	return nil
 }
 
-func bindError(s listen.Spec, err error) error {
+func bindError(s Spec, err error) error {
 	switch {
 	case errors.Is(err, unix.EADDRINUSE):
 		return fmt.Errorf("listen %s: address already in use: another process holds %s; stop it or choose another address: %w", s, s.Address, err)
-	case errors.Is(err, unix.EACCES) && s.Network != listen.Unix:
+	case errors.Is(err, unix.EACCES) && s.Network != sockaddr.Unix:
 		return fmt.Errorf("listen %s: permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE: %w", s, err)
 	case errors.Is(err, unix.EADDRNOTAVAIL):
 		return fmt.Errorf("listen %s: address not available on this machine: %w", s, err)

@@ -12,7 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/relaysh/relay/steer"
+	"github.com/relaysh/relay/internal/sockets/steer"
 )
 
 // acceptLine accepts a connection on the listening socket l within 5 s

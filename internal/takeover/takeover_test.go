@@ -18,6 +18,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/sockaddr"
 )
 
 // The test binary plays the shim and the child: "shim" installs the filter
@@ -261,7 +263,7 @@ func backlogOf(t *testing.T, f *os.File) int {
 
 func claimPort(port int, own bool) func(Bind) Decision {
 	return func(b Bind) Decision {
-		if b.Network == TCP && int(b.Addr.Port()) == port {
+		if b.Network == sockaddr.TCP && int(b.Addr.Port()) == port {
 			return Decision{Socket: 0, Own: own}
 		}
 		return Pass

@@ -9,15 +9,13 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/internal/sockaddr"
-	"github.com/relaysh/relay/listen"
-	"github.com/relaysh/relay/listener"
-	"github.com/relaysh/relay/takeover"
+	"github.com/relaysh/relay/internal/takeover"
 )
 
 // addr is what Claim compares a child's bind with: the listener's bound
 // address and its socket's family.
 type addr struct {
-	network listen.Network
+	network sockaddr.Network
 	ip      sockaddr.Socket // IP listeners
 	path    string          // unix listeners
 	dir     takeover.FileID // the directory of path; zero if unknown
@@ -25,16 +23,16 @@ type addr struct {
 
 // family is the listener's socket family.
 func (a addr) family() int {
-	if a.network == listen.Unix {
+	if a.network == sockaddr.Unix {
 		return unix.AF_UNIX
 	}
 	return a.ip.Family
 }
 
 // readAddr reads a listener's address and family from its socket.
-func readAddr(l *listener.Listener) (addr, error) {
+func readAddr(l *Listener) (addr, error) {
 	a := addr{network: l.Spec.Network}
-	if a.network == listen.Unix {
+	if a.network == sockaddr.Unix {
 		a.path = l.Addr
 		a.dir, _ = takeover.DirID(l.Addr) // zero: compare paths as strings
 		return a, nil
@@ -61,8 +59,8 @@ func readAddr(l *listener.Listener) (addr, error) {
 // binding the wildcard gets a listener on one address, and one binding one
 // address of a wildcard listener gets the wildcard.
 func (a addr) covers(b takeover.Bind) bool {
-	if b.Family == unix.AF_UNIX || a.network == listen.Unix {
-		if b.Family != unix.AF_UNIX || a.network != listen.Unix || (b.Network != takeover.Unix && b.Err == nil) {
+	if b.Family == unix.AF_UNIX || a.network == sockaddr.Unix {
+		if b.Family != unix.AF_UNIX || a.network != sockaddr.Unix || (b.Network != sockaddr.Unix && b.Err == nil) {
 			return false
 		}
 		if b.Dir != (takeover.FileID{}) && a.dir != (takeover.FileID{}) {
@@ -73,15 +71,15 @@ func (a addr) covers(b takeover.Bind) bool {
 		return b.Path == a.path
 	}
 	switch b.Network {
-	case takeover.TCP:
-		if a.network != listen.TCP {
+	case sockaddr.TCP:
+		if a.network != sockaddr.TCP {
 			return false
 		}
-	case takeover.UDP:
-		if a.network != listen.UDP {
+	case sockaddr.UDP:
+		if a.network != sockaddr.UDP {
 			return false
 		}
-	case takeover.Other:
+	case sockaddr.Other:
 		if b.Err == nil {
 			return false // another protocol: the port is not relay's
 		}

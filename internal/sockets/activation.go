@@ -1,7 +1,6 @@
-package listener
+package sockets
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -14,7 +13,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/internal/sockaddr"
-	"github.com/relaysh/relay/listen"
 	"github.com/relaysh/relay/socketpass"
 )
 
@@ -104,14 +102,14 @@ func describe(nfd, fd int, name string) (*Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("passed fd %d (%s): reading its family: %w", fd, name, err)
 	}
-	var network listen.Network
+	var network sockaddr.Network
 	switch {
 	case typ == unix.SOCK_STREAM && family == unix.AF_UNIX:
-		network = listen.Unix
+		network = sockaddr.Unix
 	case typ == unix.SOCK_STREAM && (family == unix.AF_INET || family == unix.AF_INET6):
-		network = listen.TCP
+		network = sockaddr.TCP
 	case typ == unix.SOCK_DGRAM && (family == unix.AF_INET || family == unix.AF_INET6):
-		network = listen.UDP
+		network = sockaddr.UDP
 	default:
 		return nil, fmt.Errorf("passed fd %d (%s) is a socket of family %d and type %d; relay passes on TCP, UDP and unix stream sockets", fd, name, family, typ)
 	}
@@ -129,11 +127,11 @@ func describe(nfd, fd int, name string) (*Listener, error) {
 		return nil, fmt.Errorf("passed fd %d (%s): reading its address: %w", fd, name, err)
 	}
 	addr := sockaddr.String(sa)
-	if name == "" || listen.ValidateName(name) != nil {
-		name = listen.DefaultName(network, addr)
+	if name == "" || ValidateName(name) != nil {
+		name = DefaultName(network, addr)
 	}
 	return &Listener{
-		Spec:       listen.Spec{Name: name, Network: network, Address: addr, NameGiven: true},
+		Spec:       Spec{Name: name, Network: network, Address: addr, NameGiven: true},
 		Addr:       addr,
 		Origin:     Activated,
 		PassedName: name,
@@ -141,7 +139,7 @@ func describe(nfd, fd int, name string) (*Listener, error) {
 	}, nil
 }
 
-// Open returns relay's listeners, in the order the children get them:
+// openListeners returns relay's listeners, in the order the children get them:
 //
 //  1. the passed sockets that no --listen spec claims, in the order they
 //     were passed, under the names they came with;
@@ -154,11 +152,11 @@ func describe(nfd, fd int, name string) (*Listener, error) {
 // .socket unit and --listen may name the same address.
 //
 // Passed sockets whose name starts with StoreNamePrefix that no spec claims
-// were stored for a --listen that is gone or changed. Open closes them and,
+// were stored for a --listen that is gone or changed. openListeners closes them and,
 // before it binds anything, calls dropStale with their names, so that the
 // caller can have them removed from the store: the store's copy would
 // otherwise keep the address busy. dropStale may be nil.
-func Open(specs []listen.Spec, passed []*Listener, opts BindOptions, dropStale func(names []string)) ([]*Listener, error) {
+func openListeners(specs []Spec, passed []*Listener, opts BindOptions, dropStale func(names []string)) ([]*Listener, error) {
 	claimed := make([]*Listener, len(specs))
 	taken := make(map[*Listener]bool)
 	for i, s := range specs {
@@ -211,13 +209,13 @@ func Open(specs []listen.Spec, passed []*Listener, opts BindOptions, dropStale f
 }
 
 // inherit makes a passed socket serve in the place of spec s.
-func (l *Listener) inherit(s listen.Spec) error {
+func (l *Listener) inherit(s Spec) error {
 	l.Origin = Inherited
 	l.Spec = s
 	if !s.NameGiven {
-		l.Spec.Name = listen.DefaultName(s.Network, l.Addr)
+		l.Spec.Name = DefaultName(s.Network, l.Addr)
 	}
-	if s.Network == listen.Unix {
+	if s.Network == sockaddr.Unix {
 		// Hold the path's lock, as for a socket relay binds, so that no
 		// other relay replaces the file under this one.
 		lock, err := lockPath(s, l.Addr+".lock")
@@ -231,11 +229,11 @@ func (l *Listener) inherit(s listen.Spec) error {
 
 // matches reports whether the passed socket p listens where s asks: on
 // the address s names, not on one that merely covers it.
-func matches(s listen.Spec, p *Listener) bool {
+func matches(s Spec, p *Listener) bool {
 	if s.Network != p.Spec.Network {
 		return false
 	}
-	if s.Network == listen.Unix {
+	if s.Network == sockaddr.Unix {
 		if filepath.Clean(s.Address) != filepath.Clean(p.Addr) {
 			return false
 		}
@@ -256,12 +254,6 @@ func matches(s listen.Spec, p *Listener) bool {
 	if host == "" {
 		return pip.IsUnspecified()
 	}
-	if ip := parseHost(host); ip != nil {
-		return ip.Equal(pip)
-	}
-	addrs, err := net.DefaultResolver.LookupIPAddr(context.Background(), host)
-	if err != nil || len(addrs) == 0 {
-		return false
-	}
-	return pickAddr(addrs).Equal(pip)
+	ip, err := sockaddr.Resolve(host)
+	return err == nil && ip.Equal(pip)
 }

@@ -9,15 +9,15 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/relaysh/relay/listen"
-	"github.com/relaysh/relay/takeover"
+	"github.com/relaysh/relay/internal/sockaddr"
+	"github.com/relaysh/relay/internal/takeover"
 )
 
 func openSet(t *testing.T, steerMode SteerMode, listens ...string) *Set {
 	t.Helper()
-	var specs []listen.Spec
+	var specs []Spec
 	for _, l := range listens {
-		s, err := listen.Parse(l)
+		s, err := ParseSpec(l)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -42,7 +42,7 @@ func tcpBind(domain int, addr string) takeover.Bind {
 	if ap.Addr().Is6() {
 		fam = unix.AF_INET6
 	}
-	return takeover.Bind{Family: fam, Addr: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), Network: takeover.TCP, Domain: domain}
+	return takeover.Bind{Family: fam, Addr: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), Network: sockaddr.TCP, Domain: domain}
 }
 
 func TestClaimMatchesPortAndAddress(t *testing.T) {
@@ -64,9 +64,9 @@ func TestClaimMatchesPortAndAddress(t *testing.T) {
 		{"another address on the port", tcpBind(unix.AF_INET, at("127.0.0.2", tcp)), -1, false},
 		{"another port", tcpBind(unix.AF_INET, at("127.0.0.1", tcp+1)), -1, false},
 		{"port 0", tcpBind(unix.AF_INET, at("127.0.0.1", 0)), -1, false},
-		{"UDP on the TCP port", takeover.Bind{Family: unix.AF_INET, Addr: netip.MustParseAddrPort(at("127.0.0.1", tcp)), Network: takeover.UDP, Domain: unix.AF_INET}, -1, false},
+		{"UDP on the TCP port", takeover.Bind{Family: unix.AF_INET, Addr: netip.MustParseAddrPort(at("127.0.0.1", tcp)), Network: sockaddr.UDP, Domain: unix.AF_INET}, -1, false},
 		// The UDP socket is shared, but generation 1 is its only holder.
-		{"the UDP listener", takeover.Bind{Family: unix.AF_INET, Addr: netip.MustParseAddrPort(at("0.0.0.0", udp)), Network: takeover.UDP, Domain: unix.AF_INET}, 1, true},
+		{"the UDP listener", takeover.Bind{Family: unix.AF_INET, Addr: netip.MustParseAddrPort(at("0.0.0.0", udp)), Network: sockaddr.UDP, Domain: unix.AF_INET}, 1, true},
 	} {
 		d := set.Claim(1, c.bind)
 		if d.Refuse != nil || d.Socket != c.want || (c.want >= 0 && d.Own != c.own) {
@@ -78,7 +78,7 @@ func TestClaimMatchesPortAndAddress(t *testing.T) {
 	if _, err := set.Take(2); err != nil {
 		t.Fatal(err)
 	}
-	d := set.Claim(2, takeover.Bind{Family: unix.AF_INET, Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), udp), Network: takeover.UDP, Domain: unix.AF_INET})
+	d := set.Claim(2, takeover.Bind{Family: unix.AF_INET, Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), udp), Network: sockaddr.UDP, Domain: unix.AF_INET})
 	if d.Socket != 1 || d.Own {
 		t.Errorf("shared UDP socket with two holders: %+v, want socket 1, not own", d)
 	}
@@ -104,10 +104,10 @@ func TestClaimUnixPath(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "app.sock")
 	set := openSet(t, SteerAuto, "unix:"+path)
 	set.Take(1)
-	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: path, Network: takeover.Unix, Domain: unix.AF_UNIX}); d.Socket != 0 || d.Refuse != nil {
+	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: path, Network: sockaddr.Unix, Domain: unix.AF_UNIX}); d.Socket != 0 || d.Refuse != nil {
 		t.Errorf("bind of the listener's path: %+v, want socket 0", d)
 	}
-	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: path + ".other", Network: takeover.Unix, Domain: unix.AF_UNIX}); d.Socket != -1 {
+	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: path + ".other", Network: sockaddr.Unix, Domain: unix.AF_UNIX}); d.Socket != -1 {
 		t.Errorf("bind of another path: %+v, want pass", d)
 	}
 	// The same socket reached through a symlinked directory.
@@ -120,7 +120,7 @@ func TestClaimUnixPath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: via, Dir: dir, Network: takeover.Unix, Domain: unix.AF_UNIX}); d.Socket != 0 {
+	if d := set.Claim(1, takeover.Bind{Family: unix.AF_UNIX, Path: via, Dir: dir, Network: sockaddr.Unix, Domain: unix.AF_UNIX}); d.Socket != 0 {
 		t.Errorf("bind of the path through a symlink: %+v, want socket 0", d)
 	}
 }

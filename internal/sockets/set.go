@@ -13,9 +13,8 @@ import (
 	"time"
 
 	"github.com/relaysh/relay/internal/sockaddr"
-	"github.com/relaysh/relay/listener"
+	"github.com/relaysh/relay/internal/sockets/steer"
 	"github.com/relaysh/relay/socketpass"
-	"github.com/relaysh/relay/steer"
 )
 
 // Set is relay's listeners, for relay's whole life. Its methods are safe
@@ -34,7 +33,7 @@ type Set struct {
 
 // entry is one listener.
 type entry struct {
-	Listener *listener.Listener
+	Listener *Listener
 	// Group gives each generation a socket of its own; nil where the
 	// generations share the listener's socket.
 	Group *steer.Group
@@ -86,8 +85,8 @@ func (s *Set) Names() []string {
 }
 
 // listeners returns the listeners, in fd order.
-func (s *Set) listeners() []*listener.Listener {
-	out := make([]*listener.Listener, len(s.entries))
+func (s *Set) listeners() []*Listener {
+	out := make([]*Listener, len(s.entries))
 	for i, e := range s.entries {
 		out[i] = e.Listener
 	}
@@ -318,5 +317,5 @@ func (s *Set) Close() error {
 			e.Group.Close()
 		}
 	}
-	return listener.CloseAll(s.listeners())
+	return CloseAll(s.listeners())
 }

@@ -1,4 +1,4 @@
-package listener
+package sockets
 
 import (
 	"net"
@@ -9,15 +9,15 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/relaysh/relay/internal/sockaddr"
 	"github.com/relaysh/relay/internal/unixpath"
-	"github.com/relaysh/relay/listen"
 )
 
 // passedSocket binds spec and dresses the socket up as one passed to relay
 // under name.
 func passedSocket(t *testing.T, spec string, name string) *Listener {
 	t.Helper()
-	s, err := listen.Parse(spec)
+	s, err := ParseSpec(spec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,16 +42,16 @@ func TestOpenTakesPassedSocketsForMatchingSpecs(t *testing.T) {
 	stale := passedSocket(t, "127.0.0.1:0", StoreNamePrefix+"gone")
 	_, port, _ := net.SplitHostPort(tcp.Addr)
 
-	var specs []listen.Spec
+	var specs []Spec
 	for _, v := range []string{"127.0.0.1:" + port, "unix:" + sock, "admin=127.0.0.1:0"} {
-		s, err := listen.Parse(v)
+		s, err := ParseSpec(v)
 		if err != nil {
 			t.Fatal(err)
 		}
 		specs = append(specs, s)
 	}
 	var staleNames []string
-	ls, err := Open(specs, []*Listener{tcp, unixL, other, stale}, BindOptions{UnixMode: 0o600}, func(names []string) {
+	ls, err := openListeners(specs, []*Listener{tcp, unixL, other, stale}, BindOptions{UnixMode: 0o600}, func(names []string) {
 		staleNames = names
 		if _, err := unix.FcntlInt(stale.file.Fd(), unix.F_GETFD, 0); err == nil {
 			t.Errorf("the stale socket is still open when the store is asked to drop it")
@@ -88,15 +88,15 @@ func TestOpenCleansUpOnError(t *testing.T) {
 	}
 	defer taken.Close()
 	later := passedSocket(t, "127.0.0.1:0", StoreNamePrefix+"tcp-later")
-	var specs []listen.Spec
+	var specs []Spec
 	for _, v := range []string{"unix:" + sock, taken.Addr().String(), later.Addr} {
-		s, err := listen.Parse(v)
+		s, err := ParseSpec(v)
 		if err != nil {
 			t.Fatal(err)
 		}
 		specs = append(specs, s)
 	}
-	if _, err := Open(specs, []*Listener{later}, BindOptions{UnixMode: 0o600}, nil); err == nil {
+	if _, err := openListeners(specs, []*Listener{later}, BindOptions{UnixMode: 0o600}, nil); err == nil {
 		t.Fatal("Open succeeded on an address in use")
 	}
 	if _, err := os.Lstat(sock); err == nil {
@@ -113,27 +113,27 @@ func TestOpenCleansUpOnError(t *testing.T) {
 }
 
 func TestSpecMatches(t *testing.T) {
-	p := func(network listen.Network, addr string) *Listener {
-		return &Listener{Spec: listen.Spec{Network: network}, Addr: addr}
+	p := func(network sockaddr.Network, addr string) *Listener {
+		return &Listener{Spec: Spec{Network: network}, Addr: addr}
 	}
 	for _, c := range []struct {
 		spec string
 		l    *Listener
 		want bool
 	}{
-		{"127.0.0.1:8080", p(listen.TCP, "127.0.0.1:8080"), true},
-		{":8080", p(listen.TCP, "[::]:8080"), true},
-		{":8080", p(listen.TCP, "0.0.0.0:8080"), true},
-		{":8080", p(listen.TCP, "127.0.0.1:8080"), false},
-		{"127.0.0.1:8080", p(listen.TCP, "127.0.0.1:8081"), false},
-		{"127.0.0.1:0", p(listen.TCP, "127.0.0.1:0"), false},
-		{"udp:127.0.0.1:53", p(listen.TCP, "127.0.0.1:53"), false},
-		{"udp:127.0.0.1:53", p(listen.UDP, "127.0.0.1:53"), true},
-		{"[::1]:80", p(listen.TCP, "[::1]:80"), true},
-		{"unix:/nonexistent/a.sock", p(listen.Unix, "/nonexistent/a.sock"), false}, // its file is gone
-		{"unix:/run/a.sock", p(listen.Unix, "/run/b.sock"), false},
+		{"127.0.0.1:8080", p(sockaddr.TCP, "127.0.0.1:8080"), true},
+		{":8080", p(sockaddr.TCP, "[::]:8080"), true},
+		{":8080", p(sockaddr.TCP, "0.0.0.0:8080"), true},
+		{":8080", p(sockaddr.TCP, "127.0.0.1:8080"), false},
+		{"127.0.0.1:8080", p(sockaddr.TCP, "127.0.0.1:8081"), false},
+		{"127.0.0.1:0", p(sockaddr.TCP, "127.0.0.1:0"), false},
+		{"udp:127.0.0.1:53", p(sockaddr.TCP, "127.0.0.1:53"), false},
+		{"udp:127.0.0.1:53", p(sockaddr.UDP, "127.0.0.1:53"), true},
+		{"[::1]:80", p(sockaddr.TCP, "[::1]:80"), true},
+		{"unix:/nonexistent/a.sock", p(sockaddr.Unix, "/nonexistent/a.sock"), false}, // its file is gone
+		{"unix:/run/a.sock", p(sockaddr.Unix, "/run/b.sock"), false},
 	} {
-		s, err := listen.Parse(c.spec)
+		s, err := ParseSpec(c.spec)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -168,7 +168,7 @@ func TestAdoptFileMakesItBlocking(t *testing.T) {
 	if flags&unix.O_NONBLOCK != 0 {
 		t.Errorf("the taken socket is still non-blocking")
 	}
-	if l.Spec.Name != "web" || l.Spec.Network != listen.TCP || l.Origin != Activated {
+	if l.Spec.Name != "web" || l.Spec.Network != sockaddr.TCP || l.Origin != Activated {
 		t.Errorf("taken as %+v", l.Spec)
 	}
 	// A connected socket is refused with a hint.

@@ -1,6 +1,4 @@
-// Package listen reads what relay is asked to listen on: the --listen
-// values, the names the children see them under, and --socket-mode.
-package listen
+package sockets
 
 import (
 	"fmt"
@@ -11,17 +9,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/relaysh/relay/internal/sockaddr"
 	"github.com/relaysh/relay/internal/unixpath"
-)
-
-// Network is the kind of socket a Spec describes.
-type Network string
-
-// The networks relay can listen on.
-const (
-	TCP  Network = "tcp"
-	UDP  Network = "udp"
-	Unix Network = "unix"
 )
 
 // maxNameLen is systemd's limit on a file descriptor name.
@@ -32,7 +21,7 @@ type Spec struct {
 	// Name is passed to the child in LISTEN_FDNAMES.
 	Name string
 	// Network is tcp, udp or unix.
-	Network Network
+	Network sockaddr.Network
 	// Address is host:port for tcp and udp, and a filesystem path for unix.
 	Address string
 	// NameGiven reports whether the user chose Name (name=...).
@@ -43,9 +32,9 @@ type Spec struct {
 func (s Spec) String() string {
 	addr := s.Address
 	switch s.Network {
-	case UDP:
+	case sockaddr.UDP:
 		addr = "udp:" + addr
-	case Unix:
+	case sockaddr.Unix:
 		addr = "unix:" + addr
 	}
 	if s.NameGiven {
@@ -63,7 +52,7 @@ func (s Spec) String() string {
 // each optionally prefixed with name= to set the name the child sees in
 // LISTEN_FDNAMES. Without a name, DefaultName decides it once the socket is
 // bound.
-func Parse(value string) (Spec, error) {
+func ParseSpec(value string) (Spec, error) {
 	var s Spec
 	rest := value
 	// A name prefix never contains ':' or '/', so the first '=' before any
@@ -80,7 +69,7 @@ func Parse(value string) (Spec, error) {
 	}
 	switch {
 	case strings.HasPrefix(rest, "unix:"):
-		s.Network, s.Address = Unix, strings.TrimPrefix(rest, "unix:")
+		s.Network, s.Address = sockaddr.Unix, strings.TrimPrefix(rest, "unix:")
 		if s.Address == "" {
 			return Spec{}, fmt.Errorf("--listen %q: unix socket path is empty; use unix:/path/to/socket", value)
 		}
@@ -97,11 +86,11 @@ func Parse(value string) (Spec, error) {
 		}
 		return s, nil
 	case strings.HasPrefix(rest, "udp:"):
-		s.Network, s.Address = UDP, strings.TrimPrefix(rest, "udp:")
+		s.Network, s.Address = sockaddr.UDP, strings.TrimPrefix(rest, "udp:")
 	case strings.HasPrefix(rest, "tcp:"):
-		s.Network, s.Address = TCP, strings.TrimPrefix(rest, "tcp:")
+		s.Network, s.Address = sockaddr.TCP, strings.TrimPrefix(rest, "tcp:")
 	default:
-		s.Network, s.Address = TCP, rest
+		s.Network, s.Address = sockaddr.TCP, rest
 	}
 	host, port, err := net.SplitHostPort(s.Address)
 	if err != nil {
@@ -174,7 +163,7 @@ func CheckDistinct(specs []Spec) error {
 			if a.Network != b.Network {
 				continue
 			}
-			if a.Network == Unix {
+			if a.Network == sockaddr.Unix {
 				if a.Address == b.Address {
 					return fmt.Errorf("--listen %q and --listen %q are the same socket %s; give each address once", b, a, a.Address)
 				}
@@ -263,9 +252,9 @@ func ValidateName(name string) error {
 // DefaultName is the name given to a socket whose --listen value has none:
 // the network and the bound port for tcp and udp ("tcp-8080", "udp-5353"),
 // and "unix-" plus the file name for unix sockets ("unix-app.sock").
-func DefaultName(network Network, boundAddr string) string {
+func DefaultName(network sockaddr.Network, boundAddr string) string {
 	switch network {
-	case Unix:
+	case sockaddr.Unix:
 		return "unix-" + sanitizeName(filepath.Base(boundAddr))
 	default:
 		_, port, err := net.SplitHostPort(boundAddr)
@@ -290,7 +279,7 @@ func sanitizeName(s string) string {
 }
 
 // FileMode parses a --socket-mode value such as "0660".
-func FileMode(value string) (os.FileMode, error) {
+func ParseFileMode(value string) (os.FileMode, error) {
 	n, err := strconv.ParseUint(value, 8, 32)
 	if err != nil || n > 0o777 {
 		return 0, fmt.Errorf("--socket-mode %q: want an octal permission such as 0660", value)

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/internal/procfs"
+	"github.com/relaysh/relay/internal/sockaddr"
 )
 
 // sockaddrStorage is sizeof(struct sockaddr_storage).
@@ -144,16 +145,16 @@ func inspect(fd int, b *Bind) error {
 	}
 	switch {
 	case b.Domain == unix.AF_UNIX && typ == unix.SOCK_STREAM:
-		b.Network = Unix
+		b.Network = sockaddr.Unix
 	case (b.Domain == unix.AF_INET || b.Domain == unix.AF_INET6) && typ == unix.SOCK_STREAM &&
 		(proto == unix.IPPROTO_TCP || proto == unix.IPPROTO_MPTCP):
 		// Go's listeners are MPTCP where the kernel allows; a plain
 		// TCP socket in its place serves them the same.
-		b.Network = TCP
+		b.Network = sockaddr.TCP
 	case (b.Domain == unix.AF_INET || b.Domain == unix.AF_INET6) && typ == unix.SOCK_DGRAM && proto == unix.IPPROTO_UDP:
-		b.Network = UDP
+		b.Network = sockaddr.UDP
 	default:
-		b.Network = Other
+		b.Network = sockaddr.Other
 	}
 	if b.Domain == unix.AF_INET6 {
 		v, err := unix.GetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY)

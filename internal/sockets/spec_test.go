@@ -1,8 +1,10 @@
-package listen
+package sockets
 
 import (
 	"strings"
 	"testing"
+
+	"github.com/relaysh/relay/internal/sockaddr"
 )
 
 func TestParse(t *testing.T) {
@@ -11,21 +13,21 @@ func TestParse(t *testing.T) {
 		want    Spec
 		wantErr string
 	}{
-		{in: ":8080", want: Spec{Network: TCP, Address: ":8080"}},
-		{in: "127.0.0.1:0", want: Spec{Network: TCP, Address: "127.0.0.1:0"}},
-		{in: "[::1]:443", want: Spec{Network: TCP, Address: "[::1]:443"}},
-		{in: "web=[::1]:443", want: Spec{Name: "web", NameGiven: true, Network: TCP, Address: "[::1]:443"}},
-		{in: "udp:127.0.0.1:53", want: Spec{Network: UDP, Address: "127.0.0.1:53"}},
-		{in: "dns=udp::53", want: Spec{Name: "dns", NameGiven: true, Network: UDP, Address: ":53"}},
-		{in: "unix:/run/a.sock", want: Spec{Network: Unix, Address: "/run/a.sock"}},
-		{in: "api=unix:/run/a=b.sock", want: Spec{Name: "api", NameGiven: true, Network: Unix, Address: "/run/a=b.sock"}},
+		{in: ":8080", want: Spec{Network: sockaddr.TCP, Address: ":8080"}},
+		{in: "127.0.0.1:0", want: Spec{Network: sockaddr.TCP, Address: "127.0.0.1:0"}},
+		{in: "[::1]:443", want: Spec{Network: sockaddr.TCP, Address: "[::1]:443"}},
+		{in: "web=[::1]:443", want: Spec{Name: "web", NameGiven: true, Network: sockaddr.TCP, Address: "[::1]:443"}},
+		{in: "udp:127.0.0.1:53", want: Spec{Network: sockaddr.UDP, Address: "127.0.0.1:53"}},
+		{in: "dns=udp::53", want: Spec{Name: "dns", NameGiven: true, Network: sockaddr.UDP, Address: ":53"}},
+		{in: "unix:/run/a.sock", want: Spec{Network: sockaddr.Unix, Address: "/run/a.sock"}},
+		{in: "api=unix:/run/a=b.sock", want: Spec{Name: "api", NameGiven: true, Network: sockaddr.Unix, Address: "/run/a=b.sock"}},
 		{in: "localhost", wantErr: "host:port"},
 		{in: ":http", wantErr: "not a number"},
 		{in: ":70000", wantErr: "not a number"},
 		{in: "unix:", wantErr: "empty"},
 		{in: "a:b=:80", wantErr: "host:port"},
 		{in: "=:80", wantErr: "empty"},
-		{in: "unix:/run//a/../b.sock", want: Spec{Network: Unix, Address: "/run/b.sock"}},
+		{in: "unix:/run//a/../b.sock", want: Spec{Network: sockaddr.Unix, Address: "/run/b.sock"}},
 		{in: "tcp://127.0.0.1:8080", wantErr: `not a URL; write 127.0.0.1:8080 or tcp:127.0.0.1:8080`},
 		{in: "TCP://[::1]:8080/", wantErr: `not a URL; write [::1]:8080 or tcp:[::1]:8080`},
 		{in: "web=http://127.0.0.1:8080/x", wantErr: `not a URL; write web=127.0.0.1:8080 or web=tcp:127.0.0.1:8080`},
@@ -37,29 +39,29 @@ func TestParse(t *testing.T) {
 		{in: "tcp:/x:80", wantErr: `neither an IP address nor a host name`},
 		{in: "unix:/" + strings.Repeat("s", 107), wantErr: "the socket path is 108 bytes, longer than the 107 a unix socket address holds; choose a shorter path"},
 	} {
-		got, err := Parse(c.in)
+		got, err := ParseSpec(c.in)
 		if c.wantErr != "" {
 			if err == nil || !strings.Contains(err.Error(), c.wantErr) {
-				t.Errorf("Parse(%q) error = %v, want one mentioning %q", c.in, err, c.wantErr)
+				t.Errorf("ParseSpec(%q) error = %v, want one mentioning %q", c.in, err, c.wantErr)
 			}
 			continue
 		}
 		if err != nil || got != c.want {
-			t.Errorf("Parse(%q) = %+v, %v; want %+v", c.in, got, err, c.want)
+			t.Errorf("ParseSpec(%q) = %+v, %v; want %+v", c.in, got, err, c.want)
 		}
 	}
 }
 
 func TestDefaultName(t *testing.T) {
 	for _, c := range []struct {
-		network Network
+		network sockaddr.Network
 		addr    string
 		want    string
 	}{
-		{TCP, "[::]:8080", "tcp-8080"},
-		{UDP, "127.0.0.1:5353", "udp-5353"},
-		{Unix, "/run/app/api.sock", "unix-api.sock"},
-		{Unix, "/run/a:b", "unix-a_b"},
+		{sockaddr.TCP, "[::]:8080", "tcp-8080"},
+		{sockaddr.UDP, "127.0.0.1:5353", "udp-5353"},
+		{sockaddr.Unix, "/run/app/api.sock", "unix-api.sock"},
+		{sockaddr.Unix, "/run/a:b", "unix-a_b"},
 	} {
 		if got := DefaultName(c.network, c.addr); got != c.want {
 			t.Errorf("DefaultName(%s, %q) = %q, want %q", c.network, c.addr, got, c.want)
@@ -97,9 +99,9 @@ func TestCheckDistinct(t *testing.T) {
 	} {
 		var specs []Spec
 		for _, v := range []string{c.a, c.b} {
-			s, err := Parse(v)
+			s, err := ParseSpec(v)
 			if err != nil {
-				t.Fatalf("Parse(%q): %v", v, err)
+				t.Fatalf("ParseSpec(%q): %v", v, err)
 			}
 			specs = append(specs, s)
 		}

@@ -9,17 +9,8 @@ import (
 	"slices"
 
 	"golang.org/x/sys/unix"
-)
 
-// Network is the kind of socket a child binds.
-type Network string
-
-// The networks a bind can be taken over on; other sockets are Other.
-const (
-	TCP   Network = "tcp"
-	UDP   Network = "udp"
-	Unix  Network = "unix"
-	Other Network = ""
+	"github.com/relaysh/relay/internal/sockaddr"
 )
 
 // Bind is one bind(2) of a process in the child's tree.
@@ -42,7 +33,7 @@ type Bind struct {
 
 	// What relay found of the child's socket. Err says why it could not
 	// look, and the rest is then zero.
-	Network  Network
+	Network  sockaddr.Network
 	Domain   int  // the socket's own family (SO_DOMAIN)
 	V6Only   bool // IPV6_V6ONLY on an AF_INET6 socket
 	Nonblock bool

@@ -1,7 +1,3 @@
-// Package sockets is relay's set of listening sockets: what each listener
-// is, its steering group, whether systemd's fd store keeps a copy, which
-// sockets each generation holds, and which socket a generation's own
-// bind(2) lands on.
 package sockets
 
 import (
@@ -12,10 +8,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/relaysh/relay/listen"
-	"github.com/relaysh/relay/listener"
-	"github.com/relaysh/relay/sdnotify"
-	"github.com/relaysh/relay/steer"
+	"github.com/relaysh/relay/internal/sdnotify"
+	"github.com/relaysh/relay/internal/sockaddr"
+	"github.com/relaysh/relay/internal/sockets/steer"
 )
 
 // SteerMode is the --steer setting.
@@ -40,9 +35,9 @@ func ParseSteerMode(v string) (SteerMode, error) {
 // Options say how to open the set.
 type Options struct {
 	// Specs are the --listen values, in order.
-	Specs []listen.Spec
+	Specs []Spec
 	// Passed are the sockets systemd passed to relay (LISTEN_FDS).
-	Passed []*listener.Listener
+	Passed []*Listener
 	// UnixMode is the permission of unix sockets relay creates.
 	UnixMode os.FileMode
 	Steer    SteerMode
@@ -64,8 +59,8 @@ func Open(opts Options) (*Set, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	listeners, err := listener.Open(opts.Specs, opts.Passed,
-		listener.BindOptions{UnixMode: opts.UnixMode, ReusePort: opts.Steer != SteerOff},
+	listeners, err := openListeners(opts.Specs, opts.Passed,
+		BindOptions{UnixMode: opts.UnixMode, ReusePort: opts.Steer != SteerOff},
 		func(stale []string) { dropStale(log, opts.Notifier, stale) })
 	if err != nil {
 		return nil, err
@@ -97,12 +92,12 @@ func (s *Set) steer(mode SteerMode) error {
 	steered := false
 	for _, e := range s.entries {
 		l := e.Listener
-		if l.Spec.Network != listen.TCP {
+		if l.Spec.Network != sockaddr.TCP {
 			continue // unix and UDP sockets have no connections to steer
 		}
 		// A socket another process holds a copy of (systemd's socket
 		// unit or fd store) must stay a working listener.
-		pin := e.Stored || l.Origin != listener.Bound
+		pin := e.Stored || l.Origin != Bound
 		g, err := steer.New(l.File(), steer.Options{Name: l.Spec.Name, Pin: pin, Log: s.log})
 		if err != nil {
 			if mode == SteerOn {
@@ -162,8 +157,8 @@ func dropStale(log *slog.Logger, n *sdnotify.Notifier, stale []string) {
 // relay itself (systemctl restart, or a crash with Restart=) hands the same
 // sockets back and no connection is refused in between. Sockets a .socket
 // unit passed stay with that unit. It returns the listeners it stored.
-func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*listener.Listener) map[*listener.Listener]bool {
-	kept := map[*listener.Listener]bool{}
+func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*Listener) map[*Listener]bool {
+	kept := map[*Listener]bool{}
 	if n == nil || !n.Enabled() {
 		return kept
 	}
@@ -174,10 +169,10 @@ func storeSockets(log *slog.Logger, n *sdnotify.Notifier, listeners []*listener.
 	}
 	stored := 0
 	for _, l := range listeners {
-		if l.Origin == listener.Activated || (l.Origin == listener.Inherited && !strings.HasPrefix(l.PassedName, listener.StoreNamePrefix)) {
+		if l.Origin == Activated || (l.Origin == Inherited && !strings.HasPrefix(l.PassedName, StoreNamePrefix)) {
 			continue // a .socket unit holds it already
 		}
-		name := listener.StoreNamePrefix + l.Spec.Name
+		name := StoreNamePrefix + l.Spec.Name
 		if stored >= limit {
 			log.Warn("the fd store is full: this socket will be bound anew if relay restarts; raise FileDescriptorStoreMax=", "fdname", name, "fdstore_max", limit)
 			continue
