@@ -1,14 +1,23 @@
 package control
 
-import "github.com/relaysh/relay/supervisor"
+import (
+	"time"
+
+	"github.com/relaysh/relay/supervisor"
+)
 
 // The supervisor's types become wire types here and nowhere else, so that
-// the protocol changes only when this file does.
+// the protocol changes only when this file does. The supervisor counts in
+// time.Duration and time.Time; the display units of the wire (duration_ms,
+// age_seconds, ready_after_ms) are made here.
+
+// ms is d in milliseconds, to the microsecond.
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 func eventFrom(ev supervisor.Event) Event {
 	out := Event{
 		Phase: phaseFrom(ev.Phase), Generation: ev.Generation, Pid: ev.Pid, Check: ev.Check,
-		Signal: ev.Signal, Status: ev.Status, DurationMs: ev.DurationMs, Drain: ev.Drain,
+		Signal: ev.Signal, Status: ev.Status, DurationMs: ms(ev.Duration), Drain: ev.Drain,
 	}
 	if ev.Result != nil {
 		res := resultFrom(*ev.Result)
@@ -89,12 +98,12 @@ func statusDoc(info Info, control string, pid int, st supervisor.Status) *Status
 	for _, g := range st.Generations {
 		doc.Generations = append(doc.Generations, GenerationStatus{
 			Generation: g.Generation, Pid: g.Pid, State: stateFrom(g.State), Started: g.Started,
-			AgeSeconds: g.AgeSeconds, ReadyAfterMs: g.ReadyAfterMs, Command: g.Command, Sockets: g.Sockets,
+			AgeSeconds: st.At.Sub(g.Started).Seconds(), ReadyAfterMs: ms(g.ReadyAfter), Command: g.Command, Sockets: g.Sockets,
 			Processes: g.Processes,
 		})
 	}
 	if l := st.LastRestart; l != nil {
-		doc.LastRestart = &LastRestart{Result: resultFrom(l.Result), Finished: l.Finished, DurationMs: l.DurationMs}
+		doc.LastRestart = &LastRestart{Result: resultFrom(l.Result), Finished: l.Finished, DurationMs: ms(l.Duration)}
 	}
 	return doc
 }

@@ -49,13 +49,21 @@ func (c *fieldCheck) compare(t *testing.T, path string, sup, wire reflect.Value)
 	case sup.Kind() == reflect.Struct:
 		for i := 0; i < sup.NumField(); i++ {
 			f := sup.Type().Field(i)
+			key := sup.Type().String() + "." + f.Name
 			wf := wire.FieldByName(f.Name)
-			if !wf.IsValid() {
+			display, converted := displayed()[key]
+			if !wf.IsValid() && !converted {
 				t.Errorf("%s.%s has no field of that name on the wire", path, f.Name)
 				continue
 			}
 			if isLeaf(f.Type) && !sup.Field(i).IsZero() {
-				c.nonZero[sup.Type().String()+"."+f.Name] = true
+				c.nonZero[key] = true
+			}
+			if converted {
+				if got, want := display(sup, wire); !reflect.DeepEqual(got, want) {
+					t.Errorf("%s.%s: %v on the wire, want %v", path, f.Name, got, want)
+				}
+				continue
 			}
 			c.compare(t, path+"."+f.Name, sup.Field(i), wf)
 		}
@@ -89,6 +97,34 @@ func (c *fieldCheck) compare(t *testing.T, path string, sup, wire reflect.Value)
 		if s, w := fmt.Sprint(sup.Interface()), fmt.Sprint(wire.Interface()); s != w {
 			t.Errorf("%s: %s on the wire, want %s", path, w, s)
 		}
+	}
+}
+
+// displayed names the supervisor's fields, by type and name, that reach the
+// wire in its display units or under other names: each gives what the wire
+// struct holds for the field and what it should hold, from the
+// supervisor's struct.
+func displayed() map[string]func(sup, wire reflect.Value) (got, want any) {
+	duration := func(v reflect.Value, name string) time.Duration {
+		return v.FieldByName(name).Interface().(time.Duration)
+	}
+	return map[string]func(sup, wire reflect.Value) (got, want any){
+		"supervisor.Event.Duration": func(sup, wire reflect.Value) (any, any) {
+			return wire.FieldByName("DurationMs").Float(), ms(duration(sup, "Duration"))
+		},
+		"supervisor.GenerationStatus.ReadyAfter": func(sup, wire reflect.Value) (any, any) {
+			return wire.FieldByName("ReadyAfterMs").Float(), ms(duration(sup, "ReadyAfter"))
+		},
+		// Status.At is the generations' age_seconds.
+		"supervisor.Status.At": func(sup, wire reflect.Value) (any, any) {
+			st, doc := sup.Interface().(supervisor.Status), wire.Interface().(StatusDoc)
+			var got, want []float64
+			for i, g := range st.Generations {
+				got = append(got, doc.Generations[i].AgeSeconds)
+				want = append(want, st.At.Sub(g.Started).Seconds())
+			}
+			return got, want
+		},
 	}
 }
 
@@ -164,5 +200,15 @@ func TestDrainValues(t *testing.T) {
 		if got := eventFrom(supervisor.Event{Drain: c.sup}).Drain; got != c.wire {
 			t.Errorf("supervisor drain %q is %q on the wire, want %q", c.sup, got, c.wire)
 		}
+	}
+}
+
+// TestLastRestartDurationMs: last_restart's duration_ms is its
+// duration_ns in milliseconds, to the microsecond.
+func TestLastRestartDurationMs(t *testing.T) {
+	st := sampleStatus()
+	st.LastRestart.Duration = 2*time.Second + 3500*time.Microsecond + 999*time.Nanosecond
+	if got := statusDoc(sampleInfo(), "/c.sock", 1, st).LastRestart.DurationMs; got != 2003.5 {
+		t.Errorf("duration_ms %v for a restart of %s, want 2003.5", got, st.LastRestart.Duration)
 	}
 }

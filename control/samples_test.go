@@ -29,10 +29,10 @@ func sampleEvents() []supervisor.Event {
 		{Phase: supervisor.PhaseWaitOld, Generation: 3, Pid: 1003},
 		{Phase: supervisor.PhaseStarting, Generation: 5, Pid: 1240},
 		{Phase: supervisor.PhaseWaiting, Generation: 5, Pid: 1240, Check: "tcp 127.0.0.1:8080"},
-		{Phase: supervisor.PhaseReady, Generation: 5, Pid: 1240, DurationMs: 12.5},
-		{Phase: supervisor.PhaseDraining, Generation: 4, Pid: 1100, DurationMs: 5000, Drain: supervisor.DrainAdaptive},
-		{Phase: supervisor.PhaseStopping, Generation: 4, Pid: 1100, Signal: "SIGTERM", DurationMs: 21.5, Drain: supervisor.DrainEmpty},
-		{Phase: supervisor.PhaseDone, Generation: 5, Pid: 1240, Check: "c", Signal: "s", Status: "exit 0", DurationMs: 3.25, Result: &res},
+		{Phase: supervisor.PhaseReady, Generation: 5, Pid: 1240, Duration: 12500 * time.Microsecond},
+		{Phase: supervisor.PhaseDraining, Generation: 4, Pid: 1100, Duration: 5 * time.Second, Drain: supervisor.DrainAdaptive},
+		{Phase: supervisor.PhaseStopping, Generation: 4, Pid: 1100, Signal: "SIGTERM", Duration: 21500 * time.Microsecond, Drain: supervisor.DrainEmpty},
+		{Phase: supervisor.PhaseDone, Generation: 5, Pid: 1240, Check: "c", Signal: "s", Status: "exit 0", Duration: 3250 * time.Microsecond, Result: &res},
 		{Phase: supervisor.PhaseOldExit, Generation: 4, Pid: 1100, Status: "exit status 0"},
 	}
 }
@@ -41,16 +41,17 @@ func sampleStatus() supervisor.Status {
 	return supervisor.Status{
 		Command: []string{"/srv/api", "--port", "{health_port}"},
 		Generations: []supervisor.GenerationStatus{
-			{Generation: 4, Pid: 1100, State: supervisor.Draining, Started: sampleStart(), AgeSeconds: 61.5,
-				ReadyAfterMs: 20.25, Command: []string{"/srv/api"}, Sockets: map[string]string{"tcp-8080": "fd", "udp-53": "bind"}, Processes: 3},
-			{Generation: 5, Pid: 1240, State: supervisor.Starting, Started: sampleStart().Add(time.Minute), AgeSeconds: 1.5,
+			{Generation: 4, Pid: 1100, State: supervisor.Draining, Started: sampleStart(),
+				ReadyAfter: 20250 * time.Microsecond, Command: []string{"/srv/api"}, Sockets: map[string]string{"tcp-8080": "fd", "udp-53": "bind"}, Processes: 3},
+			{Generation: 5, Pid: 1240, State: supervisor.Starting, Started: sampleStart().Add(time.Minute),
 				Command: []string{"/srv/api", "-v2"}},
 		},
 		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, InProgress: true, Queued: true, QueuedRestarts: 2, LivenessReplacements: 5},
 		LastRestart: &supervisor.LastRestart{
-			Result: sampleResult(), Finished: sampleStart().Add(2 * time.Minute), DurationMs: 2003.5,
+			Result: sampleResult(), Finished: sampleStart().Add(2 * time.Minute),
 		},
 		Stopping:   true,
+		At:         sampleStart().Add(61*time.Second + 500*time.Millisecond),
 		ShutdownAt: sampleStart().Add(3 * time.Minute),
 	}
 }

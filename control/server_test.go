@@ -189,7 +189,7 @@ func TestServerRestartFollowers(t *testing.T) {
 		}
 		gen := 10 + i
 		c.events <- supervisor.Event{Phase: supervisor.PhaseStarting, Generation: gen, Pid: 100 + i}
-		c.events <- supervisor.Event{Phase: supervisor.PhaseReady, Generation: gen, Pid: 100 + i, DurationMs: 1}
+		c.events <- supervisor.Event{Phase: supervisor.PhaseReady, Generation: gen, Pid: 100 + i, Duration: time.Millisecond}
 		c.events <- supervisor.Event{Phase: supervisor.PhaseDone, Result: &supervisor.Result{OK: true, Generation: gen, Pid: 100 + i}}
 		close(c.events)
 	}

@@ -45,7 +45,7 @@ func TestAdaptiveDrainStopsTheOldOnceItsSocketsAreEmpty(t *testing.T) {
 	t.Parallel()
 	h := newAdaptive(t)
 	old, _, evs, events := h.draining(RestartRequest{})
-	if ev := eventOf(t, evs, PhaseDraining); ev.Drain != DrainAdaptive || ev.DurationMs != ms(testDrain) || ev.Generation != 1 {
+	if ev := eventOf(t, evs, PhaseDraining); ev.Drain != DrainAdaptive || ev.Duration != testDrain || ev.Generation != 1 {
 		t.Errorf("draining event %+v, want generation 1 adaptive within %s", ev, testDrain)
 	}
 	w := h.watch(1)
@@ -57,7 +57,7 @@ func TestAdaptiveDrainStopsTheOldOnceItsSocketsAreEmpty(t *testing.T) {
 	w.pass()
 	old.waitSignals(t, "TERM")
 	evs = until(t, events, PhaseDone)
-	if ev := eventOf(t, evs, PhaseStopping); ev.Drain != DrainEmpty || ev.DurationMs != ms(testDrain/4) {
+	if ev := eventOf(t, evs, PhaseStopping); ev.Drain != DrainEmpty || ev.Duration != testDrain/4 {
 		t.Errorf("stopping event %+v, want drained empty after %s", ev, testDrain/4)
 	}
 	if h.clock.pending(testDrain) {
@@ -89,7 +89,7 @@ func stoppedAt(t *testing.T, h *harness, old *fakeProc, events <-chan Event, end
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(testDrain)
 	old.waitSignals(t, "TERM")
-	if ev := eventOf(t, until(t, events, PhaseDone), PhaseStopping); ev.Drain != ended || ev.DurationMs != ms(testDrain) {
+	if ev := eventOf(t, until(t, events, PhaseDone), PhaseStopping); ev.Drain != ended || ev.Duration != testDrain {
 		t.Errorf("stopping event %+v, want drain %s after %s", ev, ended, testDrain)
 	}
 }

@@ -31,11 +31,13 @@ type Event struct {
 	Check      string
 	Signal     string
 	Status     string // how an old generation exited
-	DurationMs float64
+	// Duration, on PhaseReady, is from the child's start to its
+	// readiness; on PhaseDraining, --drain; on PhaseStopping, how long
+	// the drain window lasted.
+	Duration time.Duration
 	// Drain, on PhaseDraining, is how the window is to end
-	// (DrainAdaptive or DrainFixed), DurationMs being --drain; on
-	// PhaseStopping, how it ended (DrainEmpty, DrainMax, DrainFixed;
-	// "" for no window), DurationMs being how long it lasted.
+	// (DrainAdaptive or DrainFixed); on PhaseStopping, how it ended
+	// (DrainEmpty, DrainMax, DrainFixed; "" for no window).
 	Drain  string
 	Result *Result // with PhaseDone
 }
@@ -79,8 +81,6 @@ func (w *waiter) send(ev Event) {
 }
 
 func (w *waiter) close() { close(w.c) }
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // emit sends ev to every caller following run.
 func (run *restartRun) emit(ev Event) {

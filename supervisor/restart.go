@@ -270,7 +270,7 @@ func (s *Supervisor) promote(g *generation) {
 	gs.command = g.cmd
 	g.log.Info("generation ready", "ready_after", g.readyAt.Sub(g.started).Round(time.Microsecond),
 		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond), "sockets", s.socketsTaken(g))
-	run.emit(Event{Phase: PhaseReady, Generation: g.n, Pid: g.pid(), DurationMs: ms(g.readyAt.Sub(g.started))})
+	run.emit(Event{Phase: PhaseReady, Generation: g.n, Pid: g.pid(), Duration: g.readyAt.Sub(g.started)})
 	s.cfg.Recorder.GenerationReady(g.n, g.readyAt.Sub(g.started))
 	prev := gs.serving
 	gs.serving = g
@@ -322,7 +322,7 @@ func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
 		}()
 	}
 	prev.log.Info("old generation draining", "until", mode, "drain", s.cfg.Drain)
-	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), DurationMs: ms(s.cfg.Drain), Drain: mode})
+	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), Duration: s.cfg.Drain, Drain: mode})
 	d.timer = s.env.afterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run, ended: atMax}) })
 }
 
@@ -385,7 +385,7 @@ func (s *Supervisor) retire(run *restartRun, ended string) {
 		s.stopGen(prev)
 		ev := Event{Phase: PhaseStopping, Generation: prev.n, Pid: prev.pid(), Signal: signals.Name(s.cfg.StopSignal), Drain: ended}
 		if ended != "" {
-			ev.DurationMs = ms(s.env.now().Sub(run.drain.began))
+			ev.Duration = s.env.now().Sub(run.drain.began)
 		}
 		run.emit(ev)
 	}
@@ -422,7 +422,7 @@ func (s *Supervisor) finishRestart(res Result) {
 		default:
 			s.counts.RolledBack++
 		}
-		s.last = &LastRestart{Result: res, Finished: s.env.now(), DurationMs: ms(res.Duration)}
+		s.last = &LastRestart{Result: res, Finished: s.env.now()}
 		s.cfg.Recorder.RestartFinished(res)
 	}
 	if run.reason != reasonStart || !res.OK {

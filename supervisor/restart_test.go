@@ -292,10 +292,10 @@ func TestStatusReportsTheGenerations(t *testing.T) {
 	h.starting(RestartRequest{}, 2)
 	st := h.wantGens("1:serving 2:starting")
 	g := st.Generations[0]
-	if g.Pid != 1001 || g.ReadyAfterMs != 1500 || g.AgeSeconds != 6.5 || !slices.Equal(g.Command, testCommand.Args) {
+	if g.Pid != 1001 || g.ReadyAfter != 1500*time.Millisecond || st.At.Sub(g.Started) != 6500*time.Millisecond || !slices.Equal(g.Command, testCommand.Args) {
 		t.Errorf("serving generation %+v, want pid 1001 ready after 1500ms, 6.5s old", g)
 	}
-	if n := st.Generations[1]; n.Pid != 1002 || n.ReadyAfterMs != 0 || n.AgeSeconds != 0 {
+	if n := st.Generations[1]; n.Pid != 1002 || n.ReadyAfter != 0 || st.At.Sub(n.Started) != 0 {
 		t.Errorf("starting generation %+v, want pid 1002, not ready, just started", n)
 	}
 	if !st.Restarts.InProgress || st.Stopping {

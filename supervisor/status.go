@@ -16,6 +16,9 @@ type Status struct {
 	LastRestart *LastRestart
 	// Stopping: the graceful stop has begun.
 	Stopping bool
+	// At is when the snapshot was taken, on the supervisor's clock: a
+	// generation's age is At less its Started.
+	At time.Time
 	// ShutdownAt is zero unless a shutdown delay (StopAfter) runs: then
 	// it is when the graceful stop begins. Meanwhile relay serves as
 	// before but is going: a readiness probe should fail.
@@ -30,10 +33,9 @@ type GenerationStatus struct {
 	Pid        int
 	State      State
 	Started    time.Time
-	AgeSeconds float64
-	// ReadyAfterMs is from start to readiness; 0 while starting.
-	ReadyAfterMs float64
-	Command      []string
+	// ReadyAfter is from start to readiness; 0 while starting.
+	ReadyAfter time.Duration
+	Command    []string
 	// Sockets says, per listener name, how the generation took its
 	// socket: "fd" (inherited, LISTEN_FDS) or "bind" (its own bind,
 	// taken over by relay).
@@ -62,8 +64,7 @@ type RestartCounts struct {
 // LastRestart is the outcome of the last restart that finished.
 type LastRestart struct {
 	Result
-	Finished   time.Time
-	DurationMs float64
+	Finished time.Time
 }
 
 // Status returns a snapshot of the generations and counters.
@@ -87,16 +88,17 @@ func (s *Supervisor) status() Status {
 		Restarts:    counts,
 		LastRestart: s.last,
 		Stopping:    s.stop.begun,
+		At:          now,
 		ShutdownAt:  s.stop.delayUntil,
 	}
 	for _, g := range s.oldestFirst() {
 		gs := GenerationStatus{
 			Generation: g.n, Pid: g.pid(), State: g.state, Started: g.started,
-			AgeSeconds: now.Sub(g.started).Seconds(), Command: g.cmd.Args, Sockets: s.tookSockets(g),
+			Command: g.cmd.Args, Sockets: s.tookSockets(g),
 			Processes: processes(g),
 		}
 		if !g.readyAt.IsZero() {
-			gs.ReadyAfterMs = ms(g.readyAt.Sub(g.started))
+			gs.ReadyAfter = g.readyAt.Sub(g.started)
 		}
 		st.Generations = append(st.Generations, gs)
 	}
