@@ -221,7 +221,7 @@ func (s *Supervisor) onTakeover(g *generation, e takeover.Event) {
 		t.how[e.Socket] = TookBind
 		t.mu.Unlock()
 		socket := "shared"
-		if infos[e.Socket].Drain == sockets.DrainSteered {
+		if infos[e.Socket].Sharing == sockets.Steered {
 			socket = "own"
 		}
 		g.log.Info("bind taken over", "listener", name(e.Socket), "addr", e.Bind.String(), "fd", e.Bind.FD,

@@ -43,7 +43,7 @@ func openSockets(log *slog.Logger, opts runOptions, passed []*sockets.Listener, 
 	}
 	for _, in := range set.Info() {
 		log.Info("listening", "fd", in.FD, "name", in.Name, "network", in.Network, "addr", in.Addr,
-			"origin", in.Origin, "drain", in.Drain, "takeover", string(opts.takeover))
+			"origin", in.Origin, "drain", string(in.Sharing), "takeover", string(opts.takeover))
 	}
 	if err := adviseHealth(log, opts, set); err != nil {
 		set.Close()
@@ -119,7 +119,7 @@ func listenControl(opts runOptions, sup *supervisor.Supervisor, set *sockets.Set
 	info := control.Info{Name: opts.name, Started: time.Now()}
 	for _, in := range set.Info() {
 		info.Listeners = append(info.Listeners, control.ListenerInfo{
-			FD: in.FD, Name: in.Name, Network: in.Network, Address: in.Addr, Origin: in.Origin, Drain: in.Drain,
+			FD: in.FD, Name: in.Name, Network: in.Network, Address: in.Addr, Origin: in.Origin, Drain: string(in.Sharing),
 		})
 	}
 	ctl, err := control.Listen(opts.controlPath, sup, info, log)

@@ -55,17 +55,20 @@ type Info struct {
 	Network string
 	Addr    string
 	Origin  string // bound by relay, or passed by systemd
-	// Drain is "steered" (a socket per generation) or "shared".
-	Drain string
+	Sharing Sharing
 	// IP is where a TCP or UDP listener is bound, and its family; zero
 	// for a unix listener.
 	IP sockaddr.Socket
 }
 
-// Drain modes in Info.
+// Sharing is how the generations share a listener. Its values are the
+// words of the log and of relay status.
+type Sharing string
+
+// The ways to share a listener.
 const (
-	DrainSteered = "steered"
-	DrainShared  = "shared"
+	Steered Sharing = "steered" // a socket per generation, new connections to the serving one only
+	Shared  Sharing = "shared"  // one socket every generation accepts on
 )
 
 // Empty returns a set with no listeners.
@@ -98,9 +101,9 @@ func (s *Set) Info() []Info {
 	out := make([]Info, len(s.entries))
 	for i, e := range s.entries {
 		l := e.Listener
-		out[i] = Info{FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Addr: l.Addr, Origin: string(l.Origin), Drain: DrainShared, IP: e.addr.ip}
+		out[i] = Info{FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Addr: l.Addr, Origin: string(l.Origin), Sharing: Shared, IP: e.addr.ip}
 		if e.Group != nil {
-			out[i].Drain = DrainSteered
+			out[i].Sharing = Steered
 		}
 	}
 	return out
