@@ -17,7 +17,7 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 func eventFrom(ev supervisor.Event) Event {
 	out := Event{
 		Phase: phaseFrom(ev.Phase), Generation: ev.Generation, Pid: ev.Pid, Check: ev.Check,
-		Signal: ev.Signal, Status: ev.Status, DurationMs: ms(ev.Duration), Drain: ev.Drain,
+		Signal: ev.Signal, Status: ev.Status, DurationMs: ms(ev.Duration), Drain: drainFrom(ev),
 	}
 	if ev.Result != nil {
 		res := resultFrom(*ev.Result)
@@ -31,6 +31,16 @@ func resultFrom(r supervisor.Result) Result {
 		OK: r.OK, Refused: r.Refused, Generation: r.Generation, Pid: r.Pid, Command: r.Command,
 		Reason: r.Reason, StderrTail: r.StderrTail, ReadyAfter: r.ReadyAfter, Duration: r.Duration,
 	}
+}
+
+// drainFrom is the drain of ev on the wire: how its window is to end, with
+// draining, or how it ended, with stopping. The supervisor's words are the
+// wire's.
+func drainFrom(ev supervisor.Event) string {
+	if ev.Until != "" {
+		return string(ev.Until)
+	}
+	return string(ev.Ended)
 }
 
 // phaseFrom names a supervisor phase on the wire; one the protocol does

@@ -108,6 +108,15 @@ func displayed() map[string]func(sup, wire reflect.Value) (got, want any) {
 	duration := func(v reflect.Value, name string) time.Duration {
 		return v.FieldByName(name).Interface().(time.Duration)
 	}
+	// An event's drain is how its window is to end (Until) or how it
+	// ended (Ended).
+	drain := func(sup, wire reflect.Value) (any, any) {
+		want := sup.FieldByName("Until").String()
+		if want == "" {
+			want = sup.FieldByName("Ended").String()
+		}
+		return wire.FieldByName("Drain").String(), want
+	}
 	return map[string]func(sup, wire reflect.Value) (got, want any){
 		"supervisor.Event.Duration": func(sup, wire reflect.Value) (any, any) {
 			return wire.FieldByName("DurationMs").Float(), ms(duration(sup, "Duration"))
@@ -115,6 +124,8 @@ func displayed() map[string]func(sup, wire reflect.Value) (got, want any) {
 		"supervisor.GenerationStatus.ReadyAfter": func(sup, wire reflect.Value) (any, any) {
 			return wire.FieldByName("ReadyAfterMs").Float(), ms(duration(sup, "ReadyAfter"))
 		},
+		"supervisor.Event.Until": drain,
+		"supervisor.Event.Ended": drain,
 		// Status.At is the generations' age_seconds.
 		"supervisor.Status.At": func(sup, wire reflect.Value) (any, any) {
 			st, doc := sup.Interface().(supervisor.Status), wire.Interface().(StatusDoc)
@@ -193,12 +204,16 @@ func TestPhasesAndStates(t *testing.T) {
 
 // TestDrainValues: Event.Drain carries the supervisor's words unchanged.
 func TestDrainValues(t *testing.T) {
-	for _, c := range []struct{ sup, wire string }{
-		{supervisor.DrainAdaptive, DrainAdaptive}, {supervisor.DrainFixed, DrainFixed},
-		{supervisor.DrainEmpty, DrainEmpty}, {supervisor.DrainMax, DrainMax},
+	for _, c := range []struct {
+		sup  supervisor.Event
+		wire string
+	}{
+		{supervisor.Event{Until: supervisor.DrainAdaptive}, DrainAdaptive}, {supervisor.Event{Until: supervisor.DrainFixed}, DrainFixed},
+		{supervisor.Event{Ended: supervisor.EndedEmpty}, DrainEmpty}, {supervisor.Event{Ended: supervisor.EndedMax}, DrainMax},
+		{supervisor.Event{Ended: supervisor.EndedFixed}, DrainFixed}, {supervisor.Event{Ended: supervisor.EndedHandedOver}, DrainHandover},
 	} {
-		if got := eventFrom(supervisor.Event{Drain: c.sup}).Drain; got != c.wire {
-			t.Errorf("supervisor drain %q is %q on the wire, want %q", c.sup, got, c.wire)
+		if got := eventFrom(c.sup).Drain; got != c.wire {
+			t.Errorf("supervisor drain %q%q is %q on the wire, want %q", c.sup.Until, c.sup.Ended, got, c.wire)
 		}
 	}
 }

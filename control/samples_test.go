@@ -30,8 +30,8 @@ func sampleEvents() []supervisor.Event {
 		{Phase: supervisor.PhaseStarting, Generation: 5, Pid: 1240},
 		{Phase: supervisor.PhaseWaiting, Generation: 5, Pid: 1240, Check: "tcp 127.0.0.1:8080"},
 		{Phase: supervisor.PhaseReady, Generation: 5, Pid: 1240, Duration: 12500 * time.Microsecond},
-		{Phase: supervisor.PhaseDraining, Generation: 4, Pid: 1100, Duration: 5 * time.Second, Drain: supervisor.DrainAdaptive},
-		{Phase: supervisor.PhaseStopping, Generation: 4, Pid: 1100, Signal: "SIGTERM", Duration: 21500 * time.Microsecond, Drain: supervisor.DrainEmpty},
+		{Phase: supervisor.PhaseDraining, Generation: 4, Pid: 1100, Duration: 5 * time.Second, Until: supervisor.DrainAdaptive},
+		{Phase: supervisor.PhaseStopping, Generation: 4, Pid: 1100, Signal: "SIGTERM", Duration: 21500 * time.Microsecond, Ended: supervisor.EndedEmpty},
 		{Phase: supervisor.PhaseDone, Generation: 5, Pid: 1240, Check: "c", Signal: "s", Status: "exit 0", Duration: 3250 * time.Microsecond, Result: &res},
 		{Phase: supervisor.PhaseOldExit, Generation: 4, Pid: 1100, Status: "exit status 0"},
 	}

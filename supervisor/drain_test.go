@@ -45,7 +45,7 @@ func TestAdaptiveDrainStopsTheOldOnceItsSocketsAreEmpty(t *testing.T) {
 	t.Parallel()
 	h := newAdaptive(t)
 	old, _, evs, events := h.draining(RestartRequest{})
-	if ev := eventOf(t, evs, PhaseDraining); ev.Drain != DrainAdaptive || ev.Duration != testDrain || ev.Generation != 1 {
+	if ev := eventOf(t, evs, PhaseDraining); ev.Until != DrainAdaptive || ev.Duration != testDrain || ev.Generation != 1 {
 		t.Errorf("draining event %+v, want generation 1 adaptive within %s", ev, testDrain)
 	}
 	w := h.watch(1)
@@ -57,7 +57,7 @@ func TestAdaptiveDrainStopsTheOldOnceItsSocketsAreEmpty(t *testing.T) {
 	w.pass()
 	old.waitSignals(t, "TERM")
 	evs = until(t, events, PhaseDone)
-	if ev := eventOf(t, evs, PhaseStopping); ev.Drain != DrainEmpty || ev.Duration != testDrain/4 {
+	if ev := eventOf(t, evs, PhaseStopping); ev.Ended != EndedEmpty || ev.Duration != testDrain/4 {
 		t.Errorf("stopping event %+v, want drained empty after %s", ev, testDrain/4)
 	}
 	if h.clock.pending(testDrain) {
@@ -78,18 +78,18 @@ func TestAdaptiveDrainEndsAtItsMaximum(t *testing.T) {
 	h := newAdaptive(t)
 	old, _, _, events := h.draining(RestartRequest{})
 	w := h.watch(1)
-	stoppedAt(t, h, old, events, DrainMax)
+	stoppedAt(t, h, old, events, EndedMax)
 	ended(t, w)
 }
 
 // stoppedAt lets --drain pass, and checks that the old generation got its
 // stop signal then, and that the stopping event says how the drain ended.
-func stoppedAt(t *testing.T, h *harness, old *fakeProc, events <-chan Event, ended string) {
+func stoppedAt(t *testing.T, h *harness, old *fakeProc, events <-chan Event, ended DrainEnd) {
 	t.Helper()
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(testDrain)
 	old.waitSignals(t, "TERM")
-	if ev := eventOf(t, until(t, events, PhaseDone), PhaseStopping); ev.Drain != ended || ev.Duration != testDrain {
+	if ev := eventOf(t, until(t, events, PhaseDone), PhaseStopping); ev.Ended != ended || ev.Duration != testDrain {
 		t.Errorf("stopping event %+v, want drain %s after %s", ev, ended, testDrain)
 	}
 }
@@ -105,7 +105,7 @@ func TestFailedDrainWatchWaitsForTheMaximum(t *testing.T) {
 	if got := old.got(); len(got) != 0 {
 		t.Errorf("the old generation got %q after the watch failed", got)
 	}
-	stoppedAt(t, h, old, events, DrainMax)
+	stoppedAt(t, h, old, events, EndedMax)
 }
 
 // relay's stop during the drain ends the watch.
@@ -143,8 +143,8 @@ func TestFixedDrainSaysSo(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, nil)
 	old, _, evs, events := h.draining(RestartRequest{})
-	if ev := eventOf(t, evs, PhaseDraining); ev.Drain != DrainFixed {
+	if ev := eventOf(t, evs, PhaseDraining); ev.Until != DrainFixed {
 		t.Errorf("draining event %+v, want fixed", ev)
 	}
-	stoppedAt(t, h, old, events, DrainFixed)
+	stoppedAt(t, h, old, events, EndedFixed)
 }

@@ -35,10 +35,11 @@ type Event struct {
 	// readiness; on PhaseDraining, --drain; on PhaseStopping, how long
 	// the drain window lasted.
 	Duration time.Duration
-	// Drain, on PhaseDraining, is how the window is to end
-	// (DrainAdaptive or DrainFixed); on PhaseStopping, how it ended
-	// (DrainEmpty, DrainMax, DrainFixed; "" for no window).
-	Drain  string
+	// Until, on PhaseDraining, is how the window is to end.
+	Until DrainMode
+	// Ended, on PhaseStopping, is how the window ended; "" for no
+	// window.
+	Ended  DrainEnd
 	Result *Result // with PhaseDone
 }
 

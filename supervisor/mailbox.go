@@ -68,7 +68,7 @@ type (
 	// or the watch of its old sockets failed (err).
 	drainEvent struct {
 		run   *restartRun
-		ended string
+		ended DrainEnd
 		err   error
 	}
 	// stallEvent: the old generation of run, which failed its liveness

@@ -56,26 +56,36 @@ func (d *drainWindow) end() {
 	}
 }
 
-// How a drain ended, in the log and on Event.Drain.
+// DrainEnd is how a drain window ended, in the log and on the
+// PhaseStopping Event.Ended.
+type DrainEnd string
+
+// How a drain ended.
 const (
-	// DrainEmpty: nothing more could reach the old generation's
+	// EndedEmpty: nothing more could reach the old generation's
 	// steered sockets.
-	DrainEmpty = "empty"
-	// DrainMax: --drain passed before they emptied.
-	DrainMax = "max"
-	// DrainFixed: --drain passed; their emptying could not be seen.
-	DrainFixed = "fixed"
-	// DrainHandedOver: the old generation failed its liveness check and
+	EndedEmpty DrainEnd = "empty"
+	// EndedMax: --drain passed before they emptied.
+	EndedMax DrainEnd = "max"
+	// EndedFixed: --drain passed; their emptying could not be seen.
+	EndedFixed DrainEnd = "fixed"
+	// EndedHandedOver: the old generation failed its liveness check and
 	// accepted nothing queued on its steered sockets for stallQuiet, so
 	// what was queued there was moved to the new generation's
 	// (env.handOver).
-	DrainHandedOver = "handed_over"
+	EndedHandedOver DrainEnd = "handed_over"
 )
 
-// How a drain is to end, on the PhaseDraining Event.Drain.
+// DrainMode is how a drain window is to end, in the log and on the
+// PhaseDraining Event.Until.
+type DrainMode string
+
+// How a drain is to end.
 const (
 	// DrainAdaptive: when the old sockets are empty, within --drain.
-	DrainAdaptive = "adaptive"
+	DrainAdaptive DrainMode = "adaptive"
+	// DrainFixed: when --drain passes; their emptying cannot be seen.
+	DrainFixed DrainMode = "fixed"
 )
 
 // requested reports whether someone asked for run (a signal or a control
@@ -307,9 +317,9 @@ func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
 			}
 		}()
 	}
-	mode, atMax := DrainFixed, DrainFixed
+	mode, atMax := DrainFixed, EndedFixed
 	if s.env.drained != nil {
-		mode, atMax = DrainAdaptive, DrainMax
+		mode, atMax = DrainAdaptive, EndedMax
 		waiting := func(b steer.Backlog) {
 			prev.log.Debug("connections still on their way to the old generation; its drain waits for them",
 				"queued", b.Queued, "handshakes", b.Handshakes)
@@ -317,12 +327,12 @@ func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
 		go func() {
 			err := s.env.drained(ctx, prev.n, waiting)
 			if ctx.Err() == nil {
-				s.post(drainEvent{run: run, ended: DrainEmpty, err: err})
+				s.post(drainEvent{run: run, ended: EndedEmpty, err: err})
 			}
 		}()
 	}
 	prev.log.Info("old generation draining", "until", mode, "drain", s.cfg.Drain)
-	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), Duration: s.cfg.Drain, Drain: mode})
+	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), Duration: s.cfg.Drain, Until: mode})
 	d.timer = s.env.afterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run, ended: atMax}) })
 }
 
@@ -356,12 +366,12 @@ func (s *Supervisor) onStall(run *restartRun) {
 	prev.log.Info("old generation failed its liveness check and accepts nothing: its queued connections moved to the new generation",
 		"queued", queued, "accepted_none_for", stallQuiet, "after_switch", s.env.now().Sub(run.drain.began).Round(time.Microsecond),
 		"new_gen", run.gen.n, "new_pid", run.gen.pid())
-	s.retire(run, DrainHandedOver)
+	s.retire(run, EndedHandedOver)
 }
 
 // onDrainEnd ends run's drain window: its old sockets are empty, or
 // --drain passed. A watch that failed leaves the window to --drain.
-func (s *Supervisor) onDrainEnd(run *restartRun, ended string, err error) {
+func (s *Supervisor) onDrainEnd(run *restartRun, ended DrainEnd, err error) {
 	if run != s.restarts.current || run.prev == nil {
 		return // the stop or a rollback ended the window already
 	}
@@ -379,11 +389,11 @@ func (s *Supervisor) onDrainEnd(run *restartRun, ended string, err error) {
 // retire ends a successful restart: the old generation gets its stop
 // signal, and the callers following the restart are told when it exits.
 // ended says how its drain ended; "" for no drain.
-func (s *Supervisor) retire(run *restartRun, ended string) {
+func (s *Supervisor) retire(run *restartRun, ended DrainEnd) {
 	prev := run.prev
 	if prev.state == Draining {
 		s.stopGen(prev)
-		ev := Event{Phase: PhaseStopping, Generation: prev.n, Pid: prev.pid(), Signal: signals.Name(s.cfg.StopSignal), Drain: ended}
+		ev := Event{Phase: PhaseStopping, Generation: prev.n, Pid: prev.pid(), Signal: signals.Name(s.cfg.StopSignal), Ended: ended}
 		if ended != "" {
 			ev.Duration = s.env.now().Sub(run.drain.began)
 		}
