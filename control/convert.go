@@ -28,7 +28,8 @@ func eventFrom(ev supervisor.Event) Event {
 
 func resultFrom(r supervisor.Result) Result {
 	return Result{
-		OK: r.OK, Refused: r.Refused, Generation: r.Generation, Pid: r.Pid, Command: r.Command,
+		OK: r.Outcome == supervisor.RestartOK, Refused: r.Outcome == supervisor.RestartRefused,
+		Generation: r.Generation, Pid: r.Pid, Command: r.Command,
 		Reason: r.Reason, StderrTail: r.StderrTail, ReadyAfter: r.ReadyAfter, Duration: r.Duration,
 	}
 }

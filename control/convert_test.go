@@ -20,7 +20,7 @@ func TestConvertEveryField(t *testing.T) {
 	st := sampleStatus()
 	c.compare(t, "Status", reflect.ValueOf(st), reflect.ValueOf(*statusDoc(sampleInfo(), "/c.sock", 1, st)))
 	ok := sampleResult()
-	ok.OK = true
+	ok.Outcome = supervisor.RestartOK
 	events := append(sampleEvents(), supervisor.Event{Phase: supervisor.PhaseDone, Result: &ok})
 	for _, ev := range events {
 		c.compare(t, "Event", reflect.ValueOf(ev), reflect.ValueOf(eventFrom(ev)))
@@ -126,6 +126,9 @@ func displayed() map[string]func(sup, wire reflect.Value) (got, want any) {
 		},
 		"supervisor.Event.Until": drain,
 		"supervisor.Event.Ended": drain,
+		"supervisor.Result.Outcome": func(sup, wire reflect.Value) (any, any) {
+			return outcomeOf(wire.Interface().(Result)), sup.Interface().(supervisor.Result).Outcome
+		},
 		// Status.At is the generations' age_seconds.
 		"supervisor.Status.At": func(sup, wire reflect.Value) (any, any) {
 			st, doc := sup.Interface().(supervisor.Status), wire.Interface().(StatusDoc)
@@ -216,6 +219,32 @@ func TestDrainValues(t *testing.T) {
 			t.Errorf("supervisor drain %q%q is %q on the wire, want %q", c.sup.Until, c.sup.Ended, got, c.wire)
 		}
 	}
+}
+
+// TestOutcomes: each outcome of a restart is a pair of ok and refused on
+// the wire.
+func TestOutcomes(t *testing.T) {
+	for _, c := range []struct {
+		sup         supervisor.RestartOutcome
+		ok, refused bool
+	}{
+		{supervisor.RestartOK, true, false}, {supervisor.RestartRolledBack, false, false}, {supervisor.RestartRefused, false, true},
+	} {
+		if r := resultFrom(supervisor.Result{Outcome: c.sup}); r.OK != c.ok || r.Refused != c.refused {
+			t.Errorf("%s is ok %v refused %v on the wire, want ok %v refused %v", c.sup, r.OK, r.Refused, c.ok, c.refused)
+		}
+	}
+}
+
+// outcomeOf reads a wire result's ok and refused back as an outcome.
+func outcomeOf(r Result) supervisor.RestartOutcome {
+	switch {
+	case r.OK:
+		return supervisor.RestartOK
+	case r.Refused:
+		return supervisor.RestartRefused
+	}
+	return supervisor.RestartRolledBack
 }
 
 // TestLastRestartDurationMs: last_restart's duration_ms is its

@@ -14,7 +14,7 @@ func sampleStart() time.Time { return time.Date(2024, 5, 6, 7, 8, 9, 123456789, 
 
 func sampleResult() supervisor.Result {
 	return supervisor.Result{
-		OK: false, Refused: true, Generation: 7, Pid: 4242, Command: []string{"/srv/api", "-v2"},
+		Outcome: supervisor.RestartRefused, Generation: 7, Pid: 4242, Command: []string{"/srv/api", "-v2"},
 		Reason: "readiness check failed", StderrTail: "panic: x\nexit 2", ReadyAfter: 1500 * time.Microsecond,
 		Duration: 2*time.Second + 3*time.Millisecond,
 	}

@@ -190,7 +190,7 @@ func TestServerRestartFollowers(t *testing.T) {
 		gen := 10 + i
 		c.events <- supervisor.Event{Phase: supervisor.PhaseStarting, Generation: gen, Pid: 100 + i}
 		c.events <- supervisor.Event{Phase: supervisor.PhaseReady, Generation: gen, Pid: 100 + i, Duration: time.Millisecond}
-		c.events <- supervisor.Event{Phase: supervisor.PhaseDone, Result: &supervisor.Result{OK: true, Generation: gen, Pid: 100 + i}}
+		c.events <- supervisor.Event{Phase: supervisor.PhaseDone, Result: &supervisor.Result{Outcome: supervisor.RestartOK, Generation: gen, Pid: 100 + i}}
 		close(c.events)
 	}
 	seen := map[int]bool{}
@@ -376,7 +376,7 @@ func TestServerAnswersBesideThousandsOfIdleConnections(t *testing.T) {
 		done <- err
 	}()
 	call := f.nextRestart(t)
-	call.events <- supervisor.Event{Phase: supervisor.PhaseDone, Result: &supervisor.Result{OK: true, Generation: 2}}
+	call.events <- supervisor.Event{Phase: supervisor.PhaseDone, Result: &supervisor.Result{Outcome: supervisor.RestartOK, Generation: 2}}
 	close(call.events)
 	if err := <-done; err != nil {
 		t.Errorf("restart beside %d idle connections: %v", idle, err)

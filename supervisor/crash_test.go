@@ -70,7 +70,7 @@ func TestCrashDuringARestartIsNotReplaced(t *testing.T) {
 	c.pass()
 	evs := all(t, events)
 	checkPhases(t, evs, PhaseStarting, PhaseWaiting, PhaseReady, PhaseDone)
-	if res := result(t, evs); !res.OK || res.Generation != 2 {
+	if res := result(t, evs); res.Outcome != RestartOK || res.Generation != 2 {
 		t.Errorf("result %+v, want generation 2 ready", res)
 	}
 	st := h.wantGens("2:serving")
@@ -89,7 +89,7 @@ func TestRestartReplacesThePendingReplacement(t *testing.T) {
 	h.waitLine("no generation serving; replacement pending")
 	events, _, c := h.starting(RestartRequest{}, 2)
 	c.pass()
-	if res := result(t, all(t, events)); !res.OK {
+	if res := result(t, all(t, events)); res.Outcome != RestartOK {
 		t.Errorf("result %+v, want ok", res)
 	}
 	if h.clock.pending(testRestartBackoff) {

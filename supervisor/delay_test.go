@@ -38,7 +38,7 @@ func TestShutdownDelayServesOnThenStops(t *testing.T) {
 	h.wantGens("1:serving")
 	h.waitLine("shutdown delay: stopping at 03:04:08; gen 1 pid 1001 serving")
 	evs := all(t, h.restart(RestartRequest{}))
-	if res := result(t, evs); !res.Refused || res.Reason != ErrStopping.Error() {
+	if res := result(t, evs); res.Outcome != RestartRefused || res.Reason != ErrStopping.Error() {
 		t.Errorf("a restart asked for during the delay: %+v, want refused: relay is stopping", res)
 	}
 	h.noStart()
@@ -135,14 +135,14 @@ func TestShutdownDelayRefusesQueuedRestarts(t *testing.T) {
 	queued := h.restart(RestartRequest{Reason: "second"})
 	until(t, queued, PhaseQueued)
 	h.sup.StopAfter(testShutdownDelay)
-	if res := result(t, all(t, queued)); !res.Refused || res.Reason != ErrStopping.Error() {
+	if res := result(t, all(t, queued)); res.Outcome != RestartRefused || res.Reason != ErrStopping.Error() {
 		t.Errorf("the queued restart: %+v, want refused: relay is stopping", res)
 	}
 	c.pass()
 	until(t, events, PhaseDraining)
 	h.clock.advance(testDrain)
 	p1.waitSignals(t, "TERM")
-	if res := result(t, until(t, events, PhaseDone)); !res.OK || res.Generation != 2 {
+	if res := result(t, until(t, events, PhaseDone)); res.Outcome != RestartOK || res.Generation != 2 {
 		t.Errorf("the restart under way: %+v, want generation 2 ready", res)
 	}
 	p1.exit(exited(0), false)

@@ -66,7 +66,7 @@ func TestAdaptiveDrainStopsTheOldOnceItsSocketsAreEmpty(t *testing.T) {
 	if log := h.logs.String(); !strings.Contains(log, `msg="old generation drained" gen=1 pid=1001 drain=500ms ended=empty`) {
 		t.Errorf("no drained line with the drain it took in the log:\n%s", log)
 	}
-	if res := result(t, evs); !res.OK || res.Generation != 2 {
+	if res := result(t, evs); res.Outcome != RestartOK || res.Generation != 2 {
 		t.Errorf("result %+v, want generation 2 serving", res)
 	}
 }
@@ -129,7 +129,7 @@ func TestExitDuringAdaptiveDrainEndsTheWatch(t *testing.T) {
 	w := h.watch(1)
 	p.exit(exited(3), false)
 	ended(t, w)
-	if res := result(t, until(t, events, PhaseDone)); res.OK {
+	if res := result(t, until(t, events, PhaseDone)); res.Outcome == RestartOK {
 		t.Errorf("result %+v, want rolled back", res)
 	}
 	h.wantGens("1:serving")

@@ -43,12 +43,24 @@ type Event struct {
 	Result *Result // with PhaseDone
 }
 
+// RestartOutcome is how a restart ended. (Outcome is how Run ended.)
+type RestartOutcome string
+
+// How a restart can end.
+const (
+	// RestartOK: the new generation serves.
+	RestartOK RestartOutcome = "ok"
+	// RestartRolledBack: the new generation failed, or could not be
+	// started; the one that served serves on.
+	RestartRolledBack RestartOutcome = "rolled_back"
+	// RestartRefused: nothing was started: the pre-flight check
+	// failed, the command could not be found, or relay is stopping.
+	RestartRefused RestartOutcome = "refused"
+)
+
 // Result is the outcome of one restart.
 type Result struct {
-	OK bool
-	// Refused is set when nothing was started: the pre-flight check
-	// failed, the command could not be found, or relay is stopping.
-	Refused bool
+	Outcome RestartOutcome
 	// Generation and Pid name the new generation, if one was started.
 	Generation int
 	Pid        int

@@ -106,7 +106,7 @@ func (s *Supervisor) failDuringDrain(g *generation) bool {
 		gs.serving = nil
 	}
 	g.log.Error("new generation failed; rolled back", attrs...)
-	s.finishRestart(s.resultFor(g, false, reason))
+	s.finishRestart(s.resultFor(g, RestartRolledBack, reason))
 	return true
 }
 
@@ -119,7 +119,7 @@ func (s *Supervisor) rollback(g *generation) {
 	}
 	if s.stop.begun {
 		g.log.Info("new generation exited during stop", "status", g.status.String())
-		s.finishRestart(s.resultFor(g, false, ErrStopping.Error()))
+		s.finishRestart(s.resultFor(g, RestartRolledBack, ErrStopping.Error()))
 		return
 	}
 	tail := g.stderr.Lines(stderrTailLines)
@@ -134,7 +134,7 @@ func (s *Supervisor) rollback(g *generation) {
 			s.stop.fatal = fmt.Errorf("%w; its stderr ended with: %s", s.stop.fatal, tail)
 		}
 	}
-	s.finishRestart(s.resultFor(g, false, reason.Error()))
+	s.finishRestart(s.resultFor(g, RestartRolledBack, reason.Error()))
 }
 
 // scheduleReplace starts a replacement for a crashed child after an

@@ -37,7 +37,7 @@ func TestRestartsDuringARestartAreCoalesced(t *testing.T) {
 	for i, events := range followers {
 		evs := all(t, events)
 		checkPhases(t, evs, PhaseStarting, PhaseWaiting, PhaseReady, PhaseStopping, PhaseDone, PhaseOldExit)
-		if res := result(t, evs); !res.OK || res.Generation != 2 || res.Pid != second.id {
+		if res := result(t, evs); res.Outcome != RestartOK || res.Generation != 2 || res.Pid != second.id {
 			t.Errorf("caller %d got %+v, want generation 2 ready", i, res)
 		}
 	}
@@ -82,7 +82,7 @@ func TestDifferentRestartsAreQueuedInOrder(t *testing.T) {
 		cmd    string
 	}{"plain-1": {plain1, 2, "server -version 1"}, "plain-2": {plain2, 2, "server -version 1"}, "other": {otherEv, 3, "server -version 2"}} {
 		r := result(t, all(t, c.events))
-		if !r.OK || r.Generation != c.gen || strings.Join(r.Command, " ") != c.cmd {
+		if r.Outcome != RestartOK || r.Generation != c.gen || strings.Join(r.Command, " ") != c.cmd {
 			t.Errorf("%s: %+v, want generation %d running %q", name, r, c.gen, c.cmd)
 		}
 	}
@@ -108,7 +108,7 @@ func TestTooManyQueuedRestartsAreRefused(t *testing.T) {
 	evs := all(t, h.restart(numbered(maxQueued)))
 	checkPhases(t, evs, PhaseQueued, PhaseDone)
 	want := fmt.Sprintf("%d different restarts are queued already; try again later", maxQueued)
-	if res := result(t, evs); !res.Refused || res.Reason != want {
+	if res := result(t, evs); res.Outcome != RestartRefused || res.Reason != want {
 		t.Errorf("result %+v, want refused because %q", res, want)
 	}
 	same := h.restart(numbered(0))
@@ -137,7 +137,7 @@ func TestRefusedRestartRequestsAreCounted(t *testing.T) {
 		until(t, h.restart(numbered(i)), PhaseQueued)
 	}
 	for i := range 2 {
-		if res := result(t, all(t, h.restart(numbered(maxQueued+i)))); !res.Refused {
+		if res := result(t, all(t, h.restart(numbered(maxQueued+i)))); res.Outcome != RestartRefused {
 			t.Fatalf("restart %d past a full queue: %+v, want refused", i, res)
 		}
 	}
@@ -149,7 +149,7 @@ func TestRefusedRestartRequestsAreCounted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res := result(t, all(t, h.restart(RestartRequest{}))); !res.Refused || res.Reason != ErrStopping.Error() {
+	if res := result(t, all(t, h.restart(RestartRequest{}))); res.Outcome != RestartRefused || res.Reason != ErrStopping.Error() {
 		t.Errorf("a restart asked for during the stop: %+v, want refused", res)
 	}
 	after, err := h.sup.Status()
@@ -196,7 +196,7 @@ func TestMaxDrainingWaitsForTheOldToExit(t *testing.T) {
 	h.check(3).pass()
 	evs = append(evs, until(t, second, PhaseDone)...)
 	checkPhases(t, evs, PhaseWaitOld, PhaseStarting, PhaseWaiting, PhaseReady, PhaseStopping, PhaseDone)
-	if res := result(t, evs); !res.OK || res.Pid != p3.id {
+	if res := result(t, evs); res.Outcome != RestartOK || res.Pid != p3.id {
 		t.Errorf("result %+v, want generation 3 ready", res)
 	}
 	p2.waitSignals(t, "TERM")
@@ -213,7 +213,7 @@ func TestMaxDrainingWaitEndsWhenNothingServes(t *testing.T) {
 	h.check(3).pass()
 	evs := until(t, second, PhaseDone)
 	checkPhases(t, evs, PhaseStarting, PhaseWaiting, PhaseReady, PhaseDone)
-	if res := result(t, evs); !res.OK || res.Generation != 3 {
+	if res := result(t, evs); res.Outcome != RestartOK || res.Generation != 3 {
 		t.Errorf("result %+v, want generation 3 ready", res)
 	}
 	st := h.wantGens("1:stopping 3:serving")

@@ -21,10 +21,10 @@ func (r *recorder) GenerationReady(gen int, readyAfter time.Duration) {
 
 func (r *recorder) RestartFinished(res Result) {
 	outcome := "rolled back"
-	switch {
-	case res.OK:
+	switch res.Outcome {
+	case RestartOK:
 		outcome = "ok"
-	case res.Refused:
+	case RestartRefused:
 		outcome = "refused"
 	}
 	r.add(fmt.Sprintf("restart %s in %s", outcome, res.Duration))

@@ -139,7 +139,7 @@ func (s *Supervisor) refuse(run *restartRun, reason string) {
 		s.counts.Refused++
 	}
 	s.cfg.Log.Warn("restart refused", "reason", run.reason, "why", reason)
-	s.answer(run, Result{Refused: true, Reason: reason})
+	s.answer(run, Result{Outcome: RestartRefused, Reason: reason})
 }
 
 // sameRequest reports whether two restarts ask for the same thing.
@@ -189,7 +189,7 @@ func (s *Supervisor) onPreflight(run *restartRun, err error) {
 	run.cancelPre = nil
 	if err != nil {
 		s.cfg.Log.Error("pre-flight check failed; restart refused, nothing changed", "check", strings.Join(run.check, " "), "err", err)
-		s.finishRestart(Result{Refused: true, Reason: "pre-flight check failed: " + err.Error()})
+		s.finishRestart(Result{Outcome: RestartRefused, Reason: "pre-flight check failed: " + err.Error()})
 		return
 	}
 	s.cfg.Log.Info("pre-flight check passed", "check", strings.Join(run.check, " "))
@@ -225,7 +225,7 @@ func (s *Supervisor) advance() {
 		if !gs.everReady {
 			s.stop.fatal = fmt.Errorf("starting generation %d: %w", gs.next, err)
 		}
-		s.finishRestart(Result{Generation: gs.next, Reason: err.Error()})
+		s.finishRestart(Result{Outcome: RestartRolledBack, Generation: gs.next, Reason: err.Error()})
 		return
 	}
 	run.gen = g
@@ -288,7 +288,7 @@ func (s *Supervisor) promote(g *generation) {
 		s.cfg.Observer.Ready()
 	}
 	if prev == nil {
-		s.finishRestart(s.resultFor(g, true, ""))
+		s.finishRestart(s.resultFor(g, RestartOK, ""))
 		return
 	}
 	prev.state = Draining
@@ -400,17 +400,17 @@ func (s *Supervisor) retire(run *restartRun, ended DrainEnd) {
 		run.emit(ev)
 	}
 	run.watch = prev
-	s.finishRestart(s.resultFor(run.gen, true, ""))
+	s.finishRestart(s.resultFor(run.gen, RestartOK, ""))
 }
 
-func (s *Supervisor) resultFor(g *generation, ok bool, reason string) Result {
-	r := Result{OK: ok, Reason: reason}
+func (s *Supervisor) resultFor(g *generation, outcome RestartOutcome, reason string) Result {
+	r := Result{Outcome: outcome, Reason: reason}
 	if g != nil {
 		r.Generation, r.Pid, r.Command = g.n, g.pid(), g.cmd.Args
 		if !g.readyAt.IsZero() {
 			r.ReadyAfter = g.readyAt.Sub(g.started)
 		}
-		if !ok {
+		if outcome != RestartOK {
 			r.StderrTail = g.stderr.Lines(stderrTailLines)
 		}
 	}
@@ -424,10 +424,10 @@ func (s *Supervisor) finishRestart(res Result) {
 	s.restarts.current = nil
 	res.Duration = s.env.now().Sub(run.begun)
 	if run.requested() {
-		switch {
-		case res.OK:
+		switch res.Outcome {
+		case RestartOK:
 			s.counts.OK++
-		case res.Refused:
+		case RestartRefused:
 			s.counts.Refused++
 		default:
 			s.counts.RolledBack++
@@ -435,8 +435,9 @@ func (s *Supervisor) finishRestart(res Result) {
 		s.last = &LastRestart{Result: res, Finished: s.env.now()}
 		s.cfg.Recorder.RestartFinished(res)
 	}
-	if run.reason != reasonStart || !res.OK {
-		s.cfg.Log.Log(context.Background(), logLevel(res.OK), "restart finished", "ok", res.OK, "gen", res.Generation,
+	ok := res.Outcome == RestartOK
+	if run.reason != reasonStart || !ok {
+		s.cfg.Log.Log(context.Background(), logLevel(ok), "restart finished", "ok", ok, "gen", res.Generation,
 			"pid", res.Pid, "took", res.Duration.Round(time.Microsecond), "reason", run.reason)
 	}
 	s.answer(run, res)

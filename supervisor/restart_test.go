@@ -25,7 +25,7 @@ func TestRestartReadyDrainsThenStopsTheOld(t *testing.T) {
 	h.clock.advance(testDrain)
 	old.waitSignals(t, "TERM")
 	evs = append(evs, until(t, events, PhaseDone)...)
-	if res := result(t, evs); !res.OK || res.Generation != 2 || res.Pid != p.id || !slices.Equal(res.Command, testCommand.Args) {
+	if res := result(t, evs); res.Outcome != RestartOK || res.Generation != 2 || res.Pid != p.id || !slices.Equal(res.Command, testCommand.Args) {
 		t.Errorf("result %+v, want generation 2 (pid %d) running %q", res, p.id, testCommand.Args)
 	}
 	old.exit(exited(0), false)
@@ -50,7 +50,7 @@ func rolledBack(t *testing.T, h *harness, evs []Event, old *fakeProc, reason str
 	t.Helper()
 	checkPhases(t, evs, PhaseStarting, PhaseWaiting, PhaseDone)
 	res := result(t, evs)
-	if res.OK || res.Refused || res.Generation != 2 || !strings.Contains(res.Reason, reason) {
+	if res.Outcome != RestartRolledBack || res.Generation != 2 || !strings.Contains(res.Reason, reason) {
 		t.Errorf("result %+v, want generation 2 rolled back because %q", res, reason)
 	}
 	if got := old.got(); len(got) != 0 {
@@ -149,7 +149,7 @@ func TestExitDuringDrainGivesBackToTheOld(t *testing.T) {
 	old, p, _, events := h.draining(RestartRequest{Command: next})
 	p.exit(exited(1), false)
 	res := result(t, all(t, events))
-	if res.OK || res.Reason != "exited during the drain window: exit status 1" {
+	if res.Outcome == RestartOK || res.Reason != "exited during the drain window: exit status 1" {
 		t.Errorf("result %+v, want the restart rolled back as exited during the drain", res)
 	}
 	st := h.wantGens("1:serving")
@@ -176,7 +176,7 @@ func TestExitDuringDrainAfterTheOldLeftIsReplaced(t *testing.T) {
 	h.waitLine("gen 2 pid 1002 serving")
 	p.exit(exited(1), false)
 	res := result(t, all(t, events))
-	if res.OK || res.Reason != "exited during the drain window: exit status 1" {
+	if res.Outcome == RestartOK || res.Reason != "exited during the drain window: exit status 1" {
 		t.Errorf("result %+v, want the restart rolled back as exited during the drain", res)
 	}
 	h.waitLine("no generation serving; replacement pending; last restart rolled back: exited during the drain window: exit status 1")
@@ -207,7 +207,7 @@ func TestFailedPreflightRefuses(t *testing.T) {
 	c.fail(errors.New("make test: exit status 2: FAIL"))
 	evs := all(t, events)
 	checkPhases(t, evs, PhaseChecking, PhaseDone)
-	if res := result(t, evs); !res.Refused || res.Reason != "pre-flight check failed: make test: exit status 2: FAIL" {
+	if res := result(t, evs); res.Outcome != RestartRefused || res.Reason != "pre-flight check failed: make test: exit status 2: FAIL" {
 		t.Errorf("result %+v, want refused by the pre-flight check", res)
 	}
 	h.noStart()

@@ -161,13 +161,13 @@ func (s *Supervisor) statusSummary() string {
 	if n := len(s.restarts.queued); n > 0 {
 		parts = append(parts, fmt.Sprintf("%d restart(s) queued", n))
 	}
-	if l := s.last; l != nil && !l.OK && !s.stop.begun {
+	if l := s.last; l != nil && l.Outcome != RestartOK && !s.stop.begun {
 		reason := l.Reason
 		if r := []rune(reason); len(r) > maxReasonInStatus {
 			reason = string(r[:maxReasonInStatus]) + "…" // whole characters: systemd drops a STATUS= that is not UTF-8
 		}
 		what := "rolled back"
-		if l.Refused {
+		if l.Outcome == RestartRefused {
 			what = "refused"
 		}
 		parts = append(parts, fmt.Sprintf("last restart %s: %s", what, reason))

@@ -27,14 +27,14 @@ func (s *Supervisor) beginStop(now bool) {
 		case run.prev != nil:
 			// The new generation already serves; the stop ends the drain.
 			run.drain.end()
-			s.finishRestart(s.resultFor(run.gen, true, ""))
+			s.finishRestart(s.resultFor(run.gen, RestartOK, ""))
 		case run.gen == nil:
 			// It was in its pre-flight check, or waiting for an old
 			// generation to exit.
 			if run.cancelPre != nil {
 				run.cancelPre()
 			}
-			s.finishRestart(Result{Refused: true, Reason: ErrStopping.Error()})
+			s.finishRestart(Result{Outcome: RestartRefused, Reason: ErrStopping.Error()})
 		}
 	}
 	for _, g := range s.alive() {

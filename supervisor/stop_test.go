@@ -21,7 +21,7 @@ func TestStopDuringPreflight(t *testing.T) {
 	h.sup.Stop(false)
 	evs := all(t, events)
 	checkPhases(t, evs, PhaseChecking, PhaseDone)
-	if res := result(t, evs); !res.Refused || res.Reason != ErrStopping.Error() {
+	if res := result(t, evs); res.Outcome != RestartRefused || res.Reason != ErrStopping.Error() {
 		t.Errorf("result %+v, want refused: relay is stopping", res)
 	}
 	if !errors.Is(c.ctx.Err(), context.Canceled) {
@@ -49,7 +49,7 @@ func TestStopDuringStart(t *testing.T) {
 	p2.exit(killed(syscall.SIGTERM), false)
 	evs := all(t, events)
 	checkPhases(t, evs, PhaseStarting, PhaseWaiting, PhaseDone)
-	if res := result(t, evs); res.OK || res.Reason != ErrStopping.Error() {
+	if res := result(t, evs); res.Outcome == RestartOK || res.Reason != ErrStopping.Error() {
 		t.Errorf("result %+v, want failed: relay is stopping", res)
 	}
 	p1.exit(exited(0), false)
@@ -66,7 +66,7 @@ func TestStopDuringDrain(t *testing.T) {
 	p1, p2, _, events := h.draining(RestartRequest{})
 	h.sup.Stop(false)
 	evs := all(t, events)
-	if res := result(t, evs); !res.OK || res.Generation != 2 {
+	if res := result(t, evs); res.Outcome != RestartOK || res.Generation != 2 {
 		t.Errorf("result %+v, want generation 2 ready", res)
 	}
 	p1.waitSignals(t, "TERM")
@@ -90,10 +90,10 @@ func TestStopRefusesQueuedRestarts(t *testing.T) {
 	queued := h.restart(RestartRequest{})
 	until(t, queued, PhaseQueued)
 	h.sup.Stop(false)
-	if res := result(t, all(t, queued)); !res.Refused || res.Reason != ErrStopping.Error() {
+	if res := result(t, all(t, queued)); res.Outcome != RestartRefused || res.Reason != ErrStopping.Error() {
 		t.Errorf("result %+v, want refused: relay is stopping", res)
 	}
-	if res := result(t, all(t, h.restart(RestartRequest{}))); !res.Refused || res.Reason != ErrStopping.Error() {
+	if res := result(t, all(t, h.restart(RestartRequest{}))); res.Outcome != RestartRefused || res.Reason != ErrStopping.Error() {
 		t.Errorf("a restart asked for during the stop: %+v, want refused", res)
 	}
 	if st, err := h.sup.Status(); err != nil || st.Restarts.Refused != 2 {
@@ -238,7 +238,7 @@ func TestSpawnFailureFailsTheRestart(t *testing.T) {
 	h.mu.Unlock()
 	evs := all(t, h.restart(RestartRequest{}))
 	checkPhases(t, evs, PhaseDone)
-	if res := result(t, evs); res.OK || res.Refused || !strings.Contains(res.Reason, "exec format error") {
+	if res := result(t, evs); res.Outcome != RestartRolledBack || !strings.Contains(res.Reason, "exec format error") {
 		t.Errorf("result %+v, want the start failure", res)
 	}
 	if got := p1.got(); len(got) != 0 {

@@ -69,7 +69,7 @@ func serving() supervisor.Status {
 		},
 		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, LivenessReplacements: 1},
 		LastRestart: &supervisor.LastRestart{
-			Result:   supervisor.Result{OK: true, Generation: 5},
+			Result:   supervisor.Result{Outcome: supervisor.RestartOK, Generation: 5},
 			Finished: time.Unix(1700000000, 500e6),
 		},
 	}
@@ -83,9 +83,9 @@ func TestMetricsFromStatus(t *testing.T) {
 	src.set(serving(), nil)
 	rec := NewRecorder()
 	rec.GenerationReady(5, 30*time.Millisecond)
-	rec.RestartFinished(supervisor.Result{OK: true, Duration: 700 * time.Millisecond})
-	rec.RestartFinished(supervisor.Result{Refused: true, Duration: 20 * time.Millisecond})
-	rec.RestartFinished(supervisor.Result{Duration: 3 * time.Second})
+	rec.RestartFinished(supervisor.Result{Outcome: supervisor.RestartOK, Duration: 700 * time.Millisecond})
+	rec.RestartFinished(supervisor.Result{Outcome: supervisor.RestartRefused, Duration: 20 * time.Millisecond})
+	rec.RestartFinished(supervisor.Result{Outcome: supervisor.RestartRolledBack, Duration: 3 * time.Second})
 	reg := newRegistry(src.Status, Options{Recorder: rec, Build: testBuild, Log: slog.New(slog.DiscardHandler)})
 
 	want := `

@@ -92,7 +92,7 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	if l := st.LastRestart; l != nil {
 		ch <- prometheus.MustNewConstMetric(c.lastTime, prometheus.GaugeValue, float64(l.Finished.UnixNano())/1e9)
 		success := 0.0
-		if l.OK {
+		if l.Outcome == supervisor.RestartOK {
 			success = 1
 		}
 		ch <- prometheus.MustNewConstMetric(c.lastSuccess, prometheus.GaugeValue, success)

@@ -73,10 +73,10 @@ func (r *Recorder) RestartFinished(res supervisor.Result) {
 }
 
 func outcomeOf(res supervisor.Result) string {
-	switch {
-	case res.OK:
+	switch res.Outcome {
+	case supervisor.RestartOK:
 		return outcomeOK
-	case res.Refused:
+	case supervisor.RestartRefused:
 		return outcomeRefused
 	}
 	return outcomeRolledBack
