@@ -54,7 +54,9 @@ const (
 	// started; the one that served serves on.
 	RestartRolledBack RestartOutcome = "rolled_back"
 	// RestartRefused: nothing was started: the pre-flight check
-	// failed, the command could not be found, or relay is stopping.
+	// failed, too many different restarts were queued, or relay is
+	// stopping. (A command that cannot be found is refused before it
+	// reaches the supervisor, by control's server.)
 	RestartRefused RestartOutcome = "refused"
 )
 
