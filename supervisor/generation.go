@@ -2,7 +2,6 @@ package supervisor
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,10 +11,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/internal/reaper"
@@ -64,19 +60,10 @@ type generation struct {
 	killTimer timer
 	// killed: the stop timeout passed and it got SIGKILL.
 	killed bool
-	// cg is its cgroup; nil where generations are contained by process
-	// group only.
-	cg container
-	// watching: a goroutine waits for cg to empty (watchEmpty).
-	watching bool
-	// adopted lists its orphans outside its process group, reparented to
-	// relay; nil with a cgroup (see contain.go).
-	adopted   func() []int
-	signalPid func(pid int, sig syscall.Signal) error // env.signalPid
-	// orphansKilled are the adopted orphans sent SIGKILL already, which
-	// stay listed until they are reaped.
-	orphansKilled map[int]bool
-	status        reaper.Status
+	// contain is what it is made of: its cgroup, or its process group
+	// and adopted orphans (contain.go).
+	contain containment
+	status  reaper.Status
 	// gone: no process of it is left, its main process nor any other.
 	gone bool
 	// exitWatchers follow the restart that retired this generation, and
@@ -160,7 +147,8 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 	}
 	path, argv := socketpass.ShimArgv(cmd.Path, args, shim)
 	g.started = s.env.now()
-	g.proc, err = s.start(g, path, argv, reaper.Attr{Dir: s.cfg.Dir, Env: childEnv, Files: files, NewGroup: true})
+	var cg container
+	g.proc, cg, err = s.start(n, path, argv, reaper.Attr{Dir: s.cfg.Dir, Env: childEnv, Files: files, NewGroup: true})
 	if err != nil {
 		pr.Close()
 		if g.takeover != nil {
@@ -170,11 +158,7 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 	}
 	ok = true
 	g.log = s.cfg.Log.With("gen", n, "pid", g.pid())
-	if s.env.adopted != nil && g.cg == nil {
-		pid := g.pid()
-		g.adopted = func() []int { return s.env.adopted(n, pid) }
-		g.signalPid = s.env.signalPid
-	}
+	g.contain = s.containmentOf(g, cg)
 	g.pidForNotify.Store(int64(g.pid()))
 	if g.takeover != nil {
 		go s.serveTakeover(g, socks)
@@ -203,41 +187,6 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		s.post(exitEvent{g: g, status: g.proc.Status()})
 	}()
 	return g, nil
-}
-
-// start starts generation g's process, in a cgroup of its own where relay
-// has cgroups: born in it (CLONE_INTO_CGROUP), or moved in at once on a
-// kernel without that.
-func (s *Supervisor) start(g *generation, path string, argv []string, attr reaper.Attr) (process, error) {
-	if s.env.contain == nil {
-		return s.env.start(path, argv, attr)
-	}
-	cg, err := s.env.contain(g.n)
-	if err != nil {
-		return nil, err
-	}
-	defer cg.CloseFD()
-	attr.UseCgroupFD, attr.CgroupFD = true, cg.FD()
-	p, err := s.env.start(path, argv, attr)
-	if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.E2BIG) {
-		// Linux before 5.7 has no CLONE_INTO_CGROUP (clone3).
-		attr.UseCgroupFD, attr.CgroupFD = false, 0
-		if p, err = s.env.start(path, argv, attr); err == nil {
-			if aerr := cg.Add(p.pid()); aerr != nil {
-				// Contained by its process group instead: a
-				// cgroup without it would kill nothing.
-				s.cfg.Log.Warn("generation left outside its cgroup; its process group contains it", "gen", g.n, "pid", p.pid(), "err", aerr)
-				cg.Remove()
-				return p, nil
-			}
-		}
-	}
-	if err != nil {
-		cg.Remove()
-		return nil, err
-	}
-	g.cg = cg
-	return p, nil
 }
 
 // startCheck runs the readiness check of a starting generation and posts

@@ -93,7 +93,7 @@ func (s *Supervisor) status() Status {
 		gs := GenerationStatus{
 			Generation: g.n, Pid: g.pid(), State: g.state, Started: g.started,
 			AgeSeconds: now.Sub(g.started).Seconds(), Command: g.cmd.Args, Sockets: s.tookSockets(g),
-			Processes: processes(g),
+			Processes: g.contain.count(),
 		}
 		if !g.readyAt.IsZero() {
 			gs.ReadyAfterMs = ms(g.readyAt.Sub(g.started))
