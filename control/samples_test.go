@@ -16,7 +16,7 @@ func sampleResult() supervisor.Result {
 	return supervisor.Result{
 		Outcome: supervisor.RestartRefused, Generation: 7, Pid: 4242, Command: []string{"/srv/api", "-v2"},
 		Reason: "readiness check failed", StderrTail: "panic: x\nexit 2", ReadyAfter: 1500 * time.Microsecond,
-		Duration: 2*time.Second + 3*time.Millisecond,
+		Duration: 2*time.Second + 3500*time.Microsecond,
 	}
 }
 

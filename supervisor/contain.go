@@ -2,63 +2,249 @@ package supervisor
 
 import (
 	"errors"
+	"log/slog"
 	"os"
 	"slices"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/relaysh/relay/internal/reaper"
 	"github.com/relaysh/relay/signals"
 )
 
 // Containment: where relay has cgroups (Config.Cgroups), a generation is
 // all the processes of its cgroup, whatever they do with sessions and
-// process groups. Elsewhere it is its process group, and the orphans of it
-// that relay, their subreaper, adopted with its RELAY_GENERATION in their
-// environment (env.adopted): a setsid daemon is found once its parent has
-// exited. lingers, signalLeft, processes, watchEmpty and forget are the
-// two kinds' one interface to the state machine; signalGroup's SIGKILL
-// kills the whole cgroup, or the group and the adopted orphans.
+// process groups (cgroupContainment). Elsewhere it is its process group,
+// and the orphans of it that relay, their subreaper, adopted with its
+// RELAY_GENERATION in their environment (env.adopted): a setsid daemon is
+// found once its parent has exited (groupContainment). Which of the two a
+// generation has is chosen once, at its start (start, then containmentOf),
+// and kept in g.contain: the state machine asks it, never which kind it is.
 
-// lingers reports whether any process of g is alive: in its cgroup, or in
-// its process group or adopted.
-func lingers(g *generation) bool {
-	if g.cg != nil {
-		return g.cg.Populated()
-	}
-	return g.proc.GroupAlive() || len(adopted(g)) > 0
+// containment is what a generation is made of, as the state machine sees
+// it. Its methods run on the loop's goroutine and log what fails.
+type containment interface {
+	// signalMain sends sig to the main process alone.
+	signalMain(sig syscall.Signal)
+	// signal sends sig to every process of it.
+	signal(sig syscall.Signal)
+	// kill sends SIGKILL to every process of it.
+	kill()
+	// killAdopted sends SIGKILL to the orphans adopted into it since
+	// kill, which kill did not reach; a cgroup has none.
+	killAdopted()
+	// alive reports whether any process of it is alive, the main
+	// process or another.
+	alive() bool
+	// count counts its processes, for the status.
+	count() int
+	// watch calls emptied, once, on a goroutine of its own, when it has
+	// no process left, unless done is closed first; nothing for a process
+	// group, whose last process relay (the subreaper) reaps, and the
+	// orphans event says so.
+	watch(done <-chan struct{}, emptied func())
+	// remove forgets it, once it has no process left.
+	remove()
+	// logKill says that it is killed after the stop timeout d; logGone,
+	// that it has no process left.
+	logKill(d time.Duration)
+	logGone()
 }
 
-// adopted lists the orphans of g that left its process group and were
-// reparented to relay; none with a cgroup.
-func adopted(g *generation) []int {
-	if g.adopted == nil {
+// start starts generation n's process, in a cgroup of its own where relay
+// has cgroups: born in it (CLONE_INTO_CGROUP), or moved in at once on a
+// kernel without that. It returns the cgroup, or nil where the process
+// group contains the generation instead.
+func (s *Supervisor) start(n int, path string, argv []string, attr reaper.Attr) (process, container, error) {
+	if s.env.contain == nil {
+		p, err := s.env.start(path, argv, attr)
+		return p, nil, err
+	}
+	cg, err := s.env.contain(n)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer cg.CloseFD()
+	attr.UseCgroupFD, attr.CgroupFD = true, cg.FD()
+	p, err := s.env.start(path, argv, attr)
+	if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.E2BIG) {
+		// Linux before 5.7 has no CLONE_INTO_CGROUP (clone3).
+		attr.UseCgroupFD, attr.CgroupFD = false, 0
+		if p, err = s.env.start(path, argv, attr); err == nil {
+			if aerr := cg.Add(p.pid()); aerr != nil {
+				// Contained by its process group instead: a
+				// cgroup without it would kill nothing.
+				s.cfg.Log.Warn("generation left outside its cgroup; its process group contains it", "gen", n, "pid", p.pid(), "err", aerr)
+				cg.Remove()
+				return p, nil, nil
+			}
+		}
+	}
+	if err != nil {
+		cg.Remove()
+		return nil, nil, err
+	}
+	return p, cg, nil
+}
+
+// containmentOf is the containment of g, just started: cg, its cgroup, or
+// where it has none its process group and the orphans of it that relay
+// adopts (none where env.adopted is nil: relay has cgroups, and g's did
+// not take it).
+func (s *Supervisor) containmentOf(g *generation, cg container) containment {
+	main := leader{proc: g.proc, log: g.log}
+	if cg != nil {
+		return &cgroupContainment{leader: main, cg: cg}
+	}
+	pg := &groupContainment{leader: main}
+	if s.env.adopted != nil {
+		n, pid := g.n, g.pid()
+		pg.adopted = func() []int { return s.env.adopted(n, pid) }
+		pg.signalPid = s.env.signalPid
+	}
+	return pg
+}
+
+// leader is the main process of a generation, which leads its process
+// group: what both kinds of containment signal by its pid.
+type leader struct {
+	proc process
+	log  *slog.Logger
+}
+
+func (l leader) signalMain(sig syscall.Signal) {
+	if err := l.proc.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		l.log.Warn("signalling the main process", "signal", signals.Name(sig), "err", err)
+	}
+}
+
+// signalGroup sends sig to the process group of the main process.
+func (l leader) signalGroup(sig syscall.Signal) {
+	if err := l.proc.SignalGroup(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		l.log.Warn("signalling process group", "signal", signals.Name(sig), "err", err)
+	}
+}
+
+// cgroupContainment is a generation contained by its cgroup.
+type cgroupContainment struct {
+	leader
+	cg container
+	// watching: a goroutine waits for cg to empty (watch).
+	watching bool
+}
+
+func (c *cgroupContainment) signal(sig syscall.Signal) {
+	if err := c.cg.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		c.log.Warn("signalling cgroup", "signal", signals.Name(sig), "cgroup", c.cg.Path(), "err", err)
+	}
+}
+
+func (c *cgroupContainment) kill() {
+	if err := c.cg.Kill(); err != nil {
+		c.log.Warn("killing cgroup", "cgroup", c.cg.Path(), "err", err)
+		// Whatever the cgroup could not take, its process group
+		// still can.
+		c.signalGroup(syscall.SIGKILL)
+	}
+}
+
+func (c *cgroupContainment) killAdopted() {}
+func (c *cgroupContainment) alive() bool  { return c.cg.Populated() }
+func (c *cgroupContainment) count() int   { return c.cg.Count() }
+
+func (c *cgroupContainment) watch(done <-chan struct{}, emptied func()) {
+	if c.watching {
+		return
+	}
+	c.watching = true
+	cg := c.cg
+	go func() {
+		cg.WaitEmpty(done)
+		emptied()
+	}()
+}
+
+func (c *cgroupContainment) remove() {
+	if err := c.cg.Remove(); err != nil {
+		c.log.Warn("removing cgroup", "cgroup", c.cg.Path(), "err", err)
+	}
+}
+
+func (c *cgroupContainment) logKill(d time.Duration) {
+	c.log.Warn("did not stop within the stop timeout; killing its cgroup",
+		"stop_timeout", d, "signal", "KILL", "cgroup", c.cg.Path(), "processes", c.cg.Count())
+}
+
+func (c *cgroupContainment) logGone() {
+	c.log.Info("generation gone: its cgroup is empty", "cgroup", c.cg.Path())
+}
+
+// groupContainment is a generation contained by its process group and
+// the orphans of it that left the group and were reparented to relay.
+type groupContainment struct {
+	leader
+	// adopted lists its orphans outside its process group; nil for
+	// none.
+	adopted   func() []int
+	signalPid func(pid int, sig syscall.Signal) error // env.signalPid
+	// orphansKilled are the adopted orphans sent SIGKILL already, which
+	// stay listed until they are reaped.
+	orphansKilled map[int]bool
+}
+
+func (pg *groupContainment) signal(sig syscall.Signal) {
+	pg.signalGroup(sig)
+	pg.signalAdopted(sig)
+}
+
+func (pg *groupContainment) kill()        { pg.signal(syscall.SIGKILL) }
+func (pg *groupContainment) killAdopted() { pg.signalAdopted(syscall.SIGKILL) }
+func (pg *groupContainment) alive() bool  { return pg.proc.GroupAlive() || len(pg.orphans()) > 0 }
+func (pg *groupContainment) count() int   { return pg.proc.GroupSize() + len(pg.orphans()) }
+
+func (pg *groupContainment) watch(<-chan struct{}, func()) {}
+func (pg *groupContainment) remove()                       {}
+
+func (pg *groupContainment) logKill(d time.Duration) {
+	pg.log.Warn("did not stop within the stop timeout; killing its process group",
+		"stop_timeout", d, "signal", "KILL")
+}
+
+func (pg *groupContainment) logGone() {
+	pg.log.Info("generation gone: no process of it is left")
+}
+
+// orphans lists its adopted orphans.
+func (pg *groupContainment) orphans() []int {
+	if pg.adopted == nil {
 		return nil
 	}
-	return g.adopted()
+	return pg.adopted()
 }
 
-// signalAdopted sends sig to the orphans of g outside its process group;
+// signalAdopted sends sig to the orphans outside the process group;
 // SIGKILL only to those not sent it before, which may be listed still,
 // dead but not yet reaped.
-func signalAdopted(g *generation, sig syscall.Signal) {
-	pids := adopted(g)
+func (pg *groupContainment) signalAdopted(sig syscall.Signal) {
+	pids := pg.orphans()
 	if sig == syscall.SIGKILL {
-		if g.orphansKilled == nil {
-			g.orphansKilled = map[int]bool{}
+		if pg.orphansKilled == nil {
+			pg.orphansKilled = map[int]bool{}
 		}
-		pids = slices.DeleteFunc(pids, func(pid int) bool { return g.orphansKilled[pid] })
+		pids = slices.DeleteFunc(pids, func(pid int) bool { return pg.orphansKilled[pid] })
 		for _, pid := range pids {
-			g.orphansKilled[pid] = true
+			pg.orphansKilled[pid] = true
 		}
 	}
 	if len(pids) == 0 {
 		return
 	}
-	g.log.Info("signalling processes that left the generation's process group", "signal", signals.Name(sig), "pids", pids)
+	pg.log.Info("signalling processes that left the generation's process group", "signal", signals.Name(sig), "pids", pids)
 	for _, pid := range pids {
-		if err := g.signalPid(pid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
-			g.log.Warn("signalling an orphan of the generation", "signal", signals.Name(sig), "orphan_pid", pid, "err", err)
+		if err := pg.signalPid(pid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
+			pg.log.Warn("signalling an orphan of the generation", "signal", signals.Name(sig), "orphan_pid", pid, "err", err)
 		}
 	}
 }
@@ -73,61 +259,11 @@ func (s *Supervisor) sendStop(g *generation) {
 	sig := s.cfg.StopSignal
 	switch {
 	case g.state == Exited || s.cfg.KillMode == KillControlGroup:
-		signalLeft(g, sig)
+		g.contain.signal(sig)
 	default:
-		if err := g.proc.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
-			g.log.Warn("signalling the main process", "signal", signals.Name(sig), "err", err)
-		}
+		g.contain.signalMain(sig)
 	}
 	if sig != syscall.SIGCONT {
-		signalLeft(g, syscall.SIGCONT)
-	}
-}
-
-// signalLeft signals what is left of a generation whose main process has
-// exited: every process of its cgroup, or its process group.
-func signalLeft(g *generation, sig syscall.Signal) {
-	if g.cg == nil {
-		signalGroup(g, sig)
-		if sig != syscall.SIGKILL { // signalGroup's KILL took them
-			signalAdopted(g, sig)
-		}
-		return
-	}
-	if err := g.cg.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		g.log.Warn("signalling cgroup", "signal", signals.Name(sig), "cgroup", g.cg.Path(), "err", err)
-	}
-}
-
-// watchEmpty posts an emptiedEvent once the cgroup of lingering g has no
-// process left. Orphans reaped say the same for a process group, whose
-// last process relay (the subreaper) always reaps.
-func (s *Supervisor) watchEmpty(g *generation) {
-	if g.cg == nil || g.watching {
-		return
-	}
-	g.watching = true
-	cg := g.cg
-	go func() {
-		cg.WaitEmpty(s.doneC)
-		s.post(emptiedEvent{})
-	}()
-}
-
-// processes counts the processes of g, for the status.
-func processes(g *generation) int {
-	if g.cg != nil {
-		return g.cg.Count()
-	}
-	return g.proc.GroupSize() + len(adopted(g))
-}
-
-// forget removes the cgroup of g, which has no process left.
-func forget(g *generation) {
-	if g.cg == nil {
-		return
-	}
-	if err := g.cg.Remove(); err != nil {
-		g.log.Warn("removing cgroup", "cgroup", g.cg.Path(), "err", err)
+		g.contain.signal(syscall.SIGCONT)
 	}
 }

@@ -131,6 +131,7 @@ func TestStopSignalThenCont(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, func(c *Config) { c.StopSignal = syscall.SIGQUIT })
 	p1, p2, _, _ := h.draining(RestartRequest{})
+	h.clock.waitTimer(t, testDrain) // armed after the draining event
 	h.clock.advance(testDrain)
 	p1.waitSeq(t, "QUIT", "group CONT")
 	p1.exit(exited(0), false)

@@ -2,7 +2,6 @@ package supervisor
 
 import (
 	"fmt"
-	"syscall"
 
 	"github.com/relaysh/relay/internal/reaper"
 )
@@ -18,7 +17,7 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	if err := g.notify.Close(); err != nil {
 		g.log.Debug("closing notify socket", "err", err)
 	}
-	if lingers(g) {
+	if g.contain.alive() {
 		// Processes of it outlived its main process (workers still
 		// finishing, a daemon it started): the generation lives on
 		// until they are gone, and counts against --max-draining.
@@ -29,15 +28,15 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		// kill was not in it.
 		switch {
 		case g.killed:
-			signalGroup(g, syscall.SIGKILL)
+			g.contain.kill()
 		case prev != Stopping:
 			s.sendStop(g)
 		}
 		s.armKill(g)
-		s.watchEmpty(g)
+		g.contain.watch(s.doneC, func() { s.post(emptiedEvent{}) })
 		gs.lingering = append(gs.lingering, g)
 		g.log.Info("main process exited; the generation's other processes live on", "status", st.String(),
-			"processes", processes(g), "killed_after", s.cfg.StopTimeout)
+			"processes", g.contain.count(), "killed_after", s.cfg.StopTimeout)
 	} else {
 		s.gone(g)
 	}
@@ -183,20 +182,16 @@ func (s *Supervisor) checkLingering() {
 	kept := s.gens.lingering[:0]
 	forgot := false
 	for _, g := range s.gens.lingering {
-		if lingers(g) {
-			if g.cg == nil && g.killed {
+		if g.contain.alive() {
+			if g.killed {
 				// Adopted since the kill (its parent lived
 				// until then): it was not in it.
-				signalAdopted(g, syscall.SIGKILL)
+				g.contain.killAdopted()
 			}
 			kept = append(kept, g)
 			continue
 		}
-		if g.cg != nil {
-			g.log.Info("generation gone: its cgroup is empty", "cgroup", g.cg.Path())
-		} else {
-			g.log.Info("generation gone: no process of it is left")
-		}
+		g.contain.logGone()
 		s.gone(g)
 		forgot = true
 	}
@@ -215,7 +210,7 @@ func (s *Supervisor) gone(g *generation) {
 	if g.killTimer != nil {
 		g.killTimer.Stop()
 	}
-	forget(g)
+	g.contain.remove()
 	for _, w := range g.exitWatchers {
 		w.send(Event{Phase: PhaseOldExit, Generation: g.n, Pid: g.pid(), Status: g.status.String()})
 		w.close()

@@ -2,7 +2,6 @@ package supervisor
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,10 +11,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/internal/reaper"
@@ -64,19 +60,10 @@ type generation struct {
 	killTimer timer
 	// killed: the stop timeout passed and it got SIGKILL.
 	killed bool
-	// cg is its cgroup; nil where generations are contained by process
-	// group only.
-	cg container
-	// watching: a goroutine waits for cg to empty (watchEmpty).
-	watching bool
-	// adopted lists its orphans outside its process group, reparented to
-	// relay; nil with a cgroup (see contain.go).
-	adopted   func() []int
-	signalPid func(pid int, sig syscall.Signal) error // env.signalPid
-	// orphansKilled are the adopted orphans sent SIGKILL already, which
-	// stay listed until they are reaped.
-	orphansKilled map[int]bool
-	status        reaper.Status
+	// contain is what it is made of: its cgroup, or its process group
+	// and adopted orphans (contain.go).
+	contain containment
+	status  reaper.Status
 	// gone: no process of it is left, its main process nor any other.
 	gone bool
 	// exitWatchers follow the restart that retired this generation, and
@@ -104,91 +91,136 @@ func (g *generation) pid() int { return g.proc.pid() }
 // its exit is posted to the supervisor as an exitEvent.
 func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 	g := &generation{n: n, cmd: cmd, state: Starting, stderr: newTailBuffer(stderrTailBytes), notified: make(chan struct{})}
-	var err error
+	l, err := s.prepare(g)
+	if err != nil {
+		return nil, err
+	}
+	g.started = s.env.now()
+	var cg container
+	g.proc, cg, err = s.start(n, l.path, l.argv, l.attr)
+	l.done(err)
+	if err != nil {
+		return nil, fmt.Errorf("starting %s: %w", cmd.Path, err)
+	}
+	g.log = s.cfg.Log.With("gen", n, "pid", g.pid())
+	g.contain = s.containmentOf(g, cg)
+	g.pidForNotify.Store(int64(g.pid()))
+	if g.takeover != nil {
+		go s.serveTakeover(g, l.socks)
+	}
+	s.watchExit(g, l.stderr)
+	return g, nil
+}
+
+// launch is a start of a generation made ready: the command line and
+// attributes of its process, and what was opened for it, kept as two lists
+// of closers (as os/exec keeps its files) that done closes.
+type launch struct {
+	path  string
+	argv  []string
+	attr  reaper.Attr
+	socks []*os.File // its listening sockets
+	// stderr is relay's end of its stderr pipe.
+	stderr *os.File
+	// childEnds are closed once it has its copies, started or not;
+	// ours, only if it did not start.
+	childEnds, ours []io.Closer
+}
+
+// done closes the child's ends, after the start; and relay's own too if
+// the start failed with err.
+func (l *launch) done(err error) {
+	closeAll(l.childEnds)
+	if err != nil {
+		closeAll(l.ours)
+	}
+}
+
+func closeAll(cs []io.Closer) {
+	for _, c := range cs {
+		c.Close()
+	}
+}
+
+// closeFunc is a func as an io.Closer.
+type closeFunc func()
+
+func (f closeFunc) Close() error { f(); return nil }
+
+// prepare makes ready the start of generation g: its health address and
+// notify socket, its stderr pipe, its sockets, and with --takeover the
+// handshake of its exec shim. What it opened is closed if it fails.
+func (s *Supervisor) prepare(g *generation) (_ *launch, err error) {
+	l := &launch{}
+	defer func() {
+		if err != nil {
+			l.done(err)
+		}
+	}()
 	if g.healthAddr, err = health.PickHealthAddr(); err != nil {
 		return nil, err
 	}
-	vars := health.Vars{Generation: n, HealthAddr: g.healthAddr}
-	notifyPath := filepath.Join(s.cfg.RuntimeDir, "gen-"+strconv.Itoa(n)+".notify")
+	vars := health.Vars{Generation: g.n, HealthAddr: g.healthAddr}
+	notifyPath := filepath.Join(s.cfg.RuntimeDir, "gen-"+strconv.Itoa(g.n)+".notify")
 	if g.notify, err = health.ListenNotify(notifyPath, func(m health.NotifyMessage) { s.onNotify(g, m) }); err != nil {
 		return nil, err
 	}
-	ok := false
-	defer func() {
-		if !ok {
-			g.notify.Close()
-		}
-	}()
-
+	l.ours = append(l.ours, g.notify)
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("creating the child's stderr pipe: %w", err)
 	}
-	defer pw.Close()
-
-	args := make([]string, len(cmd.Args))
-	for i, a := range cmd.Args {
+	l.stderr = pr
+	l.ours, l.childEnds = append(l.ours, pr), append(l.childEnds, pw)
+	if l.socks, err = s.cfg.Sockets.Take(g.n); err != nil {
+		return nil, err
+	}
+	l.ours = append(l.ours, closeFunc(func() { s.cfg.Sockets.Release(g.n) }))
+	files := append([]*os.File{s.cfg.Stdin, s.cfg.Stdout, pw}, l.socks...)
+	var shim socketpass.Takeover
+	if s.cfg.Takeover != TakeoverOff {
+		var shimEnd *os.File
+		if g.takeover, shimEnd, err = newBindTakeover(s.cfg.Sockets.Len()); err != nil {
+			return nil, err
+		}
+		// Nothing serves the handshake until the child has started.
+		l.ours, l.childEnds = append(l.ours, g.takeover.hs), append(l.childEnds, shimEnd)
+		files = append(files, shimEnd)
+		shim = socketpass.Takeover{FD: len(files) - 1, Required: s.cfg.Takeover == TakeoverOn, Unlink: len(s.unixPaths()) > 0}
+	}
+	args := make([]string, len(g.cmd.Args))
+	for i, a := range g.cmd.Args {
 		args[i] = health.Expand(a, vars)
 	}
+	l.path, l.argv = socketpass.ShimArgv(g.cmd.Path, args, shim)
+	l.attr = reaper.Attr{Dir: s.cfg.Dir, Env: s.childEnv(notifyPath, vars), Files: files, NewGroup: true}
+	return l, nil
+}
+
+// childEnv is the environment of a generation: relay's, its sockets', and
+// its own (vars, its notify socket, the watchdog's).
+func (s *Supervisor) childEnv(notifyPath string, vars health.Vars) []string {
 	extra := append([]string{sdnotify.EnvNotifySocket + "=" + notifyPath}, vars.Env()...)
 	if s.cfg.ChildWatchdog > 0 {
 		// The exec shim adds WATCHDOG_PID, the child's own pid.
 		extra = append(extra, socketpass.EnvWatchdogUsec+"="+strconv.FormatInt(s.cfg.ChildWatchdog.Microseconds(), 10))
 	}
-	childEnv := socketpass.ChildEnv(s.cfg.Env, s.cfg.Sockets.Names(), extra...)
-	socks, err := s.cfg.Sockets.Take(n)
-	if err != nil {
-		pr.Close()
-		return nil, err
-	}
-	defer func() {
-		if !ok {
-			s.cfg.Sockets.Release(n)
-		}
-	}()
-	files := append([]*os.File{s.cfg.Stdin, s.cfg.Stdout, pw}, socks...)
-	var shim socketpass.Takeover
-	var shimEnd *os.File
-	if s.cfg.Takeover != TakeoverOff {
-		if g.takeover, shimEnd, err = newBindTakeover(s.cfg.Sockets.Len()); err != nil {
-			pr.Close()
-			return nil, err
-		}
-		defer shimEnd.Close() // the child has its copy once started
-		files = append(files, shimEnd)
-		shim = socketpass.Takeover{FD: len(files) - 1, Required: s.cfg.Takeover == TakeoverOn, Unlink: len(s.unixPaths()) > 0}
-	}
-	path, argv := socketpass.ShimArgv(cmd.Path, args, shim)
-	g.started = s.env.now()
-	g.proc, err = s.start(g, path, argv, reaper.Attr{Dir: s.cfg.Dir, Env: childEnv, Files: files, NewGroup: true})
-	if err != nil {
-		pr.Close()
-		if g.takeover != nil {
-			g.takeover.hs.Close() // nothing serves it yet
-		}
-		return nil, fmt.Errorf("starting %s: %w", cmd.Path, err)
-	}
-	ok = true
-	g.log = s.cfg.Log.With("gen", n, "pid", g.pid())
-	if s.env.adopted != nil && g.cg == nil {
-		pid := g.pid()
-		g.adopted = func() []int { return s.env.adopted(n, pid) }
-		g.signalPid = s.env.signalPid
-	}
-	g.pidForNotify.Store(int64(g.pid()))
-	if g.takeover != nil {
-		go s.serveTakeover(g, socks)
-	}
+	return socketpass.ChildEnv(s.cfg.Env, s.cfg.Sockets.Names(), extra...)
+}
 
+// watchExit passes started g's stderr on from stderr, relay's end of its
+// pipe, keeping its tail, and posts g's exit as an exitEvent once the last
+// of its stderr was read, or stderrGrace after the exit.
+func (s *Supervisor) watchExit(g *generation, stderr *os.File) {
 	copied := make(chan struct{})
 	go func() {
 		defer close(copied)
-		defer pr.Close()
+		defer stderr.Close()
 		// Pass the bytes on untouched, and keep the tail for reports.
 		// Keep reading even when relay's own stderr fails: closing
 		// the pipe would kill the child with SIGPIPE.
 		pt := &passThrough{out: s.cfg.Stderr, tail: g.stderr}
-		io.Copy(pt, pr)
+		io.Copy(pt, stderr)
 		pt.flush()
 	}()
 	go func() {
@@ -202,42 +234,6 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 		t.Stop()
 		s.post(exitEvent{g: g, status: g.proc.Status()})
 	}()
-	return g, nil
-}
-
-// start starts generation g's process, in a cgroup of its own where relay
-// has cgroups: born in it (CLONE_INTO_CGROUP), or moved in at once on a
-// kernel without that.
-func (s *Supervisor) start(g *generation, path string, argv []string, attr reaper.Attr) (process, error) {
-	if s.env.contain == nil {
-		return s.env.start(path, argv, attr)
-	}
-	cg, err := s.env.contain(g.n)
-	if err != nil {
-		return nil, err
-	}
-	defer cg.CloseFD()
-	attr.UseCgroupFD, attr.CgroupFD = true, cg.FD()
-	p, err := s.env.start(path, argv, attr)
-	if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.E2BIG) {
-		// Linux before 5.7 has no CLONE_INTO_CGROUP (clone3).
-		attr.UseCgroupFD, attr.CgroupFD = false, 0
-		if p, err = s.env.start(path, argv, attr); err == nil {
-			if aerr := cg.Add(p.pid()); aerr != nil {
-				// Contained by its process group instead: a
-				// cgroup without it would kill nothing.
-				s.cfg.Log.Warn("generation left outside its cgroup; its process group contains it", "gen", g.n, "pid", p.pid(), "err", aerr)
-				cg.Remove()
-				return p, nil
-			}
-		}
-	}
-	if err != nil {
-		cg.Remove()
-		return nil, err
-	}
-	g.cg = cg
-	return p, nil
 }
 
 // startCheck runs the readiness check of a starting generation and posts

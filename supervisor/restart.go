@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/relaysh/relay/internal/sockets/steer"
@@ -254,7 +253,7 @@ func (s *Supervisor) onCheck(g *generation, err error) {
 			msg = "new generation cannot serve its listeners; killing it"
 		}
 		g.log.Warn(msg, "err", err)
-		signalGroup(g, syscall.SIGKILL)
+		g.contain.kill()
 		return // the rollback completes when it has exited
 	}
 	// The switch: from here on, steered listeners give their new
@@ -262,7 +261,7 @@ func (s *Supervisor) onCheck(g *generation, err error) {
 	if err := s.steerTo(g); err != nil {
 		g.failure = err
 		g.log.Error("cannot send new connections to the new generation; killing it", "err", err)
-		signalGroup(g, syscall.SIGKILL)
+		g.contain.kill()
 		return
 	}
 	s.promote(g)

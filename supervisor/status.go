@@ -95,7 +95,7 @@ func (s *Supervisor) status() Status {
 		gs := GenerationStatus{
 			Generation: g.n, Pid: g.pid(), State: g.state, Started: g.started,
 			Command: g.cmd.Args, Sockets: s.tookSockets(g),
-			Processes: processes(g),
+			Processes: g.contain.count(),
 		}
 		if !g.readyAt.IsZero() {
 			gs.ReadyAfter = g.readyAt.Sub(g.started)

@@ -1,7 +1,6 @@
 package supervisor
 
 import (
-	"syscall"
 	"time"
 
 	"github.com/relaysh/relay/signals"
@@ -44,14 +43,14 @@ func (s *Supervisor) beginStop(now bool) {
 		switch {
 		case now:
 			g.log.Warn("killing generation now", "signal", "KILL")
-			signalGroup(g, syscall.SIGKILL)
+			g.contain.kill()
 		case g.state != Stopping:
 			s.stopGen(g)
 		}
 	}
 	if now {
 		for _, g := range s.gens.lingering {
-			signalGroup(g, syscall.SIGKILL)
+			g.contain.kill()
 		}
 	}
 }
@@ -124,16 +123,10 @@ func (s *Supervisor) armKill(g *generation) {
 }
 
 func (s *Supervisor) onKillTimeout(g *generation) {
-	if g.state == Exited && !lingers(g) {
+	if g.state == Exited && !g.contain.alive() {
 		return
 	}
 	g.killed = true
-	if g.cg != nil {
-		g.log.Warn("did not stop within the stop timeout; killing its cgroup",
-			"stop_timeout", s.cfg.StopTimeout, "signal", "KILL", "cgroup", g.cg.Path(), "processes", g.cg.Count())
-	} else {
-		g.log.Warn("did not stop within the stop timeout; killing its process group",
-			"stop_timeout", s.cfg.StopTimeout, "signal", "KILL")
-	}
-	signalGroup(g, syscall.SIGKILL)
+	g.contain.logKill(s.cfg.StopTimeout)
+	g.contain.kill()
 }

@@ -4,14 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/relaysh/relay/internal/reaper"
-	"github.com/relaysh/relay/signals"
 )
 
 // stableAfter is how long a generation must have served for its crash to
@@ -225,29 +223,6 @@ func (s *Supervisor) retired() []*generation {
 	gs := append(slices.Clone(s.gens.old), s.gens.lingering...)
 	slices.SortFunc(gs, func(a, b *generation) int { return a.n - b.n })
 	return gs
-}
-
-// signalGroup sends sig to g's process group; SIGKILL kills all of g's
-// cgroup instead, where it has one, or else the orphans of g adopted
-// outside the group too (see contain.go).
-func signalGroup(g *generation, sig syscall.Signal) {
-	if sig == syscall.SIGKILL && g.cg != nil {
-		if err := g.cg.Kill(); err != nil {
-			g.log.Warn("killing cgroup", "cgroup", g.cg.Path(), "err", err)
-			// Whatever the cgroup could not take, its process
-			// group still can.
-			if err := g.proc.SignalGroup(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
-				g.log.Warn("signalling process group", "signal", signals.Name(sig), "err", err)
-			}
-		}
-		return
-	}
-	if err := g.proc.SignalGroup(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		g.log.Warn("signalling process group", "signal", signals.Name(sig), "err", err)
-	}
-	if sig == syscall.SIGKILL {
-		signalAdopted(g, sig)
-	}
 }
 
 func logLevel(ok bool) slog.Level {
