@@ -82,8 +82,9 @@ func (w *waiter) close() { close(w.c) }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-// emit sends ev to every caller following run.
+// emit sends ev to every caller following run, whose phase it now is.
 func (run *restartRun) emit(ev Event) {
+	run.phase = ev.Phase
 	for _, w := range run.waiters {
 		w.send(ev)
 	}

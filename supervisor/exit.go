@@ -86,7 +86,7 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 // whether it applied.
 func (s *Supervisor) failDuringDrain(g *generation) bool {
 	run, gs := s.restarts.current, &s.gens
-	if s.stop.begun || run == nil || run.gen != g || run.prev == nil {
+	if s.stop.begun || run == nil || run.gen != g || run.phase != PhaseDraining {
 		return false
 	}
 	prev := run.prev

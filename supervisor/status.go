@@ -142,11 +142,11 @@ func (s *Supervisor) statusSummary() string {
 		}
 		parts = append(parts, part)
 	}
-	if run := s.restarts.current; run != nil && run.gen == nil && !s.stop.begun {
-		switch {
-		case run.cancelPre != nil:
+	if run := s.restarts.current; run != nil && !s.stop.begun {
+		switch run.phase {
+		case PhaseChecking:
 			parts = append(parts, "pre-flight check running")
-		case run.waitLogged:
+		case PhaseWaitOld:
 			parts = append(parts, "restart waiting for an old generation to be gone")
 		}
 	}

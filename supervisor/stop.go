@@ -24,11 +24,11 @@ func (s *Supervisor) beginStop(now bool) {
 		s.refuseQueued()
 		switch run := s.restarts.current; {
 		case run == nil:
-		case run.prev != nil:
+		case run.phase == PhaseDraining:
 			// The new generation already serves; the stop ends the drain.
 			run.drain.end()
 			s.finishRestart(s.resultFor(run.gen, true, ""))
-		case run.gen == nil:
+		case run.phase == PhaseChecking || run.phase == PhaseWaitOld:
 			// It was in its pre-flight check, or waiting for an old
 			// generation to exit.
 			if run.cancelPre != nil {
