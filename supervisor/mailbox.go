@@ -35,6 +35,9 @@ func (r statusReq) handleRequest(s *Supervisor)    { r.reply <- s.status() }
 
 func (r forwardReq) handleRequest(s *Supervisor) {
 	g := s.gens.serving
+	if s.stop.begun && s.stop.exitGen != nil && s.stop.exitGen.state != Exited {
+		g = s.stop.exitGen // it served when the stop began, and stops now
+	}
 	if g == nil {
 		s.cfg.Log.Warn("no serving child to forward the signal to", "signal", signals.Name(r.sig))
 		return

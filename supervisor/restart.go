@@ -197,7 +197,7 @@ func (s *Supervisor) advance() {
 		return // nothing to start, already started, or the check still runs
 	}
 	// The new generation will push the serving one into the old ones.
-	if old := s.retired(); gs.serving != nil && len(old) >= s.cfg.MaxDraining {
+	if old := gs.retired(); gs.serving != nil && len(old) >= s.cfg.MaxDraining {
 		if run.phase != PhaseWaitOld {
 			run.emit(Event{Phase: PhaseWaitOld, Generation: old[0].n, Pid: old[0].pid()})
 			s.cfg.Log.Info("waiting for an old generation to be gone before starting a new one",
@@ -220,7 +220,7 @@ func (s *Supervisor) advance() {
 		return
 	}
 	run.gen = g
-	gs.starting = g
+	gs.move(g, Starting)
 	g.log.Info("generation starting", "cmd", cmd.Args, "check", s.cfg.Health.String(), "health_addr", g.healthAddr)
 	run.emit(Event{Phase: PhaseStarting, Generation: g.n, Pid: g.pid()})
 	run.emit(Event{Phase: PhaseWaiting, Generation: g.n, Pid: g.pid(), Check: s.cfg.Health.String()})
@@ -263,18 +263,19 @@ func (s *Supervisor) onCheck(g *generation, err error) {
 // replaces into its drain window.
 func (s *Supervisor) promote(g *generation) {
 	run, gs := s.restarts.current, &s.gens
-	g.state = Serving
 	g.readyAt = s.env.now()
 	g.cancelCheck()
 	gs.everReady = true
-	gs.starting = nil
 	gs.command = g.cmd
 	g.log.Info("generation ready", "ready_after", g.readyAt.Sub(g.started).Round(time.Microsecond),
 		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond), "sockets", s.socketsTaken(g))
 	run.emit(Event{Phase: PhaseReady, Generation: g.n, Pid: g.pid(), DurationMs: ms(g.readyAt.Sub(g.started))})
 	s.cfg.Recorder.GenerationReady(g.n, g.readyAt.Sub(g.started))
 	prev := gs.serving
-	gs.serving = g
+	if prev != nil {
+		gs.move(prev, Draining)
+	}
+	gs.move(g, Serving)
 	if run.reason == reasonStart {
 		s.cfg.Observer.Ready()
 	}
@@ -282,8 +283,6 @@ func (s *Supervisor) promote(g *generation) {
 		s.finishRestart(s.resultFor(g, true, ""))
 		return
 	}
-	prev.state = Draining
-	gs.old = append(gs.old, prev)
 	run.prev = prev
 	if s.cfg.Drain <= 0 {
 		s.retire(run, "")

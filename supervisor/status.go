@@ -107,7 +107,7 @@ func (s *Supervisor) status() Status {
 // first: the lingering ones (exited, with processes left) among the old
 // ones, then the serving one, then a new one.
 func (s *Supervisor) oldestFirst() []*generation {
-	gens := append(s.alive(), s.gens.lingering...)
+	gens := append(s.gens.alive(), s.gens.lingering...)
 	slices.SortFunc(gens, func(a, b *generation) int { return a.n - b.n })
 	return gens
 }

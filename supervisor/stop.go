@@ -37,7 +37,7 @@ func (s *Supervisor) beginStop(now bool) {
 			s.finishRestart(Result{Refused: true, Reason: ErrStopping.Error()})
 		}
 	}
-	for _, g := range s.alive() {
+	for _, g := range s.gens.alive() {
 		if g.cancelCheck != nil {
 			g.cancelCheck()
 		}
@@ -111,7 +111,7 @@ func (s *Supervisor) onDelayEnd() {
 // stopGen sends g its stop signal (sendStop), and SIGKILL to all of it
 // after the stop timeout.
 func (s *Supervisor) stopGen(g *generation) {
-	g.state = Stopping
+	s.gens.move(g, Stopping)
 	g.log.Info("stopping generation", "signal", signals.Name(s.cfg.StopSignal), "kill_mode", s.cfg.KillMode, "stop_timeout", s.cfg.StopTimeout)
 	s.sendStop(g)
 	s.armKill(g)
