@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"syscall"
+	"time"
 
 	"github.com/relaysh/relay/internal/reaper"
 )
@@ -146,16 +147,23 @@ func (s *Supervisor) scheduleReplace() {
 	if c.timer != nil || s.restarts.current != nil || s.stop.begun {
 		return
 	}
-	delay := s.cfg.RestartBackoff
-	for i := 0; i < c.crashes && delay < s.cfg.MaxBackoff; i++ {
-		delay *= 2
-	}
-	delay = min(delay, s.cfg.MaxBackoff)
+	delay := s.cfg.backoff(c.crashes)
 	c.crashes++
 	s.cfg.Log.Warn("no generation is serving; starting a replacement", "after", delay, "failures_in_a_row", c.crashes)
 	c.seq++
 	seq := c.seq
 	c.timer = s.env.afterFunc(delay, func() { s.post(replaceEvent{seq: seq}) })
+}
+
+// backoff is the wait before a replacement after failures in a row:
+// RestartBackoff, doubled for each, up to MaxBackoff. Crash and liveness
+// replacements count their failures apart.
+func (c *Config) backoff(failures int) time.Duration {
+	delay := c.RestartBackoff
+	for i := 0; i < failures && delay < c.MaxBackoff; i++ {
+		delay *= 2
+	}
+	return min(delay, c.MaxBackoff)
 }
 
 // cancelReplace stops a pending replacement: a restart or the stop takes

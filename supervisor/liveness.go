@@ -213,11 +213,7 @@ func (s *Supervisor) livenessFailed(g *generation, why error) {
 	if lv.failedAt.Sub(lv.since) >= stableAfter {
 		lv.inRow = 0 // it passed its checks long enough: a fresh failure
 	}
-	delay := s.cfg.RestartBackoff
-	for i := 0; i < lv.inRow && delay < s.cfg.MaxBackoff; i++ {
-		delay *= 2
-	}
-	delay = min(delay, s.cfg.MaxBackoff)
+	delay := s.cfg.backoff(lv.inRow)
 	lv.inRow++
 	s.pauseLiveness()
 	g.log.Error("serving generation failed its liveness check; replacing it with a restart", "err", why.Error(),
