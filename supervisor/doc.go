@@ -48,11 +48,13 @@
 //	 Exited            Exited                         Exited                 Exited
 //	 (rolled back)     (a crash: replaced)            (an old one gone)      (an old one gone)
 //
-// The stop makes every live generation Stopping. A generation's state puts
+// A graceful stop makes every live generation Stopping (Stop(now) kills
+// them as they are). A generation's state puts
 // it in one slot of the supervisor's (the serving one, the starting one,
 // the old ones, the lingering ones, or none once it is gone: supervisor.go
 // says which), and generations.move changes both together.
 //
+// TestDocEventTable drives the supervisor through each row of this table.
 // What each event does to a generation, by its state:
 //
 //	state     event                  what happens
@@ -111,7 +113,8 @@
 // # Restarts
 //
 // A restart moves through the phases of Event (any may be skipped), each
-// told to the callers following it:
+// told to the callers following it and kept as its phase (restartRun.phase,
+// which the code reads to know where the restart is):
 //
 //	queued ─▶ checking ─▶ checked ─▶ waiting_for_old ─▶ starting ─▶ waiting
 //	       ─▶ ready ─▶ draining ─▶ stopping ─▶ done ─▶ old_exited

@@ -71,13 +71,14 @@ type generations struct {
 //	──────────────────  ─────────────────────────────────────────────
 //	Starting            starting
 //	Serving             serving
-//	Draining, Stopping  old (the stop moves the serving and the
-//	                    starting one there too)
+//	Draining, Stopping  old (a graceful stop makes the serving and the
+//	                    starting one Stopping too)
 //	Exited              lingering while any process of it is left;
 //	                    none once it is gone (g.gone)
 //
-// move is the one way a generation changes state, and so slot; check says
-// whether the slots agree with the states.
+// move is the one way a generation changes state, and so slot, from the
+// Starting that spawn gives it (in no slot until advance moves it in);
+// check says whether the slots agree with the states.
 const (
 	slotNone      = "none"
 	slotStarting  = "starting"
