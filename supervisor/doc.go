@@ -4,9 +4,37 @@
 // One goroutine, Run's, owns all state. Other goroutines talk to it through
 // two mailboxes: requests from the API (Restart, Stop, Status, ...; with a
 // reply channel where they want an answer) and events from helper
-// goroutines and timers (a child exited, a check finished, a timer fired).
-// No lock guards the generations. Processes, the clock and the checks are
-// reached through env (env.go), which tests replace with fakes.
+// goroutines and timers (a child exited, a check finished, a timer fired;
+// mailbox.go lists them all). No lock guards the generations, the restarts
+// or the counts: a helper goroutine reads only what is set before it starts
+// and never changes (Config, env, a generation's number, process, health
+// address and cgroup, a restart's command), and says what it found by
+// posting an event. These are the exceptions, each shared on purpose:
+//
+//   - Supervisor.speaksNotify (atomic): the notify socket's goroutine sets
+//     it at a child's first sd_notify message, and the readiness checks'
+//     goroutines read it (health.Auto).
+//   - Supervisor.takeoverWarned (atomic): the takeover goroutines of all
+//     generations log "bind takeover unavailable" once between them.
+//   - generation.pidForNotify (atomic): the pid, for the notify
+//     goroutine's log lines; its socket listens before the child starts.
+//   - generation.pingPosted (atomic): the notify goroutine sets it as it
+//     posts a watchdogPing, and the loop clears it as it handles one, so
+//     that at most one is on its way.
+//   - generation.notified, closed once (notifiedOnce) by the notify
+//     goroutine: the readiness check hears that the child spoke.
+//   - generation.stderr (a tailBuffer, under its own mutex): the goroutine
+//     that copies the child's stderr writes it; the loop reads its tail
+//     for the reports of a failure.
+//   - generation.takeover (a bindTakeover, takeover.go, under its mutex
+//     mu): the goroutine that answers the child's binds writes how each
+//     listener was taken, the claims and the failure; the readiness
+//     check's goroutine reads the claims and the failure; the loop reads
+//     how they were taken (status, logs) and the failure (onCheck), and
+//     stops it, waiting until nothing answers, before the sockets go back.
+//
+// Processes, the clock and the checks are reached through env (env.go),
+// which tests replace with fakes.
 //
 // # Generations
 //
@@ -20,6 +48,13 @@
 //	 Exited            Exited                         Exited                 Exited
 //	 (rolled back)     (a crash: replaced)            (an old one gone)      (an old one gone)
 //
+// A graceful stop makes every live generation Stopping (Stop(now) kills
+// them as they are). A generation's state puts
+// it in one slot of the supervisor's (the serving one, the starting one,
+// the old ones, the lingering ones, or none once it is gone: supervisor.go
+// says which), and generations.move changes both together.
+//
+// TestDocEventTable drives the supervisor through each row of this table.
 // What each event does to a generation, by its state:
 //
 //	state     event                  what happens
@@ -78,7 +113,8 @@
 // # Restarts
 //
 // A restart moves through the phases of Event (any may be skipped), each
-// told to the callers following it:
+// told to the callers following it and kept as its phase (restartRun.phase,
+// which the code reads to know where the restart is):
 //
 //	queued ─▶ checking ─▶ checked ─▶ waiting_for_old ─▶ starting ─▶ waiting
 //	       ─▶ ready ─▶ draining ─▶ stopping ─▶ done ─▶ old_exited

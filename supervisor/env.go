@@ -65,6 +65,12 @@ type env struct {
 	now         func() time.Time
 	afterFunc   func(d time.Duration, f func()) timer
 	withTimeout func(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc)
+
+	// stepped, if not nil, is called on Run's goroutine with what it
+	// handled (the first start, a request, an event, the orphans reaped)
+	// once it has: the tests check the invariants of the state there.
+	// Nil in production.
+	stepped func(handled any)
 }
 
 // timer is a pending call of env.afterFunc; *time.Timer is one.

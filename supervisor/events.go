@@ -97,8 +97,9 @@ func (w *waiter) send(ev Event) {
 
 func (w *waiter) close() { close(w.c) }
 
-// emit sends ev to every caller following run.
+// emit sends ev to every caller following run, whose phase it now is.
 func (run *restartRun) emit(ev Event) {
+	run.phase = ev.Phase
 	for _, w := range run.waiters {
 		w.send(ev)
 	}

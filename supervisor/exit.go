@@ -2,6 +2,8 @@ package supervisor
 
 import (
 	"fmt"
+	"slices"
+	"time"
 
 	"github.com/relaysh/relay/internal/reaper"
 )
@@ -9,7 +11,7 @@ import (
 func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	gs := &s.gens
 	prev := g.state
-	g.state, g.status = Exited, st
+	g.status = st
 	gs.lastExit = g
 	if g.cancelCheck != nil {
 		g.cancelCheck()
@@ -26,6 +28,7 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		// otherwise nothing is left to pass it on: they get it now.
 		// Killed, they get SIGKILL again: what was adopted since the
 		// kill was not in it.
+		gs.move(g, Exited) // lingering
 		switch {
 		case g.killed:
 			g.contain.kill()
@@ -34,24 +37,26 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		}
 		s.armKill(g)
 		g.contain.watch(s.doneC, func() { s.post(emptiedEvent{}) })
-		gs.lingering = append(gs.lingering, g)
 		g.log.Info("main process exited; the generation's other processes live on", "status", st.String(),
 			"processes", g.contain.count(), "killed_after", s.cfg.StopTimeout)
 	} else {
-		s.gone(g)
+		s.gone(g) // Exited, in no slot
 	}
 
 	// Its sockets go back to the steering groups before anything below
 	// can start a new generation, which may then reuse them. One that
 	// new connections still go to stays in place until a switch.
 	s.releaseSockets(g)
+	// What it was before its exit decides the rest: the new generation
+	// of the restart under way, not yet ready (the stop may have made it
+	// Stopping); the serving one (or the one that served when the stop
+	// began); or an old one.
+	run := s.restarts.current
 	switch {
-	case g == gs.starting:
-		gs.starting = nil
+	case run != nil && run.gen == g && (run.phase == PhaseStarting || run.phase == PhaseWaiting):
 		s.rollback(g)
-	case g == gs.serving && s.failDuringDrain(g):
-	case g == gs.serving:
-		gs.serving = nil
+	case prev == Serving && s.failDuringDrain(g):
+	case prev == Serving || g == s.stop.exitGen:
 		if gs.starting != nil && !s.stop.begun {
 			// New connections wait for the starting generation
 			// rather than in the socket of one that is gone.
@@ -72,7 +77,6 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		s.advance()
 		s.scheduleReplace()
 	default:
-		gs.old = remove(gs.old, g)
 		g.log.Info("old generation exited", "status", st.String())
 		s.advance()
 	}
@@ -85,7 +89,7 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 // whether it applied.
 func (s *Supervisor) failDuringDrain(g *generation) bool {
 	run, gs := s.restarts.current, &s.gens
-	if s.stop.begun || run == nil || run.gen != g || run.prev == nil {
+	if s.stop.begun || run == nil || run.gen != g || run.phase != PhaseDraining {
 		return false
 	}
 	prev := run.prev
@@ -94,15 +98,13 @@ func (s *Supervisor) failDuringDrain(g *generation) bool {
 	reason := fmt.Sprintf("exited during the drain window: %s", g.status)
 	attrs := []any{"reason", reason, "stderr_tail", g.stderr.Lines(stderrTailLines)}
 	if prev.state == Draining {
-		if err := s.steerTo(prev); err != nil {
+		// Should a listener refuse, those switched already go back
+		// to g, as steerTo would have had them while g served.
+		if err := s.cfg.Sockets.Switch(prev.n, g.n); err != nil {
 			prev.log.Error("steering new connections back to the old generation", "err", err)
 		}
-		gs.old = remove(gs.old, prev)
-		prev.state = Serving
-		gs.serving = prev
+		gs.move(prev, Serving)
 		attrs = append(attrs, "still_serving_gen", prev.n, "still_serving_pid", prev.pid())
-	} else {
-		gs.serving = nil
 	}
 	g.log.Error("new generation failed; rolled back", attrs...)
 	s.finishRestart(s.resultFor(g, RestartRolledBack, reason))
@@ -144,16 +146,23 @@ func (s *Supervisor) scheduleReplace() {
 	if c.timer != nil || s.restarts.current != nil || s.stop.begun {
 		return
 	}
-	delay := s.cfg.RestartBackoff
-	for i := 0; i < c.crashes && delay < s.cfg.MaxBackoff; i++ {
-		delay *= 2
-	}
-	delay = min(delay, s.cfg.MaxBackoff)
+	delay := s.cfg.backoff(c.crashes)
 	c.crashes++
 	s.cfg.Log.Warn("no generation is serving; starting a replacement", "after", delay, "failures_in_a_row", c.crashes)
 	c.seq++
 	seq := c.seq
 	c.timer = s.env.afterFunc(delay, func() { s.post(replaceEvent{seq: seq}) })
+}
+
+// backoff is the wait before a replacement after failures in a row:
+// RestartBackoff, doubled for each, up to MaxBackoff. Crash and liveness
+// replacements count their failures apart.
+func (c *Config) backoff(failures int) time.Duration {
+	delay := c.RestartBackoff
+	for i := 0; i < failures && delay < c.MaxBackoff; i++ {
+		delay *= 2
+	}
+	return min(delay, c.MaxBackoff)
 }
 
 // cancelReplace stops a pending replacement: a restart or the stop takes
@@ -179,34 +188,31 @@ func (s *Supervisor) onReplaceDue(seq int) {
 // checkLingering forgets the generations whose last process has gone. A
 // restart waiting for --max-draining may start its generation then.
 func (s *Supervisor) checkLingering() {
-	kept := s.gens.lingering[:0]
 	forgot := false
-	for _, g := range s.gens.lingering {
+	for _, g := range slices.Clone(s.gens.lingering) {
 		if g.contain.alive() {
 			if g.killed {
 				// Adopted since the kill (its parent lived
 				// until then): it was not in it.
 				g.contain.killAdopted()
 			}
-			kept = append(kept, g)
 			continue
 		}
 		g.contain.logGone()
 		s.gone(g)
 		forgot = true
 	}
-	clear(s.gens.lingering[len(kept):])
-	s.gens.lingering = kept
 	if forgot {
 		s.advance()
 	}
 }
 
-// gone ends what relay keeps of g once no process of it is left: its kill
-// timer, its cgroup, and the callers of the restart that retired it, who
-// hear now that it exited.
+// gone ends what relay keeps of g once no process of it is left: its slot,
+// its kill timer, its cgroup, and the callers of the restart that retired
+// it, who hear now that it exited.
 func (s *Supervisor) gone(g *generation) {
 	g.gone = true
+	s.gens.move(g, Exited) // in no slot
 	if g.killTimer != nil {
 		g.killTimer.Stop()
 	}
@@ -216,13 +222,4 @@ func (s *Supervisor) gone(g *generation) {
 		w.close()
 	}
 	g.exitWatchers = nil
-}
-
-func remove(gs []*generation, g *generation) []*generation {
-	for i, x := range gs {
-		if x == g {
-			return append(gs[:i], gs[i+1:]...)
-		}
-	}
-	return gs
 }

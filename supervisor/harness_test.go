@@ -103,6 +103,7 @@ type harness struct {
 	startErr    error         // the next start fails with it
 	holdStderr  bool          // children keep their stderr open until closeStderr
 	manual      bool          // the test plays Run's loop (see step)
+	broken      bool          // checkStep found the state broken; on Run's goroutine
 }
 
 type runResult struct {
@@ -195,6 +196,7 @@ func newHarnessWith(t *testing.T, tweak func(*Config), opts harnessOpts) *harnes
 			now:         h.clock.Now,
 			afterFunc:   h.clock.AfterFunc,
 			withTimeout: h.clock.WithTimeout,
+			stepped:     h.checkStep,
 		}, nil
 	})
 	if err != nil {
@@ -318,11 +320,34 @@ func (h *harness) cleanup() {
 	}
 }
 
+// checkStep fails the test, once, if the supervisor's state is broken
+// after it handled what: a generation whose slot disagrees with its state
+// (generations.check). Run calls it after each step (env.stepped).
+func (h *harness) checkStep(what any) {
+	if h.broken {
+		return
+	}
+	s := &h.sup.gens
+	known := []*generation{s.lastExit, h.sup.stop.exitGen, h.sup.live.gen, h.sup.live.pending}
+	if run := h.sup.restarts.current; run != nil {
+		known = append(known, run.gen, run.prev, run.watch)
+	}
+	if err := s.check(known...); err != nil {
+		h.broken = true
+		desc := fmt.Sprintf("%T", what)
+		if name, ok := what.(string); ok {
+			desc = name
+		}
+		h.t.Errorf("after %s: %v", desc, err)
+	}
+}
+
 // begin starts the first generation as Run does, for a test that then
 // plays the loop with step.
 func (h *harness) begin() {
 	h.manual = true
 	h.sup.beginRestart(&restartRun{reason: reasonStart})
+	h.checkStep(reasonStart)
 }
 
 // step plays one turn of Run's loop, for a test that must choose the order
@@ -335,6 +360,7 @@ func (h *harness) step(want event) {
 		h.t.Fatalf("event %T, want a %T", ev, want)
 	}
 	ev.handleEvent(h.sup)
+	h.checkStep(ev)
 }
 
 // orphaned tells the supervisor that orphans were reaped.

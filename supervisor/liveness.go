@@ -40,29 +40,6 @@ type livenessState struct {
 	timer   timer
 }
 
-// The events of the watch.
-type (
-	// watchdogPing: g's child sent WATCHDOG=1.
-	watchdogPing struct{ g *generation }
-	// probeDue: the interval before the next probe of watch seq passed.
-	probeDue struct{ seq int }
-	// probeDone: a probe of watch seq ended, passed (nil) or not.
-	probeDone struct {
-		seq int
-		err error
-	}
-	// watchdogDue: the child's watchdog of watch seq may have expired.
-	watchdogDue struct{ seq int }
-	// livenessReplaceDue: the backoff before replacing g passed.
-	livenessReplaceDue struct{ g *generation }
-)
-
-func (ev watchdogPing) handleEvent(s *Supervisor)       { s.onWatchdogPing(ev.g) }
-func (ev probeDue) handleEvent(s *Supervisor)           { s.onProbeDue(ev.seq) }
-func (ev probeDone) handleEvent(s *Supervisor)          { s.onProbeDone(ev.seq, ev.err) }
-func (ev watchdogDue) handleEvent(s *Supervisor)        { s.onWatchdogDue(ev.seq) }
-func (ev livenessReplaceDue) handleEvent(s *Supervisor) { s.onLivenessReplaceDue(ev.g) }
-
 // livenessOn reports whether anything watches the serving generation.
 func (s *Supervisor) livenessOn() bool {
 	return s.cfg.Liveness.Kind != "" || s.cfg.ChildWatchdog > 0
@@ -236,11 +213,7 @@ func (s *Supervisor) livenessFailed(g *generation, why error) {
 	if lv.failedAt.Sub(lv.since) >= stableAfter {
 		lv.inRow = 0 // it passed its checks long enough: a fresh failure
 	}
-	delay := s.cfg.RestartBackoff
-	for i := 0; i < lv.inRow && delay < s.cfg.MaxBackoff; i++ {
-		delay *= 2
-	}
-	delay = min(delay, s.cfg.MaxBackoff)
+	delay := s.cfg.backoff(lv.inRow)
 	lv.inRow++
 	s.pauseLiveness()
 	g.log.Error("serving generation failed its liveness check; replacing it with a restart", "err", why.Error(),

@@ -35,6 +35,9 @@ func (r statusReq) handleRequest(s *Supervisor)    { r.reply <- s.status() }
 
 func (r forwardReq) handleRequest(s *Supervisor) {
 	g := s.gens.serving
+	if s.stop.begun && s.stop.exitGen != nil && s.stop.exitGen.state != Exited {
+		g = s.stop.exitGen // it served when the stop began, and stops now
+	}
 	if g == nil {
 		s.cfg.Log.Warn("no serving child to forward the signal to", "signal", signals.Name(r.sig))
 		return
@@ -46,7 +49,10 @@ func (r forwardReq) handleRequest(s *Supervisor) {
 	g.log.Info("forwarded signal", "signal", signals.Name(r.sig))
 }
 
-// The events.
+// The events, every one of them: of the generations and the restarts, then
+// of the liveness watch (liveness.go). Run hears one more, the orphans
+// reaped, from env.orphans, and has checkLingering handle it as it does
+// emptiedEvent.
 type (
 	// exitEvent: g's main process exited, and the last of its stderr was
 	// read (or stderrGrace passed).
@@ -82,6 +88,20 @@ type (
 	emptiedEvent struct{}
 	// delayEvent: the shutdown delay passed.
 	delayEvent struct{}
+
+	// watchdogPing: g's child sent WATCHDOG=1.
+	watchdogPing struct{ g *generation }
+	// probeDue: the interval before the next probe of watch seq passed.
+	probeDue struct{ seq int }
+	// probeDone: a probe of watch seq ended, passed (nil) or not.
+	probeDone struct {
+		seq int
+		err error
+	}
+	// watchdogDue: the child's watchdog of watch seq may have expired.
+	watchdogDue struct{ seq int }
+	// livenessReplaceDue: the backoff before replacing g passed.
+	livenessReplaceDue struct{ g *generation }
 )
 
 func (ev exitEvent) handleEvent(s *Supervisor)      { s.onExit(ev.g, ev.status) }
@@ -93,6 +113,12 @@ func (ev killEvent) handleEvent(s *Supervisor)      { s.onKillTimeout(ev.g) }
 func (ev replaceEvent) handleEvent(s *Supervisor)   { s.onReplaceDue(ev.seq) }
 func (emptiedEvent) handleEvent(s *Supervisor)      { s.checkLingering() }
 func (delayEvent) handleEvent(s *Supervisor)        { s.onDelayEnd() }
+
+func (ev watchdogPing) handleEvent(s *Supervisor)       { s.onWatchdogPing(ev.g) }
+func (ev probeDue) handleEvent(s *Supervisor)           { s.onProbeDue(ev.seq) }
+func (ev probeDone) handleEvent(s *Supervisor)          { s.onProbeDone(ev.seq, ev.err) }
+func (ev watchdogDue) handleEvent(s *Supervisor)        { s.onWatchdogDue(ev.seq) }
+func (ev livenessReplaceDue) handleEvent(s *Supervisor) { s.onLivenessReplaceDue(ev.g) }
 
 // post delivers an event from a helper goroutine, unless Run has returned.
 func (s *Supervisor) post(ev event) {

@@ -24,17 +24,19 @@ const maxQueued = 16
 
 // restartRun is one restart, from request to outcome.
 type restartRun struct {
-	reason     string
-	cmd        *Command // nil: the current command
-	check      []string // pre-flight command; nil for none
-	waiters    []*waiter
-	cancelPre  context.CancelFunc // set while the pre-flight check runs
-	begun      time.Time
-	gen        *generation // the new generation, once started
-	prev       *generation // the generation it replaces, in its drain window
-	watch      *generation // the old generation whose exit callers hear of
-	drain      drainWindow
-	waitLogged bool
+	reason    string
+	cmd       *Command // nil: the current command
+	check     []string // pre-flight command; nil for none
+	waiters   []*waiter
+	cancelPre context.CancelFunc // cancels the pre-flight check while it runs
+	begun     time.Time
+	gen       *generation // the new generation, once started
+	prev      *generation // the generation it replaces, from its drain window on
+	watch     *generation // the old generation whose exit callers hear of
+	drain     drainWindow
+	// phase is where the restart is: the last phase its callers were
+	// told of (emit sets it); "" before the first.
+	phase Phase
 }
 
 // drainWindow is the time between the switch to a restart's new
@@ -172,7 +174,7 @@ func (s *Supervisor) preflight(run *restartRun) {
 	s.cfg.Log.Info("running pre-flight check", "check", check)
 	run.emit(Event{Phase: PhaseChecking, Check: check})
 	ctx, cancel := s.env.withTimeout(context.Background(), s.cfg.HealthTimeout)
-	run.cancelPre = cancel // also marks the check as running: advance waits
+	run.cancelPre = cancel
 	childEnv := socketpass.ChildEnv(s.cfg.Env, nil)
 	go func() {
 		err := s.env.preflight(ctx, run.check, childEnv)
@@ -200,13 +202,12 @@ func (s *Supervisor) onPreflight(run *restartRun, err error) {
 // generations allows it.
 func (s *Supervisor) advance() {
 	run, gs := s.restarts.current, &s.gens
-	if run == nil || run.gen != nil || run.cancelPre != nil || s.stop.begun {
+	if run == nil || run.gen != nil || run.phase == PhaseChecking || s.stop.begun {
 		return // nothing to start, already started, or the check still runs
 	}
 	// The new generation will push the serving one into the old ones.
-	if old := s.retired(); gs.serving != nil && len(old) >= s.cfg.MaxDraining {
-		if !run.waitLogged {
-			run.waitLogged = true
+	if old := gs.retired(); gs.serving != nil && len(old) >= s.cfg.MaxDraining {
+		if run.phase != PhaseWaitOld {
 			run.emit(Event{Phase: PhaseWaitOld, Generation: old[0].n, Pid: old[0].pid()})
 			s.cfg.Log.Info("waiting for an old generation to be gone before starting a new one",
 				"old_generations", len(old), "max_draining", s.cfg.MaxDraining, "oldest_gen", old[0].n, "oldest_pid", old[0].pid())
@@ -228,7 +229,7 @@ func (s *Supervisor) advance() {
 		return
 	}
 	run.gen = g
-	gs.starting = g
+	gs.move(g, Starting)
 	g.log.Info("generation starting", "cmd", cmd.Args, "check", s.cfg.Health.String(), "health_addr", g.healthAddr)
 	run.emit(Event{Phase: PhaseStarting, Generation: g.n, Pid: g.pid()})
 	run.emit(Event{Phase: PhaseWaiting, Generation: g.n, Pid: g.pid(), Check: s.cfg.Health.String()})
@@ -271,18 +272,19 @@ func (s *Supervisor) onCheck(g *generation, err error) {
 // replaces into its drain window.
 func (s *Supervisor) promote(g *generation) {
 	run, gs := s.restarts.current, &s.gens
-	g.state = Serving
 	g.readyAt = s.env.now()
 	g.cancelCheck()
 	gs.everReady = true
-	gs.starting = nil
 	gs.command = g.cmd
 	g.log.Info("generation ready", "ready_after", g.readyAt.Sub(g.started).Round(time.Microsecond),
 		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond), "sockets", s.socketsTaken(g))
 	run.emit(Event{Phase: PhaseReady, Generation: g.n, Pid: g.pid(), Duration: g.readyAt.Sub(g.started)})
 	s.cfg.Recorder.GenerationReady(g.n, g.readyAt.Sub(g.started))
 	prev := gs.serving
-	gs.serving = g
+	if prev != nil {
+		gs.move(prev, Draining)
+	}
+	gs.move(g, Serving)
 	if run.reason == reasonStart {
 		s.cfg.Observer.Ready()
 	}
@@ -290,8 +292,6 @@ func (s *Supervisor) promote(g *generation) {
 		s.finishRestart(s.resultFor(g, RestartOK, ""))
 		return
 	}
-	prev.state = Draining
-	gs.old = append(gs.old, prev)
 	run.prev = prev
 	if s.cfg.Drain <= 0 {
 		s.retire(run, "")
@@ -352,7 +352,7 @@ const stallQuiet = 100 * time.Millisecond
 // generation that still accepts is never handed over: its listener
 // vanishing under it could make it drop what it serves.
 func (s *Supervisor) onStall(run *restartRun) {
-	if run != s.restarts.current || run.prev == nil || run.prev.state != Draining {
+	if run != s.restarts.current || run.phase != PhaseDraining || run.prev.state != Draining {
 		return // the drain ended already
 	}
 	prev := run.prev
@@ -371,7 +371,7 @@ func (s *Supervisor) onStall(run *restartRun) {
 // onDrainEnd ends run's drain window: its old sockets are empty, or
 // --drain passed. A watch that failed leaves the window to --drain.
 func (s *Supervisor) onDrainEnd(run *restartRun, ended DrainEnd, err error) {
-	if run != s.restarts.current || run.prev == nil {
+	if run != s.restarts.current || run.phase != PhaseDraining {
 		return // the stop or a rollback ended the window already
 	}
 	prev := run.prev
@@ -463,8 +463,8 @@ func (s *Supervisor) finishRestart(res Result) {
 // answer sends the outcome to every caller following run. If the restart
 // told an old generation to stop, they hear once more when it exits.
 func (s *Supervisor) answer(run *restartRun, res Result) {
+	run.emit(Event{Phase: PhaseDone, Result: &res})
 	for _, w := range run.waiters {
-		w.send(Event{Phase: PhaseDone, Result: &res})
 		if run.watch != nil && !run.watch.gone {
 			run.watch.exitWatchers = append(run.watch.exitWatchers, w)
 		} else {

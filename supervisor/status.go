@@ -109,7 +109,7 @@ func (s *Supervisor) status() Status {
 // first: the lingering ones (exited, with processes left) among the old
 // ones, then the serving one, then a new one.
 func (s *Supervisor) oldestFirst() []*generation {
-	gens := append(s.alive(), s.gens.lingering...)
+	gens := append(s.gens.alive(), s.gens.lingering...)
 	slices.SortFunc(gens, func(a, b *generation) int { return a.n - b.n })
 	return gens
 }
@@ -144,11 +144,11 @@ func (s *Supervisor) statusSummary() string {
 		}
 		parts = append(parts, part)
 	}
-	if run := s.restarts.current; run != nil && run.gen == nil && !s.stop.begun {
-		switch {
-		case run.cancelPre != nil:
+	if run := s.restarts.current; run != nil && !s.stop.begun {
+		switch run.phase {
+		case PhaseChecking:
 			parts = append(parts, "pre-flight check running")
-		case run.waitLogged:
+		case PhaseWaitOld:
 			parts = append(parts, "restart waiting for an old generation to be gone")
 		}
 	}

@@ -23,11 +23,11 @@ func (s *Supervisor) beginStop(now bool) {
 		s.refuseQueued()
 		switch run := s.restarts.current; {
 		case run == nil:
-		case run.prev != nil:
+		case run.phase == PhaseDraining:
 			// The new generation already serves; the stop ends the drain.
 			run.drain.end()
 			s.finishRestart(s.resultFor(run.gen, RestartOK, ""))
-		case run.gen == nil:
+		case run.phase == PhaseChecking || run.phase == PhaseWaitOld:
 			// It was in its pre-flight check, or waiting for an old
 			// generation to exit.
 			if run.cancelPre != nil {
@@ -36,7 +36,7 @@ func (s *Supervisor) beginStop(now bool) {
 			s.finishRestart(Result{Outcome: RestartRefused, Reason: ErrStopping.Error()})
 		}
 	}
-	for _, g := range s.alive() {
+	for _, g := range s.gens.alive() {
 		if g.cancelCheck != nil {
 			g.cancelCheck()
 		}
@@ -110,7 +110,7 @@ func (s *Supervisor) onDelayEnd() {
 // stopGen sends g its stop signal (sendStop), and SIGKILL to all of it
 // after the stop timeout.
 func (s *Supervisor) stopGen(g *generation) {
-	g.state = Stopping
+	s.gens.move(g, Stopping)
 	g.log.Info("stopping generation", "signal", signals.Name(s.cfg.StopSignal), "kill_mode", s.cfg.KillMode, "stop_timeout", s.cfg.StopTimeout)
 	s.sendStop(g)
 	s.armKill(g)

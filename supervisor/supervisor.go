@@ -50,7 +50,8 @@ type Supervisor struct {
 	statusLine string // the last one the Observer heard
 }
 
-// generations are the live generations, by role, and what the next runs.
+// generations are the live generations, each in the slot its state puts
+// it in (move), and what the next runs.
 type generations struct {
 	next      int     // the number of the last generation started
 	command   Command // what a new generation runs unless its restart says
@@ -60,6 +61,135 @@ type generations struct {
 	lingering []*generation // main process gone; its group (or cgroup) is not
 	everReady bool          // a generation has been ready once
 	lastExit  *generation
+}
+
+// A generation's state puts it in one slot of generations, or in none:
+//
+//	state               slot
+//	──────────────────  ─────────────────────────────────────────────
+//	Starting            starting
+//	Serving             serving
+//	Draining, Stopping  old (a graceful stop makes the serving and the
+//	                    starting one Stopping too)
+//	Exited              lingering while any process of it is left;
+//	                    none once it is gone (g.gone)
+//
+// move is the one way a generation changes state, and so slot, from the
+// Starting that spawn gives it (in no slot until advance moves it in);
+// check says whether the slots agree with the states.
+const (
+	slotNone      = "none"
+	slotStarting  = "starting"
+	slotServing   = "serving"
+	slotOld       = "old"
+	slotLingering = "lingering"
+)
+
+// slotFor is the slot g's state puts it in.
+func slotFor(g *generation) string {
+	switch g.state {
+	case Starting:
+		return slotStarting
+	case Serving:
+		return slotServing
+	case Draining, Stopping:
+		return slotOld
+	}
+	if g.gone {
+		return slotNone
+	}
+	return slotLingering
+}
+
+// holding names the slot that holds g.
+func (gs *generations) holding(g *generation) string {
+	switch {
+	case gs.starting == g:
+		return slotStarting
+	case gs.serving == g:
+		return slotServing
+	case slices.Contains(gs.old, g):
+		return slotOld
+	case slices.Contains(gs.lingering, g):
+		return slotLingering
+	}
+	return slotNone
+}
+
+// move puts g in state to, and in the slot that state puts it in (see
+// slotFor): out of the one that holds it, into the new one. A generation
+// whose slot does not change keeps its place in it. Serving and starting
+// hold one generation: the caller moves the one there first.
+func (gs *generations) move(g *generation, to State) {
+	from := gs.holding(g)
+	g.state = to
+	slot := slotFor(g)
+	if slot == from {
+		return
+	}
+	switch from {
+	case slotStarting:
+		gs.starting = nil
+	case slotServing:
+		gs.serving = nil
+	case slotOld:
+		gs.old = slices.DeleteFunc(gs.old, func(x *generation) bool { return x == g })
+	case slotLingering:
+		gs.lingering = slices.DeleteFunc(gs.lingering, func(x *generation) bool { return x == g })
+	}
+	switch slot {
+	case slotStarting:
+		gs.starting = g
+	case slotServing:
+		gs.serving = g
+	case slotOld:
+		gs.old = append(gs.old, g)
+	case slotLingering:
+		gs.lingering = append(gs.lingering, g)
+	}
+}
+
+// check reports the first disagreement between the slots and the states:
+// a generation in a slot its state does not put it in, or in two slots,
+// or, of known (generations referenced from elsewhere; nil ones are
+// skipped), one in no slot whose state puts it in one.
+func (gs *generations) check(known ...*generation) error {
+	held := map[*generation]string{}
+	hold := func(g *generation, slot string) error {
+		if g == nil {
+			return nil
+		}
+		if other, ok := held[g]; ok {
+			return fmt.Errorf("generation %d is in two slots, %s and %s", g.n, other, slot)
+		}
+		held[g] = slot
+		if want := slotFor(g); want != slot {
+			return fmt.Errorf("generation %d is %s (gone: %t) in slot %s, want %s", g.n, g.state, g.gone, slot, want)
+		}
+		return nil
+	}
+	if err := hold(gs.starting, slotStarting); err != nil {
+		return err
+	}
+	if err := hold(gs.serving, slotServing); err != nil {
+		return err
+	}
+	for _, g := range gs.old {
+		if err := hold(g, slotOld); err != nil {
+			return err
+		}
+	}
+	for _, g := range gs.lingering {
+		if err := hold(g, slotLingering); err != nil {
+			return err
+		}
+	}
+	for _, g := range known {
+		if _, ok := held[g]; g != nil && !ok && slotFor(g) != slotNone {
+			return fmt.Errorf("generation %d is %s (gone: %t) in no slot, want %s", g.n, g.state, g.gone, slotFor(g))
+		}
+	}
+	return nil
 }
 
 // restartQueue is the restart under way and those asked for during it.
@@ -177,17 +307,27 @@ func (s *Supervisor) Run() (Outcome, error) {
 	defer close(s.doneC)
 	s.beginRestart(&restartRun{reason: reasonStart})
 	s.publishStatus()
+	if s.env.stepped != nil {
+		s.env.stepped(reasonStart)
+	}
 	for !s.finished() {
+		var handled any
 		select {
 		case r := <-s.reqC:
 			r.handleRequest(s)
+			handled = r
 		case ev := <-s.eventC:
 			ev.handleEvent(s)
+			handled = ev
 		case <-s.env.orphans:
 			s.checkLingering()
+			handled = "orphans reaped"
 		}
 		s.syncLiveness()
 		s.publishStatus()
+		if s.env.stepped != nil {
+			s.env.stepped(handled)
+		}
 	}
 	var out Outcome
 	switch {
@@ -206,23 +346,23 @@ func (s *Supervisor) finished() bool {
 
 // alive lists the generations whose main process is alive: the serving
 // one, the starting one, then the old ones.
-func (s *Supervisor) alive() []*generation {
-	var gs []*generation
-	for _, g := range []*generation{s.gens.serving, s.gens.starting} {
+func (gs *generations) alive() []*generation {
+	var alive []*generation
+	for _, g := range []*generation{gs.serving, gs.starting} {
 		if g != nil {
-			gs = append(gs, g)
+			alive = append(alive, g)
 		}
 	}
-	return append(gs, s.gens.old...)
+	return append(alive, gs.old...)
 }
 
 // retired lists the generations that count against --max-draining, oldest
 // first: the old ones, whose main process is alive, and the lingering ones,
 // whose main process has exited but not every other process of theirs.
-func (s *Supervisor) retired() []*generation {
-	gs := append(slices.Clone(s.gens.old), s.gens.lingering...)
-	slices.SortFunc(gs, func(a, b *generation) int { return a.n - b.n })
-	return gs
+func (gs *generations) retired() []*generation {
+	retired := append(slices.Clone(gs.old), gs.lingering...)
+	slices.SortFunc(retired, func(a, b *generation) int { return a.n - b.n })
+	return retired
 }
 
 func logLevel(ok bool) slog.Level {
