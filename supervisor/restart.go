@@ -330,9 +330,11 @@ func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
 			}
 		}()
 	}
+	// The window's end is armed before the callers hear it began: what
+	// they do next may rely on it (a test's clock, a stop).
+	d.timer = s.env.afterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run, ended: atMax}) })
 	prev.log.Info("old generation draining", "until", mode, "drain", s.cfg.Drain)
 	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), Duration: s.cfg.Drain, Until: mode})
-	d.timer = s.env.afterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run, ended: atMax}) })
 }
 
 // stallQuiet is how long the old generation of a liveness replacement may
