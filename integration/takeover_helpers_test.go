@@ -282,16 +282,17 @@ func fdInode(t testing.TB, pid, fd int) string {
 // returns them.
 func checkListeners(t testing.TB, r *relayProc, port, want int, when string) []listenSock {
 	t.Helper()
-	return checkSockets(t, r, listening(t, port), port, want, when)
+	socks := listening(t, port)
+	return checkSockets(t, socks, socketInodes(t, r.pid()), port, want, when)
 }
 
-// checkSockets is checkListeners for sockets already listed.
-func checkSockets(t testing.TB, r *relayProc, socks []listenSock, port, want int, when string) []listenSock {
+// checkSockets is checkListeners for sockets already listed, and relay's
+// sockets (socketInodes) read after them.
+func checkSockets(t testing.TB, socks []listenSock, relays map[string][]int, port, want int, when string) []listenSock {
 	t.Helper()
 	if len(socks) != want {
 		t.Errorf("%s: %d listening sockets on port %d, want %d (one per live generation): %v", when, len(socks), port, want, socks)
 	}
-	relays := socketInodes(t, r.pid())
 	for _, s := range socks {
 		if relays[s.inode] == nil {
 			t.Errorf("%s: the listening socket %s (inode %s) on port %d is not relay's: relay's sockets are %v", when, s.local, s.inode, port, relays)

@@ -115,12 +115,15 @@ func restartRealServer(t *testing.T, srv realServer) {
 		}
 		own := checkTakenOver(t, r, ready, name, port, asked)
 		// Until the old generation has exited, and relay has taken its
-		// socket out of the group, the port has two; a process still
-		// there after the look was there during it.
+		// socket out of the group, the port has two. A process still
+		// there after both looks (the port's sockets, then relay's) was
+		// there during them: relay releases its socket only once it has
+		// reaped it, and /proc lists it until then.
 		socks := listening(t, port)
+		relays := socketInodes(t, r.pid())
 		if !processGone(oldPid) {
 			overlaps++
-			checkSockets(t, r, socks, port, 2, fmt.Sprintf("restart %d, both generations alive", gen-1))
+			checkSockets(t, socks, relays, port, 2, fmt.Sprintf("restart %d, both generations alive", gen-1))
 		}
 		if srv.onReady != nil {
 			srv.onReady(t, r, ready)
