@@ -14,13 +14,26 @@ import (
 )
 
 // Polling intervals of awaitAccepted: a connection that the server takes
-// at once is seen within a millisecond or two, and one it takes later
-// within 5 ms, which decides how soon a restart switches. One lookup is a
-// netlink round trip of some microseconds.
+// at once is seen within a millisecond or two, and one it takes within
+// its first 100 ms within 5 ms, which decides how soon a restart switches.
+// After that the interval grows with the wait, to a twentieth of it
+// (acceptPollShare) and at most slowAcceptPoll: a server that takes a
+// second to start is seen within 50 ms of its accept (5% of its startup),
+// and a child that hangs at start is looked at 10 times a second rather
+// than 200. A look is a netlink round trip and a wake-up of relay, some
+// tens of microseconds of CPU.
 const (
 	firstAcceptPoll = time.Millisecond
 	maxAcceptPoll   = 5 * time.Millisecond
+	slowAcceptPoll  = 100 * time.Millisecond
+	acceptPollShare = 20
 )
+
+// nextAcceptPoll is the interval after poll once waited has passed since
+// the probe connected.
+func nextAcceptPoll(poll, waited time.Duration) time.Duration {
+	return max(min(2*poll, maxAcceptPoll), min(waited/acceptPollShare, slowAcceptPoll))
+}
 
 // queuedMsg describes a probe connection the server has not accepted.
 const queuedMsg = "connected, but the server has not accepted it (it waits in the accept queue)"
@@ -68,7 +81,7 @@ func awaitAccepted(ctx context.Context, conn *net.TCPConn) error {
 	if err := checkOwnEnd(diag, conn, local, remote, ifindex); err != nil {
 		return err
 	}
-	poll := firstAcceptPoll
+	poll, start := firstAcceptPoll, time.Now()
 	for {
 		st, detail, err := lookAtAccept(diag, conn, local, remote, ifindex)
 		if err != nil {
@@ -87,7 +100,7 @@ func awaitAccepted(ctx context.Context, conn *net.TCPConn) error {
 			return fmt.Errorf("%s: %w", queuedMsg, ctx.Err())
 		case <-t.C:
 		}
-		poll = min(2*poll, maxAcceptPoll)
+		poll = nextAcceptPoll(poll, time.Since(start))
 	}
 }
 

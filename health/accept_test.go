@@ -273,3 +273,34 @@ func TestTCPCheckWaitsForAccept(t *testing.T) {
 		t.Fatalf("tcp check of a listener that accepts: %v", err)
 	}
 }
+
+// The probe is looked at every few milliseconds at first, then at an
+// interval that grows with the wait to a twentieth of it, never more than
+// slowAcceptPoll: a silent child costs a few looks a second.
+func TestAcceptPollGrowsWithTheWait(t *testing.T) {
+	for _, c := range []struct {
+		poll, waited, want time.Duration
+	}{
+		{firstAcceptPoll, 0, 2 * time.Millisecond},
+		{2 * time.Millisecond, 3 * time.Millisecond, 4 * time.Millisecond},
+		{4 * time.Millisecond, 7 * time.Millisecond, maxAcceptPoll},
+		{maxAcceptPoll, 90 * time.Millisecond, maxAcceptPoll},
+		{maxAcceptPoll, 300 * time.Millisecond, 15 * time.Millisecond},
+		{15 * time.Millisecond, time.Second, 50 * time.Millisecond},
+		{50 * time.Millisecond, 5 * time.Second, slowAcceptPoll},
+		{slowAcceptPoll, time.Hour, slowAcceptPoll},
+	} {
+		if got := nextAcceptPoll(c.poll, c.waited); got != c.want {
+			t.Errorf("nextAcceptPoll(%v, %v) = %v, want %v", c.poll, c.waited, got, c.want)
+		}
+	}
+	// Over a 5 s wait (one attempt), some 110 looks rather than 1,000.
+	looks, poll := 0, firstAcceptPoll
+	for waited := time.Duration(0); waited < 5*time.Second; waited += poll {
+		looks++
+		poll = nextAcceptPoll(poll, waited+poll)
+	}
+	if looks > 150 {
+		t.Errorf("%d looks over 5s, want at most 150", looks)
+	}
+}
