@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -87,6 +88,38 @@ func ParseStatus(b []byte) Status {
 		}
 	}
 	return s
+}
+
+// Tgid returns the thread group id (the process id) of thread tid, from
+// the Tgid line near the top of /proc/TID/status: it reads only the start
+// of the file and parses only that line, for a caller that asks at every
+// bind of a child.
+func Tgid(tid int) (int, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", tid))
+	if err != nil {
+		return 0, fmt.Errorf("reading the status of thread %d: %w", tid, err)
+	}
+	defer f.Close()
+	var buf [512]byte // Name, Umask, State, Tgid: the fourth line
+	n, err := io.ReadFull(f, buf[:])
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
+		return 0, fmt.Errorf("reading the status of thread %d: %w", tid, err)
+	}
+	return parseTgid(buf[:n])
+}
+
+// parseTgid finds the Tgid line in the start of a status file.
+func parseTgid(b []byte) (int, error) {
+	for line := range bytes.Lines(b) {
+		if v, ok := bytes.CutPrefix(line, []byte("Tgid:")); ok {
+			n, err := strconv.Atoi(string(bytes.TrimSpace(v)))
+			if err != nil {
+				return 0, fmt.Errorf("bad Tgid %q: %w", bytes.TrimSpace(v), err)
+			}
+			return n, nil
+		}
+	}
+	return 0, fmt.Errorf("Tgid: %w", ErrNoField)
 }
 
 // Int returns a numeric field, a size in kB ("VmRSS") as its number of kB.

@@ -83,3 +83,22 @@ func TestStatus(t *testing.T) {
 		t.Errorf("own Tgid = %d, %v; want %d", pid, err, os.Getpid())
 	}
 }
+
+// Tgid reads a thread's process id: this process's own, for its main
+// thread, from the same field ReadStatus sees.
+func TestTgid(t *testing.T) {
+	pid := os.Getpid()
+	got, err := Tgid(pid)
+	if err != nil || got != pid {
+		t.Errorf("Tgid(%d) = %d, %v; want %d", pid, got, err, pid)
+	}
+	if _, err := parseTgid([]byte("Name:\tx\nUmask:\t0022\nState:\tS\n")); !errors.Is(err, ErrNoField) {
+		t.Errorf("parseTgid without a Tgid line: %v, want ErrNoField", err)
+	}
+	if n, err := parseTgid([]byte("Name:\tx\nTgid:\t 42\nNgid:\t0\n")); err != nil || n != 42 {
+		t.Errorf("parseTgid: %d, %v; want 42", n, err)
+	}
+	if _, err := Tgid(-1); err == nil {
+		t.Error("Tgid(-1): no error")
+	}
+}

@@ -202,12 +202,8 @@ func fdCloexec(tid, fd int) (bool, error) {
 // tgid returns the process id of thread tid, or tid itself if it cannot
 // tell (the thread is gone, and the answer no longer matters).
 func tgid(tid int) int {
-	st, err := procfs.ReadStatus(tid)
-	if err != nil {
-		return tid
-	}
-	if n, err := st.Int("Tgid"); err == nil {
-		return int(n)
+	if n, err := procfs.Tgid(tid); err == nil {
+		return n
 	}
 	return tid
 }
