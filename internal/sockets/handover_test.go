@@ -1,54 +1,16 @@
 package sockets
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"net"
 	"os"
-	"strings"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/relaysh/relay/internal/sockets/steer"
+	"github.com/relaysh/relay/internal/sockets/steer/steertest"
 )
-
-// acceptLine accepts a connection on the listening socket l within 5 s
-// and reads its first line.
-func acceptLine(t *testing.T, l *os.File) string {
-	t.Helper()
-	fds := []unix.PollFd{{Fd: int32(l.Fd()), Events: unix.POLLIN}}
-	deadline := time.Now().Add(5 * time.Second)
-	for fds[0].Revents&unix.POLLIN == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("no connection to accept in 5 s")
-		}
-		if _, err := unix.Poll(fds, 100); err != nil && !errors.Is(err, unix.EINTR) {
-			t.Fatal(err)
-		}
-	}
-	nfd, _, err := unix.Accept4(int(l.Fd()), unix.SOCK_CLOEXEC)
-	if err != nil {
-		t.Fatalf("accept: %v", err)
-	}
-	f := os.NewFile(uintptr(nfd), "accepted")
-	c, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		t.Fatalf("reading the request: %v", err)
-	}
-	return strings.TrimSuffix(line, "\n")
-}
 
 // HandOver moves what waits in a generation's steered sockets to the
 // serving generation's, and leaves the shared ones alone.
@@ -104,8 +66,16 @@ func TestHandOver(t *testing.T) {
 		t.Fatalf("HandOver: %d, %v; want %d", queued, err, n)
 	}
 	got := map[string]bool{}
-	for range n {
-		got[acceptLine(t, gen2[0])] = true
+	raw, err := gen2[0].SyscallConn() // not Fd(): it would make the socket blocking
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.Control(func(fd uintptr) {
+		for range n {
+			got[steertest.AcceptLine(t, int(fd))] = true
+		}
+	}); err != nil {
+		t.Fatal(err)
 	}
 	for i := range n {
 		if !got[fmt.Sprintf("queued %d", i)] {

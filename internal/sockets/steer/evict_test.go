@@ -1,7 +1,6 @@
 package steer
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"net"
@@ -13,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/internal/sockdiag"
+	"github.com/relaysh/relay/internal/sockets/steer/steertest"
 )
 
 // requireMigration turns net.ipv4.tcp_migrate_req on, as relay does, or
@@ -76,7 +76,7 @@ func served(t *testing.T, socks map[int]*os.File, n int) map[string]int {
 			if p.Revents&unix.POLLIN == 0 {
 				continue
 			}
-			line := readLine(t, int(p.Fd))
+			line := steertest.AcceptLine(t, int(p.Fd))
 			if gen, dup := got[line]; dup {
 				t.Fatalf("%q served twice, by generations %d and %d", line, gen, gens[i])
 			}
@@ -84,31 +84,6 @@ func served(t *testing.T, socks map[int]*os.File, n int) map[string]int {
 		}
 	}
 	return got
-}
-
-// readLine accepts a connection waiting on the listening socket fd and
-// reads its first line.
-func readLine(t *testing.T, fd int) string {
-	t.Helper()
-	nfd, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC)
-	if err != nil {
-		t.Fatalf("accept: %v", err)
-	}
-	f := os.NewFile(uintptr(nfd), "accepted")
-	c, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		t.Fatalf("reading the request: %v", err)
-	}
-	return strings.TrimSuffix(line, "\n")
 }
 
 // waitQueued waits until n connections are in generation gen's accept
