@@ -40,10 +40,16 @@ const (
 	// queue, and a server's step from accept(2) to counting the
 	// connection as one to finish (a Go http.Server tracks it just
 	// after Accept returns), so that the stop signal never lands between
-	// the two. That step is microseconds, but a server's thread can wait
-	// longer than that for a CPU on a busy machine: 20 ms leaves room for
-	// a scheduler's delay, for 10 ms more per restart.
-	drainQuiet = 20 * time.Millisecond
+	// the two, or a server that dies at the stop signal (Python's
+	// http.server) between accepting a connection and answering it. That
+	// step is microseconds, but a server's thread can wait far longer for
+	// a CPU on a busy machine: with 20 ms, the integration tests' plain Go
+	// server and Python's http.server each lost a connection to it about
+	// once in a few hundred restarts on 2 loaded cores (a Python handler
+	// thread waits for the interpreter lock too). 50 ms leaves room for
+	// that, and only the old generation's stop waits for it: the new one
+	// serves meanwhile.
+	drainQuiet = 50 * time.Millisecond
 )
 
 // ErrUnobservable is returned where the kernel's socket diagnostics
