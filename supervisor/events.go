@@ -43,7 +43,8 @@ type Event struct {
 	Result *Result // with PhaseDone
 }
 
-// RestartOutcome is how a restart ended. (Outcome is how Run ended.)
+// RestartOutcome is how a restart ended. (Outcome is how Run ended.) Its
+// words are the outcome label of relay's restart metrics too.
 type RestartOutcome string
 
 // How a restart can end.

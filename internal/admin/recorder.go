@@ -20,11 +20,11 @@ func restartBuckets() []float64 {
 }
 
 // Outcome label values of relay_restarts_total and
-// relay_restart_duration_seconds.
+// relay_restart_duration_seconds: the supervisor's words for them.
 const (
-	outcomeOK         = "ok"
-	outcomeRolledBack = "rolled_back"
-	outcomeRefused    = "refused"
+	outcomeOK         = string(supervisor.RestartOK)
+	outcomeRolledBack = string(supervisor.RestartRolledBack)
+	outcomeRefused    = string(supervisor.RestartRefused)
 )
 
 // outcomes are the outcome label values, each always present.
@@ -72,14 +72,13 @@ func (r *Recorder) RestartFinished(res supervisor.Result) {
 	r.restarts.WithLabelValues(outcomeOf(res)).Observe(res.Duration.Seconds())
 }
 
+// outcomeOf is res's outcome label; a Result that says none failed, as
+// one that was rolled back.
 func outcomeOf(res supervisor.Result) string {
-	switch res.Outcome {
-	case supervisor.RestartOK:
-		return outcomeOK
-	case supervisor.RestartRefused:
-		return outcomeRefused
+	if res.Outcome == "" {
+		return outcomeRolledBack
 	}
-	return outcomeRolledBack
+	return string(res.Outcome)
 }
 
 // Describe is part of prometheus.Collector.
