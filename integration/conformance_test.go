@@ -152,30 +152,12 @@ func conformanceNginx(t *testing.T, prefix string, port int, last time.Duration)
 	// limit_rate bytes a second.
 	rate := int(float64(len(fill)) / (last.Seconds() + 1))
 	conf := filepath.Join(prefix, "nginx.conf")
-	writeMode(t, conf, fmt.Sprintf(`worker_processes 2;
-error_log stderr;
-events { worker_connections 256; }
-http {
-    access_log off;
-    client_body_temp_path %[1]s/body;
-    proxy_temp_path %[1]s/proxy;
-    fastcgi_temp_path %[1]s/fastcgi;
-    uwsgi_temp_path %[1]s/uwsgi;
-    scgi_temp_path %[1]s/scgi;
-    server {
-        listen 127.0.0.1:%[2]d;
-        location = /slow {
-            alias %[3]s;
+	writeMode(t, conf, nginxConf(prefix, 2, port, fmt.Sprintf(`        location = /slow {
+            alias %s;
             default_type text/plain;
-            limit_rate %[4]d;
+            limit_rate %d;
             add_header X-Pid $pid;
         }
-        location / {
-            add_header X-Pid $pid;
-            return 200 "$pid\n";
-        }
-    }
-}
-`, prefix, port, slow, rate))
+`, slow, rate)))
 	return conf
 }

@@ -330,7 +330,7 @@ func TestTakeoverNginx(t *testing.T) {
 	restartRealServer(t, realServer{
 		command: func(port int) []string {
 			conf := filepath.Join(prefix, "nginx.conf")
-			writeMode(t, conf, nginxConf(prefix, workers, port))
+			writeMode(t, conf, nginxConf(prefix, workers, port, ""))
 			return []string{nginx, "-p", prefix, "-c", conf, "-e", "stderr",
 				"-g", "daemon off; master_process on; pid " + filepath.Join(prefix, "nginx-{generation}.pid") + ";"}
 		},
@@ -350,8 +350,10 @@ func TestTakeoverNginx(t *testing.T) {
 	})
 }
 
-// nginxConf is a stock configuration, with every path in prefix.
-func nginxConf(prefix string, workers, port int) string {
+// nginxConf is a stock configuration, with every path in prefix, whose
+// server on port answers / with its worker's pid; locations, if any, are
+// added to that server before it.
+func nginxConf(prefix string, workers, port int, locations string) string {
 	return fmt.Sprintf(`worker_processes %d;
 error_log stderr;
 events { worker_connections 256; }
@@ -364,13 +366,13 @@ http {
     scgi_temp_path %[2]s/scgi;
     server {
         listen 127.0.0.1:%[3]d;
-        location / {
+%[4]s        location / {
             add_header X-Pid $pid;
             return 200 "$pid\n";
         }
     }
 }
-`, workers, prefix, port)
+`, workers, prefix, port, locations)
 }
 
 // (g) Binds that no --listen covers pass untouched: a server's second port
