@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -10,6 +11,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -341,9 +343,24 @@ func bodyNumber(_ *http.Response, body []byte) (int, error) {
 	return strconv.Atoi(strings.TrimSpace(string(body)))
 }
 
-// getIdent does one request and returns who answered.
-func getIdent(client *http.Client, url string, id ident) (int, error) {
-	resp, err := client.Get(url)
+// getIdent does one request and returns who answered. An error says when
+// the request was sent and failed, and from which local address, so that
+// it can be lined up with relay's log.
+func getIdent(client *http.Client, url string, id ident) (who int, err error) {
+	sent := time.Now()
+	var local string
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("%w (sent %s from %s, failed %s)", err,
+				sent.UTC().Format(time.RFC3339Nano), local, time.Now().UTC().Format(time.RFC3339Nano))
+		}
+	}()
+	trace := &httptrace.ClientTrace{GotConn: func(c httptrace.GotConnInfo) { local = c.Conn.LocalAddr().String() }}
+	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), http.MethodGet, url, nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		return 0, err
 	}
