@@ -104,7 +104,7 @@ func (c *Conn) Close() error { return c.c.Close() }
 func (c *Conn) Handshakes(family uint8, port uint16) ([]Handshake, error) {
 	msgs, err := c.c.Execute(netlink.Message{
 		Header: netlink.Header{Type: unix.SOCK_DIAG_BY_FAMILY, Flags: netlink.Request | netlink.Dump},
-		Data:   request(family, 1<<StateSynRecv, netip.AddrPort{}, netip.AddrPort{}, 0),
+		Data:   append(request(family, 1<<StateSynRecv, netip.AddrPort{}, netip.AddrPort{}, 0), localPortFilter(port)...),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("listing the TCP handshakes in progress: %w", err)
@@ -175,8 +175,122 @@ const (
 	offsetMsgID  = 4
 	offsetReqID  = 8
 	sizeofSockID = 48
-	noCookie     = ^uint32(0) // INET_DIAG_NOCOOKIE
+	noCookie     = ^uint32(0)                     // INET_DIAG_NOCOOKIE
+	offsetRqueue = offsetMsgID + sizeofSockID + 4 // idiag_rqueue, after idiag_expires
 )
+
+// Connection is one connection accepted, or waiting to be, on a local
+// listener, as the kernel reports it.
+type Connection struct {
+	Local, Remote netip.AddrPort // IPv4-mapped addresses unmapped
+	// Inode is 0 while the connection waits in its listener's accept
+	// queue: no process has it yet.
+	Inode uint32
+	// Unread is how many bytes arrived that the server has not read.
+	Unread uint32
+	// Received is how many bytes arrived in all (tcpi_bytes_received).
+	Received uint64
+	// SinceReceived is how long ago the last data arrived or, where
+	// none has, how long ago the connection was made (tcpi_last_data_recv,
+	// in the kernel's ticks of 1 to 10 ms).
+	SinceReceived time.Duration
+}
+
+// Connections lists the connections on local port port that are
+// established or that the client has half-closed (CLOSE_WAIT), for family
+// unix.AF_INET or unix.AF_INET6, with what they hold unread. As with
+// Handshakes, ask for both families on a dual-stack listener. The port is
+// matched in the kernel, which still walks the whole table of connections.
+func (c *Conn) Connections(family uint8, port uint16) ([]Connection, error) {
+	req := request(family, 1<<StateEstablished|1<<StateCloseWait, netip.AddrPort{}, netip.AddrPort{}, 0)
+	req[2] = 1 << (inetDiagInfo - 1) // idiag_ext: add the tcp_info
+	msgs, err := c.c.Execute(netlink.Message{
+		Header: netlink.Header{Type: unix.SOCK_DIAG_BY_FAMILY, Flags: netlink.Request | netlink.Dump},
+		Data:   append(req, localPortFilter(port)...),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listing the TCP connections on port %d: %w", port, err)
+	}
+	out := make([]Connection, 0, len(msgs))
+	for _, m := range msgs {
+		conn, err := parseConnection(m.Data)
+		if err != nil {
+			return nil, err
+		}
+		if conn.Local.Port() == port {
+			out = append(out, conn)
+		}
+	}
+	return out, nil
+}
+
+// Numbers of include/uapi/linux/inet_diag.h that x/sys/unix lacks.
+const (
+	inetDiagReqBytecode = 1 // INET_DIAG_REQ_BYTECODE, a request attribute
+	inetDiagInfo        = 2 // INET_DIAG_INFO, a reply attribute: struct tcp_info
+	inetDiagBCSourceGE  = 2 // INET_DIAG_BC_S_GE: local port >= operand
+	inetDiagBCSourceLE  = 3 // INET_DIAG_BC_S_LE: local port <= operand
+)
+
+// The parts of struct tcp_info (include/uapi/linux/tcp.h) that Connection
+// reads, by offset, and the length that holds them all (Linux 4.1+).
+const (
+	offsetLastDataRecv  = 52  // __u32 tcpi_last_data_recv, ms
+	offsetBytesReceived = 128 // __u64 tcpi_bytes_received
+	sizeofTCPInfoUsed   = 136
+)
+
+// parseConnection reads an inet_diag_msg and its INET_DIAG_INFO
+// attribute.
+func parseConnection(b []byte) (Connection, error) {
+	sock, h, err := parse(b)
+	if err != nil {
+		return Connection{}, err
+	}
+	ne := binary.NativeEndian
+	conn := Connection{Local: h.Local, Remote: h.Remote, Inode: sock.Inode, Unread: ne.Uint32(b[offsetRqueue:])}
+	for attrs := b[sizeofMsg:]; len(attrs) >= unix.SizeofRtAttr; {
+		n := int(ne.Uint16(attrs[0:2]))
+		if n < unix.SizeofRtAttr || n > len(attrs) {
+			break
+		}
+		if ne.Uint16(attrs[2:4]) == inetDiagInfo {
+			info := attrs[unix.SizeofRtAttr:n]
+			if len(info) < sizeofTCPInfoUsed {
+				return Connection{}, fmt.Errorf("the kernel's tcp_info of %s-%s has %d bytes, want %d or more (Linux 4.1+)", h.Local, h.Remote, len(info), sizeofTCPInfoUsed)
+			}
+			conn.SinceReceived = time.Duration(ne.Uint32(info[offsetLastDataRecv:])) * time.Millisecond
+			conn.Received = ne.Uint64(info[offsetBytesReceived:])
+			return conn, nil
+		}
+		attrs = attrs[(n+unix.RTA_ALIGNTO-1)&^(unix.RTA_ALIGNTO-1):]
+	}
+	return Connection{}, fmt.Errorf("the kernel sent no tcp_info for %s-%s", h.Local, h.Remote)
+}
+
+// localPortFilter is an INET_DIAG_REQ_BYTECODE attribute that keeps the
+// sockets whose local port is port, so that the kernel sends no others.
+// The program is two comparisons, each followed by the operand the kernel
+// reads from its "no" field: a "yes" steps to the next instruction, and
+// the last one to the end, which keeps the socket; a "no" jumps 4 bytes
+// past the end, which drops it.
+func localPortFilter(port uint16) []byte {
+	const sizeofOp = 4 // struct inet_diag_bc_op: u8 code, u8 yes, u16 no
+	ne := binary.NativeEndian
+	prog := make([]byte, 0, 4*sizeofOp)
+	op := func(code, yes uint8, no uint16) {
+		prog = append(prog, code, yes)
+		prog = ne.AppendUint16(prog, no)
+	}
+	op(inetDiagBCSourceGE, 2*sizeofOp, 5*sizeofOp)
+	op(0, 0, port)
+	op(inetDiagBCSourceLE, 2*sizeofOp, 3*sizeofOp)
+	op(0, 0, port)
+	attr := make([]byte, unix.SizeofRtAttr, unix.SizeofRtAttr+len(prog))
+	ne.PutUint16(attr[0:2], uint16(unix.SizeofRtAttr+len(prog)))
+	ne.PutUint16(attr[2:4], inetDiagReqBytecode)
+	return append(attr, prog...)
+}
 
 // request encodes an inet_diag_req_v2 for the sockets of family in
 // states (a bit per state; the kernel lists request sockets under

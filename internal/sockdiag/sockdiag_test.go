@@ -1,6 +1,7 @@
 package sockdiag
 
 import (
+	"io"
 	"net"
 	"net/netip"
 	"slices"
@@ -130,5 +131,110 @@ func TestHandshakesOfADualStackListenerShowIPv4Unmapped(t *testing.T) {
 func TestParseRefusesAShortMessage(t *testing.T) {
 	if _, _, err := parse(make([]byte, sizeofMsg-1)); err == nil {
 		t.Fatal("a short message parsed")
+	}
+}
+
+// connectionsTo polls Connections until want says yes, for at most 5s.
+func connectionsTo(t *testing.T, c *Conn, family uint8, port uint16, want func([]Connection) bool) []Connection {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		cs, err := c.Connections(family, port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want(cs) {
+			return cs
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("connections on port %d: %+v", port, cs)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestConnectionsShowWhatTheServerHasNotRead(t *testing.T) {
+	for _, tc := range []struct {
+		network, addr string
+		family        uint8
+	}{{"tcp4", "127.0.0.1:0", unix.AF_INET}, {"tcp6", "[::1]:0", unix.AF_INET6}} {
+		t.Run(tc.network, func(t *testing.T) {
+			l, err := net.Listen(tc.network, tc.addr)
+			if err != nil {
+				t.Skipf("no %s listener: %v", tc.network, err)
+			}
+			defer l.Close()
+			other, err := net.Listen(tc.network, tc.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer other.Close()
+			port := uint16(l.Addr().(*net.TCPAddr).Port)
+			c, err := Dial()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+
+			// A connection to the other listener is not listed.
+			stranger, err := net.Dial(tc.network, other.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stranger.Close()
+			client, err := net.Dial(tc.network, l.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer client.Close()
+			me := client.LocalAddr().(*net.TCPAddr).AddrPort()
+			mine := func(cs []Connection) (Connection, bool) {
+				for _, x := range cs {
+					if x.Remote == me {
+						return x, true
+					}
+				}
+				return Connection{}, false
+			}
+
+			// Connected, nothing sent: listed, in the accept queue.
+			cs := connectionsTo(t, c, tc.family, port, func(cs []Connection) bool { _, ok := mine(cs); return ok })
+			if x, _ := mine(cs); x.Unread != 0 || x.Received != 0 || x.Inode != 0 || x.Local.Port() != port {
+				t.Errorf("before any data: %+v", x)
+			}
+			for _, x := range cs {
+				if x.Local.Port() != port {
+					t.Errorf("listed a connection to another port: %+v", x)
+				}
+			}
+
+			// Sent, not yet read: unread.
+			if _, err := client.Write([]byte("hello")); err != nil {
+				t.Fatal(err)
+			}
+			connectionsTo(t, c, tc.family, port, func(cs []Connection) bool {
+				x, ok := mine(cs)
+				return ok && x.Unread == 5 && x.Received == 5
+			})
+
+			// Accepted and read: nothing unread, still received.
+			server, err := l.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer server.Close()
+			if _, err := io.ReadFull(server, make([]byte, 5)); err != nil {
+				t.Fatal(err)
+			}
+			connectionsTo(t, c, tc.family, port, func(cs []Connection) bool {
+				x, ok := mine(cs)
+				return ok && x.Unread == 0 && x.Received == 5 && x.Inode != 0
+			})
+
+			// Closed by both: gone.
+			client.Close()
+			server.Close()
+			connectionsTo(t, c, tc.family, port, func(cs []Connection) bool { _, ok := mine(cs); return !ok })
+		})
 	}
 }

@@ -16,16 +16,30 @@ import (
 // towards it that were in progress at the switch (the program picks a
 // socket when the SYN arrives; the handshake then completes into that
 // socket's queue, however long the client takes). A SYN that arrives
-// after the switch goes to the new socket. So the old socket's drain is
-// over once every handshake in progress at the switch has ended and its
-// accept queue is empty: from then on nothing can ever be queued on it.
+// after the switch goes to the new socket. So nothing more can ever be
+// queued on the old socket once every handshake in progress at the switch
+// has ended and its accept queue is empty.
 //
-// Both are read from the kernel: the queue from TCP_INFO on the socket
-// (tcpi_unacked of a listener), the handshakes from socket diagnostics.
-// These do not say which socket of the group a handshake belongs to, so
-// the drain waits for all of those on the group's address that were in
-// progress shortly after the switch: the old socket's are among them, and
-// waiting for the new socket's too costs at most their handshake.
+// That is not yet the moment for the stop signal. A connection the old
+// generation has accepted but whose request it has not read is lost to
+// many servers at their stop: Go's http.Server closes, unanswered, a
+// connection whose request it reads after Shutdown began; Python's
+// http.server dies at SIGTERM. So the drain also waits until each
+// connection that may be the old generation's has had what its client
+// sent read, or is gone; one whose client has sent nothing yet is waited
+// for until drainFirstByte after it was made, as its request is on its
+// way.
+//
+// All three are read from the kernel: the queue from TCP_INFO on the
+// socket (tcpi_unacked of a listener), the handshakes and connections
+// from socket diagnostics. These do not say which socket of the group a
+// handshake or a connection belongs to, so the drain watches all of those
+// on the group's address that were there shortly after the switch, or
+// came out of a handshake that was: the old socket's are among them, and
+// waiting for the new socket's too costs at most their handshake, or the
+// moment the new generation takes to read a request. A connection still
+// in an accept queue is no process's yet: in the old socket's, the queue
+// counts it.
 const (
 	// drainSettle is how long after the switch the handshakes in
 	// progress are listed. A SYN that the kernel was steering with the
@@ -34,22 +48,23 @@ const (
 	drainSettle = 10 * time.Millisecond
 	// drainPoll is how often the queue and the handshakes are read.
 	drainPoll = 5 * time.Millisecond
-	// drainQuiet is how long the socket must stay empty. It covers the
+	// drainQuiet is how long all of it must stay empty. It covers the
 	// kernel's completion of a handshake, which takes the request socket
 	// out of the table a moment before its connection joins the accept
-	// queue, and a server's step from accept(2) to counting the
-	// connection as one to finish (a Go http.Server tracks it just
-	// after Accept returns), so that the stop signal never lands between
-	// the two, or a server that dies at the stop signal (Python's
-	// http.server) between accepting a connection and answering it. That
-	// step is microseconds, but a server's thread can wait far longer for
-	// a CPU on a busy machine: with 20 ms, the integration tests' plain Go
-	// server and Python's http.server each lost a connection to it about
-	// once in a few hundred restarts on 2 loaded cores (a Python handler
-	// thread waits for the interpreter lock too). 50 ms leaves room for
-	// that, and only the old generation's stop waits for it: the new one
-	// serves meanwhile.
+	// queue, and a server's step from reading a request to counting it
+	// as one to finish (Go's http.Server checks whether Shutdown has
+	// begun right after the read), or, for a server that dies at the stop
+	// signal, to answering it. A thread can wait for a CPU far longer
+	// than that step on a busy machine; only the old generation's stop
+	// waits for the quiet: the new one serves meanwhile.
 	drainQuiet = 50 * time.Millisecond
+	// drainFirstByte is how long a connection whose client has sent
+	// nothing is waited for. HTTP clients send their request as soon as
+	// they are connected; a client that opened a connection ahead of
+	// its need (a browser's preconnect) delays the old generation's stop
+	// by this much at most, and its request, sent after the stop, is the
+	// old generation's to handle as it handles any request at its stop.
+	drainFirstByte = time.Second
 )
 
 // ErrUnobservable is returned where the kernel's socket diagnostics
@@ -83,31 +98,30 @@ func NewObserver() (*Observer, error) {
 func (o *Observer) Close() error { return o.diag.Close() }
 
 // WaitDrained returns once nothing can reach generation gen's socket in
-// any of groups any more, gen having been switched away from just now:
-// the handshakes in progress on the groups' addresses drainSettle after
-// the call have all ended, and gen's sockets have had empty accept queues
-// for drainQuiet. A group where gen has no socket (it exited) is drained.
-// It returns ctx's error if ctx ends first, or the error of a reading
-// that failed. If waiting is not nil, it is called once, with what the
-// first reading found, if that was not nothing.
+// any of groups any more and it has read what reached it, gen having been
+// switched away from just now: the handshakes in progress on the groups'
+// addresses drainSettle after the call have all ended, the connections
+// there then, or made by those handshakes, have each had their client's
+// bytes read (or are gone), and gen's sockets have had empty accept
+// queues, all of it for drainQuiet. A group where gen has no socket (it
+// exited) is drained. It returns ctx's error if ctx ends first, or the
+// error of a reading that failed. If waiting is not nil, it is called
+// once, with what the first reading found, if that was not nothing.
 func (o *Observer) WaitDrained(ctx context.Context, groups []*Group, gen int, waiting func(Backlog)) error {
 	if err := sleep(ctx, drainSettle); err != nil {
 		return err
 	}
-	pending := make([]map[sockdiag.Handshake]bool, len(groups))
+	watches := make([]*watch, len(groups))
 	for i, g := range groups {
-		hs, err := g.handshakes(o.diag)
+		w, err := g.watch(o.diag)
 		if err != nil {
 			return err
 		}
-		pending[i] = make(map[sockdiag.Handshake]bool, len(hs))
-		for _, h := range hs {
-			pending[i][h] = true
-		}
+		watches[i] = w
 	}
 	var quietSince time.Time
 	for first := true; ; first = false {
-		b, err := o.backlog(groups, gen, pending)
+		b, err := o.backlog(groups, gen, watches)
 		if err != nil {
 			return err
 		}
@@ -133,34 +147,102 @@ func (o *Observer) WaitDrained(ctx context.Context, groups []*Group, gen int, wa
 	}
 }
 
-// Backlog is what can still reach a replaced generation's sockets.
+// Backlog is what can still reach a replaced generation's sockets, or has
+// reached it unread.
 type Backlog struct {
 	Queued     int // connections in their accept queues
 	Handshakes int // handshakes in progress at the switch, not yet ended
+	Unread     int // connections taken whose client's bytes are not all read
 }
 
-// backlog reads what can still reach gen's sockets: the handshakes of
-// pending still in progress (those that ended are struck off), and the
-// connections in their accept queues. Handshakes are read first: one that
-// completes in between is then seen in the queue.
-func (o *Observer) backlog(groups []*Group, gen int, pending []map[sockdiag.Handshake]bool) (Backlog, error) {
+// watch is what may still reach, or has reached unread, one group's old
+// socket, as listed shortly after the switch.
+type watch struct {
+	// handshakes are those still in progress.
+	handshakes map[sockdiag.Handshake]bool
+	// conns are the connections not yet seen read, by 4-tuple.
+	conns map[sockdiag.Handshake]bool
+}
+
+// watch lists what to watch on g's address.
+func (g *Group) watch(diag *sockdiag.Conn) (*watch, error) {
+	hs, err := g.handshakes(diag)
+	if err != nil {
+		return nil, err
+	}
+	cs, err := g.connections(diag)
+	if err != nil {
+		return nil, err
+	}
+	w := &watch{handshakes: make(map[sockdiag.Handshake]bool, len(hs)), conns: make(map[sockdiag.Handshake]bool, len(hs)+len(cs))}
+	for _, h := range hs {
+		w.handshakes[h] = true
+		w.conns[h] = true // the connection it makes
+	}
+	for _, c := range cs {
+		w.conns[sockdiag.Handshake{Local: c.Local, Remote: c.Remote}] = true
+	}
+	return w, nil
+}
+
+// read reports whether the process that has connection c has read what
+// its client sent, counting a client that has sent nothing for
+// drainFirstByte as done.
+func read(c sockdiag.Connection) bool {
+	return c.Unread == 0 && (c.Received > 0 || c.SinceReceived >= drainFirstByte)
+}
+
+// backlog reads what can still reach gen's sockets, or has reached them
+// unread: the handshakes of the watches still in progress and their
+// connections not yet read (what ended or was read is struck off), and
+// the connections in gen's accept queues. Handshakes are read first, then
+// connections, then queues: a handshake that completes in between is then
+// seen as a connection, and one accepted in between as taken.
+func (o *Observer) backlog(groups []*Group, gen int, watches []*watch) (Backlog, error) {
 	var b Backlog
 	for i, g := range groups {
-		if len(pending[i]) == 0 {
-			continue
+		w := watches[i]
+		if len(w.handshakes) > 0 {
+			hs, err := g.handshakes(o.diag)
+			if err != nil {
+				return Backlog{}, err
+			}
+			still := make(map[sockdiag.Handshake]bool, len(w.handshakes))
+			for _, h := range hs {
+				if w.handshakes[h] {
+					still[h] = true
+				}
+			}
+			w.handshakes = still
+			b.Handshakes += len(still)
 		}
-		hs, err := g.handshakes(o.diag)
-		if err != nil {
-			return Backlog{}, err
-		}
-		still := make(map[sockdiag.Handshake]bool, len(pending[i]))
-		for _, h := range hs {
-			if pending[i][h] {
-				still[h] = true
+		if len(w.conns) > 0 {
+			cs, err := g.connections(o.diag)
+			if err != nil {
+				return Backlog{}, err
+			}
+			open := make(map[sockdiag.Handshake]bool, len(w.conns))
+			for _, c := range cs {
+				k := sockdiag.Handshake{Local: c.Local, Remote: c.Remote}
+				switch {
+				case !w.conns[k]:
+				case c.Inode == 0:
+					open[k] = true // queued: no process has it yet
+				case read(c):
+					delete(w.conns, k)
+				default:
+					open[k] = true
+					b.Unread++
+				}
+			}
+			// A watched connection not listed is gone, unless its
+			// handshake is still in progress.
+			for k := range w.conns {
+				if !open[k] && !w.handshakes[k] {
+					delete(w.conns, k)
+				}
 			}
 		}
-		pending[i] = still
-		b.Handshakes += len(still)
 	}
 	for _, g := range groups {
 		n, err := g.Queued(gen)
@@ -191,23 +273,47 @@ func (g *Group) Queued(gen int) (int, error) {
 
 // handshakes lists the handshakes in progress towards the group's address.
 func (g *Group) handshakes(diag *sockdiag.Conn) ([]sockdiag.Handshake, error) {
-	families := []uint8{uint8(g.sock.Family)}
-	if g.sock.Family == unix.AF_INET6 && !g.sock.V6Only {
-		families = append(families, unix.AF_INET)
-	}
 	var out []sockdiag.Handshake
-	for _, f := range families {
-		hs, err := diag.Handshakes(f, g.sock.Addr.Port())
-		if err != nil {
-			return nil, fmt.Errorf("watching %s drain: %w", g.name, err)
-		}
+	err := g.eachFamily(func(family uint8) error {
+		hs, err := diag.Handshakes(family, g.sock.Addr.Port())
 		for _, h := range hs {
 			if g.sock.Covers(h.Local) {
 				out = append(out, h)
 			}
 		}
+		return err
+	})
+	return out, err
+}
+
+// connections lists the connections made to the group's address.
+func (g *Group) connections(diag *sockdiag.Conn) ([]sockdiag.Connection, error) {
+	var out []sockdiag.Connection
+	err := g.eachFamily(func(family uint8) error {
+		cs, err := diag.Connections(family, g.sock.Addr.Port())
+		for _, c := range cs {
+			if g.sock.Covers(c.Local) {
+				out = append(out, c)
+			}
+		}
+		return err
+	})
+	return out, err
+}
+
+// eachFamily calls fn with each address family the kernel may list the
+// group's sockets under: both for a dual-stack IPv6 socket.
+func (g *Group) eachFamily(fn func(family uint8) error) error {
+	families := []uint8{uint8(g.sock.Family)}
+	if g.sock.Family == unix.AF_INET6 && !g.sock.V6Only {
+		families = append(families, unix.AF_INET)
 	}
-	return out, nil
+	for _, f := range families {
+		if err := fn(f); err != nil {
+			return fmt.Errorf("watching %s drain: %w", g.name, err)
+		}
+	}
+	return nil
 }
 
 // sleep waits d, or until ctx ends.

@@ -133,6 +133,63 @@ func TestWaitDrainedWaitsForAHandshakeBegunBeforeTheSwitch(t *testing.T) {
 	f.ends(t)
 }
 
+// acceptKept accepts one connection on f and returns its descriptor,
+// closed at the end of the test.
+func acceptKept(t *testing.T, f *os.File) int {
+	t.Helper()
+	nfd, _, err := unix.Accept4(int(f.Fd()), unix.SOCK_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(nfd) })
+	return nfd
+}
+
+func TestWaitDrainedWaitsForTheOldGenerationToReadWhatItAccepted(t *testing.T) {
+	request := []byte("GET / HTTP/1.0\r\n\r\n")
+	var server int
+	f := newDrainFixture(t, false, func(g *Group) {
+		if _, err := dialTo(t, g, "127.0.0.1", nil).Write(request); err != nil {
+			t.Fatal(err)
+		}
+		server = acceptKept(t, f1(t, g))
+	})
+	// Accepted, its request unread: a server stopped now could drop it.
+	f.looked(t, "with generation 1's accepted request unread")
+	if b := <-f.first; b != (Backlog{Unread: 1}) {
+		t.Errorf("first reading %+v, want one connection unread", b)
+	}
+	if n, err := unix.Read(server, make([]byte, 2*len(request))); err != nil || n != len(request) {
+		t.Fatalf("reading the request: %d, %v", n, err)
+	}
+	f.ends(t)
+}
+
+func TestWaitDrainedWaitsForTheFirstBytesOfAConnection(t *testing.T) {
+	f := newDrainFixture(t, false, func(g *Group) {
+		dialTo(t, g, "127.0.0.1", nil) // sends nothing yet
+		acceptKept(t, f1(t, g))
+	})
+	if b := <-f.first; b != (Backlog{Unread: 1}) {
+		t.Errorf("first reading %+v, want one connection unread", b)
+	}
+	// Its client never sends: the drain ends drainFirstByte after the
+	// connection was made.
+	f.ends(t)
+}
+
+// f1 is generation 1's socket in g.
+func f1(t *testing.T, g *Group) *os.File {
+	t.Helper()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	m := g.memberLocked(1)
+	if m == nil {
+		t.Fatal("generation 1 has no socket")
+	}
+	return m.file
+}
+
 func TestWaitDrainedIgnoresTheNewGenerationsConnections(t *testing.T) {
 	f := newDrainFixture(t, false, nil)
 	for range 3 {
