@@ -37,17 +37,29 @@ func deferListener(t *testing.T, network, addr string) *net.TCPListener {
 // waitFor polls Handshakes until want says yes, for at most 5s.
 func waitFor(t *testing.T, c *Conn, family uint8, port uint16, want func([]Handshake) bool) []Handshake {
 	t.Helper()
+	return pollUntil(t, c.Handshakes, family, port, want)
+}
+
+// connectionsTo polls Connections until want says yes, for at most 5s.
+func connectionsTo(t *testing.T, c *Conn, family uint8, port uint16, want func([]Connection) bool) []Connection {
+	t.Helper()
+	return pollUntil(t, c.Connections, family, port, want)
+}
+
+// pollUntil calls list until want says yes of what it lists, for at most 5s.
+func pollUntil[T any](t *testing.T, list func(uint8, uint16) ([]T, error), family uint8, port uint16, want func([]T) bool) []T {
+	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		hs, err := c.Handshakes(family, port)
+		xs, err := list(family, port)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if want(hs) {
-			return hs
+		if want(xs) {
+			return xs
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("handshakes on port %d: %v", port, hs)
+			t.Fatalf("on port %d: %+v", port, xs)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -131,25 +143,6 @@ func TestHandshakesOfADualStackListenerShowIPv4Unmapped(t *testing.T) {
 func TestParseRefusesAShortMessage(t *testing.T) {
 	if _, _, err := parse(make([]byte, sizeofMsg-1)); err == nil {
 		t.Fatal("a short message parsed")
-	}
-}
-
-// connectionsTo polls Connections until want says yes, for at most 5s.
-func connectionsTo(t *testing.T, c *Conn, family uint8, port uint16, want func([]Connection) bool) []Connection {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		cs, err := c.Connections(family, port)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if want(cs) {
-			return cs
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("connections on port %d: %+v", port, cs)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -273,47 +274,36 @@ func (g *Group) Queued(gen int) (int, error) {
 
 // handshakes lists the handshakes in progress towards the group's address.
 func (g *Group) handshakes(diag *sockdiag.Conn) ([]sockdiag.Handshake, error) {
-	var out []sockdiag.Handshake
-	err := g.eachFamily(func(family uint8) error {
-		hs, err := diag.Handshakes(family, g.sock.Addr.Port())
-		for _, h := range hs {
-			if g.sock.Covers(h.Local) {
-				out = append(out, h)
-			}
-		}
-		return err
-	})
-	return out, err
+	return onAddress(g, diag.Handshakes, func(h sockdiag.Handshake) netip.AddrPort { return h.Local })
 }
 
 // connections lists the connections made to the group's address.
 func (g *Group) connections(diag *sockdiag.Conn) ([]sockdiag.Connection, error) {
-	var out []sockdiag.Connection
-	err := g.eachFamily(func(family uint8) error {
-		cs, err := diag.Connections(family, g.sock.Addr.Port())
-		for _, c := range cs {
-			if g.sock.Covers(c.Local) {
-				out = append(out, c)
-			}
-		}
-		return err
-	})
-	return out, err
+	return onAddress(g, diag.Connections, func(c sockdiag.Connection) netip.AddrPort { return c.Local })
 }
 
-// eachFamily calls fn with each address family the kernel may list the
-// group's sockets under: both for a dual-stack IPv6 socket.
-func (g *Group) eachFamily(fn func(family uint8) error) error {
+// onAddress lists what list finds on the group's port, under each address
+// family the kernel may list the group's sockets under (both for a
+// dual-stack IPv6 socket), and keeps those whose local address, as local
+// reads it, is the group's.
+func onAddress[T any](g *Group, list func(family uint8, port uint16) ([]T, error), local func(T) netip.AddrPort) ([]T, error) {
 	families := []uint8{uint8(g.sock.Family)}
 	if g.sock.Family == unix.AF_INET6 && !g.sock.V6Only {
 		families = append(families, unix.AF_INET)
 	}
+	var out []T
 	for _, f := range families {
-		if err := fn(f); err != nil {
-			return fmt.Errorf("watching %s drain: %w", g.name, err)
+		xs, err := list(f, g.sock.Addr.Port())
+		if err != nil {
+			return nil, fmt.Errorf("watching %s drain: %w", g.name, err)
+		}
+		for _, x := range xs {
+			if g.sock.Covers(local(x)) {
+				out = append(out, x)
+			}
 		}
 	}
-	return nil
+	return out, nil
 }
 
 // sleep waits d, or until ctx ends.
