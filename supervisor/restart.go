@@ -320,7 +320,7 @@ func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
 	if s.env.drained != nil {
 		mode, atMax = DrainAdaptive, EndedMax
 		waiting := func(b steer.Backlog) {
-			prev.log.Debug("connections on their way to the old generation, or taken and not yet read; its drain waits for them",
+			prev.log.Debug("connections still on their way to the old generation; its drain waits for them",
 				"queued", b.Queued, "handshakes", b.Handshakes, "unread", b.Unread)
 		}
 		go func() {
