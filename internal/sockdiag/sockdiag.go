@@ -1,7 +1,8 @@
 // Package sockdiag reads TCP sockets through the kernel's socket
 // diagnostics (NETLINK_SOCK_DIAG, the interface ss(8) uses): one socket by
-// its 4-tuple (Lookup), and the handshakes in progress towards a local port
-// (Handshakes). It needs no privilege.
+// its 4-tuple (Lookup), the handshakes in progress towards a local port
+// (Handshakes), and those with the connections on the port and what each
+// holds unread (List). It needs no privilege.
 //
 // A handshake in progress is a request socket: made when a SYN reached a
 // listener, it stays in state SYN_RECV until the client's ACK completes
@@ -196,32 +197,52 @@ type Connection struct {
 	SinceReceived time.Duration
 }
 
-// Connections lists the connections on local port port that are
-// established or that the client has half-closed (CLOSE_WAIT), for family
-// unix.AF_INET or unix.AF_INET6, with what they hold unread. As with
+// Listing is what the kernel has on one local port: the handshakes in
+// progress and the connections.
+type Listing struct {
+	Handshakes  []Handshake
+	Connections []Connection
+}
+
+// List lists, in one walk of the kernel's table, the handshakes in
+// progress towards local port port and the connections on it that are
+// established or that the client has half-closed (CLOSE_WAIT), with what
+// they hold unread, for family unix.AF_INET or unix.AF_INET6. As with
 // Handshakes, ask for both families on a dual-stack listener. The port is
-// matched in the kernel, which still walks the whole table of connections.
-func (c *Conn) Connections(family uint8, port uint16) ([]Connection, error) {
-	req := request(family, 1<<StateEstablished|1<<StateCloseWait, netip.AddrPort{}, netip.AddrPort{}, 0)
+// matched in the kernel, which still walks its whole table: on a host
+// with a large one, a walk is the costly part.
+func (c *Conn) List(family uint8, port uint16) (Listing, error) {
+	req := request(family, 1<<StateSynRecv|1<<StateEstablished|1<<StateCloseWait, netip.AddrPort{}, netip.AddrPort{}, 0)
 	req[2] = 1 << (inetDiagInfo - 1) // idiag_ext: add the tcp_info
 	msgs, err := c.c.Execute(netlink.Message{
 		Header: netlink.Header{Type: unix.SOCK_DIAG_BY_FAMILY, Flags: netlink.Request | netlink.Dump},
 		Data:   append(req, localPortFilter(port)...),
 	})
 	if err != nil {
-		return nil, fmt.Errorf("listing the TCP connections on port %d: %w", port, err)
+		return Listing{}, fmt.Errorf("listing the TCP handshakes and connections on port %d: %w", port, err)
 	}
-	out := make([]Connection, 0, len(msgs))
+	var l Listing
 	for _, m := range msgs {
+		if len(m.Data) > 1 && m.Data[1] == StateSynRecv {
+			// A request socket: it has no tcp_info.
+			_, h, err := parse(m.Data)
+			if err != nil {
+				return Listing{}, err
+			}
+			if h.Local.Port() == port {
+				l.Handshakes = append(l.Handshakes, h)
+			}
+			continue
+		}
 		conn, err := parseConnection(m.Data)
 		if err != nil {
-			return nil, err
+			return Listing{}, err
 		}
 		if conn.Local.Port() == port {
-			out = append(out, conn)
+			l.Connections = append(l.Connections, conn)
 		}
 	}
-	return out, nil
+	return l, nil
 }
 
 // Numbers of include/uapi/linux/inet_diag.h that x/sys/unix lacks.

@@ -40,10 +40,15 @@ func waitFor(t *testing.T, c *Conn, family uint8, port uint16, want func([]Hands
 	return pollUntil(t, c.Handshakes, family, port, want)
 }
 
-// connectionsTo polls Connections until want says yes, for at most 5s.
+// connectionsTo polls List until want says yes of its connections, for at
+// most 5s.
 func connectionsTo(t *testing.T, c *Conn, family uint8, port uint16, want func([]Connection) bool) []Connection {
 	t.Helper()
-	return pollUntil(t, c.Connections, family, port, want)
+	connections := func(family uint8, port uint16) ([]Connection, error) {
+		l, err := c.List(family, port)
+		return l.Connections, err
+	}
+	return pollUntil(t, connections, family, port, want)
 }
 
 // pollUntil calls list until want says yes of what it lists, for at most 5s.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -167,20 +166,16 @@ type watch struct {
 
 // watch lists what to watch on g's address.
 func (g *Group) watch(diag *sockdiag.Conn) (*watch, error) {
-	hs, err := g.handshakes(diag)
+	l, err := g.list(diag)
 	if err != nil {
 		return nil, err
 	}
-	cs, err := g.connections(diag)
-	if err != nil {
-		return nil, err
-	}
-	w := &watch{handshakes: make(map[sockdiag.Handshake]bool, len(hs)), conns: make(map[sockdiag.Handshake]bool, len(hs)+len(cs))}
-	for _, h := range hs {
+	w := &watch{handshakes: make(map[sockdiag.Handshake]bool, len(l.Handshakes)), conns: make(map[sockdiag.Handshake]bool, len(l.Handshakes)+len(l.Connections))}
+	for _, h := range l.Handshakes {
 		w.handshakes[h] = true
 		w.conns[h] = true // the connection it makes
 	}
-	for _, c := range cs {
+	for _, c := range l.Connections {
 		w.conns[sockdiag.Handshake{Local: c.Local, Remote: c.Remote}] = true
 	}
 	return w, nil
@@ -196,52 +191,47 @@ func read(c sockdiag.Connection) bool {
 // backlog reads what can still reach gen's sockets, or has reached them
 // unread: the handshakes of the watches still in progress and their
 // connections not yet read (what ended or was read is struck off), and
-// the connections in gen's accept queues. Handshakes are read first, then
-// connections, then queues: a handshake that completes in between is then
-// seen as a connection, and one accepted in between as taken.
+// the connections in gen's accept queues. Handshakes and connections are
+// read in one walk, then the queues: a connection accepted in between is
+// then seen as taken.
 func (o *Observer) backlog(groups []*Group, gen int, watches []*watch) (Backlog, error) {
 	var b Backlog
 	for i, g := range groups {
 		w := watches[i]
-		if len(w.handshakes) > 0 {
-			hs, err := g.handshakes(o.diag)
-			if err != nil {
-				return Backlog{}, err
-			}
-			still := make(map[sockdiag.Handshake]bool, len(w.handshakes))
-			for _, h := range hs {
-				if w.handshakes[h] {
-					still[h] = true
-				}
-			}
-			w.handshakes = still
-			b.Handshakes += len(still)
+		if len(w.handshakes) == 0 && len(w.conns) == 0 {
+			continue
 		}
-		if len(w.conns) > 0 {
-			cs, err := g.connections(o.diag)
-			if err != nil {
-				return Backlog{}, err
+		l, err := g.list(o.diag)
+		if err != nil {
+			return Backlog{}, err
+		}
+		still := make(map[sockdiag.Handshake]bool, len(w.handshakes))
+		for _, h := range l.Handshakes {
+			if w.handshakes[h] {
+				still[h] = true
 			}
-			open := make(map[sockdiag.Handshake]bool, len(w.conns))
-			for _, c := range cs {
-				k := sockdiag.Handshake{Local: c.Local, Remote: c.Remote}
-				switch {
-				case !w.conns[k]:
-				case c.Inode == 0:
-					open[k] = true // queued: no process has it yet
-				case read(c):
-					delete(w.conns, k)
-				default:
-					open[k] = true
-					b.Unread++
-				}
+		}
+		w.handshakes = still
+		b.Handshakes += len(still)
+		open := make(map[sockdiag.Handshake]bool, len(w.conns))
+		for _, c := range l.Connections {
+			k := sockdiag.Handshake{Local: c.Local, Remote: c.Remote}
+			switch {
+			case !w.conns[k]:
+			case c.Inode == 0:
+				open[k] = true // queued: no process has it yet
+			case read(c):
+				delete(w.conns, k)
+			default:
+				open[k] = true
+				b.Unread++
 			}
-			// A watched connection not listed is gone, unless its
-			// handshake is still in progress.
-			for k := range w.conns {
-				if !open[k] && !w.handshakes[k] {
-					delete(w.conns, k)
-				}
+		}
+		// A watched connection not listed is gone, unless its handshake
+		// is still in progress.
+		for k := range w.conns {
+			if !open[k] && !w.handshakes[k] {
+				delete(w.conns, k)
 			}
 		}
 	}
@@ -272,34 +262,28 @@ func (g *Group) Queued(gen int) (int, error) {
 	return int(info.Unacked), nil
 }
 
-// handshakes lists the handshakes in progress towards the group's address.
-func (g *Group) handshakes(diag *sockdiag.Conn) ([]sockdiag.Handshake, error) {
-	return onAddress(g, diag.Handshakes, func(h sockdiag.Handshake) netip.AddrPort { return h.Local })
-}
-
-// connections lists the connections made to the group's address.
-func (g *Group) connections(diag *sockdiag.Conn) ([]sockdiag.Connection, error) {
-	return onAddress(g, diag.Connections, func(c sockdiag.Connection) netip.AddrPort { return c.Local })
-}
-
-// onAddress lists what list finds on the group's port, under each address
-// family the kernel may list the group's sockets under (both for a
-// dual-stack IPv6 socket), and keeps those whose local address, as local
-// reads it, is the group's.
-func onAddress[T any](g *Group, list func(family uint8, port uint16) ([]T, error), local func(T) netip.AddrPort) ([]T, error) {
+// list lists the handshakes in progress towards the group's address and
+// the connections made to it, under each address family the kernel may
+// list them under: both for a dual-stack IPv6 socket.
+func (g *Group) list(diag *sockdiag.Conn) (sockdiag.Listing, error) {
 	families := []uint8{uint8(g.sock.Family)}
 	if g.sock.Family == unix.AF_INET6 && !g.sock.V6Only {
 		families = append(families, unix.AF_INET)
 	}
-	var out []T
+	var out sockdiag.Listing
 	for _, f := range families {
-		xs, err := list(f, g.sock.Addr.Port())
+		l, err := diag.List(f, g.sock.Addr.Port())
 		if err != nil {
-			return nil, fmt.Errorf("watching %s drain: %w", g.name, err)
+			return sockdiag.Listing{}, fmt.Errorf("watching %s drain: %w", g.name, err)
 		}
-		for _, x := range xs {
-			if g.sock.Covers(local(x)) {
-				out = append(out, x)
+		for _, h := range l.Handshakes {
+			if g.sock.Covers(h.Local) {
+				out.Handshakes = append(out.Handshakes, h)
+			}
+		}
+		for _, c := range l.Connections {
+			if g.sock.Covers(c.Local) {
+				out.Connections = append(out.Connections, c)
 			}
 		}
 	}
