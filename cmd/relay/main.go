@@ -25,6 +25,7 @@ const (
 )
 
 func main() {
+	oneProcessor()
 	os.Exit(realMain(os.Args, os.Stderr))
 }
 

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"os"
+	"runtime"
 	"runtime/debug"
 
 	"github.com/oklog/run"
@@ -54,4 +56,20 @@ func (m *memoryReturner) run(ctx context.Context, free func()) {
 func addMemoryReturner(g *run.Group, m *memoryReturner) {
 	ctx, cancel := context.WithCancel(context.Background())
 	g.Add(func() error { m.run(ctx, debug.FreeOSMemory); return nil }, func(error) { cancel() })
+}
+
+// oneProcessor runs relay's goroutines on one processor (GOMAXPROCS 1),
+// unless GOMAXPROCS is set in its environment. relay's work is a few
+// system calls per event, and none of its goroutines blocks in a system
+// call for long (the child's notifications, the netlink replies and the
+// sockets go through the poller; the reaper does not wait): with more
+// processors, the Go scheduler wakes another thread to look for work at
+// each event, which cost a third of relay's CPU per restart (20 against
+// 29 ms per restart with no load, on 2 cores, 2026-12-05) and 0.4 MiB of
+// memory. Only relay's process is concerned: its children get the
+// environment relay got.
+func oneProcessor() {
+	if os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(1)
+	}
 }
