@@ -2,7 +2,7 @@
 // diagnostics (NETLINK_SOCK_DIAG, the interface ss(8) uses): one socket by
 // its 4-tuple (Lookup), the handshakes in progress towards a local port
 // (Handshakes), and those with the connections on the port and what each
-// holds unread (List). It needs no privilege.
+// holds unread (List, or Look for given 4-tuples). It needs no privilege.
 //
 // A handshake in progress is a request socket: made when a SYN reached a
 // listener, it stays in state SYN_RECV until the client's ACK completes
@@ -130,41 +130,85 @@ func (c *Conn) Handshakes(family uint8, port uint16) ([]Handshake, error) {
 // local's address and port and reports that one: Lookup checks the
 // answer's 4-tuple and reports such an answer as FoundListener.
 func (c *Conn) Lookup(local, remote netip.AddrPort, ifindex uint32) (Socket, Found, error) {
+	data, found, err := c.exact(local, remote, ifindex, 0)
+	if found != FoundSocket {
+		return Socket{}, found, err
+	}
+	s, _, err := parse(data)
+	return s, found, err
+}
+
+// Look finds each of tuples, a connection's local and remote ends, as
+// List would list it: a handshake in progress, a connection with what it
+// holds unread, or neither, for one that has gone (or is closing). Each is
+// a lookup by its 4-tuple, which costs the kernel a hash lookup where List
+// walks its whole table.
+func (c *Conn) Look(tuples []Handshake) (Listing, error) {
+	var l Listing
+	for _, t := range tuples {
+		data, found, err := c.exact(t.Local, t.Remote, 0, 1<<(inetDiagInfo-1))
+		if err != nil {
+			return Listing{}, err
+		}
+		if found != FoundSocket {
+			continue
+		}
+		switch data[1] {
+		case StateSynRecv:
+			l.Handshakes = append(l.Handshakes, t)
+		case StateEstablished, StateCloseWait:
+			conn, err := parseConnection(data)
+			if err != nil {
+				return Listing{}, err
+			}
+			l.Connections = append(l.Connections, conn)
+		}
+	}
+	return l, nil
+}
+
+// exact asks for the socket of one 4-tuple, with the extensions ext
+// (idiag_ext bits), and returns the kernel's inet_diag_msg for it. found
+// says whether it is that socket's, the fallback listener's (then data is
+// nil), or there is none.
+func (c *Conn) exact(local, remote netip.AddrPort, ifindex uint32, ext uint8) (data []byte, found Found, err error) {
 	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
 	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
 	if local.Addr().Is4() != remote.Addr().Is4() {
-		return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s: mixed address families", local, remote)
+		return nil, FoundNone, fmt.Errorf("looking up TCP socket %s-%s: mixed address families", local, remote)
 	}
 	family := uint8(unix.AF_INET6)
 	if local.Addr().Is4() {
 		family = unix.AF_INET
 	}
 	if err := c.c.SetReadDeadline(time.Now().Add(replyTimeout)); err != nil {
-		return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s: %w", local, remote, err)
+		return nil, FoundNone, fmt.Errorf("looking up TCP socket %s-%s: %w", local, remote, err)
 	}
+	req := request(family, ^uint32(0), local, remote, ifindex)
+	req[2] = ext
 	msgs, err := c.c.Execute(netlink.Message{
 		Header: netlink.Header{Type: unix.SOCK_DIAG_BY_FAMILY, Flags: netlink.Request},
-		Data:   request(family, ^uint32(0), local, remote, ifindex),
+		Data:   req,
 	})
 	if errors.Is(err, unix.ENOENT) {
-		return Socket{}, FoundNone, nil
+		return nil, FoundNone, nil
 	} else if err != nil {
-		return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s with sock_diag: %w", local, remote, err)
+		return nil, FoundNone, fmt.Errorf("looking up TCP socket %s-%s with sock_diag: %w", local, remote, err)
 	}
 	if len(msgs) == 0 {
-		return Socket{}, FoundNone, nil
+		return nil, FoundNone, nil
 	}
 	s, h, err := parse(msgs[0].Data)
 	if err != nil {
-		return Socket{}, FoundNone, fmt.Errorf("looking up TCP socket %s-%s with sock_diag: %w", local, remote, err)
+		return nil, FoundNone, fmt.Errorf("looking up TCP socket %s-%s with sock_diag: %w", local, remote, err)
 	}
 	switch {
 	case s.State == StateListen:
-		return Socket{}, FoundListener, nil // the kernel's fallback
+		return nil, FoundListener, nil // the kernel's fallback
 	case h.Local != local || h.Remote != remote:
-		return Socket{}, FoundNone, nil
+		return nil, FoundNone, nil
 	}
-	return s, FoundSocket, nil
+	return msgs[0].Data, FoundSocket, nil
 }
 
 // The layout of struct inet_diag_req_v2 and struct inet_diag_msg

@@ -151,11 +151,41 @@ func TestParseRefusesAShortMessage(t *testing.T) {
 	}
 }
 
-func TestConnectionsShowWhatTheServerHasNotRead(t *testing.T) {
-	for _, tc := range []struct {
+// loopbacks are the loopback listeners the tests run on, by family.
+func loopbacks() []struct {
+	network, addr string
+	family        uint8
+} {
+	return []struct {
 		network, addr string
 		family        uint8
-	}{{"tcp4", "127.0.0.1:0", unix.AF_INET}, {"tcp6", "[::1]:0", unix.AF_INET6}} {
+	}{{"tcp4", "127.0.0.1:0", unix.AF_INET}, {"tcp6", "[::1]:0", unix.AF_INET6}}
+}
+
+// diagConn opens a socket diagnostics connection for the test.
+func diagConn(t *testing.T) *Conn {
+	t.Helper()
+	c, err := Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// dialTCP connects to addr for the test; closing it early is harmless.
+func dialTCP(t *testing.T, network, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial(network, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestConnectionsShowWhatTheServerHasNotRead(t *testing.T) {
+	for _, tc := range loopbacks() {
 		t.Run(tc.network, func(t *testing.T) {
 			l, err := net.Listen(tc.network, tc.addr)
 			if err != nil {
@@ -168,23 +198,11 @@ func TestConnectionsShowWhatTheServerHasNotRead(t *testing.T) {
 			}
 			defer other.Close()
 			port := uint16(l.Addr().(*net.TCPAddr).Port)
-			c, err := Dial()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
+			c := diagConn(t)
 
 			// A connection to the other listener is not listed.
-			stranger, err := net.Dial(tc.network, other.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer stranger.Close()
-			client, err := net.Dial(tc.network, l.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer client.Close()
+			dialTCP(t, tc.network, other.Addr().String())
+			client := dialTCP(t, tc.network, l.Addr().String())
 			me := client.LocalAddr().(*net.TCPAddr).AddrPort()
 			mine := func(cs []Connection) (Connection, bool) {
 				for _, x := range cs {
@@ -233,6 +251,53 @@ func TestConnectionsShowWhatTheServerHasNotRead(t *testing.T) {
 			client.Close()
 			server.Close()
 			connectionsTo(t, c, tc.family, port, func(cs []Connection) bool { _, ok := mine(cs); return !ok })
+		})
+	}
+}
+
+func TestLookFindsOneTupleAsListDoes(t *testing.T) {
+	for _, tc := range loopbacks() {
+		t.Run(tc.network, func(t *testing.T) {
+			l := deferListener(t, tc.network, tc.addr)
+			c := diagConn(t)
+			client := dialTCP(t, tc.network, l.Addr().String())
+			tuple := Handshake{Local: l.Addr().(*net.TCPAddr).AddrPort(), Remote: client.LocalAddr().(*net.TCPAddr).AddrPort()}
+			look := func(want func(Listing) bool) Listing {
+				t.Helper()
+				return pollUntil(t, func(uint8, uint16) ([]Listing, error) {
+					got, err := c.Look([]Handshake{tuple})
+					return []Listing{got}, err
+				}, tc.family, tuple.Local.Port(), func(ls []Listing) bool { return want(ls[0]) })[0]
+			}
+
+			// Connected, nothing sent, behind TCP_DEFER_ACCEPT: a handshake.
+			look(func(l Listing) bool {
+				return len(l.Handshakes) == 1 && l.Handshakes[0] == tuple && len(l.Connections) == 0
+			})
+
+			// Sent: a connection with its bytes unread.
+			if _, err := client.Write([]byte("hello")); err != nil {
+				t.Fatal(err)
+			}
+			got := look(func(l Listing) bool { return len(l.Connections) == 1 && l.Connections[0].Unread == 5 })
+			if x := got.Connections[0]; x.Local != tuple.Local || x.Remote != tuple.Remote || x.Received != 5 || len(got.Handshakes) != 0 {
+				t.Errorf("after the client's bytes: %+v", got)
+			}
+
+			// Read, then closed by both: gone.
+			server, err := l.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(server, make([]byte, 5)); err != nil {
+				t.Fatal(err)
+			}
+			look(func(l Listing) bool {
+				return len(l.Connections) == 1 && l.Connections[0].Unread == 0 && l.Connections[0].Inode != 0
+			})
+			client.Close()
+			server.Close()
+			look(func(l Listing) bool { return len(l.Handshakes) == 0 && len(l.Connections) == 0 })
 		})
 	}
 }

@@ -20,7 +20,19 @@ type drainFixture struct {
 	first chan Backlog // what the first reading found, if anything
 }
 
+// newDrainFixture makes a fixture whose observer looks for the watched
+// sockets one by one; newDrainFixtureWalking's walks the table each time.
 func newDrainFixture(t *testing.T, deferAccept bool, before func(*Group)) *drainFixture {
+	t.Helper()
+	return newDrainFixtureLooking(t, deferAccept, before, drainLookMax)
+}
+
+func newDrainFixtureWalking(t *testing.T, deferAccept bool, before func(*Group)) *drainFixture {
+	t.Helper()
+	return newDrainFixtureLooking(t, deferAccept, before, 0)
+}
+
+func newDrainFixtureLooking(t *testing.T, deferAccept bool, before func(*Group), lookMax int) *drainFixture {
 	t.Helper()
 	orig := listen(t, "127.0.0.1:0", true)
 	if deferAccept {
@@ -51,6 +63,7 @@ func newDrainFixture(t *testing.T, deferAccept bool, before func(*Group)) *drain
 	if err := g.Switch(2); err != nil {
 		t.Fatal(err)
 	}
+	o.lookMax = lookMax
 	o.polled = func() {
 		select {
 		case f.polls <- struct{}{}:
@@ -118,19 +131,21 @@ func TestWaitDrainedWaitsForTheAcceptQueue(t *testing.T) {
 }
 
 func TestWaitDrainedWaitsForAHandshakeBegunBeforeTheSwitch(t *testing.T) {
-	var slow interface{ Write([]byte) (int, error) }
-	f := newDrainFixture(t, true, func(g *Group) { slow = dialTo(t, g, "127.0.0.1", nil) })
-	f.looked(t, "with a handshake towards generation 1 in progress")
-	if b := <-f.first; b != (Backlog{Handshakes: 1}) {
-		t.Errorf("first reading %+v, want one handshake", b)
-	}
-	if _, err := slow.Write([]byte("GET / HTTP/1.0\r\n\r\n")); err != nil {
-		t.Fatal(err)
-	}
-	// Complete, it waits in generation 1's queue: still not drained.
-	f.looked(t, "with the completed connection in generation 1's queue")
-	acceptOne(t, f.socks[1])
-	f.ends(t)
+	eachLook(t, func(t *testing.T, newFixture fixtureMaker) {
+		var slow interface{ Write([]byte) (int, error) }
+		f := newFixture(t, true, func(g *Group) { slow = dialTo(t, g, "127.0.0.1", nil) })
+		f.looked(t, "with a handshake towards generation 1 in progress")
+		if b := <-f.first; b != (Backlog{Handshakes: 1}) {
+			t.Errorf("first reading %+v, want one handshake", b)
+		}
+		if _, err := slow.Write([]byte("GET / HTTP/1.0\r\n\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		// Complete, it waits in generation 1's queue: still not drained.
+		f.looked(t, "with the completed connection in generation 1's queue")
+		acceptOne(t, f.socks[1])
+		f.ends(t)
+	})
 }
 
 // acceptKept accepts one connection on f and returns its descriptor,
@@ -146,23 +161,25 @@ func acceptKept(t *testing.T, f *os.File) int {
 }
 
 func TestWaitDrainedWaitsForTheOldGenerationToReadWhatItAccepted(t *testing.T) {
-	request := []byte("GET / HTTP/1.0\r\n\r\n")
-	var server int
-	f := newDrainFixture(t, false, func(g *Group) {
-		if _, err := dialTo(t, g, "127.0.0.1", nil).Write(request); err != nil {
-			t.Fatal(err)
+	eachLook(t, func(t *testing.T, newFixture fixtureMaker) {
+		request := []byte("GET / HTTP/1.0\r\n\r\n")
+		var server int
+		f := newFixture(t, false, func(g *Group) {
+			if _, err := dialTo(t, g, "127.0.0.1", nil).Write(request); err != nil {
+				t.Fatal(err)
+			}
+			server = acceptKept(t, f1(t, g))
+		})
+		// Accepted, its request unread: a server stopped now could drop it.
+		f.looked(t, "with generation 1's accepted request unread")
+		if b := <-f.first; b != (Backlog{Unread: 1}) {
+			t.Errorf("first reading %+v, want one connection unread", b)
 		}
-		server = acceptKept(t, f1(t, g))
+		if n, err := unix.Read(server, make([]byte, 2*len(request))); err != nil || n != len(request) {
+			t.Fatalf("reading the request: %d, %v", n, err)
+		}
+		f.ends(t)
 	})
-	// Accepted, its request unread: a server stopped now could drop it.
-	f.looked(t, "with generation 1's accepted request unread")
-	if b := <-f.first; b != (Backlog{Unread: 1}) {
-		t.Errorf("first reading %+v, want one connection unread", b)
-	}
-	if n, err := unix.Read(server, make([]byte, 2*len(request))); err != nil || n != len(request) {
-		t.Fatalf("reading the request: %d, %v", n, err)
-	}
-	f.ends(t)
 }
 
 func TestWaitDrainedWaitsForTheFirstBytesOfAConnection(t *testing.T) {
@@ -188,6 +205,15 @@ func f1(t *testing.T, g *Group) *os.File {
 		t.Fatal("generation 1 has no socket")
 	}
 	return m.file
+}
+
+type fixtureMaker func(t *testing.T, deferAccept bool, before func(*Group)) *drainFixture
+
+// eachLook runs test with an observer that looks for the watched sockets
+// one by one, and with one that walks the table each time.
+func eachLook(t *testing.T, test func(*testing.T, fixtureMaker)) {
+	t.Run("lookup", func(t *testing.T) { test(t, newDrainFixture) })
+	t.Run("walk", func(t *testing.T) { test(t, newDrainFixtureWalking) })
 }
 
 func TestWaitDrainedIgnoresTheNewGenerationsConnections(t *testing.T) {
