@@ -60,7 +60,11 @@ type Handshake struct {
 }
 
 // Conn is a socket diagnostics connection. It is safe for concurrent use.
-type Conn struct{ c *netlink.Conn }
+type Conn struct {
+	c *netlink.Conn
+	// replyTimeout bounds a wait for the answer to an exact lookup.
+	replyTimeout time.Duration
+}
 
 // Socket is what the kernel reports of one TCP socket.
 type Socket struct {
@@ -91,7 +95,7 @@ func Dial() (*Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening a NETLINK_SOCK_DIAG socket: %w", err)
 	}
-	return &Conn{c: c}, nil
+	return &Conn{c: c, replyTimeout: replyTimeout}, nil
 }
 
 // Close closes the connection.
@@ -181,9 +185,12 @@ func (c *Conn) exact(local, remote netip.AddrPort, ifindex uint32, ext uint8) (d
 	if local.Addr().Is4() {
 		family = unix.AF_INET
 	}
-	if err := c.c.SetReadDeadline(time.Now().Add(replyTimeout)); err != nil {
+	// The deadline is the lookup's alone: a walk of the table, on the
+	// same connection, may take longer.
+	if err := c.c.SetReadDeadline(time.Now().Add(c.replyTimeout)); err != nil {
 		return nil, FoundNone, fmt.Errorf("looking up TCP socket %s-%s: %w", local, remote, err)
 	}
+	defer c.c.SetReadDeadline(time.Time{})
 	req := request(family, ^uint32(0), local, remote, ifindex)
 	req[2] = ext
 	msgs, err := c.c.Execute(netlink.Message{

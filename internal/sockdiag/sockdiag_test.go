@@ -301,3 +301,28 @@ func TestLookFindsOneTupleAsListDoes(t *testing.T) {
 		})
 	}
 }
+
+// A lookup's deadline is its own: a walk of the table after it, on the
+// same connection, is not cut short once that deadline has passed.
+func TestListAfterALookupsDeadline(t *testing.T) {
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Skipf("no tcp4 listener: %v", err)
+	}
+	defer l.Close()
+	c := diagConn(t)
+	c.replyTimeout = 50 * time.Millisecond
+	client := dialTCP(t, "tcp4", l.Addr().String())
+	tuple := Handshake{Local: l.Addr().(*net.TCPAddr).AddrPort(), Remote: client.LocalAddr().(*net.TCPAddr).AddrPort()}
+	looked := time.Now()
+	if _, err := c.Look([]Handshake{tuple}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Until(looked.Add(2 * c.replyTimeout))) // the lookup's deadline has passed
+	if _, err := c.List(unix.AF_INET, tuple.Local.Port()); err != nil {
+		t.Fatalf("a walk after a lookup's deadline: %v", err)
+	}
+	if _, err := c.Handshakes(unix.AF_INET, tuple.Local.Port()); err != nil {
+		t.Fatalf("a walk after a lookup's deadline: %v", err)
+	}
+}
