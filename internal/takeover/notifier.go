@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -14,6 +15,10 @@ import (
 type Notifier struct {
 	file *os.File
 	rc   syscall.RawConn
+	// closed is set by Close before it closes file: a wait in the poller
+	// that Close ends fails with "use of closed file", which is not
+	// os.ErrClosed.
+	closed atomic.Bool
 	// Killable: the filter has WAIT_KILLABLE_RECV (Linux 5.19+).
 	Killable bool
 	// NoNewPrivs: the shim set no_new_privs for the child's tree.
@@ -47,7 +52,10 @@ func newNotifier(fd int, flags []string) (*Notifier, error) {
 
 // Close stops Serve. Binds and listens of the child tree that come later
 // fail with ENOSYS, so close it only once the generation is finished with.
-func (n *Notifier) Close() error { return n.file.Close() }
+func (n *Notifier) Close() error {
+	n.closed.Store(true)
+	return n.file.Close()
+}
 
 // next waits for the next notification. It returns false when every
 // process of the child tree has exited (the listener hangs up) or the
@@ -74,7 +82,7 @@ func (n *Notifier) next(msg *notif) (bool, error) {
 			return false // wait for the poller
 		})
 		switch {
-		case err != nil && errors.Is(err, os.ErrClosed):
+		case err != nil && (errors.Is(err, os.ErrClosed) || n.closed.Load()):
 			return false, nil
 		case err != nil:
 			return false, fmt.Errorf("waiting for the child's notifications: %w", err)

@@ -1,0 +1,60 @@
+package takeover
+
+import (
+	"bytes"
+	"runtime"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Close while Serve waits in Go's poller ends Serve with nil, as Close's
+// doc says: the wait fails with "use of closed file" then, which is not
+// os.ErrClosed, and relay logged it as an error at every generation's
+// end.
+func TestServeEndsWithoutErrorWhenClosedWhileWaiting(t *testing.T) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[1]) // kept open: the read end never hangs up
+	n, err := newNotifier(p[0], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- n.Serve(Config{}) }()
+	waitParkedIn(t, "(*Notifier).next")
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Fatalf("Serve after Close: %v, want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Serve did not return after Close")
+	}
+}
+
+// waitParkedIn waits until a goroutine whose stack holds fn waits in Go's
+// poller.
+func waitParkedIn(t *testing.T, fn string) {
+	t.Helper()
+	buf := make([]byte, 1<<20)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		stacks := buf[:runtime.Stack(buf, true)]
+		for _, g := range bytes.Split(stacks, []byte("\n\n")) {
+			if bytes.Contains(g, []byte(fn)) && bytes.Contains(g, []byte("runtime_pollWait")) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no goroutine in %s waits in the poller:\n%s", fn, stacks)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
