@@ -29,13 +29,20 @@ func TestServeEndsWithoutErrorWhenClosedWhileWaiting(t *testing.T) {
 	if err := n.Close(); err != nil {
 		t.Fatal(err)
 	}
+	servedNil(t, served, "after Close")
+}
+
+// servedNil waits for Serve's result on served, at most 10s, and fails
+// the test unless it is nil.
+func servedNil(t *testing.T, served <-chan error, when string) {
+	t.Helper()
 	select {
 	case err := <-served:
 		if err != nil {
-			t.Fatalf("Serve after Close: %v, want nil", err)
+			t.Fatalf("Serve %s: %v, want nil", when, err)
 		}
 	case <-time.After(10 * time.Second):
-		t.Fatal("Serve did not return after Close")
+		t.Fatalf("Serve did not return %s", when)
 	}
 }
 

@@ -14,7 +14,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -231,14 +230,7 @@ func runWith(t *testing.T, cfg Config, specs ...string) run {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("binder: %v (stderr: %s)", err, stderr.String())
 	}
-	select {
-	case err := <-served:
-		if err != nil {
-			t.Fatalf("serve: %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Serve did not return after the child tree exited")
-	}
+	servedNil(t, served, "after the child tree exited")
 	nt.Close()
 	if len(r.results) != len(specs) {
 		t.Fatalf("got %d results for %d binds (stderr: %s)", len(r.results), len(specs), stderr.String())
