@@ -8,11 +8,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"strings"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/relaysh/relay/internal/cgroup"
+	"github.com/relaysh/relay/internal/reaper"
 	"github.com/relaysh/relay/socketpass"
 )
 
@@ -25,11 +27,25 @@ const (
 )
 
 func main() {
+	// The main goroutine keeps the main thread, and serves on it the
+	// forks of every process relay starts and the exec of an upgrade:
+	// see reaper.Thread. relay itself runs on another goroutine.
+	runtime.LockOSThread()
 	oneProcessor()
-	os.Exit(realMain(os.Args, os.Stderr))
+	thread := reaper.NewThread()
+	done := make(chan struct{})
+	code := exitFailure
+	go func() {
+		defer close(done)
+		code = realMain(os.Args, os.Stderr, thread)
+	}()
+	thread.Serve(done)
+	os.Exit(code)
 }
 
-func realMain(args []string, stderr io.Writer) int {
+// realMain runs relay with args, forking on thread (nil: a thread of the
+// reaper's own), and returns its exit code.
+func realMain(args []string, stderr io.Writer, thread *reaper.Thread) int {
 	if cgroup.IsGuard(args) {
 		if err := cgroup.RunGuard(args); err != nil {
 			fmt.Fprintf(stderr, "relay: %v\n", err)
@@ -42,11 +58,11 @@ func realMain(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "relay: %v\n", err)
 		return exitShimExec
 	}
-	err := newApp(stderr).Run(args)
+	err := newApp(stderr, thread).Run(args)
 	return exitCode(err, stderr)
 }
 
-func newApp(stderr io.Writer) *cli.App {
+func newApp(stderr io.Writer, thread *reaper.Thread) *cli.App {
 	return &cli.App{
 		Name:      "relay",
 		Writer:    os.Stdout,
@@ -58,7 +74,7 @@ func newApp(stderr io.Writer) *cli.App {
 			"LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it starts a new generation on the same sockets,\n" +
 			"waits until that generation is ready, and only then stops the old one. Run\n" +
 			"'relay COMMAND --help' for the details.",
-		Commands:        []*cli.Command{runCommand(), restartCommand(), statusCommand(), stopCommand(), versionCommand()},
+		Commands:        []*cli.Command{runCommand(thread), restartCommand(), statusCommand(), stopCommand(), versionCommand()},
 		HideHelpCommand: true,
 		// --version is relay's own flag rather than cli's, whose printer
 		// is a package variable.

@@ -17,7 +17,7 @@ import (
 	"github.com/relaysh/relay/supervisor"
 )
 
-func runCommand() *cli.Command {
+func runCommand(thread *reaper.Thread) *cli.Command {
 	return &cli.Command{
 		Name:        "run",
 		Usage:       "run COMMAND on relay's sockets and restart it without downtime",
@@ -47,15 +47,15 @@ func runCommand() *cli.Command {
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log `FORMAT`: text or json"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log `LEVEL`: debug, info, warn or error"},
 		},
-		Action:       runAction,
+		Action:       func(c *cli.Context) error { return runAction(c, thread) },
 		OnUsageError: onUsageError,
 	}
 }
 
 // runAction is relay run: it opens the sockets, then runs the control
 // server, the supervisor, the signal loop and the watchdog as one group of
-// actors until the supervisor is done.
-func runAction(c *cli.Context) error {
+// actors until the supervisor is done. Its processes are forked on thread.
+func runAction(c *cli.Context, thread *reaper.Thread) error {
 	opts, err := parseRunFlags(c)
 	if err != nil {
 		return err
@@ -96,7 +96,7 @@ func runAction(c *cli.Context) error {
 		return err
 	}
 	defer os.RemoveAll(notifyDir)
-	rp, err := reaper.New(log)
+	rp, err := reaper.New(log, thread)
 	if err != nil {
 		return err
 	}

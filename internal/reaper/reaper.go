@@ -13,7 +13,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -30,9 +29,8 @@ type Reaper struct {
 	mu      sync.Mutex // held across start+register and wait4+dispatch
 	waiters map[int]*Process
 
-	// forkC carries each start to the one goroutine that forks, locked
-	// to its OS thread for relay's life (see forker).
-	forkC   chan forkReq
+	// thread forks every process (see Thread).
+	thread  *Thread
 	sigC    chan os.Signal
 	orphanC chan struct{}
 	stopC   chan struct{}
@@ -42,52 +40,28 @@ type Reaper struct {
 
 // New makes relay a child subreaper (so orphaned descendants are reparented
 // to it and reaped here, never left as zombies) and starts the reaping loop.
-// Call Close when done.
-func New(log *slog.Logger) (*Reaper, error) {
+// Every process it starts is forked on thread; with a nil thread, on one
+// of its own (an exec would then refuse: see Thread). Call Close when done.
+func New(log *slog.Logger, thread *Thread) (*Reaper, error) {
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return nil, fmt.Errorf("becoming a child subreaper: %w", err)
 	}
 	r := &Reaper{
 		log:     log,
 		waiters: make(map[int]*Process),
-		forkC:   make(chan forkReq),
+		thread:  thread,
 		sigC:    make(chan os.Signal, 1),
 		orphanC: make(chan struct{}, 1),
 		stopC:   make(chan struct{}),
 		doneC:   make(chan struct{}),
 	}
+	if r.thread == nil {
+		r.thread = NewThread()
+		go r.thread.Serve(nil)
+	}
 	signal.Notify(r.sigC, syscall.SIGCHLD)
-	go forker(r.forkC)
 	go r.loop()
 	return r, nil
-}
-
-// forkReq asks the forker to start a process.
-type forkReq struct {
-	path  string
-	argv  []string
-	attr  *os.ProcAttr
-	reply chan forkReply
-}
-
-type forkReply struct {
-	proc *os.Process
-	err  error
-}
-
-// forker starts every process, from one OS thread that it never gives
-// back. A child's parent-death signal (Pdeathsig) fires when the thread
-// that forked it ends, not the process, and Go ends threads whose
-// goroutine exits locked and moves goroutines between threads: forking
-// from a thread kept for relay's life makes the signal mean "relay died".
-// It never returns, so its thread never ends; a Reaper's Close leaves it
-// blocked, as the children it started may still be alive.
-func forker(reqC <-chan forkReq) {
-	runtime.LockOSThread()
-	for req := range reqC {
-		p, err := os.StartProcess(req.path, req.argv, req.attr)
-		req.reply <- forkReply{p, err}
-	}
 }
 
 // Close stops the reaping loop.
@@ -184,13 +158,12 @@ func (r *Reaper) Start(path string, argv []string, attr Attr) (*Process, error) 
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	reply := make(chan forkReply, 1)
-	r.forkC <- forkReq{path: path, argv: argv, attr: pa, reply: reply}
-	fr := <-reply
-	if fr.err != nil {
-		return nil, fr.err
+	var op *os.Process
+	var err error
+	r.thread.Do(func() { op, err = os.StartProcess(path, argv, pa) })
+	if err != nil {
+		return nil, err
 	}
-	op := fr.proc
 	p := &Process{Pid: op.Pid, proc: op, doneC: make(chan struct{}), group: attr.NewGroup}
 	r.waiters[op.Pid] = p
 	return p, nil

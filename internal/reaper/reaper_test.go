@@ -21,7 +21,7 @@ const waitLimit = 10 * time.Second
 
 func newReaper(t *testing.T) *Reaper {
 	t.Helper()
-	r, err := New(slog.New(slog.DiscardHandler))
+	r, err := New(slog.New(slog.DiscardHandler), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

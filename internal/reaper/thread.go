@@ -1,0 +1,90 @@
+package reaper
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+
+	"golang.org/x/sys/unix"
+)
+
+// Thread is the one OS thread that forks every process relay starts, and
+// the one that replaces relay's image when relay upgrades itself.
+//
+// Both must be the same thread. A child's parent-death signal (Pdeathsig)
+// fires when the thread that forked it ends, not the process; execve(2)
+// ends every thread of the process but the caller, which goes on as the
+// new image's main thread. So children forked from any other thread than
+// the one that execs get their parent-death signal at the exec, and die.
+// And after an exec, the children carried over belong to the new image's
+// main thread: for a second exec to keep them, and the new image's own
+// children, that image must fork from its main thread too. relay therefore
+// forks and execs from its main thread (main locks it, then serves the
+// Thread there: see Serve).
+type Thread struct {
+	reqC chan func()
+	// main: Serve runs on the process's main thread (its tid is the
+	// pid), where an exec keeps every child.
+	main chan bool
+}
+
+// NewThread makes a Thread; nothing runs on it until Serve is called.
+func NewThread() *Thread {
+	return &Thread{reqC: make(chan func()), main: make(chan bool, 1)}
+}
+
+// Serve runs what Do is given, one at a time, on the calling goroutine's
+// OS thread, which it locks, until stop is closed (nil: for ever). main
+// calls it on the main goroutine, locked to the main thread from its
+// first line; a goroutine that calls it instead gets a thread of its own,
+// on which an exec would not keep children forked before an earlier exec
+// (Exec refuses there).
+func (t *Thread) Serve(stop <-chan struct{}) {
+	runtime.LockOSThread()
+	// Not unlocked: a thread that has forked children must not run other
+	// goroutines' work that could end it (LockOSThread in a goroutine
+	// that then exits), and Go ends a thread whose goroutine exits
+	// locked, which is what happens here if stop is closed on a thread
+	// of a goroutine's own.
+	t.main <- unix.Gettid() == unix.Getpid()
+	for {
+		select {
+		case f := <-t.reqC:
+			f()
+		case <-stop:
+			return
+		}
+	}
+}
+
+// Do runs f on the thread and returns once it has run.
+func (t *Thread) Do(f func()) {
+	done := make(chan struct{})
+	t.reqC <- func() { defer close(done); f() }
+	<-done
+}
+
+// IsMain reports whether the thread is the process's main thread, once
+// Serve runs. Only there can an exec keep every child.
+func (t *Thread) IsMain() bool {
+	m := <-t.main
+	t.main <- m
+	return m
+}
+
+// ErrNotMainThread is returned by Exec where Serve does not run on the
+// process's main thread.
+var ErrNotMainThread = errors.New("relay's processes are not forked from its main thread, so an exec would kill children started before an earlier exec")
+
+// Exec replaces relay's image with path, run with argv and env, on the
+// thread that forked relay's children, so that they live on. It returns
+// only if the exec failed, and then nothing has changed. The caller has
+// cleared close-on-exec on the fds that must cross.
+func (t *Thread) Exec(path string, argv, env []string) error {
+	if !t.IsMain() {
+		return ErrNotMainThread
+	}
+	var err error
+	t.Do(func() { err = unix.Exec(path, argv, env) })
+	return fmt.Errorf("executing %s: %w", path, err)
+}

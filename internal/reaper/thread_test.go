@@ -1,0 +1,157 @@
+package reaper
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/procfs"
+)
+
+// The exec tests run this test binary as a helper process that forks a
+// child through a Reaper and then execs itself, as relay does when it
+// upgrades: envExecHelper says how it execs, envExecChild (set for the
+// new image) which child to look at.
+const (
+	envExecHelper = "RELAY_REAPER_TEST_EXEC"
+	envExecChild  = "RELAY_REAPER_TEST_CHILD"
+)
+
+func TestMain(m *testing.M) {
+	if how := os.Getenv(envExecHelper); how != "" {
+		// As relay's main does: the main goroutine keeps the main
+		// thread and serves the Thread there.
+		runtime.LockOSThread()
+		os.Exit(execHelper(how))
+	}
+	os.Exit(m.Run())
+}
+
+// execHelper is the helper process. Before the exec, it starts /bin/sleep
+// through a Reaper served on the main thread, and execs itself from that
+// thread (how "thread") or from another one (how "other"). After it, it
+// reports the child's state: "child <pid> alive ppid <ppid>" or "child
+// <pid> exited: <status>".
+func execHelper(how string) int {
+	if s := os.Getenv(envExecChild); s != "" {
+		pid, _ := strconv.Atoi(s)
+		var ws unix.WaitStatus
+		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		switch {
+		case err != nil:
+			fmt.Printf("child %d: wait4: %v\n", pid, err)
+		case got == pid:
+			fmt.Printf("child %d exited: %s\n", pid, Status{Pid: pid, WaitStatus: ws})
+		default:
+			ppid := int64(-1)
+			if st, err := procfs.ReadStatus(pid); err == nil {
+				ppid, _ = st.Int("PPid")
+			}
+			fmt.Printf("child %d alive ppid %d pid %d\n", pid, ppid, os.Getpid())
+			unix.Kill(pid, unix.SIGKILL)
+			unix.Wait4(pid, &ws, 0, nil)
+		}
+		return 0
+	}
+	t := NewThread()
+	done := make(chan struct{})
+	code := 1
+	go func() {
+		defer close(done)
+		code = execHelperBefore(t, how)
+	}()
+	t.Serve(done)
+	return code
+}
+
+// execHelperBefore starts the child and execs; it returns only on failure.
+func execHelperBefore(t *Thread, how string) int {
+	r, err := New(slog.New(slog.DiscardHandler), t)
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	p, err := r.Start("/bin/sleep", []string{"/bin/sleep", "60"}, Attr{Files: []*os.File{devnull, devnull, devnull}})
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	env := append(os.Environ(), envExecChild+"="+strconv.Itoa(p.Pid))
+	switch how {
+	case "thread":
+		err = t.Exec(os.Args[0], os.Args, env)
+	case "other":
+		ch := make(chan error)
+		go func() {
+			runtime.LockOSThread() // a thread of its own, not the forker
+			ch <- unix.Exec(os.Args[0], os.Args, env)
+		}()
+		err = <-ch
+	}
+	fmt.Println("exec failed:", err)
+	p.Signal(unix.SIGKILL)
+	return 1
+}
+
+// runExecHelper runs the helper and returns its one line of report.
+func runExecHelper(t *testing.T, how string) string {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), envExecHelper+"="+how)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("helper (%s): %v: %s", how, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// TestExecOnTheThreadKeepsChildren: an exec on the Thread that forked a
+// child leaves it alive, and still the child of the same process.
+func TestExecOnTheThreadKeepsChildren(t *testing.T) {
+	line := runExecHelper(t, "thread")
+	var child, ppid, pid int
+	if _, err := fmt.Sscanf(line, "child %d alive ppid %d pid %d", &child, &ppid, &pid); err != nil {
+		t.Fatalf("after the exec: %q, want the child alive", line)
+	}
+	if ppid != pid {
+		t.Errorf("the child's parent is %d after the exec, want the helper %d", ppid, pid)
+	}
+}
+
+// TestExecOnAnotherThreadKillsChildren shows why Exec runs on the Thread:
+// an exec from any other thread ends the forking thread, and the child
+// gets its parent-death signal.
+func TestExecOnAnotherThreadKillsChildren(t *testing.T) {
+	line := runExecHelper(t, "other")
+	if !strings.HasSuffix(line, "exited: killed by signal 9 (SIGKILL)") {
+		t.Fatalf("after an exec from another thread: %q, want the child killed by its parent-death signal", line)
+	}
+}
+
+// TestExecRefusedOffTheMainThread: a Thread served by a goroutine of its
+// own is not the main thread, and Exec refuses there rather than kill
+// children of an earlier image.
+func TestExecRefusedOffTheMainThread(t *testing.T) {
+	th := NewThread()
+	stop := make(chan struct{})
+	defer close(stop)
+	go th.Serve(stop)
+	if th.IsMain() {
+		t.Skip("the goroutine got the main thread")
+	}
+	if err := th.Exec("/bin/true", []string{"/bin/true"}, nil); err == nil || !strings.Contains(err.Error(), "main thread") {
+		t.Fatalf("Exec off the main thread: %v, want refused", err)
+	}
+}
