@@ -9,11 +9,13 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"strings"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/relaysh/relay/internal/cgroup"
+	"github.com/relaysh/relay/internal/handoff"
 	"github.com/relaysh/relay/internal/reaper"
 	"github.com/relaysh/relay/socketpass"
 )
@@ -51,6 +53,12 @@ func realMain(args []string, stderr io.Writer, thread *reaper.Thread) int {
 			fmt.Fprintf(stderr, "relay: %v\n", err)
 			return exitFailure
 		}
+		return exitOK
+	}
+	if handoff.IsCheck(args) {
+		// An upgrading relay asks this image what it takes.
+		bi, ok := debug.ReadBuildInfo()
+		os.Stdout.Write(handoff.Describe(versionLine(bi, ok)))
 		return exitOK
 	}
 	if socketpass.IsShim(args) {
