@@ -41,8 +41,11 @@ type Reaper struct {
 // New makes relay a child subreaper (so orphaned descendants are reparented
 // to it and reaped here, never left as zombies) and starts the reaping loop.
 // Every process it starts is forked on thread; with a nil thread, on one
-// of its own (an exec would then refuse: see Thread). Call Close when done.
-func New(log *slog.Logger, thread *Thread) (*Reaper, error) {
+// of its own (an exec would then refuse: see Thread). adopt are children
+// an earlier image of relay started (relay upgrade): they are waited for
+// as if started here, from before the first reaping, so that an exit
+// during the exec is reported as theirs. Call Close when done.
+func New(log *slog.Logger, thread *Thread, adopt ...SavedProc) (*Reaper, error) {
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return nil, fmt.Errorf("becoming a child subreaper: %w", err)
 	}
@@ -58,6 +61,13 @@ func New(log *slog.Logger, thread *Thread) (*Reaper, error) {
 	if r.thread == nil {
 		r.thread = NewThread()
 		go r.thread.Serve(nil)
+	}
+	for _, sp := range adopt {
+		p, err := adoptProcess(sp)
+		if err != nil {
+			return nil, err
+		}
+		r.waiters[sp.Pid] = p
 	}
 	signal.Notify(r.sigC, syscall.SIGCHLD)
 	go r.loop()
@@ -167,6 +177,34 @@ func (r *Reaper) Start(path string, argv []string, attr Attr) (*Process, error) 
 	p := &Process{Pid: op.Pid, proc: op, doneC: make(chan struct{}), group: attr.NewGroup}
 	r.waiters[op.Pid] = p
 	return p, nil
+}
+
+// SavedProc is a process the reaper waits for, as it crosses relay's exec
+// of its next image.
+type SavedProc struct {
+	Pid   int  `json:"pid"`
+	Group bool `json:"group"` // it leads a process group of its own
+}
+
+// Saved is what New needs to wait for p in the next image.
+func (p *Process) Saved() SavedProc { return SavedProc{Pid: p.Pid, Group: p.group} }
+
+// adoptProcess is the Process of a child started by an earlier image. Its
+// pid cannot have been reused: relay has not reaped it.
+func adoptProcess(sp SavedProc) (*Process, error) {
+	op, err := os.FindProcess(sp.Pid)
+	if err != nil {
+		return nil, fmt.Errorf("adopting pid %d: %w", sp.Pid, err)
+	}
+	return &Process{Pid: sp.Pid, proc: op, doneC: make(chan struct{}), group: sp.Group}, nil
+}
+
+// Process returns the Process New adopted, or Start started, for pid, if
+// it has not exited.
+func (r *Reaper) Process(pid int) *Process {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.waiters[pid]
 }
 
 // Process is a started process.

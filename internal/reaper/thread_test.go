@@ -42,6 +42,9 @@ func TestMain(m *testing.M) {
 func execHelper(how string) int {
 	if s := os.Getenv(envExecChild); s != "" {
 		pid, _ := strconv.Atoi(s)
+		if how == "adopt" {
+			return adoptHelper(pid)
+		}
 		var ws unix.WaitStatus
 		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
 		switch {
@@ -83,14 +86,19 @@ func execHelperBefore(t *Thread, how string) int {
 		fmt.Println(err)
 		return 1
 	}
-	p, err := r.Start("/bin/sleep", []string{"/bin/sleep", "60"}, Attr{Files: []*os.File{devnull, devnull, devnull}})
+	argv := []string{"/bin/sleep", "60"}
+	if how == "adopt" {
+		// It exits while relay's image is being replaced.
+		argv = []string{"/bin/sh", "-c", "exit 7"}
+	}
+	p, err := r.Start(argv[0], argv, Attr{Files: []*os.File{devnull, devnull, devnull}})
 	if err != nil {
 		fmt.Println(err)
 		return 1
 	}
 	env := append(os.Environ(), envExecChild+"="+strconv.Itoa(p.Pid))
 	switch how {
-	case "thread":
+	case "thread", "adopt":
 		err = t.Exec(os.Args[0], os.Args, env)
 	case "other":
 		ch := make(chan error)
@@ -103,6 +111,25 @@ func execHelperBefore(t *Thread, how string) int {
 	fmt.Println("exec failed:", err)
 	p.Signal(unix.SIGKILL)
 	return 1
+}
+
+// adoptHelper is the new image of the "adopt" helper: its Reaper adopts
+// the child, which exited during the exec, and reports its status.
+func adoptHelper(pid int) int {
+	r, err := New(slog.New(slog.DiscardHandler), nil, SavedProc{Pid: pid})
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	defer r.Close()
+	p := r.Process(pid)
+	if p == nil {
+		fmt.Printf("child %d: not adopted\n", pid)
+		return 0
+	}
+	<-p.Done()
+	fmt.Printf("child %d exited: %s\n", pid, p.Status())
+	return 0
 }
 
 // runExecHelper runs the helper and returns its one line of report.
@@ -153,5 +180,15 @@ func TestExecRefusedOffTheMainThread(t *testing.T) {
 	}
 	if err := th.Exec("/bin/true", []string{"/bin/true"}, nil); err == nil || !strings.Contains(err.Error(), "main thread") {
 		t.Fatalf("Exec off the main thread: %v, want refused", err)
+	}
+}
+
+// TestAdoptedChildExitDuringTheExec: a child that exits while relay's
+// image is replaced is reported, with its status, to the new image's
+// Reaper that adopts it, not reaped as an orphan.
+func TestAdoptedChildExitDuringTheExec(t *testing.T) {
+	line := runExecHelper(t, "adopt")
+	if !strings.HasSuffix(line, "exited: exit status 7") {
+		t.Fatalf("after the exec: %q, want the adopted child's exit status 7", line)
 	}
 }
