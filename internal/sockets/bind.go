@@ -44,6 +44,8 @@ type Listener struct {
 }
 
 // File returns the socket. It stays owned by the Listener: do not close it.
+// For a steered listener whose socket has left its group, it is closed, or
+// nil after Restore.
 func (l *Listener) File() *os.File { return l.file }
 
 // KeepPath makes Close leave a unix socket's file in place, for a socket
@@ -54,7 +56,10 @@ func (l *Listener) KeepPath() { l.dev, l.ino = 0, 0 }
 // closed it already) and, for a unix socket, removes
 // the path if it is still the socket relay created.
 func (l *Listener) Close() error {
-	err := l.file.Close()
+	var err error
+	if l.file != nil { // nil: Restore found it retired already
+		err = l.file.Close()
+	}
 	if errors.Is(err, os.ErrClosed) {
 		err = nil // a steering group retired it already
 	}

@@ -17,7 +17,10 @@
 //   - set.go: the Set: what each generation takes, the switch to a new
 //     generation, its drain and the hand-over of a hung one's queue;
 //   - claim.go: Claim, the address and family rules that decide which
-//     listener a child's own bind(2) is given (the bind takeover).
+//     listener a child's own bind(2) is given (the bind takeover);
+//   - saved.go: the set as it crosses relay's exec of its next image
+//     (relay upgrade): Save, Restore, and Held, the sockets a generation
+//     an earlier image started took.
 //
 // The socket group of a TCP listener, its BPF program and its drain
 // observation are in the subpackage steer.

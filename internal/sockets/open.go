@@ -114,11 +114,7 @@ func (s *Set) steer(mode SteerMode) error {
 	if !steered {
 		return nil
 	}
-	if o, err := steer.NewObserver(); err != nil {
-		s.log.Warn("adaptive drain unavailable: a replaced generation drains for the whole --drain", "err", err)
-	} else {
-		s.observer = o
-	}
+	s.observe()
 	state, err := steer.EnableMigration()
 	s.migrates = err == nil
 	switch {
@@ -130,6 +126,17 @@ func (s *Set) steer(mode SteerMode) error {
 		s.log.Debug("net.ipv4.tcp_migrate_req is on")
 	}
 	return nil
+}
+
+// observe opens the observer that sees the steered listeners drain, or
+// says in the log why there is none.
+func (s *Set) observe() {
+	o, err := steer.NewObserver()
+	if err != nil {
+		s.log.Warn("adaptive drain unavailable: a replaced generation drains for the whole --drain", "err", err)
+		return
+	}
+	s.observer = o
 }
 
 // dropStale removes from systemd's fd store the sockets stored for a
