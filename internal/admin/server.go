@@ -56,9 +56,22 @@ const (
 
 // Server is the admin listener.
 type Server struct {
-	ln  net.Listener
+	handler http.Handler
+	addr    net.Addr
+	log     *slog.Logger
+
+	// mu guards what Pause and Resume (handoff.go) change: the listener
+	// and the http.Server that serves it (nil while paused), the kept
+	// socket, and the channel Resume closes to wake Serve.
+	mu sync.Mutex
+	ln net.Listener
+	// srv serves ln; nil while paused.
 	srv *http.Server
-	log *slog.Logger
+	// kept is a close-on-exec fd of the listening socket, for relay's
+	// next image: made by Pause, or the one that crossed the exec
+	// (ListenFD); -1 for none. It stays open until Close.
+	kept    int
+	resumed chan struct{}
 
 	closeOnce sync.Once
 	closed    chan struct{} // closed by Close
@@ -77,17 +90,29 @@ func Listen(addr string, o Options) (*Server, error) {
 	if err != nil {
 		return nil, listenError(addr, err)
 	}
-	s := &Server{ln: ln, log: o.Log, closed: make(chan struct{})}
-	s.srv = &http.Server{
-		Handler:           newHandler(o),
+	return newServer(ln, o), nil
+}
+
+// newServer is the Server of ln; o has its defaults filled in.
+func newServer(ln net.Listener, o Options) *Server {
+	s := &Server{handler: newHandler(o), addr: ln.Addr(), log: o.Log, ln: ln,
+		kept: -1, resumed: make(chan struct{}), closed: make(chan struct{})}
+	s.srv = s.newHTTPServer()
+	return s
+}
+
+// newHTTPServer is a fresh http.Server for s: one that was shut down
+// cannot serve again.
+func (s *Server) newHTTPServer() *http.Server {
+	return &http.Server{
+		Handler:           s.handler,
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
 		WriteTimeout:      writeTimeout,
 		IdleTimeout:       idleTimeout,
 		MaxHeaderBytes:    maxHeaderBytes,
-		ErrorLog:          slog.NewLogLogger(o.Log.Handler(), slog.LevelWarn),
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
-	return s, nil
 }
 
 func listenError(addr string, err error) error {
@@ -103,17 +128,37 @@ func listenError(addr string, err error) error {
 }
 
 // Addr is the address the Server listens on.
-func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+func (s *Server) Addr() net.Addr { return s.addr }
 
 // Serve answers requests until Close. An admin listener that fails is
 // logged, never the end of relay: Serve then waits for Close all the same.
+// While the Server is paused (Pause), Serve waits, and serves again after
+// Resume.
 func (s *Server) Serve() error {
-	err := s.srv.Serve(s.ln)
-	if !errors.Is(err, http.ErrServerClosed) {
-		s.log.Error("admin listener failed; /metrics, /healthz and /readyz are gone until relay restarts", "addr", s.Addr().String(), "err", err)
+	for {
+		s.mu.Lock()
+		srv, ln, resumed := s.srv, s.ln, s.resumed
+		s.mu.Unlock()
+		if srv != nil {
+			// Shutdown, by Pause or Close, ends it with
+			// ErrServerClosed, even before it starts.
+			err := srv.Serve(ln)
+			if !errors.Is(err, http.ErrServerClosed) {
+				s.log.Error("admin listener failed; /metrics, /healthz and /readyz are gone until relay restarts", "addr", s.Addr().String(), "err", err)
+			}
+			s.mu.Lock()
+			again := s.srv != srv // paused, and resumed already
+			s.mu.Unlock()
+			if again {
+				continue
+			}
+		}
+		select {
+		case <-s.closed:
+			return nil
+		case <-resumed:
+		}
 	}
-	<-s.closed
-	return nil
 }
 
 // Close stops the Server and closes its socket, whether or not Serve ran:
@@ -124,14 +169,28 @@ func (s *Server) Close() {
 		return
 	}
 	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
 		close(s.closed)
-		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
-		defer cancel()
-		if err := s.srv.Shutdown(ctx); err != nil {
-			s.srv.Close()
+		if s.kept >= 0 {
+			syscall.Close(s.kept)
+			s.kept = -1
 		}
-		s.ln.Close() // if Serve never ran; else closed already
+		if s.srv != nil {
+			s.shutdown()
+		}
 	})
+}
+
+// shutdown stops s.srv and closes s.ln: requests in flight get
+// closeTimeout to finish.
+func (s *Server) shutdown() {
+	ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+	defer cancel()
+	if err := s.srv.Shutdown(ctx); err != nil {
+		s.srv.Close()
+	}
+	s.ln.Close() // if Serve never ran; else closed already
 }
 
 // newHandler routes the admin paths; anything else is 404, and a method

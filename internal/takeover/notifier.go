@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -19,23 +20,38 @@ type Notifier struct {
 	// that Close ends fails with "use of closed file", which is not
 	// os.ErrClosed.
 	closed atomic.Bool
+	// paused is set by Pause and cleared by Resume (handoff.go), each
+	// under pauseMu together with the read deadline that wakes Serve.
+	paused  atomic.Bool
+	pauseMu sync.Mutex
+	// serving is held by Serve while it runs, so that Pause can wait
+	// for it to return.
+	serving sync.Mutex
 	// Killable: the filter has WAIT_KILLABLE_RECV (Linux 5.19+).
 	Killable bool
 	// NoNewPrivs: the shim set no_new_privs for the child's tree.
 	NoNewPrivs bool
 }
 
+// newNotifier is the Notifier of fd, which it closes on error.
 func newNotifier(fd int, flags []string) (*Notifier, error) {
+	n, err := wrapNotifier(fd, flags)
+	if err != nil {
+		unix.Close(fd)
+	}
+	return n, err
+}
+
+// wrapNotifier is the Notifier of fd, which it leaves open on error.
+func wrapNotifier(fd int, flags []string) (*Notifier, error) {
 	// Non-blocking, so that Go's poller waits for notifications and
 	// Close wakes the reader; nothing else uses this fd.
 	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
 		return nil, fmt.Errorf("setting up the notification fd: %w", err)
 	}
 	n := &Notifier{file: os.NewFile(uintptr(fd), "seccomp-notify")}
 	rc, err := n.file.SyscallConn()
 	if err != nil {
-		n.file.Close()
 		return nil, fmt.Errorf("setting up the notification fd: %w", err)
 	}
 	n.rc = rc
@@ -58,8 +74,8 @@ func (n *Notifier) Close() error {
 }
 
 // next waits for the next notification. It returns false when every
-// process of the child tree has exited (the listener hangs up) or the
-// Notifier was closed.
+// process of the child tree has exited (the listener hangs up), the
+// Notifier was closed or it is paused.
 func (n *Notifier) next(msg *notif) (bool, error) {
 	for {
 		var got, hup bool
@@ -84,6 +100,10 @@ func (n *Notifier) next(msg *notif) (bool, error) {
 		switch {
 		case err != nil && (errors.Is(err, os.ErrClosed) || n.closed.Load()):
 			return false, nil
+		case errors.Is(err, os.ErrDeadlineExceeded) && n.paused.Load():
+			return false, nil
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			continue // Resume came first and cleared the deadline
 		case err != nil:
 			return false, fmt.Errorf("waiting for the child's notifications: %w", err)
 		case hup:

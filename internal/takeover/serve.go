@@ -118,8 +118,11 @@ type relaySocket struct {
 }
 
 // Serve answers the child tree's binds and listens until every process of
-// the tree has exited or Close is called. It returns nil then.
+// the tree has exited, Close is called or Pause is (see Paused). It returns
+// nil then.
 func (n *Notifier) Serve(cfg Config) error {
+	n.serving.Lock()
+	defer n.serving.Unlock()
 	socks := make([]relaySocket, len(cfg.Sockets))
 	for i, f := range cfg.Sockets {
 		if err := control(f, func(fd int) error {
@@ -139,6 +142,9 @@ func (n *Notifier) Serve(cfg Config) error {
 	}
 	var msg notif
 	for {
+		if n.paused.Load() {
+			return nil // every notification received was answered
+		}
 		more, err := n.next(&msg)
 		if err != nil || !more {
 			return err
