@@ -238,27 +238,34 @@ func (c *Checker) execAttempt(ctx context.Context, ch Child) error {
 // its status and the start of its output. When ctx ends first, the group is
 // killed.
 func RunCommand(ctx context.Context, starter Starter, argv []string, env []string) error {
+	_, err := CommandOutput(ctx, starter, argv, env)
+	return err
+}
+
+// CommandOutput is RunCommand that also returns what the command wrote to
+// its stdout and stderr, up to outputLimit bytes, when it exits 0.
+func CommandOutput(ctx context.Context, starter Starter, argv []string, env []string) ([]byte, error) {
 	path, err := exec.LookPath(argv[0])
 	if err != nil {
-		return fmt.Errorf("finding command %q: %w", argv[0], err)
+		return nil, fmt.Errorf("finding command %q: %w", argv[0], err)
 	}
 	cmdline := strings.Join(argv, " ")
 	pr, pw, err := os.Pipe()
 	if err != nil {
-		return fmt.Errorf("creating pipe for the output of %s: %w", cmdline, err)
+		return nil, fmt.Errorf("creating pipe for the output of %s: %w", cmdline, err)
 	}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		pr.Close()
 		pw.Close()
-		return fmt.Errorf("opening %s: %w", os.DevNull, err)
+		return nil, fmt.Errorf("opening %s: %w", os.DevNull, err)
 	}
 	p, err := starter.Start(path, argv, reaper.Attr{Env: env, Files: []*os.File{devnull, pw, pw}, NewGroup: true})
 	pw.Close()
 	devnull.Close()
 	if err != nil {
 		pr.Close()
-		return fmt.Errorf("starting %s: %w", cmdline, err)
+		return nil, fmt.Errorf("starting %s: %w", cmdline, err)
 	}
 	outC := make(chan []byte, 1)
 	go func() {
@@ -273,23 +280,23 @@ func RunCommand(ctx context.Context, starter Starter, argv []string, env []strin
 		p.SignalGroup(syscall.SIGKILL)
 		<-p.Done()
 		p.SignalGroup(syscall.SIGKILL) // anything it left in its group
-		return fmt.Errorf("%s did not finish: %w", cmdline, ctx.Err())
+		return nil, fmt.Errorf("%s did not finish: %w", cmdline, ctx.Err())
 	}
 	p.SignalGroup(syscall.SIGKILL)
 	st := p.Status()
-	if st.ExitCode() == 0 {
-		return nil
-	}
 	var out []byte
 	select {
 	case out = <-outC:
 	case <-time.After(100 * time.Millisecond):
 		// A process it left behind still holds the pipe.
 	}
-	if out = bytes.TrimSpace(out); len(out) > 0 {
-		return fmt.Errorf("%s: %s: %s", cmdline, st, out)
+	if st.ExitCode() == 0 {
+		return out, nil
 	}
-	return fmt.Errorf("%s: %s", cmdline, st)
+	if out = bytes.TrimSpace(out); len(out) > 0 {
+		return nil, fmt.Errorf("%s: %s: %s", cmdline, st, out)
+	}
+	return nil, fmt.Errorf("%s: %s", cmdline, st)
 }
 
 // PickHealthAddr chooses a free loopback port for a child's private health
