@@ -199,6 +199,15 @@ func adoptProcess(sp SavedProc) (*Process, error) {
 	return &Process{Pid: sp.Pid, proc: op, doneC: make(chan struct{}), group: sp.Group}, nil
 }
 
+// Hold stops the reaping until release is called: while relay hands its
+// state to its next image, no child's exit is collected by this one.
+// Nothing may be started meanwhile.
+func (r *Reaper) Hold() (release func()) {
+	r.mu.Lock()
+	var once sync.Once
+	return func() { once.Do(r.mu.Unlock) }
+}
+
 // Process returns the Process New adopted, or Start started, for pid, if
 // it has not exited.
 func (r *Reaper) Process(pid int) *Process {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -85,6 +86,70 @@ func (t *Thread) Exec(path string, argv, env []string) error {
 		return ErrNotMainThread
 	}
 	var err error
-	t.Do(func() { err = unix.Exec(path, argv, env) })
+	t.Do(func() {
+		restore, ierr := ignoreAcrossExec()
+		if ierr != nil {
+			err = ierr
+			return
+		}
+		err = unix.Exec(path, argv, env)
+		restore()
+	})
 	return fmt.Errorf("executing %s: %w", path, err)
+}
+
+// gapSignals are the signals relay acts on that would kill it, or its
+// next image, between the exec and that image's signal.Notify: execve
+// resets a handled signal to its default action, which for these ends the
+// process (and so, through their parent-death signal, its children). An
+// ignored signal stays ignored across execve; the Go runtime of the next
+// image then leaves SIGHUP and SIGINT ignored until Notify, so that one
+// sent meanwhile is lost instead of fatal, and installs its own handler for
+// the others, from which a SIGTERM or SIGQUIT is still fatal for the few
+// milliseconds until Notify (docs/upgrade.md).
+func gapSignals() []unix.Signal {
+	return []unix.Signal{unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.SIGTERM, unix.SIGUSR1, unix.SIGUSR2}
+}
+
+// sigaction is the kernel's struct sigaction on amd64 and arm64.
+type sigaction struct {
+	handler  uintptr
+	flags    uint64
+	restorer uintptr
+	mask     uint64
+}
+
+// sigIgn is SIG_IGN.
+const sigIgn = 1
+
+// ignoreAcrossExec ignores gapSignals, with rt_sigaction itself: Go's
+// signal.Ignore clears the runtime's own handling first, and a signal that
+// comes in between kills the process. restore puts back the handlers the
+// runtime had, after a failed exec.
+func ignoreAcrossExec() (restore func(), err error) {
+	sigs := gapSignals()
+	old := make([]sigaction, len(sigs))
+	restore = func() {
+		for i := range sigs {
+			rtSigaction(sigs[i], &old[i], nil)
+		}
+	}
+	ign := sigaction{handler: sigIgn}
+	for i, sig := range sigs {
+		if err := rtSigaction(sig, &ign, &old[i]); err != nil {
+			for j := range i {
+				rtSigaction(sigs[j], &old[j], nil)
+			}
+			return nil, fmt.Errorf("ignoring %s across the exec: %w", unix.SignalName(sig), err)
+		}
+	}
+	return restore, nil
+}
+
+func rtSigaction(sig unix.Signal, act, old *sigaction) error {
+	_, _, errno := unix.RawSyscall6(unix.SYS_RT_SIGACTION, uintptr(sig), uintptr(unsafe.Pointer(act)), uintptr(unsafe.Pointer(old)), 8, 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
 }

@@ -5,10 +5,12 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"os/signal"
 	"runtime"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -190,5 +192,55 @@ func TestAdoptedChildExitDuringTheExec(t *testing.T) {
 	line := runExecHelper(t, "adopt")
 	if !strings.HasSuffix(line, "exited: exit status 7") {
 		t.Fatalf("after the exec: %q, want the adopted child's exit status 7", line)
+	}
+}
+
+// sigIgnored reports whether sig is ignored, from /proc/self/status.
+func sigIgnored(t *testing.T, sig unix.Signal) bool {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "SigIgn:"); ok {
+			mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return mask&(1<<(uint(sig)-1)) != 0
+		}
+	}
+	t.Fatal("no SigIgn in /proc/self/status")
+	return false
+}
+
+// TestSignalsIgnoredAcrossTheExec: a stop signal that comes while relay's
+// image is replaced is ignored rather than fatal, and after a failed exec
+// relay's handlers are back.
+func TestSignalsIgnoredAcrossTheExec(t *testing.T) {
+	c := make(chan os.Signal, 1)
+	signal.Notify(c, unix.SIGHUP)
+	defer signal.Stop(c)
+	restore, err := ignoreAcrossExec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sig := range gapSignals() {
+		if !sigIgnored(t, sig) {
+			restore()
+			t.Fatalf("%s is not ignored", unix.SignalName(sig))
+		}
+	}
+	unix.Kill(os.Getpid(), unix.SIGHUP) // ignored, not fatal
+	restore()
+	if sigIgnored(t, unix.SIGHUP) {
+		t.Fatal("SIGHUP still ignored after restore")
+	}
+	unix.Kill(os.Getpid(), unix.SIGHUP)
+	select {
+	case <-c:
+	case <-time.After(10 * time.Second):
+		t.Fatal("SIGHUP did not reach signal.Notify after restore")
 	}
 }
