@@ -24,6 +24,7 @@ const (
 	OpRestart = "restart"
 	OpStatus  = "status"
 	OpStop    = "stop"
+	OpUpgrade = "upgrade"
 )
 
 // The response types.
@@ -32,6 +33,7 @@ const (
 	TypeAccepted = "accepted"
 	TypeStatus   = "status"
 	TypeStopping = "stopping"
+	TypeUpgrade  = "upgrade"
 	TypeError    = "error"
 )
 
@@ -62,6 +64,9 @@ type Request struct {
 	Check []string `json:"check,omitempty"`
 	// NoWait, for restart: answer once the restart is accepted.
 	NoWait bool `json:"no_wait,omitempty"`
+	// Path, for upgrade: the relay binary to run; empty for the path
+	// relay was started from. Clients send absolute paths.
+	Path string `json:"path,omitempty"`
 }
 
 // Response is one response line.
@@ -70,7 +75,9 @@ type Response struct {
 	Type   string     `json:"type"`
 	Event  *Event     `json:"event,omitempty"`
 	Status *StatusDoc `json:"status,omitempty"`
-	Pid    int        `json:"pid,omitempty"` // with stopping
+	// Upgrade, with type upgrade: a phase of relay upgrade.
+	Upgrade *UpgradeEvent `json:"upgrade,omitempty"`
+	Pid     int           `json:"pid,omitempty"` // with stopping
 	// Error and Code, with type error: the reason for people and for
 	// programs. Code is empty from a server that predates codes.
 	Error string `json:"error,omitempty"`
@@ -132,6 +139,9 @@ func decodeRequest(r io.Reader) (Request, error) {
 	}
 	switch req.Op {
 	case OpRestart:
+		if req.Path != "" {
+			return Request{}, errorf(CodeBadRequest, "restart takes no path; give the command instead")
+		}
 		if err := checkArgv("command", req.Command); err != nil {
 			return Request{}, err
 		}
@@ -139,12 +149,22 @@ func decodeRequest(r io.Reader) (Request, error) {
 			return Request{}, err
 		}
 	case OpStatus, OpStop:
-		if len(req.Command) > 0 || len(req.Check) > 0 || req.NoWait {
+		if len(req.Command) > 0 || len(req.Check) > 0 || req.NoWait || req.Path != "" {
 			return Request{}, errorf(CodeBadRequest, "%s takes no arguments", req.Op)
 		}
+	case OpUpgrade:
+		if len(req.Command) > 0 || len(req.Check) > 0 || req.NoWait {
+			return Request{}, errorf(CodeBadRequest, "upgrade takes a path only")
+		}
+		if req.Path != "" {
+			if err := checkArgv("path", []string{req.Path}); err != nil {
+				return Request{}, err
+			}
+		}
 	default:
-		return Request{}, errorf(CodeUnknownOp, "unknown op %q; want restart, status or stop", req.Op)
+		return Request{}, errorf(CodeUnknownOp, "unknown op %q; want restart, status, stop or upgrade", req.Op)
 	}
+
 	return req, nil
 }
 

@@ -86,6 +86,16 @@ type Server struct {
 	// held keeps the connections of stop requests open until relay exits,
 	// which is how their clients learn that it has.
 	held []net.Conn
+
+	// upgrader takes upgrade requests, one at a time (upgrading); pause
+	// stops the accepts meanwhile, and released hears each place given
+	// back in answering (upgrade.go).
+	upgrader  Upgrader
+	upgrading sync.Mutex
+	pause     pauseState
+	released  chan struct{}
+	// carried is the fd an earlier image handed over, until Settle.
+	carried *os.File
 }
 
 // reader is a connection whose request line is being read.
@@ -129,12 +139,18 @@ func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, 
 		lock.Close()
 		return nil, fmt.Errorf("creating control socket %s: %w", path, err)
 	}
+	return newServer(path, ln, lock, sup, info, log), nil
+}
+
+// newServer is the Server of a control socket made, or taken over.
+func newServer(path string, ln *net.UnixListener, lock *os.File, sup Supervisor, info Info, log *slog.Logger) *Server {
 	reading, streams := connLimits(nofileLimit())
 	return &Server{
 		path: path, ln: ln, lock: lock, sup: sup, info: info, log: log,
 		maxReading: reading, answering: make(chan struct{}, 2*reading),
 		streams: make(chan struct{}, streams), closing: make(chan struct{}),
-	}, nil
+		released: make(chan struct{}, 1),
+	}
 }
 
 // connLimits are the connections read and the restarts followed at once
@@ -165,7 +181,7 @@ func (s *Server) Serve() error {
 		}
 		conn, err := s.ln.AcceptUnix()
 		if err != nil {
-			<-s.answering
+			s.release()
 		}
 		if errors.Is(err, net.ErrClosed) {
 			return nil
@@ -173,6 +189,7 @@ func (s *Server) Serve() error {
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
+				s.waitResumed()
 				continue
 			}
 			// EMFILE and the like: free what relay can, say so, and keep
@@ -219,6 +236,16 @@ func (s *Server) reserve() bool {
 		return true
 	case <-s.closing:
 		return false
+	}
+}
+
+// release gives back a place in answering, and says so to a Pause that
+// waits for them.
+func (s *Server) release() {
+	<-s.answering
+	select {
+	case s.released <- struct{}{}:
+	default:
 	}
 }
 
@@ -270,7 +297,7 @@ func (s *Server) serveConn(r *reader) {
 	release := func() {
 		if placed {
 			placed = false
-			<-s.answering
+			s.release()
 		}
 	}
 	defer func() {
@@ -315,6 +342,8 @@ func (s *Server) serveConn(r *reader) {
 		s.mu.Unlock()
 	case OpRestart:
 		s.restart(conn, req, release)
+	case OpUpgrade:
+		s.upgrade(conn, req)
 	}
 }
 

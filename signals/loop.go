@@ -8,12 +8,15 @@ import (
 	"time"
 )
 
-// Target is what the signals sent to relay act on: the supervisor.
+// Target is what the signals sent to relay act on: the supervisor, and
+// relay's upgrade.
 type Target interface {
 	RequestRestart(reason string) error
 	Stop(now bool)
 	StopAfter(d time.Duration)
 	Forward(sig syscall.Signal)
+	// Upgrade begins relay's upgrade in place and returns at once.
+	Upgrade(reason string)
 }
 
 // Notify takes over the signals relay handles. They wait in the returned
@@ -52,6 +55,8 @@ func Loop(ctx context.Context, c <-chan os.Signal, t Target, delay time.Duration
 				t.Stop(true)
 			case Forward:
 				t.Forward(sig.(syscall.Signal))
+			case Upgrade:
+				t.Upgrade("signal " + Name(sig.(syscall.Signal)))
 			}
 		}
 	}

@@ -22,6 +22,7 @@ func (r recorder) Stop(now bool) {
 }
 func (r recorder) StopAfter(d time.Duration)  { r.c <- "stop after " + d.String() }
 func (r recorder) Forward(sig syscall.Signal) { r.c <- "forward " + Name(sig) }
+func (r recorder) Upgrade(reason string)      { r.c <- "upgrade " + reason }
 
 // next waits for the next n requests.
 func (r recorder) next(t *testing.T, n int) []string {
@@ -46,10 +47,10 @@ func TestLoopTurnsSignalsIntoRequests(t *testing.T) {
 	done := make(chan struct{})
 	go func() { defer close(done); Loop(ctx, sigC, rec, 0) }()
 
-	for _, s := range []syscall.Signal{syscall.SIGHUP, syscall.SIGPIPE, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT} {
+	for _, s := range []syscall.Signal{syscall.SIGHUP, syscall.SIGPIPE, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT} {
 		sigC <- s
 	}
-	want := []string{"restart signal HUP", "forward USR1", "stop", "stop now"}
+	want := []string{"restart signal HUP", "forward USR1", "upgrade signal USR2", "stop", "stop now"}
 	got := rec.next(t, len(want))
 	if !slices.Equal(got, want) {
 		t.Fatalf("requests %q, want %q (SIGPIPE ignored, a second stop signal stops now)", got, want)

@@ -26,16 +26,19 @@ const (
 	// StopNow: kill every generation at once, then exit (a second
 	// SIGINT or SIGTERM while stopping).
 	StopNow
-	// Forward: pass the signal on to the serving child (SIGUSR1, SIGUSR2,
+	// Forward: pass the signal on to the serving child (SIGUSR1,
 	// SIGWINCH).
 	Forward
 	// StopDelayed: keep serving for the shutdown delay, then stop as
 	// Stop (the first stop signal, with --shutdown-delay).
 	StopDelayed
+	// Upgrade: replace relay's own binary in place, the server untouched
+	// (SIGUSR2, as nginx and unicorn upgrade their masters).
+	Upgrade
 )
 
 func (a Action) String() string {
-	return [...]string{"ignore", "restart", "stop", "stop-now", "forward", "stop-delayed"}[a]
+	return [...]string{"ignore", "restart", "stop", "stop-now", "forward", "stop-delayed", "upgrade"}[a]
 }
 
 // Handled lists the signals relay takes over; pass them to signal.Notify.
@@ -57,7 +60,9 @@ func Decide(sig os.Signal, stopping bool) Action {
 			return StopNow
 		}
 		return Stop
-	case syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH:
+	case syscall.SIGUSR2:
+		return Upgrade
+	case syscall.SIGUSR1, syscall.SIGWINCH:
 		return Forward
 	}
 	return Ignore

@@ -23,7 +23,7 @@ func TestDecide(t *testing.T) {
 		{syscall.SIGINT, true, StopNow},
 		{syscall.SIGQUIT, true, StopNow},
 		{syscall.SIGUSR1, false, Forward},
-		{syscall.SIGUSR2, true, Forward},
+		{syscall.SIGUSR2, true, Upgrade},
 		{syscall.SIGWINCH, false, Forward},
 		{syscall.SIGPIPE, false, Ignore},
 		{syscall.SIGCHLD, false, Ignore},

@@ -60,6 +60,15 @@ type env struct {
 	stalled  func(ctx context.Context, n int, quiet time.Duration) error
 	handOver func(n int) (int, error)
 
+	// adopt is the process of a child an earlier image of relay started
+	// (Restore); nil if it is not relay's. adoptContainer is the cgroup
+	// of generation n that such an image made. holdReaps stops the
+	// reaping of children until release is called, while the state is
+	// handed over (Handoff); nil where nothing reaps.
+	adopt          func(reaper.SavedProc) process
+	adoptContainer func(n int) container
+	holdReaps      func() (release func())
+
 	// now, afterFunc and withTimeout are the clock: time.Now,
 	// time.AfterFunc and context.WithTimeout.
 	now         func() time.Time
@@ -139,8 +148,10 @@ func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, 
 	live := health.NewChecker(liveness, rp, socketpass.ChildEnv(baseEnv, nil))
 	var contain func(int) (container, error)
 	adopted := func(n, pid int) []int { return rp.Adopted(health.EnvGeneration, strconv.Itoa(n), pid) }
+	var adoptContainer func(int) container
 	if tree != nil {
 		contain = func(n int) (container, error) { return tree.NewGroup(n) }
+		adoptContainer = func(n int) container { return tree.Group(n) }
 		adopted = nil
 	}
 	var drained func(context.Context, int, func(steer.Backlog)) error
@@ -167,8 +178,16 @@ func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, 
 			return reaperProcess{p}, nil
 		},
 		orphans: rp.Orphans(),
-		ready:   checker.Wait,
-		probe:   live.Probe,
+		adopt: func(sp reaper.SavedProc) process {
+			if p := rp.Process(sp.Pid); p != nil {
+				return reaperProcess{p}
+			}
+			return nil
+		},
+		adoptContainer: adoptContainer,
+		holdReaps:      rp.Hold,
+		ready:          checker.Wait,
+		probe:          live.Probe,
 		preflight: func(ctx context.Context, argv, childEnv []string) error {
 			return health.RunCommand(ctx, rp, argv, childEnv)
 		},

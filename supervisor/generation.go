@@ -52,6 +52,7 @@ type generation struct {
 	healthAddr string
 	notify     *health.NotifySocket
 	stderr     *tailBuffer
+	copier     *stderrCopier
 
 	cancelCheck context.CancelFunc
 	// failure is why a starting generation was killed, if it was.
@@ -108,7 +109,7 @@ func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
 	if g.takeover != nil {
 		go s.serveTakeover(g, l.socks)
 	}
-	s.watchExit(g, l.stderr)
+	s.watchExit(g, l.stderr, nil)
 	return g, nil
 }
 
@@ -210,25 +211,18 @@ func (s *Supervisor) childEnv(notifyPath string, vars health.Vars) []string {
 
 // watchExit passes started g's stderr on from stderr, relay's end of its
 // pipe, keeping its tail, and posts g's exit as an exitEvent once the last
-// of its stderr was read, or stderrGrace after the exit.
-func (s *Supervisor) watchExit(g *generation, stderr *os.File) {
-	copied := make(chan struct{})
-	go func() {
-		defer close(copied)
-		defer stderr.Close()
-		// Pass the bytes on untouched, and keep the tail for reports.
-		// Keep reading even when relay's own stderr fails: closing
-		// the pipe would kill the child with SIGPIPE.
-		pt := &passThrough{out: s.cfg.Stderr, tail: g.stderr}
-		io.Copy(pt, stderr)
-		pt.flush()
-	}()
+// of its stderr was read, or stderrGrace after the exit. partial is the
+// start of a line an earlier image of relay had read (handoff.go).
+func (s *Supervisor) watchExit(g *generation, stderr *os.File, partial []byte) {
+	// Pass the bytes on untouched, and keep the tail for reports.
+	g.copier = newStderrCopier(stderr, &passThrough{out: s.cfg.Stderr, tail: g.stderr, partial: partial})
+	go g.copier.run()
 	go func() {
 		<-g.proc.Done()
 		grace := make(chan struct{})
 		t := s.env.afterFunc(stderrGrace, func() { close(grace) })
 		select {
-		case <-copied:
+		case <-g.copier.done:
 		case <-grace:
 		}
 		t.Stop()

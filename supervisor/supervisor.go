@@ -301,11 +301,14 @@ func (s *Supervisor) Forward(sig syscall.Signal) { s.request(forwardReq{sig: sig
 // Done is closed when Run has returned.
 func (s *Supervisor) Done() <-chan struct{} { return s.doneC }
 
-// Run starts the first generation and supervises until stopped. It
-// returns an error if the first generation never becomes ready.
+// Run starts the first generation, unless Restore adopted one, and
+// supervises until stopped. It returns an error if the first generation
+// never becomes ready.
 func (s *Supervisor) Run() (Outcome, error) {
 	defer close(s.doneC)
-	s.beginRestart(&restartRun{reason: reasonStart})
+	if s.gens.serving == nil {
+		s.beginRestart(&restartRun{reason: reasonStart})
+	}
 	s.publishStatus()
 	if s.env.stepped != nil {
 		s.env.stepped(reasonStart)

@@ -27,7 +27,9 @@ type bindTakeover struct {
 	hs      *takeover.Handshake
 	nt      *takeover.Notifier
 	stopped bool
-	served  chan struct{} // closed when serve returns
+	served  chan struct{} // closed when serveBinds returns
+	// serveBinds answers the binds again after a pause (handoff.go).
+	serveBinds func()
 	// handshook is closed once the shim has said whether the filter is
 	// in place; active says it is.
 	handshook chan struct{}
@@ -140,7 +142,9 @@ func (t *bindTakeover) stop() {
 	t.stopped = true
 	nt := t.nt
 	t.mu.Unlock()
-	t.hs.Close()
+	if t.hs != nil { // nil for a generation adopted from an earlier image
+		t.hs.Close()
+	}
 	if nt != nil {
 		nt.Close()
 	}
@@ -151,7 +155,18 @@ func (t *bindTakeover) stop() {
 // tree's binds until it has exited or the takeover is stopped.
 func (s *Supervisor) serveTakeover(g *generation, socks []*os.File) {
 	t := g.takeover
-	defer close(t.served)
+	if !s.handshake(g) {
+		close(t.served)
+		return
+	}
+	t.serveBinds = func() { s.serveBinds(g, socks) }
+	s.serveBinds(g, socks)
+}
+
+// handshake receives the notification fd from g's exec shim, and reports
+// whether the takeover is active.
+func (s *Supervisor) handshake(g *generation) bool {
+	t := g.takeover
 	nt, err := t.hs.Receive()
 	t.hs.Close()
 	t.mu.Lock()
@@ -163,26 +178,33 @@ func (s *Supervisor) serveTakeover(g *generation, socks []*os.File) {
 	case errors.Is(err, takeover.ErrUnavailable) && s.cfg.Takeover == TakeoverOn:
 		g.log.Error("bind takeover unavailable, and --takeover on requires it", "reason", err)
 		t.fail(fmt.Errorf("%w; --takeover on requires it (use --takeover auto to pass the sockets as inherited fds only)", err))
-		return
+		return false
 	case errors.Is(err, takeover.ErrUnavailable):
 		if s.takeoverWarned.CompareAndSwap(false, true) {
 			g.log.Warn("bind takeover unavailable; children get relay's sockets as inherited fds only (LISTEN_FDS)", "reason", err)
 		}
-		return
+		return false
 	default:
 		g.log.Debug("no bind takeover for this generation", "reason", err)
-		return
+		return false
 	}
 	t.mu.Lock()
+	defer t.mu.Unlock()
 	if t.stopped {
-		t.mu.Unlock()
 		nt.Close()
-		return
+		return false
 	}
 	t.nt = nt
-	t.mu.Unlock()
 	g.log.Debug("bind takeover ready", "wait_killable", nt.Killable, "no_new_privs", nt.NoNewPrivs)
-	err = nt.Serve(takeover.Config{
+	return true
+}
+
+// serveBinds answers the child tree's binds until it has exited, or the
+// takeover is stopped or paused; it closes t.served then.
+func (s *Supervisor) serveBinds(g *generation, socks []*os.File) {
+	t := g.takeover
+	defer close(t.served)
+	err := t.nt.Serve(takeover.Config{
 		Sockets: socks,
 		Paths:   s.unixPaths(),
 		Claim:   func(b takeover.Bind) takeover.Decision { return s.cfg.Sockets.Claim(g.n, b) },
