@@ -17,6 +17,7 @@ import (
 	"github.com/relaysh/relay/internal/cgroup"
 	"github.com/relaysh/relay/internal/handoff"
 	"github.com/relaysh/relay/internal/reaper"
+	"github.com/relaysh/relay/signals"
 	"github.com/relaysh/relay/socketpass"
 )
 
@@ -29,25 +30,39 @@ const (
 )
 
 func main() {
+	var b boot
+	if _, upgraded := os.LookupEnv(handoff.EnvFD); upgraded {
+		// An upgrade execed this image: from the exec until here, a
+		// stop signal would have killed relay (reaper.Thread.Exec).
+		b.sigC, b.stopSignals = signals.Notify()
+	}
 	// The main goroutine keeps the main thread, and serves on it the
 	// forks of every process relay starts and the exec of an upgrade:
 	// see reaper.Thread. relay itself runs on another goroutine.
 	runtime.LockOSThread()
 	oneProcessor()
-	thread := reaper.NewThread()
+	b.thread = reaper.NewThread()
 	done := make(chan struct{})
 	code := exitFailure
 	go func() {
 		defer close(done)
-		code = realMain(os.Args, os.Stderr, thread)
+		code = realMain(os.Args, os.Stderr, b)
 	}()
-	thread.Serve(done)
+	b.thread.Serve(done)
 	os.Exit(code)
 }
 
-// realMain runs relay with args, forking on thread (nil: a thread of the
-// reaper's own), and returns its exit code.
-func realMain(args []string, stderr io.Writer, thread *reaper.Thread) int {
+// boot is what main makes ready before relay runs: the thread that forks
+// and execs (nil: the reaper makes one of its own), and in an image an
+// upgrade execed, the signals, taken over first thing.
+type boot struct {
+	thread      *reaper.Thread
+	sigC        <-chan os.Signal
+	stopSignals func()
+}
+
+// realMain runs relay with args and returns its exit code.
+func realMain(args []string, stderr io.Writer, b boot) int {
 	if cgroup.IsGuard(args) {
 		if err := cgroup.RunGuard(args); err != nil {
 			fmt.Fprintf(stderr, "relay: %v\n", err)
@@ -66,11 +81,11 @@ func realMain(args []string, stderr io.Writer, thread *reaper.Thread) int {
 		fmt.Fprintf(stderr, "relay: %v\n", err)
 		return exitShimExec
 	}
-	err := newApp(stderr, thread).Run(args)
+	err := newApp(stderr, b).Run(args)
 	return exitCode(err, stderr)
 }
 
-func newApp(stderr io.Writer, thread *reaper.Thread) *cli.App {
+func newApp(stderr io.Writer, b boot) *cli.App {
 	return &cli.App{
 		Name:      "relay",
 		Writer:    os.Stdout,
@@ -82,7 +97,7 @@ func newApp(stderr io.Writer, thread *reaper.Thread) *cli.App {
 			"LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it starts a new generation on the same sockets,\n" +
 			"waits until that generation is ready, and only then stops the old one. Run\n" +
 			"'relay COMMAND --help' for the details.",
-		Commands:        []*cli.Command{runCommand(thread), restartCommand(), statusCommand(), stopCommand(), versionCommand()},
+		Commands:        []*cli.Command{runCommand(b), restartCommand(), upgradeCommand(), statusCommand(), stopCommand(), versionCommand()},
 		HideHelpCommand: true,
 		// --version is relay's own flag rather than cli's, whose printer
 		// is a package variable.

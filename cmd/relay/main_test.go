@@ -72,7 +72,7 @@ func runRelay(t *testing.T, args ...string) (int, string) {
 func realMainOutput(t *testing.T, args ...string) (int, string) {
 	t.Helper()
 	var stderr bytes.Buffer
-	code := realMain(append([]string{"relay"}, args...), &stderr, nil)
+	code := realMain(append([]string{"relay"}, args...), &stderr, boot{})
 	return code, stderr.String()
 }
 
@@ -81,7 +81,7 @@ func realMainOutput(t *testing.T, args ...string) (int, string) {
 func TestVersion(t *testing.T) {
 	for _, args := range [][]string{{"--version"}, {"version"}} {
 		var stdout, stderr bytes.Buffer
-		app := newApp(&stderr, nil)
+		app := newApp(&stderr, boot{})
 		app.Writer = &stdout
 		code := exitCode(app.Run(append([]string{"relay"}, args...)), &stderr)
 		bi, ok := debug.ReadBuildInfo()

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"time"
 
@@ -9,6 +11,7 @@ import (
 	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/internal/cgroup"
+	"github.com/relaysh/relay/internal/handoff"
 	"github.com/relaysh/relay/internal/reaper"
 	"github.com/relaysh/relay/internal/sdnotify"
 	"github.com/relaysh/relay/internal/sockets"
@@ -17,7 +20,7 @@ import (
 	"github.com/relaysh/relay/supervisor"
 )
 
-func runCommand(thread *reaper.Thread) *cli.Command {
+func runCommand(b boot) *cli.Command {
 	return &cli.Command{
 		Name:        "run",
 		Usage:       "run COMMAND on relay's sockets and restart it without downtime",
@@ -47,28 +50,50 @@ func runCommand(thread *reaper.Thread) *cli.Command {
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log `FORMAT`: text or json"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log `LEVEL`: debug, info, warn or error"},
 		},
-		Action:       func(c *cli.Context) error { return runAction(c, thread) },
+		Action:       func(c *cli.Context) error { return runAction(c, b) },
 		OnUsageError: onUsageError,
 	}
 }
 
 // runAction is relay run: it opens the sockets, then runs the control
 // server, the supervisor, the signal loop and the watchdog as one group of
-// actors until the supervisor is done. Its processes are forked on thread.
-func runAction(c *cli.Context, thread *reaper.Thread) error {
+// actors until the supervisor is done. Its processes are forked on b's
+// thread.
+func runAction(c *cli.Context, b boot) error {
+	thread := b.thread
 	opts, err := parseRunFlags(c)
 	if err != nil {
 		return err
 	}
 	// Take over the signals first, so that none sent while relay starts
-	// kills it with the default action; they wait in the buffer.
-	sigC, stopSignals := signals.Notify()
+	// kills it with the default action; they wait in the buffer. main
+	// took them over already in an image an upgrade execed.
+	sigC, stopSignals := b.sigC, b.stopSignals
+	if sigC == nil {
+		sigC, stopSignals = signals.Notify()
+	}
 	defer stopSignals()
 	// relay's log lines and the children's stderr share one stream: one
 	// Write at a time, and the children's in whole lines, keeps every
 	// line whole.
 	stderr := &lineWriter{w: c.App.ErrWriter}
 	log := newLogger(stderr, opts.logFormat, opts.logLevel)
+	// An earlier image of relay execed this one (relay upgrade): take its
+	// state over instead of starting afresh.
+	switch doc, err := handoff.Take(); {
+	case err == nil:
+		return restoreRun(thread, opts, doc, sigC, stderr, log)
+	case !errors.Is(err, handoff.ErrNone) && doc.Image > 2:
+		return returnTo(thread, log, doc, err)
+	case !errors.Is(err, handoff.ErrNone):
+		return err
+	}
+	// Where relay runs from, before anything replaces the file: where
+	// relay upgrade looks for the new binary by default.
+	exePath, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("finding relay's own binary: %w", err)
+	}
 	// Nothing relay inherited may reach a child by accident.
 	if err := socketpass.CloseOnExecFrom(socketpass.FirstFD); err != nil {
 		return err
@@ -116,7 +141,10 @@ func runAction(c *cli.Context, thread *reaper.Thread) error {
 		adm.Close()
 		return err
 	}
-	return runActors(actors{log: log, sigC: sigC, shutdownDelay: opts.shutdownDelay, sup: sup, ctl: ctl, adm: adm, notifier: notifier, mem: mem})
+	up := &upgrader{thread: thread, rp: rp, log: log, version: thisVersion(), exePath: exePath, notifyDir: notifyDir,
+		sup: sup, set: set, cg: cg, ctl: ctl, adm: adm}
+	ctl.SetUpgrader(up)
+	return runActors(actors{log: log, sigC: sigC, shutdownDelay: opts.shutdownDelay, sup: sup, ctl: ctl, adm: adm, notifier: notifier, mem: mem, up: up})
 }
 
 // notifyFlushTimeout bounds how long relay waits, at exit, for the service

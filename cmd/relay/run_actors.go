@@ -29,6 +29,7 @@ type actors struct {
 	adm           *admin.Server // nil without --metrics
 	notifier      *sdnotify.Notifier
 	mem           *memoryReturner
+	up            *upgrader
 }
 
 // runActors runs the control server, the admin listener, the supervisor,
@@ -39,7 +40,7 @@ func runActors(a actors) error {
 	addControl(&g, a.ctl)
 	addAdmin(&g, a.adm)
 	outcome := addSupervisor(&g, a.sup)
-	addSignalLoop(&g, a.sigC, a.shutdownDelay, a.sup)
+	addSignalLoop(&g, a.sigC, a.shutdownDelay, signalTarget{Supervisor: a.sup, up: a.up})
 	addWatchdog(&g, a.log, a.notifier, a.sup)
 	addMemoryReturner(&g, a.mem)
 	if err := g.Run(); err != nil {
@@ -69,9 +70,23 @@ func addSupervisor(g *run.Group, sup *supervisor.Supervisor) *supervisor.Outcome
 // (signals.Decide, signals.StopStep with the --shutdown-delay) until the
 // supervisor is done. It never returns first: only the supervisor's result
 // says how relay ends.
-func addSignalLoop(g *run.Group, sigC <-chan os.Signal, delay time.Duration, sup *supervisor.Supervisor) {
+func addSignalLoop(g *run.Group, sigC <-chan os.Signal, delay time.Duration, sup signals.Target) {
 	ctx, cancel := context.WithCancel(context.Background())
 	g.Add(func() error { signals.Loop(ctx, sigC, sup, delay); return nil }, func(error) { cancel() })
+}
+
+// signalTarget is what relay's signals act on: the supervisor, and the
+// upgrader for SIGUSR2.
+type signalTarget struct {
+	*supervisor.Supervisor
+	up *upgrader
+}
+
+// Upgrade upgrades relay to its own path's binary, on a goroutine of its
+// own: the signal loop goes on meanwhile. The upgrader logs the outcome.
+func (t signalTarget) Upgrade(reason string) {
+	t.up.log.Info("upgrade requested", "reason", reason)
+	go t.up.Upgrade("", nil)
 }
 
 // addWatchdog pings systemd's watchdog (WatchdogSec=) while the supervisor

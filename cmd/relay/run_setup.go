@@ -113,16 +113,21 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 	})
 }
 
-// listenControl creates the control socket of relay restart, status and
-// stop.
-func listenControl(opts runOptions, sup *supervisor.Supervisor, set *sockets.Set, log *slog.Logger) (*control.Server, error) {
+// controlInfo is what relay says of itself in status documents.
+func controlInfo(opts runOptions, set *sockets.Set) control.Info {
 	info := control.Info{Name: opts.name, Started: time.Now()}
 	for _, in := range set.Info() {
 		info.Listeners = append(info.Listeners, control.ListenerInfo{
 			FD: in.FD, Name: in.Name, Network: in.Network, Address: in.Addr, Origin: in.Origin, Drain: string(in.Sharing),
 		})
 	}
-	ctl, err := control.Listen(opts.controlPath, sup, info, log)
+	return info
+}
+
+// listenControl creates the control socket of relay restart, status and
+// stop.
+func listenControl(opts runOptions, sup *supervisor.Supervisor, set *sockets.Set, log *slog.Logger) (*control.Server, error) {
+	ctl, err := control.Listen(opts.controlPath, sup, controlInfo(opts, set), log)
 	if err != nil {
 		return nil, err
 	}
