@@ -9,7 +9,6 @@ import (
 	"io"
 	"os"
 	"runtime"
-	"runtime/debug"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -72,8 +71,7 @@ func realMain(args []string, stderr io.Writer, b boot) int {
 	}
 	if handoff.IsCheck(args) {
 		// An upgrading relay asks this image what it takes.
-		bi, ok := debug.ReadBuildInfo()
-		os.Stdout.Write(handoff.Describe(versionLine(bi, ok)))
+		os.Stdout.Write(handoff.Describe(thisVersion(), checkAccepts()))
 		return exitOK
 	}
 	if socketpass.IsShim(args) {

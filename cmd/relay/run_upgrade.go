@@ -60,6 +60,19 @@ type upgradeState struct {
 // the way back.
 const envFailRestore = "RELAY_TEST_FAIL_RESTORE"
 
+// Test switch: with this variable set (to a number), relay's answer to an
+// upgrading relay's check says it takes only that version of the state,
+// so that the tests see an upgrade refused for its version.
+const envTestAccepts = "RELAY_TEST_HANDOFF_ACCEPTS"
+
+// checkAccepts are the state versions this image says it takes.
+func checkAccepts() []int {
+	if v, err := strconv.Atoi(os.Getenv(envTestAccepts)); err == nil {
+		return []int{v}
+	}
+	return handoff.Accepts()
+}
+
 // controlPauseTimeout bounds the wait for control connections in flight
 // before a handoff.
 const controlPauseTimeout = 2 * time.Second

@@ -64,8 +64,12 @@ type Doc struct {
 }
 
 // Write puts d in a new memfd and returns it, close-on-exec until Cross.
+// A d without a version gets this relay's (one going back to the image
+// that wrote it keeps that image's).
 func Write(d Doc) (*os.File, error) {
-	d.Handoff = Version
+	if d.Handoff == 0 {
+		d.Handoff = Version
+	}
 	b, err := json.Marshal(d)
 	if err != nil {
 		return nil, fmt.Errorf("writing the handoff state: %w", err)
@@ -176,9 +180,10 @@ type Candidate struct {
 	Accepts []int `json:"accepts"`
 }
 
-// Describe is this image's answer to the check, given its version line.
-func Describe(version string) []byte {
-	b, _ := json.Marshal(Candidate{Relay: version, Accepts: Accepts()})
+// Describe is an image's answer to the check: its version line, and the
+// versions of the document it takes (Accepts, but for tests).
+func Describe(version string, accepts []int) []byte {
+	b, _ := json.Marshal(Candidate{Relay: version, Accepts: accepts})
 	return append(b, '\n')
 }
 

@@ -107,7 +107,7 @@ func TestTakeRefusesAnotherVersion(t *testing.T) {
 }
 
 func TestParseCandidate(t *testing.T) {
-	if _, err := ParseCandidate("/usr/bin/relay", Describe("relay v9 commit x")); err != nil {
+	if _, err := ParseCandidate("/usr/bin/relay", Describe("relay v9 commit x", Accepts())); err != nil {
 		t.Errorf("this relay's own answer: %v", err)
 	}
 	for _, tc := range []struct{ out, want string }{
