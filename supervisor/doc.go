@@ -32,6 +32,10 @@
 //     check's goroutine reads the claims and the failure; the loop reads
 //     how they were taken (status, logs) and the failure (onCheck), and
 //     stops it, waiting until nothing answers, before the sockets go back.
+//   - generation.copier (a stderrCopier, tail.go): Handoff pauses and
+//     resumes the goroutine that copies the child's stderr, through its
+//     channels; the pipe's fd and the partial line are read while it is
+//     paused.
 //
 // Processes, the clock and the checks are reached through env (env.go),
 // which tests replace with fakes.

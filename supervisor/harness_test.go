@@ -189,6 +189,7 @@ func newHarnessWith(t *testing.T, tweak func(*Config), opts harnessOpts) *harnes
 			adopted:     adopted,
 			signalPid:   h.signalPid,
 			start:       h.start,
+			adopt:       h.adoptProc,
 			orphans:     h.orphanC,
 			ready:       h.ready,
 			probe:       h.liveProbe,
@@ -229,6 +230,15 @@ func (h *harness) start(path string, argv []string, attr reaper.Attr) (process, 
 	}
 	h.startedC <- p
 	return p, nil
+}
+
+// adoptProc is a fake of a child an earlier image started (Restore).
+func (h *harness) adoptProc(sp reaper.SavedProc) process {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	p := &fakeProc{id: sp.Pid, changed: make(chan struct{}), done: make(chan struct{})}
+	h.procs = append(h.procs, p)
+	return p
 }
 
 func (h *harness) ready(ctx context.Context, ch health.Child) error {

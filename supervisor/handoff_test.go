@@ -1,0 +1,153 @@
+package supervisor
+
+import (
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/health"
+	"github.com/relaysh/relay/internal/reaper"
+)
+
+// handoffExec is an exec for Handoff that records the state it was given
+// and fails, as an exec that did not happen does.
+func handoffExec(got *Saved) func(Saved) error {
+	return func(s Saved) error {
+		*got = s
+		return errors.New("the exec failed")
+	}
+}
+
+// A relay that is not quiet refuses to hand over, and calls no exec.
+func TestHandoffRefusedUnlessQuiet(t *testing.T) {
+	h := newHarness(t, nil)
+	h.holdStderr = true
+	h.serving()
+	refused := func(when string) {
+		t.Helper()
+		err := h.sup.Handoff(func(Saved) error { t.Errorf("%s: exec called", when); return nil })
+		if !errors.Is(err, ErrBusy) {
+			t.Errorf("%s: Handoff = %v, want ErrBusy", when, err)
+		}
+	}
+	events, _, c := h.starting(RestartRequest{}, 2)
+	refused("while generation 2 starts")
+	c.pass()
+	until(t, events, PhaseDraining)
+	refused("while generation 1 drains")
+}
+
+// A quiet relay gives the exec its state, and after a failed exec serves
+// on as before: the serving generation's notify socket is read again, and
+// a restart works.
+func TestHandoffStateAndResumeAfterAFailedExec(t *testing.T) {
+	h := newHarness(t, nil)
+	h.holdStderr = true
+	h.serving()
+	var saved Saved
+	if err := h.sup.Handoff(handoffExec(&saved)); err == nil || !strings.Contains(err.Error(), "the exec failed") {
+		t.Fatalf("Handoff = %v, want the exec's error", err)
+	}
+	g := saved.Serving
+	if saved.Next != 1 || g.N != 1 || g.Proc.Pid != 1001 || saved.Command.Path != testCommand.Path {
+		t.Errorf("saved next %d, generation %d pid %d command %q", saved.Next, g.N, g.Proc.Pid, saved.Command.Path)
+	}
+	if filepath.Base(g.Notify.Path) != "gen-1.notify" || g.Notify.FD < 3 || g.StderrFD < 3 {
+		t.Errorf("saved notify %+v, stderr fd %d", g.Notify, g.StderrFD)
+	}
+	if len(saved.FDs()) != 2 {
+		t.Errorf("fds to cross %v, want the notify socket's and the stderr pipe's", saved.FDs())
+	}
+	// Read again after the pause: a message from the child is heard.
+	conn, err := net.Dial("unixgram", g.Notify.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Write([]byte("STATUS=after the failed exec"))
+	conn.Close()
+	h.waitLog("after the failed exec")
+	events, _, c := h.starting(RestartRequest{}, 2)
+	c.pass()
+	until(t, events, PhaseDraining)
+}
+
+// savedServing is the state of a generation an earlier image served, made
+// of real fds: its notify socket at a path under dir, and the read end of
+// a stderr pipe whose write end is returned.
+func savedServing(t *testing.T, dir string) (Saved, *os.File) {
+	t.Helper()
+	ns, err := health.ListenNotify(filepath.Join(dir, "gen-4.notify"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	ns.Pause()
+	sn, err := ns.Save()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The next image's fds: copies, as an exec would leave them.
+	if sn.FD, err = unix.FcntlInt(uintptr(sn.FD), unix.F_DUPFD_CLOEXEC, 0); err != nil {
+		t.Fatal(err)
+	}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pw.Close() })
+	rc, err := pr.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stderrFD := -1
+	rc.Control(func(fd uintptr) { stderrFD, err = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	pr.Close()
+	return Saved{
+		Next: 4, Command: testCommand, EverReady: true, Counts: RestartCounts{OK: 3},
+		Serving: SavedGeneration{N: 4, Cmd: testCommand, Proc: reaper.SavedProc{Pid: 4444, Group: true},
+			HealthAddr: "127.0.0.1:1", Notify: sn, StderrFD: stderrFD},
+	}, pw
+}
+
+// Restore adopts the serving generation: Run starts none, the status shows
+// it, the counters go on, and the next restart starts the next number.
+func TestRestoreAdoptsTheServingGeneration(t *testing.T) {
+	h := newHarness(t, nil)
+	saved, _ := savedServing(t, t.TempDir())
+	if err := h.sup.Restore(saved); err != nil {
+		t.Fatal(err)
+	}
+	h.sup.Settle()
+	h.run()
+	st := h.wantGens("4:serving")
+	h.noStart()
+	if st.Restarts.OK != 3 || st.Generations[0].Pid != 4444 {
+		t.Errorf("status after the restore: %+v", st)
+	}
+	events, _, c := h.starting(RestartRequest{}, 5)
+	c.pass()
+	until(t, events, PhaseDraining)
+	h.wantGens("4:draining 5:serving")
+}
+
+// Restore fails, and starts nothing, when the process is not relay's.
+func TestRestoreRefusesAProcessNotRelays(t *testing.T) {
+	h := newHarness(t, nil)
+	h.sup.env.adopt = func(reaper.SavedProc) process { return nil }
+	saved, _ := savedServing(t, t.TempDir())
+	if err := h.sup.Restore(saved); err == nil || !strings.Contains(err.Error(), "not relay's child") {
+		t.Fatalf("Restore = %v, want refused", err)
+	}
+	if h.sup.gens.serving != nil {
+		t.Error("a generation serves after a failed Restore")
+	}
+	h.manual = true // Run never ran: cleanup ends what the test began
+}
