@@ -61,11 +61,12 @@ type env struct {
 	handOver func(n int) (int, error)
 
 	// adopt is the process of a child an earlier image of relay started
-	// (Restore); nil if it is not relay's. adoptContainer is the cgroup
+	// (Restore), or, given its status, that it reaped; nil if it is not
+	// relay's. adoptContainer is the cgroup
 	// of generation n that such an image made. holdReaps stops the
 	// reaping of children until release is called, while the state is
 	// handed over (Handoff); nil where nothing reaps.
-	adopt          func(reaper.SavedProc) process
+	adopt          func(reaper.SavedProc, *reaper.Status) process
 	adoptContainer func(n int) container
 	holdReaps      func() (release func())
 
@@ -178,7 +179,10 @@ func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, 
 			return reaperProcess{p}, nil
 		},
 		orphans: rp.Orphans(),
-		adopt: func(sp reaper.SavedProc) process {
+		adopt: func(sp reaper.SavedProc, exited *reaper.Status) process {
+			if exited != nil {
+				return reaperProcess{reaper.Exited(sp, *exited)}
+			}
 			if p := rp.Process(sp.Pid); p != nil {
 				return reaperProcess{p}
 			}

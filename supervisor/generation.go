@@ -57,8 +57,10 @@ type generation struct {
 	cancelCheck context.CancelFunc
 	// failure is why a starting generation was killed, if it was.
 	failure error
-	// killTimer sends SIGKILL to the group after the stop timeout.
+	// killTimer sends SIGKILL to the group after the stop timeout, at
+	// killAt.
 	killTimer timer
+	killAt    time.Time
 	// killed: the stop timeout passed and it got SIGKILL.
 	killed bool
 	// contain is what it is made of: its cgroup, or its process group
@@ -214,9 +216,7 @@ func (s *Supervisor) childEnv(notifyPath string, vars health.Vars) []string {
 // of its stderr was read, or stderrGrace after the exit. partial is the
 // start of a line an earlier image of relay had read (handoff.go).
 func (s *Supervisor) watchExit(g *generation, stderr *os.File, partial []byte) {
-	// Pass the bytes on untouched, and keep the tail for reports.
-	g.copier = newStderrCopier(stderr, &passThrough{out: s.cfg.Stderr, tail: g.stderr, partial: partial})
-	go g.copier.run()
+	s.copyStderr(g, stderr, partial)
 	go func() {
 		<-g.proc.Done()
 		grace := make(chan struct{})
@@ -228,6 +228,17 @@ func (s *Supervisor) watchExit(g *generation, stderr *os.File, partial []byte) {
 		t.Stop()
 		s.post(exitEvent{g: g, status: g.proc.Status()})
 	}()
+}
+
+// copyStderr passes g's stderr on, from relay's end of its pipe (nil: it
+// has ended), keeping its tail.
+func (s *Supervisor) copyStderr(g *generation, stderr *os.File, partial []byte) {
+	g.copier = newStderrCopier(stderr, &passThrough{out: s.cfg.Stderr, tail: g.stderr, partial: partial})
+	if stderr == nil {
+		close(g.copier.done)
+		return
+	}
+	go g.copier.run()
 }
 
 // startCheck runs the readiness check of a starting generation and posts

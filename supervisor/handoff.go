@@ -16,10 +16,16 @@ import (
 // stops reading the serving generation's fds and gives its state to the
 // exec, and Restore, in the new image, takes it back before Run.
 //
-// Only a quiet relay hands over: one generation, serving, and nothing
-// under way (no restart, queued or running; no stop or shutdown delay; no
-// crash replacement or liveness replacement pending). Anything else is
-// refused with ErrBusy, and the caller tries again later.
+// Only a quiet relay hands over: a generation serving, and no restart,
+// queued or running, no stop or shutdown delay, no crash or liveness
+// replacement pending. Old generations may be stopping (they got their
+// stop signal and finish their requests, SIGKILL due at the stop timeout)
+// or lingering (processes of them outlived their main process): they
+// cross too, with the time left before their SIGKILL. A generation still
+// draining (tens of milliseconds after a switch), one that has just exited
+// and whose exit is not yet handled, or an old one whose exit a client
+// follows (relay restart without --no-wait) makes relay busy: Handoff
+// refuses with ErrBusy, and the caller tries again a moment later.
 
 // ErrBusy is returned by Handoff when relay is not quiet.
 var ErrBusy = errors.New("busy")
@@ -34,13 +40,24 @@ type Saved struct {
 	Counts         RestartCounts   `json:"counts"`
 	Last           *LastRestart    `json:"last,omitempty"`
 	Serving        SavedGeneration `json:"serving"`
+	// Old are the stopping and lingering generations, oldest first.
+	Old []SavedGeneration `json:"old,omitempty"`
 }
 
-// SavedGeneration is a serving generation as it crosses the exec.
+// SavedGeneration is a generation as it crosses the exec. An fd of -1 is
+// none: a lingering generation's notify socket is closed, and its stderr
+// may have ended.
 type SavedGeneration struct {
-	N          int                `json:"n"`
-	Cmd        Command            `json:"cmd"`
-	Proc       reaper.SavedProc   `json:"proc"`
+	N     int              `json:"n"`
+	Cmd   Command          `json:"cmd"`
+	State State            `json:"state"`
+	Proc  reaper.SavedProc `json:"proc"`
+	// Status is how its main process exited, if it has (lingering).
+	Status *reaper.Status `json:"status,omitempty"`
+	// KillIn is the time left before its SIGKILL, if one is due; Killed,
+	// it had it.
+	KillIn     *time.Duration     `json:"kill_in,omitempty"`
+	Killed     bool               `json:"killed,omitempty"`
 	Started    time.Time          `json:"started"`
 	ReadyAt    time.Time          `json:"ready_at"`
 	HealthAddr string             `json:"health_addr"`
@@ -61,12 +78,30 @@ type SavedGeneration struct {
 	Pinged bool `json:"pinged"`
 }
 
+// Procs are the processes the next image's reaper waits for: the main
+// processes of the generations handed over, but those already reaped.
+func (s Saved) Procs() []reaper.SavedProc {
+	var procs []reaper.SavedProc
+	for _, g := range append([]SavedGeneration{s.Serving}, s.Old...) {
+		if g.Status == nil {
+			procs = append(procs, g.Proc)
+		}
+	}
+	return procs
+}
+
 // FDs are the fds that must cross the exec for s.
 func (s Saved) FDs() []int {
-	g := s.Serving
-	fds := []int{g.Notify.FD, g.StderrFD}
-	if g.Takeover != nil {
-		fds = append(fds, g.Takeover.FD)
+	var fds []int
+	for _, g := range append([]SavedGeneration{s.Serving}, s.Old...) {
+		for _, fd := range []int{g.Notify.FD, g.StderrFD} {
+			if fd >= 0 {
+				fds = append(fds, fd)
+			}
+		}
+		if g.Takeover != nil {
+			fds = append(fds, g.Takeover.FD)
+		}
 	}
 	return fds
 }
@@ -97,7 +132,7 @@ func (s *Supervisor) Handoff(exec func(Saved) error) error {
 func (s *Supervisor) quiet() error {
 	gs := &s.gens
 	busy := func(why string) error {
-		return fmt.Errorf("%w: %s; try again once relay status shows one generation, serving", ErrBusy, why)
+		return fmt.Errorf("%w: %s; try again in a moment (relay status shows what is under way)", ErrBusy, why)
 	}
 	switch {
 	case s.stop.begun || !s.stop.delayUntil.IsZero():
@@ -106,12 +141,24 @@ func (s *Supervisor) quiet() error {
 		return busy("no generation is serving")
 	case gs.starting != nil || s.restarts.current != nil || len(s.restarts.queued) > 0:
 		return busy("a restart is under way")
-	case len(gs.old) > 0 || len(gs.lingering) > 0:
-		return busy(fmt.Sprintf("%d old generation(s) still draining or stopping", len(gs.old)+len(gs.lingering)))
 	case s.crash.timer != nil || s.live.pending != nil:
 		return busy("a replacement is pending")
 	}
+	for _, g := range gs.retired() {
+		switch {
+		case g.state == Draining:
+			return busy(fmt.Sprintf("generation %d is draining", g.n))
+		case len(g.exitWatchers) > 0:
+			return busy(fmt.Sprintf("a relay restart follows generation %d until it is gone", g.n))
+		}
+	}
 	return nil
+}
+
+// handedOver are the generations that cross the exec: the serving one,
+// then the old ones, oldest first.
+func (s *Supervisor) handedOver() []*generation {
+	return append([]*generation{s.gens.serving}, s.gens.retired()...)
 }
 
 func (s *Supervisor) handoff(exec func(Saved) error) error {
@@ -122,40 +169,49 @@ func (s *Supervisor) handoff(exec func(Saved) error) error {
 		release := s.env.holdReaps()
 		defer release()
 	}
-	g := s.gens.serving
-	select {
-	case <-g.proc.Done():
-		return fmt.Errorf("%w: the serving generation has just exited", ErrBusy)
-	default:
+	gens := s.handedOver()
+	for _, g := range gens {
+		select {
+		case <-g.proc.Done():
+			if g.state != Exited {
+				return fmt.Errorf("%w: generation %d has just exited", ErrBusy, g.n)
+			}
+		default:
+		}
 	}
-	if !g.pause() {
-		g.resume()
-		return fmt.Errorf("%w: the serving generation is exiting", ErrBusy)
+	defer func() {
+		for _, g := range gens {
+			g.resume()
+		}
+	}()
+	for _, g := range gens {
+		g.pause() // a stderr that has ended has nothing to hand over
 	}
-	saved, err := s.save(g)
-	if err == nil {
-		err = exec(saved)
+	saved, err := s.save()
+	if err != nil {
+		return err
 	}
-	g.resume()
-	return err
+	return exec(saved)
 }
 
 // pause stops the goroutines that read g's fds: its stderr, its notify
-// socket and its binds. It reports false if its stderr has ended: it is
-// exiting. resume undoes it, whatever pause reported.
-func (g *generation) pause() bool {
-	ok := g.copier.pause()
-	g.notify.Pause()
-	if t := g.takeover; t != nil && t.nt != nil {
+// socket and its binds. resume undoes it.
+func (g *generation) pause() {
+	g.copier.pause()
+	if g.state != Exited { // else its notify socket is closed
+		g.notify.Pause()
+	}
+	if t := g.answering(); t != nil {
 		t.nt.Pause()
 		<-t.served
 	}
-	return ok
 }
 
 func (g *generation) resume() {
-	g.notify.Resume()
-	if t := g.takeover; t != nil && t.nt != nil {
+	if g.state != Exited {
+		g.notify.Resume()
+	}
+	if t := g.answering(); t != nil && t.nt.Paused() {
 		t.served = make(chan struct{})
 		t.nt.Resume()
 		go t.serveBinds()
@@ -163,12 +219,49 @@ func (g *generation) resume() {
 	g.copier.resume()
 }
 
-// save is g's state and the supervisor's, once g is paused.
-func (s *Supervisor) save(g *generation) (Saved, error) {
+// answering is g's bind takeover while it answers the child's binds; nil
+// if it has none, or it was stopped.
+func (g *generation) answering() *bindTakeover {
+	t := g.takeover
+	if t == nil {
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.nt == nil || t.stopped {
+		return nil
+	}
+	return t
+}
+
+// save is the supervisor's state, once every generation handed over is
+// paused.
+func (s *Supervisor) save() (Saved, error) {
+	sv := Saved{
+		Next: s.gens.next, Command: s.gens.command, EverReady: s.gens.everReady,
+		SpeaksNotify: s.speaksNotify.Load(), TakeoverWarned: s.takeoverWarned.Load(),
+		Counts: s.counts, Last: s.last,
+	}
+	for i, g := range s.handedOver() {
+		sg, err := s.saveGen(g)
+		if err != nil {
+			return Saved{}, err
+		}
+		if i == 0 {
+			sv.Serving = sg
+		} else {
+			sv.Old = append(sv.Old, sg)
+		}
+	}
+	return sv, nil
+}
+
+// saveGen is g's state, once paused.
+func (s *Supervisor) saveGen(g *generation) (SavedGeneration, error) {
 	sg := SavedGeneration{
-		N: g.n, Cmd: g.cmd, Started: g.started, ReadyAt: g.readyAt, HealthAddr: g.healthAddr,
-		StderrTail: g.stderr.bytes(), StderrPartial: g.copier.partial(),
-		Spoke: isClosed(g.notified), Pinged: g.pinged,
+		N: g.n, Cmd: g.cmd, State: g.state, Started: g.started, ReadyAt: g.readyAt, HealthAddr: g.healthAddr,
+		StderrTail: g.stderr.bytes(), StderrPartial: g.copier.partial(), Killed: g.killed,
+		Spoke: isClosed(g.notified), Pinged: g.pinged, Notify: health.SavedNotify{FD: -1}, StderrFD: -1,
 	}
 	_, sg.Cgroup = g.contain.(*cgroupContainment)
 	if p, ok := g.proc.(reaperProcess); ok {
@@ -176,25 +269,33 @@ func (s *Supervisor) save(g *generation) (Saved, error) {
 	} else {
 		sg.Proc = reaper.SavedProc{Pid: g.pid(), Group: true}
 	}
+	if g.state == Exited {
+		st := g.status
+		sg.Status = &st
+	}
+	if g.killTimer != nil && !g.killed {
+		left := max(g.killAt.Sub(s.env.now()), 0)
+		sg.KillIn = &left
+	}
 	var err error
-	if sg.Notify, err = g.notify.Save(); err != nil {
-		return Saved{}, fmt.Errorf("handing over generation %d's notify socket: %w", g.n, err)
+	if g.state != Exited {
+		if sg.Notify, err = g.notify.Save(); err != nil {
+			return sg, fmt.Errorf("handing over generation %d's notify socket: %w", g.n, err)
+		}
 	}
-	if sg.StderrFD, err = g.copier.fd(); err != nil {
-		return Saved{}, fmt.Errorf("handing over generation %d's stderr: %w", g.n, err)
+	if !isClosed(g.copier.done) {
+		if sg.StderrFD, err = g.copier.fd(); err != nil {
+			return sg, fmt.Errorf("handing over generation %d's stderr: %w", g.n, err)
+		}
 	}
-	if t := g.takeover; t != nil && t.nt != nil {
+	if t := g.answering(); t != nil {
 		sn, err := t.nt.Save()
 		if err != nil {
-			return Saved{}, fmt.Errorf("handing over generation %d's bind takeover: %w", g.n, err)
+			return sg, fmt.Errorf("handing over generation %d's bind takeover: %w", g.n, err)
 		}
 		sg.Takeover, sg.How = &sn, t.took()
 	}
-	return Saved{
-		Next: s.gens.next, Command: s.gens.command, EverReady: s.gens.everReady,
-		SpeaksNotify: s.speaksNotify.Load(), TakeoverWarned: s.takeoverWarned.Load(),
-		Counts: s.counts, Last: s.last, Serving: sg,
-	}, nil
+	return sg, nil
 }
 
 func isClosed(c chan struct{}) bool {
@@ -206,32 +307,79 @@ func isClosed(c chan struct{}) bool {
 	}
 }
 
-// Restore takes over the state an earlier image handed over: its serving
-// generation, as if this supervisor had started it. Call it before Run,
-// which then starts no generation. The fds Saved names are taken: a
-// failed Restore leaves them open, for the return to the earlier image.
+// Restore takes over the state an earlier image handed over: its
+// generations, as if this supervisor had started them, with the SIGKILL
+// of an old one due when it was. Call it before Run, which then starts no
+// generation. The fds Saved names are taken: a failed Restore leaves them
+// open, for the return to the earlier image.
 func (s *Supervisor) Restore(sv Saved) error {
 	if s.env.adopt == nil {
 		return errors.New("restoring the supervisor: nothing to adopt processes with")
 	}
-	sg := sv.Serving
-	proc := s.env.adopt(sg.Proc)
+	gens := make([]*generation, 0, 1+len(sv.Old))
+	for _, sg := range append([]SavedGeneration{sv.Serving}, sv.Old...) {
+		g, err := s.restoreGen(sg)
+		if err != nil {
+			return err
+		}
+		gens = append(gens, g)
+	}
+	s.gens.next, s.gens.command, s.gens.everReady = sv.Next, sv.Command, sv.EverReady
+	s.speaksNotify.Store(sv.SpeaksNotify)
+	s.takeoverWarned.Store(sv.TakeoverWarned)
+	s.counts, s.last = sv.Counts, sv.Last
+	for i, g := range gens {
+		state := Serving
+		if i > 0 {
+			state = sv.Old[i-1].State
+		}
+		s.gens.move(g, state)
+		s.resumeOld(g, sv, i)
+		g.log.Info("generation adopted", "state", g.state)
+	}
+	return nil
+}
+
+// resumeOld arms again what an old generation waited for: its SIGKILL,
+// and the emptying of a lingering one's cgroup.
+func (s *Supervisor) resumeOld(g *generation, sv Saved, i int) {
+	if i == 0 {
+		return
+	}
+	sg := sv.Old[i-1]
+	g.killed = sg.Killed
+	if sg.KillIn != nil {
+		s.armKillIn(g, *sg.KillIn)
+	}
+	if g.state == Exited {
+		g.contain.watch(s.doneC, func() { s.post(emptiedEvent{}) })
+	}
+}
+
+// restoreGen adopts the generation sg describes, in no slot yet.
+func (s *Supervisor) restoreGen(sg SavedGeneration) (*generation, error) {
+	proc := s.env.adopt(sg.Proc, sg.Status)
 	if proc == nil {
-		return fmt.Errorf("restoring generation %d: pid %d is not relay's child", sg.N, sg.Proc.Pid)
+		return nil, fmt.Errorf("restoring generation %d: pid %d is not relay's child", sg.N, sg.Proc.Pid)
 	}
 	g := &generation{n: sg.N, cmd: sg.Cmd, proc: proc, state: Starting, started: sg.Started, readyAt: sg.ReadyAt,
 		healthAddr: sg.HealthAddr, stderr: newTailBuffer(stderrTailBytes), notified: make(chan struct{}), pinged: sg.Pinged}
+	if sg.Status != nil {
+		g.status = *sg.Status
+	}
 	g.stderr.Write(sg.StderrTail)
 	if sg.Spoke {
 		close(g.notified)
 	}
 	g.log = s.cfg.Log.With("gen", g.n, "pid", g.pid())
 	g.pidForNotify.Store(int64(g.pid()))
-	notify, err := health.AdoptNotify(sg.Notify, func(m health.NotifyMessage) { s.onNotify(g, m) })
-	if err != nil {
-		return fmt.Errorf("restoring generation %d: %w", g.n, err)
+	if sg.Notify.FD >= 0 {
+		notify, err := health.AdoptNotify(sg.Notify, func(m health.NotifyMessage) { s.onNotify(g, m) })
+		if err != nil {
+			return nil, fmt.Errorf("restoring generation %d: %w", g.n, err)
+		}
+		g.notify = notify
 	}
-	g.notify = notify
 	var cg container
 	if sg.Cgroup && s.env.adoptContainer != nil {
 		cg = s.env.adoptContainer(g.n)
@@ -239,17 +387,19 @@ func (s *Supervisor) Restore(sv Saved) error {
 	g.contain = s.containmentOf(g, cg)
 	if sg.Takeover != nil {
 		if err := s.restoreTakeover(g, sg); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	s.watchExit(g, os.NewFile(uintptr(sg.StderrFD), "stderr of generation "+fmt.Sprint(g.n)), sg.StderrPartial)
-	s.gens.next, s.gens.command, s.gens.everReady = sv.Next, sv.Command, sv.EverReady
-	s.speaksNotify.Store(sv.SpeaksNotify)
-	s.takeoverWarned.Store(sv.TakeoverWarned)
-	s.counts, s.last = sv.Counts, sv.Last
-	s.gens.move(g, Serving)
-	g.log.Info("generation adopted", "state", g.state, "ready_after", g.readyAt.Sub(g.started).Round(time.Millisecond))
-	return nil
+	var stderr *os.File
+	if sg.StderrFD >= 0 {
+		stderr = os.NewFile(uintptr(sg.StderrFD), "stderr of generation "+fmt.Sprint(g.n))
+	}
+	if sg.Status != nil { // its exit was handled: only its stderr is left
+		s.copyStderr(g, stderr, sg.StderrPartial)
+	} else {
+		s.watchExit(g, stderr, sg.StderrPartial)
+	}
+	return g, nil
 }
 
 // restoreTakeover answers the binds of adopted generation g again, on its
@@ -280,7 +430,9 @@ func (s *Supervisor) restoreTakeover(g *generation, sg SavedGeneration) error {
 // and that relay keeps copies of, once relay will not return to that
 // image. Call it before Run.
 func (s *Supervisor) Settle() {
-	if g := s.gens.serving; g != nil {
-		g.notify.Settle()
+	for _, g := range s.gens.alive() {
+		if g.notify != nil {
+			g.notify.Settle()
+		}
 	}
 }

@@ -2,11 +2,13 @@ package supervisor
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -76,12 +78,20 @@ func TestHandoffStateAndResumeAfterAFailedExec(t *testing.T) {
 	until(t, events, PhaseDraining)
 }
 
-// savedServing is the state of a generation an earlier image served, made
-// of real fds: its notify socket at a path under dir, and the read end of
-// a stderr pipe whose write end is returned.
+// savedServing is the state of generation 4, which an earlier image
+// served, made of real fds (savedGen), and the write end of its stderr.
 func savedServing(t *testing.T, dir string) (Saved, *os.File) {
 	t.Helper()
-	ns, err := health.ListenNotify(filepath.Join(dir, "gen-4.notify"), nil)
+	g, pw := savedGen(t, dir, 4, 4444)
+	return Saved{Next: 4, Command: testCommand, EverReady: true, Counts: RestartCounts{OK: 3}, Serving: g}, pw
+}
+
+// savedGen is the state of generation n, main process pid, made of real
+// fds: its notify socket at a path under dir, and the read end of a
+// stderr pipe whose write end is returned.
+func savedGen(t *testing.T, dir string, n, pid int) (SavedGeneration, *os.File) {
+	t.Helper()
+	ns, err := health.ListenNotify(filepath.Join(dir, fmt.Sprintf("gen-%d.notify", n)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,11 +120,8 @@ func savedServing(t *testing.T, dir string) (Saved, *os.File) {
 		t.Fatal(err)
 	}
 	pr.Close()
-	return Saved{
-		Next: 4, Command: testCommand, EverReady: true, Counts: RestartCounts{OK: 3},
-		Serving: SavedGeneration{N: 4, Cmd: testCommand, Proc: reaper.SavedProc{Pid: 4444, Group: true},
-			HealthAddr: "127.0.0.1:1", Notify: sn, StderrFD: stderrFD},
-	}, pw
+	return SavedGeneration{N: n, Cmd: testCommand, State: Serving, Proc: reaper.SavedProc{Pid: pid, Group: true},
+		HealthAddr: "127.0.0.1:1", Notify: sn, StderrFD: stderrFD}, pw
 }
 
 // Restore adopts the serving generation: Run starts none, the status shows
@@ -141,7 +148,7 @@ func TestRestoreAdoptsTheServingGeneration(t *testing.T) {
 // Restore fails, and starts nothing, when the process is not relay's.
 func TestRestoreRefusesAProcessNotRelays(t *testing.T) {
 	h := newHarness(t, nil)
-	h.sup.env.adopt = func(reaper.SavedProc) process { return nil }
+	h.sup.env.adopt = func(reaper.SavedProc, *reaper.Status) process { return nil }
 	saved, _ := savedServing(t, t.TempDir())
 	if err := h.sup.Restore(saved); err == nil || !strings.Contains(err.Error(), "not relay's child") {
 		t.Fatalf("Restore = %v, want refused", err)
@@ -150,4 +157,75 @@ func TestRestoreRefusesAProcessNotRelays(t *testing.T) {
 		t.Error("a generation serves after a failed Restore")
 	}
 	h.manual = true // Run never ran: cleanup ends what the test began
+}
+
+// An old generation that got its stop signal crosses too, with the time
+// left before its SIGKILL.
+func TestHandoffCarriesAStoppingGeneration(t *testing.T) {
+	h := newHarness(t, noDrain)
+	h.holdStderr = true
+	h.serving()
+	if err := h.sup.RequestRestart("test"); err != nil {
+		t.Fatal(err)
+	}
+	h.started()
+	h.check(2).pass()
+	h.waitLine("gen 1 pid 1001 stopping; gen 2 pid 1002 serving")
+	h.clock.waitTimer(t, testStopTimeout)
+	h.clock.advance(10 * time.Second)
+	var saved Saved
+	if err := h.sup.Handoff(handoffExec(&saved)); err == nil || !strings.Contains(err.Error(), "the exec failed") {
+		t.Fatalf("Handoff = %v, want the exec's error", err)
+	}
+	if saved.Serving.N != 2 || len(saved.Old) != 1 {
+		t.Fatalf("saved serving %d, old %+v", saved.Serving.N, saved.Old)
+	}
+	old := saved.Old[0]
+	if old.N != 1 || old.State != Stopping || old.KillIn == nil || *old.KillIn != testStopTimeout-10*time.Second {
+		t.Errorf("saved old generation %d %s, kill in %v; want 1 stopping, kill in %s", old.N, old.State, old.KillIn, testStopTimeout-10*time.Second)
+	}
+	if len(saved.FDs()) != 4 {
+		t.Errorf("fds to cross %v, want both generations' notify sockets and stderr pipes", saved.FDs())
+	}
+}
+
+// A relay restart that follows an old generation until it is gone makes
+// relay busy: its connection could not cross.
+func TestHandoffBusyWhileARestartFollowsTheOldGeneration(t *testing.T) {
+	h := newHarness(t, noDrain)
+	h.holdStderr = true
+	retiring(h)
+	err := h.sup.Handoff(func(Saved) error { t.Error("exec called while a restart is followed"); return nil })
+	if !errors.Is(err, ErrBusy) {
+		t.Errorf("Handoff while relay restart follows an old generation = %v, want ErrBusy", err)
+	}
+}
+
+// Restore arms the SIGKILL of a stopping generation for the time it had
+// left.
+func TestRestoreKillsAStoppingGenerationOnTime(t *testing.T) {
+	h := newHarness(t, nil)
+	dir := t.TempDir()
+	saved, _ := savedServing(t, dir)
+	old, _ := savedGen(t, dir, 3, 3333)
+	left := 7 * time.Second
+	old.State, old.KillIn = Stopping, &left
+	saved.Old = []SavedGeneration{old}
+	if err := h.sup.Restore(saved); err != nil {
+		t.Fatal(err)
+	}
+	h.sup.Settle()
+	h.run()
+	h.wantGens("3:stopping 4:serving")
+	h.clock.waitTimer(t, left)
+	h.clock.advance(left)
+	h.mu.Lock()
+	var p3 *fakeProc
+	for _, p := range h.procs {
+		if p.id == 3333 {
+			p3 = p
+		}
+	}
+	h.mu.Unlock()
+	p3.waitSeq(t, "group KILL")
 }

@@ -233,10 +233,14 @@ func (h *harness) start(path string, argv []string, attr reaper.Attr) (process, 
 }
 
 // adoptProc is a fake of a child an earlier image started (Restore).
-func (h *harness) adoptProc(sp reaper.SavedProc) process {
+func (h *harness) adoptProc(sp reaper.SavedProc, exited *reaper.Status) process {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	p := &fakeProc{id: sp.Pid, changed: make(chan struct{}), done: make(chan struct{})}
+	if exited != nil {
+		p.exited, p.status = true, *exited
+		close(p.done)
+	}
 	h.procs = append(h.procs, p)
 	return p
 }

@@ -117,8 +117,14 @@ func (s *Supervisor) stopGen(g *generation) {
 }
 
 func (s *Supervisor) armKill(g *generation) {
+	s.armKillIn(g, s.cfg.StopTimeout)
+}
+
+// armKillIn sends g SIGKILL after d, unless a kill is armed already.
+func (s *Supervisor) armKillIn(g *generation, d time.Duration) {
 	if g.killTimer == nil {
-		g.killTimer = s.env.afterFunc(s.cfg.StopTimeout, func() { s.post(killEvent{g: g}) })
+		g.killAt = s.env.now().Add(d)
+		g.killTimer = s.env.afterFunc(d, func() { s.post(killEvent{g: g}) })
 	}
 }
 

@@ -136,6 +136,9 @@ func (c *stderrCopier) run() {
 // pause stops the copy between two reads. It reports false if the pipe
 // has ended instead. Call resume after it, whatever it reported.
 func (c *stderrCopier) pause() bool {
+	if isClosed(c.done) {
+		return false
+	}
 	c.paused.Store(true)
 	if err := c.f.SetReadDeadline(time.Now()); err != nil {
 		return false
@@ -160,7 +163,7 @@ func (c *stderrCopier) resume() {
 	}
 }
 
-// partial is what the passThrough holds back, while paused.
+// partial is what the passThrough holds back, while paused or ended.
 func (c *stderrCopier) partial() []byte { return append([]byte(nil), c.pt.partial...) }
 
 // fd is the pipe's fd, while paused; its flags are left alone.

@@ -29,16 +29,18 @@ const (
 )
 
 func main() {
+	// The main goroutine keeps the main thread, and serves on it the
+	// forks of every process relay starts and the exec of an upgrade:
+	// see reaper.Thread. relay itself runs on another goroutine. Locked
+	// first: anything that starts a goroutine before (signal.Notify
+	// does) may move this one to another thread.
+	runtime.LockOSThread()
 	var b boot
 	if _, upgraded := os.LookupEnv(handoff.EnvFD); upgraded {
 		// An upgrade execed this image: from the exec until here, a
 		// stop signal would have killed relay (reaper.Thread.Exec).
 		b.sigC, b.stopSignals = signals.Notify()
 	}
-	// The main goroutine keeps the main thread, and serves on it the
-	// forks of every process relay starts and the exec of an upgrade:
-	// see reaper.Thread. relay itself runs on another goroutine.
-	runtime.LockOSThread()
 	oneProcessor()
 	b.thread = reaper.NewThread()
 	done := make(chan struct{})

@@ -305,7 +305,7 @@ func restore(thread *reaper.Thread, opts runOptions, st upgradeState, stderr *li
 			return r, err
 		}
 	}
-	if r.rp, err = reaper.New(log, thread, st.Supervisor.Serving.Proc); err != nil {
+	if r.rp, err = reaper.New(log, thread, st.Supervisor.Procs()...); err != nil {
 		return r, err
 	}
 	r.mem = newMemoryReturner(r.notifier)
@@ -336,6 +336,11 @@ func restoreRun(thread *reaper.Thread, opts runOptions, doc handoff.Doc, sigC <-
 		return returnTo(thread, log, doc, fmt.Errorf("reading relay's state: %w", err))
 	}
 	r, err := restore(thread, opts, st, stderr, log)
+	if err != nil && returned != "" {
+		// This image came back because the new one failed; it cannot
+		// take its own state either: there is nowhere left to go.
+		return fmt.Errorf("taking back relay's state after a failed upgrade (%s): %w", returned, err)
+	}
 	if err != nil {
 		err = returnTo(thread, log, doc, err)
 		// Until the exec, nothing r holds may be closed by the garbage

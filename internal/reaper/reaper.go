@@ -208,6 +208,14 @@ func (r *Reaper) Hold() (release func()) {
 	return func() { once.Do(r.mu.Unlock) }
 }
 
+// Exited is the Process of a child an earlier image started and reaped,
+// whose status it handed over: its process group may outlive it.
+func Exited(sp SavedProc, st Status) *Process {
+	p := &Process{Pid: sp.Pid, doneC: make(chan struct{}), group: sp.Group, status: st}
+	close(p.doneC)
+	return p
+}
+
 // Process returns the Process New adopted, or Start started, for pid, if
 // it has not exited.
 func (r *Reaper) Process(pid int) *Process {
