@@ -3,6 +3,7 @@ package integration
 import (
 	"fmt"
 	"net/http"
+	"net/http/httptrace"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -192,4 +193,61 @@ func TestUpgradeInPlaceUnderLoad(t *testing.T) {
 	if code := r.wait(30 * time.Second); code != 0 {
 		t.Errorf("relay exited %d, want 0", code)
 	}
+}
+
+// TestUpgradeCarriesAStoppingGeneration: an upgrade while the old
+// generation finishes a slow request after its stop signal: the request
+// completes, and the new relay sees the old generation out.
+func TestUpgradeCarriesAStoppingGeneration(t *testing.T) {
+	// Every request takes 8s: the upgrade comes while generation 1
+	// finishes one.
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--", built.hello, "-work", "8s")
+	addr := r.listenAddrs(1)[0].str("addr")
+	ready, from := r.waitMsg(0, "generation ready", 1)
+	sent := make(chan struct{})
+	type answer struct {
+		pid int
+		err error
+	}
+	answered := make(chan answer, 1)
+	go func() {
+		req, _ := http.NewRequest("GET", httpURL(addr), nil)
+		req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
+			WroteRequest: func(httptrace.WroteRequestInfo) { close(sent) },
+		}))
+		client := &http.Client{Timeout: time.Minute, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}}
+		resp, err := client.Do(req)
+		if err != nil {
+			answered <- answer{err: err}
+			return
+		}
+		resp.Body.Close()
+		pid, _ := strconv.Atoi(resp.Header.Get("X-Pid"))
+		answered <- answer{pid: pid}
+	}()
+	<-sent
+	r.signal(syscall.SIGHUP)
+	_, from = r.waitMsg(from, "stopping generation", 1)
+	if out, code := r.upgrade(""); code != 0 {
+		t.Fatalf("upgrade while generation 1 stops: exit %d:\n%s", code, out)
+	}
+	adopted, _ := r.waitFor(from, 30*time.Second, "generation 1 adopted", func(l logLine) bool {
+		return l.str("msg") == "generation adopted" && l.num("gen") == 1
+	})
+	if adopted.str("state") != "stopping" {
+		t.Errorf("generation 1 adopted %s, want stopping", adopted.str("state"))
+	}
+	_, from = r.waitFor(from, 30*time.Second, "relay upgraded in place", func(l logLine) bool { return l.str("msg") == "relay upgraded in place" })
+	select {
+	case a := <-answered:
+		if a.err != nil || a.pid != ready.num("pid") {
+			t.Fatalf("the slow request: pid %d, %v; want generation 1's (pid %d) answer", a.pid, a.err, ready.num("pid"))
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the slow request was never answered")
+	}
+	// The relay that took over sees generation 1 out.
+	r.waitMsg(from, "old generation exited", 1)
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
 }

@@ -69,6 +69,7 @@ func main() {
 		orphanParent   = flag.Bool("orphan-parent", false, "be an orphan's parent: start one -orphan and exit without waiting for it")
 		orphan         = flag.Bool("orphan", false, "be an orphan: exit once stdin ends, i.e. once the parent that holds its other end has exited")
 		hangEndpoint   = flag.Bool("hang-endpoint", false, "serve /hang on the passed sockets: answer it, stop accepting, and once every connection accepted so far has closed, stop this process with SIGSTOP (a server that hangs with connections queued on its socket)")
+		bindOnUSR1     = flag.String("bind-on-usr1", "", "on SIGUSR1, bind this address with a socket of its own and serve on it too, as a server that opens a listener late (the passed sockets are served as ever); say so on stderr")
 	)
 	flag.Parse()
 	switch {
@@ -227,6 +228,11 @@ func main() {
 		usr1 = make(chan os.Signal, 1)
 		signal.Notify(usr1, syscall.SIGUSR1)
 	}
+	var bindUSR1 chan os.Signal
+	if *bindOnUSR1 != "" {
+		bindUSR1 = make(chan os.Signal, 1)
+		signal.Notify(bindUSR1, syscall.SIGUSR1)
+	}
 	if ready {
 		if *bind != "" {
 			if *bindGate != "" {
@@ -259,8 +265,26 @@ func main() {
 			fmt.Fprintf(os.Stderr, "testchild: closed its listeners gen=%d pid=%d\n", gen, os.Getpid())
 		}()
 	}
+	if *bindOnUSR1 != "" {
+		go func() {
+			<-bindUSR1
+			bindLate(*bindOnUSR1, mux, gen)
+		}()
+	}
 	<-termC
 	os.Exit(*exitCodeOnTerm)
+}
+
+// bindLate binds addr itself, on SIGUSR1, and serves HTTP on it. A failed
+// bind is said on stderr, and the process serves on.
+func bindLate(addr string, mux *http.ServeMux, gen int) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "testchild: on SIGUSR1: bind failed gen=%d pid=%d: %v\n", gen, os.Getpid(), err)
+		return
+	}
+	go http.Serve(l, mux)
+	fmt.Fprintf(os.Stderr, "testchild: on SIGUSR1: bound gen=%d pid=%d on %s\n", gen, os.Getpid(), l.Addr())
 }
 
 // serveBound binds addr itself and serves HTTP on it. It says on stderr
