@@ -64,7 +64,8 @@ As PID 1 (a container's entrypoint), relay reaps every orphan of the container, 
 the serving child's status, and passes the children's stdout and stderr through as its own.
 Signals it does not act on are ignored; SIGKILL and SIGSTOP sent from inside the container
 are dropped by the kernel.
-   USR1, USR2, WINCH  forwarded to the serving child.
+   USR1, WINCH  forwarded to the serving child.
+   USR2         upgrades relay itself in place, the server untouched (relay upgrade).
 
 Listen forms (each may start with NAME= to set its LISTEN_FDNAMES entry):
    :8080  127.0.0.1:8080  [::1]:8080   TCP           (default name tcp-PORT)

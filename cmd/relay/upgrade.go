@@ -18,10 +18,10 @@ no new socket. By default PATH is the file relay was started from, where a packa
 puts the new binary; SIGUSR2 to relay does the same.
 
 Before it executes anything, relay asks the new binary which state versions it can take,
-and refuses one that cannot. relay upgrades only when it is quiet: one generation, serving,
-and no restart, stop or replacement under way; otherwise it answers busy, and nothing
-changes. A new relay that cannot take the state returns to the one it replaced, which
-serves on.
+and refuses one that cannot. relay upgrades only when no restart, stop or replacement is under way; otherwise it
+answers busy, and nothing changes: try again a moment later. Old generations finishing
+their requests cross too, with the time left before their SIGKILL. A new relay that cannot
+take the state returns to the one it replaced, which serves on. See docs/upgrade.md.
 
 Exit status:
    0  the new relay serves
@@ -33,7 +33,7 @@ Exit status:
 Examples:
    relay upgrade --name api
    relay upgrade --name api /usr/local/bin/relay-1.4.0
-   systemctl reload-or-restart relay.service   # with ExecReload=/usr/bin/relay upgrade --name api`
+   systemctl kill --kill-whom=main -s USR2 relay.service   # the same, through systemd`
 
 func upgradeCommand() *cli.Command {
 	return &cli.Command{
