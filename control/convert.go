@@ -103,8 +103,9 @@ func statusDoc(info Info, control string, pid int, st supervisor.Status) *Status
 			Queued: st.Restarts.Queued, QueuedRestarts: st.Restarts.QueuedRestarts,
 			LivenessReplacements: st.Restarts.LivenessReplacements,
 		},
-		Stopping:   st.Stopping,
-		ShutdownAt: st.ShutdownAt,
+		Stopping:     st.Stopping,
+		ShutdownAt:   st.ShutdownAt,
+		RelayVersion: info.Version, Upgrades: info.Upgrades, LastUpgrade: info.LastUpgrade,
 	}
 	for _, g := range st.Generations {
 		doc.Generations = append(doc.Generations, GenerationStatus{

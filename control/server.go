@@ -55,6 +55,11 @@ type Info struct {
 	Name      string
 	Started   time.Time
 	Listeners []ListenerInfo
+	// Version is relay's version line; Upgrades and LastUpgrade, its
+	// in-place upgrades so far, and when the last was.
+	Version     string
+	Upgrades    int
+	LastUpgrade time.Time
 }
 
 // Server answers control requests for one supervisor.

@@ -25,6 +25,14 @@ type StatusDoc struct {
 	// stop signal with --shutdown-delay): then it is when the graceful
 	// stop begins. Meanwhile relay serves, but is going.
 	ShutdownAt time.Time `json:"shutdown_at,omitzero"`
+	// RelayVersion is the version line of the relay binary that answers
+	// (relay version); absent from a relay that predates it.
+	RelayVersion string `json:"relay_version,omitempty"`
+	// Upgrades counts the in-place upgrades (relay upgrade) since relay
+	// started; LastUpgrade is when the last one was, absent before the
+	// first.
+	Upgrades    int       `json:"upgrades,omitempty"`
+	LastUpgrade time.Time `json:"last_upgrade,omitzero"`
 }
 
 // ListenerInfo describes one socket relay holds.

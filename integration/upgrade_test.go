@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/httptrace"
@@ -184,6 +185,19 @@ func TestUpgradeInPlaceUnderLoad(t *testing.T) {
 	t.Logf("relay's fds: %d before, %d after the first upgrade, %d after the last", fdsBefore, fdsFirst, fdCount(t, r.pid()))
 	if got := listeningOn(t, port); got != listenBefore {
 		t.Errorf("%d sockets listen on port %d after the upgrades, %d before", got, port, listenBefore)
+	}
+	// relay status says which relay answers, and how often it upgraded.
+	out, errOut, code := r.client("status", "--json")
+	var doc struct {
+		RelayVersion string `json:"relay_version"`
+		Upgrades     int    `json:"upgrades"`
+		LastUpgrade  string `json:"last_upgrade"`
+	}
+	if code != 0 || json.Unmarshal([]byte(out), &doc) != nil {
+		t.Fatalf("relay status --json: exit %d: %s%s", code, out, errOut)
+	}
+	if doc.Upgrades != upgrades || doc.RelayVersion != a || doc.LastUpgrade == "" {
+		t.Errorf("status after %d upgrades: relay_version %q, upgrades %d, last_upgrade %q; want %q, %d", upgrades, doc.RelayVersion, doc.Upgrades, doc.LastUpgrade, a, upgrades)
 	}
 	// The relay that serves now restarts as ever.
 	if out, errOut, code := r.client("restart"); code != 0 {

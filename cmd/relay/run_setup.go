@@ -115,7 +115,7 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 
 // controlInfo is what relay says of itself in status documents.
 func controlInfo(opts runOptions, set *sockets.Set) control.Info {
-	info := control.Info{Name: opts.name, Started: time.Now()}
+	info := control.Info{Name: opts.name, Started: time.Now(), Version: thisVersion()}
 	for _, in := range set.Info() {
 		info.Listeners = append(info.Listeners, control.ListenerInfo{
 			FD: in.FD, Name: in.Name, Network: in.Network, Address: in.Addr, Origin: in.Origin, Drain: string(in.Sharing),

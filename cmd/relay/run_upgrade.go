@@ -49,7 +49,8 @@ type upgradeState struct {
 	// AdminFD is the --metrics listener; -1 without one.
 	AdminFD int `json:"admin_fd"`
 	// Upgrades counts the upgrades since relay started; LastUpgrade is
-	// when the last one happened.
+	// when the last one happened (this one's count and time are added by
+	// the image that takes the state over).
 	Upgrades    int       `json:"upgrades"`
 	LastUpgrade time.Time `json:"last_upgrade"`
 }
@@ -178,7 +179,7 @@ func (u *upgrader) checkCandidate(path string) (handoff.Candidate, error) {
 // It returns only if the exec failed, with every fd as it was.
 func (u *upgrader) exec(path string, saved supervisor.Saved, req *control.UpgradeConn, admFD int) error {
 	st := upgradeState{ExePath: u.exePath, NotifyDir: u.notifyDir, Requester: -1, Supervisor: saved,
-		AdminFD: admFD, Upgrades: u.upgrades + 1, LastUpgrade: time.Now()}
+		AdminFD: admFD, Upgrades: u.upgrades, LastUpgrade: u.last}
 	fds := saved.FDs()
 	var err error
 	var more []int
@@ -317,11 +318,15 @@ func restore(thread *reaper.Thread, opts runOptions, st upgradeState, stderr *li
 		return r, err
 	}
 	if st.AdminFD >= 0 {
-		if r.adm, err = admin.ListenFD(st.AdminFD, admin.Options{Status: r.sup, Recorder: rec, Build: buildInfo(), Log: log}); err != nil {
+		build := buildInfo()
+		build.Upgrades, build.LastUpgrade = st.Upgrades, st.LastUpgrade
+		if r.adm, err = admin.ListenFD(st.AdminFD, admin.Options{Status: r.sup, Recorder: rec, Build: build, Log: log}); err != nil {
 			return r, err
 		}
 	}
-	r.ctl, err = control.Adopt(st.Control, r.sup, controlInfo(opts, r.set), log)
+	info := controlInfo(opts, r.set)
+	info.Upgrades, info.LastUpgrade = st.Upgrades, st.LastUpgrade
+	r.ctl, err = control.Adopt(st.Control, r.sup, info, log)
 	return r, err
 }
 
@@ -334,6 +339,9 @@ func restoreRun(thread *reaper.Thread, opts runOptions, doc handoff.Doc, sigC <-
 	var st upgradeState
 	if err := json.Unmarshal(doc.State, &st); err != nil {
 		return returnTo(thread, log, doc, fmt.Errorf("reading relay's state: %w", err))
+	}
+	if returned == "" { // an upgrade, not the way back from a failed one
+		st.Upgrades, st.LastUpgrade = st.Upgrades+1, doc.Written
 	}
 	r, err := restore(thread, opts, st, stderr, log)
 	if err != nil && returned != "" {
@@ -364,7 +372,6 @@ func restoreRun(thread *reaper.Thread, opts runOptions, doc handoff.Doc, sigC <-
 	version := thisVersion()
 	ev := control.UpgradeEvent{Phase: control.UpgradeDone, From: doc.From, To: version, GapMs: float64(gap) / float64(time.Millisecond)}
 	if returned != "" {
-		st.Upgrades--
 		ev = control.UpgradeEvent{Phase: control.UpgradeReturned, From: version, Reason: returned, GapMs: ev.GapMs}
 		log.Warn("back on this relay: the new one could not take over", "version", version, "reason", returned, "gap", gap.Round(time.Microsecond))
 	} else {

@@ -71,6 +71,13 @@ func socketsTaken(ls []control.ListenerInfo, took map[string]string) string {
 func printStatus(w io.Writer, d *control.StatusDoc) {
 	up := time.Since(d.Started).Round(time.Second)
 	fmt.Fprintf(w, "relay %q (pid %d), up %s, control %s\n", d.Name, d.Pid, up, d.Control)
+	if d.RelayVersion != "" {
+		line := d.RelayVersion
+		if d.Upgrades > 0 {
+			line += fmt.Sprintf(", upgraded in place %d time(s), last %s ago", d.Upgrades, time.Since(d.LastUpgrade).Round(time.Second))
+		}
+		fmt.Fprintln(w, line)
+	}
 	switch {
 	case !d.ShutdownAt.IsZero():
 		fmt.Fprintln(w, shutdownLine(time.Until(d.ShutdownAt)))

@@ -2,16 +2,22 @@ package admin
 
 import (
 	"log/slog"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/relaysh/relay/supervisor"
 )
 
-// BuildInfo names the relay binary, for relay_build_info.
+// BuildInfo names the relay binary, for relay_build_info, and says how
+// often relay was upgraded in place to one (relay upgrade).
 type BuildInfo struct {
 	Version   string // the main module's version, "(devel)" for a checkout
 	GoVersion string // runtime.Version()
+	// Upgrades counts relay's upgrades in place since it started;
+	// LastUpgrade is when the last one was, zero before the first.
+	Upgrades    int
+	LastUpgrade time.Time
 }
 
 // statusCollector turns one supervisor Status per scrape into relay's
@@ -23,6 +29,7 @@ type statusCollector struct {
 	log    *slog.Logger
 
 	restarts, crashes, liveness, serving, generations, lastTime, lastSuccess, buildInfo *prometheus.Desc
+	upgrades, lastUpgrade                                                               *prometheus.Desc
 }
 
 // generationStates are the states relay_generations reports, each always
@@ -53,12 +60,16 @@ func newStatusCollector(status func() (supervisor.Status, error), build BuildInf
 			"1 if the last requested restart succeeded, 0 if it was rolled back or refused; absent before the first.", nil, nil),
 		buildInfo: prometheus.NewDesc("relay_build_info",
 			"Always 1; its labels name the relay binary.", []string{"version", "goversion"}, nil),
+		upgrades: prometheus.NewDesc("relay_upgrades_total",
+			"In-place upgrades of relay's own binary (relay upgrade) since relay started.", nil, nil),
+		lastUpgrade: prometheus.NewDesc("relay_last_upgrade_timestamp_seconds",
+			"When relay last upgraded its own binary in place, in seconds since the Unix epoch; absent before the first.", nil, nil),
 	}
 }
 
 // Describe is part of prometheus.Collector.
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.restarts, c.crashes, c.liveness, c.serving, c.generations, c.lastTime, c.lastSuccess, c.buildInfo} {
+	for _, d := range []*prometheus.Desc{c.restarts, c.crashes, c.liveness, c.serving, c.generations, c.lastTime, c.lastSuccess, c.buildInfo, c.upgrades, c.lastUpgrade} {
 		ch <- d
 	}
 }
@@ -67,6 +78,10 @@ func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
 // gets the build info and the histograms only, and the error is logged.
 func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.buildInfo, prometheus.GaugeValue, 1, c.build.Version, c.build.GoVersion)
+	ch <- prometheus.MustNewConstMetric(c.upgrades, prometheus.CounterValue, float64(c.build.Upgrades))
+	if !c.build.LastUpgrade.IsZero() {
+		ch <- prometheus.MustNewConstMetric(c.lastUpgrade, prometheus.GaugeValue, float64(c.build.LastUpgrade.UnixNano())/1e9)
+	}
 	st, err := c.status()
 	if err != nil {
 		c.log.Warn("metrics: relay's counters left out of a scrape", "err", err)
