@@ -218,8 +218,9 @@ func startConformanceRestart(r *relayProc) <-chan conformanceRestart {
 
 // runConformance runs c under relay, restarts it cfg.restarts times with a
 // slow request in flight at each restart and a load of new connections
-// throughout, and checks that no request failed and that every slow
-// request was answered 200, in full, by the generation it was sent to.
+// throughout, relay upgrading itself in place before each restart, and
+// checks that no request failed and that every slow request was answered
+// 200, in full, by the generation it was sent to.
 func runConformance(t *testing.T, c conformanceCase, cfg conformanceConfig) {
 	port := freeLoopbackPort(t)
 	addr := "127.0.0.1:" + strconv.Itoa(port)
@@ -283,6 +284,13 @@ func runConformance(t *testing.T, c conformanceCase, cfg conformanceConfig) {
 			}
 		}
 
+		// relay upgrades itself in place with the slow request in
+		// flight: the server sees nothing, and the restart below is the
+		// new relay's.
+		if stdout, stderr, code, err := relayCommand(r.control, "upgrade"); err != nil || code != 0 {
+			t.Fatalf("relay upgrade before restart %d: exit %d, %v: %s%s", old, code, err, stdout, stderr)
+		}
+		_, from = r.waitFor(from, 60*time.Second, "relay upgraded in place", func(l logLine) bool { return l.str("msg") == "relay upgraded in place" })
 		restart := startConformanceRestart(r)
 		ready, from = r.waitMsg(from, "generation ready", old+1)
 		checkTakes(ready)
