@@ -45,6 +45,10 @@ workers sending requests and --restarts restarts evenly spaced, once per mode:
    relay-shared  relay-notify with --steer off: one socket shared by both generations
    relay-http    relay run --health http://{health_addr}/healthz (hello's private address)
    relay-delay   relay run --health delay:--delay
+   relay-upgrade relay-notify whose "restarts" replace relay itself in place (SIGUSR2, relay
+                 upgrade to the same binary): the backend is never restarted (not run by default)
+   relay-stop-start  relay-notify whose "restarts" stop relay and start another, as a service
+                 manager's restart of relay does without an fd store (not run by default)
    start_server  Server::Starter (Debian: libserver-starter-perl), skipped if absent
 
 Modes: new-conn (a new connection per request) and keep-alive.

@@ -77,6 +77,11 @@ func scenarios() []scenario {
 		{name: "relay-http", health: "http://{health_addr}/healthz", launch: launchRelay},
 		{name: "relay-delay", health: "delay", launch: launchRelay},
 		{name: "start_server", launch: launchStarter},
+		// relay itself replaced, the backend untouched: in place (relay
+		// upgrade, by SIGUSR2), and as a service manager's restart of
+		// relay does it without an fd store (stop relay, start another).
+		{name: "relay-upgrade", health: "notify", launch: launchRelayWith(relayUpgrade)},
+		{name: "relay-stop-start", health: "notify", launch: launchRelayWith(relayStopStart)},
 	}
 }
 
@@ -116,10 +121,58 @@ func launchAlone(restarts bool) func(*settings, scenario, string, *os.File) (*se
 	}
 }
 
+// How a relay scenario's restart is done.
+const (
+	relayRestart   = iota // SIGHUP: a new generation of the backend
+	relayUpgrade          // SIGUSR2: relay replaces its own binary in place
+	relayStopStart        // relay stopped, and a new relay started
+)
+
 func launchRelay(s *settings, sc scenario, addr string, logf *os.File) (*setup, error) {
+	return launchRelayWith(relayRestart)(s, sc, addr, logf)
+}
+
+// launchRelayWith runs the backend under relay, restarted as how says.
+func launchRelayWith(how int) func(*settings, scenario, string, *os.File) (*setup, error) {
+	return func(s *settings, sc scenario, addr string, logf *os.File) (*setup, error) {
+		argv, control, err := s.relayArgv(sc, addr)
+		if err != nil {
+			return nil, err
+		}
+		p, err := startProc(argv, logf)
+		if err != nil {
+			return nil, err
+		}
+		st := &setup{
+			supervisor: "relay",
+			control:    control,
+			pid:        func() int { return p.cmd.Process.Pid },
+			restart:    func() error { return p.cmd.Process.Signal(syscall.SIGHUP) },
+			stop:       func() error { return p.stop(s.stopGrace()) },
+			exited:     func() <-chan struct{} { return p.done },
+		}
+		switch how {
+		case relayUpgrade:
+			st.restart = func() error { return p.cmd.Process.Signal(syscall.SIGUSR2) }
+		case relayStopStart:
+			st.restart = func() error {
+				if err := p.stop(s.stopGrace()); err != nil {
+					return err
+				}
+				p, err = startProc(argv, logf)
+				return err
+			}
+		}
+		return st, nil
+	}
+}
+
+// relayArgv is relay run's command line for sc on addr, and its control
+// socket's path.
+func (s *settings) relayArgv(sc scenario, addr string) ([]string, string, error) {
 	ctl, err := os.MkdirTemp(s.tmp, "control-")
 	if err != nil {
-		return nil, fmt.Errorf("creating a control directory: %w", err)
+		return nil, "", fmt.Errorf("creating a control directory: %w", err)
 	}
 	control := filepath.Join(ctl, "relay.sock")
 	args := []string{s.relay, "run", "--listen", addr, "--control", control, "--log-format", "json"}
@@ -131,18 +184,7 @@ func launchRelay(s *settings, sc scenario, addr string, logf *os.File) (*setup, 
 		args = append(args, "--health", sc.health)
 	}
 	args = append(append(args, sc.relayArgs...), "--")
-	p, err := startProc(append(args, s.helloArgs(sc, addr)...), logf)
-	if err != nil {
-		return nil, err
-	}
-	return &setup{
-		supervisor: "relay",
-		control:    control,
-		pid:        func() int { return p.cmd.Process.Pid },
-		restart:    func() error { return p.cmd.Process.Signal(syscall.SIGHUP) },
-		stop:       func() error { return p.stop(s.stopGrace()) },
-		exited:     func() <-chan struct{} { return p.done },
-	}, nil
+	return append(args, s.helloArgs(sc, addr)...), control, nil
 }
 
 // launchStarter runs the backend under start_server, which binds addr and
