@@ -36,6 +36,9 @@ type Reaper struct {
 	stopC   chan struct{}
 	doneC   chan struct{}
 	once    sync.Once
+	begin   sync.Once
+	// adopted are the children New adopted, exited or not (Process).
+	adopted map[int]*Process
 }
 
 // New makes relay a child subreaper (so orphaned descendants are reparented
@@ -52,6 +55,7 @@ func New(log *slog.Logger, thread *Thread, adopt ...SavedProc) (*Reaper, error) 
 	r := &Reaper{
 		log:     log,
 		waiters: make(map[int]*Process),
+		adopted: make(map[int]*Process),
 		thread:  thread,
 		sigC:    make(chan os.Signal, 1),
 		orphanC: make(chan struct{}, 1),
@@ -68,10 +72,21 @@ func New(log *slog.Logger, thread *Thread, adopt ...SavedProc) (*Reaper, error) 
 			return nil, err
 		}
 		r.waiters[sp.Pid] = p
+		r.adopted[sp.Pid] = p
 	}
 	signal.Notify(r.sigC, syscall.SIGCHLD)
-	go r.loop()
+	if len(adopt) == 0 {
+		r.Begin()
+	}
 	return r, nil
+}
+
+// Begin starts the reaping, where New adopted children and left it to
+// the caller: once relay is sure to stay this image, since an exit reaped
+// here is lost to an image it would return to. Exits meanwhile wait as
+// zombies. Begin may be called more than once.
+func (r *Reaper) Begin() {
+	r.begin.Do(func() { go r.loop() })
 }
 
 // Close stops the reaping loop.
@@ -79,6 +94,7 @@ func (r *Reaper) Close() {
 	r.once.Do(func() {
 		signal.Stop(r.sigC)
 		close(r.stopC)
+		r.Begin() // so that doneC closes
 		<-r.doneC
 	})
 }
@@ -115,9 +131,13 @@ func (r *Reaper) reapAll() {
 		}
 		p := r.waiters[pid]
 		delete(r.waiters, pid)
-		r.mu.Unlock()
-
 		st := Status{Pid: pid, WaitStatus: ws, Rusage: ru}
+		if p != nil {
+			// Under the lock: one that holds it (Hold) sees the
+			// exit, or the process not yet reaped.
+			p.finish(st)
+		}
+		r.mu.Unlock()
 		if p == nil {
 			r.log.Debug("reaped orphan", "pid", pid, "status", st.String())
 			select {
@@ -126,7 +146,6 @@ func (r *Reaper) reapAll() {
 			}
 			continue
 		}
-		p.finish(st)
 	}
 }
 
@@ -216,11 +235,14 @@ func Exited(sp SavedProc, st Status) *Process {
 	return p
 }
 
-// Process returns the Process New adopted, or Start started, for pid, if
-// it has not exited.
+// Process returns the Process New adopted for pid, exited or not, or the
+// one Start started, if it has not exited.
 func (r *Reaper) Process(pid int) *Process {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if p := r.adopted[pid]; p != nil {
+		return p
+	}
 	return r.waiters[pid]
 }
 

@@ -1,6 +1,7 @@
 package reaper
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -59,7 +61,9 @@ func execHelper(how string) int {
 			if st, err := procfs.ReadStatus(pid); err == nil {
 				ppid, _ = st.Int("PPid")
 			}
-			fmt.Printf("child %d alive ppid %d pid %d\n", pid, ppid, os.Getpid())
+			var sub int32
+			unix.Prctl(unix.PR_GET_CHILD_SUBREAPER, uintptr(unsafe.Pointer(&sub)), 0, 0, 0)
+			fmt.Printf("child %d alive ppid %d pid %d subreaper %d\n", pid, ppid, os.Getpid(), sub)
 			unix.Kill(pid, unix.SIGKILL)
 			unix.Wait4(pid, &ws, 0, nil)
 		}
@@ -99,6 +103,9 @@ func execHelperBefore(t *Thread, how string) int {
 		return 1
 	}
 	env := append(os.Environ(), envExecChild+"="+strconv.Itoa(p.Pid))
+	// As relay's handoff does: no exit is reaped by this image from here.
+	release := r.Hold()
+	defer release()
 	switch how {
 	case "thread", "adopt":
 		err = t.Exec(os.Args[0], os.Args, env)
@@ -124,6 +131,7 @@ func adoptHelper(pid int) int {
 		return 1
 	}
 	defer r.Close()
+	r.Begin()
 	p := r.Process(pid)
 	if p == nil {
 		fmt.Printf("child %d: not adopted\n", pid)
@@ -137,8 +145,13 @@ func adoptHelper(pid int) int {
 // runExecHelper runs the helper and returns its one line of report.
 func runExecHelper(t *testing.T, how string) string {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), envExecHelper+"="+how)
+	// A helper that hangs dumps its goroutines on its way out.
+	cmd.Cancel = func() error { return cmd.Process.Signal(unix.SIGQUIT) }
+	cmd.WaitDelay = waitLimit
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("helper (%s): %v: %s", how, err, out)
@@ -147,15 +160,19 @@ func runExecHelper(t *testing.T, how string) string {
 }
 
 // TestExecOnTheThreadKeepsChildren: an exec on the Thread that forked a
-// child leaves it alive, and still the child of the same process.
+// child leaves it alive, and still the child of the same process, which is
+// still a child subreaper.
 func TestExecOnTheThreadKeepsChildren(t *testing.T) {
 	line := runExecHelper(t, "thread")
-	var child, ppid, pid int
-	if _, err := fmt.Sscanf(line, "child %d alive ppid %d pid %d", &child, &ppid, &pid); err != nil {
+	var child, ppid, pid, sub int
+	if _, err := fmt.Sscanf(line, "child %d alive ppid %d pid %d subreaper %d", &child, &ppid, &pid, &sub); err != nil {
 		t.Fatalf("after the exec: %q, want the child alive", line)
 	}
 	if ppid != pid {
 		t.Errorf("the child's parent is %d after the exec, want the helper %d", ppid, pid)
+	}
+	if sub != 1 {
+		t.Errorf("the helper is no child subreaper after the exec (%d): orphans would go to init", sub)
 	}
 }
 
