@@ -99,8 +99,9 @@ type Server struct {
 	upgrading sync.Mutex
 	pause     pauseState
 	released  chan struct{}
-	// carried is the fd an earlier image handed over, until Settle.
-	carried *os.File
+	// carried is the fd an earlier image handed over, until Settle; -1
+	// for none.
+	carried int
 }
 
 // reader is a connection whose request line is being read.
@@ -154,7 +155,7 @@ func newServer(path string, ln *net.UnixListener, lock *os.File, sup Supervisor,
 		path: path, ln: ln, lock: lock, sup: sup, info: info, log: log,
 		maxReading: reading, answering: make(chan struct{}, 2*reading),
 		streams: make(chan struct{}, streams), closing: make(chan struct{}),
-		released: make(chan struct{}, 1),
+		released: make(chan struct{}, 1), carried: -1,
 	}
 }
 

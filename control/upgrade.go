@@ -9,6 +9,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // relay upgrade over the control socket: the server hands the request to
@@ -127,22 +129,22 @@ type pauseState struct {
 
 // Pause stops accepting connections, which wait in the socket's backlog,
 // and waits, at most d, until no connection is answered or follows a
-// restart but the upgrade request's. It returns an error, and accepts
-// again, if some still are.
-func (s *Server) Pause(d time.Duration) error {
+// restart but the caller's own: held is 1 when an upgrade request asks
+// (its connection holds a place), 0 when a signal does. It returns an
+// error, and accepts again, if some still are.
+func (s *Server) Pause(d time.Duration, held int) error {
 	s.pause.mu.Lock()
 	s.pause.paused, s.pause.resumeC = true, make(chan struct{})
 	s.pause.mu.Unlock()
 	s.ln.SetDeadline(time.Unix(1, 0)) // Serve's accept returns at once
 	deadline := time.Now().Add(d)
-	// The upgrade request holds one place in answering. A stream gives
-	// its place back when it ends, without a word: look again now and
-	// then.
+	// A stream gives its place back when it ends, without a word: look
+	// again now and then.
 	const look = 10 * time.Millisecond
-	for len(s.answering) > 1 || len(s.streams) > 0 {
+	for len(s.answering) > held || len(s.streams) > 0 {
 		if time.Now().After(deadline) {
 			s.Resume()
-			return fmt.Errorf("%d control connection(s) still answered after %s", len(s.answering)-1+len(s.streams), d)
+			return fmt.Errorf("%d control connection(s) still answered after %s", len(s.answering)-held+len(s.streams), d)
 		}
 		select {
 		case <-s.released:
@@ -208,8 +210,15 @@ func (s *Server) Save() (Saved, error) {
 // lock: info's Started is taken from sv. The fd at sv.FD stays open until
 // Settle, for a return to that image; it is left open if Adopt fails.
 func Adopt(sv Saved, sup Supervisor, info Info, log *slog.Logger) (*Server, error) {
-	f := os.NewFile(uintptr(sv.FD), sv.Path)
-	l, err := net.FileListener(f) // a copy of the fd, in Go's poller
+	// The carried fd is not wrapped in an os.File, whose finalizer could
+	// close it before a return to the earlier image: a copy is.
+	dup, err := unix.FcntlInt(uintptr(sv.FD), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("taking over the control socket %s: %w", sv.Path, err)
+	}
+	f := os.NewFile(uintptr(dup), sv.Path)
+	l, err := net.FileListener(f) // a copy of the copy, in Go's poller
+	f.Close()
 	if err != nil {
 		return nil, fmt.Errorf("taking over the control socket %s: %w", sv.Path, err)
 	}
@@ -221,7 +230,7 @@ func Adopt(sv Saved, sup Supervisor, info Info, log *slog.Logger) (*Server, erro
 	ln.SetUnlinkOnClose(true) // as Listen's: Close removes the socket file
 	info.Started = sv.Started
 	s := newServer(sv.Path, ln, os.NewFile(uintptr(sv.LockFD), sv.Path+".lock"), sup, info, log)
-	s.carried = f
+	s.carried = sv.FD
 	return s, nil
 }
 
@@ -229,9 +238,9 @@ func Adopt(sv Saved, sup Supervisor, info Info, log *slog.Logger) (*Server, erro
 // will not return to that image: the socket stays open on the Server's
 // own copy.
 func (s *Server) Settle() {
-	if s.carried != nil {
-		s.carried.Close()
-		s.carried = nil
+	if s.carried >= 0 {
+		unix.Close(s.carried)
+		s.carried = -1
 	}
 }
 

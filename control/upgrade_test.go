@@ -110,7 +110,7 @@ func TestUpgradeRequestChecks(t *testing.T) {
 func TestPauseResumeSaveAdopt(t *testing.T) {
 	f := newFake()
 	srv := serve(t, f, nil)
-	if err := srv.Pause(time.Second); err != nil {
+	if err := srv.Pause(time.Second, 0); err != nil {
 		t.Fatal(err)
 	}
 	got := make(chan error, 1)
@@ -126,7 +126,7 @@ func TestPauseResumeSaveAdopt(t *testing.T) {
 		t.Fatalf("status after Resume: %v", err)
 	}
 
-	if err := srv.Pause(time.Second); err != nil {
+	if err := srv.Pause(time.Second, 0); err != nil {
 		t.Fatal(err)
 	}
 	sv, err := srv.Save()
