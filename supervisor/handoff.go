@@ -42,6 +42,12 @@ type Saved struct {
 	Serving        SavedGeneration `json:"serving"`
 	// Old are the stopping and lingering generations, oldest first.
 	Old []SavedGeneration `json:"old,omitempty"`
+	// At is when the state was saved: the kill deadlines count from it.
+	At time.Time `json:"at"`
+	// Crashes and LivenessInRow are the failures in a row that set the
+	// backoff of the next crash or liveness replacement.
+	Crashes       int `json:"crashes,omitempty"`
+	LivenessInRow int `json:"liveness_in_row,omitempty"`
 }
 
 // SavedGeneration is a generation as it crosses the exec. An fd of -1 is
@@ -240,7 +246,7 @@ func (s *Supervisor) save() (Saved, error) {
 	sv := Saved{
 		Next: s.gens.next, Command: s.gens.command, EverReady: s.gens.everReady,
 		SpeaksNotify: s.speaksNotify.Load(), TakeoverWarned: s.takeoverWarned.Load(),
-		Counts: s.counts, Last: s.last,
+		Counts: s.counts, Last: s.last, At: time.Now(), Crashes: s.crash.crashes, LivenessInRow: s.live.inRow,
 	}
 	for i, g := range s.handedOver() {
 		sg, err := s.saveGen(g)
@@ -316,48 +322,69 @@ func (s *Supervisor) Restore(sv Saved) error {
 	if s.env.adopt == nil {
 		return errors.New("restoring the supervisor: nothing to adopt processes with")
 	}
-	gens := make([]*generation, 0, 1+len(sv.Old))
-	for _, sg := range append([]SavedGeneration{sv.Serving}, sv.Old...) {
-		g, err := s.restoreGen(sg)
+	saved := append([]SavedGeneration{sv.Serving}, sv.Old...)
+	// What can fail first, for every generation; nothing reads a
+	// generation's fds before all of them are taken, so that a failed
+	// Restore leaves every message and bind to the earlier image. The
+	// generations are kept (restoring) until relay stays or goes back:
+	// what holds their fds must not be collected, and close them.
+	for _, sg := range saved {
+		g, err := s.adoptGen(sg)
 		if err != nil {
 			return err
 		}
-		gens = append(gens, g)
+		s.restoring = append(s.restoring, g)
+	}
+	for i, g := range s.restoring {
+		if err := s.listenGen(g, saved[i]); err != nil {
+			return err
+		}
 	}
 	s.gens.next, s.gens.command, s.gens.everReady = sv.Next, sv.Command, sv.EverReady
 	s.speaksNotify.Store(sv.SpeaksNotify)
 	s.takeoverWarned.Store(sv.TakeoverWarned)
 	s.counts, s.last = sv.Counts, sv.Last
-	for i, g := range gens {
+	s.crash.crashes, s.live.inRow = sv.Crashes, sv.LivenessInRow
+	// The time since the save, the exec's gap, counts against the kill
+	// deadlines.
+	elapsed := max(time.Since(sv.At), 0)
+	if sv.At.IsZero() {
+		elapsed = 0
+	}
+	for i, g := range s.restoring {
 		state := Serving
 		if i > 0 {
 			state = sv.Old[i-1].State
 		}
 		s.gens.move(g, state)
-		s.resumeOld(g, sv, i)
+		s.startGen(g, saved[i])
+		s.resumeOld(g, saved[i], i > 0, elapsed)
 		g.log.Info("generation adopted", "state", g.state)
 	}
+	s.restoring = nil
 	return nil
 }
 
 // resumeOld arms again what an old generation waited for: its SIGKILL,
-// and the emptying of a lingering one's cgroup.
-func (s *Supervisor) resumeOld(g *generation, sv Saved, i int) {
-	if i == 0 {
+// elapsed later than its time left said, and the emptying of a lingering
+// one's cgroup.
+func (s *Supervisor) resumeOld(g *generation, sg SavedGeneration, old bool, elapsed time.Duration) {
+	if !old {
 		return
 	}
-	sg := sv.Old[i-1]
 	g.killed = sg.Killed
 	if sg.KillIn != nil {
-		s.armKillIn(g, *sg.KillIn)
+		s.armKillIn(g, max(*sg.KillIn-elapsed, 0))
 	}
 	if g.state == Exited {
 		g.contain.watch(s.doneC, func() { s.post(emptiedEvent{}) })
 	}
 }
 
-// restoreGen adopts the generation sg describes, in no slot yet.
-func (s *Supervisor) restoreGen(sg SavedGeneration) (*generation, error) {
+// adoptGen is the generation sg describes, in no slot yet, with what of
+// it can fail: its process, its cgroup, its sockets and its bind
+// takeover's notification fd, checked. Nothing reads its fds yet.
+func (s *Supervisor) adoptGen(sg SavedGeneration) (*generation, error) {
 	proc := s.env.adopt(sg.Proc, sg.Status)
 	if proc == nil {
 		return nil, fmt.Errorf("restoring generation %d: pid %d is not relay's child", sg.N, sg.Proc.Pid)
@@ -373,22 +400,37 @@ func (s *Supervisor) restoreGen(sg SavedGeneration) (*generation, error) {
 	}
 	g.log = s.cfg.Log.With("gen", g.n, "pid", g.pid())
 	g.pidForNotify.Store(int64(g.pid()))
-	if sg.Notify.FD >= 0 {
-		notify, err := health.AdoptNotify(sg.Notify, func(m health.NotifyMessage) { s.onNotify(g, m) })
-		if err != nil {
-			return nil, fmt.Errorf("restoring generation %d: %w", g.n, err)
-		}
-		g.notify = notify
-	}
 	var cg container
 	if sg.Cgroup && s.env.adoptContainer != nil {
 		cg = s.env.adoptContainer(g.n)
 	}
 	g.contain = s.containmentOf(g, cg)
 	if sg.Takeover != nil {
-		if err := s.restoreTakeover(g, sg); err != nil {
+		if err := s.adoptTakeover(g, sg); err != nil {
 			return nil, err
 		}
+	}
+	return g, nil
+}
+
+// listenGen adopts g's notify socket, which starts reading it.
+func (s *Supervisor) listenGen(g *generation, sg SavedGeneration) error {
+	if sg.Notify.FD < 0 {
+		return nil
+	}
+	notify, err := health.AdoptNotify(sg.Notify, func(m health.NotifyMessage) { s.onNotify(g, m) })
+	if err != nil {
+		return fmt.Errorf("restoring generation %d: %w", g.n, err)
+	}
+	g.notify = notify
+	return nil
+}
+
+// startGen starts reading adopted g's stderr, and its binds, and watching
+// its exit, unless relay had seen it already.
+func (s *Supervisor) startGen(g *generation, sg SavedGeneration) {
+	if t := g.takeover; t != nil {
+		go t.serveBinds()
 	}
 	var stderr *os.File
 	if sg.StderrFD >= 0 {
@@ -399,17 +441,16 @@ func (s *Supervisor) restoreGen(sg SavedGeneration) (*generation, error) {
 	} else {
 		s.watchExit(g, stderr, sg.StderrPartial)
 	}
-	return g, nil
 }
 
-// restoreTakeover answers the binds of adopted generation g again, on its
-// sockets, from the notification fd of sg.
-func (s *Supervisor) restoreTakeover(g *generation, sg SavedGeneration) error {
-	nt, err := takeover.Adopt(*sg.Takeover)
+// adoptTakeover makes g's bind takeover again, from the notification fd
+// of sg, on its sockets; startGen answers its binds.
+func (s *Supervisor) adoptTakeover(g *generation, sg SavedGeneration) error {
+	socks, err := s.cfg.Sockets.Held(g.n)
 	if err != nil {
 		return fmt.Errorf("restoring generation %d's bind takeover: %w", g.n, err)
 	}
-	socks, err := s.cfg.Sockets.Held(g.n)
+	nt, err := takeover.Adopt(*sg.Takeover)
 	if err != nil {
 		return fmt.Errorf("restoring generation %d's bind takeover: %w", g.n, err)
 	}
@@ -420,9 +461,8 @@ func (s *Supervisor) restoreTakeover(g *generation, sg SavedGeneration) error {
 		t.claimed[i] = make(chan struct{})
 		close(t.claimed[i]) // it served: it claimed what it needed
 	}
-	g.takeover = t
 	t.serveBinds = func() { s.serveBinds(g, socks) }
-	go t.serveBinds()
+	g.takeover = t
 	return nil
 }
 

@@ -48,6 +48,8 @@ type Supervisor struct {
 	counts     RestartCounts // OK, RolledBack, Refused, Replacements, LivenessReplacements; status adds the rest
 	last       *LastRestart
 	statusLine string // the last one the Observer heard
+	// restoring are the generations Restore adopts, while it does.
+	restoring []*generation
 }
 
 // generations are the live generations, each in the slot its state puts
@@ -309,6 +311,7 @@ func (s *Supervisor) Run() (Outcome, error) {
 	if s.gens.serving == nil {
 		s.beginRestart(&restartRun{reason: reasonStart})
 	}
+	s.syncLiveness() // an adopted serving generation is watched at once
 	s.publishStatus()
 	if s.env.stepped != nil {
 		s.env.stepped(reasonStart)

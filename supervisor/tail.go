@@ -141,6 +141,7 @@ func (c *stderrCopier) pause() bool {
 	}
 	c.paused.Store(true)
 	if err := c.f.SetReadDeadline(time.Now()); err != nil {
+		<-c.done // the copy is ending: its file is closed already
 		return false
 	}
 	select {
