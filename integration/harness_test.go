@@ -68,7 +68,8 @@ func runTests(m *testing.M) int {
 	} {
 		args := []string{"build", "-o", b.out}
 		if b.race {
-			args = append(args, "-race")
+			// relay with its test switches (cmd/relay/testswitch.go).
+			args = append(args, "-race", "-tags", "relaytest")
 		}
 		cmd := exec.Command("go", append(args, b.pkg)...)
 		cmd.Dir = ".."

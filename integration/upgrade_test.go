@@ -19,14 +19,14 @@ import (
 // relay upgrade: relay execs a new relay binary in place, and the server
 // does not notice.
 
-// relayOtherBuild builds relay a second time, as the README builds it and
-// with its VCS stamp, so that it reports another version line than
+// relayOtherBuild builds relay a second time, as the README builds it (but
+// with the test switches) and with its VCS stamp, so that it reports another version line than
 // built.relay (built without one) where the tree is a git checkout.
 func relayOtherBuild(tb testing.TB) string {
 	tb.Helper()
 	otherBuild.once.Do(func() {
 		otherBuild.path = filepath.Join(filepath.Dir(built.relay), "relay-other")
-		cmd := exec.Command("go", "build", "-buildvcs=auto", "-tags", "nethttpomithttp2,urfave_cli_no_docs", "-o", otherBuild.path, "./cmd/relay")
+		cmd := exec.Command("go", "build", "-buildvcs=auto", "-tags", "nethttpomithttp2,urfave_cli_no_docs,relaytest", "-o", otherBuild.path, "./cmd/relay")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=")
 		cmd.Dir = ".."
 		if out, err := cmd.CombinedOutput(); err != nil {

@@ -55,25 +55,6 @@ type upgradeState struct {
 	LastUpgrade time.Time `json:"last_upgrade"`
 }
 
-// Test switch: with this variable set in relay's environment, a new image
-// fails its restore ("error") or panics in it ("panic"), so that the tests
-// see the return to the old image. It is removed from the environment on
-// the way back.
-const envFailRestore = "RELAY_TEST_FAIL_RESTORE"
-
-// Test switch: with this variable set (to a number), relay's answer to an
-// upgrading relay's check says it takes only that version of the state,
-// so that the tests see an upgrade refused for its version.
-const envTestAccepts = "RELAY_TEST_HANDOFF_ACCEPTS"
-
-// checkAccepts are the state versions this image says it takes.
-func checkAccepts() []int {
-	if v, err := strconv.Atoi(os.Getenv(envTestAccepts)); err == nil {
-		return []int{v}
-	}
-	return handoff.Accepts()
-}
-
 // controlPauseTimeout bounds the wait for control connections in flight
 // before a handoff.
 const controlPauseTimeout = 2 * time.Second
@@ -129,7 +110,11 @@ func (u *upgrader) Upgrade(path string, req *control.UpgradeConn) control.Upgrad
 	ev.To = cand.Relay
 	send(req, control.UpgradeEvent{Phase: control.UpgradeChecked, Path: path, From: ev.From, To: ev.To})
 	u.log.Info("upgrading relay in place", "path", path, "from", ev.From, "to", ev.To)
-	if err := u.ctl.Pause(controlPauseTimeout); err != nil {
+	held := 0 // a signal asked
+	if req != nil {
+		held = 1 // the request's own connection
+	}
+	if err := u.ctl.Pause(controlPauseTimeout, held); err != nil {
 		return refuse(fmt.Errorf("%w: %w", supervisor.ErrBusy, err))
 	}
 	defer u.ctl.Resume()
@@ -138,7 +123,11 @@ func (u *upgrader) Upgrade(path string, req *control.UpgradeConn) control.Upgrad
 		if admFD, err = u.adm.Pause(); err != nil {
 			return refuse(fmt.Errorf("pausing the admin listener: %w", err))
 		}
-		defer u.adm.Resume()
+		defer func() {
+			if err := u.adm.Resume(); err != nil {
+				u.log.Error("the admin listener did not come back after the upgrade failed; /metrics, /healthz and /readyz are gone until relay restarts", "err", err)
+			}
+		}()
 	}
 	err = u.sup.Handoff(func(saved supervisor.Saved) error {
 		return u.exec(path, saved, req, admFD)
@@ -263,7 +252,7 @@ func returnTo(thread *reaper.Thread, log *slog.Logger, doc handoff.Doc, why erro
 	reason := strings.ReplaceAll(why.Error(), "\n", " ")
 	log.Error("this relay cannot take over; returning to the one it replaced", "from", doc.From, "reason", reason)
 	err := execImage(thread, "/proc/self/fd/"+strconv.Itoa(doc.Image), doc,
-		[]string{handoff.EnvReturn + "=" + reason}, envFailRestore)
+		[]string{handoff.EnvReturn + "=" + reason}, dropOnReturn()...)
 	return fmt.Errorf("returning to the relay this one replaced: %w (after: %w)", err, why)
 }
 
@@ -289,12 +278,8 @@ func restore(thread *reaper.Thread, opts runOptions, st upgradeState, stderr *li
 			err = fmt.Errorf("panic while taking over relay's state: %v", p)
 		}
 	}()
-	switch os.Getenv(envFailRestore) {
-	case "":
-	case "panic":
-		panic(envFailRestore + "=panic")
-	default:
-		return r, fmt.Errorf("failing as %s asks", envFailRestore)
+	if err := failRestore(); err != nil {
+		return r, err
 	}
 	r.notifier = sdnotify.New(log)
 	if r.set, err = sockets.Restore(st.Sockets, sockets.Options{Specs: opts.listens, UnixMode: opts.socketMode,
@@ -314,9 +299,8 @@ func restore(thread *reaper.Thread, opts runOptions, st upgradeState, stderr *li
 	if r.sup, err = newSupervisor(opts, r.set, st.NotifyDir, r.rp, r.cg, log, stderr, r.mem, supervisorRecorder(rec)); err != nil {
 		return r, err
 	}
-	if err = r.sup.Restore(st.Supervisor); err != nil {
-		return r, err
-	}
+	// The listeners first, which start nothing; the generations last,
+	// whose readers start as they are adopted.
 	if st.AdminFD >= 0 {
 		build := buildInfo()
 		build.Upgrades, build.LastUpgrade = st.Upgrades, st.LastUpgrade
@@ -326,8 +310,10 @@ func restore(thread *reaper.Thread, opts runOptions, st upgradeState, stderr *li
 	}
 	info := controlInfo(opts, r.set)
 	info.Upgrades, info.LastUpgrade = st.Upgrades, st.LastUpgrade
-	r.ctl, err = control.Adopt(st.Control, r.sup, info, log)
-	return r, err
+	if r.ctl, err = control.Adopt(st.Control, r.sup, info, log); err != nil {
+		return r, err
+	}
+	return r, r.sup.Restore(st.Supervisor)
 }
 
 // restoreRun is relay run in an image that an earlier one execed with its
@@ -361,6 +347,7 @@ func restoreRun(thread *reaper.Thread, opts runOptions, doc handoff.Doc, sigC <-
 	r.ctl.Settle()
 	r.adm.Settle()
 	unix.Close(doc.Image)
+	r.rp.Begin()
 	defer r.notifier.Close(notifyFlushTimeout)
 	defer r.set.Close()
 	if r.cg != nil {
