@@ -60,6 +60,9 @@ type boot struct {
 	thread      *reaper.Thread
 	sigC        <-chan os.Signal
 	stopSignals func()
+	// checkOnly: relay run checks its command line and returns, for an
+	// upgrading relay's check (handoff.CheckArg).
+	checkOnly bool
 }
 
 // realMain runs relay with args and returns its exit code.
@@ -72,7 +75,13 @@ func realMain(args []string, stderr io.Writer, b boot) int {
 		return exitOK
 	}
 	if handoff.IsCheck(args) {
-		// An upgrading relay asks this image what it takes.
+		// An upgrading relay asks this image what it takes: its state
+		// versions, and its command line, parsed as relay run would.
+		if given := handoff.CheckArgs(args); given != nil {
+			if err := newApp(stderr, boot{checkOnly: true}).Run(append([]string{args[0]}, given...)); err != nil {
+				return exitCode(err, stderr)
+			}
+		}
 		os.Stdout.Write(handoff.Describe(thisVersion(), checkAccepts()))
 		return exitOK
 	}

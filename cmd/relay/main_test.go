@@ -7,6 +7,8 @@ import (
 	"runtime/debug"
 	"strings"
 	"testing"
+
+	"github.com/relaysh/relay/internal/handoff"
 )
 
 // exitCode alone decides relay's exit status, and says why in one line.
@@ -116,5 +118,19 @@ func TestRestartRefusesABlankCheck(t *testing.T) {
 	code, line := runRelay(t, "restart", "--control", "/nonexistent/relay.sock", "--check", "   ")
 	if code != exitUsage || !strings.Contains(line, "holds no command") {
 		t.Errorf("relay restart --check '   ': exit %d, %q; want a usage error", code, line)
+	}
+}
+
+// An upgrading relay's check passes its command line on: a candidate
+// that would not take it says so, rather than exit at once after the
+// exec with relay's children.
+func TestHandoffCheckParsesTheCommandLine(t *testing.T) {
+	code, out := realMainOutput(t, handoff.CheckArg, "run", "--listen", "127.0.0.1:0", "--", "/bin/true")
+	if code != exitOK {
+		t.Errorf("check of a good command line: exit %d: %s", code, out)
+	}
+	code, out = realMainOutput(t, handoff.CheckArg, "run", "--listen", "127.0.0.1:0", "--no-such-flag", "--", "/bin/true")
+	if code != exitUsage || !strings.Contains(out, "no-such-flag") {
+		t.Errorf("check of a command line with an unknown flag: exit %d: %s", code, out)
 	}
 }

@@ -62,7 +62,7 @@ func runCommand(b boot) *cli.Command {
 func runAction(c *cli.Context, b boot) error {
 	thread := b.thread
 	opts, err := parseRunFlags(c)
-	if err != nil {
+	if err != nil || b.checkOnly {
 		return err
 	}
 	// Take over the signals first, so that none sent while relay starts

@@ -157,9 +157,11 @@ func (u *upgrader) checkCandidate(path string) (handoff.Candidate, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), checkTimeout)
 	defer cancel()
-	out, err := health.CommandOutput(ctx, u.rp, []string{path, handoff.CheckArg}, os.Environ())
+	// The candidate parses relay's command line as it will after the
+	// exec: one that does not take it would exit at once, with relay.
+	out, err := health.CommandOutput(ctx, u.rp, append([]string{path, handoff.CheckArg}, os.Args[1:]...), os.Environ())
 	if err != nil {
-		return handoff.Candidate{}, fmt.Errorf("%s is not a relay that can take over from this one: %w", path, err)
+		return handoff.Candidate{}, fmt.Errorf("%s cannot take over from this relay: %w", path, err)
 	}
 	return handoff.ParseCandidate(path, out)
 }

@@ -166,11 +166,21 @@ func Take() (Doc, error) {
 
 // CheckArg is the argument that makes a relay image print what it is and
 // which versions of the document it takes (Describe), and exit: relay
-// runs a candidate image so before it execs it.
+// runs a candidate image so before it execs it, followed by its own
+// arguments, which the candidate must take (CheckArgs).
 const CheckArg = "__relay_handoff_check"
 
 // IsCheck reports whether args (os.Args) ask for the check.
-func IsCheck(args []string) bool { return len(args) == 2 && args[1] == CheckArg }
+func IsCheck(args []string) bool { return len(args) >= 2 && args[1] == CheckArg }
+
+// CheckArgs are the arguments of the running relay that the check passes
+// on (args being the check's os.Args); nil for none.
+func CheckArgs(args []string) []string {
+	if !IsCheck(args) || len(args) == 2 {
+		return nil
+	}
+	return args[2:]
+}
 
 // Candidate is what an image says of itself for the check.
 type Candidate struct {

@@ -123,7 +123,13 @@ func TestParseCandidate(t *testing.T) {
 }
 
 func TestIsCheck(t *testing.T) {
-	if !IsCheck([]string{"relay", CheckArg}) || IsCheck([]string{"relay", "run"}) || IsCheck([]string{"relay", CheckArg, "x"}) {
+	if !IsCheck([]string{"relay", CheckArg}) || IsCheck([]string{"relay", "run"}) || !IsCheck([]string{"relay", CheckArg, "run"}) {
 		t.Error("IsCheck")
+	}
+	if got := CheckArgs([]string{"relay", CheckArg, "run", "--listen", ":1"}); len(got) != 3 || got[0] != "run" {
+		t.Errorf("CheckArgs = %q", got)
+	}
+	if got := CheckArgs([]string{"relay", CheckArg}); got != nil {
+		t.Errorf("CheckArgs with none = %q", got)
 	}
 }
