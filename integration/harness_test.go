@@ -82,31 +82,40 @@ func runTests(m *testing.M) int {
 	return m.Run()
 }
 
-// relayNoRace builds relay without -race, for benchmarks, once.
+// relayNoRace builds relay without -race, as the README builds it, for
+// benchmarks, once.
 func relayNoRace(tb testing.TB) string {
 	tb.Helper()
-	noRace.once.Do(func() {
-		noRace.path = filepath.Join(filepath.Dir(built.relay), "relay-norace")
-		// As the README builds it.
-		cmd := exec.Command("go", "build", "-tags", "nethttpomithttp2,urfave_cli_no_docs", "-o", noRace.path, "./cmd/relay")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		cmd.Dir = ".."
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			noRace.err = fmt.Errorf("building relay: %v: %s", err, out)
-		}
-	})
-	if noRace.err != nil {
-		tb.Fatal(noRace.err)
-	}
-	return noRace.path
+	return noRace.build(tb, "relay-norace", []string{"-tags", "nethttpomithttp2,urfave_cli_no_docs"})
 }
 
 // noRace is the relay binary built without -race, on first use.
-var noRace struct {
+var noRace lazyBuild
+
+// lazyBuild is a relay binary built on first use, once.
+type lazyBuild struct {
 	once sync.Once
 	path string
 	err  error
+}
+
+// build builds relay with CGO_ENABLED=0 and flags as name, beside
+// built.relay, once; env is added to the build's environment.
+func (b *lazyBuild) build(tb testing.TB, name string, flags []string, env ...string) string {
+	tb.Helper()
+	b.once.Do(func() {
+		b.path = filepath.Join(filepath.Dir(built.relay), name)
+		cmd := exec.Command("go", append(append([]string{"build"}, flags...), "-o", b.path, "./cmd/relay")...)
+		cmd.Env = append(append(os.Environ(), "CGO_ENABLED=0"), env...)
+		cmd.Dir = ".."
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("building relay: %v: %s", err, out)
+		}
+	})
+	if b.err != nil {
+		tb.Fatal(b.err)
+	}
+	return b.path
 }
 
 // logLine is one JSON log line of relay's.

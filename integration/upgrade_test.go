@@ -7,7 +7,6 @@ import (
 	"net/http/httptrace"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -24,26 +23,10 @@ import (
 // built.relay (built without one) where the tree is a git checkout.
 func relayOtherBuild(tb testing.TB) string {
 	tb.Helper()
-	otherBuild.once.Do(func() {
-		otherBuild.path = filepath.Join(filepath.Dir(built.relay), "relay-other")
-		cmd := exec.Command("go", "build", "-buildvcs=auto", "-tags", "nethttpomithttp2,urfave_cli_no_docs,relaytest", "-o", otherBuild.path, "./cmd/relay")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=")
-		cmd.Dir = ".."
-		if out, err := cmd.CombinedOutput(); err != nil {
-			otherBuild.err = fmt.Errorf("building relay: %v: %s", err, out)
-		}
-	})
-	if otherBuild.err != nil {
-		tb.Fatal(otherBuild.err)
-	}
-	return otherBuild.path
+	return otherBuild.build(tb, "relay-other", []string{"-buildvcs=auto", "-tags", "nethttpomithttp2,urfave_cli_no_docs,relaytest"}, "GOFLAGS=")
 }
 
-var otherBuild struct {
-	once sync.Once
-	path string
-	err  error
-}
+var otherBuild lazyBuild
 
 // versionOf is what relay version prints for bin.
 func versionOf(t *testing.T, bin string) string {
