@@ -18,15 +18,16 @@ no new socket. By default PATH is the file relay was started from, where a packa
 puts the new binary; SIGUSR2 to relay does the same.
 
 Before it executes anything, relay asks the new binary which state versions it can take,
-and refuses one that cannot. relay upgrades only when no restart, stop or replacement is under way; otherwise it
-answers busy, and nothing changes: try again a moment later. Old generations finishing
-their requests cross too, with the time left before their SIGKILL. A new relay that cannot
-take the state returns to the one it replaced, which serves on. See docs/upgrade.md.
+and whether it takes relay's command line, and refuses one that cannot. relay upgrades only
+when no restart, stop or replacement is under way; otherwise it answers busy, and nothing
+changes: try again a moment later. Old generations finishing their requests cross too,
+with the time left before their SIGKILL. A new relay that cannot take the state returns to
+the one it replaced, which serves on. See docs/upgrade.md.
 
 Exit status:
    0  the new relay serves
-   3  the upgrade was refused (busy, not a relay, a state version it cannot take) or the
-      new relay could not take over and the old one serves again
+   3  the upgrade was refused (busy, not a relay, a state version or a command line it
+      cannot take) or the new relay could not take over and the old one serves again
    4  relay cannot be reached (not running, wrong --name/--control) or refused this user
    1  any other error
 
