@@ -248,3 +248,36 @@ func TestUpgradeCarriesAStoppingGeneration(t *testing.T) {
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
 }
+
+// TestUpgradeCarriesADrain: an upgrade during the drain of a shared
+// socket (--steer off, where the drain lasts --drain): the new relay
+// drains the old generation on and stops it at the window's end; no
+// request fails.
+func TestUpgradeCarriesADrain(t *testing.T) {
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--steer", "off", "--drain", "4s", "--", built.hello)
+	addr := r.listenAddrs(1)[0].str("addr")
+	_, from := r.waitMsg(0, "generation ready", 1)
+	ld := startLoad(httpURL(addr), 4, 2*time.Minute)
+	stopLoad := sync.OnceFunc(ld.stop)
+	defer stopLoad()
+	r.signal(syscall.SIGHUP)
+	_, from = r.waitMsg(from, "old generation draining", 1)
+	if out, code := r.upgrade(""); code != 0 {
+		t.Fatalf("upgrade during the drain: exit %d:\n%s", code, out)
+	}
+	l, from := r.waitMsg(from, "old generation draining on", 1)
+	if l.num("left") <= 0 {
+		t.Errorf("the drain goes on with %q left", l.str("left"))
+	}
+	_, from = r.waitFor(from, 30*time.Second, "relay upgraded in place", func(l logLine) bool { return l.str("msg") == "relay upgraded in place" })
+	r.waitMsg(from, "stopping generation", 1)
+	r.waitMsg(from, "old generation exited", 1)
+	stopLoad()
+	requests, failures := ld.summary()
+	noFailures(t, failures, requests)
+	if out, errOut, code := r.client("status"); code != 0 || !strings.Contains(out, "restarts: 1 ok") {
+		t.Errorf("status after the carried restart: exit %d: %s%s", code, out, errOut)
+	}
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
+}

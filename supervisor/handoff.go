@@ -16,16 +16,17 @@ import (
 // stops reading the serving generation's fds and gives its state to the
 // exec, and Restore, in the new image, takes it back before Run.
 //
-// Only a quiet relay hands over: a generation serving, and no restart,
-// queued or running, no stop or shutdown delay, no crash or liveness
-// replacement pending. Old generations may be stopping (they got their
-// stop signal and finish their requests, SIGKILL due at the stop timeout)
-// or lingering (processes of them outlived their main process): they
-// cross too, with the time left before their SIGKILL. A generation still
-// draining (tens of milliseconds after a switch), one that has just exited
-// and whose exit is not yet handled, or an old one whose exit a client
-// follows (relay restart without --no-wait) makes relay busy: Handoff
-// refuses with ErrBusy, and the caller tries again a moment later.
+// Only a quiet relay hands over: a generation serving, no restart but one
+// in its drain window that nobody follows, none queued, no stop or
+// shutdown delay, no crash or liveness replacement pending. Old
+// generations may be draining (the restart crosses, with the time left of
+// its window), stopping (they got their stop signal and finish their
+// requests, SIGKILL due at the stop timeout) or lingering (processes of
+// them outlived their main process): they cross, with the time left
+// before their SIGKILL. A generation that has just exited and whose exit
+// is not yet handled, or a restart or an old generation a client follows
+// (relay restart without --no-wait), makes relay busy: Handoff refuses
+// with ErrBusy, and the caller tries again a moment later.
 
 // ErrBusy is returned by Handoff when relay is not quiet.
 var ErrBusy = errors.New("busy")
@@ -48,6 +49,19 @@ type Saved struct {
 	// backoff of the next crash or liveness replacement.
 	Crashes       int `json:"crashes,omitempty"`
 	LivenessInRow int `json:"liveness_in_row,omitempty"`
+	// Drain is the restart whose old generation drains, if one does.
+	Drain *SavedDrain `json:"drain,omitempty"`
+}
+
+// SavedDrain is a restart in its drain window as it crosses the exec:
+// the old generation (Prev) drains, the new one (the serving one) serves.
+type SavedDrain struct {
+	Reason string    `json:"reason"`
+	Begun  time.Time `json:"begun"`
+	Prev   int       `json:"prev"`
+	// Began is when the window began; Left, the time left of --drain.
+	Began time.Time     `json:"began"`
+	Left  time.Duration `json:"left"`
 }
 
 // SavedGeneration is a generation as it crosses the exec. An fd of -1 is
@@ -145,20 +159,27 @@ func (s *Supervisor) quiet() error {
 		return fmt.Errorf("%w: relay is stopping", ErrStopping)
 	case gs.serving == nil:
 		return busy("no generation is serving")
-	case gs.starting != nil || s.restarts.current != nil || len(s.restarts.queued) > 0:
+	case gs.starting != nil || len(s.restarts.queued) > 0 || !s.drainOnly():
 		return busy("a restart is under way")
 	case s.crash.timer != nil || s.live.pending != nil:
 		return busy("a replacement is pending")
 	}
 	for _, g := range gs.retired() {
 		switch {
-		case g.state == Draining:
+		case g.state == Draining && (s.restarts.current == nil || s.restarts.current.prev != g):
 			return busy(fmt.Sprintf("generation %d is draining", g.n))
 		case len(g.exitWatchers) > 0:
 			return busy(fmt.Sprintf("a relay restart follows generation %d until it is gone", g.n))
 		}
 	}
 	return nil
+}
+
+// drainOnly reports whether the restart under way, if any, can cross: it
+// is in its drain window, and nobody follows it.
+func (s *Supervisor) drainOnly() bool {
+	run := s.restarts.current
+	return run == nil || (run.phase == PhaseDraining && run.prev != nil && run.gen == s.gens.serving && len(run.waiters) == 0)
 }
 
 // handedOver are the generations that cross the exec: the serving one,
@@ -247,6 +268,11 @@ func (s *Supervisor) save() (Saved, error) {
 		Next: s.gens.next, Command: s.gens.command, EverReady: s.gens.everReady,
 		SpeaksNotify: s.speaksNotify.Load(), TakeoverWarned: s.takeoverWarned.Load(),
 		Counts: s.counts, Last: s.last, At: time.Now(), Crashes: s.crash.crashes, LivenessInRow: s.live.inRow,
+	}
+	if run := s.restarts.current; run != nil {
+		d := run.drain
+		left := s.cfg.Drain - s.env.now().Sub(d.began)
+		sv.Drain = &SavedDrain{Reason: run.reason, Begun: run.begun, Prev: run.prev.n, Began: d.began, Left: max(left, 0)}
 	}
 	for i, g := range s.handedOver() {
 		sg, err := s.saveGen(g)
@@ -361,7 +387,33 @@ func (s *Supervisor) Restore(sv Saved) error {
 		s.resumeOld(g, saved[i], i > 0, elapsed)
 		g.log.Info("generation adopted", "state", g.state)
 	}
+	if d := sv.Drain; d != nil {
+		if err := s.resumeDrain(*d, elapsed); err != nil {
+			return err
+		}
+	}
 	s.restoring = nil
+	return nil
+}
+
+// resumeDrain takes over the restart whose old generation drains: its
+// window ends as it would have, at --drain, or sooner where relay sees
+// nothing more can reach the old sockets (the watch begins again).
+func (s *Supervisor) resumeDrain(d SavedDrain, elapsed time.Duration) error {
+	var prev *generation
+	for _, g := range s.gens.old {
+		if g.n == d.Prev && g.state == Draining {
+			prev = g
+		}
+	}
+	if prev == nil {
+		return fmt.Errorf("restoring the drain of generation %d: it is not draining", d.Prev)
+	}
+	run := &restartRun{reason: d.Reason, begun: d.Begun, gen: s.gens.serving, prev: prev, phase: PhaseDraining}
+	s.restarts.current = run
+	s.watchDrain(run, prev, max(d.Left-elapsed, 0))
+	run.drain.began = d.Began
+	prev.log.Info("old generation draining on", "left", max(d.Left-elapsed, 0).Round(time.Millisecond))
 	return nil
 }
 

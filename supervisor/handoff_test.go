@@ -41,7 +41,7 @@ func TestHandoffRefusedUnlessQuiet(t *testing.T) {
 	refused("while generation 2 starts")
 	c.pass()
 	until(t, events, PhaseDraining)
-	refused("while generation 1 drains")
+	refused("while generation 1 drains, its restart followed")
 }
 
 // A quiet relay gives the exec its state, and after a failed exec serves
@@ -228,4 +228,47 @@ func TestRestoreKillsAStoppingGenerationOnTime(t *testing.T) {
 	}
 	h.mu.Unlock()
 	p3.waitSeq(t, "group KILL")
+}
+
+// A restart in its drain window crosses: the old generation drains on in
+// the next image, and gets its stop signal when the window would have
+// ended.
+func TestHandoffCarriesADrainingRestart(t *testing.T) {
+	h := newHarness(t, nil)
+	h.holdStderr = true
+	h.serving()
+	if err := h.sup.RequestRestart("test"); err != nil {
+		t.Fatal(err)
+	}
+	h.started()
+	h.check(2).pass()
+	h.waitLine("gen 1 pid 1001 draining; gen 2 pid 1002 serving")
+	h.clock.waitTimer(t, testDrain)
+	h.clock.advance(500 * time.Millisecond)
+	var saved Saved
+	if err := h.sup.Handoff(handoffExec(&saved)); err == nil || !strings.Contains(err.Error(), "the exec failed") {
+		t.Fatalf("Handoff = %v, want the exec's error", err)
+	}
+	if d := saved.Drain; d == nil || d.Prev != 1 || d.Left != testDrain-500*time.Millisecond || len(saved.Old) != 1 || saved.Old[0].State != Draining {
+		t.Fatalf("saved drain %+v, old %+v", saved.Drain, saved.Old)
+	}
+
+	h2 := newHarness(t, nil)
+	dir := t.TempDir()
+	sv, _ := savedServing(t, dir)
+	old, _ := savedGen(t, dir, 3, 3333)
+	old.State = Draining
+	sv.Old = []SavedGeneration{old}
+	sv.Drain = &SavedDrain{Reason: "test", Prev: 3, Left: time.Second}
+	if err := h2.sup.Restore(sv); err != nil {
+		t.Fatal(err)
+	}
+	h2.run()
+	h2.wantGens("3:draining 4:serving")
+	h2.clock.waitTimer(t, time.Second)
+	h2.clock.advance(time.Second)
+	h2.waitLine("gen 3 pid 3333 stopping; gen 4 pid 4444 serving")
+	if st := h2.wantGens("3:stopping 4:serving"); st.Restarts.OK != 4 {
+		t.Errorf("restarts ok %d after the carried restart finished, want 4", st.Restarts.OK)
+	}
 }

@@ -304,8 +304,17 @@ func (s *Supervisor) promote(g *generation) {
 // (env.drained), it ends as soon as nothing more can reach prev's steered
 // sockets, --drain at the latest; elsewhere it lasts --drain.
 func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
+	run.drain.began = s.env.now()
+	mode := s.watchDrain(run, prev, s.cfg.Drain)
+	prev.log.Info("old generation draining", "until", mode, "drain", s.cfg.Drain)
+	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), Duration: s.cfg.Drain, Until: mode})
+}
+
+// watchDrain arms what ends run's drain window: the watches of prev's
+// sockets, and the end at the latest, after limit. It returns how the
+// window ends.
+func (s *Supervisor) watchDrain(run *restartRun, prev *generation, limit time.Duration) DrainMode {
 	d := &run.drain
-	d.began = s.env.now()
 	ctx, cancel := context.WithCancel(context.Background())
 	d.cancel = cancel // ends the watches below
 	if run.reason == reasonLiveness && s.env.stalled != nil && s.env.handOver != nil {
@@ -332,9 +341,8 @@ func (s *Supervisor) beginDrain(run *restartRun, prev *generation) {
 	}
 	// The window's end is armed before the callers hear it began: what
 	// they do next may rely on it (a test's clock, a stop).
-	d.timer = s.env.afterFunc(s.cfg.Drain, func() { s.post(drainEvent{run: run, ended: atMax}) })
-	prev.log.Info("old generation draining", "until", mode, "drain", s.cfg.Drain)
-	run.emit(Event{Phase: PhaseDraining, Generation: prev.n, Pid: prev.pid(), Duration: s.cfg.Drain, Until: mode})
+	d.timer = s.env.afterFunc(limit, func() { s.post(drainEvent{run: run, ended: atMax}) })
+	return mode
 }
 
 // stallQuiet is how long the old generation of a liveness replacement may
