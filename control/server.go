@@ -249,6 +249,12 @@ func (s *Server) reserve() bool {
 // waits for them.
 func (s *Server) release() {
 	<-s.answering
+	s.notifyReleased()
+}
+
+// notifyReleased tells a Pause that waits that a place in answering or
+// streams was given back.
+func (s *Server) notifyReleased() {
 	select {
 	case s.released <- struct{}{}:
 	default:
@@ -384,7 +390,7 @@ func (s *Server) restart(conn *net.UnixConn, req Request, release func()) {
 	if !req.NoWait {
 		select {
 		case s.streams <- struct{}{}:
-			defer func() { <-s.streams }()
+			defer func() { <-s.streams; s.notifyReleased() }()
 			release()
 		default:
 			writeError(conn, errorf(CodeBusy, "too many restarts being followed; try again, or use --no-wait"))

@@ -137,18 +137,14 @@ func (s *Server) Pause(d time.Duration, held int) error {
 	s.pause.paused, s.pause.resumeC = true, make(chan struct{})
 	s.pause.mu.Unlock()
 	s.ln.SetDeadline(time.Unix(1, 0)) // Serve's accept returns at once
-	deadline := time.Now().Add(d)
-	// A stream gives its place back when it ends, without a word: look
-	// again now and then.
-	const look = 10 * time.Millisecond
+	timeout := time.NewTimer(d)
+	defer timeout.Stop()
 	for len(s.answering) > held || len(s.streams) > 0 {
-		if time.Now().After(deadline) {
-			s.Resume()
-			return fmt.Errorf("%d control connection(s) still answered after %s", len(s.answering)-held+len(s.streams), d)
-		}
 		select {
 		case <-s.released:
-		case <-time.After(min(look, time.Until(deadline))):
+		case <-timeout.C:
+			s.Resume()
+			return fmt.Errorf("%d control connection(s) still answered after %s", len(s.answering)-held+len(s.streams), d)
 		}
 	}
 	return nil

@@ -3,6 +3,7 @@ package control
 import (
 	"io"
 	"log/slog"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -106,27 +107,29 @@ func TestUpgradeRequestChecks(t *testing.T) {
 }
 
 // Pause leaves new connections in the backlog, and Resume answers them;
-// Save and Adopt hand the socket and its lock to another Server.
+// Save and Adopt hand the socket and its lock to another Server, which
+// answers what came during the pause.
 func TestPauseResumeSaveAdopt(t *testing.T) {
 	f := newFake()
 	srv := serve(t, f, nil)
 	if err := srv.Pause(time.Second, 0); err != nil {
 		t.Fatal(err)
 	}
-	got := make(chan error, 1)
-	go func() { _, err := collect(srv.Path(), Request{Op: OpStatus}); got <- err }()
-	// Not answered while paused: the connection waits in the backlog.
-	select {
-	case err := <-got:
-		t.Fatalf("answered while paused: %v", err)
-	case <-time.After(100 * time.Millisecond):
-	}
 	srv.Resume()
-	if err := <-got; err != nil {
+	if _, err := collect(srv.Path(), Request{Op: OpStatus}); err != nil {
 		t.Fatalf("status after Resume: %v", err)
 	}
 
 	if err := srv.Pause(time.Second, 0); err != nil {
+		t.Fatal(err)
+	}
+	// A request made during the pause: connected, waiting in the backlog.
+	conn, err := net.Dial("unix", srv.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, `{"v":1,"op":"status"}`+"\n"); err != nil {
 		t.Fatal(err)
 	}
 	sv, err := srv.Save()
@@ -139,7 +142,9 @@ func TestPauseResumeSaveAdopt(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	next, err := Adopt(sv, f, sampleInfo(), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	info := sampleInfo()
+	info.Name = "next"
+	next, err := Adopt(sv, f, info, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,8 +152,9 @@ func TestPauseResumeSaveAdopt(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- next.Serve() }()
 	defer func() { next.Close(); <-done }()
-	if _, err := collect(sv.Path, Request{Op: OpStatus}); err != nil {
-		t.Fatalf("status from the adopting Server: %v", err)
+	// Answered by the adopting Server: the paused one took nothing.
+	if resp := readResponse(t, conn); resp.Status == nil || resp.Status.Name != "next" {
+		t.Fatalf("the request made during the pause was answered %+v, want the adopting Server's status", resp)
 	}
 	if next.info.Started != sv.Started {
 		t.Errorf("started %v, want the first image's %v", next.info.Started, sv.Started)

@@ -25,6 +25,31 @@ func handoffExec(got *Saved) func(Saved) error {
 	}
 }
 
+// handOverAndFail hands h's supervisor over to an exec that fails, and
+// returns the state the exec was given.
+func handOverAndFail(h *harness) Saved {
+	h.t.Helper()
+	var saved Saved
+	if err := h.sup.Handoff(handoffExec(&saved)); err == nil || !strings.Contains(err.Error(), "the exec failed") {
+		h.t.Fatalf("Handoff = %v, want the exec's error", err)
+	}
+	return saved
+}
+
+// replacedUnfollowed makes generation 1 serve, then replaces it by a
+// restart nobody follows (SIGHUP), until generation 1 is in state.
+func replacedUnfollowed(h *harness, state string) {
+	h.t.Helper()
+	h.holdStderr = true
+	h.serving()
+	if err := h.sup.RequestRestart("test"); err != nil {
+		h.t.Fatal(err)
+	}
+	h.started()
+	h.check(2).pass()
+	h.waitLine("gen 1 pid 1001 " + state + "; gen 2 pid 1002 serving")
+}
+
 // A relay that is not quiet refuses to hand over, and calls no exec.
 func TestHandoffRefusedUnlessQuiet(t *testing.T) {
 	h := newHarness(t, nil)
@@ -51,10 +76,7 @@ func TestHandoffStateAndResumeAfterAFailedExec(t *testing.T) {
 	h := newHarness(t, nil)
 	h.holdStderr = true
 	h.serving()
-	var saved Saved
-	if err := h.sup.Handoff(handoffExec(&saved)); err == nil || !strings.Contains(err.Error(), "the exec failed") {
-		t.Fatalf("Handoff = %v, want the exec's error", err)
-	}
+	saved := handOverAndFail(h)
 	g := saved.Serving
 	if saved.Next != 1 || g.N != 1 || g.Proc.Pid != 1001 || saved.Command.Path != testCommand.Path {
 		t.Errorf("saved next %d, generation %d pid %d command %q", saved.Next, g.N, g.Proc.Pid, saved.Command.Path)
@@ -163,20 +185,10 @@ func TestRestoreRefusesAProcessNotRelays(t *testing.T) {
 // left before its SIGKILL.
 func TestHandoffCarriesAStoppingGeneration(t *testing.T) {
 	h := newHarness(t, noDrain)
-	h.holdStderr = true
-	h.serving()
-	if err := h.sup.RequestRestart("test"); err != nil {
-		t.Fatal(err)
-	}
-	h.started()
-	h.check(2).pass()
-	h.waitLine("gen 1 pid 1001 stopping; gen 2 pid 1002 serving")
+	replacedUnfollowed(h, "stopping")
 	h.clock.waitTimer(t, testStopTimeout)
 	h.clock.advance(10 * time.Second)
-	var saved Saved
-	if err := h.sup.Handoff(handoffExec(&saved)); err == nil || !strings.Contains(err.Error(), "the exec failed") {
-		t.Fatalf("Handoff = %v, want the exec's error", err)
-	}
+	saved := handOverAndFail(h)
 	if saved.Serving.N != 2 || len(saved.Old) != 1 {
 		t.Fatalf("saved serving %d, old %+v", saved.Serving.N, saved.Old)
 	}
@@ -235,20 +247,10 @@ func TestRestoreKillsAStoppingGenerationOnTime(t *testing.T) {
 // ended.
 func TestHandoffCarriesADrainingRestart(t *testing.T) {
 	h := newHarness(t, nil)
-	h.holdStderr = true
-	h.serving()
-	if err := h.sup.RequestRestart("test"); err != nil {
-		t.Fatal(err)
-	}
-	h.started()
-	h.check(2).pass()
-	h.waitLine("gen 1 pid 1001 draining; gen 2 pid 1002 serving")
+	replacedUnfollowed(h, "draining")
 	h.clock.waitTimer(t, testDrain)
 	h.clock.advance(500 * time.Millisecond)
-	var saved Saved
-	if err := h.sup.Handoff(handoffExec(&saved)); err == nil || !strings.Contains(err.Error(), "the exec failed") {
-		t.Fatalf("Handoff = %v, want the exec's error", err)
-	}
+	saved := handOverAndFail(h)
 	if d := saved.Drain; d == nil || d.Prev != 1 || d.Left != testDrain-500*time.Millisecond || len(saved.Old) != 1 || saved.Old[0].State != Draining {
 		t.Fatalf("saved drain %+v, old %+v", saved.Drain, saved.Old)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -231,20 +232,11 @@ func execImage(thread *reaper.Thread, path string, doc handoff.Doc, extraEnv []s
 	drop = append(drop, handoff.EnvFD, handoff.EnvReturn)
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
-		if !contains(drop, k) {
+		if !slices.Contains(drop, k) {
 			env = append(env, kv)
 		}
 	}
 	return thread.Exec(path, os.Args, append(env, extraEnv...))
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // returnTo execs the image that wrote doc again, with doc, after this

@@ -14,15 +14,7 @@ import (
 // os.ErrClosed, and relay logged it as an error at every generation's
 // end.
 func TestServeEndsWithoutErrorWhenClosedWhileWaiting(t *testing.T) {
-	var p [2]int
-	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(p[1]) // kept open: the read end never hangs up
-	n, err := newNotifier(p[0], nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	n, _ := pipeNotifier(t)
 	served := make(chan error, 1)
 	go func() { served <- n.Serve(Config{}) }()
 	waitParkedIn(t, "(*Notifier).next")
@@ -30,6 +22,23 @@ func TestServeEndsWithoutErrorWhenClosedWhileWaiting(t *testing.T) {
 		t.Fatal(err)
 	}
 	servedNil(t, served, "after Close")
+}
+
+// pipeNotifier is a Notifier on the read end of a pipe, and that fd; the
+// write end stays open until the test ends: it never hangs up, and
+// nothing comes.
+func pipeNotifier(t *testing.T) (*Notifier, int) {
+	t.Helper()
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(p[1]) })
+	n, err := newNotifier(p[0], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n, p[0]
 }
 
 // servedNil waits for Serve's result on served, at most 10s, and fails

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -183,8 +184,10 @@ func runChild(t *testing.T, socks []*os.File, claim func(Bind) Decision, specs .
 	return runWith(t, Config{Sockets: socks, Claim: claim}, specs...)
 }
 
-// runWith is runChild with a whole Config; its Event is replaced.
-func runWith(t *testing.T, cfg Config, specs ...string) run {
+// startShim starts this test binary as the exec shim's binder with specs
+// (see TestMain), its stderr to stderr, and returns it, its stdout and
+// relay's end of its filter.
+func startShim(t *testing.T, stderr *strings.Builder, specs ...string) (*exec.Cmd, io.Reader, *Notifier) {
 	t.Helper()
 	hs, childEnd, err := NewHandshake()
 	if err != nil {
@@ -197,17 +200,25 @@ func runWith(t *testing.T, cfg Config, specs ...string) run {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
+	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	childEnd.Close()
 	nt, err := hs.Receive()
 	if err != nil {
+		cmd.Process.Kill()
 		cmd.Wait()
 		t.Fatalf("receive: %v (stderr: %s)", err, stderr.String())
 	}
+	return cmd, out, nt
+}
+
+// runWith is runChild with a whole Config; its Event is replaced.
+func runWith(t *testing.T, cfg Config, specs ...string) run {
+	t.Helper()
+	var stderr strings.Builder
+	cmd, out, nt := startShim(t, &stderr, specs...)
 	var r run
 	var mu sync.Mutex
 	served := make(chan error, 1)
