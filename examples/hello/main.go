@@ -15,13 +15,20 @@
 //   - On SIGTERM (relay's "you are the old generation now") it stops with the
 //     lame-duck pattern, so that no request is dropped while the new
 //     generation takes over the same sockets. See shutdown below.
+//   - For tests of relay's confirmation window (after a restart relay keeps
+//     the old generation warm and switches back to it if the new one
+//     fails), it can play a bad version: -exit-after gives up some time
+//     after it became ready, stopping as on SIGTERM but then exiting with
+//     -exit-code, and -unhealthy-after makes /healthz fail some time after
+//     it became ready while / keeps answering.
 //
 // Endpoints:
 //
 //	GET /         200 "hello from pid <pid> generation <gen>\n"
 //	              with headers X-Pid and X-Generation ("hello" is the first
 //	              line of -greeting-file when given)
-//	GET /healthz  200 "ok\n" while serving, 503 once shutting down
+//	GET /healthz  200 "ok\n" while serving, 503 once shutting down, 500
+//	              once -unhealthy-after has passed (503 when both apply)
 //
 // Run "hello -h" for the flags.
 package main
@@ -86,6 +93,14 @@ func run() int {
 	greetingFile := flag.String("greeting-file", "",
 		"file whose first line replaces \"hello\" in the answers to GET /; read once at start,\n"+
 			"so a change shows after a restart (a config file, e.g. from a Kubernetes ConfigMap)")
+	exitAfter := flag.Duration("exit-after", 0,
+		"play a bad version that gives up: this long after becoming ready, stop as on SIGTERM\n"+
+			"(lame duck and all) and then exit with -exit-code; 0: never")
+	exitCode := flag.Int("exit-code", 1,
+		"the exit code after -exit-after, even when the shutdown was clean")
+	unhealthyAfter := flag.Duration("unhealthy-after", 0,
+		"play a bad version that sickens: this long after becoming ready, GET /healthz answers\n"+
+			"500 while GET / keeps answering 200; 0: never")
 	flag.Parse()
 
 	// Every log line carries pid and generation, so that the interleaved
@@ -158,8 +173,9 @@ func run() int {
 		}
 	}
 
-	// draining flips /healthz to 503 once shutdown has begun.
-	var draining atomic.Bool
+	// draining flips /healthz to 503 once shutdown has begun; unhealthy flips
+	// it to 500 once -unhealthy-after has passed.
+	var draining, unhealthy atomic.Bool
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		if *work > 0 {
@@ -174,8 +190,14 @@ func run() int {
 		fmt.Fprintf(w, "%s from pid %d generation %s\n", greeting, pid, gen)
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		// Draining is checked first: a process on its way out says so, sick
+		// or not, as it always has.
 		if draining.Load() {
 			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		if unhealthy.Load() {
+			http.Error(w, "unhealthy: -unhealthy-after passed", http.StatusInternalServerError)
 			return
 		}
 		fmt.Fprint(w, "ok\n")
@@ -242,28 +264,63 @@ func run() int {
 		}
 	}
 
+	// The bad-version clocks start now, once we are serving and have said
+	// so: relay's confirmation window runs from readiness, and a version that
+	// fails before it is ready is a failed start, not what these flags are
+	// for.
+	if *unhealthyAfter > 0 {
+		t := time.AfterFunc(*unhealthyAfter, func() {
+			unhealthy.Store(true)
+			log.Info("unhealthy as -unhealthy-after asks: /healthz now answers 500",
+				"after", *unhealthyAfter)
+		})
+		defer t.Stop()
+	}
+	// giveUp stays nil without -exit-after, and a nil channel is never ready
+	// in a select.
+	var giveUp <-chan time.Time
+	if *exitAfter > 0 {
+		t := time.NewTimer(*exitAfter)
+		defer t.Stop()
+		giveUp = t.C
+	}
+
+	// code is the exit code after a clean shutdown. A bad version that gives
+	// up exits with -exit-code even then: it still stops with the lame duck,
+	// so that whatever relay does about the failure, no request that this
+	// process accepted is dropped on its way out.
+	code := 0
 	select {
 	case sig := <-sigs:
 		log.Info("stopping", "signal", sig.String())
+	case <-giveUp:
+		log.Info("giving up as -exit-after asks", "after", *exitAfter, "code", *exitCode)
+		code = *exitCode
 	case err := <-serveErr:
 		log.Error("serve failed, stopping", "err", err)
 		shutdown(log, srv, busy, listeners, &draining, sigs, 0, *shutdownTimeout)
 		return 1
+	}
+	// An unclean shutdown exits 1, unless we are giving up with a code of
+	// our own, which the tests expect whatever happened on the way out.
+	failCode := 1
+	if code != 0 {
+		failCode = code
 	}
 	if *plainShutdown {
 		ctx, cancel := context.WithTimeout(context.Background(), *shutdownTimeout)
 		defer cancel()
 		if err := srv.Shutdown(ctx); err != nil {
 			log.Warn("shutdown incomplete", "err", err)
-			return 1
+			return failCode
 		}
 		log.Info("shutdown complete")
 	} else if !shutdown(log, srv, busy, listeners, &draining, sigs, *lameDuck, *shutdownTimeout) {
-		return 1
+		return failCode
 	}
 	wg.Wait()
-	log.Info("exiting")
-	return 0
+	log.Info("exiting", "code", code)
+	return code
 }
 
 // shutdown stops the server with the lame-duck pattern and reports whether
