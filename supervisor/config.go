@@ -60,7 +60,14 @@ type Config struct {
 	// the most it waits; elsewhere it waits Drain. On steered listeners
 	// the old generation gets no new connection meanwhile and finishes
 	// what it has; on shared ones both accept. 0: no drain.
-	Drain       time.Duration
+	Drain time.Duration
+	// Confirm, if not zero, is the confirmation window of a requested
+	// restart (confirm.go): for this long after the switch the
+	// generation it replaced stays warm, getting no new connections and
+	// no stop signal, and a failure of the new one sends new connections
+	// back to it. It needs steered sockets to mean anything: the caller
+	// checks that some listener is steered.
+	Confirm     time.Duration
 	StopSignal  syscall.Signal
 	StopTimeout time.Duration
 	// KillMode says which processes of a generation the stop signal
@@ -156,7 +163,9 @@ func ParseKillMode(v string) (KillMode, error) {
 // in order, and must not block.
 type Observer interface {
 	// Ready: the first generation is ready, or a requested restart ended,
-	// whether it succeeded, was rolled back or was refused.
+	// whether it succeeded, was rolled back or was refused, or reached
+	// its switch and opened a confirmation window (then Ready comes
+	// again when it ends).
 	Ready()
 	// Reloading: a requested restart (a signal or a control request)
 	// began. Crash replacements are not reloads.
@@ -251,6 +260,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.LivenessFailures <= 0 {
 		c.LivenessFailures = DefaultLivenessFailures
+	}
+	if c.Confirm < 0 {
+		return fmt.Errorf("confirmation window %s is negative", c.Confirm)
 	}
 	if c.ChildWatchdog < 0 {
 		return fmt.Errorf("child watchdog %s is negative", c.ChildWatchdog)

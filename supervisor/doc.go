@@ -43,7 +43,8 @@
 // # Generations
 //
 // Each start of the command is a generation, numbered from 1. Its state
-// (State) moves one way, but for a rollback in the drain window:
+// (State) moves one way, but for a rollback in the drain window or the
+// confirmation window:
 //
 //	Starting ──ready──▶ Serving ──newer one ready──▶ Draining ──drain ends──▶ Stopping
 //	   │                 │   ▲                          │                      │
@@ -51,6 +52,14 @@
 //	   ▼ exits           ▼ exits                        ▼ exits                ▼ exits
 //	 Exited            Exited                         Exited                 Exited
 //	 (rolled back)     (a crash: replaced)            (an old one gone)      (an old one gone)
+//
+// With --confirm (confirm.go), a requested restart's old generation is Warm
+// between Serving and Draining, for the window; the newer one failing in
+// it takes it back to Serving, and makes the newer one Draining:
+//
+//	Serving ──newer one ready──▶ Warm ──window ends──▶ Draining
+//	   ▲                          │
+//	   └──the newer one fails─────┘
 //
 // A graceful stop makes every live generation Stopping (Stop(now) kills
 // them as they are). A generation's state puts
@@ -74,7 +83,20 @@
 //	Serving   exits in its drain     its restart is rolled back: the old one serves
 //	          window                 again if still Draining, else nothing serves
 //	                                 and a replacement follows
+//	Serving   exits in its           its restart is rolled back: new connections go
+//	          confirmation window    to the Warm one again (Serving)
+//	Serving   fails its liveness     its restart is rolled back: new connections go
+//	          check, sends           to the Warm one again (Serving); it drains
+//	          STOPPING=1 or ERRNO=,  (Draining), then stops
+//	          or relay rollback, in
+//	          its confirmation
+//	          window
 //	Serving   exits, otherwise       a crash: a replacement after the backoff
+//	Warm      confirmation window    Draining: it drains, then stops, as after a
+//	          ends, or a restart is  switch without a window
+//	          requested
+//	Warm      exits                  the window ends: nothing to go back to, the new
+//	                                 one is confirmed
 //	Draining  drain timer, or its    stop signal, Stopping; its restart is done
 //	          sockets emptied
 //	Draining  it failed its liveness its steered sockets leave their groups, and
@@ -121,7 +143,8 @@
 // which the code reads to know where the restart is):
 //
 //	queued ─▶ checking ─▶ checked ─▶ waiting_for_old ─▶ starting ─▶ waiting
-//	       ─▶ ready ─▶ draining ─▶ stopping ─▶ done ─▶ old_exited
+//	       ─▶ ready ─▶ [confirming ─▶ confirmed | rolling_back] ─▶ draining
+//	       ─▶ stopping ─▶ done ─▶ old_exited
 //
 //	phase            entered when                         leaves
 //	───────────────  ───────────────────────────────────  ─────────────────────────────────────────
@@ -133,7 +156,14 @@
 //	                                                      (or when nothing serves)
 //	starting         the new generation was started       done, rolled back, if it fails
 //	ready            its readiness check passed           done at once when nothing served before
-//	draining         the old one serves for --drain       done, ok, at its end or at a stop; rolled
+//	confirming       --confirm, for a requested restart   confirmed when the window ends, or a
+//	                 that replaces a serving generation:  restart is asked for, or the old one
+//	                 the old one is kept Warm             exits; rolling_back if the new one fails
+//	confirmed        the new one is kept                  draining, for the old one
+//	rolling_back     the old one serves again             draining, for the new one (done, rolled
+//	                                                      back, if it has exited)
+//	draining         the old one serves for --drain       done at its end or at a stop: ok, or
+//	                                                      rolled back after rolling_back; rolled
 //	                                                      back if the new one exits meanwhile
 //	stopping         the old one got its stop signal      done
 //	old_exited       after done: the old one is gone,     the channel is closed
@@ -150,8 +180,9 @@
 //
 // Stop answers the queued restarts as refused and ends the one under way: a
 // restart in its pre-flight check or waiting for an old generation is
-// refused, one in its drain window is done (the new generation serves),
-// one whose new generation is starting ends when that one has exited.
+// refused, one in its drain window or its confirmation window is done (the
+// new generation serves; a warm one stops with the rest), one whose new
+// generation is starting ends when that one has exited.
 // Every live generation then gets the stop signal (sendStop: its main
 // process, or every process of it, by --kill-mode), and SIGKILL to all of
 // it after the stop timeout.

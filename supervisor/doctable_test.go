@@ -208,11 +208,87 @@ func eventTableCases() map[string]func(t *testing.T) {
 			gone.waitLine("no generation serving; replacement pending; last restart rolled back: exited during the drain window: exit status 1")
 			gone.replacedAfterBackoff(3)
 		},
+		"Serving: exits in its confirmation window": func(t *testing.T) {
+			h := newHarness(t, withConfirm)
+			old, p, _, events := h.confirming(RestartRequest{})
+			h.wantGens("1:warm 2:serving")
+			p.exit(exited(1), false)
+			if res := result(t, all(t, events)); res.Outcome != RestartRolledBack || res.Generation != 2 {
+				t.Errorf("result %+v, want generation 2 rolled back", res)
+			}
+			h.wantGens("1:serving")
+			old.untouched(t, "the warm generation serving again")
+		},
+		"Serving: fails its liveness check, sends STOPPING=1 or ERRNO=, or relay rollback, in its confirmation window": func(t *testing.T) {
+			for _, c := range []struct {
+				name  string
+				tweak func(*Config)
+				fail  func(h *harness)
+			}{
+				{"liveness", withConfirmAndLiveness, func(h *harness) {
+					for range testLivenessFailures {
+						h.trialProbe(2).fail(errors.New("connected, but the server has not accepted it"))
+					}
+				}},
+				{"STOPPING=1", withConfirm, func(h *harness) { h.notify(2, "STOPPING=1") }},
+				{"ERRNO=", withConfirm, func(h *harness) { h.notify(2, "ERRNO=5") }},
+				{"relay rollback", withConfirm, func(h *harness) {
+					if _, err := h.sup.Rollback(); err != nil {
+						h.t.Fatal(err)
+					}
+				}},
+			} {
+				t.Run(c.name, func(t *testing.T) {
+					t.Parallel()
+					h := newHarness(t, c.tweak)
+					old, p, _, events := h.confirming(RestartRequest{})
+					h.wantGens("1:warm 2:serving")
+					c.fail(h)
+					until(t, events, PhaseDraining)
+					h.wantGens("1:serving 2:draining")
+					p.untouched(t, "the failed generation in its drain")
+					h.drainEnds(p, events)
+					h.wantGens("1:serving 2:stopping")
+					old.untouched(t, "the warm generation serving again")
+				})
+			}
+		},
 		"Serving: exits, otherwise": func(t *testing.T) {
 			h := newHarness(t, nil)
 			h.serving().exit(exited(1), false)
 			h.waitLine("no generation serving; replacement pending")
 			h.replacedAfterBackoff(2)
+		},
+		"Warm: confirmation window ends, or a restart is requested": func(t *testing.T) {
+			h := newHarness(t, withConfirm)
+			old, _, _, events := h.confirming(RestartRequest{})
+			h.clock.advance(testConfirm)
+			until(t, events, PhaseDraining)
+			h.wantGens("1:draining 2:serving")
+			old.untouched(t, "the old generation in its drain")
+			h.drainEnds(old, events)
+			h.wantGens("1:stopping 2:serving")
+
+			requested := newHarness(t, withConfirm)
+			old, _, _, events = requested.confirming(RestartRequest{})
+			until(t, requested.restart(RestartRequest{}), PhaseQueued)
+			until(t, events, PhaseDraining)
+			requested.wantGens("1:draining 2:serving")
+			old.untouched(t, "the old generation in its drain")
+			requested.drainEnds(old, events)
+			requested.wantGens("1:stopping 2:serving")
+		},
+		"Warm: exits": func(t *testing.T) {
+			h := newHarness(t, withConfirm)
+			old, _, _, events := h.confirming(RestartRequest{})
+			old.exit(exited(0), false)
+			if res := result(t, all(t, events)); res.Outcome != RestartOK || res.Generation != 2 {
+				t.Errorf("result %+v, want generation 2 confirmed", res)
+			}
+			h.wantGens("2:serving")
+			if _, err := h.sup.Rollback(); !errors.Is(err, ErrNothingWarm) {
+				t.Errorf("Rollback = %v after the warm generation exited, want ErrNothingWarm", err)
+			}
 		},
 		"Draining: drain timer, or its sockets emptied": func(t *testing.T) {
 			h := newHarness(t, nil)

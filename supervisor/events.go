@@ -17,10 +17,15 @@ const (
 	PhaseStarting Phase = "starting"        // the new generation was started
 	PhaseWaiting  Phase = "waiting"         // its readiness check runs
 	PhaseReady    Phase = "ready"           // it is ready and serving
-	PhaseDraining Phase = "draining"        // the old generation finishes what it has, --drain at most
-	PhaseStopping Phase = "stopping"        // the old generation got its stop signal
-	PhaseDone     Phase = "done"            // final: see Event.Result
-	PhaseOldExit  Phase = "old_exited"      // after done: the old generation exited
+	// With --confirm, after ready: the old generation stays warm until
+	// the new one is confirmed, or new connections go back to it.
+	PhaseConfirming  Phase = "confirming"   // the window is open; the old generation is warm
+	PhaseConfirmed   Phase = "confirmed"    // it ended with the new generation kept
+	PhaseRollingBack Phase = "rolling_back" // the new one failed: the warm one serves again
+	PhaseDraining    Phase = "draining"     // the old generation finishes what it has, --drain at most
+	PhaseStopping    Phase = "stopping"     // the old generation got its stop signal
+	PhaseDone        Phase = "done"         // final: see Event.Result
+	PhaseOldExit     Phase = "old_exited"   // after done: the old generation exited
 )
 
 // Event is one step of a restart.
@@ -33,13 +38,20 @@ type Event struct {
 	Status     string // how an old generation exited
 	// Duration, on PhaseReady, is from the child's start to its
 	// readiness; on PhaseDraining, --drain; on PhaseStopping, how long
-	// the drain window lasted.
+	// the drain window lasted; on PhaseConfirming, --confirm; on
+	// PhaseConfirmed and PhaseRollingBack, how long the confirmation
+	// window lasted.
 	Duration time.Duration
 	// Until, on PhaseDraining, is how the window is to end.
 	Until DrainMode
 	// Ended, on PhaseStopping, is how the window ended; "" for no
 	// window.
-	Ended  DrainEnd
+	Ended DrainEnd
+	// Cause, on PhaseConfirmed, is how the window ended (ConfirmEnd);
+	// on PhaseRollingBack, what rolled the restart back (RollbackCause),
+	// and Reason says it in words.
+	Cause  string
+	Reason string
 	Result *Result // with PhaseDone
 }
 

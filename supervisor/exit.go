@@ -72,24 +72,46 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		if s.env.now().Sub(g.readyAt) >= stableAfter {
 			s.crash.crashes = 0
 		}
+		if run := s.restarts.current; run != nil && run.back != nil && run.gen == g && run.phase == PhaseDraining {
+			// It served again after a rollback in its confirmation
+			// window, while the failed one drains: that one stops
+			// now, and the restart ends, so that the replacement
+			// need not wait for the drain.
+			run.drain.end()
+			s.retire(run, "")
+		}
 		// A restart waiting for an old generation to be gone need not
 		// wait any more: nothing serves.
 		s.advance()
 		s.scheduleReplace()
+	case prev == Warm:
+		g.log.Warn("the warm generation exited in the confirmation window: nothing is left to go back to", "status", st.String(),
+			"stderr_tail", g.stderr.Lines(stderrTailLines))
+		if run := s.inWindow(); run != nil && run.prev == g {
+			s.confirm(run, ConfirmedWarmExited)
+		}
+		s.advance()
 	default:
 		g.log.Info("old generation exited", "status", st.String())
 		s.advance()
 	}
 }
 
-// failDuringDrain handles a new generation that exits in its drain window.
-// If the generation it replaced is still draining, that one was never told
-// to stop and goes back to serving; if it has exited too, nothing serves
-// and a replacement follows. Either way the restart failed. It reports
-// whether it applied.
+// failDuringDrain handles a new generation that exits in its confirmation
+// window (a rollback: confirm.go) or its drain window. If the generation it
+// replaced is still draining, that one was never told to stop and goes
+// back to serving; if it has exited too, nothing serves and a replacement
+// follows. Either way the restart failed. It reports whether it applied.
 func (s *Supervisor) failDuringDrain(g *generation) bool {
 	run, gs := s.restarts.current, &s.gens
-	if s.stop.begun || run == nil || run.gen != g || run.phase != PhaseDraining {
+	if s.stop.begun || run == nil || run.gen != g || run.back != nil {
+		return false
+	}
+	if run.phase == PhaseConfirming {
+		s.rollBack(run, RollbackExited, fmt.Sprintf("exited in the confirmation window: %s", g.status))
+		return true
+	}
+	if run.phase != PhaseDraining {
 		return false
 	}
 	prev := run.prev

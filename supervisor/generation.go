@@ -27,6 +27,7 @@ const (
 	Starting State = "starting" // started, not yet proven ready
 	Serving  State = "serving"  // ready, and the newest ready generation
 	Draining State = "draining" // replaced, still serving for the drain window
+	Warm     State = "warm"     // replaced, kept ready to serve again in the confirmation window
 	Stopping State = "stopping" // sent its stop signal
 	Exited   State = "exited"   // its main process is gone
 )
@@ -313,6 +314,20 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 		// Never block the reading: at most one ping per generation is
 		// on its way, and the loop takes its time as the last ping's.
 		go s.post(watchdogPing{g: g})
+	}
+	if s.cfg.Confirm > 0 {
+		// A generation on trial that says it stops or fails is rolled
+		// back (confirm.go); the loop decides whether it is on trial.
+		what := ""
+		if m.Vars["STOPPING"] == "1" {
+			what = "STOPPING=1"
+		}
+		if e, ok := m.Vars["ERRNO"]; ok {
+			what = "ERRNO=" + e
+		}
+		if what != "" {
+			go s.post(stoppingNotice{g: g, what: what})
+		}
 	}
 	// The rest (STOPPING=1, MAINPID=, RELOADING=1, WATCHDOG=1 unless
 	// --child-watchdog, FDSTORE=1, ...) stays here: relay is the

@@ -159,6 +159,12 @@ func (s *Supervisor) quiet() error {
 		return fmt.Errorf("%w: relay is stopping", ErrStopping)
 	case gs.serving == nil:
 		return busy("no generation is serving")
+	case s.inWindow() != nil:
+		run := s.inWindow()
+		return fmt.Errorf("%w: generation %d is on trial in its confirmation window until %s, with generation %d warm; upgrade relay after it ends, or after relay rollback",
+			ErrBusy, run.gen.n, run.confirm.until.Format(time.RFC3339), run.prev.n)
+	case s.restarts.current != nil && s.restarts.current.back != nil:
+		return busy("a restart rolled back after its switch is draining its new generation")
 	case gs.starting != nil || len(s.restarts.queued) > 0 || !s.drainOnly():
 		return busy("a restart is under way")
 	case s.crash.timer != nil || s.live.pending != nil:

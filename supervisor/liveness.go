@@ -19,11 +19,15 @@ import (
 // a row back off as crash replacements do, and the count starts again once
 // a generation has passed its checks for stableAfter. A restart under way
 // pauses the watch; it starts again, with no failure counted, for
-// whatever serves when the restart has finished.
+// whatever serves when the restart has finished. The exception is the
+// confirmation window (confirm.go): the new generation is watched on trial
+// then, probed every Config.trialInterval, and a failure rolls its restart
+// back at once instead of scheduling a replacement.
 
 // livenessState is the watch of the serving generation.
 type livenessState struct {
 	gen   *generation // watched; nil while paused or off
+	trial bool        // gen is on trial in its confirmation window
 	since time.Time   // when the watch of gen began
 	// seq names the events of one watch: those of an earlier one are
 	// ignored.
@@ -54,23 +58,24 @@ func (s *Supervisor) syncLiveness() {
 	}
 	lv, g := &s.live, s.gens.serving
 	quiet := g != nil && s.restarts.current == nil && !s.stop.begun
+	trial := g != nil && s.inWindow() != nil && !s.stop.begun
 	if lv.pending != nil && (!quiet || lv.pending != g) {
 		// A restart, a crash or the stop took the replacement's place.
 		lv.timer.Stop()
 		lv.pending, lv.timer = nil, nil
 	}
-	if lv.gen != nil && (!quiet || lv.gen != g) {
+	if lv.gen != nil && (!(quiet || trial) || lv.gen != g || lv.trial != trial) {
 		s.pauseLiveness()
 	}
-	if quiet && lv.gen == nil && lv.pending == nil {
-		s.watch(g)
+	if (quiet || trial) && lv.gen == nil && lv.pending == nil {
+		s.watch(g, trial)
 	}
 }
 
-// watch begins the watch of g, the serving generation.
-func (s *Supervisor) watch(g *generation) {
+// watch begins the watch of g, the serving generation, on trial or not.
+func (s *Supervisor) watch(g *generation, trial bool) {
 	lv := &s.live
-	lv.gen, lv.since, lv.failures = g, s.env.now(), 0
+	lv.gen, lv.trial, lv.since, lv.failures = g, trial, s.env.now(), 0
 	lv.seq++
 	if s.cfg.Liveness.Kind != "" {
 		s.armProbe()
@@ -100,13 +105,21 @@ func (s *Supervisor) pauseLiveness() {
 }
 
 func (s *Supervisor) armProbe() {
-	seq := s.live.seq
-	s.live.probe = s.env.afterFunc(s.cfg.LivenessInterval, func() { s.post(probeDue{seq: seq}) })
+	seq, every := s.live.seq, s.cfg.LivenessInterval
+	if s.live.trial {
+		every = s.cfg.trialInterval()
+	}
+	s.live.probe = s.env.afterFunc(every, func() { s.post(probeDue{seq: seq}) })
 }
 
 // livenessTimeout bounds one probe: the interval, and at most
-// maxLivenessTimeout.
+// maxLivenessTimeout. On trial, half the trial interval, but at least
+// minTrialTimeout: a hung generation fails each probe only at its timeout,
+// and --liveness-failures of them must fit in the window.
 func (s *Supervisor) livenessTimeout() time.Duration {
+	if s.live.trial {
+		return min(max(s.cfg.trialInterval()/2, minTrialTimeout), maxLivenessTimeout)
+	}
 	return min(s.cfg.LivenessInterval, maxLivenessTimeout)
 }
 
@@ -207,9 +220,14 @@ func (s *Supervisor) onWatchdogDue(seq int) {
 }
 
 // livenessFailed ends the watch of g, which failed, and schedules its
-// replacement after the backoff.
+// replacement after the backoff; or, on trial, rolls its restart back.
 func (s *Supervisor) livenessFailed(g *generation, why error) {
 	lv := &s.live
+	if run := s.inWindow(); lv.trial && run != nil && run.gen == g {
+		s.pauseLiveness()
+		s.rollBack(run, RollbackLiveness, why.Error())
+		return
+	}
 	if lv.failedAt.Sub(lv.since) >= stableAfter {
 		lv.inRow = 0 // it passed its checks long enough: a fresh failure
 	}

@@ -26,7 +26,18 @@ type (
 	stopAfterReq struct{ d time.Duration }
 	forwardReq   struct{ sig syscall.Signal }
 	statusReq    struct{ reply chan Status }
+	rollbackReq  struct{ reply chan rollbackReply }
 )
+
+type rollbackReply struct {
+	rolled Rolled
+	err    error
+}
+
+func (r rollbackReq) handleRequest(s *Supervisor) {
+	rolled, err := s.onRollbackRequest()
+	r.reply <- rollbackReply{rolled: rolled, err: err}
+}
 
 func (r restartReq) handleRequest(s *Supervisor)   { s.onRestartRequest(r) }
 func (r stopReq) handleRequest(s *Supervisor)      { s.beginStop(r.now) }
@@ -80,6 +91,13 @@ type (
 	// stallEvent: the old generation of run, which failed its liveness
 	// check, has accepted nothing queued on its sockets for stallQuiet.
 	stallEvent struct{ run *restartRun }
+	// confirmEvent: run's confirmation window passed.
+	confirmEvent struct{ run *restartRun }
+	// stoppingNotice: g's child sent STOPPING=1 or ERRNO= (what).
+	stoppingNotice struct {
+		g    *generation
+		what string
+	}
 	// killEvent: g's stop timeout passed.
 	killEvent struct{ g *generation }
 	// replaceEvent: the backoff before replacement number seq passed.
@@ -109,6 +127,8 @@ func (ev checkEvent) handleEvent(s *Supervisor)     { s.onCheck(ev.g, ev.err) }
 func (ev preflightEvent) handleEvent(s *Supervisor) { s.onPreflight(ev.run, ev.err) }
 func (ev drainEvent) handleEvent(s *Supervisor)     { s.onDrainEnd(ev.run, ev.ended, ev.err) }
 func (ev stallEvent) handleEvent(s *Supervisor)     { s.onStall(ev.run) }
+func (ev confirmEvent) handleEvent(s *Supervisor)   { s.onConfirmDue(ev.run) }
+func (ev stoppingNotice) handleEvent(s *Supervisor) { s.onChildStopping(ev.g, ev.what) }
 func (ev killEvent) handleEvent(s *Supervisor)      { s.onKillTimeout(ev.g) }
 func (ev replaceEvent) handleEvent(s *Supervisor)   { s.onReplaceDue(ev.seq) }
 func (emptiedEvent) handleEvent(s *Supervisor)      { s.checkLingering() }

@@ -34,6 +34,13 @@ type restartRun struct {
 	prev      *generation // the generation it replaces, from its drain window on
 	watch     *generation // the old generation whose exit callers hear of
 	drain     drainWindow
+	confirm   confirmWindow
+	// back is why the restart was rolled back after its switch, and
+	// failed the new generation it took traffic from (confirm.go): then
+	// gen is the one that serves again, and prev the failed one while it
+	// drains.
+	back   *rollback
+	failed *generation
 	// phase is where the restart is: the last phase its callers were
 	// told of (emit sets it); "" before the first.
 	phase Phase
@@ -107,6 +114,11 @@ func (s *Supervisor) onRestartRequest(r restartReq) {
 	if s.stop.begun || s.delaying() {
 		s.refuse(run, ErrStopping.Error())
 		return
+	}
+	if win := s.inWindow(); win != nil {
+		s.cfg.Log.Info("restart requested during the confirmation window: the new generation is confirmed first",
+			"reason", r.Reason, "new_gen", win.gen.n, "new_pid", win.gen.pid())
+		s.confirm(win, ConfirmedByRestart)
 	}
 	if s.restarts.current == nil {
 		s.cancelReplace()
@@ -293,6 +305,10 @@ func (s *Supervisor) promote(g *generation) {
 		return
 	}
 	run.prev = prev
+	if s.windowed(run) {
+		s.beginConfirm(run)
+		return
+	}
 	if s.cfg.Drain <= 0 {
 		s.retire(run, "")
 		return
@@ -395,9 +411,10 @@ func (s *Supervisor) onDrainEnd(run *restartRun, ended DrainEnd, err error) {
 	s.retire(run, ended)
 }
 
-// retire ends a successful restart: the old generation gets its stop
-// signal, and the callers following the restart are told when it exits.
-// ended says how its drain ended; "" for no drain.
+// retire ends a restart whose new generation served: the old generation
+// (after a rollback in the confirmation window, the failed new one) gets
+// its stop signal, and the callers following the restart are told when it
+// exits. ended says how its drain ended; "" for no drain.
 func (s *Supervisor) retire(run *restartRun, ended DrainEnd) {
 	prev := run.prev
 	if prev.state == Draining {
@@ -409,7 +426,16 @@ func (s *Supervisor) retire(run *restartRun, ended DrainEnd) {
 		run.emit(ev)
 	}
 	run.watch = prev
-	s.finishRestart(s.resultFor(run.gen, RestartOK, ""))
+	s.finishRestart(s.outcome(run))
+}
+
+// outcome is the result of run, whose new generation served: ok, unless
+// it was rolled back in its confirmation window.
+func (s *Supervisor) outcome(run *restartRun) Result {
+	if run.back != nil {
+		return s.resultFor(run.failed, RestartRolledBack, run.back.reason)
+	}
+	return s.resultFor(run.gen, RestartOK, "")
 }
 
 func (s *Supervisor) resultFor(g *generation, outcome RestartOutcome, reason string) Result {

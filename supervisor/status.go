@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -23,6 +24,8 @@ type Status struct {
 	// it is when the graceful stop begins. Meanwhile relay serves as
 	// before but is going: a readiness probe should fail.
 	ShutdownAt time.Time
+	// Confirm is the confirmation window open now; nil for none.
+	Confirm *ConfirmStatus
 }
 
 // GenerationStatus describes one live generation: one of which any process
@@ -59,6 +62,9 @@ type RestartCounts struct {
 	// LivenessReplacements counts the restarts that replaced a serving
 	// generation that failed its liveness check or its watchdog.
 	LivenessReplacements int
+	// AfterSwitch counts the restarts rolled back in their confirmation
+	// window, by what rolled them back (they count in RolledBack too).
+	AfterSwitch map[RollbackCause]int
 }
 
 // LastRestart is the outcome of the last restart that finished.
@@ -79,6 +85,7 @@ func (s *Supervisor) Status() (Status, error) {
 func (s *Supervisor) status() Status {
 	now := s.env.now()
 	counts := s.counts
+	counts.AfterSwitch = maps.Clone(s.counts.AfterSwitch)
 	counts.InProgress = s.restarts.current != nil
 	counts.QueuedRestarts = len(s.restarts.queued)
 	counts.Queued = counts.QueuedRestarts > 0
@@ -90,6 +97,10 @@ func (s *Supervisor) status() Status {
 		Stopping:    s.stop.begun,
 		At:          now,
 		ShutdownAt:  s.stop.delayUntil,
+	}
+	if run := s.inWindow(); run != nil {
+		st.Confirm = &ConfirmStatus{Generation: run.gen.n, Pid: run.gen.pid(), Warm: run.prev.n, WarmPid: run.prev.pid(),
+			Began: run.confirm.began, Until: run.confirm.until}
 	}
 	for _, g := range s.oldestFirst() {
 		gs := GenerationStatus{
@@ -150,6 +161,8 @@ func (s *Supervisor) statusSummary() string {
 			parts = append(parts, "pre-flight check running")
 		case PhaseWaitOld:
 			parts = append(parts, "restart waiting for an old generation to be gone")
+		case PhaseConfirming:
+			parts = append(parts, fmt.Sprintf("gen %d on trial until %s", run.gen.n, run.confirm.until.Format(time.TimeOnly)))
 		}
 	}
 	if s.crash.timer != nil {

@@ -26,7 +26,12 @@ func (s *Supervisor) beginStop(now bool) {
 		case run.phase == PhaseDraining:
 			// The new generation already serves; the stop ends the drain.
 			run.drain.end()
-			s.finishRestart(s.resultFor(run.gen, RestartOK, ""))
+			s.finishRestart(s.outcome(run))
+		case run.phase == PhaseConfirming:
+			// It serves on trial; the stop ends the window, and stops
+			// the warm generation with the rest.
+			run.confirm.timer.Stop()
+			s.finishRestart(s.outcome(run))
 		case run.phase == PhaseChecking || run.phase == PhaseWaitOld:
 			// It was in its pre-flight check, or waiting for an old
 			// generation to exit.

@@ -71,7 +71,8 @@ type generations struct {
 //	──────────────────  ─────────────────────────────────────────────
 //	Starting            starting
 //	Serving             serving
-//	Draining, Stopping  old (a graceful stop makes the serving and the
+//	Warm, Draining,     old (a graceful stop makes the serving and the
+//	Stopping
 //	                    starting one Stopping too)
 //	Exited              lingering while any process of it is left;
 //	                    none once it is gone (g.gone)
@@ -94,7 +95,7 @@ func slotFor(g *generation) string {
 		return slotStarting
 	case Serving:
 		return slotServing
-	case Draining, Stopping:
+	case Warm, Draining, Stopping:
 		return slotOld
 	}
 	if g.gone {
@@ -253,6 +254,7 @@ func newSupervisor(cfg Config, wire func(Config) (env, error)) (*Supervisor, err
 		eventC: make(chan event, 16),
 		doneC:  make(chan struct{}),
 		gens:   generations{command: cfg.Command},
+		counts: RestartCounts{AfterSwitch: map[RollbackCause]int{}},
 	}, nil
 }
 
