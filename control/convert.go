@@ -18,6 +18,7 @@ func eventFrom(ev supervisor.Event) Event {
 	out := Event{
 		Phase: phaseFrom(ev.Phase), Generation: ev.Generation, Pid: ev.Pid, Check: ev.Check,
 		Signal: ev.Signal, Status: ev.Status, DurationMs: ms(ev.Duration), Drain: drainFrom(ev),
+		Cause: ev.Cause, Reason: ev.Reason,
 	}
 	if ev.Result != nil {
 		res := resultFrom(*ev.Result)
@@ -62,6 +63,12 @@ func phaseFrom(p supervisor.Phase) Phase {
 		return PhaseWaiting
 	case supervisor.PhaseReady:
 		return PhaseReady
+	case supervisor.PhaseConfirming:
+		return PhaseConfirming
+	case supervisor.PhaseConfirmed:
+		return PhaseConfirmed
+	case supervisor.PhaseRollingBack:
+		return PhaseRollingBack
 	case supervisor.PhaseDraining:
 		return PhaseDraining
 	case supervisor.PhaseStopping:
@@ -81,6 +88,8 @@ func stateFrom(s supervisor.State) State {
 		return StateStarting
 	case supervisor.Serving:
 		return StateServing
+	case supervisor.Warm:
+		return StateWarm
 	case supervisor.Draining:
 		return StateDraining
 	case supervisor.Stopping:
@@ -102,10 +111,18 @@ func statusDoc(info Info, control string, pid int, st supervisor.Status) *Status
 			Replacements: st.Restarts.Replacements, InProgress: st.Restarts.InProgress,
 			Queued: st.Restarts.Queued, QueuedRestarts: st.Restarts.QueuedRestarts,
 			LivenessReplacements: st.Restarts.LivenessReplacements,
+			AfterSwitch:          map[string]int{},
 		},
 		Stopping:     st.Stopping,
 		ShutdownAt:   st.ShutdownAt,
 		RelayVersion: info.Version, Upgrades: info.Upgrades, LastUpgrade: info.LastUpgrade,
+	}
+	for cause, n := range st.Restarts.AfterSwitch {
+		doc.Restarts.AfterSwitch[string(cause)] = n
+	}
+	if c := st.Confirm; c != nil {
+		doc.Confirm = &ConfirmDoc{Generation: c.Generation, Pid: c.Pid, Warm: c.Warm, WarmPid: c.WarmPid,
+			Began: c.Began, Until: c.Until, LeftSeconds: max(c.Until.Sub(st.At), 0).Seconds()}
 	}
 	for _, g := range st.Generations {
 		doc.Generations = append(doc.Generations, GenerationStatus{

@@ -124,6 +124,14 @@ func displayed() map[string]func(sup, wire reflect.Value) (got, want any) {
 		"supervisor.GenerationStatus.ReadyAfter": func(sup, wire reflect.Value) (any, any) {
 			return wire.FieldByName("ReadyAfterMs").Float(), ms(duration(sup, "ReadyAfter"))
 		},
+		// The causes are words on the wire.
+		"supervisor.RestartCounts.AfterSwitch": func(sup, wire reflect.Value) (any, any) {
+			want := map[string]int{}
+			for cause, n := range sup.FieldByName("AfterSwitch").Interface().(map[supervisor.RollbackCause]int) {
+				want[string(cause)] = n
+			}
+			return wire.FieldByName("AfterSwitch").Interface(), want
+		},
 		"supervisor.Event.Until": drain,
 		"supervisor.Event.Ended": drain,
 		"supervisor.Result.Outcome": func(sup, wire reflect.Value) (any, any) {
@@ -176,7 +184,7 @@ func leaves(typ reflect.Type) []string {
 func TestPhasesAndStates(t *testing.T) {
 	wire := map[Phase]bool{}
 	for _, p := range []Phase{PhaseQueued, PhaseChecking, PhaseChecked, PhaseWaitOld, PhaseStarting, PhaseWaiting,
-		PhaseReady, PhaseDraining, PhaseStopping, PhaseDone, PhaseOldExit} {
+		PhaseReady, PhaseConfirming, PhaseConfirmed, PhaseRollingBack, PhaseDraining, PhaseStopping, PhaseDone, PhaseOldExit} {
 		wire[p] = true
 	}
 	for _, ev := range sampleEvents() {
@@ -193,7 +201,7 @@ func TestPhasesAndStates(t *testing.T) {
 		sup  supervisor.State
 		wire State
 	}{
-		{supervisor.Starting, StateStarting}, {supervisor.Serving, StateServing}, {supervisor.Draining, StateDraining},
+		{supervisor.Starting, StateStarting}, {supervisor.Serving, StateServing}, {supervisor.Warm, StateWarm}, {supervisor.Draining, StateDraining},
 		{supervisor.Stopping, StateStopping}, {supervisor.Exited, StateExited},
 	} {
 		if got := stateFrom(c.sup); got != c.wire || string(got) != string(c.sup) {

@@ -31,6 +31,10 @@
 //     --json prints.
 //   - stop: one line of type stopping with relay's pid; the connection then
 //     stays open until relay exits, so its end is the client's answer.
+//   - rollback: in a confirmation window (relay run --confirm), traffic
+//     goes back to the warm generation; one line of type rolled_back whose
+//     RollbackDoc names it and the failed one. Outside a window, an error
+//     with code nothing_warm.
 //
 // # Errors
 //
@@ -41,10 +45,11 @@
 //	bad_request          malformed JSON, more than one value, bad arguments, no line in time
 //	too_large            a request line over MaxRequest bytes
 //	unsupported_version  "v" is not this server's Version
-//	unknown_op           "op" is not restart, status or stop
+//	unknown_op           "op" is not restart, status, stop, upgrade or rollback
 //	permission_denied    the peer's uid is neither relay's nor root's
 //	busy                 closed unread to make room for newer connections, or too many restarts followed; try again
 //	stopping             relay is stopping and has no status to give
+//	nothing_warm         rollback outside a confirmation window: nothing to go back to
 //	internal             anything else the server could not do
 //
 // Do returns an error response as a *ServerError carrying both.

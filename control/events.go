@@ -15,10 +15,15 @@ const (
 	PhaseStarting Phase = "starting"        // the new generation was started
 	PhaseWaiting  Phase = "waiting"         // its readiness check runs
 	PhaseReady    Phase = "ready"           // it is ready and serving
-	PhaseDraining Phase = "draining"        // the old generation finishes what it has, --drain at most
-	PhaseStopping Phase = "stopping"        // the old generation got its stop signal
-	PhaseDone     Phase = "done"            // final: see Event.Result
-	PhaseOldExit  Phase = "old_exited"      // after done: the old generation exited
+	// With relay run --confirm, after ready: the old generation stays
+	// warm until the new one is confirmed, or traffic goes back to it.
+	PhaseConfirming  Phase = "confirming"   // the window is open; the old generation (generation, pid) is warm
+	PhaseConfirmed   Phase = "confirmed"    // the window ended with the new generation kept
+	PhaseRollingBack Phase = "rolling_back" // the new one failed: the warm one (generation, pid) serves again
+	PhaseDraining    Phase = "draining"     // the old generation finishes what it has, --drain at most
+	PhaseStopping    Phase = "stopping"     // the old generation got its stop signal
+	PhaseDone        Phase = "done"         // final: see Event.Result
+	PhaseOldExit     Phase = "old_exited"   // after done: the old generation exited
 )
 
 // Event is one step of a restart, the event of a response line.
@@ -38,7 +43,16 @@ type Event struct {
 	// or "handed_over": the old generation had failed its liveness
 	// check and accepted nothing queued on its sockets, so what was
 	// queued there moved to the new one, duration_ms after the switch.
-	Drain  string  `json:"drain,omitempty"`
+	Drain string `json:"drain,omitempty"`
+	// Cause, with confirmed, is how the window ended: "window" (it
+	// passed), "restart" (one was asked for), "warm_exited" (nothing
+	// left to go back to) or "no_way_back" (the switch back failed).
+	// With rolling_back it is what failed: "exited", "liveness",
+	// "notify" (STOPPING=1 or ERRNO= unasked) or "manual" (relay
+	// rollback), and Reason says it in words. duration_ms, with both,
+	// is how long the window lasted.
+	Cause  string  `json:"cause,omitempty"`
+	Reason string  `json:"reason,omitempty"`
 	Result *Result `json:"result,omitempty"` // with PhaseDone
 }
 

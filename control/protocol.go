@@ -21,10 +21,11 @@ const maxArgs = 4096
 
 // The operations.
 const (
-	OpRestart = "restart"
-	OpStatus  = "status"
-	OpStop    = "stop"
-	OpUpgrade = "upgrade"
+	OpRestart  = "restart"
+	OpStatus   = "status"
+	OpStop     = "stop"
+	OpUpgrade  = "upgrade"
+	OpRollback = "rollback"
 )
 
 // The response types.
@@ -34,6 +35,7 @@ const (
 	TypeStatus   = "status"
 	TypeStopping = "stopping"
 	TypeUpgrade  = "upgrade"
+	TypeRollback = "rolled_back"
 	TypeError    = "error"
 )
 
@@ -49,6 +51,7 @@ const (
 	CodePermissionDenied Code = "permission_denied"
 	CodeBusy             Code = "busy"
 	CodeStopping         Code = "stopping"
+	CodeNothingWarm      Code = "nothing_warm"
 	CodeInternal         Code = "internal"
 )
 
@@ -77,11 +80,22 @@ type Response struct {
 	Status *StatusDoc `json:"status,omitempty"`
 	// Upgrade, with type upgrade: a phase of relay upgrade.
 	Upgrade *UpgradeEvent `json:"upgrade,omitempty"`
-	Pid     int           `json:"pid,omitempty"` // with stopping
+	// Rollback, with type rolled_back: what relay rollback did.
+	Rollback *RollbackDoc `json:"rollback,omitempty"`
+	Pid      int          `json:"pid,omitempty"` // with stopping
 	// Error and Code, with type error: the reason for people and for
 	// programs. Code is empty from a server that predates codes.
 	Error string `json:"error,omitempty"`
 	Code  Code   `json:"code,omitempty"`
+}
+
+// RollbackDoc is what relay rollback did: the generation that serves
+// again, and the failed one, which drains and stops.
+type RollbackDoc struct {
+	ServingGeneration int `json:"serving_generation"`
+	ServingPid        int `json:"serving_pid"`
+	FailedGeneration  int `json:"failed_generation"`
+	FailedPid         int `json:"failed_pid"`
 }
 
 // codedError is an error the server answers with: its code and its
@@ -148,7 +162,7 @@ func decodeRequest(r io.Reader) (Request, error) {
 		if err := checkArgv("check", req.Check); err != nil {
 			return Request{}, err
 		}
-	case OpStatus, OpStop:
+	case OpStatus, OpStop, OpRollback:
 		if len(req.Command) > 0 || len(req.Check) > 0 || req.NoWait || req.Path != "" {
 			return Request{}, errorf(CodeBadRequest, "%s takes no arguments", req.Op)
 		}
@@ -162,7 +176,7 @@ func decodeRequest(r io.Reader) (Request, error) {
 			}
 		}
 	default:
-		return Request{}, errorf(CodeUnknownOp, "unknown op %q; want restart, status, stop or upgrade", req.Op)
+		return Request{}, errorf(CodeUnknownOp, "unknown op %q; want restart, status, stop, upgrade or rollback", req.Op)
 	}
 
 	return req, nil

@@ -30,6 +30,9 @@ func sampleEvents() []supervisor.Event {
 		{Phase: supervisor.PhaseStarting, Generation: 5, Pid: 1240},
 		{Phase: supervisor.PhaseWaiting, Generation: 5, Pid: 1240, Check: "tcp 127.0.0.1:8080"},
 		{Phase: supervisor.PhaseReady, Generation: 5, Pid: 1240, Duration: 12500 * time.Microsecond},
+		{Phase: supervisor.PhaseConfirming, Generation: 4, Pid: 1100, Duration: time.Minute},
+		{Phase: supervisor.PhaseRollingBack, Generation: 4, Pid: 1100, Duration: 2 * time.Second, Cause: string(supervisor.RollbackExited), Reason: "exited in the confirmation window: exit status 1"},
+		{Phase: supervisor.PhaseConfirmed, Generation: 5, Pid: 1240, Duration: time.Minute, Cause: string(supervisor.ConfirmedQuiet)},
 		{Phase: supervisor.PhaseDraining, Generation: 4, Pid: 1100, Duration: 5 * time.Second, Until: supervisor.DrainAdaptive},
 		{Phase: supervisor.PhaseStopping, Generation: 4, Pid: 1100, Signal: "SIGTERM", Duration: 21500 * time.Microsecond, Ended: supervisor.EndedEmpty},
 		{Phase: supervisor.PhaseDone, Generation: 5, Pid: 1240, Check: "c", Signal: "s", Status: "exit 0", Duration: 3250 * time.Microsecond, Result: &res},
@@ -46,13 +49,16 @@ func sampleStatus() supervisor.Status {
 			{Generation: 5, Pid: 1240, State: supervisor.Starting, Started: sampleStart().Add(time.Minute),
 				Command: []string{"/srv/api", "-v2"}},
 		},
-		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, InProgress: true, Queued: true, QueuedRestarts: 2, LivenessReplacements: 5},
+		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, InProgress: true, Queued: true, QueuedRestarts: 2, LivenessReplacements: 5,
+			AfterSwitch: map[supervisor.RollbackCause]int{supervisor.RollbackExited: 1, supervisor.RollbackManual: 2}},
 		LastRestart: &supervisor.LastRestart{
 			Result: sampleResult(), Finished: sampleStart().Add(2 * time.Minute),
 		},
 		Stopping:   true,
 		At:         sampleStart().Add(61*time.Second + 500*time.Millisecond),
 		ShutdownAt: sampleStart().Add(3 * time.Minute),
+		Confirm: &supervisor.ConfirmStatus{Generation: 5, Pid: 1240, Warm: 4, WarmPid: 1100,
+			Began: sampleStart().Add(time.Minute), Until: sampleStart().Add(2 * time.Minute)},
 	}
 }
 

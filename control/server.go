@@ -48,6 +48,9 @@ type Supervisor interface {
 	Status() (supervisor.Status, error)
 	// Stop asks for a graceful stop (now false) and returns at once.
 	Stop(now bool)
+	// Rollback sends traffic back to the generation kept warm in the
+	// confirmation window.
+	Rollback() (supervisor.Rolled, error)
 }
 
 // Info is what relay says of itself in status documents.
@@ -352,10 +355,29 @@ func (s *Server) serveConn(r *reader) {
 		s.mu.Lock()
 		s.held = append(s.held, conn)
 		s.mu.Unlock()
+	case OpRollback:
+		s.rollback(conn)
 	case OpRestart:
 		s.restart(conn, req, release)
 	case OpUpgrade:
 		s.upgrade(conn, req)
+	}
+}
+
+// rollback answers relay rollback.
+func (s *Server) rollback(conn *net.UnixConn) {
+	s.log.Info("rollback requested over the control socket")
+	r, err := s.sup.Rollback()
+	switch {
+	case errors.Is(err, supervisor.ErrNothingWarm):
+		writeError(conn, &codedError{code: CodeNothingWarm, err: err})
+	case errors.Is(err, supervisor.ErrStopping):
+		writeError(conn, &codedError{code: CodeStopping, err: err})
+	case err != nil:
+		writeError(conn, err)
+	default:
+		writeResponse(conn, Response{Type: TypeRollback, Rollback: &RollbackDoc{
+			ServingGeneration: r.Serving, ServingPid: r.ServingPid, FailedGeneration: r.Failed, FailedPid: r.FailedPid}})
 	}
 }
 

@@ -28,6 +28,9 @@ type fakeSupervisor struct {
 	restartErr error
 	restarts   chan restartCall
 	stops      chan bool
+	// rolled and rollbackErr answer Rollback.
+	rolled      supervisor.Rolled
+	rollbackErr error
 }
 
 type restartCall struct {
@@ -51,6 +54,8 @@ func (f *fakeSupervisor) Restart(req supervisor.RestartRequest) (<-chan supervis
 func (f *fakeSupervisor) Status() (supervisor.Status, error) { return f.status, f.statusErr }
 
 func (f *fakeSupervisor) Stop(now bool) { f.stops <- now }
+
+func (f *fakeSupervisor) Rollback() (supervisor.Rolled, error) { return f.rolled, f.rollbackErr }
 
 // waitTimeout bounds a wait for something that should happen at once.
 const waitTimeout = 10 * time.Second
@@ -118,6 +123,35 @@ func TestServerStatus(t *testing.T) {
 	if want := statusDoc(sampleInfo(), srv.Path(), os.Getpid(), sampleStatus()); !reflect.DeepEqual(rs[0].Status, want) {
 		t.Errorf("status document\n%+v\nwant\n%+v", rs[0].Status, want)
 	}
+}
+
+// rollback answers with what the supervisor did, or with a code that says
+// why it did nothing.
+func TestServerRollback(t *testing.T) {
+	f := newFake()
+	f.rolled = supervisor.Rolled{Serving: 4, ServingPid: 1200, Failed: 5, FailedPid: 1240}
+	srv := serve(t, f, nil)
+	rs, err := collect(srv.Path(), Request{Op: OpRollback})
+	want := &RollbackDoc{ServingGeneration: 4, ServingPid: 1200, FailedGeneration: 5, FailedPid: 1240}
+	if err != nil || len(rs) != 1 || rs[0].Type != TypeRollback || !reflect.DeepEqual(rs[0].Rollback, want) {
+		t.Fatalf("rollback: %+v, %v; want one rolled_back line with %+v", rs, err, want)
+	}
+	for _, c := range []struct {
+		err  error
+		code Code
+	}{
+		{err: fmt.Errorf("%w: no window", supervisor.ErrNothingWarm), code: CodeNothingWarm},
+		{err: supervisor.ErrStopping, code: CodeStopping},
+		{err: errors.New("the steering program was refused"), code: CodeInternal},
+	} {
+		f := newFake()
+		f.rollbackErr = c.err
+		srv := serve(t, f, nil)
+		_, err := collect(srv.Path(), Request{Op: OpRollback})
+		wantCode(t, "rollback failing with "+c.err.Error(), err, c.code)
+	}
+	_, err = collect(srv.Path(), Request{Op: OpRollback, Path: "/x"})
+	wantCode(t, "rollback with a path", err, CodeBadRequest)
 }
 
 func TestServerStatusErrors(t *testing.T) {

@@ -33,6 +33,8 @@ type StatusDoc struct {
 	// first.
 	Upgrades    int       `json:"upgrades,omitempty"`
 	LastUpgrade time.Time `json:"last_upgrade,omitzero"`
+	// Confirm is absent unless a confirmation window is open.
+	Confirm *ConfirmDoc `json:"confirm,omitempty"`
 }
 
 // ListenerInfo describes one socket relay holds.
@@ -57,6 +59,7 @@ type State string
 const (
 	StateStarting State = "starting" // started, not yet proven ready
 	StateServing  State = "serving"  // ready, and the newest ready generation
+	StateWarm     State = "warm"     // replaced, kept ready to serve again until the new one is confirmed
 	StateDraining State = "draining" // replaced, still serving for the drain window
 	StateStopping State = "stopping" // sent its stop signal
 	StateExited   State = "exited"   // its main process is gone
@@ -95,6 +98,26 @@ type RestartCounts struct {
 	// LivenessReplacements counts the restarts that replaced a serving
 	// generation that failed --liveness or --child-watchdog.
 	LivenessReplacements int `json:"liveness_replacements"`
+	// RolledBackAfterSwitch counts the restarts rolled back in their
+	// confirmation window (relay run --confirm), by what failed: exited,
+	// liveness, notify, manual. They count in rolled_back too.
+	AfterSwitch map[string]int `json:"rolled_back_after_switch,omitempty"`
+}
+
+// ConfirmDoc is the confirmation window open now.
+type ConfirmDoc struct {
+	// Generation and Pid are the new generation, on trial.
+	Generation int `json:"generation"`
+	Pid        int `json:"pid"`
+	// Warm and WarmPid are the generation kept warm, which relay
+	// rollback (or a failure of the new one) sends traffic back to.
+	Warm    int `json:"warm_generation"`
+	WarmPid int `json:"warm_pid"`
+	// Began is the switch; Until, when the new generation is confirmed
+	// unless it fails first; LeftSeconds, the time left.
+	Began       time.Time `json:"began"`
+	Until       time.Time `json:"until"`
+	LeftSeconds float64   `json:"left_seconds"`
 }
 
 // LastRestart is the outcome of the last restart that finished.

@@ -106,7 +106,7 @@ func newApp(stderr io.Writer, b boot) *cli.App {
 			"LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it starts a new generation on the same sockets,\n" +
 			"waits until that generation is ready, and only then stops the old one. Run\n" +
 			"'relay COMMAND --help' for the details.",
-		Commands:        []*cli.Command{runCommand(b), restartCommand(), upgradeCommand(), statusCommand(), stopCommand(), versionCommand()},
+		Commands:        []*cli.Command{runCommand(b), restartCommand(), rollbackCommand(), upgradeCommand(), statusCommand(), stopCommand(), versionCommand()},
 		HideHelpCommand: true,
 		// --version is relay's own flag rather than cli's, whose printer
 		// is a package variable.

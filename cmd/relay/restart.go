@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -16,6 +17,12 @@ becomes ready, the old one drains and is told to stop, and the old one exits. Ea
 printed as it happens. Concurrent requests are serialized and coalesced: every caller gets
 the outcome of a restart that began after it asked.
 
+With relay run --confirm, the old generation stays warm for that window after the switch, and
+relay restart waits through it: it exits 0 once the new generation is confirmed, and 3 if it
+failed in the window (exited, failed --liveness, sent STOPPING=1 or ERRNO=, or relay rollback
+was run) and new connections went back to the old one. --at-switch returns at the switch
+instead, exit 0, before the window or the drain.
+
 With -- COMMAND [ARG...], the new generation runs that command instead (a new binary, new
 flags). It becomes the command for later restarts and crash replacements only once that
 generation is ready; if it fails, the old command stays.
@@ -23,8 +30,8 @@ generation is ready; if it fails, the old command stays.
 Exit status:
    0  the new generation serves and the old one has been told to stop (and is gone:
       its main process and every other process of it have exited, unless --no-wait)
-   3  the restart was rolled back or refused (pre-flight check failed, command not found);
-      the old generation still serves, untouched
+   3  the restart was rolled back or refused (pre-flight check failed, command not found,
+      or with --confirm a failure in the window); the old generation serves
    4  relay cannot be reached (not running, wrong --name/--control) or refused this user
    1  any other error
 
@@ -32,16 +39,18 @@ Examples:
    relay restart --name api
    relay restart --name api -- ./api-v2 --flag
    relay restart --name web --check "nginx -t"
-   relay restart --name api --no-wait`
+   relay restart --name api --no-wait
+   relay restart --name api --at-switch   # with --confirm: do not wait for the window`
 
 func restartCommand() *cli.Command {
 	return &cli.Command{
 		Name:        "restart",
 		Usage:       "restart a running relay's server and wait for the outcome",
-		UsageText:   "relay restart [--name NAME] [--no-wait] [--check CMD] [-- COMMAND [ARG...]]",
+		UsageText:   "relay restart [--name NAME] [--no-wait | --at-switch] [--check CMD] [-- COMMAND [ARG...]]",
 		Description: restartDescription,
 		Flags: append(clientFlags(),
 			&cli.BoolFlag{Name: "no-wait", Usage: "return once relay has accepted the restart"},
+			&cli.BoolFlag{Name: "at-switch", Usage: "return once the new generation is ready and gets the new connections, without waiting for the confirmation window (relay run --confirm) or the drain"},
 			&cli.StringFlag{Name: "check", Usage: "pre-flight `CMD` for this restart, instead of relay run's --check (split on spaces, no shell)"},
 		),
 		Action:       restartAction,
@@ -62,9 +71,13 @@ func restartAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if c.Bool("no-wait") && c.Bool("at-switch") {
+		return usagef("--no-wait and --at-switch: give one; --no-wait returns before the new generation starts, --at-switch once it serves")
+	}
 	req := control.Request{Op: control.OpRestart, Command: cmd, Check: check, NoWait: c.Bool("no-wait")}
 	out := c.App.Writer
 	var result *control.Result
+	switched := false
 	err = call(path, req, func(r control.Response) error {
 		switch r.Type {
 		case control.TypeAccepted:
@@ -74,9 +87,22 @@ func restartAction(c *cli.Context) error {
 			if r.Event.Result != nil {
 				result = r.Event.Result
 			}
+			// The switch is ready; what follows at once (the window,
+			// the drain) is printed, and then the stream ends.
+			if switched {
+				return errSwitched
+			}
+			switched = r.Event.Phase == control.PhaseReady && c.Bool("at-switch")
 		}
 		return nil
 	})
+	if switched && result != nil && !result.OK {
+		return rolledBackError{msg: "restart " + outcomeWord(result) + ": " + result.Reason}
+	}
+	if switched && errors.Is(err, errSwitched) {
+		fmt.Fprintln(out, "the new generation serves; not waiting for the rest (--at-switch)")
+		return nil
+	}
 	if err != nil {
 		return err
 	}
@@ -90,6 +116,9 @@ func restartAction(c *cli.Context) error {
 	}
 	return nil
 }
+
+// errSwitched ends the stream of a restart at its switch (--at-switch).
+var errSwitched = errors.New("switched")
 
 func outcomeWord(r *control.Result) string {
 	if r.Refused {
@@ -115,6 +144,21 @@ func printEvent(w io.Writer, ev *control.Event) {
 		fmt.Fprintf(w, "waiting for readiness (%s)\n", ev.Check)
 	case control.PhaseReady:
 		fmt.Fprintf(w, "ready after %s\n", msDuration(ev.DurationMs))
+	case control.PhaseConfirming:
+		fmt.Fprintf(w, "old %s kept warm for %s (--confirm): no new connections, no stop signal; relay rollback or a failure of the new one sends traffic back to it\n", g, msDuration(ev.DurationMs))
+	case control.PhaseConfirmed:
+		switch ev.Cause {
+		case "restart":
+			fmt.Fprintf(w, "new %s confirmed after %s: another restart was asked for\n", g, msDuration(ev.DurationMs))
+		case "warm_exited":
+			fmt.Fprintf(w, "new %s confirmed after %s: the warm generation exited, nothing is left to go back to\n", g, msDuration(ev.DurationMs))
+		case "no_way_back":
+			fmt.Fprintf(w, "new %s kept after %s: it failed, but new connections could not go back to the warm generation (see relay's log)\n", g, msDuration(ev.DurationMs))
+		default:
+			fmt.Fprintf(w, "new %s confirmed: nothing failed in %s\n", g, msDuration(ev.DurationMs))
+		}
+	case control.PhaseRollingBack:
+		fmt.Fprintf(w, "ROLLING BACK after %s (%s: %s): %s serves again\n", msDuration(ev.DurationMs), ev.Cause, ev.Reason, g)
 	case control.PhaseDraining:
 		if ev.Drain == control.DrainAdaptive {
 			fmt.Fprintf(w, "old %s draining until nothing more can reach it, at most %s\n", g, msDuration(ev.DurationMs))

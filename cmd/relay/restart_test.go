@@ -14,6 +14,8 @@ import (
 
 func TestRestartOutcomes(t *testing.T) {
 	starting := `{"v":1,"type":"event","event":{"phase":"starting","generation":5,"pid":1240}}`
+	ready := `{"v":1,"type":"event","event":{"phase":"ready","generation":5,"pid":1240,"duration_ms":12.5}}`
+	confirming := `{"v":1,"type":"event","event":{"phase":"confirming","generation":4,"pid":1200,"duration_ms":10000}}`
 	for _, c := range []struct {
 		name  string
 		args  []string
@@ -35,6 +37,24 @@ func TestRestartOutcomes(t *testing.T) {
 		{name: "refused", want: exitRolledBack,
 			lines: []string{`{"v":1,"type":"event","event":{"phase":"done","result":{"ok":false,"refused":true,"reason":"pre-flight check failed","duration_ns":1}}}`},
 			out:   []string{"restart refused: pre-flight check failed"}},
+		{name: "rolled back in the window", want: exitRolledBack,
+			lines: []string{starting, ready, confirming,
+				`{"v":1,"type":"event","event":{"phase":"rolling_back","generation":4,"pid":1200,"duration_ms":2012.5,"cause":"exited","reason":"exited in the confirmation window: exit status 1"}}`,
+				`{"v":1,"type":"event","event":{"phase":"done","result":{"ok":false,"generation":5,"pid":1240,"reason":"exited in the confirmation window: exit status 1","duration_ns":1}}}`},
+			out: []string{"old generation 4 (pid 1200) kept warm for 10s (--confirm): no new connections, no stop signal; relay rollback or a failure of the new one sends traffic back to it",
+				"ROLLING BACK after 2.0125s (exited: exited in the confirmation window: exit status 1): generation 4 (pid 1200) serves again",
+				"restart rolled back: exited in the confirmation window: exit status 1"}},
+		{name: "confirmed", want: exitOK,
+			lines: []string{starting, ready, confirming,
+				`{"v":1,"type":"event","event":{"phase":"confirmed","generation":5,"pid":1240,"duration_ms":10000,"cause":"window"}}`,
+				`{"v":1,"type":"event","event":{"phase":"done","result":{"ok":true,"generation":5,"pid":1240,"duration_ns":1}}}`},
+			out: []string{"new generation 5 (pid 1240) confirmed: nothing failed in 10s"}},
+		{name: "at the switch", args: []string{"--at-switch"}, want: exitOK,
+			lines: []string{starting, ready, confirming},
+			out:   []string{"ready after 12.5ms", "the new generation serves; not waiting for the rest (--at-switch)"}},
+		{name: "at the switch, rolled back before it", args: []string{"--at-switch"}, want: exitRolledBack,
+			lines: []string{starting, `{"v":1,"type":"event","event":{"phase":"done","result":{"ok":false,"generation":5,"pid":1240,"reason":"exited before ready","duration_ns":1}}}`},
+			out:   []string{"restart rolled back: exited before ready"}},
 		{name: "no wait", args: []string{"--no-wait"}, want: exitOK,
 			lines: []string{`{"v":1,"type":"accepted"}`}, out: []string{"restart accepted"}},
 		{name: "closed before done", want: exitFailure, lines: []string{starting}},

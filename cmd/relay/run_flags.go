@@ -28,6 +28,7 @@ type runOptions struct {
 	healthTimeout, drain, stopTimeout time.Duration
 	shutdownDelay                     time.Duration
 	drainSet                          bool // --drain was given
+	confirm                           time.Duration
 	stopSignal                        syscall.Signal
 	killMode                          supervisor.KillMode
 	maxDraining                       int
@@ -138,6 +139,9 @@ func (o *runOptions) parseRestarts(c *cli.Context) error {
 	o.drainSet = c.IsSet("drain")
 	if o.healthTimeout <= 0 || o.stopTimeout <= 0 || o.drain < 0 {
 		return usagef("--health-timeout and --stop-timeout must be positive and --drain not negative")
+	}
+	if o.confirm = c.Duration("confirm"); o.confirm < 0 {
+		return usagef("--confirm %s: must not be negative, e.g. --confirm 60s (0, the default, stops the old generation once drained)", o.confirm)
 	}
 	if o.shutdownDelay = c.Duration("shutdown-delay"); o.shutdownDelay < 0 {
 		return usagef("--shutdown-delay %s: must not be negative, e.g. --shutdown-delay 5s (0, the default, stops at once)", o.shutdownDelay)

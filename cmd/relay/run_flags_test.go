@@ -31,6 +31,7 @@ func TestRunUsageErrors(t *testing.T) {
 		{"zero --health-timeout", []string{"--listen", ":0", "--health-timeout", "0s", "--", "true"}, "must be positive"},
 		{"negative --stop-timeout", []string{"--listen", ":0", "--stop-timeout", "-2s", "--", "true"}, "must be positive"},
 		{"negative --shutdown-delay", []string{"--listen", ":0", "--shutdown-delay", "-1s", "--", "true"}, "--shutdown-delay -1s: must not be negative"},
+		{"negative --confirm", []string{"--listen", ":0", "--confirm", "-1s", "--", "true"}, "--confirm -1s: must not be negative"},
 		{"--max-draining 0", []string{"--listen", ":0", "--max-draining", "0", "--", "true"}, "--max-draining 0: must be at least 1"},
 		{"--kill-mode process", []string{"--listen", ":0", "--kill-mode", "process", "--", "true"}, "--kill-mode: \"process\" would leave a stopped generation's other processes running"},
 		{"--kill-mode none", []string{"--listen", ":0", "--kill-mode", "none", "--", "true"}, "use mixed (the stop signal to the main process) or control-group"},
@@ -85,6 +86,24 @@ func TestRunRefusesAnAcceptCheckThatCannotTell(t *testing.T) {
 	last := out[strings.LastIndex(strings.TrimSuffix(out, "\n"), "\n")+1:]
 	if code != exitUsage || !strings.HasPrefix(last, "relay: --health accept cannot check tcp-") || !strings.Contains(last, "use --health notify") {
 		t.Errorf("exit %d, last line %q; want a usage error naming the listener and the checks to use", code, last)
+	}
+}
+
+// --confirm needs a steered listener: where every generation shares the
+// socket, new connections could not go back to the warm one alone.
+func TestRunRefusesConfirmOnSharedSockets(t *testing.T) {
+	t.Setenv("LISTEN_FDS", "")
+	t.Setenv("NOTIFY_SOCKET", "")
+	t.Setenv("XDG_RUNTIME_DIR", t.TempDir())
+	for _, args := range [][]string{
+		{"--listen", "127.0.0.1:0", "--steer", "off"},
+		{"--listen", "unix:" + filepath.Join(t.TempDir(), "s.sock")},
+	} {
+		code, out := realMainOutput(t, append(append([]string{"run", "--confirm", "10s"}, args...), "--", "true")...)
+		last := out[strings.LastIndex(strings.TrimSuffix(out, "\n"), "\n")+1:]
+		if code != exitUsage || !strings.HasPrefix(last, "relay: --confirm 10s: no listener is steered") || !strings.Contains(last, "or drop --confirm") {
+			t.Errorf("relay run --confirm %v: exit %d, last line %q; want a usage error saying why", args, code, last)
+		}
 	}
 }
 

@@ -113,6 +113,12 @@ is ready, then drains and stops (SIGKILL after --stop-timeout); if it accepts no
 while connections wait on its steered sockets (it hung), they move to the new generation at once
 (net.ipv4.tcp_migrate_req) instead of waiting out --drain. Replacements back off.
 
+Confirmation window (opt-in): --confirm D keeps the old generation warm for D after the switch
+of a requested restart (no new connections, no stop signal). If the new one exits, fails
+--liveness (probed every tenth of D), sends STOPPING=1 or ERRNO=, or relay rollback is run,
+new connections go back to the warm one at once and the new one drains and stops; relay restart
+then exits 3. Otherwise the warm one drains and stops when D ends. Needs a steered listener.
+
 Admin listener (opt-in): --metrics ADDR binds a listener of relay's own (never passed to a
 child) serving GET /metrics (Prometheus text format: relay_restarts_total{outcome}, readiness
 and restart-duration histograms, the serving generation, ...; docs/containers.md tables them),
@@ -133,6 +139,7 @@ Examples:
    relay run --listen :8080 --health 'http://{health_addr}/healthz' -- ./server --health-addr '{health_addr}'
    relay run --listen unix:/run/app/app.sock --socket-mode 0660 --stop-signal QUIT -- nginx -g 'daemon off;'
    relay run --listen :8080 --liveness accept --liveness-interval 5s -- ./server
+   relay run --listen :8080 --confirm 60s --liveness 'http://{health_addr}/healthz' -- ./server   # relay rollback
    relay run --listen :8080 --child-watchdog 30s -- ./server-that-pings-sd_notify-WATCHDOG
    relay run --listen :8080 --shutdown-delay 5s --stop-timeout 20s -- ./server   # Kubernetes: grace period 30s
    relay run --listen :8080 --metrics :9090 -- ./server   # curl localhost:9090/metrics

@@ -49,6 +49,10 @@ func openSockets(log *slog.Logger, opts runOptions, passed []*sockets.Listener, 
 		set.Close()
 		return nil, err
 	}
+	if opts.confirm > 0 && !set.Steered() {
+		set.Close()
+		return nil, usagef("--confirm %s: no listener is steered, so new connections could not go back to the warm generation alone (unix, UDP and --steer off share one socket among generations); use a TCP --listen with --steer auto or on, or drop --confirm", opts.confirm)
+	}
 	return set, nil
 }
 
@@ -94,6 +98,7 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 		Health:        opts.health,
 		HealthTimeout: opts.healthTimeout,
 		Drain:         drain,
+		Confirm:       opts.confirm,
 		StopSignal:    opts.stopSignal,
 		KillMode:      opts.killMode,
 		StopTimeout:   opts.stopTimeout,

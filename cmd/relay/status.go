@@ -84,6 +84,11 @@ func printStatus(w io.Writer, d *control.StatusDoc) {
 	case d.Stopping:
 		fmt.Fprintln(w, "STOPPING")
 	}
+	if cf := d.Confirm; cf != nil {
+		fmt.Fprintf(w, "CONFIRMING generation %d (pid %d) until %s (%s left); generation %d (pid %d) kept warm: relay rollback sends traffic back to it\n",
+			cf.Generation, cf.Pid, cf.Until.Local().Format(time.TimeOnly), time.Duration(cf.LeftSeconds*float64(time.Second)).Round(100*time.Millisecond),
+			cf.Warm, cf.WarmPid)
+	}
 	fmt.Fprintf(w, "command: %s\n\n", strings.Join(d.Command, " "))
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LISTENER\tFD\tNETWORK\tADDRESS\tORIGIN\tDRAIN")
@@ -108,6 +113,9 @@ func printStatus(w io.Writer, d *control.StatusDoc) {
 	if r.LivenessReplacements > 0 {
 		fmt.Fprintf(w, ", %d liveness replacements", r.LivenessReplacements)
 	}
+	if after := afterSwitch(r.AfterSwitch); after != "" {
+		fmt.Fprintf(w, " (rolled back after the switch: %s)", after)
+	}
 	if r.InProgress {
 		fmt.Fprint(w, "; one in progress")
 	}
@@ -123,6 +131,18 @@ func printStatus(w io.Writer, d *control.StatusDoc) {
 			fmt.Fprintf(w, "last restart: %s after %s, %s ago: %s\n", outcomeWord(&l.Result), msDuration(l.DurationMs), ago, l.Reason)
 		}
 	}
+}
+
+// afterSwitch says what rolled restarts back in their confirmation window:
+// "1 exited, 2 manual"; "" for none.
+func afterSwitch(counts map[string]int) string {
+	var parts []string
+	for _, cause := range []string{"exited", "liveness", "notify", "manual"} {
+		if n := counts[cause]; n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n, cause))
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 // shutdownLine says when a shutdown delay that ends in left ends:

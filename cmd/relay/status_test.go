@@ -55,7 +55,9 @@ func TestStatusText(t *testing.T) {
 		"command: /srv/api --port {health_port}\n",
 		"tcp-8080  3   tcp      127.0.0.1:8080  bound      steered\n",
 		"tcp-8080=fd udp-53=bind  /srv/api\n",
-		"restarts: 3 ok, 2 rolled back, 1 refused, 4 crash replacements, 5 liveness replacements; one in progress; one queued\n",
+		"restarts: 3 ok, 2 rolled back, 1 refused, 4 crash replacements, 5 liveness replacements (rolled back after the switch: 1 exited, 2 manual); one in progress; one queued\n",
+		"CONFIRMING generation 5 (pid 1240) until ",
+		"generation 4 (pid 1100) kept warm: relay rollback sends traffic back to it\n",
 		"last restart: refused after 2.0035s, ",
 		": readiness check failed\n",
 	} {

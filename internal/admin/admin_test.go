@@ -67,7 +67,9 @@ func serving() supervisor.Status {
 			{Generation: 4, Pid: 100, State: supervisor.Draining},
 			{Generation: 5, Pid: 101, State: supervisor.Serving},
 		},
-		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, LivenessReplacements: 1},
+		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, LivenessReplacements: 1,
+			AfterSwitch: map[supervisor.RollbackCause]int{supervisor.RollbackExited: 1, supervisor.RollbackLiveness: 1}},
+		Confirm: &supervisor.ConfirmStatus{Generation: 5, Pid: 101, Warm: 4, WarmPid: 100, Until: time.Unix(1700000100, 250e6)},
 		LastRestart: &supervisor.LastRestart{
 			Result:   supervisor.Result{Outcome: supervisor.RestartOK, Generation: 5},
 			Finished: time.Unix(1700000000, 500e6),
@@ -94,6 +96,15 @@ func TestMetricsFromStatus(t *testing.T) {
 relay_restarts_total{outcome="ok"} 3
 relay_restarts_total{outcome="refused"} 1
 relay_restarts_total{outcome="rolled_back"} 2
+# HELP relay_rollbacks_after_switch_total Requested restarts rolled back in their confirmation window (relay run --confirm), after the switch, by what failed: exited, liveness, notify (STOPPING=1 or ERRNO= unasked) or manual (relay rollback). They count in relay_restarts_total{outcome="rolled_back"} too.
+# TYPE relay_rollbacks_after_switch_total counter
+relay_rollbacks_after_switch_total{reason="exited"} 1
+relay_rollbacks_after_switch_total{reason="liveness"} 1
+relay_rollbacks_after_switch_total{reason="manual"} 0
+relay_rollbacks_after_switch_total{reason="notify"} 0
+# HELP relay_confirm_window_end_timestamp_seconds When the open confirmation window ends and its new generation is confirmed, in seconds since the Unix epoch; absent while none is open.
+# TYPE relay_confirm_window_end_timestamp_seconds gauge
+relay_confirm_window_end_timestamp_seconds 1.70000010025e+09
 # HELP relay_crash_replacements_total Restarts relay began by itself to replace a serving generation that exited.
 # TYPE relay_crash_replacements_total counter
 relay_crash_replacements_total 4
@@ -110,6 +121,7 @@ relay_generations{state="exited"} 1
 relay_generations{state="serving"} 1
 relay_generations{state="starting"} 0
 relay_generations{state="stopping"} 0
+relay_generations{state="warm"} 0
 # HELP relay_last_restart_timestamp_seconds When the last requested restart ended, in seconds since the Unix epoch; absent before the first.
 # TYPE relay_last_restart_timestamp_seconds gauge
 relay_last_restart_timestamp_seconds 1.7000000005e+09

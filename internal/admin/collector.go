@@ -29,7 +29,7 @@ type statusCollector struct {
 	log    *slog.Logger
 
 	restarts, crashes, liveness, serving, generations, lastTime, lastSuccess, buildInfo *prometheus.Desc
-	upgrades, lastUpgrade                                                               *prometheus.Desc
+	upgrades, lastUpgrade, rollbacks, confirming                                        *prometheus.Desc
 }
 
 // generationStates are the states relay_generations reports, each always
@@ -37,7 +37,7 @@ type statusCollector struct {
 // are left (workers finishing, a daemon it started); once none is, it is
 // no longer listed.
 func generationStates() []supervisor.State {
-	return []supervisor.State{supervisor.Starting, supervisor.Serving, supervisor.Draining, supervisor.Stopping, supervisor.Exited}
+	return []supervisor.State{supervisor.Starting, supervisor.Serving, supervisor.Warm, supervisor.Draining, supervisor.Stopping, supervisor.Exited}
 }
 
 func newStatusCollector(status func() (supervisor.Status, error), build BuildInfo, log *slog.Logger) *statusCollector {
@@ -60,6 +60,11 @@ func newStatusCollector(status func() (supervisor.Status, error), build BuildInf
 			"1 if the last requested restart succeeded, 0 if it was rolled back or refused; absent before the first.", nil, nil),
 		buildInfo: prometheus.NewDesc("relay_build_info",
 			"Always 1; its labels name the relay binary.", []string{"version", "goversion"}, nil),
+		rollbacks: prometheus.NewDesc("relay_rollbacks_after_switch_total",
+			"Requested restarts rolled back in their confirmation window (relay run --confirm), after the switch, by what failed: exited, liveness, notify (STOPPING=1 or ERRNO= unasked) or manual (relay rollback). They count in relay_restarts_total{outcome=\"rolled_back\"} too.",
+			[]string{"reason"}, nil),
+		confirming: prometheus.NewDesc("relay_confirm_window_end_timestamp_seconds",
+			"When the open confirmation window ends and its new generation is confirmed, in seconds since the Unix epoch; absent while none is open.", nil, nil),
 		upgrades: prometheus.NewDesc("relay_upgrades_total",
 			"In-place upgrades of relay's own binary (relay upgrade) since relay started.", nil, nil),
 		lastUpgrade: prometheus.NewDesc("relay_last_upgrade_timestamp_seconds",
@@ -69,7 +74,7 @@ func newStatusCollector(status func() (supervisor.Status, error), build BuildInf
 
 // Describe is part of prometheus.Collector.
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.restarts, c.crashes, c.liveness, c.serving, c.generations, c.lastTime, c.lastSuccess, c.buildInfo, c.upgrades, c.lastUpgrade} {
+	for _, d := range []*prometheus.Desc{c.restarts, c.crashes, c.liveness, c.serving, c.generations, c.lastTime, c.lastSuccess, c.buildInfo, c.upgrades, c.lastUpgrade, c.rollbacks, c.confirming} {
 		ch <- d
 	}
 }
@@ -93,6 +98,12 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 		n       int
 	}{{outcomeOK, r.OK}, {outcomeRolledBack, r.RolledBack}, {outcomeRefused, r.Refused}} {
 		ch <- prometheus.MustNewConstMetric(c.restarts, prometheus.CounterValue, float64(o.n), o.outcome)
+	}
+	for _, cause := range supervisor.RollbackCauses() {
+		ch <- prometheus.MustNewConstMetric(c.rollbacks, prometheus.CounterValue, float64(r.AfterSwitch[cause]), string(cause))
+	}
+	if cf := st.Confirm; cf != nil {
+		ch <- prometheus.MustNewConstMetric(c.confirming, prometheus.GaugeValue, float64(cf.Until.UnixNano())/1e9)
 	}
 	ch <- prometheus.MustNewConstMetric(c.crashes, prometheus.CounterValue, float64(r.Replacements))
 	ch <- prometheus.MustNewConstMetric(c.liveness, prometheus.CounterValue, float64(r.LivenessReplacements))
