@@ -409,8 +409,10 @@ type load struct {
 	firstAt  map[int]time.Time
 	// lastStart is when the last request that pid answered was sent.
 	lastStart map[int]time.Time
-	stopC     chan struct{}
-	wg        sync.WaitGroup
+	// answers are when each response of pid came, in order.
+	answers map[int][]time.Time
+	stopC   chan struct{}
+	wg      sync.WaitGroup
 }
 
 func startLoad(url string, workers int, limit time.Duration) *load {
@@ -439,7 +441,8 @@ func startLoadWith(client *http.Client, url string, workers int, limit time.Dura
 // startLoadBy runs workers that send requests through client until stopped
 // or limit passes, and counts the answers by who answered, as id tells.
 func startLoadBy(client *http.Client, url string, workers int, limit time.Duration, id ident) *load {
-	ld := &load{pids: map[int]int{}, firstAt: map[int]time.Time{}, lastStart: map[int]time.Time{}, stopC: make(chan struct{})}
+	ld := &load{pids: map[int]int{}, firstAt: map[int]time.Time{}, lastStart: map[int]time.Time{}, answers: map[int][]time.Time{},
+		stopC: make(chan struct{})}
 	deadline := time.Now().Add(limit)
 	for range workers {
 		ld.wg.Add(1)
@@ -467,6 +470,7 @@ func startLoadBy(client *http.Client, url string, workers int, limit time.Durati
 						ld.lastStart[who] = start
 					}
 					ld.pids[who]++
+					ld.answers[who] = append(ld.answers[who], now)
 				}
 				ld.mu.Unlock()
 			}
@@ -492,6 +496,18 @@ func (ld *load) lastSent(pid int) time.Time {
 	ld.mu.Lock()
 	defer ld.mu.Unlock()
 	return ld.lastStart[pid]
+}
+
+// answeredAfter reports when pid's first response after t came.
+func (ld *load) answeredAfter(pid int, t time.Time) (time.Time, bool) {
+	ld.mu.Lock()
+	defer ld.mu.Unlock()
+	for _, at := range ld.answers[pid] {
+		if at.After(t) {
+			return at, true
+		}
+	}
+	return time.Time{}, false
 }
 
 func (ld *load) summary() (requests int, failures []error) {
