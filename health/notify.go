@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -48,11 +49,24 @@ type NotifyMessage struct {
 // notify sockets: under $XDG_RUNTIME_DIR when set, else $TMPDIR or /tmp,
 // whichever first leaves room for a socket path (108 bytes on Linux) such
 // as DIR/gen-N.notify. The caller removes it.
-func MakeNotifyDir() (string, error) {
+func MakeNotifyDir() (string, error) { return makeNotifyDir(false) }
+
+// MakeSharedNotifyDir is MakeNotifyDir for children that run as another
+// user (relay run --user): every directory above it must let others pass
+// (o+x), and it is 0711 itself, so that the child reaches the socket relay
+// gives to its user alone (NotifySocket.Chown) without listing the
+// directory or reaching anything else in it.
+func MakeSharedNotifyDir() (string, error) { return makeNotifyDir(true) }
+
+func makeNotifyDir(shared bool) (string, error) {
 	const room = len("/relay-0123456789/gen-0123456789.notify")
 	var tried []string
 	for _, base := range []string{os.Getenv("XDG_RUNTIME_DIR"), os.TempDir(), "/tmp"} {
 		if st, err := os.Stat(base); base == "" || err != nil || !st.IsDir() {
+			continue
+		}
+		if shared && !passable(base) {
+			tried = append(tried, base+" (not every directory on the way lets other users pass)")
 			continue
 		}
 		if len(base)+room >= len(unix.RawSockaddrUnix{}.Path) {
@@ -64,9 +78,43 @@ func MakeNotifyDir() (string, error) {
 			tried = append(tried, fmt.Sprintf("%s (%v)", base, err))
 			continue
 		}
+		if shared {
+			if err := os.Chmod(dir, 0o711); err != nil {
+				os.Remove(dir)
+				return "", fmt.Errorf("creating relay's runtime directory %s: %w", dir, err)
+			}
+		}
 		return dir, nil
 	}
 	return "", fmt.Errorf("creating relay's runtime directory: no usable base among %s; set XDG_RUNTIME_DIR or TMPDIR to a short writable directory", strings.Join(tried, ", "))
+}
+
+// passable reports whether every directory from dir up to the root lets
+// other users through (o+x).
+func passable(dir string) bool {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return false
+	}
+	for d := abs; ; d = filepath.Dir(d) {
+		st, err := os.Stat(d)
+		if err != nil || st.Mode().Perm()&0o001 == 0 {
+			return false
+		}
+		if d == "/" {
+			return true
+		}
+	}
+}
+
+// Chown gives the socket to uid and gid, the user a child runs as (relay
+// run --user): with its mode 0600, that user alone, and relay, may send to
+// it.
+func (n *NotifySocket) Chown(uid, gid int) error {
+	if err := os.Chown(n.Path, uid, gid); err != nil {
+		return fmt.Errorf("giving notify socket %s to uid %d: %w", n.Path, uid, err)
+	}
+	return nil
 }
 
 // ListenNotify creates the socket at path (in a directory only relay may

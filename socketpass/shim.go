@@ -33,10 +33,12 @@ type Takeover struct {
 	// Unlink also hands relay the child's unlinks (takeover.Options), for
 	// relay's unix socket paths.
 	Unlink bool
+	// IOURing lets the child set up io_uring rings (takeover.Options).
+	IOURing bool
 }
 
 // arg encodes t as one shim argument: "-", or "auto:FD" or "on:FD", with
-// ":unlink" after it for Unlink.
+// ":unlink" after it for Unlink and ":io_uring" for IOURing.
 func (t Takeover) arg() string {
 	if t.FD == 0 {
 		return "-"
@@ -48,6 +50,9 @@ func (t Takeover) arg() string {
 	if t.Unlink {
 		a += ":unlink"
 	}
+	if t.IOURing {
+		a += ":io_uring"
+	}
 	return a
 }
 
@@ -57,7 +62,7 @@ func parseTakeover(arg string) (Takeover, error) {
 	}
 	parts := strings.Split(arg, ":")
 	bad := fmt.Errorf("exec shim: bad takeover argument %q", arg)
-	if len(parts) < 2 || len(parts) > 3 || (parts[0] != "auto" && parts[0] != "on") {
+	if len(parts) < 2 || (parts[0] != "auto" && parts[0] != "on") {
 		return Takeover{}, bad
 	}
 	n, err := strconv.Atoi(parts[1])
@@ -65,20 +70,29 @@ func parseTakeover(arg string) (Takeover, error) {
 		return Takeover{}, bad
 	}
 	t := Takeover{FD: n, Required: parts[0] == "on"}
-	if len(parts) == 3 {
-		if parts[2] != "unlink" {
+	for _, flag := range parts[2:] {
+		switch flag {
+		case "unlink":
+			t.Unlink = true
+		case "io_uring":
+			t.IOURing = true
+		default:
 			return Takeover{}, bad
 		}
-		t.Unlink = true
 	}
 	return t, nil
 }
 
 // ShimArgv returns the program and argv that start path with argv through the
-// exec shim. argv[0] is what the child will see as its own argv[0]. The shim
-// checks that its parent is still the calling relay (see RunShim).
-func ShimArgv(path string, argv []string, t Takeover) (string, []string) {
-	return selfExe, append([]string{"relay-exec-shim", shimCommand, t.arg(), strconv.Itoa(os.Getpid()), path}, argv...)
+// exec shim, as u (nil: as relay). argv[0] is what the child will see as its
+// own argv[0]. The shim checks that its parent is still the calling relay
+// (see RunShim).
+func ShimArgv(path string, argv []string, t Takeover, u *User) (string, []string) {
+	ua := "-"
+	if u != nil {
+		ua = u.arg()
+	}
+	return selfExe, append([]string{"relay-exec-shim", shimCommand, t.arg(), ua, strconv.Itoa(os.Getpid()), path}, argv...)
 }
 
 // noParent is the shim's parent argument when it has no relay to outlive.
@@ -89,7 +103,7 @@ const noParent = "-"
 // argv (argv[0] first). Tests use it to start relay itself the way systemd
 // would, with LISTEN_PID set to its own pid.
 func ShimLauncher(relay, path string) []string {
-	return []string{relay, shimCommand, Takeover{}.arg(), noParent, path}
+	return []string{relay, shimCommand, Takeover{}.arg(), "-", noParent, path}
 }
 
 // IsShim reports whether args (os.Args) ask for the exec shim.
@@ -98,7 +112,7 @@ func IsShim(args []string) bool {
 }
 
 // RunShim is the exec shim. args is os.Args: [argv0, shimCommand, takeover,
-// parent, path, argv...]. Go cannot learn a child's pid before it runs, so relay
+// user, parent, path, argv...]. Go cannot learn a child's pid before it runs, so relay
 // starts this shim, which sets LISTEN_PID to its own pid and replaces itself
 // with path. execve keeps the pid, so LISTEN_PID is the server's own pid. The
 // passed sockets at fds 3.. are left alone: they are not close-on-exec, and
@@ -111,12 +125,23 @@ func IsShim(args []string) bool {
 // signal (only a set-user-ID or set-group-ID exec clears it), so the server
 // dies with relay.
 //
+// With a user, the shim takes its credentials last, once the filter is in
+// place (installing it may need relay's CAP_SYS_ADMIN), and sets
+// no_new_privs: the server runs with no capabilities and cannot gain any
+// back through a set-user-ID program. The kernel clears the parent-death
+// signal as the credentials change; the shim sets it again and checks its
+// parent once more.
+//
 // RunShim returns only on failure.
 func RunShim(args []string) error {
-	if !IsShim(args) || len(args) < 6 {
-		return errors.New("exec shim: usage: relay " + shimCommand + " TAKEOVER PARENT PATH ARGV0 [ARG...]")
+	if !IsShim(args) || len(args) < 7 {
+		return errors.New("exec shim: usage: relay " + shimCommand + " TAKEOVER USER PARENT PATH ARGV0 [ARG...]")
 	}
 	t, err := parseTakeover(args[2])
+	if err != nil {
+		return err
+	}
+	u, err := parseUser(args[3])
 	if err != nil {
 		return err
 	}
@@ -126,10 +151,10 @@ func RunShim(args []string) error {
 	// no parent-death signal. So one thread does all of it: this one,
 	// never unlocked.
 	runtime.LockOSThread()
-	if err := checkParent(args[3]); err != nil {
+	if err := checkParent(args[4]); err != nil {
 		return err
 	}
-	path, argv := args[4], args[5:]
+	path, argv := args[5], args[6:]
 	env := os.Environ()
 	out := env[:0]
 	for _, kv := range env {
@@ -148,7 +173,7 @@ func RunShim(args []string) error {
 		out = append(out, EnvWatchdogPID+"="+strconv.Itoa(os.Getpid()))
 	}
 	if t.FD != 0 {
-		err := takeover.Install(t.FD, takeover.Options{Unlink: t.Unlink})
+		err := takeover.Install(t.FD, takeover.Options{Unlink: t.Unlink, IOURing: t.IOURing})
 		switch {
 		case err == nil:
 		case !errors.Is(err, takeover.ErrUnavailable):
@@ -158,6 +183,14 @@ func RunShim(args []string) error {
 		}
 		// Otherwise relay heard why, and the child takes its sockets
 		// as inherited fds only.
+	}
+	if u != nil {
+		if err := u.become(); err != nil {
+			return err
+		}
+		if err := checkParent(args[4]); err != nil {
+			return err
+		}
 	}
 	// Only stdin, stdout, stderr and the passed sockets cross the exec.
 	if err := CloseOnExecFrom(FirstFD + passed); err != nil {

@@ -13,6 +13,7 @@ import (
 	"github.com/relaysh/relay/internal/cgroup"
 	"github.com/relaysh/relay/internal/reaper"
 	"github.com/relaysh/relay/internal/sockets"
+	"github.com/relaysh/relay/socketpass"
 )
 
 // Command is what a generation runs.
@@ -35,6 +36,14 @@ type Config struct {
 	// Takeover says whether a child's own bind of a listener's address is
 	// taken over (package takeover).
 	Takeover TakeoverMode
+	// User, if not nil, is who every generation runs as (relay run
+	// --user): the exec shim takes its credentials last, and its notify
+	// socket is given to it. RuntimeDir must then let it pass
+	// (health.MakeSharedNotifyDir).
+	User *socketpass.User
+	// IOURing lets generations under the bind takeover set up io_uring
+	// rings, whose binds relay cannot see (takeover.Options.IOURing).
+	IOURing bool
 
 	// Check is a pre-flight command run before each requested restart
 	// (not before crash replacements); nil for none.

@@ -125,9 +125,11 @@ func (s *Supervisor) Rollback() (Rolled, error) {
 
 // windowed reports whether run's switch opens a confirmation window. A
 // restart queued behind run would confirm it at once, as one asked for
-// during the window does: then none opens.
+// during the window does: then none opens. Nor does one for a generation
+// that failed its liveness check (a requested restart can come during the
+// backoff of its replacement): it is nothing worth going back to.
 func (s *Supervisor) windowed(run *restartRun) bool {
-	return s.cfg.Confirm > 0 && run.requested() && run.prev != nil && len(s.restarts.queued) == 0
+	return s.cfg.Confirm > 0 && run.requested() && run.prev != nil && len(s.restarts.queued) == 0 && !run.prev.failedLiveness
 }
 
 // inWindow returns the restart whose confirmation window is open, or nil.
@@ -187,9 +189,10 @@ func (s *Supervisor) confirm(run *restartRun, how ConfirmEnd) {
 
 // rollBack ends run's window sending new connections back to the warm
 // generation, which serves again; the new one, unless it has exited,
-// drains and stops as an old one does. Should the switch back fail, the
-// new generation is kept (ConfirmedNoWayBack).
-func (s *Supervisor) rollBack(run *restartRun, cause RollbackCause, reason string) {
+// drains and stops as an old one does. Should the switch back fail while the
+// new generation serves, it is kept (ConfirmedNoWayBack), and the switch's
+// error returned.
+func (s *Supervisor) rollBack(run *restartRun, cause RollbackCause, reason string) error {
 	g, prev, gs := run.gen, run.prev, &s.gens
 	run.confirm.timer.Stop()
 	// Should a listener refuse, those switched already go back to g,
@@ -199,7 +202,7 @@ func (s *Supervisor) rollBack(run *restartRun, cause RollbackCause, reason strin
 		g.log.Error("a rollback is due, but new connections cannot go back to the warm generation; keeping the new one",
 			"cause", cause, "reason", reason, "err", err)
 		s.confirm(run, ConfirmedNoWayBack)
-		return
+		return err
 	} else if err != nil {
 		prev.log.Error("steering new connections back to the warm generation", "err", err)
 	}
@@ -221,16 +224,17 @@ func (s *Supervisor) rollBack(run *restartRun, cause RollbackCause, reason strin
 		// groups at the switch back, and what was queued on them
 		// moved to the warm generation's (see sockets.Set.Migrates).
 		s.finishRestart(s.resultFor(g, RestartRolledBack, reason))
-		return
+		return nil
 	}
 	// From here on the restart drains g: the serving one is run.gen,
 	// the one leaving run.prev, as after any switch.
 	run.gen, run.prev = prev, g
 	if s.cfg.Drain <= 0 {
 		s.retire(run, "")
-		return
+		return nil
 	}
 	s.beginDrain(run, g)
+	return nil
 }
 
 // onRollbackRequest is relay rollback.
@@ -239,9 +243,8 @@ func (s *Supervisor) onRollbackRequest() (Rolled, error) {
 	switch {
 	case run != nil:
 		g, prev := run.gen, run.prev
-		s.rollBack(run, RollbackManual, "relay rollback")
-		if run.back == nil {
-			return Rolled{}, fmt.Errorf("new connections cannot go back to generation %d; generation %d serves on (relay's log says why)", prev.n, g.n)
+		if err := s.rollBack(run, RollbackManual, "relay rollback"); err != nil {
+			return Rolled{}, fmt.Errorf("new connections cannot go back to generation %d, so generation %d was kept and generation %d drains and stops: %w", prev.n, g.n, prev.n, err)
 		}
 		return Rolled{Serving: prev.n, ServingPid: prev.pid(), Failed: g.n, FailedPid: g.pid()}, nil
 	case s.stop.begun:
@@ -250,6 +253,9 @@ func (s *Supervisor) onRollbackRequest() (Rolled, error) {
 		return Rolled{}, fmt.Errorf("%w: relay runs without --confirm, so every old generation stops once drained", ErrNothingWarm)
 	case s.restarts.current != nil && s.restarts.current.back != nil:
 		return Rolled{}, fmt.Errorf("%w: the restart under way was rolled back already", ErrNothingWarm)
+	case s.restarts.current != nil && s.restarts.current.phase == PhaseDraining && s.restarts.current.prev != nil:
+		run := s.restarts.current
+		return Rolled{}, fmt.Errorf("%w: generation %d was confirmed, and generation %d drains and stops", ErrNothingWarm, run.gen.n, run.prev.n)
 	case s.last != nil && s.last.Outcome == RestartOK:
 		return Rolled{}, fmt.Errorf("%w: the last restart (generation %d) was confirmed at %s, and the generation before it stopped",
 			ErrNothingWarm, s.last.Generation, s.last.Finished.Format(time.RFC3339))
@@ -265,12 +271,34 @@ func (s *Supervisor) onChildStopping(g *generation, what string) {
 	}
 }
 
+// adviseConfirm warns when the confirmation window is too short for
+// --liveness to catch a hung generation in it: each of the failures in a
+// row that it takes comes only at a probe's timeout.
+func (s *Supervisor) adviseConfirm() {
+	c := &s.cfg
+	if c.Confirm <= 0 || c.Liveness.Kind == "" {
+		return
+	}
+	if need := time.Duration(c.LivenessFailures) * (c.trialInterval() + c.trialTimeout()); need > c.Confirm {
+		c.Log.Warn("the confirmation window is too short to see a hung generation fail its liveness check: a longer --confirm, or fewer --liveness-failures",
+			"confirm", c.Confirm, "needed", need, "liveness_failures", c.LivenessFailures)
+	}
+}
+
 // trialInterval is the time between two liveness probes of a generation in
 // its confirmation window: a tenth of the window, so that enough probes
 // fit to see a failure, but not more often than every 100 ms and never
 // less often than --liveness-interval.
 func (c *Config) trialInterval() time.Duration {
 	return min(max(c.Confirm/10, minTrialInterval), c.LivenessInterval)
+}
+
+// trialTimeout bounds one liveness probe on trial: half the trial
+// interval, at least minTrialTimeout and at most maxLivenessTimeout. A hung
+// generation fails each probe only at its timeout, and --liveness-failures
+// of them must fit in the window.
+func (c *Config) trialTimeout() time.Duration {
+	return min(max(c.trialInterval()/2, minTrialTimeout), maxLivenessTimeout)
 }
 
 // minTrialInterval bounds how often a generation on trial is probed.

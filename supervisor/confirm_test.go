@@ -192,7 +192,7 @@ func TestConfirmQuietWindowEndDrainsThenStopsTheWarm(t *testing.T) {
 	h.wantGens("1:draining 2:serving")
 	old.untouched(t, "the confirmed generation's predecessor in its drain")
 	h.noWindow()
-	h.wantNothingWarm("no confirmation window is open", "1:draining 2:serving")
+	h.wantNothingWarm("generation 2 was confirmed, and generation 1 drains and stops", "1:draining 2:serving")
 	evs = append(evs, h.drainToDone(old, events)...)
 	if ev := eventOf(t, evs, PhaseStopping); ev.Generation != 1 || ev.Ended != EndedFixed || ev.Duration != testDrain {
 		t.Errorf("stopping event %+v, want generation 1 stopped after its %s drain", ev, testDrain)
@@ -732,5 +732,35 @@ func TestConfirmNoWindowWithARestartQueued(t *testing.T) {
 		t.Errorf("a window opened with a restart queued: %v", evs)
 	}
 	h.noWindow()
+	h.wantGens("1:draining 2:serving")
+}
+
+// A generation rolled back for its liveness check that accepts nothing has
+// what is queued on its sockets handed over, as the old generation of a
+// liveness replacement has.
+func TestConfirmLivenessRollbackHandsOverAStall(t *testing.T) {
+	t.Parallel()
+	h := newHarnessWith(t, withConfirmAndLiveness, harnessOpts{handOver: true})
+	h.confirming(RestartRequest{})
+	for range testLivenessFailures {
+		h.trialProbe(2).fail(errors.New("connected, but the server has not accepted it"))
+	}
+	recv(t, h.stallC, "the stall watch of the rolled-back generation")
+}
+
+// No window keeps warm a generation that failed its liveness check: a
+// restart asked for during the backoff of its replacement drains it.
+func TestConfirmNoWindowForAFailedGeneration(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, withConfirmAndLiveness)
+	h.serving()
+	h.failProbes(1, testLivenessFailures)
+	h.waitLine("gen 1 pid 1001 serving; liveness replacement pending")
+	events, _, c := h.starting(RestartRequest{}, 2)
+	c.pass()
+	evs := until(t, events, PhaseDraining)
+	if slices.ContainsFunc(evs, func(ev Event) bool { return ev.Phase == PhaseConfirming }) {
+		t.Errorf("a window kept the generation that failed its liveness check: %v", evs)
+	}
 	h.wantGens("1:draining 2:serving")
 }

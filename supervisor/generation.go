@@ -87,6 +87,12 @@ type generation struct {
 	// the loop heard the last one.
 	pinged   bool
 	lastPing time.Time
+	// failedLiveness: it failed its liveness check or watchdog while it
+	// served; no confirmation window keeps it warm.
+	failedLiveness bool
+	// stoppingPosted: a stoppingNotice of this generation was posted;
+	// the notify goroutine posts no other (only the first matters).
+	stoppingPosted atomic.Bool
 }
 
 func (g *generation) pid() int { return g.proc.pid() }
@@ -170,6 +176,11 @@ func (s *Supervisor) prepare(g *generation) (_ *launch, err error) {
 		return nil, err
 	}
 	l.ours = append(l.ours, g.notify)
+	if u := s.cfg.User; u != nil {
+		if err := g.notify.Chown(int(u.UID), int(u.GID)); err != nil {
+			return nil, err
+		}
+	}
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("creating the child's stderr pipe: %w", err)
@@ -190,13 +201,13 @@ func (s *Supervisor) prepare(g *generation) (_ *launch, err error) {
 		// Nothing serves the handshake until the child has started.
 		l.ours, l.childEnds = append(l.ours, g.takeover.hs), append(l.childEnds, shimEnd)
 		files = append(files, shimEnd)
-		shim = socketpass.Takeover{FD: len(files) - 1, Required: s.cfg.Takeover == TakeoverOn, Unlink: len(s.unixPaths()) > 0}
+		shim = socketpass.Takeover{FD: len(files) - 1, Required: s.cfg.Takeover == TakeoverOn, Unlink: len(s.unixPaths()) > 0, IOURing: s.cfg.IOURing}
 	}
 	args := make([]string, len(g.cmd.Args))
 	for i, a := range g.cmd.Args {
 		args[i] = health.Expand(a, vars)
 	}
-	l.path, l.argv = socketpass.ShimArgv(g.cmd.Path, args, shim)
+	l.path, l.argv = socketpass.ShimArgv(g.cmd.Path, args, shim, s.cfg.User)
 	l.attr = reaper.Attr{Dir: s.cfg.Dir, Env: s.childEnv(notifyPath, vars), Files: files, NewGroup: true}
 	return l, nil
 }
@@ -205,6 +216,9 @@ func (s *Supervisor) prepare(g *generation) (_ *launch, err error) {
 // its own (vars, its notify socket, the watchdog's).
 func (s *Supervisor) childEnv(notifyPath string, vars health.Vars) []string {
 	extra := append([]string{sdnotify.EnvNotifySocket + "=" + notifyPath}, vars.Env()...)
+	if s.cfg.User != nil {
+		extra = append(extra, s.cfg.User.Env()...)
+	}
 	if s.cfg.ChildWatchdog > 0 {
 		// The exec shim adds WATCHDOG_PID, the child's own pid.
 		extra = append(extra, socketpass.EnvWatchdogUsec+"="+strconv.FormatInt(s.cfg.ChildWatchdog.Microseconds(), 10))
@@ -325,7 +339,7 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 		if e, ok := m.Vars["ERRNO"]; ok {
 			what = "ERRNO=" + e
 		}
-		if what != "" {
+		if what != "" && g.stoppingPosted.CompareAndSwap(false, true) {
 			go s.post(stoppingNotice{g: g, what: what})
 		}
 	}

@@ -376,12 +376,21 @@ func (s *Supervisor) Restore(sv Saved) error {
 	s.speaksNotify.Store(sv.SpeaksNotify)
 	s.takeoverWarned.Store(sv.TakeoverWarned)
 	s.counts, s.last = sv.Counts, sv.Last
+	if s.counts.AfterSwitch == nil {
+		s.counts.AfterSwitch = map[RollbackCause]int{} // from an image that had none
+	}
 	s.crash.crashes, s.live.inRow = sv.Crashes, sv.LivenessInRow
 	// The time since the save, the exec's gap, counts against the kill
 	// deadlines.
 	elapsed := max(time.Since(sv.At), 0)
 	if sv.At.IsZero() {
 		elapsed = 0
+	}
+	for _, o := range sv.Old {
+		if o.State == Warm {
+			// quiet() never hands over a confirmation window.
+			return fmt.Errorf("restoring the supervisor: generation %d is warm, and no confirmation window can cross an upgrade", o.N)
+		}
 	}
 	for i, g := range s.restoring {
 		state := Serving

@@ -113,12 +113,10 @@ func (s *Supervisor) armProbe() {
 }
 
 // livenessTimeout bounds one probe: the interval, and at most
-// maxLivenessTimeout. On trial, half the trial interval, but at least
-// minTrialTimeout: a hung generation fails each probe only at its timeout,
-// and --liveness-failures of them must fit in the window.
+// maxLivenessTimeout; on trial, Config.trialTimeout.
 func (s *Supervisor) livenessTimeout() time.Duration {
 	if s.live.trial {
-		return min(max(s.cfg.trialInterval()/2, minTrialTimeout), maxLivenessTimeout)
+		return s.cfg.trialTimeout()
 	}
 	return min(s.cfg.LivenessInterval, maxLivenessTimeout)
 }
@@ -223,6 +221,7 @@ func (s *Supervisor) onWatchdogDue(seq int) {
 // replacement after the backoff; or, on trial, rolls its restart back.
 func (s *Supervisor) livenessFailed(g *generation, why error) {
 	lv := &s.live
+	g.failedLiveness = true
 	if run := s.inWindow(); lv.trial && run != nil && run.gen == g {
 		s.pauseLiveness()
 		s.rollBack(run, RollbackLiveness, why.Error())

@@ -116,8 +116,7 @@ func (s *Supervisor) onRestartRequest(r restartReq) {
 		return
 	}
 	if win := s.inWindow(); win != nil {
-		s.cfg.Log.Info("restart requested during the confirmation window: the new generation is confirmed first",
-			"reason", r.Reason, "new_gen", win.gen.n, "new_pid", win.gen.pid())
+		win.gen.log.Info("restart requested during the confirmation window: the new generation is confirmed first", "reason", r.Reason)
 		s.confirm(win, ConfirmedByRestart)
 	}
 	if s.restarts.current == nil {
@@ -333,7 +332,8 @@ func (s *Supervisor) watchDrain(run *restartRun, prev *generation, limit time.Du
 	d := &run.drain
 	ctx, cancel := context.WithCancel(context.Background())
 	d.cancel = cancel // ends the watches below
-	if run.reason == reasonLiveness && s.env.stalled != nil && s.env.handOver != nil {
+	failedLiveness := run.reason == reasonLiveness || run.back != nil && run.back.cause == RollbackLiveness
+	if failedLiveness && s.env.stalled != nil && s.env.handOver != nil {
 		go func() {
 			err := s.env.stalled(ctx, prev.n, stallQuiet)
 			if ctx.Err() == nil && err == nil {

@@ -310,6 +310,7 @@ func (s *Supervisor) Done() <-chan struct{} { return s.doneC }
 // never becomes ready.
 func (s *Supervisor) Run() (Outcome, error) {
 	defer close(s.doneC)
+	s.adviseConfirm()
 	if s.gens.serving == nil {
 		s.beginRestart(&restartRun{reason: reasonStart})
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/relaysh/relay/internal/sockets"
 	"github.com/relaysh/relay/internal/takeover"
@@ -42,6 +43,9 @@ type bindTakeover struct {
 	// refused or the filter was refused under --takeover on.
 	failed  chan struct{}
 	failure error
+	// ringRefused: an io_uring_setup of the child tree was refused, and
+	// logged; later ones are not.
+	ringRefused atomic.Bool
 }
 
 func newBindTakeover(listeners int) (*bindTakeover, *os.File, error) {
@@ -255,6 +259,11 @@ func (s *Supervisor) onTakeover(g *generation, e takeover.Event) {
 		g.log.Debug("listen on relay's socket answered without running it; relay keeps its backlog",
 			"listener", name(e.Socket), "fd", e.FD, "listen_pid", e.Pid)
 		t.claim(e.Socket)
+	case takeover.RingRefused:
+		if t.ringRefused.CompareAndSwap(false, true) {
+			g.log.Error("io_uring_setup refused (EPERM): a bind made through io_uring would bypass the takeover and put the child's own socket on the port; the server must use bind(2), or relay must run with --allow-io-uring (docs/takeover.md)",
+				"caller_pid", e.Pid)
+		}
 	case takeover.Kept:
 		g.log.Info("kept relay's unix socket path: the child's unlink of it was answered without removing it", "path", e.Path, "unlink_pid", e.Pid)
 	case takeover.Refused:

@@ -32,11 +32,18 @@ type Options struct {
 	// that Serve can keep relay's unix socket paths in place (see
 	// Config.Paths). Set it when relay has unix listeners.
 	Unlink bool
+	// IOURing lets the child tree set up io_uring rings. The filter
+	// cannot see the operations of a ring (IORING_OP_BIND and
+	// IORING_OP_LISTEN, Linux 6.11+, among them), so a bind made through
+	// one would bypass relay: by default io_uring_setup(2) goes to relay
+	// too, which refuses it with EPERM, as container runtimes' default
+	// seccomp profiles do. Servers fall back to plain system calls.
+	IOURing bool
 }
 
 // filter returns the program the shim installs: bind(2) and listen(2)
-// (and with Unlink the unlink calls) of the native architecture go to
-// relay, everything else runs.
+// (with Unlink the unlink calls, and without IOURing io_uring_setup(2)) of
+// the native architecture go to relay, everything else runs.
 func filter(opts Options) ([]bpf.Instruction, error) {
 	if !archSupported {
 		return nil, fmt.Errorf("%w: relay has no filter for this architecture", ErrUnavailable)
@@ -44,6 +51,9 @@ func filter(opts Options) ([]bpf.Instruction, error) {
 	calls := []uint32{unix.SYS_BIND, unix.SYS_LISTEN}
 	if opts.Unlink {
 		calls = append(calls, unlinkCalls()...)
+	}
+	if !opts.IOURing {
+		calls = append(calls, unix.SYS_IO_URING_SETUP)
 	}
 	// arch check, load nr, one test per call, allow, notify.
 	prog := []bpf.Instruction{

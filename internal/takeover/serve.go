@@ -81,6 +81,9 @@ const (
 	// Kept: the child tried to unlink one of Config.Paths, which relay
 	// answered with success without removing it (Path says which).
 	Kept
+	// RingRefused: the child called io_uring_setup(2), which relay
+	// answered with EPERM (Options.IOURing).
+	RingRefused
 )
 
 // Event is one thing Serve did.
@@ -198,6 +201,10 @@ func (s *session) handle(m *notif) {
 		s.bind(m)
 	case unix.SYS_LISTEN:
 		s.listen(m)
+	case unix.SYS_IO_URING_SETUP:
+		// Only a filter without Options.IOURing sends it here.
+		s.reply(m.ID, unix.EPERM)
+		s.event(Event{Kind: RingRefused, Socket: -1, Pid: tgid(int(m.Pid))})
 	default:
 		if slices.Contains(unlinkCalls(), uint32(m.Data.Nr)) {
 			s.unlink(m)
