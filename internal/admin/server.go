@@ -38,18 +38,26 @@ type Options struct {
 	Log      *slog.Logger
 	// StatusTimeout bounds each wait for Status; 0 for 1s.
 	StatusTimeout time.Duration
+	// maxConns caps the connections open at once, for the tests; 0 for
+	// connsLimit of relay's RLIMIT_NOFILE.
+	maxConns int
 }
 
 // The server's limits: a probe or a scrape is a small GET, answered at
-// once; nothing a client does can hold relay's resources for longer.
+// once; nothing a client does can hold relay's resources for longer. The
+// connections open at once are capped too (limit.go).
 const (
 	readHeaderTimeout = 5 * time.Second
-	readTimeout       = 10 * time.Second
-	writeTimeout      = 30 * time.Second
-	idleTimeout       = 60 * time.Second
-	maxHeaderBytes    = 16 << 10
-	maxScrapes        = 4 // scrapes at once; more get 503
-	scrapeTimeout     = 10 * time.Second
+	// readTimeout is readHeaderTimeout: no admin path takes a body.
+	readTimeout = 5 * time.Second
+	// writeTimeout bounds a request from its headers to the end of its
+	// answer, the time a connection is busy and cannot be evicted: a
+	// scrape's scrapeTimeout and its writing.
+	writeTimeout   = 15 * time.Second
+	idleTimeout    = 60 * time.Second
+	maxHeaderBytes = 16 << 10
+	maxScrapes     = 4 // scrapes at once; more get 503
+	scrapeTimeout  = 10 * time.Second
 	// closeTimeout bounds how long Close lets requests in flight finish.
 	closeTimeout = time.Second
 )
@@ -59,6 +67,8 @@ type Server struct {
 	handler http.Handler
 	addr    net.Addr
 	log     *slog.Logger
+	// limit caps the open connections of every http.Server of s's.
+	limit *connLimit
 
 	// mu guards what Pause and Resume (handoff.go) change: the listener
 	// and the http.Server that serves it (nil while paused), the kept
@@ -95,7 +105,10 @@ func Listen(addr string, o Options) (*Server, error) {
 
 // newServer is the Server of ln; o has its defaults filled in.
 func newServer(ln net.Listener, o Options) *Server {
-	s := &Server{handler: newHandler(o), addr: ln.Addr(), log: o.Log, ln: ln,
+	if o.maxConns <= 0 {
+		o.maxConns = connsLimit(nofileLimit())
+	}
+	s := &Server{handler: newHandler(o), addr: ln.Addr(), log: o.Log, limit: newConnLimit(o.maxConns, o.Log), ln: ln,
 		kept: -1, resumed: make(chan struct{}), closed: make(chan struct{})}
 	s.srv = s.newHTTPServer()
 	return s
@@ -111,6 +124,7 @@ func (s *Server) newHTTPServer() *http.Server {
 		WriteTimeout:      writeTimeout,
 		IdleTimeout:       idleTimeout,
 		MaxHeaderBytes:    maxHeaderBytes,
+		ConnState:         s.limit.track,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
 }
@@ -142,7 +156,7 @@ func (s *Server) Serve() error {
 		if srv != nil {
 			// Shutdown, by Pause or Close, ends it with
 			// ErrServerClosed, even before it starts.
-			err := srv.Serve(ln)
+			err := srv.Serve(s.limit.listener(ln))
 			if !errors.Is(err, http.ErrServerClosed) {
 				s.log.Error("admin listener failed; /metrics, /healthz and /readyz are gone until relay restarts", "addr", s.Addr().String(), "err", err)
 			}
