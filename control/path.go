@@ -6,6 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
 
@@ -46,6 +49,10 @@ func defaultDir() string {
 // else NAME.sock in defaultDir.
 func Path(name, control string) (string, error) {
 	if control != "" {
+		if i := strings.IndexFunc(control, unicode.IsControl); i >= 0 {
+			r, _ := utf8.DecodeRuneInString(control[i:])
+			return "", fmt.Errorf("--control %q: holds the control character %q, which relay does not put in a socket path; remove it", control, r)
+		}
 		p, err := filepath.Abs(control)
 		if err != nil {
 			return "", fmt.Errorf("--control %q: %w", control, err)

@@ -135,7 +135,7 @@ func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, 
 	// Holding the lock, a socket left there should be stale; check anyway,
 	// in case the lock file was removed under a live relay.
 	if err := unixpath.RemoveStale(path); err != nil {
-		lock.Close()
+		unixpath.Unlock(lock, path+".lock")
 		if errors.Is(err, unixpath.ErrLive) {
 			return nil, fmt.Errorf("control socket %s: another relay is running with it; give this one another --name or --control", path)
 		}
@@ -145,7 +145,7 @@ func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, 
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	unix.Umask(old)
 	if err != nil {
-		lock.Close()
+		unixpath.Unlock(lock, path+".lock")
 		return nil, fmt.Errorf("creating control socket %s: %w", path, err)
 	}
 	return newServer(path, ln, lock, sup, info, log), nil
@@ -296,12 +296,18 @@ func (s *Server) doneReading(r *reader) (evicted bool) {
 	return r.evicted
 }
 
-// Close stops accepting and removes the socket. Connections of stop
-// requests stay open until the process exits.
+// Close stops accepting and removes the socket, then its lock file.
+// Connections of stop requests stay open until the process exits.
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() { close(s.closing) })
 	err := s.ln.Close() // removes the socket file
-	s.lock.Close()
+	// Under the lock still, so that no other relay's socket or lock file
+	// is ever removed: PATH.lock goes only if it is still the file this
+	// relay locked, and the lock is let go after (unixpath.Lock says why
+	// a relay that then locks the file unlinked meanwhile starts again).
+	if lerr := unixpath.Unlock(s.lock, s.path+".lock"); lerr != nil && err == nil && !errors.Is(lerr, os.ErrClosed) {
+		err = lerr
+	}
 	return err
 }
 

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
 	"os"
 	"os/exec"
@@ -102,6 +103,127 @@ func TestBadInputFailsClearly(t *testing.T) {
 	left, _ := os.ReadDir(dir)
 	for _, e := range left {
 		t.Errorf("bad input left %s in %s", e.Name(), dir)
+	}
+}
+
+// Every bad input is a usage error: exit 2 and one line on stderr, the
+// error, with no log line before it (nothing was bound, created or
+// logged), no child started, and nothing left on disk: no control socket
+// or lock file in XDG_RUNTIME_DIR, no unix socket or lock file where
+// --listen unix: and --control point.
+func TestBadInputIsOneUsageLine(t *testing.T) {
+	held1, addr1 := mustFreeTCPAddr(t)
+	defer held1.Close()
+	held2, addr2 := mustFreeTCPAddr(t)
+	defer held2.Close()
+	_, port1, _ := net.SplitHostPort(addr1)
+	dir := t.TempDir()  // --listen unix: and --control paths
+	xdg := t.TempDir()  // XDG_RUNTIME_DIR: the default control socket
+	mark := t.TempDir() // the child's report, if one ever starts
+	marker := filepath.Join(mark, "started")
+	child := []string{"--", built.testchild, "-report", marker}
+	run := func(args ...string) []string { return append(append([]string{"run"}, args...), child...) }
+	unixSock := "unix:" + filepath.Join(dir, "app.sock")
+	none := filepath.Join(dir, "none.sock") // no relay there: a client that got that far would exit 4
+	for _, c := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		// 1. Control characters.
+		{"newline after --listen", run("--listen", addr1+"\n"),
+			"relay: --listen \"" + addr1 + "\\n\": holds the control character '\\n', which no address or socket name may; remove it: --listen \"" + addr1 + "\""},
+		{"tab in a --listen name", run("--listen", "a\tb="+addr1), "holds the control character '\\t'"},
+		{"escape in a unix --listen", run("--listen", unixSock+"\x1b"), "holds the control character '\\x1b'"},
+		{"newline in --control", run("--listen", addr1, "--control", filepath.Join(dir, "c\n.sock")), "relay: --control"},
+		// 2. An empty --check, given.
+		{"empty --check on run", run("--listen", addr1, "--check", ""),
+			"relay: --check \"\" holds no command: give one, such as --check \"nginx -t\", or leave --check out"},
+		{"empty --check= on run", run("--listen", addr1, "--check="), "relay: --check \"\" holds no command"},
+		{"empty --check on restart", []string{"restart", "--control", none, "--check", ""}, "relay: --check \"\" holds no command"},
+		// 3. One name twice.
+		{"same name twice", run("--listen", "a="+addr1, "--listen", "a="+addr2),
+			"relay: --listen \"a=" + addr1 + "\" and --listen \"a=" + addr2 + "\" use the same name \"a\"; give each listener its own name"},
+		// 4. Arguments a client command does not take.
+		{"status with an argument", []string{"status", "--control", none, "extra"},
+			"relay: relay status takes no arguments, but got \"extra\"; to name the relay, use --name: relay status --name extra"},
+		{"stop with an argument", []string{"stop", "--control", none, "extra"}, "relay: relay stop takes no arguments, but got \"extra\""},
+		{"rollback with arguments", []string{"rollback", "--control", none, "a", "b"}, "relay: relay rollback takes no arguments, but got \"a\" \"b\""},
+		{"upgrade with two paths", []string{"upgrade", "--control", none, "/a", "/b"}, "relay: relay upgrade takes at most one PATH, the new relay binary, but got 2: \"/a\" \"/b\""},
+		// 5. Digits and dots that are no IPv4 address: no lookup.
+		{"IPv4 out of range", run("--listen", "256.1.1.1:"+port1),
+			"relay: --listen \"256.1.1.1:" + port1 + "\": host \"256.1.1.1\" is not an IPv4 address (four numbers from 0 to 255, no leading zeros)"},
+		// 6. A zone that names no interface.
+		{"zone of no interface", run("--listen", "[fe80::1%nosuchif]:"+port1),
+			"relay: --listen \"[fe80::1%nosuchif]:" + port1 + "\": zone \"nosuchif\" of fe80::1 names no network interface of this machine"},
+		// 7. --metrics on a unix socket.
+		{"--metrics unix:", run("--listen", addr1, "--metrics", "unix:"+filepath.Join(dir, "m.sock")),
+			"not a unix socket: --metrics takes a TCP address only; give [IP]:PORT, e.g. --metrics 127.0.0.1:9090"},
+		// 8. One sentence per duration flag.
+		{"negative --stop-timeout", run("--listen", addr1, "--stop-timeout", "-1s"), "relay: --stop-timeout -1s: must be positive, e.g. --stop-timeout 30s"},
+		{"negative --drain", run("--listen", addr1, "--drain", "-1s"), "relay: --drain -1s: must not be negative, e.g. --drain 2s"},
+		{"zero --health-timeout", run("--listen", addr1, "--health-timeout", "0s"), "relay: --health-timeout 0s: must be positive, e.g. --health-timeout 60s"},
+		// 9. What the sockets cannot serve, known before any bind.
+		{"--confirm on unix", run("--listen", unixSock, "--confirm", "10s"), "relay: --confirm 10s: no listener is steered (unix and UDP listeners share one socket among generations)"},
+		{"--confirm with --steer off", run("--listen", "127.0.0.1:0", "--steer", "off", "--confirm", "10s"), "relay: --confirm 10s: no listener is steered (--steer off shares one socket among generations)"},
+		{"--liveness accept on unix", run("--listen", unixSock, "--liveness", "accept"), "relay: --liveness accept needs a steered TCP listener to probe"},
+		{"--health accept unprovable", run("--listen", unixSock, "--health", "accept", "--takeover", "off"), "relay: --health accept cannot check unix-app.sock"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, built.relay, c.args...)
+			cmd.Env = append(os.Environ(), "XDG_RUNTIME_DIR="+xdg, "LISTEN_FDS=", "LISTEN_PID=", "NOTIFY_SOCKET=")
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			err := cmd.Run()
+			if code := cmd.ProcessState.ExitCode(); code != 2 {
+				t.Errorf("exit code %d (%v), want 2", code, err)
+			}
+			out := stderr.String()
+			if strings.Count(out, "\n") != 1 || !strings.HasSuffix(out, "\n") || !strings.HasPrefix(out, "relay: ") || strings.Contains(out, "level=") {
+				t.Errorf("stderr %q, want exactly one line, the error, and no log line", out)
+			}
+			if !strings.Contains(out, c.want) {
+				t.Errorf("stderr %q, want it to say %q", out, c.want)
+			}
+			for _, d := range []string{dir, xdg, mark} {
+				left, _ := os.ReadDir(d)
+				for _, e := range left {
+					t.Errorf("left %s in %s", e.Name(), d)
+					os.RemoveAll(filepath.Join(d, e.Name()))
+				}
+			}
+		})
+	}
+}
+
+// A relay that exits cleanly leaves no control socket and no lock file
+// for it, nor its unix listener's socket.
+func TestInputCleanExitLeavesNoControlFiles(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "app.sock")
+	r := startRelay(t, nil, "--listen", "127.0.0.1:0", "--listen", "unix:"+sock, "--", built.testchild)
+	r.listenAddrs(2)
+	r.waitMsg(0, "generation ready", 1)
+	ctlDir := filepath.Dir(r.control)
+	for _, p := range []string{r.control, r.control + ".lock", sock} {
+		if _, err := os.Lstat(p); err != nil {
+			t.Fatalf("while relay runs: %v", err)
+		}
+	}
+	r.signal(syscall.SIGTERM)
+	if code := r.wait(30 * time.Second); code != 0 {
+		t.Errorf("relay exit code %d, want 0", code)
+	}
+	left, err := os.ReadDir(ctlDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range left {
+		t.Errorf("relay left %s in its control directory %s", e.Name(), ctlDir)
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("relay left its unix socket %s: %v", sock, err)
 	}
 }
 

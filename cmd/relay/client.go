@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -59,11 +60,17 @@ func call(path string, req control.Request, onResponse func(control.Response) er
 	return err
 }
 
-// parseCheck splits a --check value into words. No shell is involved.
-func parseCheck(value string) ([]string, error) {
-	if value == "" {
+// checkFlag is c's --check, parsed: nil if it was not given. Given, even
+// empty, it must hold a command.
+func checkFlag(c *cli.Context) ([]string, error) {
+	if !c.IsSet("check") {
 		return nil, nil
 	}
+	return parseCheck(c.String("check"))
+}
+
+// parseCheck splits a --check value into words. No shell is involved.
+func parseCheck(value string) ([]string, error) {
 	argv := strings.Fields(value)
 	if len(argv) == 0 {
 		return nil, usagef("--check %q holds no command: give one, such as --check \"nginx -t\", or leave --check out", value)
@@ -77,6 +84,29 @@ func parseCheck(value string) ([]string, error) {
 		return nil, fmt.Errorf("resolving %s: %w", path, err)
 	}
 	return argv, nil
+}
+
+// noArgs refuses arguments to a command that takes none (relay status,
+// stop, rollback): a relay's name given without --name, most likely.
+func noArgs(c *cli.Context) error {
+	if !c.Args().Present() {
+		return nil
+	}
+	args := c.Args().Slice()
+	name := "relay " + c.Command.Name
+	if len(args) == 1 && control.ValidateName(args[0]) == nil {
+		return usagef("%s takes no arguments, but got %q; to name the relay, use --name: %s --name %s", name, args[0], name, args[0])
+	}
+	return usagef("%s takes no arguments, but got %s; remove them (the relay is named with --name NAME or --control PATH)", name, quoteArgs(args))
+}
+
+// quoteArgs is args, each quoted, for an error message.
+func quoteArgs(args []string) string {
+	q := make([]string, len(args))
+	for i, a := range args {
+		q[i] = strconv.Quote(a)
+	}
+	return strings.Join(q, " ")
 }
 
 // absCommand makes a relative program path absolute, so that relay, whose

@@ -19,10 +19,9 @@ import (
 )
 
 func TestParseCheck(t *testing.T) {
-	if argv, err := parseCheck(""); argv != nil || err != nil {
-		t.Errorf(`parseCheck("") = %q, %v; want nil, nil (no check)`, argv, err)
-	}
-	for _, blank := range []string{" ", "   ", "\t \n"} {
+	// Not given is no check (checkFlag); given, even empty, it must hold
+	// a command.
+	for _, blank := range []string{"", " ", "   ", "\t \n"} {
 		argv, err := parseCheck(blank)
 		var ue usageError
 		if !errors.As(err, &ue) || !strings.Contains(err.Error(), "holds no command") || !strings.Contains(err.Error(), "leave --check out") {
@@ -52,6 +51,40 @@ func TestParseCheck(t *testing.T) {
 		if !errors.As(err, &ue) || !strings.Contains(err.Error(), "--check") {
 			t.Errorf("parseCheck(%q) = %q, %v; want a usage error naming --check", missing, argv, err)
 		}
+	}
+}
+
+// Every client command refuses what it does not take, in a usage error
+// that names it, before it reaches for relay: status, stop and rollback
+// take no arguments, upgrade one PATH at most, and an empty --check holds
+// no command.
+func TestClientUsageErrors(t *testing.T) {
+	path, reqs := fakeRelay(t, `{"v":1,"type":"error","error":"unexpected","code":"busy"}`)
+	for _, c := range []struct {
+		cmd  *cli.Command
+		args []string
+		want string
+	}{
+		{statusCommand(), []string{"extra"}, `relay status takes no arguments, but got "extra"; to name the relay, use --name: relay status --name extra`},
+		{statusCommand(), []string{"--json", "a", "b"}, `relay status takes no arguments, but got "a" "b"; remove them (the relay is named with --name NAME or --control PATH)`},
+		{stopCommand(), []string{"api"}, `relay stop takes no arguments, but got "api"; to name the relay, use --name: relay stop --name api`},
+		{stopCommand(), []string{"a/b"}, `relay stop takes no arguments, but got "a/b"; remove them`},
+		{rollbackCommand(), []string{"api", "now"}, `relay rollback takes no arguments, but got "api" "now"; remove them`},
+		{upgradeCommand(), []string{"/a", "/b"}, `relay upgrade takes at most one PATH, the new relay binary, but got 2: "/a" "/b"; give one, or none for the file relay was started from`},
+		{restartCommand(), []string{"--check", ""}, `--check "" holds no command: give one, such as --check "nginx -t", or leave --check out`},
+		{restartCommand(), []string{"--check="}, `--check "" holds no command`},
+	} {
+		args := append([]string{"--control", path}, c.args...)
+		_, err := runClient(c.cmd, args...)
+		var ue usageError
+		if !errors.As(err, &ue) || !strings.HasPrefix(err.Error(), c.want) {
+			t.Errorf("relay %s %q: %v; want a usage error %q", c.cmd.Name, c.args, err, c.want)
+		}
+	}
+	select {
+	case req := <-reqs:
+		t.Errorf("a refused command reached relay: %+v", req)
+	default:
 	}
 }
 

@@ -63,7 +63,7 @@ func restartAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	check, err := parseCheck(c.String("check"))
+	check, err := checkFlag(c)
 	if err != nil {
 		return err
 	}

@@ -41,6 +41,9 @@ func rollbackCommand() *cli.Command {
 }
 
 func rollbackAction(c *cli.Context) error {
+	if err := noArgs(c); err != nil {
+		return err
+	}
 	path, err := controlPath(c)
 	if err != nil {
 		return err

@@ -27,7 +27,7 @@ func runCommand(b boot) *cli.Command {
 		UsageText:   "relay run --listen ADDR [--listen ADDR ...] [options] -- COMMAND [ARG...]",
 		Description: runDescription + "\n" + runExamples,
 		Flags: []cli.Flag{
-			&cli.StringSliceFlag{Name: "listen", Aliases: []string{"l"}, Usage: "`ADDR` to listen on; repeat for more sockets (see the forms above); optional when systemd passes sockets"},
+			&cli.StringSliceFlag{Name: "listen", Aliases: []string{"l"}, KeepSpace: true, Usage: "`ADDR` to listen on; repeat for more sockets (see the forms above); optional when systemd passes sockets"},
 			&cli.StringFlag{Name: "socket-mode", Value: "0660", Usage: "permission `MODE` of unix sockets relay creates"},
 			&cli.StringFlag{Name: "health", Value: "auto", Usage: "readiness `CHECK` of each new generation: auto, accept, notify, http://…, tcp://…, exec:CMD or delay:DURATION (see above)"},
 			&cli.DurationFlag{Name: "health-timeout", Value: supervisor.DefaultHealthTimeout, Usage: "`DURATION` a new generation may take to become ready before it is killed and the restart rolled back"},
@@ -59,7 +59,10 @@ func runCommand(b boot) *cli.Command {
 // runAction is relay run: it opens the sockets, then runs the control
 // server, the supervisor, the signal loop and the watchdog as one group of
 // actors until the supervisor is done. Its processes are forked on b's
-// thread.
+// thread. Every usage error comes first, alone: parseRunFlags and
+// checkSockets find them before anything is bound, created or logged, and
+// openSockets the few that only the bound sockets can tell (a kernel that
+// steers no listener).
 func runAction(c *cli.Context, b boot) error {
 	thread := b.thread
 	opts, err := parseRunFlags(c)
@@ -101,6 +104,12 @@ func runAction(c *cli.Context, b boot) error {
 	}
 	passed, err := takePassed(log, opts)
 	if err != nil {
+		return err
+	}
+	// The last usage errors, before anything is bound, created or
+	// logged: the few that need the bound sockets come from openSockets.
+	if err := checkSockets(opts, passed); err != nil {
+		sockets.CloseAll(passed)
 		return err
 	}
 	// Before the sockets: what a relay of this name killed with SIGKILL

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"runtime"
 	"runtime/debug"
 	"strconv"
+	"strings"
 
 	"github.com/oklog/run"
 
@@ -25,6 +27,17 @@ func parseMetricsAddr(v string) (string, error) {
 	}
 	bad := func(why string) error {
 		return usagef("--metrics %q: %s; give [IP]:PORT, e.g. --metrics 127.0.0.1:9090, or --metrics :9090 for every address", v, why)
+	}
+	// The forms of --listen that --metrics does not take.
+	switch network, rest, _ := strings.Cut(v, ":"); {
+	case strings.Contains(v, "://"):
+		return "", bad("not a URL: --metrics takes a TCP address only, and serves its own paths")
+	case strings.EqualFold(network, "unix") || strings.HasPrefix(v, "/"):
+		return "", bad("not a unix socket: --metrics takes a TCP address only")
+	case strings.EqualFold(network, "udp"):
+		return "", bad("not UDP: --metrics takes a TCP address only")
+	case strings.EqualFold(network, "tcp"):
+		return "", bad(fmt.Sprintf("write the address without \"tcp:\" (%s)", rest))
 	}
 	host, port, err := net.SplitHostPort(v)
 	if err != nil {

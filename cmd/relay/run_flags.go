@@ -73,7 +73,7 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 	if o.controlPath, err = control.Path(o.name, c.String("control")); err != nil {
 		return o, usageError{err}
 	}
-	if o.check, err = parseCheck(c.String("check")); err != nil {
+	if o.check, err = checkFlag(c); err != nil {
 		return o, err
 	}
 	if o.metrics, err = parseMetricsAddr(c.String("metrics")); err != nil {
@@ -137,8 +137,14 @@ func (o *runOptions) parseRestarts(c *cli.Context) error {
 	}
 	o.healthTimeout, o.drain, o.stopTimeout = c.Duration("health-timeout"), c.Duration("drain"), c.Duration("stop-timeout")
 	o.drainSet = c.IsSet("drain")
-	if o.healthTimeout <= 0 || o.stopTimeout <= 0 || o.drain < 0 {
-		return usagef("--health-timeout and --stop-timeout must be positive and --drain not negative")
+	if o.healthTimeout <= 0 {
+		return usagef("--health-timeout %s: must be positive, e.g. --health-timeout 60s (how long a new generation may take to become ready)", o.healthTimeout)
+	}
+	if o.stopTimeout <= 0 {
+		return usagef("--stop-timeout %s: must be positive, e.g. --stop-timeout 30s (how long a generation may take to stop before SIGKILL)", o.stopTimeout)
+	}
+	if o.drain < 0 {
+		return usagef("--drain %s: must not be negative, e.g. --drain 2s (0 tells the old generation to stop at the switch; without --drain, 5s on steered listeners)", o.drain)
 	}
 	if o.confirm = c.Duration("confirm"); o.confirm < 0 {
 		return usagef("--confirm %s: must not be negative, e.g. --confirm 60s (0, the default, stops the old generation once drained)", o.confirm)

@@ -29,6 +29,9 @@ func statusCommand() *cli.Command {
 }
 
 func statusAction(c *cli.Context) error {
+	if err := noArgs(c); err != nil {
+		return err
+	}
 	path, err := controlPath(c)
 	if err != nil {
 		return err

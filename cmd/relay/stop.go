@@ -22,6 +22,9 @@ func stopCommand() *cli.Command {
 }
 
 func stopAction(c *cli.Context) error {
+	if err := noArgs(c); err != nil {
+		return err
+	}
 	path, err := controlPath(c)
 	if err != nil {
 		return err

@@ -49,12 +49,12 @@ func upgradeCommand() *cli.Command {
 }
 
 func upgradeAction(c *cli.Context) error {
+	if c.NArg() > 1 {
+		return usagef("relay upgrade takes at most one PATH, the new relay binary, but got %d: %s; give one, or none for the file relay was started from", c.NArg(), quoteArgs(c.Args().Slice()))
+	}
 	path, err := controlPath(c)
 	if err != nil {
 		return err
-	}
-	if c.NArg() > 1 {
-		return usagef("relay upgrade takes at most one PATH, the new relay binary; got %d arguments", c.NArg())
 	}
 	bin := c.Args().First()
 	if bin != "" {

@@ -72,9 +72,12 @@ func (l *Listener) Close() error {
 		}
 	}
 	if l.lock != nil {
-		// The lock file stays: removing it would let two relays lock
-		// different files for the same path.
-		l.lock.Close()
+		// Removed while still locked, if it is still the file relay
+		// locked; Lock checks that the file it locked is the one at
+		// the path, so two relays never hold different files for it.
+		if uerr := unixpath.Unlock(l.lock, l.Addr+".lock"); uerr != nil && err == nil && !errors.Is(uerr, os.ErrClosed) {
+			err = uerr
+		}
 	}
 	return err
 }
@@ -246,7 +249,7 @@ func bindUnix(s Spec, mode os.FileMode) (*Listener, error) {
 	ok := false
 	defer func() {
 		if !ok {
-			lock.Close()
+			unixpath.Unlock(lock, path+".lock")
 		}
 	}()
 	if err := removeStaleSocket(s, path); err != nil {

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/relaysh/relay/internal/sockaddr"
 	"github.com/relaysh/relay/internal/unixpath"
@@ -54,6 +56,9 @@ func (s Spec) String() string {
 // bound.
 func ParseSpec(value string) (Spec, error) {
 	var s Spec
+	if err := checkControl(value); err != nil {
+		return Spec{}, err
+	}
 	rest := value
 	// A name prefix never contains ':' or '/', so the first '=' before any
 	// of those is the name separator; '=' is not valid in any address form.
@@ -104,7 +109,86 @@ func ParseSpec(value string) (Spec, error) {
 	} else if n == 0 && port != "0" {
 		return Spec{}, fmt.Errorf("--listen %q: bad port %q", value, port)
 	}
+	if err := checkHost(host, port); err != nil {
+		return Spec{}, fmt.Errorf("--listen %q: %w", value, err)
+	}
 	return s, nil
+}
+
+// checkControl refuses a --listen value with a control character in it (a
+// newline from a script, a tab): no address or socket name holds one.
+func checkControl(value string) error {
+	clean := strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return -1
+		}
+		return r
+	}, value)
+	if clean == value {
+		return nil
+	}
+	i := strings.IndexFunc(value, unicode.IsControl)
+	r, _ := utf8.DecodeRuneInString(value[i:])
+	return fmt.Errorf("--listen %q: holds the control character %q, which no address or socket name may; remove it: --listen %q", value, r, clean)
+}
+
+// checkHost refuses, before any lookup, a host that can only be meant as
+// an IP address and is not a valid one. relay takes host names (they are
+// resolved at bind), but a name is never made of digits and dots alone
+// (an IPv4 address, such as 256.1.1.1, with a field out of range), nor
+// holds ':' (IPv6) or '%' (an IPv6 zone). A zone must name a network
+// interface of this machine, by name or index.
+func checkHost(host, port string) error {
+	if host == "" {
+		return nil
+	}
+	digitsAndDots := strings.Trim(host, "0123456789.") == ""
+	if !digitsAndDots && !strings.ContainsAny(host, ":%") {
+		return nil // a host name
+	}
+	ip, err := netip.ParseAddr(host)
+	switch {
+	case err != nil && digitsAndDots:
+		return fmt.Errorf("host %q is not an IPv4 address (four numbers from 0 to 255, no leading zeros); write one such as 127.0.0.1:%s, or 0.0.0.0:%s for every IPv4 address", host, port, port)
+	case err != nil || ip.Is4() && ip.Zone() != "":
+		return fmt.Errorf("host %q is not an IP address; write an IPv6 address in brackets, with its zone if it has one, such as [::1]:%s or [fe80::1%%eth0]:%s", host, port, port)
+	case ip.Zone() != "":
+		return checkZone(ip, port)
+	}
+	return nil
+}
+
+// checkZone refuses an IPv6 zone that names no network interface.
+func checkZone(ip netip.Addr, port string) error {
+	zone := ip.Zone()
+	var err error
+	if n, nerr := strconv.Atoi(zone); nerr == nil {
+		_, err = net.InterfaceByIndex(n)
+	} else {
+		_, err = net.InterfaceByName(zone)
+	}
+	if err == nil {
+		return nil
+	}
+	var names []string
+	suggest := "eth0"
+	ifs, _ := net.Interfaces()
+	for _, in := range ifs {
+		names = append(names, in.Name)
+	}
+	for _, in := range ifs {
+		if in.Flags&net.FlagUp != 0 && in.Flags&net.FlagLoopback == 0 {
+			suggest = in.Name // the first that could carry the address
+			break
+		}
+	}
+	have := strings.Join(names, ", ")
+	if have == "" {
+		have = "none"
+	}
+	example := net.JoinHostPort(ip.WithZone(suggest).String(), port)
+	return fmt.Errorf("zone %q of %s names no network interface of this machine (it has %s); write the interface the address is on, such as %s",
+		zone, ip.WithZone(""), have, example)
 }
 
 // isScheme reports whether s is a URL scheme: a letter, then letters,
@@ -174,6 +258,16 @@ func CheckDistinct(specs []Spec) error {
 					return fmt.Errorf("--listen %q is given twice; give each address once", a)
 				}
 				return fmt.Errorf("--listen %q and --listen %q overlap: both take connections to one address, and one socket cannot be bound twice; drop one, or give them different ports", b, a)
+			}
+		}
+	}
+	// The child tells its sockets apart by name (LISTEN_FDNAMES). Default
+	// names may repeat (127.0.0.1:8080 and [::1]:8080 are both tcp-8080);
+	// names chosen with NAME= may not.
+	for i, a := range specs {
+		for _, b := range specs[:i] {
+			if a.NameGiven && b.NameGiven && a.Name == b.Name {
+				return fmt.Errorf("--listen %q and --listen %q use the same name %q; give each listener its own name", b, a, a.Name)
 			}
 		}
 	}

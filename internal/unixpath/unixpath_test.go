@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestLock(t *testing.T) {
@@ -27,6 +29,92 @@ func TestLock(t *testing.T) {
 		t.Fatalf("the lock after the first was closed: %v", err)
 	}
 	again.Close()
+}
+
+// Unlock removes the lock file it locked, and only that file, before it
+// lets the lock go; a second Unlock does nothing.
+func TestUnlock(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "a.sock.lock")
+	f, err := Lock(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Unlock(f, path); err != nil {
+		t.Fatalf("Unlock: %v", err)
+	}
+	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the lock file is still there after Unlock: %v", err)
+	}
+	if err := Unlock(f, path); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("a second Unlock: %v, want only os.ErrClosed", err)
+	}
+
+	// A file that replaced the locked one at the path (removed by hand
+	// under the holder) is not the holder's to remove.
+	f, err = Lock(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	other, err := Lock(path)
+	if err != nil {
+		t.Fatalf("a lock on the new file: %v", err)
+	}
+	defer other.Close()
+	if err := Unlock(f, path); err != nil {
+		t.Fatalf("Unlock: %v", err)
+	}
+	if _, err := os.Lstat(path); err != nil {
+		t.Errorf("Unlock removed a lock file another holder holds: %v", err)
+	}
+}
+
+// The race Unlock's order leaves open: a relay opens the lock file just
+// before its holder unlinks it, and takes the flock just after the holder
+// lets go, on a file no path names. Lock sees that and locks the file at
+// the path instead, so that a third relay cannot lock it as well.
+func TestLockAfterTheHolderUnlinked(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "a.sock.lock")
+	holder, err := Lock(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	released := false
+	afterOpen = func() {
+		if !released {
+			released = true
+			if err := Unlock(holder, path); err != nil {
+				t.Errorf("Unlock: %v", err)
+			}
+		}
+	}
+	defer func() { afterOpen = func() {} }()
+	second, err := Lock(path)
+	if err != nil {
+		t.Fatalf("Lock while the holder let go: %v", err)
+	}
+	defer second.Close()
+	if !released {
+		t.Fatal("the holder never let go: the test did not run the race")
+	}
+	var locked, linked unix.Stat_t
+	if err := unix.Fstat(int(second.Fd()), &locked); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Lstat(path, &linked); err != nil {
+		t.Fatalf("no lock file at the path: %v", err)
+	}
+	if locked.Dev != linked.Dev || locked.Ino != linked.Ino {
+		t.Errorf("Lock holds inode %d, while the path names %d: another relay could lock that one too", locked.Ino, linked.Ino)
+	}
+	if third, err := Lock(path); !errors.Is(err, ErrLocked) {
+		if third != nil {
+			third.Close()
+		}
+		t.Errorf("a third lock: %v, want ErrLocked", err)
+	}
 }
 
 func TestRemoveStale(t *testing.T) {
