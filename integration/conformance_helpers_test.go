@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/relaysh/relay/internal/procfs"
 )
 
 // The conformance suite runs real servers from Debian's packages under relay
@@ -20,8 +23,9 @@ import (
 // arriving throughout; see conformance_test.go for the servers.
 
 // conformanceFill is what every slow answer begins with: 64 KiB of a fixed
-// pattern (the apps in testdata/conformance and nginx's slow file), so that
-// a cut answer is told from a whole one.
+// pattern (the apps in testdata/conformance and the backend that nginx
+// proxies to, conformanceBackend), so that a cut answer is told from a
+// whole one.
 func conformanceFill() []byte { return bytes.Repeat([]byte("0123456789abcdef"), 4096) }
 
 // conformanceCase is one server in one mode.
@@ -36,11 +40,11 @@ type conformanceCase struct {
 	// missing) and returns relay's flags besides --listen, and the
 	// command, for the port, with files in dir.
 	setup func(t *testing.T, port int, dir string, cfg conformanceConfig) (relayArgs, command []string)
-	// gated is true for the apps of testdata/conformance, which say when
-	// they have received a slow request and hold it until the test lets
-	// them go; false for nginx, whose slow request is a static file sent
-	// at a limited rate, received once its headers have arrived.
-	gated bool
+	// childWorkers is true where the worker that receives the slow request
+	// must be a child of the generation's master (the pid relay started),
+	// and where the answer's X-Pid must name that worker: nginx, whose
+	// worker is the one that proxies the slow request to the backend.
+	childWorkers bool
 }
 
 // conformanceConfig is what the environment sets.
@@ -68,6 +72,9 @@ func conformanceSettings(t *testing.T) conformanceConfig {
 	}
 	return cfg
 }
+
+// slowTimeout is the slow request's timeout, which only bounds a failure.
+func (cfg conformanceConfig) slowTimeout() time.Duration { return cfg.slow + 2*time.Minute }
 
 // conformanceProgram finds a server program: $RELAY_<NAME> if set, else
 // name on PATH. A missing one skips the test, or fails it where
@@ -116,18 +123,16 @@ type conformanceSlowResult struct {
 	err    error
 }
 
-// conformanceSlow is a slow request in flight: headers receives the response's
-// headers once they arrive (nothing if none do), done its end.
+// conformanceSlow is a slow request in flight: done receives its end.
 type conformanceSlow struct {
-	id      int
-	headers chan http.Header
-	done    chan conformanceSlowResult
+	id   int
+	done chan conformanceSlowResult
 }
 
 // startConformanceSlow sends GET url on a connection of its own and reads the answer
 // in full, in the background.
 func startConformanceSlow(id int, url string, timeout time.Duration) *conformanceSlow {
-	s := &conformanceSlow{id: id, headers: make(chan http.Header, 1), done: make(chan conformanceSlowResult, 1)}
+	s := &conformanceSlow{id: id, done: make(chan conformanceSlowResult, 1)}
 	go func() {
 		client := &http.Client{Timeout: timeout, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}}
 		resp, err := client.Get(url)
@@ -136,7 +141,6 @@ func startConformanceSlow(id int, url string, timeout time.Duration) *conformanc
 			return
 		}
 		defer resp.Body.Close()
-		s.headers <- resp.Header
 		body, err := io.ReadAll(resp.Body)
 		if err != nil {
 			err = fmt.Errorf("reading the body after %d bytes: %w", len(body), err)
@@ -259,28 +263,19 @@ func runConformance(t *testing.T, c conformanceCase, cfg conformanceConfig) {
 	answeredSince("from generation 1", 20)
 
 	// The slow request's timeout only bounds a failure.
-	slowTimeout := cfg.slow + 2*time.Minute
+	slowTimeout := cfg.slowTimeout()
 	var slowFailed []string
 	slowOK := 0
 	for old := 1; old <= cfg.restarts; old++ {
 		oldPid := ready.num("pid")
 		slow := startConformanceSlow(old, fmt.Sprintf("http://%s/slow?id=%d&ms=%d", addr, old, cfg.slow.Milliseconds()), slowTimeout)
 		// Who received it: the worker's pid, and for nginx that it is a
-		// worker of the old generation's master.
-		var worker int
-		if c.gated {
-			worker = conformanceMarker(t, dir, slow)
-		} else {
-			select {
-			case h := <-slow.headers:
-				worker, _ = strconv.Atoi(h.Get("X-Pid"))
-				if ppid := procStatus(t, worker, "PPid"); ppid != strconv.Itoa(oldPid) {
-					t.Errorf("slow request %d: answered by pid %d, whose parent is %s, not generation %d's %d", old, worker, ppid, old, oldPid)
-				}
-			case res := <-slow.done:
-				t.Fatalf("slow request %d ended before its headers arrived: %s", old, res.describe(nil))
-			case <-time.After(60 * time.Second):
-				t.Fatalf("slow request %d: no headers within 60s", old)
+		// worker of the old generation's master. The worker holds it
+		// until the gate below opens, so it is in flight at the stop.
+		worker := conformanceMarker(t, dir, slow)
+		if c.childWorkers {
+			if ppid := procStatus(t, worker, "PPid"); ppid != strconv.Itoa(oldPid) {
+				t.Errorf("slow request %d: received by pid %d, whose parent is %s, not generation %d's %d", old, worker, ppid, old, oldPid)
 			}
 		}
 
@@ -298,7 +293,7 @@ func runConformance(t *testing.T, c conformanceCase, cfg conformanceConfig) {
 			return l.str("msg") == "stopping generation" && l.num("gen") == old
 		})
 		// relay has sent generation old its stop signal: the slow request
-		// must still be in flight (a gated one is, until the gate opens).
+		// must still be in flight (it is, until the gate opens).
 		var res conformanceSlowResult
 		ended := false
 		select {
@@ -309,9 +304,7 @@ func runConformance(t *testing.T, c conformanceCase, cfg conformanceConfig) {
 			}
 		default:
 		}
-		if c.gated {
-			writeMode(t, filepath.Join(dir, strconv.Itoa(old)+".go"), "go")
-		}
+		writeMode(t, filepath.Join(dir, strconv.Itoa(old)+".go"), "go")
 		if !ended {
 			select {
 			case res = <-slow.done:
@@ -319,11 +312,12 @@ func runConformance(t *testing.T, c conformanceCase, cfg conformanceConfig) {
 				t.Fatalf("slow request %d: no end within %s", old, slowTimeout+10*time.Second)
 			}
 		}
-		want := conformanceFill()
-		if c.gated {
-			want = append(want, fmt.Sprintf("id=%d pid=%d gen=%d\n", old, worker, old)...)
+		want := append(conformanceFill(), fmt.Sprintf("id=%d pid=%d gen=%d\n", old, worker, old)...)
+		why := res.describe(want)
+		if why == "" && c.childWorkers && res.header.Get("X-Pid") != strconv.Itoa(worker) {
+			why = fmt.Sprintf("answered with X-Pid %q, not by worker %d, which received it", res.header.Get("X-Pid"), worker)
 		}
-		if why := res.describe(want); why != "" {
+		if why != "" {
 			slowFailed = append(slowFailed, fmt.Sprintf("slow request %d, in flight in generation %d (pid %d, worker %d) at restart %d: %s", old, old, oldPid, worker, old, why))
 		} else {
 			slowOK++
@@ -353,4 +347,95 @@ func runConformance(t *testing.T, c conformanceCase, cfg conformanceConfig) {
 	}
 	r.signal(syscall.SIGTERM)
 	r.wait(2 * time.Minute)
+}
+
+// startConformanceBackend runs, in the test process on an ephemeral port of
+// 127.0.0.1, the backend that nginx proxies GET /slow?id=N&ms=M to, and
+// returns its address. It keeps the apps' protocol (testdata/conformance/
+// app.py), with the nginx worker in the app's place: nginx names the worker
+// that proxies the request in the request header X-Worker-Pid ($pid), and
+// the backend writes dir/N.pid holding that pid (the test's sign that a
+// worker has received the request), holds the request until the test
+// creates dir/N.go, with no time bound (until nginx drops the request or the
+// test ends), takes M ms more, and answers 200 with 64 KiB of
+// conformanceFill() then "id=N pid=WORKER gen=GEN\n". GEN is the generation
+// of the worker's master as the master itself wrote it at receipt: relay
+// runs each nginx with its pid file at dir/nginx-{generation}.pid.
+func startConformanceBackend(t *testing.T, dir string) string {
+	t.Helper()
+	quit := make(chan struct{})
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		id, ms := q.Get("id"), q.Get("ms")
+		_, idErr := strconv.ParseUint(id, 10, 31)
+		msN, msErr := strconv.ParseUint(ms, 10, 31)
+		worker, pidErr := strconv.Atoi(r.Header.Get("X-Worker-Pid"))
+		if r.URL.Path != "/slow" || idErr != nil || msErr != nil || pidErr != nil {
+			http.Error(w, "want GET /slow?id=N&ms=M with X-Worker-Pid", http.StatusBadRequest)
+			return
+		}
+		gen := conformanceNginxGeneration(dir, worker)
+		tmp := filepath.Join(dir, id+".backend.tmp")
+		if err := os.WriteFile(tmp, []byte(strconv.Itoa(worker)+"\n"), 0o600); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		if err := os.Rename(tmp, filepath.Join(dir, id+".pid")); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		// The gate. Giving up here (nginx dropped the request, or the
+		// test ended) answers nothing: the test's own checks tell why.
+		gate := filepath.Join(dir, id+".go")
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if _, err := os.Stat(gate); err == nil {
+				break
+			}
+			select {
+			case <-tick.C:
+			case <-r.Context().Done():
+				return
+			case <-quit:
+				return
+			}
+		}
+		select {
+		case <-time.After(time.Duration(msN) * time.Millisecond):
+		case <-r.Context().Done():
+			return
+		case <-quit:
+			return
+		}
+		body := append(conformanceFill(), fmt.Sprintf("id=%s pid=%d gen=%s\n", id, worker, gen)...)
+		w.Header().Set("Content-Type", "text/plain")
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		w.Write(body)
+	}))
+	srv.Start()
+	// Cleanups run last first: the held requests are let go, then Close
+	// waits for them.
+	t.Cleanup(srv.Close)
+	t.Cleanup(func() { close(quit) })
+	return srv.Listener.Addr().String()
+}
+
+// conformanceNginxGeneration is the generation whose nginx master is the
+// parent of worker, by the masters' pid files dir/nginx-GEN.pid; or why
+// not, which no answer expects.
+func conformanceNginxGeneration(dir string, worker int) string {
+	st, err := procfs.ReadStatus(worker)
+	if err != nil {
+		return fmt.Sprintf("unknown(worker %d: %v)", worker, err)
+	}
+	ppid := st["PPid"]
+	files, _ := filepath.Glob(filepath.Join(dir, "nginx-*.pid"))
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err == nil && strings.TrimSpace(string(b)) == ppid {
+			return strings.TrimSuffix(strings.TrimPrefix(filepath.Base(f), "nginx-"), ".pid")
+		}
+	}
+	return fmt.Sprintf("unknown(no nginx-GEN.pid holds %s, the parent of worker %d)", ppid, worker)
 }

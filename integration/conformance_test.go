@@ -23,8 +23,11 @@ import (
 // The slow request goes to the apps of testdata/conformance: a worker that
 // receives it writes a marker file naming its pid, then holds it until the
 // test has seen relay stop the old generation, and answers
-// RELAY_CONFORMANCE_SLOW (1.5s) after that. nginx, which runs no app, sends
-// a static file at a limited rate instead, lasting that long plus 3 s.
+// RELAY_CONFORMANCE_SLOW (1.5s) after that. nginx, which runs no app,
+// proxies it to a backend in the test process that does the same in the
+// app's place, the nginx worker that proxies it named by a request header
+// (startConformanceBackend): so for every server the slow request is in
+// flight at the stop by construction, with no time bound.
 //
 // .ci/run installs the servers and sets RELAY_REQUIRE_CONFORMANCE=1, where
 // a missing one fails its test; elsewhere it is skipped.
@@ -47,7 +50,7 @@ func conformanceCases() []conformanceCase {
 			// Server::Starter's SERVER_STARTER_PORT (host:port=fd), not
 			// LISTEN_FDS. QUIT is its graceful stop: the master sends its
 			// workers HUP, and each finishes its request.
-			name: "starman-inherited", takes: "fd", gated: true,
+			name: "starman-inherited", takes: "fd",
 			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
 				starman := conformanceProgram(t, "starman")
 				listen := "127.0.0.1:" + strconv.Itoa(port)
@@ -57,7 +60,7 @@ func conformanceCases() []conformanceCase {
 		},
 		{
 			// starman binding its own port: relay takes the bind over.
-			name: "starman-bind", takes: "bind", gated: true,
+			name: "starman-bind", takes: "bind",
 			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
 				starman := conformanceProgram(t, "starman")
 				return []string{"--stop-signal", "QUIT"},
@@ -72,7 +75,7 @@ func conformanceCases() []conformanceCase {
 			// protocol; --protocol http makes that socket speak HTTP.
 			// uWSGI 2.0's TERM is a brutal reload; its documented way to
 			// make TERM a graceful stop is the hook below.
-			name: "uwsgi-inherited", takes: "fd", gated: true,
+			name: "uwsgi-inherited", takes: "fd",
 			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
 				uwsgi := conformanceProgram(t, "uwsgi")
 				if out, err := exec.Command(uwsgi, "--need-plugin", "python3", "--version").CombinedOutput(); err != nil {
@@ -87,7 +90,7 @@ func conformanceCases() []conformanceCase {
 			// gunicorn's master and two sync workers. It takes LISTEN_FDS
 			// by itself (its --bind is then not bound); TERM is its
 			// graceful stop.
-			name: "gunicorn-inherited", takes: "fd", gated: true,
+			name: "gunicorn-inherited", takes: "fd",
 			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
 				gunicorn := conformanceProgram(t, "gunicorn")
 				app := conformanceApp(t, "app.py")
@@ -99,7 +102,7 @@ func conformanceCases() []conformanceCase {
 			// Puma in cluster mode (two workers, threads). It takes
 			// LISTEN_FDS by itself, for the --bind it matches; TERM is
 			// its graceful stop.
-			name: "puma-inherited", takes: "fd", gated: true,
+			name: "puma-inherited", takes: "fd",
 			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
 				puma := conformanceProgram(t, "puma")
 				return nil, []string{puma, "--workers", "2", "--threads", "1:4",
@@ -109,7 +112,7 @@ func conformanceCases() []conformanceCase {
 		{
 			// unicorn's master and two workers (unicorn.conf.rb). It
 			// takes LISTEN_FDS by itself; QUIT is its graceful stop.
-			name: "unicorn-inherited", takes: "fd", gated: true,
+			name: "unicorn-inherited", takes: "fd",
 			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
 				unicorn := conformanceProgram(t, "unicorn")
 				return []string{"--stop-signal", "QUIT"},
@@ -118,11 +121,13 @@ func conformanceCases() []conformanceCase {
 		},
 		{
 			// nginx's master and two workers, binding a stock
-			// `listen 127.0.0.1:PORT;`; QUIT is its graceful stop.
-			name: "nginx-bind", takes: "bind", gated: false,
+			// `listen 127.0.0.1:PORT;`; QUIT is its graceful stop, which
+			// lets a proxied request in flight finish.
+			name: "nginx-bind", takes: "bind", childWorkers: true,
 			setup: func(t *testing.T, port int, dir string, cfg conformanceConfig) ([]string, []string) {
 				nginx := conformanceProgram(t, "nginx")
-				conf := conformanceNginx(t, dir, port, cfg.slow+3*time.Second)
+				backend := startConformanceBackend(t, dir)
+				conf := conformanceNginx(t, dir, port, backend, cfg.slowTimeout()+time.Minute)
 				return []string{"--stop-signal", "QUIT"},
 					[]string{nginx, "-p", dir, "-c", conf, "-e", "stderr",
 						"-g", "daemon off; master_process on; pid " + filepath.Join(dir, "nginx-{generation}.pid") + ";"}
@@ -131,33 +136,28 @@ func conformanceCases() []conformanceCase {
 	}
 }
 
-// conformanceNginx writes nginx's configuration and its slow file into
-// prefix and returns the configuration's path. GET /slow sends the file,
-// 64 KiB, at a rate that makes it last about last; every answer carries
-// the worker's pid in X-Pid. The workers, which run as nobody, can read
-// the file.
-func conformanceNginx(t *testing.T, prefix string, port int, last time.Duration) string {
+// conformanceNginx writes nginx's configuration into prefix and returns its
+// path. GET /slow is proxied to backend (startConformanceBackend), with the
+// worker's pid in the request header X-Worker-Pid, unbuffered, and read for
+// up to readTimeout (above the slow request's timeout); every answer
+// carries the worker's pid in X-Pid. nginx's workers run as nobody: the
+// directories down to prefix must let them through.
+func conformanceNginx(t *testing.T, prefix string, port int, backend string, readTimeout time.Duration) string {
 	t.Helper()
 	for d := prefix; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
 		if err := os.Chmod(d, 0o711); err != nil {
 			t.Fatal(err)
 		}
 	}
-	fill := conformanceFill()
-	slow := filepath.Join(prefix, "slow.txt")
-	if err := os.WriteFile(slow, fill, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	// nginx lets a second's worth of limit_rate go at once, then sends
-	// limit_rate bytes a second.
-	rate := int(float64(len(fill)) / (last.Seconds() + 1))
 	conf := filepath.Join(prefix, "nginx.conf")
 	writeMode(t, conf, nginxConf(prefix, 2, port, fmt.Sprintf(`        location = /slow {
-            alias %s;
-            default_type text/plain;
-            limit_rate %d;
+            proxy_pass http://%s;
+            proxy_set_header X-Worker-Pid $pid;
+            proxy_buffering off;
+            proxy_read_timeout %ds;
+            proxy_send_timeout %[2]ds;
             add_header X-Pid $pid;
         }
-`, slow, rate)))
+`, backend, int((readTimeout+time.Second-1)/time.Second))))
 	return conf
 }
