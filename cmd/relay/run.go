@@ -36,6 +36,8 @@ func runCommand(b boot) *cli.Command {
 			&cli.IntFlag{Name: "liveness-failures", Value: supervisor.DefaultLivenessFailures, Usage: "`N` liveness checks failed in a row replace the serving generation"},
 			&cli.DurationFlag{Name: "child-watchdog", Usage: "give each child WATCHDOG_USEC=`DURATION` (and WATCHDOG_PID); a serving child that sent WATCHDOG=1 and then none for that long is replaced", DefaultText: "off"},
 			&cli.StringFlag{Name: "takeover", Value: string(supervisor.TakeoverAuto), Usage: "`MODE` of the bind takeover: auto makes a bind of a --listen address by the child (or anything it starts) land on relay's socket, where the kernel allows (else logged once, and children take the inherited fds only); on makes its absence an error; off passes the sockets as inherited fds only"},
+			&cli.BoolFlag{Name: "allow-io-uring", Usage: "let generations under the bind takeover set up io_uring rings: a bind made through a ring (IORING_OP_BIND) is not seen by the takeover and can put the child's own socket on the port. By default relay refuses io_uring_setup with EPERM there, as container runtimes do, and logs it"},
+			&cli.StringFlag{Name: "user", Usage: "run every generation as `USER[:GROUP]` (names or numbers): its group and supplementary groups, or exactly GROUP, and USER, LOGNAME and HOME to match; no capabilities and no_new_privs. relay stays root, binds the ports (the server's own bind of a privileged port lands on relay's socket) and keeps its control socket", DefaultText: "relay's own user"},
 			&cli.StringFlag{Name: "steer", Value: string(sockets.SteerAuto), Usage: "`MODE` of the drain on TCP listeners: auto gives each generation a socket of its own and new connections to the serving one only, where the kernel allows (else one shared socket, logged); on refuses to start without it; off shares one socket"},
 			&cli.DurationFlag{Name: "drain", DefaultText: "5s if any listener is steered, else 0", Usage: "the longest `DURATION` from the switch to the new generation to the old one's stop signal: on steered listeners the signal comes as soon as nothing more can reach the old sockets (after a fixed --drain, 1s by default, where the kernel cannot show that); on shared sockets, where both accept, after --drain"},
 			&cli.DurationFlag{Name: "confirm", Usage: "keep the old generation warm for `DURATION` after the switch of a requested restart: no new connections, no stop signal; if the new one exits, fails --liveness (probed every tenth of the window), sends STOPPING=1 or ERRNO=, or relay rollback is run, new connections go back to the old one at once. Needs a steered (TCP) listener; costs a second generation in memory meanwhile", DefaultText: "off"},
@@ -126,7 +128,11 @@ func runAction(c *cli.Context, b boot) error {
 	}
 	defer set.Close()
 	cgroup.Announce(log, cg, noCgroup)
-	notifyDir, err := health.MakeNotifyDir()
+	makeNotifyDir := health.MakeNotifyDir
+	if opts.user != nil {
+		makeNotifyDir = health.MakeSharedNotifyDir
+	}
+	notifyDir, err := makeNotifyDir()
 	if err != nil {
 		return err
 	}

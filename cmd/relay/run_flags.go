@@ -15,6 +15,7 @@ import (
 	"github.com/relaysh/relay/health"
 	"github.com/relaysh/relay/internal/sockets"
 	"github.com/relaysh/relay/signals"
+	"github.com/relaysh/relay/socketpass"
 	"github.com/relaysh/relay/supervisor"
 )
 
@@ -38,7 +39,9 @@ type runOptions struct {
 	logLevel                          slog.Level
 	command                           supervisor.Command
 	liveness                          livenessOptions
-	metrics                           string // --metrics: the admin listener's address; "" for none
+	metrics                           string           // --metrics: the admin listener's address; "" for none
+	user                              *socketpass.User // --user; nil for relay's own
+	ioURing                           bool             // --allow-io-uring
 }
 
 // livenessOptions are the flags of the serving generation's liveness.
@@ -79,6 +82,12 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 	if o.metrics, err = parseMetricsAddr(c.String("metrics")); err != nil {
 		return o, err
 	}
+	if c.IsSet("user") {
+		if o.user, err = socketpass.LookupUser(c.String("user"), os.Geteuid()); err != nil {
+			return o, usageError{err}
+		}
+	}
+	o.ioURing = c.Bool("allow-io-uring")
 	if o.logFormat = c.String("log-format"); o.logFormat != "text" && o.logFormat != "json" {
 		return o, usagef("--log-format %q: use text or json", o.logFormat)
 	}

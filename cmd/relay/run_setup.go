@@ -230,6 +230,8 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 		Env:           os.Environ(),
 		Sockets:       set,
 		Takeover:      opts.takeover,
+		User:          opts.user,
+		IOURing:       opts.ioURing,
 		Health:        opts.health,
 		HealthTimeout: opts.healthTimeout,
 		Drain:         drain,
