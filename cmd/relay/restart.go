@@ -87,12 +87,11 @@ func restartAction(c *cli.Context) error {
 			if r.Event.Result != nil {
 				result = r.Event.Result
 			}
-			// The switch is ready; what follows at once (the window,
-			// the drain) is printed, and then the stream ends.
-			if switched {
+			// The switch: the new generation serves; the stream ends.
+			if r.Event.Phase == control.PhaseReady && c.Bool("at-switch") {
+				switched = true
 				return errSwitched
 			}
-			switched = r.Event.Phase == control.PhaseReady && c.Bool("at-switch")
 		}
 		return nil
 	})

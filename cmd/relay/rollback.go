@@ -61,7 +61,7 @@ func rollbackAction(c *cli.Context) error {
 		return err
 	}
 	if doc == nil {
-		return fmt.Errorf("relay sent no answer to the rollback")
+		return errors.New("relay sent no answer to the rollback")
 	}
 	fmt.Fprintf(c.App.Writer, "rolled back: generation %d (pid %d) serves again; generation %d (pid %d) drains and stops\n",
 		doc.ServingGeneration, doc.ServingPid, doc.FailedGeneration, doc.FailedPid)
