@@ -106,7 +106,8 @@ func newApp(stderr io.Writer, b boot) *cli.App {
 			"LISTEN_PID, LISTEN_FDNAMES). On SIGHUP it starts a new generation on the same sockets,\n" +
 			"waits until that generation is ready, and only then stops the old one. Run\n" +
 			"'relay COMMAND --help' for the details.",
-		Commands:        []*cli.Command{runCommand(b), restartCommand(), rollbackCommand(), upgradeCommand(), statusCommand(), stopCommand(), versionCommand()},
+		Commands: withCompletion(runCommand(b), restartCommand(), rollbackCommand(), upgradeCommand(), statusCommand(), stopCommand(), versionCommand(),
+			completionCommand(), manCommand()),
 		HideHelpCommand: true,
 		// --version is relay's own flag rather than cli's, whose printer
 		// is a package variable.
@@ -114,7 +115,11 @@ func newApp(stderr io.Writer, b boot) *cli.App {
 		Flags:       []cli.Flag{&cli.BoolFlag{Name: "version", Usage: "print relay's version and commit, as relay version does"}},
 		// "--listen unix:/run/a,b.sock" is one address, not two.
 		DisableSliceFlagSeparator: true,
-		EnableBashCompletion:      false,
+		// relay completion bash|zsh's scripts ask relay itself: a command
+		// line ending in --generate-bash-completion, with no "--" in it,
+		// prints the commands or flags that may come next instead of
+		// running anything (completion.go).
+		EnableBashCompletion: true,
 		// Exit codes are decided in exitCode, never inside cli.
 		ExitErrHandler: func(*cli.Context, error) {},
 		OnUsageError:   onUsageError,
