@@ -26,6 +26,8 @@ import (
 // bins holds the paths of the binaries built for this run.
 type bins struct {
 	relay, hello, testchild, plainserver, seccompdeny string
+	// uringbind binds its port through io_uring (takeover_uring_test.go).
+	uringbind string
 }
 
 // built is set once by TestMain, before any test runs, and only read after.
@@ -55,6 +57,7 @@ func runTests(m *testing.M) int {
 		// launcher whose seccomp policy refuses filters.
 		plainserver: filepath.Join(dir, "plainserver"),
 		seccompdeny: filepath.Join(dir, "seccompdeny"),
+		uringbind:   filepath.Join(dir, "uringbind"),
 	}
 	for _, b := range []struct {
 		out, pkg string
@@ -65,6 +68,7 @@ func runTests(m *testing.M) int {
 		{built.testchild, "./integration/testchild", false},
 		{built.plainserver, "./integration/plainserver", false},
 		{built.seccompdeny, "./integration/seccompdeny", false},
+		{built.uringbind, "./integration/uringbind", false},
 	} {
 		args := []string{"build", "-o", b.out}
 		if b.race {

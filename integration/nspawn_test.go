@@ -94,6 +94,15 @@ func sdSkip(t *testing.T, why string) {
 // fails. t.Cleanup powers the container off and removes all of it.
 func bootSystemd(t *testing.T) *sdContainer {
 	t.Helper()
+	return bootSystemdVolatile(t, "yes")
+}
+
+// bootSystemdVolatile is bootSystemd with nspawn's --volatile=mode: "yes",
+// a tmpfs root with the tree's /usr read-only; "overlay", the whole tree
+// writable, its changes kept on a tmpfs (for a package installed with dpkg
+// in /usr and its database in /var).
+func bootSystemdVolatile(t *testing.T, volatile string) *sdContainer {
+	t.Helper()
 	layer := os.Getenv("RELAY_SYSTEMD_LAYER")
 	if layer == "" {
 		sdSkip(t, "RELAY_SYSTEMD_LAYER is not set: run `bash .ci/run --provision` and export what it prints (docs/development.md)")
@@ -144,7 +153,7 @@ func bootSystemd(t *testing.T) *sdContainer {
 		}
 		c.cgroups = append(c.cgroups, cg)
 	}
-	c.start(layer)
+	c.start(layer, volatile)
 	c.waitBooted()
 	t.Logf("systemd %s booted as PID 1 of %s (host pid %d) in %s", c.version, c.name, c.pid1, c.bootTime.Round(time.Millisecond))
 	return c
@@ -194,7 +203,7 @@ mount -t overlay -o "lowerdir=$d/layer:/" relay-sd-root "$d/root"
 exec "$@"`
 
 // start starts systemd-nspawn and finds the container's PID 1.
-func (c *sdContainer) start(layer string) {
+func (c *sdContainer) start(layer, volatile string) {
 	c.t.Helper()
 	logf, err := os.Create(filepath.Join(c.dir, "nspawn.log"))
 	if err != nil {
@@ -206,8 +215,12 @@ func (c *sdContainer) start(layer string) {
 	}
 	args = append(args, "--", "systemd-nspawn",
 		"--quiet", "--register=no", "--keep-unit", "--machine="+c.name, "--console=pipe",
-		"--directory="+filepath.Join(c.dir, "root"), "--volatile=yes",
+		"--directory="+filepath.Join(c.dir, "root"), "--volatile="+volatile,
 		"--bind="+c.etc+":/etc", "--bind-ro="+filepath.Join(c.dir, "bin")+":/usr/local/bin",
+		// nspawn's own seccomp allow-list (Debian 12's systemd 252)
+		// refuses pidfd_getfd, with which relay inspects the socket a
+		// child binds: the bind takeover would fail every covered bind.
+		"--system-call-filter=pidfd_getfd",
 		"--boot")
 	cgfd, err := os.Open(c.cgroups[0])
 	if err != nil {

@@ -24,11 +24,12 @@ import (
 
 // The test binary plays the shim and the child: "shim" installs the filter
 // on fd 3 and execs the binary again as "binder", which binds what its
-// arguments say and reports each result as a JSON line on stdout.
+// arguments say and reports each result as a JSON line on stdout. With
+// envAllowIOURing=1 the shim installs it with Options.IOURing.
 func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == "shim" {
 		runtime.LockOSThread()
-		if err := Install(3, Options{Unlink: true}); err != nil {
+		if err := Install(3, Options{Unlink: true, IOURing: os.Getenv(envAllowIOURing) == "1"}); err != nil {
 			fmt.Fprintln(os.Stderr, "install:", err)
 			os.Exit(3)
 		}
@@ -51,14 +52,20 @@ type result struct {
 	Port     int
 	Nonblock bool
 	Cloexec  bool
+	Pid      int // the binder's, for io_uring_setup
 }
 
 // binder binds each spec "tcp4|tcp6|udp4[,nb][,cloexec] ADDR:PORT",
-// listens with a backlog of 5 on stream sockets, and reports.
+// listens with a backlog of 5 on stream sockets, and reports. The spec
+// "io_uring_setup" sets up an io_uring (see uring_test.go).
 func binder(specs []string) int {
 	enc := json.NewEncoder(os.Stdout)
 	for _, spec := range specs {
 		kind, addr, _ := strings.Cut(spec, " ")
+		if kind == "io_uring_setup" {
+			enc.Encode(result{Spec: spec, Errno: int(ringSetup()), Pid: os.Getpid()})
+			continue
+		}
 		if kind == "unlink" || kind == "unlinkat" {
 			var err error
 			if kind == "unlink" {
