@@ -90,7 +90,9 @@ func makeNotifyDir(shared bool) (string, error) {
 }
 
 // passable reports whether every directory from dir up to the root lets
-// other users through (o+x).
+// other users through (o+x), and none lets them replace what is in it
+// (o+w without the sticky bit): the child's user must not be able to put
+// a link where relay gives it its socket.
 func passable(dir string) bool {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
@@ -98,7 +100,7 @@ func passable(dir string) bool {
 	}
 	for d := abs; ; d = filepath.Dir(d) {
 		st, err := os.Stat(d)
-		if err != nil || st.Mode().Perm()&0o001 == 0 {
+		if err != nil || st.Mode().Perm()&0o001 == 0 || st.Mode().Perm()&0o002 != 0 && st.Mode()&os.ModeSticky == 0 {
 			return false
 		}
 		if d == "/" {
@@ -111,7 +113,7 @@ func passable(dir string) bool {
 // run --user): with its mode 0600, that user alone, and relay, may send to
 // it.
 func (n *NotifySocket) Chown(uid, gid int) error {
-	if err := os.Chown(n.Path, uid, gid); err != nil {
+	if err := os.Lchown(n.Path, uid, gid); err != nil {
 		return fmt.Errorf("giving notify socket %s to uid %d: %w", n.Path, uid, err)
 	}
 	return nil
@@ -121,7 +123,11 @@ func (n *NotifySocket) Chown(uid, gid int) error {
 // enter) and reads messages until Close. onMsg, if not nil, sees every
 // message, from the reading goroutine.
 func ListenNotify(path string, onMsg func(NotifyMessage)) (*NotifySocket, error) {
+	// Created 0600: in a directory others may pass (MakeSharedNotifyDir)
+	// nobody else may send to it even before the chmod below.
+	old := unix.Umask(0o177)
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	unix.Umask(old)
 	if err != nil {
 		return nil, fmt.Errorf("creating notify socket %s: %w", path, err)
 	}

@@ -8,6 +8,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -88,6 +89,11 @@ func TestRunAsUser(t *testing.T) {
 		if st["Uid"] != want || !strings.HasPrefix(st["Gid"], nobody.Gid+" ") {
 			t.Errorf("generation %d runs as Uid %q Gid %q, want nobody's (%s, %s)", gen, st["Uid"], st["Gid"], nobody.Uid, nobody.Gid)
 		}
+		// A session of its own, with no controlling terminal: it
+		// cannot type into relay's.
+		if st["NSsid"] != strconv.Itoa(pid) {
+			t.Errorf("generation %d is in session %s, want a session of its own (%d)", gen, st["NSsid"], pid)
+		}
 		if st["CapEff"] != "0000000000000000" || st["CapPrm"] != "0000000000000000" || st["NoNewPrivs"] != "1" {
 			t.Errorf("generation %d keeps CapEff %s, CapPrm %s, NoNewPrivs %s; want no capability and no_new_privs", gen, st["CapEff"], st["CapPrm"], st["NoNewPrivs"])
 		}
@@ -135,7 +141,10 @@ func TestRunAsUserBadInput(t *testing.T) {
 		{"unknown user", []string{"--user", "no-such-user-relay"}, -1, `no user "no-such-user-relay" in the user database`},
 		{"unknown group", []string{"--user", "nobody:no-such-group-relay"}, -1, `no group "no-such-group-relay" in the group database`},
 		{"empty group", []string{"--user", "nobody:"}, -1, "want USER or USER:GROUP"},
-		{"not root", []string{"--user", "root"}, 65534, "only root can run the server as another user"},
+		{"not root", []string{"--user", "nobody:nogroup"}, 1, "only root can run the server as another user"},
+		{"root", []string{"--user", "root"}, -1, "the server would run as root"},
+		{"unlisted uid without a group", []string{"--user", "54321"}, -1, "give it, e.g. --user 54321:54321"},
+		{"the id that means unchanged", []string{"--user", "4294967295"}, -1, `no user "4294967295"`},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			dir, err := os.MkdirTemp("", "relay-user-")

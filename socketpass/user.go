@@ -24,6 +24,21 @@ type User struct {
 	// Name and Home are the user's, for USER, LOGNAME and HOME; Home is
 	// "/" for a user with none.
 	Name, Home string
+	// unlisted: given by a number the user database does not have.
+	unlisted bool
+}
+
+// noID is the id that set*id(2) read as "leave this one as it is": a
+// server given it would keep relay's.
+const noID = ^uint32(0)
+
+// parseID reads a uid or gid given by number; noID is none.
+func parseID(s string) (uint32, bool) {
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil || uint32(n) == noID {
+		return 0, false
+	}
+	return uint32(n), true
 }
 
 // ErrUserSpec is wrapped by LookupUser's errors about the spec itself: an
@@ -32,9 +47,11 @@ var ErrUserSpec = errors.New("bad --user")
 
 // LookupUser resolves a --user value, USER or USER:GROUP, names or numbers,
 // from the user and group databases (the files: relay is built without
-// cgo). A user given by number need not exist there: it gets that number as
-// its group, no supplementary groups, and HOME=/. euid is relay's
-// effective uid: only root may run a child as anyone but itself.
+// cgo). A user given by number need not exist there, but then its group
+// must be given too (a group of the same number may be a privileged one):
+// it gets no supplementary groups, and HOME=/. Root is refused: the server
+// would keep every capability. euid is relay's effective uid: only root may
+// run a child as anyone but itself.
 func LookupUser(spec string, euid int) (*User, error) {
 	name, group, hasGroup := strings.Cut(spec, ":")
 	if name == "" || (hasGroup && group == "") {
@@ -43,6 +60,12 @@ func LookupUser(spec string, euid int) (*User, error) {
 	u, err := lookupAccount(name)
 	if err != nil {
 		return nil, err
+	}
+	if u.unlisted && !hasGroup {
+		return nil, fmt.Errorf("%w %q: uid %d is not in the user database, so relay cannot tell its group; give it, e.g. --user %d:%d", ErrUserSpec, spec, u.UID, u.UID, u.UID)
+	}
+	if u.UID == 0 {
+		return nil, fmt.Errorf("%w %q: the server would run as root, with every capability; name an unprivileged user, or drop --user", ErrUserSpec, spec)
 	}
 	if hasGroup {
 		gid, err := lookupGroup(group)
@@ -64,18 +87,18 @@ func lookupAccount(name string) (*User, error) {
 		acct, err = user.LookupId(name)
 	}
 	if err != nil {
-		n, nerr := strconv.ParseUint(name, 10, 32)
-		if nerr != nil {
-			return nil, fmt.Errorf("%w: no user %q in the user database; give an existing user (getent passwd) or a number", ErrUserSpec, name)
+		n, ok := parseID(name)
+		if !ok {
+			return nil, fmt.Errorf("%w: no user %q in the user database; give an existing user (getent passwd) or a number below %d", ErrUserSpec, name, noID)
 		}
-		return &User{UID: uint32(n), GID: uint32(n), Name: name, Home: "/"}, nil
+		return &User{UID: n, GID: n, Name: name, Home: "/", unlisted: true}, nil
 	}
-	uid, err1 := strconv.ParseUint(acct.Uid, 10, 32)
-	gid, err2 := strconv.ParseUint(acct.Gid, 10, 32)
-	if err1 != nil || err2 != nil {
-		return nil, fmt.Errorf("%w: user %q has uid %q and gid %q, which are not numbers", ErrUserSpec, name, acct.Uid, acct.Gid)
+	uid, ok1 := parseID(acct.Uid)
+	gid, ok2 := parseID(acct.Gid)
+	if !ok1 || !ok2 {
+		return nil, fmt.Errorf("%w: user %q has uid %q and gid %q, which are not numbers relay can set", ErrUserSpec, name, acct.Uid, acct.Gid)
 	}
-	u := &User{UID: uint32(uid), GID: uint32(gid), Name: acct.Username, Home: acct.HomeDir}
+	u := &User{UID: uid, GID: gid, Name: acct.Username, Home: acct.HomeDir}
 	if u.Home == "" {
 		u.Home = "/"
 	}
@@ -84,8 +107,8 @@ func lookupAccount(name string) (*User, error) {
 		return nil, fmt.Errorf("%w: reading the groups of user %q: %w", ErrUserSpec, name, err)
 	}
 	for _, id := range ids {
-		if g, err := strconv.ParseUint(id, 10, 32); err == nil && uint32(g) != u.GID && !slices.Contains(u.Groups, uint32(g)) {
-			u.Groups = append(u.Groups, uint32(g))
+		if g, ok := parseID(id); ok && g != u.GID && !slices.Contains(u.Groups, g) {
+			u.Groups = append(u.Groups, g)
 		}
 	}
 	return u, nil
@@ -98,17 +121,17 @@ func lookupGroup(name string) (uint32, error) {
 		g, err = user.LookupGroupId(name)
 	}
 	if err != nil {
-		n, nerr := strconv.ParseUint(name, 10, 32)
-		if nerr != nil {
-			return 0, fmt.Errorf("%w: no group %q in the group database; give an existing group (getent group) or a number", ErrUserSpec, name)
+		n, ok := parseID(name)
+		if !ok {
+			return 0, fmt.Errorf("%w: no group %q in the group database; give an existing group (getent group) or a number below %d", ErrUserSpec, name, noID)
 		}
-		return uint32(n), nil
+		return n, nil
 	}
-	gid, err := strconv.ParseUint(g.Gid, 10, 32)
-	if err != nil {
-		return 0, fmt.Errorf("%w: group %q has gid %q, which is not a number", ErrUserSpec, name, g.Gid)
+	gid, ok := parseID(g.Gid)
+	if !ok {
+		return 0, fmt.Errorf("%w: group %q has gid %q, which is not a number relay can set", ErrUserSpec, name, g.Gid)
 	}
-	return uint32(gid), nil
+	return gid, nil
 }
 
 // Env is what a child running as u finds of itself in its environment.
@@ -135,19 +158,17 @@ func parseUser(arg string) (*User, error) {
 	if len(parts) != 3 {
 		return nil, bad
 	}
+	fields := parts[:2]
+	if parts[2] != "" {
+		fields = append(fields, strings.Split(parts[2], ",")...)
+	}
 	var ids []uint32
-	for _, p := range append(parts[:2], strings.Split(parts[2], ",")...) {
-		if p == "" {
-			continue
-		}
-		n, err := strconv.ParseUint(p, 10, 32)
-		if err != nil {
+	for _, p := range fields {
+		n, ok := parseID(p)
+		if !ok {
 			return nil, bad
 		}
-		ids = append(ids, uint32(n))
-	}
-	if len(ids) < 2 {
-		return nil, bad
+		ids = append(ids, n)
 	}
 	return &User{UID: ids[0], GID: ids[1], Groups: ids[2:]}, nil
 }
@@ -177,7 +198,44 @@ func (u *User) become() error {
 	if err := syscall.Setresuid(int(u.UID), int(u.UID), int(u.UID)); err != nil {
 		return fmt.Errorf("exec shim: setting uid %d: %w", u.UID, err)
 	}
+	// The kernel clears the capabilities with the uids, unless securebits
+	// say otherwise; ambient ones would cross the exec. Check rather than
+	// trust: the server runs with none, or not at all.
+	if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil {
+		return fmt.Errorf("exec shim: clearing the ambient capabilities: %w", err)
+	}
+	if err := checkBecame(u); err != nil {
+		return err
+	}
 	return noNewPrivs()
+}
+
+// checkBecame fails unless the process is u, every id of it, with no
+// capability left.
+func checkBecame(u *User) error {
+	ru, eu, su := unix.Getresuid()
+	rg, eg, sg := unix.Getresgid()
+	for _, id := range []int{ru, eu, su} {
+		if uint32(id) != u.UID {
+			return fmt.Errorf("exec shim: the uids are %d %d %d after setting %d; not starting the server", ru, eu, su, u.UID)
+		}
+	}
+	for _, id := range []int{rg, eg, sg} {
+		if uint32(id) != u.GID {
+			return fmt.Errorf("exec shim: the gids are %d %d %d after setting %d; not starting the server", rg, eg, sg, u.GID)
+		}
+	}
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("exec shim: reading the capabilities: %w", err)
+	}
+	for _, d := range data {
+		if d.Effective != 0 || d.Permitted != 0 || d.Inheritable != 0 {
+			return fmt.Errorf("exec shim: capabilities left after becoming uid %d (securebits keep them?); not starting the server", u.UID)
+		}
+	}
+	return nil
 }
 
 // noNewPrivs keeps anything the server runs from gaining privileges back

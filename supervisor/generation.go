@@ -208,7 +208,9 @@ func (s *Supervisor) prepare(g *generation) (_ *launch, err error) {
 		args[i] = health.Expand(a, vars)
 	}
 	l.path, l.argv = socketpass.ShimArgv(g.cmd.Path, args, shim, s.cfg.User)
-	l.attr = reaper.Attr{Dir: s.cfg.Dir, Env: s.childEnv(notifyPath, vars), Files: files, NewGroup: true}
+	// Another user's server gets no controlling terminal: it must not
+	// type into relay's.
+	l.attr = reaper.Attr{Dir: s.cfg.Dir, Env: s.childEnv(notifyPath, vars), Files: files, NewGroup: true, NewSession: s.cfg.User != nil}
 	return l, nil
 }
 

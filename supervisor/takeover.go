@@ -46,6 +46,8 @@ type bindTakeover struct {
 	// ringRefused: an io_uring_setup of the child tree was refused, and
 	// logged; later ones are not.
 	ringRefused atomic.Bool
+	// unreadable: a bind whose address relay could not read was logged.
+	unreadable atomic.Bool
 }
 
 func newBindTakeover(listeners int) (*bindTakeover, *os.File, error) {
@@ -259,9 +261,14 @@ func (s *Supervisor) onTakeover(g *generation, e takeover.Event) {
 		g.log.Debug("listen on relay's socket answered without running it; relay keeps its backlog",
 			"listener", name(e.Socket), "fd", e.FD, "listen_pid", e.Pid)
 		t.claim(e.Socket)
+	case takeover.Unreadable:
+		if t.unreadable.CompareAndSwap(false, true) {
+			g.log.Warn("cannot read the child's bind: it went to the kernel untouched; across users relay needs CAP_SYS_PTRACE (docs/takeover.md)",
+				"bind_pid", e.Pid, "fd", e.FD, "err", e.Err)
+		}
 	case takeover.RingRefused:
 		if t.ringRefused.CompareAndSwap(false, true) {
-			g.log.Error("io_uring_setup refused (EPERM): a bind made through io_uring would bypass the takeover and put the child's own socket on the port; the server must use bind(2), or relay must run with --allow-io-uring (docs/takeover.md)",
+			g.log.Warn("io_uring_setup refused (EPERM): a bind made through io_uring would bypass the takeover and put the child's own socket on the port; the server must use bind(2), or relay must run with --allow-io-uring (docs/takeover.md)",
 				"caller_pid", e.Pid)
 		}
 	case takeover.Kept:

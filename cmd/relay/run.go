@@ -36,7 +36,7 @@ func runCommand(b boot) *cli.Command {
 			&cli.IntFlag{Name: "liveness-failures", Value: supervisor.DefaultLivenessFailures, Usage: "`N` liveness checks failed in a row replace the serving generation"},
 			&cli.DurationFlag{Name: "child-watchdog", Usage: "give each child WATCHDOG_USEC=`DURATION` (and WATCHDOG_PID); a serving child that sent WATCHDOG=1 and then none for that long is replaced", DefaultText: "off"},
 			&cli.StringFlag{Name: "takeover", Value: string(supervisor.TakeoverAuto), Usage: "`MODE` of the bind takeover: auto makes a bind of a --listen address by the child (or anything it starts) land on relay's socket, where the kernel allows (else logged once, and children take the inherited fds only); on makes its absence an error; off passes the sockets as inherited fds only"},
-			&cli.BoolFlag{Name: "allow-io-uring", Usage: "let generations under the bind takeover set up io_uring rings: a bind made through a ring (IORING_OP_BIND) is not seen by the takeover and can put the child's own socket on the port. By default relay refuses io_uring_setup with EPERM there, as container runtimes do, and logs it"},
+			&cli.BoolFlag{Name: "allow-io-uring", Usage: "let generations under the bind takeover set up io_uring rings: a bind made through a ring (IORING_OP_BIND) is not seen by the takeover and can put the child's own socket on the port. By default relay refuses io_uring_setup with EPERM there, as container runtimes do, and logs it; nothing to allow with --takeover off"},
 			&cli.StringFlag{Name: "user", Usage: "run every generation as `USER[:GROUP]` (names or numbers): its group and supplementary groups, or exactly GROUP, and USER, LOGNAME and HOME to match; no capabilities and no_new_privs. relay stays root, binds the ports (the server's own bind of a privileged port lands on relay's socket) and keeps its control socket", DefaultText: "relay's own user"},
 			&cli.StringFlag{Name: "steer", Value: string(sockets.SteerAuto), Usage: "`MODE` of the drain on TCP listeners: auto gives each generation a socket of its own and new connections to the serving one only, where the kernel allows (else one shared socket, logged); on refuses to start without it; off shares one socket"},
 			&cli.DurationFlag{Name: "drain", DefaultText: "5s if any listener is steered, else 0", Usage: "the longest `DURATION` from the switch to the new generation to the old one's stop signal: on steered listeners the signal comes as soon as nothing more can reach the old sockets (after a fixed --drain, 1s by default, where the kernel cannot show that); on shared sockets, where both accept, after --drain"},
@@ -111,6 +111,10 @@ func runAction(c *cli.Context, b boot) error {
 	// The last usage errors, before anything is bound, created or
 	// logged: the few that need the bound sockets come from openSockets.
 	if err := checkSockets(opts, passed); err != nil {
+		sockets.CloseAll(passed)
+		return err
+	}
+	if err := checkInspect(log, opts); err != nil {
 		sockets.CloseAll(passed)
 		return err
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -17,6 +18,7 @@ import (
 	"github.com/relaysh/relay/internal/sdnotify"
 	"github.com/relaysh/relay/internal/sockaddr"
 	"github.com/relaysh/relay/internal/sockets"
+	"github.com/relaysh/relay/internal/takeover"
 	"github.com/relaysh/relay/supervisor"
 )
 
@@ -275,4 +277,21 @@ func listenControl(opts runOptions, sup *supervisor.Supervisor, set *sockets.Set
 	}
 	log.Info("control socket", "path", ctl.Path(), "name", opts.name)
 	return ctl, nil
+}
+
+// checkInspect says whether the bind takeover can read the binds of a
+// server that runs as another user (--user): that takes CAP_SYS_PTRACE,
+// which a container runtime's default set may lack. Without it the server's
+// own binds go to the kernel untouched: an error under --takeover on, a
+// warning otherwise.
+func checkInspect(log *slog.Logger, opts runOptions) error {
+	if opts.user == nil || opts.takeover == supervisor.TakeoverOff || takeover.CanInspect() {
+		return nil
+	}
+	const why = "relay lacks CAP_SYS_PTRACE, which reading the binds of a server of another user (--user) takes"
+	if opts.takeover == supervisor.TakeoverOn {
+		return fmt.Errorf("--takeover on with --user: %s; give relay CAP_SYS_PTRACE (systemd: AmbientCapabilities=CAP_SYS_PTRACE; docker: --cap-add SYS_PTRACE), or run the server on the inherited sockets with --takeover off", why)
+	}
+	log.Warn("bind takeover: "+why+"; the server's own binds of relay's addresses will fail, so it must take the inherited sockets", "user", opts.user.Name)
+	return nil
 }

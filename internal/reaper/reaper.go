@@ -161,6 +161,11 @@ type Attr struct {
 	// NewGroup puts the process in a process group of its own, whose id is
 	// its pid.
 	NewGroup bool
+	// NewSession puts it in a session of its own too, with no
+	// controlling terminal (setsid): a process of another user must not
+	// reach relay's terminal (TIOCSTI). Its group is its own, as with
+	// NewGroup.
+	NewSession bool
 	// UseCgroupFD starts the process in the cgroup v2 whose directory
 	// CgroupFD is open on (CLONE_INTO_CGROUP, Linux 5.7+).
 	UseCgroupFD bool
@@ -179,7 +184,8 @@ func (r *Reaper) Start(path string, argv []string, attr Attr) (*Process, error) 
 		Env:   attr.Env,
 		Files: attr.Files,
 		Sys: &syscall.SysProcAttr{
-			Setpgid:     attr.NewGroup,
+			Setpgid:     attr.NewGroup && !attr.NewSession, // setsid makes a group too
+			Setsid:      attr.NewSession,
 			Pdeathsig:   ParentDeathSignal,
 			UseCgroupFD: attr.UseCgroupFD,
 			CgroupFD:    attr.CgroupFD,
@@ -193,7 +199,7 @@ func (r *Reaper) Start(path string, argv []string, attr Attr) (*Process, error) 
 	if err != nil {
 		return nil, err
 	}
-	p := &Process{Pid: op.Pid, proc: op, doneC: make(chan struct{}), group: attr.NewGroup}
+	p := &Process{Pid: op.Pid, proc: op, doneC: make(chan struct{}), group: attr.NewGroup || attr.NewSession}
 	r.waiters[op.Pid] = p
 	return p, nil
 }

@@ -188,13 +188,22 @@ func hint(errno unix.Errno) string {
 	return ""
 }
 
-func hasCapSysAdmin() bool {
+func hasCapSysAdmin() bool { return hasCap(unix.CAP_SYS_ADMIN) }
+
+// CanInspect reports whether relay may read the binds of a child that runs
+// as another user (relay run --user): the address in its memory and its
+// socket take ptrace-level access, which across users needs
+// CAP_SYS_PTRACE (a container runtime's default set may lack it).
+func CanInspect() bool { return hasCap(unix.CAP_SYS_PTRACE) }
+
+// hasCap reports whether the calling thread has capability c in effect.
+func hasCap(c int) bool {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
 	if err := unix.Capget(&hdr, &data[0]); err != nil {
 		return false
 	}
-	return data[unix.CAP_SYS_ADMIN/32].Effective&(1<<(unix.CAP_SYS_ADMIN%32)) != 0
+	return data[c/32].Effective&(1<<(c%32)) != 0
 }
 
 // Handshake is relay's end of the socket pair over which the shim sends the

@@ -84,6 +84,10 @@ const (
 	// RingRefused: the child called io_uring_setup(2), which relay
 	// answered with EPERM (Options.IOURing).
 	RingRefused
+	// Unreadable: relay was not allowed to read a bind's address (Err):
+	// the bind went to the kernel untouched. Reading another user's
+	// memory needs CAP_SYS_PTRACE (see CanInspect).
+	Unreadable
 )
 
 // Event is one thing Serve did.
@@ -264,6 +268,9 @@ func (s *session) bind(m *notif) {
 		// Not an address relay could own, or memory relay cannot
 		// read: the kernel's own bind will judge it.
 		s.proceed(m.ID)
+		if errors.Is(err, unix.EPERM) {
+			s.event(Event{Kind: Unreadable, Socket: -1, Pid: tgid(tid), FD: fd, Err: err})
+		}
 		return
 	}
 	b.FD = fd
