@@ -28,6 +28,8 @@ type bins struct {
 	relay, hello, testchild, plainserver, seccompdeny string
 	// uringbind binds its port through io_uring (takeover_uring_test.go).
 	uringbind string
+	// quicserver serves HTTP/3 over UDP (quic_test.go).
+	quicserver string
 }
 
 // built is set once by TestMain, before any test runs, and only read after.
@@ -58,6 +60,7 @@ func runTests(m *testing.M) int {
 		plainserver: filepath.Join(dir, "plainserver"),
 		seccompdeny: filepath.Join(dir, "seccompdeny"),
 		uringbind:   filepath.Join(dir, "uringbind"),
+		quicserver:  filepath.Join(dir, "quicserver"),
 	}
 	for _, b := range []struct {
 		out, pkg string
@@ -69,6 +72,7 @@ func runTests(m *testing.M) int {
 		{built.plainserver, "./integration/plainserver", false},
 		{built.seccompdeny, "./integration/seccompdeny", false},
 		{built.uringbind, "./integration/uringbind", false},
+		{built.quicserver, "./integration/quicserver", false},
 	} {
 		args := []string{"build", "-o", b.out}
 		if b.race {

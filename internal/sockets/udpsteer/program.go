@@ -1,0 +1,302 @@
+package udpsteer
+
+import (
+	"encoding/binary"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+)
+
+// The kernel's constants the program uses (include/uapi/linux/bpf.h).
+const (
+	// offsetof(struct sk_reuseport_md, eth_protocol): after the data and
+	// data_end pointers (8 bytes each) and len (4 bytes).
+	ctxEthProtocol = 20
+	// BPF_HDR_START_NET: bpf_skb_load_bytes_relative counts from the start
+	// of the network (IP) header.
+	hdrStartNet = 1
+	// SK_PASS: deliver the datagram, to the selected socket if one was
+	// selected, else to the one the kernel hashes to.
+	skPass = 1
+	// BPF_ANY: insert or replace.
+	bpfAny = 0
+	// udpHeaderLen: the first payload byte is past the 8-byte UDP header.
+	udpHeaderLen = 8
+	// seenEvery: seen[slot] is rewritten when it is older than this, not
+	// at every datagram: one cache line shared by every CPU.
+	seenEvery = time.Millisecond
+)
+
+// ETH_P_IP and ETH_P_IPV6 as the context field holds them: the kernel
+// loads skb->protocol, a big-endian 16-bit number, as it lies in memory.
+var (
+	ethPIP   = int32(binary.NativeEndian.Uint16([]byte{0x08, 0x00}))
+	ethPIPv6 = int32(binary.NativeEndian.Uint16([]byte{0x86, 0xdd}))
+)
+
+// The program's stack, below the frame pointer (r10). Every byte a helper
+// or a map reads is written first, so the verifier needs no CAP_PERFMON to
+// allow uninitialised reads.
+const (
+	keyOff   = -40          // flowKey, 36 bytes: fp-40 .. fp-5
+	keySrc   = keyOff       // source address, 16 bytes
+	keyDst   = keyOff + 16  // destination address, 16 bytes
+	keyPorts = keyOff + 32  // source and destination port, as on the wire
+	valOff   = -56          // flowValue, 16 bytes: fp-56 .. fp-41
+	valSlot  = valOff       // u32: also the key into socks and seen
+	valPad   = valOff + 4   // u32, zero
+	valLast  = valOff + 8   // u64, ktime ns
+	zeroOff  = -64          // u32 0: the key of serving
+	byteOff  = -72          // the first payload byte, for the QUIC rule
+	v4Mapped = 10           // where ffff goes in an IPv4-mapped address
+	v4Addr   = v4Mapped + 2 // where the IPv4 address goes in it
+)
+
+// flowKey is the key of the flows map, as the program builds it.
+type flowKey struct {
+	Src   [16]byte // IPv4 as ::ffff:a.b.c.d
+	Dst   [16]byte
+	Ports [4]byte // source and destination port, big-endian, as in the UDP header
+}
+
+// flowValue is the value of the flows map.
+type flowValue struct {
+	Slot uint32
+	Pad  uint32
+	Last uint64 // ktime (CLOCK_MONOTONIC) ns of the flow's last datagram
+}
+
+// maps are the program's maps.
+type maps struct {
+	socks, serving, flows, seen *ebpf.Map
+}
+
+func newMaps(slots, maxFlows int) (*maps, error) {
+	var m maps
+	var err error
+	closeAll := func() { m.close() }
+	// Value size 8: a lookup from user space returns the socket's cookie.
+	if m.socks, err = ebpf.NewMap(&ebpf.MapSpec{Name: "udpsteer_socks", Type: ebpf.ReusePortSockArray, KeySize: 4, ValueSize: 8, MaxEntries: uint32(slots)}); err != nil {
+		return nil, explain("creating the REUSEPORT_SOCKARRAY map", err)
+	}
+	if m.serving, err = ebpf.NewMap(&ebpf.MapSpec{Name: "udpsteer_serving", Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1}); err != nil {
+		closeAll()
+		return nil, explain("creating the serving map", err)
+	}
+	if m.flows, err = ebpf.NewMap(&ebpf.MapSpec{Name: "udpsteer_flows", Type: ebpf.LRUHash, KeySize: 36, ValueSize: 16, MaxEntries: uint32(maxFlows)}); err != nil {
+		closeAll()
+		return nil, explain("creating the LRU_HASH flows map", err)
+	}
+	if m.seen, err = ebpf.NewMap(&ebpf.MapSpec{Name: "udpsteer_seen", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: uint32(slots)}); err != nil {
+		closeAll()
+		return nil, explain("creating the seen map", err)
+	}
+	return &m, nil
+}
+
+func (m *maps) close() {
+	for _, x := range []*ebpf.Map{m.socks, m.serving, m.flows, m.seen} {
+		if x != nil {
+			x.Close()
+		}
+	}
+}
+
+// programOptions are what the program is built for.
+type programOptions struct {
+	idle     time.Duration
+	quic     bool
+	quicIdle time.Duration
+}
+
+// program builds the steering program for m.
+//
+// Registers: r6 holds the context, r7 the flow's map entry, r8 the flow's
+// idle time, r9 the time now; the helpers clobber r1-r5 and return in r0.
+func program(m *maps, o programOptions) asm.Instructions {
+	// call helper(ctx, off, fp+to, len[, BPF_HDR_START_NET])
+	loadBytes := func(fn asm.BuiltinFunc, off int32, to int16, n int32, relative bool) asm.Instructions {
+		in := asm.Instructions{
+			asm.Mov.Reg(asm.R1, asm.R6),
+			asm.Mov.Imm(asm.R2, off),
+			asm.Mov.Reg(asm.R3, asm.RFP),
+			asm.Add.Imm(asm.R3, int32(to)),
+			asm.Mov.Imm(asm.R4, n),
+		}
+		if relative {
+			in = append(in, asm.Mov.Imm(asm.R5, hdrStartNet))
+		}
+		return append(in, fn.Call())
+	}
+	// r1 = map, r2 = fp+key
+	mapKey := func(mp *ebpf.Map, key int16) asm.Instructions {
+		return asm.Instructions{
+			asm.LoadMapPtr(asm.R1, mp.FD()),
+			asm.Mov.Reg(asm.R2, asm.RFP),
+			asm.Add.Imm(asm.R2, int32(key)),
+		}
+	}
+	// bpf_sk_select_reuseport(ctx, &socks, fp+valSlot, 0)
+	selectSlot := asm.Instructions{
+		asm.Mov.Reg(asm.R1, asm.R6),
+		asm.LoadMapPtr(asm.R2, m.socks.FD()),
+		asm.Mov.Reg(asm.R3, asm.RFP),
+		asm.Add.Imm(asm.R3, valSlot),
+		asm.Mov.Imm(asm.R4, 0),
+		asm.FnSkSelectReuseport.Call(),
+	}
+
+	var p asm.Instructions
+	add := func(in ...asm.Instruction) { p = append(p, in...) }
+
+	// Keep the context: every helper call clobbers r1.
+	add(asm.Mov.Reg(asm.R6, asm.R1))
+	// r9 = now, in CLOCK_MONOTONIC nanoseconds.
+	add(asm.FnKtimeGetNs.Call(), asm.Mov.Reg(asm.R9, asm.R0))
+
+	// The ports: the packet data of a reuseport program begins at the
+	// UDP header, source port then destination port.
+	add(loadBytes(asm.FnSkbLoadBytes, 0, keyPorts, 4, false)...)
+	add(asm.JNE.Imm(asm.R0, 0, "pass")) // shorter than a UDP header: cannot be
+
+	// The IP version, from skb->protocol.
+	add(asm.LoadMem(asm.R2, asm.R6, ctxEthProtocol, asm.Word))
+	add(asm.JEq.Imm(asm.R2, ethPIPv6, "ipv6"))
+	add(asm.JNE.Imm(asm.R2, ethPIP, "pass")) // neither: leave it to the kernel
+
+	// IPv4: both addresses as ::ffff:a.b.c.d, ten zero bytes and ffff ...
+	// (cilium's asm has no 64-bit store of an immediate: r1 = 0)
+	add(asm.Mov.Imm(asm.R1, 0))
+	for _, at := range []int16{keySrc, keyDst} {
+		add(
+			asm.StoreMem(asm.RFP, at, asm.R1, asm.DWord),
+			asm.StoreImm(asm.RFP, at+8, 0, asm.Half),
+			asm.StoreImm(asm.RFP, at+v4Mapped, 0xffff, asm.Half),
+		)
+	}
+	// ... then the source address (IP header offset 12) and the
+	// destination address (offset 16) after them.
+	add(loadBytes(asm.FnSkbLoadBytesRelative, 12, keySrc+v4Addr, 4, true)...)
+	add(asm.JNE.Imm(asm.R0, 0, "pass"))
+	add(loadBytes(asm.FnSkbLoadBytesRelative, 16, keyDst+v4Addr, 4, true)...)
+	add(asm.JNE.Imm(asm.R0, 0, "pass"))
+	add(asm.Ja.Label("lookup"))
+
+	// IPv6: source (offset 8) and destination (offset 24) are adjacent in
+	// the header as in the key: one 32-byte load.
+	ipv6 := loadBytes(asm.FnSkbLoadBytesRelative, 8, keySrc, 32, true)
+	ipv6[0] = ipv6[0].WithSymbol("ipv6")
+	add(ipv6...)
+	add(asm.JNE.Imm(asm.R0, 0, "pass"))
+
+	// r0 = flows[key]
+	lookup := mapKey(m.flows, keyOff)
+	lookup[0] = lookup[0].WithSymbol("lookup")
+	add(lookup...)
+	add(asm.FnMapLookupElem.Call())
+	add(asm.JEq.Imm(asm.R0, 0, "new")) // an unknown flow
+	add(asm.Mov.Reg(asm.R7, asm.R0))   // r7 = the entry; it stays valid to the end
+
+	// r8 = now - entry.last. Signed: another CPU may have written a time
+	// later than our now, which makes it negative, not idle.
+	add(
+		asm.LoadMem(asm.R1, asm.R7, 8, asm.DWord),
+		asm.Mov.Reg(asm.R8, asm.R9),
+		asm.Sub.Reg(asm.R8, asm.R1),
+		asm.LoadImm(asm.R1, int64(o.idle), asm.DWord),
+		asm.JSGT.Reg(asm.R8, asm.R1, "new"), // idle too long: a new flow
+	)
+
+	if o.quic {
+		// A QUIC v1 long-header Initial ((byte & 0xb0) == 0x80) of a flow
+		// idle for longer than quicIdle is a new connection on an old
+		// 4-tuple. One within quicIdle belongs to the handshake going on.
+		add(
+			asm.LoadImm(asm.R1, int64(o.quicIdle), asm.DWord),
+			asm.JSLE.Reg(asm.R8, asm.R1, "known"),
+		)
+		add(loadBytes(asm.FnSkbLoadBytes, udpHeaderLen, byteOff, 1, false)...)
+		add(
+			asm.JNE.Imm(asm.R0, 0, "known"), // an empty datagram
+			asm.LoadMem(asm.R1, asm.RFP, byteOff, asm.Byte),
+			asm.And.Imm(asm.R1, 0xb0),        // header form, and the type's bits
+			asm.JEq.Imm(asm.R1, 0x80, "new"), // long header, type 0: Initial
+		)
+	}
+
+	// A known flow: select its slot's socket.
+	add(
+		asm.LoadMem(asm.R1, asm.R7, 0, asm.Word).WithSymbol("known"), // r1 = entry.slot
+		asm.StoreMem(asm.RFP, valSlot, asm.R1, asm.Word),
+	)
+	add(selectSlot...)
+	add(asm.JNE.Imm(asm.R0, 0, "new"))              // its socket is gone: a new flow
+	add(asm.StoreMem(asm.R7, 8, asm.R9, asm.DWord)) // entry.last = now
+	add(asm.Ja.Label("seen"))
+
+	// A new flow: r0 = &serving[0].
+	add(asm.StoreImm(asm.RFP, zeroOff, 0, asm.Word).WithSymbol("new"))
+	add(mapKey(m.serving, zeroOff)...)
+	add(asm.FnMapLookupElem.Call())
+	add(asm.JEq.Imm(asm.R0, 0, "pass")) // cannot be: an array of one
+	// The entry to insert: {serving slot, 0, now}.
+	add(
+		asm.LoadMem(asm.R1, asm.R0, 0, asm.Word),
+		asm.StoreMem(asm.RFP, valSlot, asm.R1, asm.Word),
+		asm.StoreImm(asm.RFP, valPad, 0, asm.Word),
+		asm.StoreMem(asm.RFP, valLast, asm.R9, asm.DWord),
+	)
+	add(selectSlot...)
+	add(asm.JNE.Imm(asm.R0, 0, "pass")) // no socket serving: the kernel hashes
+	// flows[key] = entry, evicting the least recently used flow when the
+	// map is full. Should the update fail, the datagram is steered anyway.
+	add(mapKey(m.flows, keyOff)...)
+	add(
+		asm.Mov.Reg(asm.R3, asm.RFP),
+		asm.Add.Imm(asm.R3, valOff),
+		asm.Mov.Imm(asm.R4, bpfAny),
+		asm.FnMapUpdateElem.Call(),
+	)
+
+	// seen[slot] = now, unless it was written within seenEvery.
+	seen := mapKey(m.seen, valSlot)
+	seen[0] = seen[0].WithSymbol("seen")
+	add(seen...)
+	add(asm.FnMapLookupElem.Call())
+	add(asm.JEq.Imm(asm.R0, 0, "pass"))
+	add(
+		asm.LoadMem(asm.R1, asm.R0, 0, asm.DWord),
+		asm.Mov.Reg(asm.R2, asm.R9),
+		asm.Add.Imm(asm.R2, -int32(seenEvery)),
+		asm.JSGT.Reg(asm.R1, asm.R2, "pass"),
+		asm.StoreMem(asm.R0, 0, asm.R9, asm.DWord),
+	)
+
+	// Deliver: to the selected socket if any, else where the kernel hashes.
+	add(
+		asm.Mov.Imm(asm.R0, skPass).WithSymbol("pass"),
+		asm.Return(),
+	)
+	return p
+}
+
+// load loads the program for m.
+func load(m *maps, o programOptions) (*ebpf.Program, asm.Instructions, error) {
+	insns := program(m, o)
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name: "udpsteer",
+		Type: ebpf.SkReuseport,
+		// No AttachType: kernels before 5.14 have none for this type, and
+		// later ones take 0 as BPF_SK_REUSEPORT_SELECT (not _OR_MIGRATE,
+		// which would run the program for TCP request migration).
+		Instructions: insns,
+		// No helper the program calls is GPL-only; the license string is
+		// what the kernel reads to decide that.
+		License: "",
+	})
+	if err != nil {
+		return nil, insns, explain("loading the SK_REUSEPORT program", err)
+	}
+	return prog, insns, nil
+}
