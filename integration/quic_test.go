@@ -330,3 +330,23 @@ func TestQUICRestartUnderRelayToday(t *testing.T) {
 		t.Errorf("relay exit code %d, want 0", code)
 	}
 }
+
+// A server that binds its HTTP/3 UDP port itself beside the TCP port relay
+// listens on (caddy does) gets one log line naming the --listen to add:
+// without it, its UDP socket is its own and no restart keeps it.
+func TestQUICUncoveredUDPPortIsNamed(t *testing.T) {
+	port := freeDualPort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	r := startRelay(t, nil, "--listen", addr, "--", built.quicserver, "-addr", addr, "-tcp", "-grace", "1s")
+	l, _ := r.waitFor(0, 30*time.Second, "the note of the uncovered UDP port", func(l logLine) bool {
+		return strings.Contains(l.str("msg"), "which no --listen covers")
+	})
+	if !strings.Contains(l.str("msg"), "add --listen udp:"+addr) || l.str("level") != "WARN" || l.num("gen") != 1 {
+		t.Errorf("note %v; want a WARN of generation 1 naming --listen udp:%s", l, addr)
+	}
+	r.waitMsg(0, "generation ready", 1)
+	r.signal(syscall.SIGTERM)
+	if code := r.wait(30 * time.Second); code != 0 {
+		t.Errorf("relay exited %d, want 0", code)
+	}
+}

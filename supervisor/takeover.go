@@ -48,6 +48,8 @@ type bindTakeover struct {
 	ringRefused atomic.Bool
 	// unreadable: a bind whose address relay could not read was logged.
 	unreadable atomic.Bool
+	// noted are the notes of binds let pass that were logged, under mu.
+	noted map[string]bool
 }
 
 func newBindTakeover(listeners int) (*bindTakeover, *os.File, error) {
@@ -261,6 +263,17 @@ func (s *Supervisor) onTakeover(g *generation, e takeover.Event) {
 		g.log.Debug("listen on relay's socket answered without running it; relay keeps its backlog",
 			"listener", name(e.Socket), "fd", e.FD, "listen_pid", e.Pid)
 		t.claim(e.Socket)
+	case takeover.Passed:
+		t.mu.Lock()
+		first := !t.noted[e.Err.Error()]
+		if t.noted == nil {
+			t.noted = map[string]bool{}
+		}
+		t.noted[e.Err.Error()] = true
+		t.mu.Unlock()
+		if first {
+			g.log.Warn(e.Err.Error(), "bind_pid", e.Bind.Pid)
+		}
 	case takeover.Unreadable:
 		if t.unreadable.CompareAndSwap(false, true) {
 			g.log.Warn("cannot read the child's bind: it went to the kernel untouched; across users relay needs CAP_SYS_PTRACE (docs/takeover.md)",

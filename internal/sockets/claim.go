@@ -113,7 +113,7 @@ func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
 		}
 	}
 	if len(covered) == 0 {
-		return takeover.Pass
+		return s.uncovered(b)
 	}
 	pick := covered[0]
 	if len(covered) > 1 {
@@ -152,6 +152,24 @@ func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
 	}
 	s.mu.Unlock()
 	return takeover.Decision{Socket: pick, Own: own}
+}
+
+// uncovered lets a bind no listener covers pass, with a note for a UDP one
+// on the port of a TCP listener: a server's HTTP/3 beside its HTTPS
+// (caddy), which then binds a socket of its own that no restart keeps.
+func (s *Set) uncovered(b takeover.Bind) takeover.Decision {
+	if b.Network != sockaddr.UDP || b.Family == unix.AF_UNIX {
+		return takeover.Pass
+	}
+	for _, e := range s.entries {
+		if e.addr.network == sockaddr.TCP && e.addr.ip.Addr.Port() == b.Addr.Port() {
+			d := takeover.Pass
+			d.Note = fmt.Sprintf("the child binds UDP %s, which no --listen covers, beside --listen %s on the same port (HTTP/3 beside HTTPS?): its socket is its own and a restart does not keep it; add --listen udp:%s",
+				b.Addr, e.Listener.Spec, b.Addr)
+			return d
+		}
+	}
+	return takeover.Pass
 }
 
 // ipv4Listen is the --listen that would give an IPv4 child what the

@@ -1,6 +1,7 @@
 package sockets
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -168,5 +169,26 @@ func TestClaimWildcardOverSeveralListeners(t *testing.T) {
 	dual := tcpBind(unix.AF_INET6, netip.AddrPortFrom(netip.IPv6Unspecified(), p).String())
 	if d := set.Claim(1, dual); d.Refuse == nil || !strings.Contains(d.Refuse.Error(), "one socket can serve only one") {
 		t.Errorf("dual-stack wildcard over two listeners: %+v, want a refusal", d)
+	}
+}
+
+// A UDP bind of a TCP listener's port that no --listen covers passes, with
+// a note naming the --listen to add (HTTP/3 beside HTTPS); one of another
+// port passes without a word.
+func TestClaimNotesAnUncoveredUDPPort(t *testing.T) {
+	set := openSet(t, SteerAuto, "127.0.0.1:0")
+	tcp := port(t, set, 0)
+	udp := func(addr string) takeover.Bind {
+		b := tcpBind(unix.AF_INET, addr)
+		b.Network = sockaddr.UDP
+		return b
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", tcp)
+	d := set.Claim(1, udp(addr))
+	if d.Socket != -1 || d.Refuse != nil || !strings.Contains(d.Note, "add --listen udp:"+addr) {
+		t.Errorf("Claim(UDP %s) = %+v; want a pass with a note naming --listen udp:%s", addr, d, addr)
+	}
+	if d := set.Claim(1, udp(fmt.Sprintf("127.0.0.1:%d", tcp+1))); d.Socket != -1 || d.Note != "" {
+		t.Errorf("Claim(UDP of another port) = %+v; want a pass and no note", d)
 	}
 }

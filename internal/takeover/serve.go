@@ -61,6 +61,9 @@ type Decision struct {
 	// Refuse fails the bind with EADDRINUSE for this reason: the address
 	// is relay's, but the bind cannot be taken over safely.
 	Refuse error
+	// Note, with Socket -1, says what the caller should know of a bind
+	// it lets pass (Serve reports it as Passed).
+	Note string
 }
 
 // Pass lets a bind proceed untouched.
@@ -84,6 +87,8 @@ const (
 	// RingRefused: the child called io_uring_setup(2), which relay
 	// answered with EPERM (Options.IOURing).
 	RingRefused
+	// Passed: a bind relay let pass, with the Claim's Note in Err.
+	Passed
 	// Unreadable: relay was not allowed to read a bind's address (Err):
 	// the bind went to the kernel untouched. Reading another user's
 	// memory needs CAP_SYS_PTRACE (see CanInspect).
@@ -296,6 +301,9 @@ func (s *session) bind(m *notif) {
 	d := s.cfg.Claim(b)
 	if d.Refuse == nil && d.Socket < 0 {
 		s.proceed(m.ID)
+		if d.Note != "" {
+			s.event(Event{Kind: Passed, Socket: -1, Bind: b, Err: errors.New(d.Note)})
+		}
 		return
 	}
 	switch {
