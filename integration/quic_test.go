@@ -144,7 +144,16 @@ func TestQUICServerAndLoad(t *testing.T) {
 	}
 
 	ld := h3load.Start(h3load.Config{Addr: addr, Long: 4, Short: 2, Limit: time.Minute})
-	time.Sleep(3 * time.Second)
+	waitUntil(t, 30*time.Second, "10 answers on each of 4 long-lived connections and 10 on new ones", func() bool {
+		s := ld.Snapshot()
+		busy := 0
+		for _, c := range s.Conns {
+			if c.Requests >= 10 {
+				busy++
+			}
+		}
+		return busy >= 4 && s.ShortRequests >= 10
+	})
 	sum := ld.Stop()
 	logSummary(t, "load", sum)
 	if sum.Requests == 0 || sum.Pids[pid] != sum.OK {
@@ -169,13 +178,20 @@ func TestQUICServerAndLoad(t *testing.T) {
 
 	// SIGTERM with a long-lived connection open and a request in flight.
 	ld = h3load.Start(h3load.Config{Addr: addr, Path: "/slow?ms=300", Long: 1, Limit: time.Minute})
-	waitUntil(t, 10*time.Second, "an answer on the long-lived connection", func() bool { return ld.Snapshot().OK > 0 })
-	time.Sleep(100 * time.Millisecond) // the next request is in flight
+	waitUntil(t, 10*time.Second, "an answer on the long-lived connection, and the next request in flight", func() bool {
+		s := ld.Snapshot()
+		return s.OK > 0 && s.InFlight > 0
+	})
 	term := time.Now()
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(time.Second)
+	// The server's GOAWAY ends the long-lived connection once the
+	// request in flight is answered.
+	waitUntil(t, grace+2*time.Second, "the server to end the long-lived connection", func() bool {
+		s := ld.Snapshot()
+		return len(s.Conns) > 0 && s.Conns[0].End != ""
+	})
 	stopped := time.Now()
 	sum = ld.Stop()
 	logSummary(t, "load over the SIGTERM", sum)
@@ -246,9 +262,7 @@ func TestQUICRestartUnderRelayToday(t *testing.T) {
 
 	ld := h3load.Start(h3load.Config{Addr: addr, Long: 4, Short: 2, Limit: 3 * time.Minute})
 	defer ld.Stop()
-	servedBy := func(pid int) bool { return ld.Snapshot().Pids[pid] > 0 }
-	waitUntil(t, 10*time.Second, "generation 1 to answer", func() bool { return servedBy(pids[0]) })
-	time.Sleep(time.Second)
+	waitUntil(t, 10*time.Second, "generation 1 to answer 50 requests", func() bool { return ld.Snapshot().Pids[pids[0]] >= 50 })
 
 	type figures struct {
 		code       int
@@ -276,15 +290,11 @@ func TestQUICRestartUnderRelayToday(t *testing.T) {
 			f.oldExit = logTime(t, exitLine).Sub(logTime(t, stop))
 		}
 		rs = append(rs, f)
-		// Let the new generation serve, if it does, before the next.
-		deadline := time.Now().Add(10 * time.Second)
-		for !servedBy(pid) && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
+		// Let the new generation serve 50 answers, if it does, before
+		// the next restart.
+		if !eventually(10*time.Second, func() bool { return ld.Snapshot().Pids[pid] >= 50 }) {
+			t.Logf("restart %d: generation %d (pid %d) answered %d requests within 10 s", i, gen, pid, ld.Snapshot().Pids[pid])
 		}
-		if !servedBy(pid) {
-			t.Logf("restart %d: generation %d (pid %d) answered nothing within 10 s", i, gen, pid)
-		}
-		time.Sleep(time.Second)
 	}
 	sum := ld.Stop()
 
@@ -349,4 +359,17 @@ func TestQUICUncoveredUDPPortIsNamed(t *testing.T) {
 	if code := r.wait(30 * time.Second); code != 0 {
 		t.Errorf("relay exited %d, want 0", code)
 	}
+}
+
+// eventually reports whether cond held within timeout, checking as
+// waitUntil does, without failing the test.
+func eventually(timeout time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return true
 }

@@ -128,6 +128,7 @@ type Summary struct {
 	ShortRequests int         // of Requests, those of the short workers
 	ShortPids     map[int]int // pid -> answers, short workers
 	Pids          map[int]int // pid -> answers, all
+	InFlight      int         // requests sent and not yet answered or failed
 }
 
 // MultiPid returns the long-lived connections that more than one pid
@@ -384,6 +385,14 @@ func (l *Load) shortWorker() {
 
 // do sends one GET on cc and returns the pid that answered.
 func (l *Load) do(ctx context.Context, cc *http3.ClientConn) (int, error) {
+	l.mu.Lock()
+	l.sum.InFlight++
+	l.mu.Unlock()
+	defer func() {
+		l.mu.Lock()
+		l.sum.InFlight--
+		l.mu.Unlock()
+	}()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+l.cfg.Addr+l.cfg.Path, nil)
 	if err != nil {
 		return 0, err
