@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // What the package needs, tried: this test binary again under setpriv, as
@@ -95,7 +97,7 @@ func TestChild(t *testing.T) {
 		t.Logf("child: uid %d, CapEff %#x: Available: %v", os.Geteuid(), caps, err)
 		return
 	}
-	g := newGroup(t, "127.0.0.1:0", Options{})
+	g := newGroup(t, "127.0.0.1:0", Options{QUIC: true})
 	socks := gens{}
 	take(t, g, 1, socks)
 	must(t, g.Switch(1))
@@ -105,5 +107,19 @@ func TestChild(t *testing.T) {
 	must(t, g.Switch(2))
 	expect(t, "a known flow", landsOn(t, a, socks, 0), 1)
 	expect(t, "a new flow", landsOn(t, newClient(t, g), socks, 0), 2)
+	// Save and Restore need nothing more.
+	s, err := g.Save()
+	must(t, err)
+	s2, moved := execLike(t, s)
+	r, err := Restore(s2, nil)
+	if err != nil {
+		for _, fd := range moved {
+			unix.Close(fd)
+		}
+		t.Fatal(err)
+	}
+	defer r.Close()
+	rs := restoredSocks(t, r, map[int]bool{1: true, 2: true})
+	expect(t, "a known flow, restored", landsOn(t, a, rs, 0), 1)
 	t.Logf("child: uid %d, CapEff %#x: steered", os.Geteuid(), caps)
 }

@@ -39,9 +39,12 @@ type Options struct {
 	// IdleTimeout: a flow silent for longer counts as new and goes to the
 	// serving generation. 30 s by default (see the package doc).
 	IdleTimeout time.Duration
-	// QUIC: a QUIC v1 Initial packet of a known flow idle for longer than
-	// QUICInitialIdle (3 s by default) counts as a new flow. Off by
-	// default: it reads the first payload byte of every protocol.
+	// QUIC: the program recognises QUIC v1 and v2 long-header packets
+	// (it reads the first 5 payload bytes of every datagram): a flow
+	// begun by one is a QUIC connection's, which stays with a retired
+	// generation (Retire), and an Initial packet of a known flow idle for
+	// longer than QUICInitialIdle (3 s by default) counts as a new flow.
+	// Off by default; relay turns it on.
 	QUIC            bool
 	QUICInitialIdle time.Duration
 }
@@ -56,6 +59,16 @@ type member struct {
 	// owned: Group closes the file. FromFile's socket belongs to its
 	// caller.
 	owned bool
+	// callers: the socket is the caller's (FromFile's), or Restore's
+	// duplicate of it (then owned): a copy of it outlives the group.
+	callers bool
+	// given: a generation has had the socket, so the next one to take
+	// it is not the first to read from it.
+	given bool
+	// fresh is what Take told gen: no generation had the socket before.
+	fresh bool
+	// retired: Retire(gen); only QUIC connections' flows still reach it.
+	retired bool
 }
 
 // Group is the reuseport group of one UDP listener, steered by flow.
@@ -78,7 +91,10 @@ type Group struct {
 	serving *member // where new flows go
 	// first is the socket New bound or FromFile was given: the program
 	// was attached through it.
-	first  *member
+	first *member
+	// detach: the caller's socket (FromFile) is in the kernel's group
+	// and stays after Close, so Close takes the program off the group.
+	detach bool
 	closed bool
 }
 
@@ -199,7 +215,7 @@ func makeGroup(f *os.File, fd int, owned bool, opts Options) (*Group, error) {
 		g.closeLocked()
 		return nil, err
 	}
-	first := &member{file: f, fd: fd, slot: 0, owned: owned}
+	first := &member{file: f, fd: fd, slot: 0, owned: owned, callers: !owned}
 	if err := g.placeLocked(first); err != nil {
 		first.owned = false // the caller closes f on error
 		return fail(err)
@@ -212,7 +228,7 @@ func makeGroup(f *os.File, fd int, owned bool, opts Options) (*Group, error) {
 		first.owned = false
 		return fail(fmt.Errorf("%s: attaching the steering program (SO_ATTACH_REUSEPORT_EBPF): %w", g.name, err))
 	}
-	g.first = first
+	g.first, g.detach = first, !owned
 	// A trial member: it joins the kernel's group and a slot, gets
 	// nothing (no flow names its slot), and leaves.
 	trial, err := g.newMemberLocked()
@@ -324,9 +340,14 @@ func (g *Group) newMemberLocked() (*member, error) {
 	return m, nil
 }
 
-// placeLocked puts m's socket in its slot of socks, and starts its idle
-// clock.
+// placeLocked puts m's socket in its slot of socks, not retired, and
+// starts its idle clock.
 func (g *Group) placeLocked(m *member) error {
+	// Not retired: the slot's previous socket may have been.
+	if err := g.maps.retired.Update(m.slot, uint32(0), ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("%s: clearing slot %d of the retired map: %w", g.name, m.slot, err)
+	}
+	m.retired = false
 	if err := g.maps.socks.Update(m.slot, uint64(m.fd), ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("%s: putting a socket in slot %d of the REUSEPORT_SOCKARRAY: %w", g.name, m.slot, err)
 	}
@@ -366,31 +387,50 @@ func (g *Group) removeLocked(m *member) {
 // serving one that exited: the datagrams waiting in it are the new
 // generation's), else a new socket in a free slot. It gets no new flow
 // until Switch.
-func (g *Group) Take(gen int) (*os.File, error) {
+//
+// fresh is true when no generation had the socket before: a new socket,
+// or the group's first socket the first time it is taken. The serving
+// socket taken again by a replacement is not fresh: datagrams (and
+// flows) of the generation before may wait in it. Taking again for a
+// generation that has a socket returns that socket and the same fresh.
+func (g *Group) Take(gen int) (f *os.File, fresh bool, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
-		return nil, errors.New("steering group closed")
+		return nil, false, errors.New("steering group closed")
 	}
 	if gen == 0 {
-		return nil, errors.New("generation 0 is no generation")
+		return nil, false, errors.New("generation 0 is no generation")
 	}
 	if m := g.memberLocked(gen); m != nil {
-		return m.file, nil
+		return m.file, m.fresh, nil
 	}
 	m := g.serving
 	if m == nil || m.gen != 0 {
-		var err error
 		if m, err = g.newMemberLocked(); err != nil {
-			return nil, err
+			return nil, false, err
 		}
 	}
 	m.gen = gen
-	return m.file, nil
+	m.fresh, m.given = !m.given, true
+	return m.file, m.fresh, nil
+}
+
+// Held returns the socket generation gen took (Take) and still has, as
+// Take returned it; nil where it has none. Nothing is taken anew: after
+// Restore, it gives a generation the earlier image started its socket.
+func (g *Group) Held(gen int) *os.File {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if m := g.memberLocked(gen); m != nil {
+		return m.file
+	}
+	return nil
 }
 
 // Switch sends every new flow to generation gen's socket. Known flows stay
-// where they are.
+// where they are. A retired generation switched to is retired no more: a
+// generation that serves takes every flow it is given.
 func (g *Group) Switch(gen int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -401,7 +441,70 @@ func (g *Group) Switch(gen int) error {
 	if m == nil {
 		return fmt.Errorf("%s: generation %d has no socket", g.name, gen)
 	}
+	if m.retired {
+		if err := g.maps.retired.Update(m.slot, uint32(0), ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("%s: clearing slot %d of the retired map: %w", g.name, m.slot, err)
+		}
+		m.retired = false
+	}
 	return g.serveLocked(m)
+}
+
+// Retire tells the group that generation gen is stopping (relay retires a
+// generation when its drain ends, just before its stop signal). From then
+// on a datagram of one of its flows counts as a new flow and goes to the
+// serving generation, unless the flow is a QUIC connection's (Options.QUIC:
+// begun by a QUIC long-header packet): those stay with gen until Release,
+// Initials included (see the package doc). A stopping server stops reading
+// plain UDP, which has no connection to finish; a QUIC server closes its
+// connections gracefully.
+//
+// The serving generation cannot retire: Retire returns an error. A
+// generation without a socket has nothing to retire: nil. Retiring twice
+// is retiring once.
+func (g *Group) Retire(gen int) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return errors.New("steering group closed")
+	}
+	m := g.memberLocked(gen)
+	if m == nil || m.retired {
+		return nil
+	}
+	if m == g.serving {
+		return fmt.Errorf("%s: generation %d serves: a generation that serves cannot retire", g.name, gen)
+	}
+	if err := g.maps.retired.Update(m.slot, uint32(1), ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("%s: retiring slot %d (generation %d): %w", g.name, m.slot, gen, err)
+	}
+	m.retired = true
+	return nil
+}
+
+// Queued is how many bytes wait unread in generation gen's socket, read
+// with ioctl SIOCINQ through relay's copy of it. For UDP the kernel gives
+// the size of the first waiting datagram only: 0 means nothing waits,
+// except that a waiting datagram of zero bytes reads 0 too. It is 0 for a
+// generation without a socket.
+func (g *Group) Queued(gen int) (int, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return 0, errors.New("steering group closed")
+	}
+	m := g.memberLocked(gen)
+	if m == nil {
+		return 0, nil
+	}
+	// m.fd, not m.file.Fd(): Fd would put the socket in blocking mode,
+	// a flag every holder of the socket shares (it is blocking already,
+	// but FromFile's caller may hand over a socket in any mode).
+	n, err := unix.IoctlGetInt(m.fd, unix.SIOCINQ)
+	if err != nil {
+		return 0, fmt.Errorf("%s: reading what waits in generation %d's socket (SIOCINQ): %w", g.name, gen, err)
+	}
+	return n, nil
 }
 
 // Release tells the group that generation gen has exited. Its socket
@@ -444,7 +547,8 @@ func (g *Group) Idle(gen int) time.Duration {
 
 // Flows counts the flows each generation has: those that sent a datagram
 // within the idle timeout. A free serving socket's are counted under 0;
-// flows whose socket has left are not counted (they will go to the serving
+// flows whose socket has left, and a retired generation's flows that are
+// not QUIC connections', are not counted (they will go to the serving
 // generation).
 func (g *Group) Flows() map[int]int {
 	g.mu.Lock()
@@ -459,8 +563,11 @@ func (g *Group) Flows() map[int]int {
 		if v.Last < now && now-v.Last > idle {
 			return
 		}
-		if int(v.Slot) < len(g.members) && g.members[v.Slot] != nil {
-			out[g.members[v.Slot].gen]++
+		if int(v.Slot) >= len(g.members) {
+			return
+		}
+		if m := g.members[v.Slot]; m != nil && (!m.retired || v.Flags&flagQUIC != 0) {
+			out[m.gen]++
 		}
 	})
 	if err != nil {
@@ -482,12 +589,13 @@ func (g *Group) closeLocked() {
 		return
 	}
 	g.closed = true
-	if g.first != nil && !g.first.owned {
+	if g.detach && g.serving != nil {
 		// The caller's socket stays: take the program off its group
 		// (Linux 5.8+). Before, the program stays until the group's
 		// last socket closes, and hands everything to the kernel's hash
-		// once the sockets Group made are gone.
-		unix.SetsockoptInt(g.first.fd, unix.SOL_SOCKET, unix.SO_DETACH_REUSEPORT_BPF, 0)
+		// once the sockets Group made are gone. Any socket of the group
+		// reaches it; the serving one is always open.
+		unix.SetsockoptInt(g.serving.fd, unix.SOL_SOCKET, unix.SO_DETACH_REUSEPORT_BPF, 0)
 	}
 	for _, m := range g.members {
 		if m != nil && m.owned {

@@ -40,7 +40,7 @@ type gens map[int]*os.File
 
 func take(t *testing.T, g *Group, gen int, socks gens) {
 	t.Helper()
-	f, err := g.Take(gen)
+	f, _, err := g.Take(gen)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,7 +272,7 @@ func TestMemberSockets(t *testing.T) {
 	if err := unix.Bind(fd, g.sa); !errors.Is(err, unix.EADDRINUSE) {
 		t.Fatalf("a socket with SO_REUSEADDR bound the group's address: %v", err)
 	}
-	if _, err := g.Take(3); err != nil {
+	if _, _, err := g.Take(3); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -320,7 +320,7 @@ func TestReusedSlotIsSwept(t *testing.T) {
 	take(t, g, 2, socks)
 	must(t, g.Switch(2))
 	expect(t, "a flow of gen 1", landsOn(t, a, socks, 0), 1)
-	if _, err := g.Take(3); err == nil || !strings.Contains(err.Error(), "no free slot") {
+	if _, _, err := g.Take(3); err == nil || !strings.Contains(err.Error(), "no free slot") {
 		t.Fatalf("a third socket in 2 slots: %v", err)
 	}
 	g.Release(1)
@@ -394,16 +394,9 @@ func TestIdleFlowCountsAsNew(t *testing.T) {
 
 // QUIC Initials (Options.QUIC): an Initial of a flow idle for longer than
 // QUICInitialIdle is a new connection; one during the handshake, and other
-// packets, follow the flow. Without the option, the first byte is never
-// read.
+// packets, follow the flow. Without the option, the payload is never read.
 func TestQUICInitial(t *testing.T) {
-	const (
-		short     = 0x41 // 1-RTT packet
-		initial   = 0xc3 // long header, type 0 (Initial)
-		handshake = 0xe3 // long header, type 2 (Handshake)
-		rtp       = 0x80 // RTP version 2: reads as an Initial
-		quicIdle  = 200 * time.Millisecond
-	)
+	const quicIdle = 200 * time.Millisecond
 	for _, fam := range families {
 		t.Run(fam.name, func(t *testing.T) {
 			g := newGroup(t, fam.addr, Options{QUIC: true, QUICInitialIdle: quicIdle, IdleTimeout: time.Hour})
@@ -411,17 +404,19 @@ func TestQUICInitial(t *testing.T) {
 			take(t, g, 1, socks)
 			must(t, g.Switch(1))
 			a := newClient(t, g)
-			expect(t, "gen 1 serving", landsOn(t, a, socks, short), 1)
+			expect(t, "gen 1 serving", sends(t, a, socks, packet(short, 60)), 1)
 			take(t, g, 2, socks)
 			must(t, g.Switch(2))
-			expect(t, "an Initial of a busy flow (a retransmission)", landsOn(t, a, socks, initial), 1)
+			expect(t, "an Initial of a busy flow (a retransmission)", sends(t, a, socks, packet(v1Initial, 1200)), 1)
 			waitIdle(t, g, a, quicIdle, nil, nil, 0)
-			expect(t, "a Handshake packet after a pause", landsOn(t, a, socks, handshake), 1)
+			expect(t, "a Handshake packet after a pause", sends(t, a, socks, packet(v1Handshake, 200)), 1)
 			waitIdle(t, g, a, quicIdle, nil, nil, 0)
-			expect(t, "a 1-RTT packet after a pause", landsOn(t, a, socks, short), 1)
+			expect(t, "a 1-RTT packet after a pause", sends(t, a, socks, packet(short, 60)), 1)
 			waitIdle(t, g, a, quicIdle, nil, nil, 0)
-			expect(t, "an Initial after a pause (a new connection)", landsOn(t, a, socks, initial), 2)
-			expect(t, "the new connection's next packet", landsOn(t, a, socks, short), 2)
+			expect(t, "an RTP packet after a pause", sends(t, a, socks, packet(rtp, 172)), 1)
+			waitIdle(t, g, a, quicIdle, nil, nil, 0)
+			expect(t, "an Initial after a pause (a new connection)", sends(t, a, socks, packet(v1Initial, 1200)), 2)
+			expect(t, "the new connection's next packet", sends(t, a, socks, packet(short, 60)), 2)
 		})
 	}
 	t.Run("off", func(t *testing.T) {
@@ -430,12 +425,14 @@ func TestQUICInitial(t *testing.T) {
 		take(t, g, 1, socks)
 		must(t, g.Switch(1))
 		a := newClient(t, g)
-		expect(t, "gen 1 serving", landsOn(t, a, socks, rtp), 1)
+		expect(t, "gen 1 serving", sends(t, a, socks, packet(v1Initial, 1200)), 1)
+		if f := flowFlags(t, g, a); f != 0 {
+			t.Fatalf("without the option, an Initial made a flow with flags %#x", f)
+		}
 		take(t, g, 2, socks)
 		must(t, g.Switch(2))
 		waitIdle(t, g, a, quicIdle, nil, nil, 0)
-		expect(t, "an RTP packet after a pause", landsOn(t, a, socks, rtp), 1)
-		expect(t, "an Initial after a pause, without the option", landsOn(t, a, socks, initial), 1)
+		expect(t, "an Initial after a pause, without the option", sends(t, a, socks, packet(v1Initial, 1200)), 1)
 	})
 }
 

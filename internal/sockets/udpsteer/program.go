@@ -2,6 +2,7 @@ package udpsteer
 
 import (
 	"encoding/binary"
+	"fmt"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -23,6 +24,9 @@ const (
 	bpfAny = 0
 	// udpHeaderLen: the first payload byte is past the 8-byte UDP header.
 	udpHeaderLen = 8
+	// quicHeaderLen: what the program reads of the payload to recognise
+	// a QUIC long-header packet: the first byte and the 32-bit version.
+	quicHeaderLen = 5
 	// seenEvery: seen[slot] is rewritten when it is older than this, not
 	// at every datagram: one cache line shared by every CPU.
 	seenEvery = time.Millisecond
@@ -35,23 +39,48 @@ var (
 	ethPIPv6 = int32(binary.NativeEndian.Uint16([]byte{0x86, 0xdd}))
 )
 
+// QUIC versions, as the 32 bits after a long header's first byte carry
+// them, read from the stack as a native-endian word.
+var (
+	quicV1 = int64(binary.NativeEndian.Uint32([]byte{0x00, 0x00, 0x00, 0x01})) // RFC 9000
+	quicV2 = int64(binary.NativeEndian.Uint32([]byte{0x6b, 0x33, 0x43, 0xcf})) // RFC 9369
+)
+
 // The program's stack, below the frame pointer (r10). Every byte a helper
 // or a map reads is written first, so the verifier needs no CAP_PERFMON to
-// allow uninitialised reads.
+// allow uninitialised reads. The verifier wants stack accesses aligned to
+// their size: hence the QUIC header's odd place, which puts the version
+// on a 4-byte boundary.
 const (
 	keyOff   = -40          // flowKey, 36 bytes: fp-40 .. fp-5
 	keySrc   = keyOff       // source address, 16 bytes
 	keyDst   = keyOff + 16  // destination address, 16 bytes
 	keyPorts = keyOff + 32  // source and destination port, as on the wire
 	valOff   = -56          // flowValue, 16 bytes: fp-56 .. fp-41
-	valSlot  = valOff       // u32: also the key into socks and seen
-	valPad   = valOff + 4   // u32, zero
+	valSlot  = valOff       // u32: also the key into socks, seen and retired
+	valFlags = valOff + 4   // u32: flagQUIC
 	valLast  = valOff + 8   // u64, ktime ns
 	zeroOff  = -64          // u32 0: the key of serving
-	byteOff  = -72          // the first payload byte, for the QUIC rule
+	quicOff  = -73          // the payload's first 5 bytes: fp-73 .. fp-69
+	verOff   = quicOff + 1  // the version, big-endian, 4-byte aligned
+	kindOff  = -80          // u32: kindQUIC, kindInitial: what the datagram is
 	v4Mapped = 10           // where ffff goes in an IPv4-mapped address
 	v4Addr   = v4Mapped + 2 // where the IPv4 address goes in it
 )
+
+// What the program makes of a datagram (kindOff), with Options.QUIC.
+const (
+	// kindQUIC: a QUIC v1 or v2 long-header packet. The same bit as
+	// flagQUIC, so that the flag is kind & flagQUIC.
+	kindQUIC = flagQUIC
+	// kindInitial: and an Initial packet.
+	kindInitial = 2
+)
+
+// flagQUIC, in flowValue.Flags: the datagram that made the flow was a QUIC
+// long-header packet (Options.QUIC): the flow is a QUIC connection's, and
+// stays with a retired generation (Group.Retire).
+const flagQUIC = 1
 
 // flowKey is the key of the flows map, as the program builds it.
 type flowKey struct {
@@ -62,43 +91,59 @@ type flowKey struct {
 
 // flowValue is the value of the flows map.
 type flowValue struct {
-	Slot uint32
-	Pad  uint32
-	Last uint64 // ktime (CLOCK_MONOTONIC) ns of the flow's last datagram
+	Slot  uint32
+	Flags uint32 // flagQUIC
+	Last  uint64 // ktime (CLOCK_MONOTONIC) ns of the flow's last datagram
 }
 
 // maps are the program's maps.
 type maps struct {
-	socks, serving, flows, seen *ebpf.Map
+	socks, serving, flows, seen, retired *ebpf.Map
+}
+
+// mapSpecs are the maps a group of slots sockets and maxFlows flows has.
+// Restore checks the maps it is given against them.
+func mapSpecs(slots, maxFlows int) map[string]*ebpf.MapSpec {
+	return map[string]*ebpf.MapSpec{
+		// Value size 8: a lookup from user space returns the socket's
+		// cookie.
+		"socks":   {Name: "udpsteer_socks", Type: ebpf.ReusePortSockArray, KeySize: 4, ValueSize: 8, MaxEntries: uint32(slots)},
+		"serving": {Name: "udpsteer_serving", Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1},
+		"flows":   {Name: "udpsteer_flows", Type: ebpf.LRUHash, KeySize: 36, ValueSize: 16, MaxEntries: uint32(maxFlows)},
+		"seen":    {Name: "udpsteer_seen", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: uint32(slots)},
+		"retired": {Name: "udpsteer_retired", Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: uint32(slots)},
+	}
+}
+
+// byName lists the maps with the names mapSpecs gives them.
+func (m *maps) byName() []namedMap {
+	return []namedMap{{"socks", &m.socks}, {"serving", &m.serving}, {"flows", &m.flows}, {"seen", &m.seen}, {"retired", &m.retired}}
+}
+
+type namedMap struct {
+	name string
+	m    **ebpf.Map
 }
 
 func newMaps(slots, maxFlows int) (*maps, error) {
 	var m maps
-	var err error
-	closeAll := func() { m.close() }
-	// Value size 8: a lookup from user space returns the socket's cookie.
-	if m.socks, err = ebpf.NewMap(&ebpf.MapSpec{Name: "udpsteer_socks", Type: ebpf.ReusePortSockArray, KeySize: 4, ValueSize: 8, MaxEntries: uint32(slots)}); err != nil {
-		return nil, explain("creating the REUSEPORT_SOCKARRAY map", err)
-	}
-	if m.serving, err = ebpf.NewMap(&ebpf.MapSpec{Name: "udpsteer_serving", Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1}); err != nil {
-		closeAll()
-		return nil, explain("creating the serving map", err)
-	}
-	if m.flows, err = ebpf.NewMap(&ebpf.MapSpec{Name: "udpsteer_flows", Type: ebpf.LRUHash, KeySize: 36, ValueSize: 16, MaxEntries: uint32(maxFlows)}); err != nil {
-		closeAll()
-		return nil, explain("creating the LRU_HASH flows map", err)
-	}
-	if m.seen, err = ebpf.NewMap(&ebpf.MapSpec{Name: "udpsteer_seen", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: uint32(slots)}); err != nil {
-		closeAll()
-		return nil, explain("creating the seen map", err)
+	specs := mapSpecs(slots, maxFlows)
+	for _, nm := range m.byName() {
+		spec := specs[nm.name]
+		x, err := ebpf.NewMap(spec)
+		if err != nil {
+			m.close()
+			return nil, explain(fmt.Sprintf("creating the %s map (%s)", nm.name, spec.Type), err)
+		}
+		*nm.m = x
 	}
 	return &m, nil
 }
 
 func (m *maps) close() {
-	for _, x := range []*ebpf.Map{m.socks, m.serving, m.flows, m.seen} {
-		if x != nil {
-			x.Close()
+	for _, nm := range m.byName() {
+		if *nm.m != nil {
+			(*nm.m).Close()
 		}
 	}
 }
@@ -114,6 +159,8 @@ type programOptions struct {
 //
 // Registers: r6 holds the context, r7 the flow's map entry, r8 the flow's
 // idle time, r9 the time now; the helpers clobber r1-r5 and return in r0.
+// What the datagram is (kindOff) stays on the stack: no register that
+// survives a helper call is left for it.
 func program(m *maps, o programOptions) asm.Instructions {
 	// call helper(ctx, off, fp+to, len[, BPF_HDR_START_NET])
 	loadBytes := func(fn asm.BuiltinFunc, off int32, to int16, n int32, relative bool) asm.Instructions {
@@ -161,7 +208,46 @@ func program(m *maps, o programOptions) asm.Instructions {
 	add(asm.JNE.Imm(asm.R0, 0, "pass")) // shorter than a UDP header: cannot be
 
 	// The IP version, from skb->protocol.
-	add(asm.LoadMem(asm.R2, asm.R6, ctxEthProtocol, asm.Word))
+	ethProtocol := asm.LoadMem(asm.R2, asm.R6, ctxEthProtocol, asm.Word)
+
+	if o.quic {
+		// What the datagram is. A QUIC long-header packet (RFC 8999,
+		// 9000) begins with the header form and fixed bits set (0xc0),
+		// then a 32-bit version; only v1 and v2 are recognised, which
+		// keeps other protocols out: RTP's first byte is 0b10xxxxxx
+		// (fixed bit clear), a DNS message's bytes 1-4 (ID, flags) are no
+		// QUIC version. kind = 0 until it is shown to be QUIC.
+		add(asm.StoreImm(asm.RFP, kindOff, 0, asm.Word))
+		add(loadBytes(asm.FnSkbLoadBytes, udpHeaderLen, quicOff, quicHeaderLen, false)...)
+		add(
+			asm.JNE.Imm(asm.R0, 0, "classified"), // fewer than 5 bytes: not QUIC
+			asm.LoadMem(asm.R1, asm.RFP, quicOff, asm.Byte),
+			asm.Mov.Reg(asm.R2, asm.R1),
+			asm.And.Imm(asm.R2, 0xc0),
+			asm.JNE.Imm(asm.R2, 0xc0, "classified"), // a short header, or not QUIC
+			asm.RSh.Imm(asm.R1, 4),
+			asm.And.Imm(asm.R1, 3), // r1 = the long packet type
+			// r2 = the version; r4 = the type its Initial has: 0 in
+			// v1, 1 in v2 (RFC 9369 renumbers the types).
+			asm.LoadMem(asm.R2, asm.RFP, verOff, asm.Word),
+			asm.Mov.Imm(asm.R4, 0),
+			// 64-bit loads: v2 as a word has its top bit set, which a
+			// 32-bit immediate would sign-extend (and JMP32 needs
+			// Linux 5.1).
+			asm.LoadImm(asm.R3, quicV1, asm.DWord),
+			asm.JEq.Reg(asm.R2, asm.R3, "long"),
+			asm.Mov.Imm(asm.R4, 1),
+			asm.LoadImm(asm.R3, quicV2, asm.DWord),
+			asm.JNE.Reg(asm.R2, asm.R3, "classified"), // another version
+			asm.Mov.Imm(asm.R3, kindQUIC).WithSymbol("long"),
+			asm.JNE.Reg(asm.R1, asm.R4, "kind"),
+			asm.Mov.Imm(asm.R3, kindQUIC|kindInitial),
+			asm.StoreMem(asm.RFP, kindOff, asm.R3, asm.Word).WithSymbol("kind"),
+		)
+		ethProtocol = ethProtocol.WithSymbol("classified")
+	}
+
+	add(ethProtocol)
 	add(asm.JEq.Imm(asm.R2, ethPIPv6, "ipv6"))
 	add(asm.JNE.Imm(asm.R2, ethPIP, "pass")) // neither: leave it to the kernel
 
@@ -209,28 +295,49 @@ func program(m *maps, o programOptions) asm.Instructions {
 	)
 
 	if o.quic {
-		// A QUIC v1 long-header Initial ((byte & 0xb0) == 0x80) of a flow
-		// idle for longer than quicIdle is a new connection on an old
-		// 4-tuple. One within quicIdle belongs to the handshake going on.
+		// A QUIC Initial of a flow idle for longer than quicIdle is a
+		// new connection on an old 4-tuple. One within quicIdle belongs
+		// to the handshake going on.
 		add(
 			asm.LoadImm(asm.R1, int64(o.quicIdle), asm.DWord),
 			asm.JSLE.Reg(asm.R8, asm.R1, "known"),
-		)
-		add(loadBytes(asm.FnSkbLoadBytes, udpHeaderLen, byteOff, 1, false)...)
-		add(
-			asm.JNE.Imm(asm.R0, 0, "known"), // an empty datagram
-			asm.LoadMem(asm.R1, asm.RFP, byteOff, asm.Byte),
-			asm.And.Imm(asm.R1, 0xb0),        // header form, and the type's bits
-			asm.JEq.Imm(asm.R1, 0x80, "new"), // long header, type 0: Initial
+			asm.LoadMem(asm.R1, asm.RFP, kindOff, asm.Word),
+			asm.And.Imm(asm.R1, kindInitial),
+			asm.JNE.Imm(asm.R1, 0, "new"),
 		)
 	}
 
-	// A known flow: select its slot's socket.
+	// A known flow: its slot.
 	add(
 		asm.LoadMem(asm.R1, asm.R7, 0, asm.Word).WithSymbol("known"), // r1 = entry.slot
 		asm.StoreMem(asm.RFP, valSlot, asm.R1, asm.Word),
 	)
-	add(selectSlot...)
+	// Its slot retired (Group.Retire): a new flow, unless it is a QUIC
+	// connection's flow. An Initial of one stays too: it may be the
+	// client's second flight of a handshake the retired generation
+	// answered (an ACK in an Initial packet, coalesced with its Handshake
+	// packet), and sending that elsewhere would break a connection the
+	// retired generation accepted. A new connection on the old 4-tuple
+	// reaches the serving generation once the flow is idle for quicIdle
+	// (above) or the retired generation exits.
+	add(mapKey(m.retired, valSlot)...)
+	add(asm.FnMapLookupElem.Call())
+	add(asm.JEq.Imm(asm.R0, 0, "select")) // cannot be: every slot is in the array
+	add(asm.LoadMem(asm.R1, asm.R0, 0, asm.Word))
+	if o.quic {
+		add(
+			asm.JEq.Imm(asm.R1, 0, "select"),         // not retired
+			asm.LoadMem(asm.R1, asm.R7, 4, asm.Word), // entry.flags
+			asm.And.Imm(asm.R1, flagQUIC),
+			asm.JEq.Imm(asm.R1, 0, "new"), // not a QUIC connection's flow
+		)
+	} else {
+		add(asm.JNE.Imm(asm.R1, 0, "new")) // no QUIC flow without the option
+	}
+	// Select its slot's socket.
+	sel := append(asm.Instructions{}, selectSlot...)
+	sel[0] = sel[0].WithSymbol("select")
+	add(sel...)
 	add(asm.JNE.Imm(asm.R0, 0, "new"))              // its socket is gone: a new flow
 	add(asm.StoreMem(asm.R7, 8, asm.R9, asm.DWord)) // entry.last = now
 	add(asm.Ja.Label("seen"))
@@ -240,13 +347,22 @@ func program(m *maps, o programOptions) asm.Instructions {
 	add(mapKey(m.serving, zeroOff)...)
 	add(asm.FnMapLookupElem.Call())
 	add(asm.JEq.Imm(asm.R0, 0, "pass")) // cannot be: an array of one
-	// The entry to insert: {serving slot, 0, now}.
+	// The entry to insert: {serving slot, flags, now}.
 	add(
 		asm.LoadMem(asm.R1, asm.R0, 0, asm.Word),
 		asm.StoreMem(asm.RFP, valSlot, asm.R1, asm.Word),
-		asm.StoreImm(asm.RFP, valPad, 0, asm.Word),
-		asm.StoreMem(asm.RFP, valLast, asm.R9, asm.DWord),
 	)
+	if o.quic {
+		// flagQUIC if this datagram is a QUIC long-header packet.
+		add(
+			asm.LoadMem(asm.R1, asm.RFP, kindOff, asm.Word),
+			asm.And.Imm(asm.R1, flagQUIC),
+			asm.StoreMem(asm.RFP, valFlags, asm.R1, asm.Word),
+		)
+	} else {
+		add(asm.StoreImm(asm.RFP, valFlags, 0, asm.Word))
+	}
+	add(asm.StoreMem(asm.RFP, valLast, asm.R9, asm.DWord))
 	add(selectSlot...)
 	add(asm.JNE.Imm(asm.R0, 0, "pass")) // no socket serving: the kernel hashes
 	// flows[key] = entry, evicting the least recently used flow when the
