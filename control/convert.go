@@ -125,11 +125,15 @@ func statusDoc(info Info, control string, pid int, st supervisor.Status) *Status
 			Began: c.Began, Until: c.Until, LeftSeconds: max(c.Until.Sub(st.At), 0).Seconds()}
 	}
 	for _, g := range st.Generations {
-		doc.Generations = append(doc.Generations, GenerationStatus{
+		gs := GenerationStatus{
 			Generation: g.Generation, Pid: g.Pid, State: stateFrom(g.State), Started: g.Started,
 			AgeSeconds: st.At.Sub(g.Started).Seconds(), ReadyAfterMs: ms(g.ReadyAfter), Command: g.Command, Sockets: g.Sockets,
 			Processes: g.Processes,
-		})
+		}
+		if st.UDPSteered {
+			gs.UDPFlows = &g.UDPFlows
+		}
+		doc.Generations = append(doc.Generations, gs)
 	}
 	if l := st.LastRestart; l != nil {
 		doc.LastRestart = &LastRestart{Result: resultFrom(l.Result), Finished: l.Finished, DurationMs: ms(l.Duration)}

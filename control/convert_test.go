@@ -132,6 +132,23 @@ func displayed() map[string]func(sup, wire reflect.Value) (got, want any) {
 			}
 			return wire.FieldByName("AfterSwitch").Interface(), want
 		},
+		// A generation's UDP flows are on the wire where a UDP listener
+		// is steered (Status.UDPSteered), absent elsewhere.
+		"supervisor.GenerationStatus.UDPFlows": func(sup, wire reflect.Value) (any, any) {
+			p := wire.FieldByName("UDPFlows").Interface().(*int)
+			if p == nil {
+				return nil, int(sup.FieldByName("UDPFlows").Int())
+			}
+			return *p, int(sup.FieldByName("UDPFlows").Int())
+		},
+		"supervisor.Status.UDPSteered": func(sup, wire reflect.Value) (any, any) {
+			gens := wire.FieldByName("Generations")
+			on := gens.Len() > 0
+			for i := range gens.Len() {
+				on = on && !gens.Index(i).FieldByName("UDPFlows").IsNil()
+			}
+			return on, sup.FieldByName("UDPSteered").Bool()
+		},
 		"supervisor.Event.Until": drain,
 		"supervisor.Event.Ended": drain,
 		"supervisor.Result.Outcome": func(sup, wire reflect.Value) (any, any) {

@@ -45,7 +45,7 @@ func sampleStatus() supervisor.Status {
 		Command: []string{"/srv/api", "--port", "{health_port}"},
 		Generations: []supervisor.GenerationStatus{
 			{Generation: 4, Pid: 1100, State: supervisor.Draining, Started: sampleStart(),
-				ReadyAfter: 20250 * time.Microsecond, Command: []string{"/srv/api"}, Sockets: map[string]string{"tcp-8080": "fd", "udp-53": "bind"}, Processes: 3},
+				ReadyAfter: 20250 * time.Microsecond, Command: []string{"/srv/api"}, Sockets: map[string]string{"tcp-8080": "fd", "udp-53": "bind"}, Processes: 3, UDPFlows: 12},
 			{Generation: 5, Pid: 1240, State: supervisor.Starting, Started: sampleStart().Add(time.Minute),
 				Command: []string{"/srv/api", "-v2"}},
 		},
@@ -59,6 +59,7 @@ func sampleStatus() supervisor.Status {
 		ShutdownAt: sampleStart().Add(3 * time.Minute),
 		Confirm: &supervisor.ConfirmStatus{Generation: 5, Pid: 1240, Warm: 4, WarmPid: 1100,
 			Began: sampleStart().Add(time.Minute), Until: sampleStart().Add(2 * time.Minute)},
+		UDPSteered: true,
 	}
 }
 

@@ -82,6 +82,10 @@ type GenerationStatus struct {
 	// Processes counts its processes: those of its cgroup, or of its
 	// process group where relay has no cgroups (docs/containment.md).
 	Processes int `json:"processes"`
+	// UDPFlows counts the UDP flows (client 4-tuples) relay's steered UDP
+	// listeners send to it (docs/steering.md); absent where no UDP
+	// listener is steered.
+	UDPFlows *int `json:"udp_flows,omitempty"`
 }
 
 // RestartCounts counts restarts since relay started. Crash and liveness

@@ -81,7 +81,7 @@ func Advise(spec Spec, f Facts) ([]Advice, error) {
 		}
 	}
 	if len(byBind) > 0 {
-		say(slog.LevelInfo, "readiness: no probe can reach one generation alone on these listeners (shared sockets); a child that never speaks sd_notify proves it serves them by binding them itself, and one that uses the inherited fd must send READY=1",
+		say(slog.LevelInfo, "readiness: no probe can reach one generation alone on these listeners (shared sockets, or UDP); a child that never speaks sd_notify proves it serves them by binding them itself, and one that uses the inherited fd must send READY=1",
 			"check", spec.String(), "listeners", byBind)
 	}
 	switch {

@@ -26,6 +26,9 @@ type Status struct {
 	ShutdownAt time.Time
 	// Confirm is the confirmation window open now; nil for none.
 	Confirm *ConfirmStatus
+	// UDPSteered: a UDP listener is steered by flow, and each
+	// generation's UDPFlows counts its flows.
+	UDPSteered bool
 }
 
 // GenerationStatus describes one live generation: one of which any process
@@ -46,6 +49,9 @@ type GenerationStatus struct {
 	// Processes counts its processes: those of its cgroup, or of its
 	// process group where relay has no cgroups.
 	Processes int
+	// UDPFlows counts the UDP flows (client 4-tuples) the steered UDP
+	// listeners send to it (Status.UDPSteered).
+	UDPFlows int
 }
 
 // RestartCounts counts restarts since relay started. Crash and liveness
@@ -79,7 +85,16 @@ func (s *Supervisor) Status() (Status, error) {
 	if err := s.request(statusReq{reply: reply}); err != nil {
 		return Status{}, err
 	}
-	return <-reply, nil
+	st := <-reply
+	// Read outside the loop: a full flow table takes milliseconds.
+	if s.cfg.Sockets.UDPSteered() {
+		st.UDPSteered = true
+		flows := s.cfg.Sockets.Flows()
+		for i := range st.Generations {
+			st.Generations[i].UDPFlows = flows[st.Generations[i].Generation]
+		}
+	}
+	return st, nil
 }
 
 func (s *Supervisor) status() Status {

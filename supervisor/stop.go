@@ -114,7 +114,17 @@ func (s *Supervisor) onDelayEnd() {
 
 // stopGen sends g its stop signal (sendStop), and SIGKILL to all of it
 // after the stop timeout.
+//
+// A generation that does not serve is retired on the steered UDP listeners
+// first (sockets.Set.Retire), where its drain did not do it already: a
+// stopping server stops reading, so its datagrams other than those of its
+// QUIC connections go to the serving generation.
 func (s *Supervisor) stopGen(g *generation) {
+	if g != s.gens.serving {
+		if err := s.cfg.Sockets.Retire(g.n); err != nil {
+			g.log.Warn("cannot send the old generation's UDP flows to the serving generation; they reach it until it exits", "err", err)
+		}
+	}
 	s.gens.move(g, Stopping)
 	g.log.Info("stopping generation", "signal", signals.Name(s.cfg.StopSignal), "kill_mode", s.cfg.KillMode, "stop_timeout", s.cfg.StopTimeout)
 	s.sendStop(g)

@@ -69,7 +69,7 @@ func TestRunUsageErrors(t *testing.T) {
 		{"--metrics as a URL", []string{"--listen", ":0", "--metrics", "http://127.0.0.1:9090/metrics", "--", "true"}, "not a URL: --metrics takes a TCP address only"},
 		{"--metrics on UDP", []string{"--listen", ":0", "--metrics", "udp:127.0.0.1:9090", "--", "true"}, "not UDP: --metrics takes a TCP address only"},
 		{"--metrics with tcp:", []string{"--listen", ":0", "--metrics", "tcp:127.0.0.1:9090", "--", "true"}, "write the address without \"tcp:\" (127.0.0.1:9090)"},
-		{"--confirm on a unix socket", []string{"--listen", "unix:/nonexistent/s.sock", "--confirm", "10s", "--", "true"}, "relay: --confirm 10s: no listener is steered (unix and UDP listeners share one socket among generations), so new connections could not go back to the warm generation alone; use a TCP --listen with --steer auto or on, or drop --confirm\n"},
+		{"--confirm on a unix socket", []string{"--listen", "unix:/nonexistent/s.sock", "--confirm", "10s", "--", "true"}, "relay: --confirm 10s: no listener is steered (unix listeners share one socket among generations), so new connections could not go back to the warm generation alone; use a TCP --listen with --steer auto or on, or drop --confirm\n"},
 		{"--confirm with --steer off", []string{"--listen", "127.0.0.1:0", "--steer", "off", "--confirm", "10s", "--", "true"}, "relay: --confirm 10s: no listener is steered (--steer off shares one socket among generations)"},
 		{"--liveness accept on UDP", []string{"--listen", "udp:127.0.0.1:0", "--liveness", "accept", "--", "true"}, "relay: --liveness accept needs a steered TCP listener to probe"},
 		{"--liveness accept with --steer off", []string{"--listen", "127.0.0.1:0", "--steer", "off", "--liveness", "accept", "--", "true"}, "relay: --liveness accept needs a steered TCP listener to probe"},
@@ -123,7 +123,9 @@ func TestRunRefusesConfirmOnSharedSockets(t *testing.T) {
 	for _, args := range [][]string{
 		{"--listen", "127.0.0.1:0", "--steer", "off"},
 		{"--listen", "unix:" + filepath.Join(dir, "s.sock")},
-		{"--listen", "udp:127.0.0.1:0", "--listen", "unix:" + filepath.Join(dir, "s.sock")},
+		// UDP is steered by flow where relay may load eBPF; with
+		// --steer off it is shared too.
+		{"--listen", "udp:127.0.0.1:0", "--listen", "unix:" + filepath.Join(dir, "s.sock"), "--steer", "off"},
 	} {
 		code, line := runRelay(t, append(append([]string{"run", "--confirm", "10s"}, args...), "--", "true")...)
 		if code != exitUsage || !strings.HasPrefix(line, "relay: --confirm 10s: no listener is steered") || !strings.Contains(line, "or drop --confirm") {

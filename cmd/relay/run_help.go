@@ -78,8 +78,10 @@ generation until the new one is ready, then to the new one only. The old one get
 signal as soon as its socket's accept queue is empty and every handshake begun before the
 switch has completed (tens of milliseconds; "old generation drained" logs how long), at
 most --drain (5s) after the switch, so even a plain http.Server.Shutdown loses nothing.
-UDP and unix sockets, and TCP sockets the kernel will not steer (logged), stay one socket
-shared by every generation.
+UDP listeners are steered by flow where relay may load eBPF (CAP_BPF): new flows go to the
+serving generation, a known flow (a QUIC connection) stays with the generation it began on.
+Unix sockets, and TCP or UDP sockets the kernel or relay's privileges will not steer
+(logged), stay one socket shared by every generation.
 
 Readiness (--health) must be specific to the new child: a probe the old one could answer
 proves nothing. The default, auto, needs nothing from the server:

@@ -51,7 +51,9 @@ func checkSockets(opts runOptions, passed []*sockets.Listener) error {
 	anySteerable := false
 	add := func(name string, n sockaddr.Network) {
 		facts.Listeners = append(facts.Listeners, health.ListenerFact{Name: name, Probed: steerable(n)})
-		anySteerable = anySteerable || steerable(n)
+		// A UDP listener is steered by flow where relay may load eBPF
+		// (Open says, and --confirm is checked again once it has).
+		anySteerable = anySteerable || steerable(n) || n == sockaddr.UDP
 	}
 	for _, p := range passed {
 		// One stored for a --listen is the socket of that --listen, or
@@ -71,7 +73,7 @@ func checkSockets(opts runOptions, passed []*sockets.Listener) error {
 	case opts.steer == sockets.SteerOff:
 		return confirmUnsteered(opts.confirm, "--steer off shares one socket among generations")
 	case !anySteerable:
-		return confirmUnsteered(opts.confirm, "unix and UDP listeners share one socket among generations")
+		return confirmUnsteered(opts.confirm, "unix listeners share one socket among generations")
 	}
 	return nil
 }

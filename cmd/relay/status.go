@@ -101,14 +101,23 @@ func printStatus(w io.Writer, d *control.StatusDoc) {
 	tw.Flush()
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "GEN\tPID\tPROCS\tSTATE\tAGE\tREADY AFTER\tSOCKETS\tCOMMAND")
+	udp := len(d.Generations) > 0 && d.Generations[0].UDPFlows != nil
+	if udp {
+		fmt.Fprintln(tw, "GEN\tPID\tPROCS\tSTATE\tAGE\tREADY AFTER\tSOCKETS\tUDP FLOWS\tCOMMAND")
+	} else {
+		fmt.Fprintln(tw, "GEN\tPID\tPROCS\tSTATE\tAGE\tREADY AFTER\tSOCKETS\tCOMMAND")
+	}
 	for _, g := range d.Generations {
 		ready := "-"
 		if g.ReadyAfterMs > 0 {
 			ready = msDuration(g.ReadyAfterMs).String()
 		}
 		age := time.Duration(g.AgeSeconds * float64(time.Second)).Round(time.Second)
-		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", g.Generation, g.Pid, g.Processes, g.State, age, ready, socketsTaken(d.Listeners, g.Sockets), strings.Join(g.Command, " "))
+		flows := ""
+		if udp && g.UDPFlows != nil {
+			flows = fmt.Sprintf("%d\t", *g.UDPFlows)
+		}
+		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s%s\n", g.Generation, g.Pid, g.Processes, g.State, age, ready, socketsTaken(d.Listeners, g.Sockets), flows, strings.Join(g.Command, " "))
 	}
 	tw.Flush()
 	r := d.Restarts

@@ -2,6 +2,7 @@ package admin
 
 import (
 	"log/slog"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -29,7 +30,7 @@ type statusCollector struct {
 	log    *slog.Logger
 
 	restarts, crashes, liveness, serving, generations, lastTime, lastSuccess, buildInfo *prometheus.Desc
-	upgrades, lastUpgrade, rollbacks, confirming                                        *prometheus.Desc
+	upgrades, lastUpgrade, rollbacks, confirming, udpFlows                              *prometheus.Desc
 }
 
 // generationStates are the states relay_generations reports, each always
@@ -65,6 +66,9 @@ func newStatusCollector(status func() (supervisor.Status, error), build BuildInf
 			[]string{"reason"}, nil),
 		confirming: prometheus.NewDesc("relay_confirm_window_end_timestamp_seconds",
 			"When the open confirmation window ends and its new generation is confirmed, in seconds since the Unix epoch; absent while none is open.", nil, nil),
+		udpFlows: prometheus.NewDesc("relay_udp_flows",
+			"UDP flows (client address and port pairs heard from within the flow idle timeout) that the steered UDP listeners send to each live generation; absent where no UDP listener is steered.",
+			[]string{"generation"}, nil),
 		upgrades: prometheus.NewDesc("relay_upgrades_total",
 			"In-place upgrades of relay's own binary (relay upgrade) since relay started.", nil, nil),
 		lastUpgrade: prometheus.NewDesc("relay_last_upgrade_timestamp_seconds",
@@ -74,7 +78,7 @@ func newStatusCollector(status func() (supervisor.Status, error), build BuildInf
 
 // Describe is part of prometheus.Collector.
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.restarts, c.crashes, c.liveness, c.serving, c.generations, c.lastTime, c.lastSuccess, c.buildInfo, c.upgrades, c.lastUpgrade, c.rollbacks, c.confirming} {
+	for _, d := range []*prometheus.Desc{c.restarts, c.crashes, c.liveness, c.serving, c.generations, c.lastTime, c.lastSuccess, c.buildInfo, c.upgrades, c.lastUpgrade, c.rollbacks, c.confirming, c.udpFlows} {
 		ch <- d
 	}
 }
@@ -111,6 +115,9 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	byState := map[supervisor.State]int{}
 	for _, g := range st.Generations {
 		byState[g.State]++
+		if st.UDPSteered {
+			ch <- prometheus.MustNewConstMetric(c.udpFlows, prometheus.GaugeValue, float64(g.UDPFlows), strconv.Itoa(g.Generation))
+		}
 	}
 	for _, s := range generationStates() {
 		ch <- prometheus.MustNewConstMetric(c.generations, prometheus.GaugeValue, float64(byState[s]), string(s))

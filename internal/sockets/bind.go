@@ -91,6 +91,9 @@ type BindOptions struct {
 	// address is first checked with a plain bind, so a port something
 	// else holds is still an error rather than a shared port.
 	ReusePort bool
+	// UDPReusePort does the same for UDP sockets, where package udpsteer
+	// can steer them (see Open).
+	UDPReusePort bool
 }
 
 // CloseAll closes every listener and returns the first error.
@@ -113,7 +116,8 @@ func bindOne(s Spec, opts BindOptions) (*Listener, error) {
 	case sockaddr.Unix:
 		l, err = bindUnix(s, opts.UnixMode)
 	case sockaddr.TCP, sockaddr.UDP:
-		l, err = bindInet(s, opts.ReusePort && s.Network == sockaddr.TCP)
+		reuse := opts.ReusePort && s.Network == sockaddr.TCP || opts.UDPReusePort && s.Network == sockaddr.UDP
+		l, err = bindInet(s, reuse)
 	default:
 		err = fmt.Errorf("unknown network %q", s.Network)
 	}
@@ -169,7 +173,7 @@ func bindInet(s Spec, reusePort bool) (*Listener, error) {
 		// A plain bind first tells "in use" apart, and picks the port
 		// for port 0; the real socket then binds that port.
 		var checked unix.Sockaddr
-		if checked, err = checkFree(fd, s, sa, v6only, family); err != nil {
+		if checked, err = checkFree(fd, s, sa, v6only, family, sotype); err != nil {
 			return nil, err
 		}
 		sa = checked
@@ -213,9 +217,13 @@ func bindInet(s Spec, reusePort bool) (*Listener, error) {
 // checkFree binds fd, a fresh socket without SO_REUSEPORT, to sa and
 // closes it. It returns the address it got (with the port the kernel chose
 // for port 0), or the bind error.
-func checkFree(fd int, s Spec, sa unix.Sockaddr, v6only bool, family int) (unix.Sockaddr, error) {
+//
+// A TCP check has SO_REUSEADDR, as the real socket does, so that old
+// connections in TIME_WAIT do not fail it; a UDP one does not, since on UDP
+// it would let the check share a port another socket with it holds.
+func checkFree(fd int, s Spec, sa unix.Sockaddr, v6only bool, family, sotype int) (unix.Sockaddr, error) {
 	defer unix.Close(fd)
-	if err := sockopt.Set(fd, family, sockopt.Options{ReuseAddr: true, V6Only: v6only}); err != nil {
+	if err := sockopt.Set(fd, family, sockopt.Options{ReuseAddr: sotype == unix.SOCK_STREAM, V6Only: v6only}); err != nil {
 		return nil, fmt.Errorf("listen %s: %w", s, err)
 	}
 	if err := unix.Bind(fd, sa); err != nil {

@@ -147,7 +147,7 @@ func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
 	// generation had may still be held by what that one left behind.
 	s.mu.Lock()
 	own := e.fresh[gen]
-	if e.Group == nil {
+	if e.Group == nil && e.UDP == nil {
 		own = len(e.holders) == 1 && e.holders[gen]
 	}
 	s.mu.Unlock()

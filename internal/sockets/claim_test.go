@@ -66,7 +66,7 @@ func TestClaimMatchesPortAndAddress(t *testing.T) {
 		{"another port", tcpBind(unix.AF_INET, at("127.0.0.1", tcp+1)), -1, false},
 		{"port 0", tcpBind(unix.AF_INET, at("127.0.0.1", 0)), -1, false},
 		{"UDP on the TCP port", takeover.Bind{Family: unix.AF_INET, Addr: netip.MustParseAddrPort(at("127.0.0.1", tcp)), Network: sockaddr.UDP, Domain: unix.AF_INET}, -1, false},
-		// The UDP socket is shared, but generation 1 is its only holder.
+		// The UDP listener is steered: generation 1's member is its own.
 		{"the UDP listener", takeover.Bind{Family: unix.AF_INET, Addr: netip.MustParseAddrPort(at("0.0.0.0", udp)), Network: sockaddr.UDP, Domain: unix.AF_INET}, 1, true},
 	} {
 		d := set.Claim(1, c.bind)
@@ -74,14 +74,27 @@ func TestClaimMatchesPortAndAddress(t *testing.T) {
 			t.Errorf("%s (%s): got %+v, want socket %d own %v", c.name, c.bind, d, c.want, c.own)
 		}
 	}
-	// With a second generation holding the shared UDP socket, it is no
-	// longer either one's own: its blocking mode must stay.
+	// A second generation gets a new member of the UDP group: its own.
 	if _, err := set.Take(2); err != nil {
 		t.Fatal(err)
 	}
-	d := set.Claim(2, takeover.Bind{Family: unix.AF_INET, Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), udp), Network: sockaddr.UDP, Domain: unix.AF_INET})
-	if d.Socket != 1 || d.Own {
-		t.Errorf("shared UDP socket with two holders: %+v, want socket 1, not own", d)
+	udpBind := takeover.Bind{Family: unix.AF_INET, Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), udp), Network: sockaddr.UDP, Domain: unix.AF_INET}
+	if d := set.Claim(2, udpBind); d.Socket != 1 || !d.Own {
+		t.Errorf("steered UDP listener, generation 2: %+v, want socket 1, own", d)
+	}
+
+	// A shared UDP socket (--steer off) with two holders is neither
+	// one's own: its blocking mode must stay.
+	shared := openSet(t, SteerOff, "udp:127.0.0.1:0")
+	udp = port(t, shared, 0)
+	udpBind.Addr = netip.AddrPortFrom(netip.IPv4Unspecified(), udp)
+	for gen := 1; gen <= 2; gen++ {
+		if _, err := shared.Take(gen); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if d := shared.Claim(2, udpBind); d.Socket != 0 || d.Own {
+		t.Errorf("shared UDP socket with two holders: %+v, want socket 0, not own", d)
 	}
 }
 

@@ -12,8 +12,8 @@ import (
 	"github.com/relaysh/relay/internal/sockets/steer/steertest"
 )
 
-// HandOver moves what waits in a generation's steered sockets to the
-// serving generation's, and leaves the shared ones alone.
+// HandOver moves what waits in a generation's steered TCP sockets to the
+// serving generation's, and retires it on the UDP ones.
 func TestHandOver(t *testing.T) {
 	set := openSet(t, SteerAuto, "127.0.0.1:0", "udp:127.0.0.1:0")
 	if !set.Migrates() {
@@ -32,9 +32,35 @@ func TestHandOver(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if gen1[1] != gen2[1] {
-		t.Fatal("the UDP listener is not one shared socket")
+	if fileInode(t, gen1[1]) == fileInode(t, gen2[1]) {
+		t.Fatal("the UDP listener is not steered: one socket for both generations")
 	}
+	// A UDP client heard while generation 1 serves: its flow is
+	// generation 1's.
+	c, err := net.Dial("udp", fmt.Sprintf("127.0.0.1:%d", udp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	readUDP := func(f *os.File, want string) {
+		t.Helper()
+		pc, err := net.FilePacketConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		if err := pc.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 16)
+		if k, _, err := pc.ReadFrom(buf); err != nil || string(buf[:k]) != want {
+			t.Fatalf("read %q, %v; want %q", buf[:k], err, want)
+		}
+	}
+	if _, err := c.Write([]byte("one")); err != nil {
+		t.Fatal(err)
+	}
+	readUDP(gen1[1], "one")
 	const n = 4
 	for i := range n {
 		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", tcp), 5*time.Second)
@@ -83,27 +109,12 @@ func TestHandOver(t *testing.T) {
 		}
 	}
 
-	// The shared UDP socket still works.
-	c, err := net.Dial("udp", fmt.Sprintf("127.0.0.1:%d", udp))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	// HandOver retired generation 1 on the UDP listener: the plain UDP
+	// flow it had goes to generation 2.
 	if _, err := c.Write([]byte("ping")); err != nil {
 		t.Fatal(err)
 	}
-	pc, err := net.FilePacketConn(gen2[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	if err := pc.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 16)
-	if k, _, err := pc.ReadFrom(buf); err != nil || string(buf[:k]) != "ping" {
-		t.Fatalf("the shared UDP socket after HandOver: %q, %v", buf[:k], err)
-	}
+	readUDP(gen2[1], "ping")
 	set.Release(1)
 	if q, err := set.HandOver(1); q != 0 || err != nil {
 		t.Fatalf("HandOver after Release: %d, %v", q, err)

@@ -11,6 +11,7 @@ import (
 	"github.com/relaysh/relay/internal/sdnotify"
 	"github.com/relaysh/relay/internal/sockaddr"
 	"github.com/relaysh/relay/internal/sockets/steer"
+	"github.com/relaysh/relay/internal/sockets/udpsteer"
 )
 
 // SteerMode is the --steer setting.
@@ -19,7 +20,7 @@ type SteerMode string
 // The steering modes.
 const (
 	SteerAuto SteerMode = "auto" // steer where the kernel and the socket allow, else share
-	SteerOn   SteerMode = "on"   // steer every TCP listener or refuse to start
+	SteerOn   SteerMode = "on"   // steer every TCP and UDP listener or refuse to start
 	SteerOff  SteerMode = "off"  // one shared socket per listener
 )
 
@@ -52,15 +53,28 @@ const flushTimeout = 2 * time.Second
 
 // Open binds or adopts every listener, keeps the sockets relay bound in
 // systemd's fd store where it offers one, and makes a steering group of
-// every TCP listener that can have one. With SteerOn, a TCP listener that
-// cannot be steered is an error. On error, nothing stays open.
+// every TCP and UDP listener that can have one. With SteerOn, a TCP or UDP
+// listener that cannot be steered is an error. On error, nothing stays
+// open.
 func Open(opts Options) (*Set, error) {
 	log := opts.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	// UDP steering needs eBPF (package udpsteer): without it, a UDP
+	// socket keeps no SO_REUSEPORT, which would only let another
+	// process of relay's user join it.
+	var udpErr error
+	if opts.Steer == SteerOff {
+		udpErr = errors.New("--steer off")
+	} else if hasUDP(opts.Specs, opts.Passed) {
+		udpErr = udpsteer.Available()
+		if udpErr != nil && opts.Steer == SteerOn {
+			return nil, fmt.Errorf("--steer on: UDP listeners cannot be steered: %w; use --steer auto to share each UDP socket among the generations instead", udpErr)
+		}
+	}
 	listeners, err := openListeners(opts.Specs, opts.Passed,
-		BindOptions{UnixMode: opts.UnixMode, ReusePort: opts.Steer != SteerOff},
+		BindOptions{UnixMode: opts.UnixMode, ReusePort: opts.Steer != SteerOff, UDPReusePort: udpErr == nil},
 		func(stale []string) { dropStale(log, opts.Notifier, stale) })
 	if err != nil {
 		return nil, err
@@ -80,7 +94,63 @@ func Open(opts Options) (*Set, error) {
 		s.Close()
 		return nil, err
 	}
+	if err := s.steerUDP(opts.Steer, udpErr); err != nil {
+		s.Close()
+		return nil, err
+	}
 	return s, nil
+}
+
+// hasUDP reports whether a --listen or a passed socket is UDP.
+func hasUDP(specs []Spec, passed []*Listener) bool {
+	for _, sp := range specs {
+		if sp.Network == sockaddr.UDP {
+			return true
+		}
+	}
+	for _, l := range passed {
+		if l.Spec.Network == sockaddr.UDP {
+			return true
+		}
+	}
+	return false
+}
+
+// steerUDP makes a flow-steered group (package udpsteer) of every UDP
+// listener that can have one. unavailable is why none can (nil if they
+// can): it is said in one log line for all of them.
+func (s *Set) steerUDP(mode SteerMode, unavailable error) error {
+	var names []string
+	for _, e := range s.entries {
+		if e.Listener.Spec.Network == sockaddr.UDP {
+			names = append(names, e.Listener.Spec.Name)
+		}
+	}
+	if len(names) == 0 || mode == SteerOff {
+		return nil
+	}
+	if unavailable != nil {
+		s.log.Warn("UDP steering unavailable: every generation shares each UDP listener's socket, so a restart breaks the QUIC (HTTP/3) connections of the old generation; give relay CAP_BPF to steer UDP by flow",
+			"listeners", strings.Join(names, ","), "err", unavailable)
+		return nil
+	}
+	for _, e := range s.entries {
+		l := e.Listener
+		if l.Spec.Network != sockaddr.UDP {
+			continue
+		}
+		g, err := udpsteer.FromFile(l.File(), udpsteer.Options{Name: l.Spec.Name, Log: s.log, QUIC: true})
+		if err != nil {
+			if mode == SteerOn {
+				return fmt.Errorf("--steer on: UDP listener %s (%s) cannot be steered: %w; use --steer auto to share its socket instead", l.Spec.Name, l.Addr, err)
+			}
+			s.log.Warn("UDP steering unavailable for this listener: every generation shares its socket", "listener", l.Spec.Name, "addr", l.Addr, "err", err)
+			continue
+		}
+		e.UDP = g
+		s.log.Debug("UDP listener steered by flow", "listener", l.Spec.Name, "addr", l.Addr, "program_insns", g.Instructions())
+	}
+	return nil
 }
 
 // steer makes a reuseport group of every TCP listener that can have one,
@@ -114,7 +184,7 @@ func (s *Set) steer(mode SteerMode) error {
 	if !steered {
 		return nil
 	}
-	s.observe()
+	s.observe() // TCP listeners only: UDP ones drain by their queues
 	state, err := steer.EnableMigration()
 	s.migrates = err == nil
 	switch {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/relaysh/relay/internal/sockaddr"
 	"github.com/relaysh/relay/internal/sockets/steer"
+	"github.com/relaysh/relay/internal/sockets/udpsteer"
 	"github.com/relaysh/relay/internal/takeover"
 )
 
@@ -44,8 +45,10 @@ type SavedListener struct {
 	// whose member of the group no generation had before them.
 	Holders []int `json:"holders,omitempty"`
 	Fresh   []int `json:"fresh,omitempty"`
-	// Group is the steering group; nil for a shared socket.
-	Group *steer.Saved `json:"group,omitempty"`
+	// Group is the steering group of a TCP listener; UDP that of a UDP
+	// one, whose first socket is FD. Both nil for a shared socket.
+	Group *steer.Saved    `json:"group,omitempty"`
+	UDP   *udpsteer.Saved `json:"udp,omitempty"`
 }
 
 // Saved is the set as it crosses the exec.
@@ -66,6 +69,13 @@ func (l SavedListener) fds() []int {
 	}
 	if l.Group != nil {
 		for _, fd := range l.Group.FDs() {
+			if fd != l.FD {
+				fds = append(fds, fd)
+			}
+		}
+	}
+	if l.UDP != nil {
+		for _, fd := range l.UDP.FDs() {
 			if fd != l.FD {
 				fds = append(fds, fd)
 			}
@@ -104,6 +114,12 @@ func (s *Set) saveEntry(e *entry) (SavedListener, error) {
 		out.Group, out.FD, err = &g, g.Original(), gerr
 	} else {
 		out.FD, err = fileFD(l.file)
+	}
+	if err == nil && e.UDP != nil {
+		var g udpsteer.Saved
+		if g, err = e.UDP.Save(); err == nil {
+			out.UDP = &g
+		}
 	}
 	if err == nil && l.lock != nil {
 		out.LockFD, err = fileFD(l.lock)
@@ -170,7 +186,7 @@ func Restore(saved Saved, opts Options) (*Set, error) {
 		}
 		s.entries = append(s.entries, e)
 	}
-	if s.Steered() {
+	if len(s.steered()) > 0 {
 		s.observe()
 	}
 	return s, nil
@@ -214,6 +230,9 @@ func (l SavedListener) check() (addr, error) {
 			return addr{}, fmt.Errorf("its socket is fd %d, but its group's original is fd %d", l.FD, orig)
 		}
 		fd = l.Group.Members[0].FD
+	}
+	if l.UDP != nil && l.Network != sockaddr.UDP {
+		return addr{}, fmt.Errorf("a UDP steering group on a %s listener", l.Network)
 	}
 	a, err := checkSocket(fd, l.Network, l.Addr)
 	if err != nil {
@@ -299,6 +318,13 @@ func restoreEntry(l SavedListener, a addr, log *slog.Logger) (*entry, error) {
 		// changes neither, and no Fd call follows.
 		ln.file = os.NewFile(uintptr(l.FD), spec.String())
 	}
+	if l.UDP != nil {
+		g, err := udpsteer.Restore(*l.UDP, log)
+		if err != nil {
+			return nil, err
+		}
+		e.UDP = g
+	}
 	if l.LockFD >= 0 {
 		ln.lock = os.NewFile(uintptr(l.LockFD), l.Addr+".lock")
 	}
@@ -322,6 +348,8 @@ func (s *Set) Held(gen int) ([]*os.File, error) {
 	for i, e := range s.entries {
 		if e.Group != nil {
 			files[i] = e.Group.Held(gen)
+		} else if e.UDP != nil {
+			files[i] = e.UDP.Held(gen)
 		} else {
 			s.mu.Lock()
 			if e.holders[gen] {

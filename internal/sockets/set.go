@@ -14,6 +14,7 @@ import (
 
 	"github.com/relaysh/relay/internal/sockaddr"
 	"github.com/relaysh/relay/internal/sockets/steer"
+	"github.com/relaysh/relay/internal/sockets/udpsteer"
 	"github.com/relaysh/relay/socketpass"
 )
 
@@ -37,12 +38,15 @@ type entry struct {
 	// Group gives each generation a socket of its own; nil where the
 	// generations share the listener's socket.
 	Group *steer.Group
+	// UDP steers a UDP listener by flow, with a socket per generation;
+	// nil where the generations share the listener's socket.
+	UDP *udpsteer.Group
 	// Stored: systemd's fd store keeps a copy.
 	Stored bool
 	// holders are the generations that hold the shared socket.
 	holders map[int]bool
-	// fresh are the generations whose member of the group no generation
-	// had before them: theirs alone.
+	// fresh are the generations whose member of the group (TCP or UDP) no
+	// generation had before them: theirs alone.
 	fresh map[int]bool
 	// addr is what a child's bind is compared with.
 	addr addr
@@ -102,17 +106,17 @@ func (s *Set) Info() []Info {
 	for i, e := range s.entries {
 		l := e.Listener
 		out[i] = Info{FD: socketpass.FirstFD + i, Name: l.Spec.Name, Network: string(l.Spec.Network), Addr: l.Addr, Origin: string(l.Origin), Sharing: Shared, IP: e.addr.ip}
-		if e.Group != nil {
+		if e.Group != nil || e.UDP != nil {
 			out[i].Sharing = Steered
 		}
 	}
 	return out
 }
 
-// Steered reports whether any listener is steered.
+// Steered reports whether any listener, TCP or UDP, is steered.
 func (s *Set) Steered() bool {
 	for _, e := range s.entries {
-		if e.Group != nil {
+		if e.Group != nil || e.UDP != nil {
 			return true
 		}
 	}
@@ -125,14 +129,23 @@ func (s *Set) Steered() bool {
 func (s *Set) Take(gen int) ([]*os.File, error) {
 	files := make([]*os.File, len(s.entries))
 	for i, e := range s.entries {
-		if e.Group == nil {
+		var (
+			f     *os.File
+			fresh bool
+			err   error
+		)
+		switch {
+		case e.Group != nil:
+			f, fresh, err = e.Group.Take(gen)
+		case e.UDP != nil:
+			f, fresh, err = e.UDP.Take(gen)
+		default:
 			s.mu.Lock()
 			e.holders[gen] = true
 			s.mu.Unlock()
 			files[i] = e.Listener.File()
 			continue
 		}
-		f, fresh, err := e.Group.Take(gen)
 		if err != nil {
 			s.Release(gen)
 			return nil, fmt.Errorf("giving generation %d a socket of its own on %s: %w", gen, e.Listener.Spec.Name, err)
@@ -151,6 +164,9 @@ func (s *Set) Release(gen int) {
 		if e.Group != nil {
 			e.Group.Release(gen)
 		}
+		if e.UDP != nil {
+			e.UDP.Release(gen)
+		}
 		s.mu.Lock()
 		delete(e.holders, gen)
 		delete(e.fresh, gen)
@@ -158,17 +174,31 @@ func (s *Set) Release(gen int) {
 	}
 }
 
-// Switch sends the new connections of every steered listener to
-// generation gen. If one listener refuses, those already switched go back
-// to generation back (0 for none), so that no listener is left pointing at
-// gen alone.
-func (s *Set) Switch(gen, back int) error {
-	var done []*steer.Group
+// switcher is a steered listener: a TCP or a UDP group.
+type switcher interface{ Switch(gen int) error }
+
+// switchers are the steered listeners, in fd order.
+func (s *Set) switchers() []switcher {
+	var out []switcher
 	for _, e := range s.entries {
-		if e.Group == nil {
-			continue
+		switch {
+		case e.Group != nil:
+			out = append(out, e.Group)
+		case e.UDP != nil:
+			out = append(out, e.UDP)
 		}
-		if err := e.Group.Switch(gen); err != nil {
+	}
+	return out
+}
+
+// Switch sends the new connections of every steered listener (the new
+// flows of a UDP one) to generation gen. If one listener refuses, those
+// already switched go back to generation back (0 for none), so that no
+// listener is left pointing at gen alone.
+func (s *Set) Switch(gen, back int) error {
+	var done []switcher
+	for _, g := range s.switchers() {
+		if err := g.Switch(gen); err != nil {
 			if back != 0 {
 				for _, d := range done {
 					if berr := d.Switch(back); berr != nil {
@@ -178,28 +208,128 @@ func (s *Set) Switch(gen, back int) error {
 			}
 			return fmt.Errorf("steering new connections to generation %d: %w", gen, err)
 		}
-		done = append(done, e.Group)
+		done = append(done, g)
 	}
 	return nil
 }
 
 // DrainObservable reports whether WaitDrained can see a replaced
 // generation's sockets empty: some listener is steered, and the kernel
-// shows its queue and handshakes.
-func (s *Set) DrainObservable() bool { return s.observer != nil }
+// shows the queue and handshakes of every steered TCP listener.
+func (s *Set) DrainObservable() bool {
+	if len(s.steered()) > 0 {
+		return s.observer != nil
+	}
+	return len(s.udp()) > 0
+}
 
 // WaitDrained returns once nothing more can reach generation gen's steered
-// sockets, gen having just been switched away from (see
-// steer.Observer.WaitDrained); ctx's error if it ends first. Shared
-// sockets do not hold it up: the next generation accepts on them. Without
-// an observer it returns steer.ErrUnobservable at once. waiting, if not
-// nil, hears once what was still on its way to gen's sockets at the first
+// sockets, gen having just been switched away from; ctx's error if it ends
+// first. Shared sockets do not hold it up: the next generation reads them.
+//
+// TCP listeners first (see steer.Observer.WaitDrained): without an
+// observer it returns steer.ErrUnobservable at once. Then UDP ones: gen is
+// retired (see udpsteer.Group.Retire: its flows other than QUIC
+// connections go to the serving generation from then on; its QUIC
+// connections stay with it until it exits, since its stop ends them
+// gracefully), and WaitDrained waits
+// until gen's UDP sockets hold no unread datagram, so that what reached
+// gen before is read by gen while it still reads. waiting, if not nil,
+// hears once what was still on its way to gen's TCP sockets at the first
 // reading, if anything.
 func (s *Set) WaitDrained(ctx context.Context, gen int, waiting func(steer.Backlog)) error {
-	if s.observer == nil {
-		return steer.ErrUnobservable
+	if tcp := s.steered(); len(tcp) > 0 {
+		if s.observer == nil {
+			return steer.ErrUnobservable
+		}
+		if err := s.observer.WaitDrained(ctx, tcp, gen, waiting); err != nil {
+			return err
+		}
 	}
-	return s.observer.WaitDrained(ctx, s.steered(), gen, waiting)
+	return s.drainUDP(ctx, gen)
+}
+
+// udpPoll is how often drainUDP reads a retired generation's UDP queues: a
+// server that reads at all empties them within a few of these.
+const udpPoll = time.Millisecond
+
+// drainUDP retires gen on every steered UDP listener, then waits until
+// nothing waits unread in gen's sockets, or ctx ends.
+func (s *Set) drainUDP(ctx context.Context, gen int) error {
+	groups := s.udp()
+	if len(groups) == 0 {
+		return nil
+	}
+	if err := s.retireUDP(gen); err != nil {
+		return err
+	}
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+		waiting := false
+		for _, g := range groups {
+			n, err := g.Queued(gen)
+			if err != nil {
+				return fmt.Errorf("reading what waits for generation %d on %s: %w", gen, g.Addr(), err)
+			}
+			waiting = waiting || n > 0
+		}
+		if !waiting {
+			return nil
+		}
+		t.Reset(udpPoll)
+	}
+}
+
+// Retire retires generation gen, which no longer serves, on every steered
+// UDP listener (see drainUDP), if its drain did not already; nil where no
+// UDP listener is steered.
+func (s *Set) Retire(gen int) error { return s.retireUDP(gen) }
+
+// retireUDP retires gen on every steered UDP listener (see drainUDP).
+func (s *Set) retireUDP(gen int) error {
+	var errs []error
+	for _, e := range s.entries {
+		if e.UDP == nil {
+			continue
+		}
+		if err := e.UDP.Retire(gen); err != nil {
+			errs = append(errs, fmt.Errorf("sending the datagrams of generation %d on %s to the serving generation: %w", gen, e.Listener.Spec.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// udp returns the steered UDP listeners' groups, in fd order.
+func (s *Set) udp() []*udpsteer.Group {
+	var groups []*udpsteer.Group
+	for _, e := range s.entries {
+		if e.UDP != nil {
+			groups = append(groups, e.UDP)
+		}
+	}
+	return groups
+}
+
+// UDPSteered reports whether a UDP listener is steered by flow.
+func (s *Set) UDPSteered() bool { return len(s.udp()) > 0 }
+
+// Flows counts, per generation, the UDP flows (client 4-tuples) the steered
+// UDP listeners send to it: those heard from within the flow idle timeout
+// (see udpsteer.Group.Flows). Empty where no UDP listener is steered.
+func (s *Set) Flows() map[int]int {
+	out := map[int]int{}
+	for _, g := range s.udp() {
+		for gen, n := range g.Flows() {
+			out[gen] += n
+		}
+	}
+	return out
 }
 
 // Migrates reports whether the kernel moves the connections queued on a
@@ -215,8 +345,9 @@ func (s *Set) Migrates() bool { return s.migrates }
 // other sockets of each group (see steer.Group.Evict): for a generation
 // replaced because it hung, which will never accept them. gen must have
 // been switched away from. Where Migrates is false the kernel resets those
-// connections instead. Shared sockets are untouched: the next generation
-// accepts from them already.
+// connections instead. Steered UDP listeners retire gen (see drainUDP): the
+// datagrams already in its sockets stay there. Shared sockets are
+// untouched: the next generation accepts from them already.
 //
 // queued is the number of connections that were in gen's accept queues. A
 // listener whose socket cannot leave (the error wraps steer.ErrPinned or
@@ -233,6 +364,9 @@ func (s *Set) HandOver(gen int) (queued int, err error) {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("handing the connections queued for generation %d on %s over: %w", gen, e.Listener.Spec.Name, err))
 		}
+	}
+	if err := s.retireUDP(gen); err != nil {
+		errs = append(errs, err)
 	}
 	return queued, errors.Join(errs...)
 }
@@ -318,6 +452,9 @@ func (s *Set) Close() error {
 	for _, e := range s.entries {
 		if e.Group != nil {
 			e.Group.Close()
+		}
+		if e.UDP != nil {
+			e.UDP.Close()
 		}
 	}
 	return CloseAll(s.listeners())
