@@ -30,6 +30,8 @@ type bins struct {
 	uringbind string
 	// quicserver serves HTTP/3 over UDP (quic_test.go).
 	quicserver string
+	// udpecho answers each UDP datagram (udp_test.go).
+	udpecho string
 }
 
 // built is set once by TestMain, before any test runs, and only read after.
@@ -61,6 +63,7 @@ func runTests(m *testing.M) int {
 		seccompdeny: filepath.Join(dir, "seccompdeny"),
 		uringbind:   filepath.Join(dir, "uringbind"),
 		quicserver:  filepath.Join(dir, "quicserver"),
+		udpecho:     filepath.Join(dir, "udpecho"),
 	}
 	for _, b := range []struct {
 		out, pkg string
@@ -73,6 +76,7 @@ func runTests(m *testing.M) int {
 		{built.seccompdeny, "./integration/seccompdeny", false},
 		{built.uringbind, "./integration/uringbind", false},
 		{built.quicserver, "./integration/quicserver", false},
+		{built.udpecho, "./integration/udpecho", false},
 	} {
 		args := []string{"build", "-o", b.out}
 		if b.race {

@@ -164,7 +164,7 @@ func TestBadInputIsOneUsageLine(t *testing.T) {
 		{"negative --drain", run("--listen", addr1, "--drain", "-1s"), "relay: --drain -1s: must not be negative, e.g. --drain 2s"},
 		{"zero --health-timeout", run("--listen", addr1, "--health-timeout", "0s"), "relay: --health-timeout 0s: must be positive, e.g. --health-timeout 60s"},
 		// 9. What the sockets cannot serve, known before any bind.
-		{"--confirm on unix", run("--listen", unixSock, "--confirm", "10s"), "relay: --confirm 10s: no listener is steered (unix and UDP listeners share one socket among generations)"},
+		{"--confirm on unix", run("--listen", unixSock, "--confirm", "10s"), "relay: --confirm 10s: no listener is steered (unix listeners share one socket among generations)"},
 		{"--confirm with --steer off", run("--listen", "127.0.0.1:0", "--steer", "off", "--confirm", "10s"), "relay: --confirm 10s: no listener is steered (--steer off shares one socket among generations)"},
 		{"--liveness accept on unix", run("--listen", unixSock, "--liveness", "accept"), "relay: --liveness accept needs a steered TCP listener to probe"},
 		{"--health accept unprovable", run("--listen", unixSock, "--health", "accept", "--takeover", "off"), "relay: --health accept cannot check unix-app.sock"},

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -227,6 +228,19 @@ func TestQUICServerAndLoad(t *testing.T) {
 	t.Logf("quicserver stderr:\n%s", logs.String())
 }
 
+// findLogWhere returns the first log line for which pred holds, without
+// waiting.
+func (r *relayProc) findLogWhere(pred func(logLine) bool) (logLine, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, l := range r.logs {
+		if pred(l) {
+			return l, true
+		}
+	}
+	return nil, false
+}
+
 // findLog returns the first log line from index from on with msg and gen,
 // without waiting.
 func (r *relayProc) findLog(from int, msg string, gen int) (logLine, bool) {
@@ -240,104 +254,251 @@ func (r *relayProc) findLog(from int, msg string, gen int) (logLine, bool) {
 	return nil, false
 }
 
-// TestQUICRestartUnderRelayToday runs quicserver under relay on a TCP and a
-// UDP listener of the same port and restarts it three times under HTTP/3
-// load. relay shares the one UDP socket among the generations, so during a
-// restart the old and the new generation read the same socket and each
-// gets the other's packets; this test documents what that does to QUIC
-// today. It logs the figures and asserts only that load ran and relay
-// exits 0.
-func TestQUICRestartUnderRelayToday(t *testing.T) {
+// quicRun is one run of quicRestarts: how relay is started and what it
+// showed.
+type quicRun struct {
+	wrap     []string // runs relay through this launcher (setpriv)
+	server   []string // quicserver's flags besides -addr, -tcp and -grace
+	ownBind  bool     // quicserver binds the listeners' address itself
+	restarts int
+	// upgradeEvery: relay upgrade (in place, the same binary) before
+	// every upgradeEvery-th restart; 0 for none.
+	upgradeEvery int
+	upgrades     int
+
+	relay   *relayProc
+	pids    []int // by generation - 1
+	sum     h3load.Summary
+	slow    h3load.Summary // the slow requests, one always in flight
+	restart []quicRestart
+}
+
+// quicRestart is what one restart showed.
+type quicRestart struct {
+	code       int
+	start      time.Time
+	took       time.Duration // relay restart, run to exit
+	readyAfter time.Duration // new generation: started to ready, relay's log
+	drained    time.Duration // old generation's drain, relay's log
+	oldExit    time.Duration // old generation: stop signal to exit, relay's log
+	forced     bool          // the old quicserver's grace ran out
+}
+
+// quicGrace is quicserver's grace under relay: the time it gives open
+// connections after SIGTERM before it closes them.
+const quicGrace = 3 * time.Second
+
+// quicRestarts runs quicserver under relay on a TCP and a UDP listener of
+// one port and restarts it q.restarts times under HTTP/3 load: 4
+// long-lived connections each sending requests back to back, 2 workers
+// opening a new connection per request, and one long-lived connection of
+// slow requests (200 ms), one of which is in flight at every restart.
+func quicRestarts(t *testing.T, q *quicRun) {
 	port := freeDualPort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	const grace = 3 * time.Second
-	r := startRelay(t, nil, "--listen", addr, "--listen", "udp:"+addr,
-		"--", built.quicserver, "-inherited", "-tcp", "-notify", "-grace", grace.String())
+	args := append([]string{"--listen", addr, "--listen", "udp:" + addr, "--", built.quicserver}, q.server...)
+	if q.ownBind {
+		// The takeover lands the server's own binds on relay's sockets.
+		args = append(args, "-addr", addr)
+	}
+	args = append(args, "-tcp", "-grace", quicGrace.String())
+	r := startRelayWrapped(t, q.wrap, built.relay, nil, nil, args...)
+	q.relay = r
 	r.listenAddrs(2)
 	ready, from := r.waitMsg(0, "generation ready", 1)
-	pids := []int{ready.num("pid")}
-	if got, _, err := getTCP(addr); err != nil || got != pids[0] {
-		t.Errorf("HTTP/1.1 over the TCP listener: pid %d, err %v; want %d", got, err, pids[0])
+	q.pids = []int{ready.num("pid")}
+	if got, _, err := getTCP(addr); err != nil || got != q.pids[0] {
+		t.Errorf("HTTP/1.1 over the TCP listener: pid %d, err %v; want %d", got, err, q.pids[0])
 	}
 
-	ld := h3load.Start(h3load.Config{Addr: addr, Long: 4, Short: 2, Limit: 3 * time.Minute})
+	ld := h3load.Start(h3load.Config{Addr: addr, Long: 4, Short: 2, Limit: 5 * time.Minute})
 	defer ld.Stop()
-	waitUntil(t, 10*time.Second, "generation 1 to answer 50 requests", func() bool { return ld.Snapshot().Pids[pids[0]] >= 50 })
+	slow := h3load.Start(h3load.Config{Addr: addr, Path: "/slow?ms=200", Long: 1, Limit: 5 * time.Minute})
+	defer slow.Stop()
+	waitUntil(t, 10*time.Second, "generation 1 to answer 50 requests", func() bool { return ld.Snapshot().Pids[q.pids[0]] >= 50 })
 
-	type figures struct {
-		code       int
-		start      time.Time     // relay restart run
-		took       time.Duration // relay restart, run to exit
-		readyAfter time.Duration // new generation: started to ready, relay's log
-		oldExit    time.Duration // old generation: stop signal to exit, relay's log
-	}
-	var rs []figures
-	for i := 1; i <= 3; i++ {
+	upFrom := 0 // where to look for the next upgrade's line
+	for i := 1; i <= q.restarts; i++ {
 		gen := i + 1
-		start := time.Now()
+		if q.upgradeEvery > 0 && i%q.upgradeEvery == 0 {
+			// relay replaces its own image under the load: the UDP
+			// group's program, maps and sockets cross the exec.
+			waitUntil(t, 10*time.Second, "a slow request in flight", func() bool { return slow.Snapshot().InFlight > 0 })
+			if out, code := r.upgrade(""); code != 0 || !strings.Contains(out, "upgrade done") {
+				t.Fatalf("relay upgrade before restart %d: exit %d:\n%s", i, code, out)
+			}
+			q.upgrades++
+			_, upFrom = r.waitFor(upFrom, 30*time.Second, "relay upgraded in place", func(l logLine) bool {
+				return l.str("msg") == "relay upgraded in place"
+			})
+			before := ld.Snapshot().Pids[q.pids[len(q.pids)-1]]
+			waitUntil(t, 10*time.Second, "50 more answers after the upgrade", func() bool {
+				return ld.Snapshot().Pids[q.pids[len(q.pids)-1]] >= before+50
+			})
+		}
+		waitUntil(t, 10*time.Second, "a slow request in flight", func() bool { return slow.Snapshot().InFlight > 0 })
+		f := quicRestart{start: time.Now()}
 		out, errOut, code := r.client("restart")
-		f := figures{code: code, start: start, took: time.Since(start)}
-		t.Logf("restart %d: relay restart exit %d\nstdout: %s\nstderr: %s", i, code, strings.TrimSpace(out), strings.TrimSpace(errOut))
+		f.code, f.took = code, time.Since(f.start)
+		if code != 0 {
+			t.Errorf("restart %d: relay restart exit %d\nstdout: %s\nstderr: %s", i, code, strings.TrimSpace(out), strings.TrimSpace(errOut))
+		}
 		var l logLine
 		l, from = r.waitMsg(from, "generation ready", gen)
 		pid := l.num("pid")
-		pids = append(pids, pid)
+		q.pids = append(q.pids, pid)
 		if st, ok := r.findLog(0, "generation starting", gen); ok {
 			f.readyAfter = logTime(t, l).Sub(logTime(t, st))
 		}
-		exitLine, _ := r.waitMsg(0, "old generation exited", gen-1)
+		exitLine, _ := r.waitFor(0, quicGrace+30*time.Second, fmt.Sprintf("generation %d to exit", gen-1), func(l logLine) bool {
+			return l.str("msg") == "old generation exited" && l.num("gen") == gen-1
+		})
 		if stop, ok := r.findLog(0, "stopping generation", gen-1); ok {
 			f.oldExit = logTime(t, exitLine).Sub(logTime(t, stop))
 		}
-		rs = append(rs, f)
-		// Let the new generation serve 50 answers, if it does, before
-		// the next restart.
+		if dr, ok := r.findLog(0, "old generation drained", gen-1); ok {
+			f.drained = time.Duration(dr.num("drain"))
+		}
+		q.restart = append(q.restart, f)
+		// The new generation serves before the next restart.
 		if !eventually(10*time.Second, func() bool { return ld.Snapshot().Pids[pid] >= 50 }) {
-			t.Logf("restart %d: generation %d (pid %d) answered %d requests within 10 s", i, gen, pid, ld.Snapshot().Pids[pid])
+			t.Errorf("restart %d: generation %d (pid %d) answered %d requests within 10 s, want 50", i, gen, pid, ld.Snapshot().Pids[pid])
 		}
 	}
-	sum := ld.Stop()
+	q.sum = ld.Stop()
+	q.slow = slow.Stop()
+	// Which old quicservers ran out of grace: their "exiting" line says.
+	for _, line := range strings.Split(r.output(), "\n") {
+		if !strings.Contains(line, "prog=quicserver") || !strings.Contains(line, "msg=exiting") {
+			continue
+		}
+		for i := range q.restart {
+			if strings.Contains(line, fmt.Sprintf("generation=%d ", i+1)) && strings.Contains(line, "forced=true") {
+				q.restart[i].forced = true
+			}
+		}
+	}
 
-	t.Logf("generations' pids: %v", pids)
-	for i, f := range rs {
-		// The failed requests sent from this restart to the next.
+	t.Logf("generations' pids: %v", q.pids)
+	for i, f := range q.restart {
 		failed := 0
-		for _, fl := range sum.Failures {
-			if !fl.Sent.Before(f.start) && (i+1 == len(rs) || fl.Sent.Before(rs[i+1].start)) {
+		for _, fl := range append(q.sum.Failures, q.slow.Failures...) {
+			if !fl.Sent.Before(f.start) && (i+1 == len(q.restart) || fl.Sent.Before(q.restart[i+1].start)) {
 				failed++
 			}
 		}
-		t.Logf("restart %d: relay restart exit %d, took %s; new generation ready after %s; old generation exited %s after its stop signal; %d requests sent from it to the next restart failed",
-			i+1, f.code, f.took.Round(time.Millisecond), f.readyAfter.Round(time.Millisecond), f.oldExit.Round(time.Millisecond), failed)
+		t.Logf("restart %d: relay restart exit %d, took %s; new generation ready after %s; old generation drained in %s, exited %s after its stop signal (grace ran out: %v); %d requests sent from it to the next restart failed",
+			i+1, f.code, f.took.Round(time.Millisecond), f.readyAfter.Round(time.Millisecond), f.drained, f.oldExit.Round(time.Millisecond), f.forced, failed)
 	}
-	logSummary(t, "HTTP/3 load across 3 restarts", sum)
-	multi := sum.MultiPid()
-	t.Logf("FIGURES: requests=%d ok=%d failed=%d retried=%d slow(>%s)=%d slowest=%s long-lived-conns=%d conns-answered-by-more-than-one-pid=%d short-requests=%d pids=%v",
-		sum.Requests, sum.OK, len(sum.Failures), sum.Retried, h3load.SlowAfter, sum.Slow, sum.MaxLatency.Round(time.Millisecond),
-		len(sum.Conns), len(multi), sum.ShortRequests, sum.Pids)
+	logSummary(t, "HTTP/3 load", q.sum)
+	logSummary(t, "slow requests", q.slow)
 	ends := map[string]int{}
-	for _, c := range sum.Conns {
-		e := c.End
-		if i := strings.IndexAny(e, ":"); i >= 0 {
-			e = e[:i]
-		}
+	for _, c := range q.sum.Conns {
+		e, _, _ := strings.Cut(c.End, ":")
 		ends[e]++
 	}
-	t.Logf("long-lived connections by how they ended: %v", ends)
-	var quicLog []string
-	for _, line := range strings.Split(r.output(), "\n") {
-		if strings.Contains(line, "prog=quicserver") {
-			quicLog = append(quicLog, line)
-		}
-	}
-	t.Logf("quicserver's lines:\n%s", strings.Join(quicLog, "\n"))
+	t.Logf("FIGURES: upgrades=%d restarts=%d requests=%d ok=%d failed=%d retried=%d slow-requests=%d slow-failed=%d slowest=%s long-lived-conns=%d conns-answered-by-more-than-one-pid=%d ended-by=%v short-requests=%d",
+		q.upgrades, q.restarts, q.sum.Requests, q.sum.OK, len(q.sum.Failures), q.sum.Retried, q.slow.Requests, len(q.slow.Failures),
+		q.sum.MaxLatency.Round(time.Millisecond), len(q.sum.Conns), len(q.sum.MultiPid()), ends, q.sum.ShortRequests)
 
-	if sum.Requests == 0 {
-		t.Errorf("no request was sent")
-	}
 	r.signal(syscall.SIGTERM)
 	if code := r.wait(60 * time.Second); code != 0 {
 		t.Errorf("relay exit code %d, want 0", code)
+	}
+}
+
+// TestQUICRestarts: quicserver (quic-go's http3) under relay with a TCP and
+// a UDP --listen, binding its own port or taking the inherited sockets, 10
+// restarts under HTTP/3 load, with two relay upgrades in place among them
+// in the inherited run. relay steers the UDP listener by flow: no
+// request fails, every long-lived connection is answered by the one
+// generation that accepted it until the server's GOAWAY ends it, and
+// every old generation ends its connections and exits within its grace
+// rather than running out of it.
+func TestQUICRestarts(t *testing.T) {
+	needUDPSteering(t)
+	for _, tc := range []struct {
+		name    string
+		server  []string
+		ownBind bool
+	}{
+		{"own-bind", nil, true},
+		{"inherited", []string{"-inherited", "-notify"}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q := &quicRun{server: tc.server, ownBind: tc.ownBind, restarts: 10}
+			if !tc.ownBind {
+				q.upgradeEvery = 4
+			}
+			quicRestarts(t, q)
+			r := q.relay
+			if l, ok := r.findLogWhere(func(l logLine) bool {
+				return l.str("msg") == "listening" && l.str("network") == "udp"
+			}); !ok || l.str("drain") != "steered" {
+				t.Errorf("the UDP listener's line %v; want drain=steered", l)
+			}
+			if n := len(q.sum.Failures) + len(q.slow.Failures); n > 0 {
+				t.Errorf("%d requests failed", n)
+			}
+			for _, c := range q.sum.MultiPid() {
+				t.Errorf("long-lived %s: answered by more than one generation", c)
+			}
+			for _, c := range append(q.sum.Conns, q.slow.Conns...) {
+				if c.Failures > 0 {
+					t.Errorf("long-lived %s: failures", c)
+				}
+			}
+			for i, f := range q.restart {
+				if f.forced {
+					t.Errorf("restart %d: the old generation ran out of its %s grace with connections open", i+1, quicGrace)
+				}
+			}
+			for gen, pid := range q.pids {
+				if q.sum.Pids[pid] == 0 {
+					t.Errorf("generation %d (pid %d) answered nothing", gen+1, pid)
+				}
+			}
+		})
+	}
+}
+
+// TestQUICRestartsWithoutBPF is TestQUICRestarts with relay denied what
+// eBPF steering needs (CAP_BPF and CAP_SYS_ADMIN dropped from its bounding
+// set): one warning, and relay shares the UDP socket among generations, as
+// it did before it could steer UDP. The test documents what that costs
+// (its FIGURES line); it asserts only the warning and that relay serves.
+func TestQUICRestartsWithoutBPF(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to drop capabilities from")
+	}
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil {
+		requireOrSkip(t, false, fmt.Sprintf("no setpriv (util-linux) to drop capabilities with: %v", err))
+	}
+	// The server binds its own sockets, as caddy does.
+	q := &quicRun{wrap: []string{setpriv, "--bounding-set=-bpf,-sys_admin", "--"}, ownBind: true, restarts: 10}
+	quicRestarts(t, q)
+	r := q.relay
+	var warnings []logLine
+	r.mu.Lock()
+	for _, l := range r.logs {
+		if strings.HasPrefix(l.str("msg"), "UDP steering unavailable") {
+			warnings = append(warnings, l)
+		}
+	}
+	r.mu.Unlock()
+	if len(warnings) != 1 || warnings[0].str("level") != "WARN" || !strings.Contains(warnings[0].str("err"), "CAP_BPF") {
+		t.Errorf("UDP steering warnings %v; want one WARN naming CAP_BPF", warnings)
+	}
+	if l, ok := r.findLogWhere(func(l logLine) bool {
+		return l.str("msg") == "listening" && l.str("network") == "udp"
+	}); !ok || l.str("drain") != "shared" {
+		t.Errorf("the UDP listener's line %v; want drain=shared", l)
+	}
+	for gen, pid := range q.pids {
+		if q.sum.Pids[pid] == 0 {
+			t.Errorf("generation %d (pid %d) answered nothing", gen+1, pid)
+		}
 	}
 }
 
