@@ -20,6 +20,9 @@ type ListenerFact struct {
 	// Probed: a probe can reach one generation's own socket on this
 	// listener (it is steered: Listener.Probe is set).
 	Probed bool
+	// QUIC: a QUIC probe can reach one generation's own socket on this
+	// UDP listener, steered by flow (Listener.QUIC is set).
+	QUIC bool
 }
 
 // Facts are what Advise weighs a check against.
@@ -70,10 +73,12 @@ func Advise(spec Spec, f Facts) ([]Advice, error) {
 	// Which listeners can show that the new generation, and no other,
 	// serves them: a steered one by a probe to its own socket, another
 	// by the generation's own bind of it, taken over.
-	var unproven, byBind []string
+	var unproven, byBind, byQUIC []string
 	for _, l := range f.Listeners {
 		switch {
 		case l.Probed:
+		case l.QUIC:
+			byQUIC = append(byQUIC, l.Name)
 		case !f.Binds:
 			unproven = append(unproven, l.Name)
 		default:
@@ -83,6 +88,10 @@ func Advise(spec Spec, f Facts) ([]Advice, error) {
 	if len(byBind) > 0 {
 		say(slog.LevelInfo, "readiness: no probe can reach one generation alone on these listeners (shared sockets, or UDP); a child that never speaks sd_notify proves it serves them by binding them itself, and one that uses the inherited fd must send READY=1",
 			"check", spec.String(), "listeners", byBind)
+	}
+	if len(byQUIC) > 0 {
+		say(slog.LevelInfo, "readiness: on these UDP listeners relay sends a QUIC probe to the new generation's own socket, which a QUIC server answers with Version Negotiation; a child that never speaks sd_notify proves it serves them by answering it or by binding them itself, and another UDP server that uses the inherited fd must send READY=1",
+			"check", spec.String(), "listeners", byQUIC)
 	}
 	switch {
 	case len(f.Listeners) == 0 && spec.Kind == Accept:

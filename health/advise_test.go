@@ -95,3 +95,25 @@ func TestAdviseOnListenersNoProbeReaches(t *testing.T) {
 		t.Errorf("accept on a steered listener: %+v, %v; want one debug line", advice, err)
 	}
 }
+
+// A UDP listener that a QUIC probe reaches is said so, and --health accept
+// can check it without the takeover.
+func TestAdviseQUICProbedListener(t *testing.T) {
+	spec, err := Parse("accept")
+	if err != nil {
+		t.Fatal(err)
+	}
+	advice, err := Advise(spec, Facts{Listeners: []ListenerFact{{Name: "udp-443", QUIC: true}}})
+	if err != nil {
+		t.Fatalf("Advise(accept, a QUIC-probed UDP listener, takeover off) = %v, want no error", err)
+	}
+	found := false
+	for _, a := range advice {
+		if strings.Contains(a.Msg, "QUIC probe") {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("advice %v; want a line on the QUIC probe", advice)
+	}
+}

@@ -16,7 +16,7 @@ const spokeBefore = noReady + " (an earlier generation spoke sd_notify, so accep
 // prove: one with neither a probe nor a claim to watch.
 func unprovable(ls []Listener) (Listener, bool) {
 	for _, l := range ls {
-		if l.Probe == "" && l.Claimed == nil {
+		if l.Probe == "" && l.Claimed == nil && l.QUIC == nil {
 			return l, true
 		}
 	}
@@ -24,8 +24,9 @@ func unprovable(ls []Listener) (Listener, bool) {
 }
 
 // acceptCondition proves, listener by listener, that the child took its
-// listeners: a steered probe it accepted, or a bind of its own. A listener
-// once proven stays so across attempts.
+// listeners: a steered probe it accepted, a bind of its own, or, on a UDP
+// listener steered by flow, a QUIC probe of its own socket it answered. A
+// listener once proven stays so across attempts.
 type acceptCondition struct {
 	ch     Child
 	proven []bool
@@ -43,11 +44,21 @@ func (a *acceptCondition) attempt(ctx context.Context) error {
 		if a.proven[i] {
 			continue
 		}
-		if l.Probe != "" {
+		switch {
+		case l.Probe != "":
 			if err := probeAccepted(ctx, l.Probe); err != nil {
 				return fmt.Errorf("the child did not accept on %s: %w", l.Name, err)
 			}
-		} else {
+		case l.QUIC != nil && !isClosed(l.Claimed):
+			// A bind of its own proves it as well; a child that binds
+			// nothing (it uses the inherited socket) must answer.
+			if err := l.QUIC(ctx); err != nil {
+				if isClosed(l.Claimed) {
+					break
+				}
+				return fmt.Errorf("the child has not bound %s of its own, nor answered a QUIC probe on it: %w", l.Name, err)
+			}
+		default:
 			select {
 			case <-l.Claimed:
 			case <-ctx.Done():

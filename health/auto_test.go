@@ -197,3 +197,40 @@ func TestAutoWithAnUncheckableListenerWaitsForNotify(t *testing.T) {
 		t.Fatalf("auto after READY=1: %v", err)
 	}
 }
+
+// A UDP listener steered by flow is proven by a QUIC probe of the child's
+// own socket, answered, or by the child's own bind of it; a child that
+// does neither is not ready.
+func TestAcceptByQUICProbe(t *testing.T) {
+	var mu sync.Mutex
+	answers := false
+	quic := func(ctx context.Context) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if !answers {
+			return errors.New("no Version Negotiation")
+		}
+		return nil
+	}
+	ch := Child{Listeners: []Listener{{Name: "udp-443", QUIC: quic}}}
+	wantTimeout(t, waitWith(t, "accept", 100*time.Millisecond, ch), "udp-443", "QUIC probe", "no Version Negotiation")
+	wantTimeout(t, waitWith(t, "auto", 100*time.Millisecond, ch), "udp-443", "QUIC probe")
+
+	mu.Lock()
+	answers = true
+	mu.Unlock()
+	for _, kind := range []string{"accept", "auto"} {
+		if err := waitWith(t, kind, 5*time.Second, ch); err != nil {
+			t.Fatalf("%s, the child answers the QUIC probe: %v", kind, err)
+		}
+	}
+
+	// A bind of its own proves it without an answer (a DNS server).
+	mu.Lock()
+	answers = false
+	mu.Unlock()
+	ch.Listeners[0].Claimed = closedChan()
+	if err := waitWith(t, "accept", 5*time.Second, ch); err != nil {
+		t.Fatalf("accept, the child bound the listener itself: %v", err)
+	}
+}

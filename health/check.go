@@ -69,6 +69,11 @@ type Listener struct {
 	// bind of its own (and, for a stream socket, its listen); nil when
 	// relay cannot observe that (bind takeover off or unavailable).
 	Claimed <-chan struct{}
+	// QUIC probes this child's own socket of a UDP listener steered by
+	// flow: nil once the child answered a QUIC packet of an unknown
+	// version with Version Negotiation, as a QUIC server does. nil (the
+	// func) for other listeners.
+	QUIC func(ctx context.Context) error
 }
 
 // controlKey carries a Child's Control to the shared HTTP transport.

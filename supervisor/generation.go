@@ -295,7 +295,7 @@ func (s *Supervisor) startCheck(g *generation) {
 			claims = g.takeover.claims(wctx)
 		}
 		for i, in := range infos {
-			l := health.Listener{Name: in.Name, Probe: probes[i]}
+			l := health.Listener{Name: in.Name, Probe: probes[i], QUIC: s.cfg.Sockets.QUICProbe(i, g.n)}
 			if claims != nil {
 				l.Claimed = claims[i]
 			}

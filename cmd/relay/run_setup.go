@@ -50,7 +50,10 @@ func checkSockets(opts runOptions, passed []*sockets.Listener) error {
 	facts := health.Facts{Binds: opts.takeover != supervisor.TakeoverOff}
 	anySteerable := false
 	add := func(name string, n sockaddr.Network) {
-		facts.Listeners = append(facts.Listeners, health.ListenerFact{Name: name, Probed: steerable(n)})
+		// A UDP listener is steered by flow, and so probed, where relay
+		// may load eBPF: adviseHealth checks again once Open has said.
+		facts.Listeners = append(facts.Listeners, health.ListenerFact{Name: name, Probed: steerable(n),
+			QUIC: n == sockaddr.UDP && opts.steer != sockets.SteerOff})
 		// A UDP listener is steered by flow where relay may load eBPF
 		// (Open says, and --confirm is checked again once it has).
 		anySteerable = anySteerable || steerable(n) || n == sockaddr.UDP
@@ -139,7 +142,7 @@ func openSockets(log *slog.Logger, opts runOptions, passed []*sockets.Listener, 
 func adviseHealth(opts runOptions, set *sockets.Set) ([]health.Advice, error) {
 	facts := health.Facts{Binds: opts.takeover != supervisor.TakeoverOff, Steered: set.ProbesSteered}
 	for i, in := range set.Info() {
-		facts.Listeners = append(facts.Listeners, health.ListenerFact{Name: in.Name, IP: in.IP, Probed: set.Probe(i) != ""})
+		facts.Listeners = append(facts.Listeners, health.ListenerFact{Name: in.Name, IP: in.IP, Probed: set.Probe(i) != "", QUIC: set.QUICProbe(i, 0) != nil})
 	}
 	return healthAdvice(opts, facts)
 }

@@ -426,6 +426,18 @@ func (s *Set) Probe(i int) string {
 	return net.JoinHostPort(host.String(), fmt.Sprint(a.Port()))
 }
 
+// QUICProbe returns the readiness probe of generation gen's own socket of
+// listener i, a UDP listener steered by flow (see udpsteer.Group.ProbeQUIC:
+// a QUIC server answers it with Version Negotiation); nil for any other
+// listener, which no such probe can reach alone.
+func (s *Set) QUICProbe(i, gen int) func(context.Context) error {
+	g := s.entries[i].UDP
+	if g == nil {
+		return nil
+	}
+	return func(ctx context.Context) error { return g.ProbeQUIC(ctx, gen) }
+}
+
 // ProbesSteered reports whether a connection to host:port reaches a steered
 // listener, so that a probe of it is steered to one generation.
 func (s *Set) ProbesSteered(host, port string) bool {

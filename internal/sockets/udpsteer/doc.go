@@ -181,6 +181,14 @@
 // Flows no longer counts a retired generation's flows that are not QUIC
 // connections'.
 //
+// # The QUIC probe
+//
+// Group.ProbeQUIC is a readiness check of one generation's own socket: it
+// puts the flow of a loopback client socket in the flow table, naming the
+// generation's slot, and sends from it a 1200-byte QUIC packet of a
+// reserved version; a QUIC server answers with Version Negotiation, which
+// needs no TLS and no connection state. The flow is taken out after.
+//
 // # Queued
 //
 // Group.Queued reads ioctl(SIOCINQ) on relay's copy of a generation's
