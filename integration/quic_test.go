@@ -534,3 +534,57 @@ func eventually(timeout time.Duration, cond func() bool) bool {
 	}
 	return true
 }
+
+// TestQUICReadinessProbe: a server that takes the inherited UDP socket and
+// never speaks sd_notify is proven ready by a QUIC probe relay steers to
+// its own socket. A new generation that reads the socket but does not
+// speak QUIC (udpecho) is not ready, although the old generation would
+// answer the same probe on the same address: the restart rolls back, with
+// the reason, and the old generation serves on without a failed request.
+func TestQUICReadinessProbe(t *testing.T) {
+	needUDPSteering(t)
+	port := freeDualPort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	// Generation 2 is the server that does not speak QUIC.
+	script := fmt.Sprintf(`if [ "$RELAY_GENERATION" = 2 ]; then exec %s -inherited; fi; exec %s -inherited -grace 3s`, built.udpecho, built.quicserver)
+	r := startRelay(t, nil, "--listen", "udp:"+addr, "--health-timeout", "3s", "--", "/bin/sh", "-c", script)
+	r.listenAddrs(1)
+	if _, ok := r.findLogWhere(func(l logLine) bool { return strings.Contains(l.str("msg"), "relay sends a QUIC probe") }); !ok {
+		t.Errorf("no advice line on the QUIC probe")
+	}
+	ready, from := r.waitMsg(0, "generation ready", 1)
+	first := ready.num("pid")
+
+	ld := h3load.Start(h3load.Config{Addr: addr, Long: 2, Short: 1, Limit: 2 * time.Minute})
+	defer ld.Stop()
+	waitUntil(t, 10*time.Second, "generation 1 to answer 20 requests", func() bool { return ld.Snapshot().Pids[first] >= 20 })
+
+	out, errOut, code := r.client("restart")
+	if code == 0 || !strings.Contains(out+errOut, "QUIC probe") {
+		t.Errorf("restart to a server that does not speak QUIC: exit %d\nstdout: %s\nstderr: %s\nwant a failure naming the QUIC probe", code, out, errOut)
+	}
+	t.Logf("the restart to udpecho: exit %d: %s", code, strings.TrimSpace(out+errOut))
+	before := ld.Snapshot().Pids[first]
+	waitUntil(t, 10*time.Second, "generation 1 to answer 20 more requests", func() bool { return ld.Snapshot().Pids[first] >= before+20 })
+
+	if out, errOut, code := r.client("restart"); code != 0 {
+		t.Errorf("restart to quicserver: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	l, _ := r.waitMsg(from, "generation ready", 3)
+	third := l.num("pid")
+	waitUntil(t, 10*time.Second, "generation 3 to answer 20 requests", func() bool { return ld.Snapshot().Pids[third] >= 20 })
+	sum := ld.Stop()
+	logSummary(t, "HTTP/3 load", sum)
+	if n := len(sum.Failures); n > 0 {
+		t.Errorf("%d of %d requests failed", n, sum.Requests)
+	}
+	for _, c := range sum.MultiPid() {
+		t.Errorf("long-lived %s: answered by more than one generation", c)
+	}
+	t.Logf("FIGURES: requests=%d failed=%d pids=%v generation 1 ready after %s, generation 3 after %s",
+		sum.Requests, len(sum.Failures), sum.Pids, time.Duration(ready.num("ready_after")), time.Duration(l.num("ready_after")))
+	r.signal(syscall.SIGTERM)
+	if code := r.wait(30 * time.Second); code != 0 {
+		t.Errorf("relay exit code %d, want 0", code)
+	}
+}
