@@ -2,6 +2,8 @@ package integration
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"crypto/tls"
 	"fmt"
 	"io"
@@ -9,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -549,9 +552,10 @@ func TestQUICReadinessProbe(t *testing.T) {
 	script := fmt.Sprintf(`if [ "$RELAY_GENERATION" = 2 ]; then exec %s -inherited; fi; exec %s -inherited -grace 3s`, built.udpecho, built.quicserver)
 	r := startRelay(t, nil, "--listen", "udp:"+addr, "--health-timeout", "3s", "--", "/bin/sh", "-c", script)
 	r.listenAddrs(1)
-	if _, ok := r.findLogWhere(func(l logLine) bool { return strings.Contains(l.str("msg"), "relay sends a QUIC probe") }); !ok {
-		t.Errorf("no advice line on the QUIC probe")
-	}
+	// The advice at start, logged after the listeners.
+	r.waitFor(0, 10*time.Second, "the advice line on the QUIC probe", func(l logLine) bool {
+		return strings.Contains(l.str("msg"), "relay sends a QUIC probe")
+	})
 	ready, from := r.waitMsg(0, "generation ready", 1)
 	first := ready.num("pid")
 
@@ -587,4 +591,44 @@ func TestQUICReadinessProbe(t *testing.T) {
 	if code := r.wait(30 * time.Second); code != 0 {
 		t.Errorf("relay exit code %d, want 0", code)
 	}
+}
+
+// With --steer on, a UDP listener relay cannot steer (no CAP_BPF) is an
+// error at start, one line naming what is missing and the way out, and
+// relay starts nothing.
+func TestSteerOnRefusesUDPWithoutBPF(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to drop capabilities from")
+	}
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil {
+		requireOrSkip(t, false, fmt.Sprintf("no setpriv (util-linux) to drop capabilities with: %v", err))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	mark := filepath.Join(t.TempDir(), "started")
+	cmd := exec.CommandContext(ctx, setpriv, "--bounding-set=-bpf,-sys_admin", "--", built.relay, "run",
+		"--control", filepath.Join(t.TempDir(), "ctl", "relay.sock"),
+		"--steer", "on", "--listen", "udp:127.0.0.1:0", "--", built.testchild, "-report", mark)
+	cmd.Env = append(os.Environ(), "LISTEN_FDS=", "LISTEN_PID=", "NOTIFY_SOCKET=")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	err = cmd.Run()
+	out := stderr.String()
+	if code := cmd.ProcessState.ExitCode(); code == 0 {
+		t.Errorf("relay run --steer on without CAP_BPF: exit 0 (%v), want an error", err)
+	}
+	last := strings.TrimSpace(out)
+	if i := strings.LastIndexByte(last, '\n'); i >= 0 {
+		last = last[i+1:]
+	}
+	for _, want := range []string{"relay: --steer on: UDP listeners cannot be steered", "CAP_BPF", "use --steer auto"} {
+		if !strings.Contains(last, want) {
+			t.Errorf("last line %q, want it to say %q\nstderr:\n%s", last, want, out)
+		}
+	}
+	if _, err := os.Stat(mark); err == nil {
+		t.Errorf("the child started")
+	}
+	t.Logf("relay said: %s", last)
 }
