@@ -632,3 +632,57 @@ func TestSteerOnRefusesUDPWithoutBPF(t *testing.T) {
 	}
 	t.Logf("relay said: %s", last)
 }
+
+// TestUpgradeFailureKeepsUDPSteering: a new relay image that fails after
+// it has rebuilt the listeners (RELAY_TEST_FAIL_RESTORE=after-sockets)
+// returns to the old one with every fd of the UDP group (its program, its
+// maps, its sockets) still open: the old image serves on under HTTP/3
+// load, and a restart after it steers as before, with no failed request.
+func TestUpgradeFailureKeepsUDPSteering(t *testing.T) {
+	needUDPSteering(t)
+	other := relayOtherBuild(t)
+	port := freeDualPort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	r := startRelay(t, []string{"RELAY_TEST_FAIL_RESTORE=after-sockets"}, "--listen", "udp:"+addr, "--",
+		built.quicserver, "-inherited", "-notify", "-grace", "3s")
+	r.listenAddrs(1)
+	ready, from := r.waitMsg(0, "generation ready", 1)
+	first := ready.num("pid")
+	ld := h3load.Start(h3load.Config{Addr: addr, Long: 2, Short: 1, Limit: 2 * time.Minute})
+	defer ld.Stop()
+	waitUntil(t, 10*time.Second, "generation 1 to answer 20 requests", func() bool { return ld.Snapshot().Pids[first] >= 20 })
+
+	out, code := r.upgrade(other)
+	t.Logf("relay upgrade: exit %d:\n%s", code, strings.TrimSpace(out))
+	if code != 3 || !strings.Contains(out, "could not take over") || !strings.Contains(out, "after the listeners") {
+		t.Errorf("relay upgrade to an image that fails after the listeners: exit %d; want 3, saying it could not take over", code)
+	}
+	r.waitFor(0, 30*time.Second, "the way back", func(l logLine) bool {
+		return l.str("msg") == "back on this relay: the new one could not take over"
+	})
+	before := ld.Snapshot().Pids[first]
+	waitUntil(t, 10*time.Second, "generation 1 to answer 20 more requests", func() bool { return ld.Snapshot().Pids[first] >= before+20 })
+
+	if out, errOut, code := r.client("restart"); code != 0 {
+		t.Errorf("restart after the failed upgrade: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	l, _ := r.waitMsg(from, "generation ready", 2)
+	second := l.num("pid")
+	waitUntil(t, 10*time.Second, "generation 2 to answer 20 requests", func() bool { return ld.Snapshot().Pids[second] >= 20 })
+	r.waitFor(0, 30*time.Second, "generation 1 to exit", func(l logLine) bool {
+		return l.str("msg") == "old generation exited" && l.num("gen") == 1
+	})
+	sum := ld.Stop()
+	logSummary(t, "HTTP/3 load", sum)
+	if n := len(sum.Failures); n > 0 {
+		t.Errorf("%d of %d requests failed", n, sum.Requests)
+	}
+	for _, c := range sum.MultiPid() {
+		t.Errorf("long-lived %s: answered by more than one generation", c)
+	}
+	t.Logf("FIGURES: requests=%d failed=%d pids=%v", sum.Requests, len(sum.Failures), sum.Pids)
+	r.signal(syscall.SIGTERM)
+	if code := r.wait(30 * time.Second); code != 0 {
+		t.Errorf("relay exit code %d, want 0", code)
+	}
+}

@@ -272,12 +272,15 @@ func restore(thread *reaper.Thread, opts runOptions, st upgradeState, stderr *li
 			err = fmt.Errorf("panic while taking over relay's state: %v", p)
 		}
 	}()
-	if err := failRestore(); err != nil {
+	if err := failRestore("start"); err != nil {
 		return r, err
 	}
 	r.notifier = sdnotify.New(log)
 	if r.set, err = sockets.Restore(st.Sockets, sockets.Options{Specs: opts.listens, UnixMode: opts.socketMode,
 		Steer: opts.steer, Notifier: r.notifier, Log: log}); err != nil {
+		return r, err
+	}
+	if err := failRestore("sockets"); err != nil {
 		return r, err
 	}
 	if st.Cgroup != nil {
@@ -338,6 +341,7 @@ func restoreRun(thread *reaper.Thread, opts runOptions, doc handoff.Doc, sigC <-
 	}
 	// From here on, relay stays this image.
 	r.sup.Settle()
+	r.set.Settle()
 	r.ctl.Settle()
 	r.adm.Settle()
 	unix.Close(doc.Image)

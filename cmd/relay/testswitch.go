@@ -15,9 +15,10 @@ import (
 // sound relay never has reachable.
 
 // envFailRestore, set in relay's environment, makes a new image fail its
-// restore ("error") or panic in it ("panic"), so that the tests see the
-// return to the old image. It is removed from the environment on the way
-// back.
+// restore ("error") or panic in it ("panic") before it takes anything, or
+// fail once it has rebuilt the listeners ("after-sockets"), so that the
+// tests see the return to the old image. It is removed from the
+// environment on the way back.
 const envFailRestore = "RELAY_TEST_FAIL_RESTORE"
 
 // envTestAccepts, set to a number, makes relay's answer to an upgrading
@@ -25,12 +26,21 @@ const envFailRestore = "RELAY_TEST_FAIL_RESTORE"
 // tests see an upgrade refused for its version.
 const envTestAccepts = "RELAY_TEST_HANDOFF_ACCEPTS"
 
-// failRestore fails or panics as envFailRestore asks.
-func failRestore() error {
-	switch os.Getenv(envFailRestore) {
-	case "":
+// failRestore fails or panics as envFailRestore asks, at stage "start"
+// or "sockets" of the restore.
+func failRestore(stage string) error {
+	v := os.Getenv(envFailRestore)
+	switch {
+	case v == "":
 		return nil
-	case "panic":
+	case v == "after-sockets":
+		if stage == "sockets" {
+			return fmt.Errorf("failing after the listeners as %s asks", envFailRestore)
+		}
+		return nil
+	case stage != "start":
+		return nil
+	case v == "panic":
 		panic(envFailRestore + "=panic")
 	default:
 		return fmt.Errorf("failing as %s asks", envFailRestore)

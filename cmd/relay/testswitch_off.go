@@ -6,6 +6,6 @@ import "github.com/relaysh/relay/internal/handoff"
 
 // Without the tag relaytest, relay has no test switch (testswitch.go).
 
-func failRestore() error     { return nil }
-func checkAccepts() []int    { return handoff.Accepts() }
-func dropOnReturn() []string { return nil }
+func failRestore(string) error { return nil }
+func checkAccepts() []int      { return handoff.Accepts() }
+func dropOnReturn() []string   { return nil }

@@ -1,11 +1,15 @@
 package sockets
 
 import (
+	"errors"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/sockaddr"
 )
 
 func reusePortOn(t *testing.T, l *Listener) bool {
@@ -86,5 +90,36 @@ func TestBindReusePort(t *testing.T) {
 		if reusePortOn(t, l) {
 			t.Errorf("%s: SO_REUSEPORT set", l.Spec)
 		}
+	}
+}
+
+// A UDP socket bound with SO_REUSEPORT that is then shared (its steering
+// failed) gets it turned off: no other socket can join its port.
+func TestClearReusePort(t *testing.T) {
+	l, err := bindOne(Spec{Network: sockaddr.UDP, Address: "127.0.0.1:0"}, BindOptions{UDPReusePort: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	join := func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(fd)
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+			t.Fatal(err)
+		}
+		ap := netip.MustParseAddrPort(l.Addr)
+		return unix.Bind(fd, &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())})
+	}
+	if err := join(); err != nil {
+		t.Fatalf("a second SO_REUSEPORT socket could not join before: %v", err)
+	}
+	if err := clearReusePort(l.File()); err != nil {
+		t.Fatal(err)
+	}
+	if err := join(); !errors.Is(err, unix.EADDRINUSE) {
+		t.Fatalf("a second SO_REUSEPORT socket joining after clearReusePort: %v, want EADDRINUSE", err)
 	}
 }

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/relaysh/relay/internal/sdnotify"
 	"github.com/relaysh/relay/internal/sockaddr"
 	"github.com/relaysh/relay/internal/sockets/steer"
@@ -101,6 +103,25 @@ func Open(opts Options) (*Set, error) {
 	return s, nil
 }
 
+// clearReusePort turns SO_REUSEPORT off on a bound socket: from then on no
+// other socket can bind its address beside it.
+func clearReusePort(f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("reaching the socket: %w", err)
+	}
+	var inner error
+	if err := rc.Control(func(fd uintptr) {
+		inner = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 0)
+	}); err != nil {
+		return fmt.Errorf("reaching the socket: %w", err)
+	}
+	if inner != nil {
+		return fmt.Errorf("turning SO_REUSEPORT off on a socket that stays shared: %w", inner)
+	}
+	return nil
+}
+
 // hasUDP reports whether a --listen or a passed socket is UDP.
 func hasUDP(specs []Spec, passed []*Listener) bool {
 	for _, sp := range specs {
@@ -145,6 +166,13 @@ func (s *Set) steerUDP(mode SteerMode, unavailable error) error {
 				return fmt.Errorf("--steer on: UDP listener %s (%s) cannot be steered: %w; use --steer auto to share its socket instead", l.Spec.Name, l.Addr, err)
 			}
 			s.log.Warn("UDP steering unavailable for this listener: every generation shares its socket", "listener", l.Spec.Name, "addr", l.Addr, "err", err)
+			if l.Origin == Bound {
+				// Shared, it must not stay open to other sockets of
+				// relay's user joining its port.
+				if err := clearReusePort(l.File()); err != nil {
+					return fmt.Errorf("listener %s (%s): %w", l.Spec.Name, l.Addr, err)
+				}
+			}
 			continue
 		}
 		e.UDP = g

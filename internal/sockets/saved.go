@@ -231,8 +231,13 @@ func (l SavedListener) check() (addr, error) {
 		}
 		fd = l.Group.Members[0].FD
 	}
-	if l.UDP != nil && l.Network != sockaddr.UDP {
-		return addr{}, fmt.Errorf("a UDP steering group on a %s listener", l.Network)
+	if l.UDP != nil {
+		if l.Network != sockaddr.UDP {
+			return addr{}, fmt.Errorf("a UDP steering group on a %s listener", l.Network)
+		}
+		if err := l.UDP.Check(); err != nil {
+			return addr{}, err
+		}
 	}
 	a, err := checkSocket(fd, l.Network, l.Addr)
 	if err != nil {
@@ -338,6 +343,15 @@ func marks(gens []int) map[int]bool {
 		m[gen] = true
 	}
 	return m
+}
+
+// Settle closes what Restore kept of the earlier image for the way back
+// of a failed upgrade (the UDP groups' program and map fds), once relay
+// stays this image.
+func (s *Set) Settle() {
+	for _, g := range s.udp() {
+		g.Settle()
+	}
 }
 
 // Held returns the sockets generation gen took (Take) and still holds, in

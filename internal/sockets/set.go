@@ -288,8 +288,20 @@ func (s *Set) drainUDP(ctx context.Context, gen int) error {
 
 // Retire retires generation gen, which no longer serves, on every steered
 // UDP listener (see drainUDP), if its drain did not already; nil where no
-// UDP listener is steered.
-func (s *Set) Retire(gen int) error { return s.retireUDP(gen) }
+// UDP listener is steered. A listener whose new flows still go to gen (a
+// generation stopped before another was switched to) is left as it is.
+func (s *Set) Retire(gen int) error {
+	var errs []error
+	for _, e := range s.entries {
+		if e.UDP == nil {
+			continue
+		}
+		if err := e.UDP.Retire(gen); err != nil && !errors.Is(err, udpsteer.ErrServes) {
+			errs = append(errs, fmt.Errorf("sending the datagrams of generation %d on %s to the serving generation: %w", gen, e.Listener.Spec.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
 
 // retireUDP retires gen on every steered UDP listener (see drainUDP).
 func (s *Set) retireUDP(gen int) error {

@@ -25,9 +25,11 @@
 //     generation had it before.
 //   - Switch(gen) sends every new flow to gen from then on; known flows stay
 //     where they are.
-//   - Retire(gen), when gen's drain ends, just before its stop signal: its
-//     flows go to the serving generation at their next datagram, except a
-//     QUIC connection's, which stays with gen (see Retire below).
+//   - Retire(gen), once gen's TCP sockets have drained (relay then waits
+//     for Queued(gen) to be 0 before the stop signal), or at its stop
+//     signal if its drain ended otherwise: its flows go to the serving
+//     generation at their next datagram, except a QUIC connection's, which
+//     stays with gen (see Retire below).
 //   - Queued(gen) says whether datagrams wait unread in gen's socket, so
 //     that relay stops gen only once gen has read what reached it.
 //   - Release(gen), when gen has exited: its socket leaves the steering map
@@ -156,7 +158,9 @@
 //
 // # Retire
 //
-// relay retires a generation when its drain ends, just before its stop
+// relay retires a generation once its TCP sockets have drained, and then
+// waits until nothing waits unread in its UDP socket before its stop
+// signal; a generation whose drain ended otherwise is retired at its stop
 // signal. From then on a known flow of a retired generation's slot counts as
 // new at its next datagram (it goes to the serving generation, and its entry
 // is overwritten with the serving slot and flags recomputed from that

@@ -95,6 +95,9 @@ type Group struct {
 	// detach: the caller's socket (FromFile) is in the kernel's group
 	// and stays after Close, so Close takes the program off the group.
 	detach bool
+	// settle are fds of the earlier image's that Restore left open, for
+	// Settle to close.
+	settle []int
 	closed bool
 }
 
@@ -353,7 +356,7 @@ func (g *Group) placeLocked(m *member) error {
 	}
 	if err := g.maps.seen.Update(m.slot, monotonic(), ebpf.UpdateAny); err != nil {
 		g.maps.socks.Delete(m.slot)
-		return fmt.Errorf("%s: %w", g.name, err)
+		return fmt.Errorf("%s: starting slot %d's idle clock in the seen map: %w", g.name, m.slot, err)
 	}
 	g.members[m.slot] = m
 	g.dirty[m.slot] = true
@@ -450,8 +453,11 @@ func (g *Group) Switch(gen int) error {
 	return g.serveLocked(m)
 }
 
+// ErrServes is Retire's error for the generation new flows go to.
+var ErrServes = errors.New("a generation that serves cannot retire")
+
 // Retire tells the group that generation gen is stopping (relay retires a
-// generation when its drain ends, just before its stop signal). From then
+// generation when its drain ends, or at its stop signal). From then
 // on a datagram of one of its flows counts as a new flow and goes to the
 // serving generation, unless the flow is a QUIC connection's (Options.QUIC:
 // begun by a QUIC long-header packet): those stay with gen until Release,
@@ -473,7 +479,7 @@ func (g *Group) Retire(gen int) error {
 		return nil
 	}
 	if m == g.serving {
-		return fmt.Errorf("%s: generation %d serves: a generation that serves cannot retire", g.name, gen)
+		return fmt.Errorf("%s: generation %d: %w", g.name, gen, ErrServes)
 	}
 	if err := g.maps.retired.Update(m.slot, uint32(1), ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("%s: retiring slot %d (generation %d): %w", g.name, m.slot, gen, err)

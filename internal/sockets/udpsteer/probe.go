@@ -74,7 +74,7 @@ func (g *Group) ProbeQUIC(ctx context.Context, gen int) error {
 		deadline = d
 	}
 	if err := conn.SetDeadline(deadline); err != nil {
-		return fmt.Errorf("QUIC probe: %w", err)
+		return fmt.Errorf("QUIC probe: setting the deadline of its socket: %w", err)
 	}
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
 	defer stop()
@@ -91,6 +91,13 @@ func (g *Group) ProbeQUIC(ctx context.Context, gen int) error {
 			return fmt.Errorf("QUIC probe %s→%s: no Version Negotiation from generation %d's socket: %w", local, target, gen, err)
 		}
 		if isVersionNegotiation(buf[:n], scid) {
+			// Only an answer that came while the probe's flow still
+			// named gen's socket is gen's: a flow the table evicted
+			// (more flows than MaxFlows) would have made the probe a
+			// new flow, for the serving generation.
+			if !g.pinned(key, gen) {
+				return fmt.Errorf("QUIC probe %s→%s: the probe's flow left the flow table before the answer, which may be another generation's", local, target)
+			}
 			return nil
 		}
 	}
@@ -138,6 +145,18 @@ func (g *Group) pin(key flowKey, gen int) error {
 		return fmt.Errorf("%s: putting the QUIC probe's flow in the flow table: %w", g.name, err)
 	}
 	return nil
+}
+
+// pinned reports whether the probe's flow still names gen's socket.
+func (g *Group) pinned(key flowKey, gen int) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return false
+	}
+	m := g.memberLocked(gen)
+	var v flowValue
+	return m != nil && g.maps.flows.Lookup(key, &v) == nil && v.Slot == m.slot
 }
 
 // unpin takes the probe's flow out of the table.

@@ -34,17 +34,13 @@ const (
 
 // ETH_P_IP and ETH_P_IPV6 as the context field holds them: the kernel
 // loads skb->protocol, a big-endian 16-bit number, as it lies in memory.
-var (
-	ethPIP   = int32(binary.NativeEndian.Uint16([]byte{0x08, 0x00}))
-	ethPIPv6 = int32(binary.NativeEndian.Uint16([]byte{0x86, 0xdd}))
-)
+func ethPIP() int32   { return int32(binary.NativeEndian.Uint16([]byte{0x08, 0x00})) }
+func ethPIPv6() int32 { return int32(binary.NativeEndian.Uint16([]byte{0x86, 0xdd})) }
 
 // QUIC versions, as the 32 bits after a long header's first byte carry
 // them, read from the stack as a native-endian word.
-var (
-	quicV1 = int64(binary.NativeEndian.Uint32([]byte{0x00, 0x00, 0x00, 0x01})) // RFC 9000
-	quicV2 = int64(binary.NativeEndian.Uint32([]byte{0x6b, 0x33, 0x43, 0xcf})) // RFC 9369
-)
+func quicV1() int64 { return int64(binary.NativeEndian.Uint32([]byte{0x00, 0x00, 0x00, 0x01})) } // RFC 9000
+func quicV2() int64 { return int64(binary.NativeEndian.Uint32([]byte{0x6b, 0x33, 0x43, 0xcf})) } // RFC 9369
 
 // The program's stack, below the frame pointer (r10). Every byte a helper
 // or a map reads is written first, so the verifier needs no CAP_PERFMON to
@@ -234,10 +230,10 @@ func program(m *maps, o programOptions) asm.Instructions {
 			// 64-bit loads: v2 as a word has its top bit set, which a
 			// 32-bit immediate would sign-extend (and JMP32 needs
 			// Linux 5.1).
-			asm.LoadImm(asm.R3, quicV1, asm.DWord),
+			asm.LoadImm(asm.R3, quicV1(), asm.DWord),
 			asm.JEq.Reg(asm.R2, asm.R3, "long"),
 			asm.Mov.Imm(asm.R4, 1),
-			asm.LoadImm(asm.R3, quicV2, asm.DWord),
+			asm.LoadImm(asm.R3, quicV2(), asm.DWord),
 			asm.JNE.Reg(asm.R2, asm.R3, "classified"), // another version
 			asm.Mov.Imm(asm.R3, kindQUIC).WithSymbol("long"),
 			asm.JNE.Reg(asm.R1, asm.R4, "kind"),
@@ -248,8 +244,8 @@ func program(m *maps, o programOptions) asm.Instructions {
 	}
 
 	add(ethProtocol)
-	add(asm.JEq.Imm(asm.R2, ethPIPv6, "ipv6"))
-	add(asm.JNE.Imm(asm.R2, ethPIP, "pass")) // neither: leave it to the kernel
+	add(asm.JEq.Imm(asm.R2, ethPIPv6(), "ipv6"))
+	add(asm.JNE.Imm(asm.R2, ethPIP(), "pass")) // neither: leave it to the kernel
 
 	// IPv4: both addresses as ::ffff:a.b.c.d, ten zero bytes and ffff ...
 	// (cilium's asm has no 64-bit store of an immediate: r1 = 0)

@@ -184,6 +184,21 @@ func (s Saved) FDs() []int {
 // own: an *os.File of the caller's fd would close it when collected. On
 // error it has closed none of s's fds, and the error says what failed.
 func Restore(s Saved, log *slog.Logger) (*Group, error) {
+	return restore(s, log, true)
+}
+
+// Check checks what Restore would: s's layout, options and every fd it
+// names (map types and sizes, the program and its maps, each socket's
+// address and its place in its slot), through duplicates it closes again.
+// It takes nothing: s's fds stay open and unchanged, for a set that checks
+// all of its listeners before it takes any.
+func (s Saved) Check() error {
+	_, err := restore(s, nil, false)
+	return err
+}
+
+// restore is Restore, or with keep false Check.
+func restore(s Saved, log *slog.Logger, keep bool) (*Group, error) {
 	if s.Version != savedVersion {
 		return nil, fmt.Errorf("udpsteer: restoring %s: saved by a relay of layout %d; this one knows %d", s.Name, s.Version, savedVersion)
 	}
@@ -360,6 +375,9 @@ func Restore(s Saved, log *slog.Logger) (*Group, error) {
 		dups = append(dups, fd)
 	}
 
+	if !keep {
+		return nil, nil // the deferred cleanup closes what was made
+	}
 	// Nothing fails from here on.
 	ok = true
 	for _, m := range g.members {
@@ -370,11 +388,26 @@ func Restore(s Saved, log *slog.Logger) (*Group, error) {
 		unix.CloseOnExec(m.fd)
 		m.file = os.NewFile(uintptr(m.fd), g.name)
 	}
-	unix.Close(s.Program)
+	// The earlier image's fds of the program and the maps stay open until
+	// Settle: an upgrade that fails after this returns to that image,
+	// which needs them.
+	g.settle = append(g.settle, s.Program)
 	for _, f := range saved {
-		unix.Close(*f.fd)
+		g.settle = append(g.settle, *f.fd)
 	}
 	return g, nil
+}
+
+// Settle closes the fds of the program and maps that Restore took over
+// from the earlier image (it works through duplicates of its own), once
+// relay stays this image. Before, a failed upgrade hands them back.
+func (g *Group) Settle() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, fd := range g.settle {
+		unix.Close(fd)
+	}
+	g.settle = nil
 }
 
 // sameSocket checks that fd is a UDP socket on the group's address, as

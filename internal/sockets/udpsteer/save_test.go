@@ -99,6 +99,13 @@ func TestSaveRestore(t *testing.T) {
 				}
 			}
 			s2, moved := execLike(t, s)
+			before := openFDs(t)
+			if err := s2.Check(); err != nil {
+				t.Fatalf("Check of a good document: %v", err)
+			}
+			if after := openFDs(t); after != before {
+				t.Fatalf("%d fds open before Check, %d after", before, after)
+			}
 			r, err := Restore(s2, nil)
 			if err != nil {
 				for _, fd := range moved {
@@ -107,9 +114,19 @@ func TestSaveRestore(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(r.Close) // every fd moved is r's now
-			for _, fd := range append([]int{s2.Program}, s2.Maps.Socks, s2.Maps.Serving, s2.Maps.Flows, s2.Maps.Seen, s2.Maps.Retired) {
+			// The saved fds of the program and the maps stay open until
+			// Settle, for a failed upgrade's way back; then they close
+			// (the group holds duplicates).
+			progMaps := []int{s2.Program, s2.Maps.Socks, s2.Maps.Serving, s2.Maps.Flows, s2.Maps.Seen, s2.Maps.Retired}
+			for _, fd := range progMaps {
+				if open, _ := isOpen(fd); !open {
+					t.Fatalf("Restore closed the saved fd %d of the program or a map before Settle", fd)
+				}
+			}
+			r.Settle()
+			for _, fd := range progMaps {
 				if open, _ := isOpen(fd); open {
-					t.Fatalf("Restore left the saved fd %d of the program or a map open: it holds duplicates", fd)
+					t.Fatalf("Settle left the saved fd %d of the program or a map open: the group holds duplicates", fd)
 				}
 			}
 			for _, m := range s2.Members {
@@ -299,6 +316,12 @@ func TestRestoreRefuses(t *testing.T) {
 			bad.Members = slices.Clone(s2.Members)
 			tc.edit(&bad)
 			before := openFDs(t)
+			if err := bad.Check(); err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Fatalf("Check: %v; want an error naming %q", err, tc.err)
+			}
+			if after := openFDs(t); after != before {
+				t.Fatalf("%d fds open before the failed Check, %d after", before, after)
+			}
 			r, err := Restore(bad, nil)
 			if err == nil {
 				r.Close()
