@@ -11,7 +11,8 @@
 // Endpoints, on both protocols:
 //
 //	GET /           200 "quicserver pid N gen G\n", headers X-Pid and X-Generation
-//	GET /slow?ms=M  the same after M ms (at most 60 s)
+//	GET /slow?ms=M  the same after M ms (at most 60 s); logs "slow request
+//	                begun" as it begins
 //
 // On SIGTERM (or SIGINT) it stops gracefully: it stops accepting
 // connections, sends HTTP/3 GOAWAY on each QUIC connection (and closes idle
@@ -114,6 +115,9 @@ func run() int {
 			http.Error(w, "ms must be 0..60000", http.StatusBadRequest)
 			return
 		}
+		// One line per slow request, as it begins: a test waits for it
+		// to know the request reached the server.
+		log.Info("slow request begun", "ms", ms, "proto", r.Proto)
 		select {
 		case <-time.After(time.Duration(ms) * time.Millisecond):
 		case <-r.Context().Done():
