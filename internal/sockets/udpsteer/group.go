@@ -572,6 +572,9 @@ func (g *Group) Flows() map[int]int {
 		if int(v.Slot) >= len(g.members) {
 			return
 		}
+		if v.Flags&flagProbe != 0 {
+			return // relay's own readiness probe
+		}
 		if m := g.members[v.Slot]; m != nil && (!m.retired || v.Flags&flagQUIC != 0) {
 			out[m.gen]++
 		}

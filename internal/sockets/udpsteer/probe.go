@@ -140,7 +140,7 @@ func (g *Group) pin(key flowKey, gen int) error {
 		return fmt.Errorf("%s: generation %d: %w", g.name, gen, ErrNoProbe)
 	}
 	// Marked QUIC, so that a retired generation keeps it too.
-	v := flowValue{Slot: m.slot, Flags: flagQUIC, Last: monotonic()}
+	v := flowValue{Slot: m.slot, Flags: flagQUIC | flagProbe, Last: monotonic()}
 	if err := g.maps.flows.Update(key, v, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("%s: putting the QUIC probe's flow in the flow table: %w", g.name, err)
 	}
@@ -156,7 +156,25 @@ func (g *Group) pinned(key flowKey, gen int) bool {
 	}
 	m := g.memberLocked(gen)
 	var v flowValue
-	return m != nil && g.maps.flows.Lookup(key, &v) == nil && v.Slot == m.slot
+	return m != nil && g.maps.flows.Lookup(key, &v) == nil && v.Slot == m.slot && v.Flags&flagProbe != 0
+}
+
+// unpinAllLocked takes every probe's flow out of the table.
+func (g *Group) unpinAllLocked() {
+	var stale []flowKey
+	if err := g.eachFlowLocked(func(k flowKey, v flowValue) {
+		if v.Flags&flagProbe != 0 {
+			stale = append(stale, k)
+		}
+	}); err != nil {
+		g.log.Warn("reading the flow table for probes left by the earlier image", "listener", g.name, "err", err)
+		return
+	}
+	for _, k := range stale {
+		if err := g.maps.flows.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			g.log.Warn("taking a probe's flow left by the earlier image out of the flow table", "listener", g.name, "err", err)
+		}
+	}
 }
 
 // unpin takes the probe's flow out of the table.

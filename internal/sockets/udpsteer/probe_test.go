@@ -5,10 +5,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"net"
+	"net/netip"
 	"os"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // responder answers what a QUIC server answers a packet of an unknown
@@ -139,5 +143,43 @@ func TestIsVersionNegotiation(t *testing.T) {
 	}
 	if len(p) != probeSize || p[0]&0xc0 != 0xc0 || binary.BigEndian.Uint32(p[1:5]) != probeVersion || string(p[7+probeCIDLen:7+2*probeCIDLen]) != string(s) {
 		t.Errorf("probe packet % x... (scid % x)", p[:24], s)
+	}
+}
+
+// A probe's flow that an earlier image left in the table (relay upgraded
+// in the middle of a probe) is not counted, and Restore takes it out.
+func TestRestoreDropsProbeFlows(t *testing.T) {
+	g := newGroup(t, "127.0.0.1:0", Options{QUIC: true})
+	socks := gens{}
+	take(t, g, 1, socks)
+	_, key, err := g.probeTarget()
+	if err != nil {
+		t.Fatal(err)
+	}
+	key.Src = netip.MustParseAddr("127.0.0.1").As16()
+	binary.BigEndian.PutUint16(key.Ports[0:2], 40000)
+	if err := g.pin(key, 1); err != nil {
+		t.Fatal(err)
+	}
+	if f := g.Flows(); f[1] != 0 {
+		t.Errorf("flows with a probe's flow in the table: %v, want none counted", f)
+	}
+	s, err := g.Save()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, moved := execLike(t, s)
+	r, err := Restore(s2, nil)
+	if err != nil {
+		for _, fd := range moved {
+			unix.Close(fd)
+		}
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Close)
+	r.Settle()
+	var v flowValue
+	if err := r.maps.flows.Lookup(key, &v); !errors.Is(err, ebpf.ErrKeyNotExist) {
+		t.Errorf("the probe's flow after Restore: %+v, %v; want it gone", v, err)
 	}
 }

@@ -78,6 +78,12 @@ const (
 // stays with a retired generation (Group.Retire).
 const flagQUIC = 1
 
+// flagProbe, in flowValue.Flags: the flow is a readiness probe's, put in
+// the table by ProbeQUIC (the program never sets it, and keeps it while the
+// flow is known). Flows does not count it, and Restore removes any left by
+// an earlier image that stopped in the middle of a probe.
+const flagProbe = 2
+
 // flowKey is the key of the flows map, as the program builds it.
 type flowKey struct {
 	Src   [16]byte // IPv4 as ::ffff:a.b.c.d

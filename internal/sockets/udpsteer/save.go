@@ -388,6 +388,13 @@ func restore(s Saved, log *slog.Logger, keep bool) (*Group, error) {
 		unix.CloseOnExec(m.fd)
 		m.file = os.NewFile(uintptr(m.fd), g.name)
 	}
+	// A probe the earlier image had under way when it exec'd left its
+	// flow in the table: take it out, so that no client reusing that
+	// loopback port later is sent to the probed generation. (Best effort:
+	// an entry that stays expires with the idle timeout.)
+	g.mu.Lock()
+	g.unpinAllLocked()
+	g.mu.Unlock()
 	// The earlier image's fds of the program and the maps stay open until
 	// Settle: an upgrade that fails after this returns to that image,
 	// which needs them.
