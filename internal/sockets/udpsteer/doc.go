@@ -93,7 +93,9 @@
 //     When the map is full the least recently used flow is forgotten: its
 //     next datagram counts as a new flow and goes to the serving generation.
 //     So more than MaxFlows flows active at once across a switch lose their
-//     stickiness, the least active first.
+//     stickiness, the least active first. The kernel's LRU is approximate:
+//     the newest entries each CPU made wait in that CPU's local list, out
+//     of reach of eviction, so an old flow may outlive newer ones.
 //   - seen: ARRAY[Slots] of the last time (ktime, CLOCK_MONOTONIC ns) a
 //     datagram was steered to each slot, written at most once a millisecond
 //     per slot so that CPUs do not fight over one cache line: Group.Idle,

@@ -47,8 +47,9 @@ func memlock(t *testing.T, g *Group) uint64 {
 	return n
 }
 
-// checkBound checks the table after a flood of flows, and that a flow the
-// flood pushed out (first, on gen 1) counts as new.
+// checkBound checks the table after a flood of flows, and that the flow
+// first (on gen 1) goes where the table says: new if the flood pushed it
+// out, gen 1's if it is kept.
 func checkBound(t *testing.T, g *Group, sent, maxFlows int, took time.Duration, rss0 int, first *client, socks gens) {
 	t.Helper()
 	n := entries(t, g)
@@ -67,10 +68,19 @@ func checkBound(t *testing.T, g *Group, sent, maxFlows int, took time.Duration, 
 	if grew := rss - rss0; grew > 32<<10 {
 		t.Fatalf("RSS grew by %d KiB", grew)
 	}
-	if _, ok := flowAge(t, g, first); ok {
-		t.Fatal("the first flow is still in the table after the flood")
-	}
+	// The kernel's LRU is approximate: an entry made on one CPU waits in
+	// that CPU's local list, out of reach of eviction, until that CPU
+	// takes free entries again, so a flood that another CPU handles may
+	// leave the first flow in. Either way its next datagram must go where
+	// the table says: a forgotten flow is new (gen 2, serving), a kept one
+	// stays with gen 1.
+	_, kept := flowAge(t, g, first)
 	drain(t, socks)
+	if kept {
+		t.Logf("the first flow is still in the table after the flood (made on another CPU than the flood's)")
+		expect(t, "a flow the table kept", landsOn(t, first, socks, 0), 1)
+		return
+	}
 	expect(t, "a flow the table forgot", landsOn(t, first, socks, 0), 2)
 }
 
