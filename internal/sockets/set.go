@@ -238,6 +238,7 @@ func (s *Set) DrainObservable() bool {
 // hears once what was still on its way to gen's TCP sockets at the first
 // reading, if anything.
 func (s *Set) WaitDrained(ctx context.Context, gen int, waiting func(steer.Backlog)) error {
+	switched := time.Now()
 	if tcp := s.steered(); len(tcp) > 0 {
 		if s.observer == nil {
 			return steer.ErrUnobservable
@@ -246,16 +247,26 @@ func (s *Set) WaitDrained(ctx context.Context, gen int, waiting func(steer.Backl
 			return err
 		}
 	}
-	return s.drainUDP(ctx, gen)
+	return s.drainUDP(ctx, gen, switched)
 }
+
+// quicHandshakes is how long after the switch a generation that holds QUIC
+// connections keeps its stop signal back, for the handshakes its clients
+// began before the switch: a QUIC server that stops refuses the
+// connections it has not finished accepting (quic-go answers them
+// CONNECTION_REFUSED), and relay cannot see a QUIC handshake as it sees a
+// TCP one. A handshake takes one to two round trips: 250 ms covers round
+// trips of about 100 ms.
+const quicHandshakes = 250 * time.Millisecond
 
 // udpPoll is how often drainUDP reads a retired generation's UDP queues: a
 // server that reads at all empties them within a few of these.
 const udpPoll = time.Millisecond
 
 // drainUDP retires gen on every steered UDP listener, then waits until
-// nothing waits unread in gen's sockets, or ctx ends.
-func (s *Set) drainUDP(ctx context.Context, gen int) error {
+// nothing waits unread in gen's sockets and, where gen holds QUIC
+// connections, until quicHandshakes after switched; or until ctx ends.
+func (s *Set) drainUDP(ctx context.Context, gen int, switched time.Time) error {
 	groups := s.udp()
 	if len(groups) == 0 {
 		return nil
@@ -280,10 +291,23 @@ func (s *Set) drainUDP(ctx context.Context, gen int) error {
 			waiting = waiting || n > 0
 		}
 		if !waiting {
-			return nil
+			break
 		}
 		t.Reset(udpPoll)
 	}
+	quic := false
+	for _, g := range groups {
+		quic = quic || g.Flows()[gen] > 0 // a retired generation's: QUIC connections only
+	}
+	if left := time.Until(switched.Add(quicHandshakes)); quic && left > 0 {
+		t.Reset(left)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	return nil
 }
 
 // Retire retires generation gen, which no longer serves, on every steered
