@@ -52,13 +52,14 @@
 //     ctx->eth_protocol.
 //  2. With Options.QUIC, it reads the first 5 payload bytes
 //     (bpf_skb_load_bytes at 8) and tells whether the datagram is a QUIC
-//     long-header packet, and an Initial (see QUIC below). A datagram too
-//     short for that load is not QUIC.
-//  3. It looks the key up in "flows". A flow found, not idle for longer
-//     than Options.IdleTimeout (and, with Options.QUIC, not an Initial of a
-//     flow idle for longer than Options.QUICInitialIdle), whose slot is not
-//     retired, or is retired but the flow is a QUIC connection's and the
-//     datagram no Initial, goes to its slot with
+//     long-header packet, an Initial, or a short-header packet (see QUIC
+//     below). A datagram too short for that load is none of them.
+//  3. It looks the key up in "flows". With Options.QUIC, a short-header
+//     packet on a QUIC connection's flow marks it established. A flow
+//     found, not idle for longer than Options.IdleTimeout (and, with
+//     Options.QUIC, not a new connection's Initial: see QUIC below), whose
+//     slot is not retired, or is retired but the flow is a QUIC
+//     connection's, goes to its slot with
 //     bpf_sk_select_reuseport(ctx, &socks, &slot, 0); if that succeeds, the
 //     entry's last-seen time and seen[slot] are updated and the program
 //     returns SK_PASS.
@@ -84,7 +85,9 @@
 //     default), key {src [16]byte, dst [16]byte, sport, dport} (36 bytes),
 //     value {slot u32, flags u32, last-seen ktime u64} (16 bytes); flags bit
 //     0 (flagQUIC): the datagram that made the flow was a QUIC long-header
-//     packet, so the flow is a QUIC connection's. An LRU hash
+//     packet, so the flow is a QUIC connection's; bit 2 (flagEstablished):
+//     a short-header packet followed, so its handshake is over; bit 1
+//     (flagProbe): relay's own readiness probe's flow. An LRU hash
 //     is preallocated: about 104 bytes of kernel memory per entry plus the
 //     buckets, about 7.5 MiB for 65536 entries whatever the traffic (the
 //     kernel's own count, the map's memlock, is logged by the tests). It is
@@ -130,27 +133,34 @@
 // bit keeps RTP out (its first byte is 0b10xxxxxx, version 2), the version
 // keeps DNS out (bytes 1-4 are the low byte of its ID and its flags and
 // counts, never one of the two versions in practice) and most else: a
-// random first byte and version match one time in 2^33. Short-header
-// (1-RTT) packets carry no version and are not recognised: they follow
-// their flow. Other QUIC versions (drafts, future ones) are not recognised
-// either: their flows are plain UDP flows to the program.
+// random first byte and version match one time in 2^33. Other QUIC versions
+// (drafts, future ones) are not recognised: their flows are plain UDP flows
+// to the program.
 //
 // A flow begun by a long-header packet is a QUIC connection's (flagQUIC):
-// Retire lets it stay with its generation.
+// Retire lets it stay with its generation. Short-header (1-RTT) packets
+// carry no version and follow their flow; the first one on a QUIC
+// connection's flow marks it established (flagEstablished): the client has
+// its 1-RTT keys, has finished its handshake, and never sends an Initial on
+// that connection again (RFC 9001, 4.9.1: it discards its Initial keys once
+// it sends a Handshake packet). A QUIC flow not yet established is a
+// handshake in progress, which Group.Handshakes counts for the drain.
 //
 // A QUIC client may open a new connection from a 4-tuple a previous
-// connection used (a client or NAT that reuses its port, quic-go's Transport
-// dialing one server twice). Its first datagram is an Initial. An Initial
-// of a known flow counts as new if the flow has been idle for longer than
-// Options.QUICInitialIdle (3 s by default), which is shorter than
-// IdleTimeout, or if the flow's generation is retired. It is not "every
-// Initial": a client sends several Initials during one handshake
-// (retransmissions, ACKs), and sending a later one to another generation
-// would break the handshake already under way. A client's Initials come at
-// most its probe timeout apart (1 s at first, then 2 s, 4 s ... with RFC
-// 9002's initial RTT of 333 ms), so 3 s lets two lost rounds through. It
-// only matters after a switch: while the flow's generation is the serving
-// one, a new flow lands there anyway.
+// connection used (a client or NAT that reuses its port: Linux hands out
+// ephemeral UDP ports at random from about 28,000, so a client that opens
+// hundreds of connections a second meets its own recent ports). Its first
+// datagram is an Initial. An Initial of a
+// known flow counts as new, and goes to the serving generation, when the
+// flow is established, or when it has been idle for longer than
+// Options.QUICInitialIdle (3 s by default, shorter than IdleTimeout: a
+// handshake abandoned). It is not "every Initial": a client sends several
+// Initials during one handshake (retransmissions, ACKs), and sending a later
+// one to another generation would break the handshake under way. A client's
+// Initials come at most its probe timeout apart (1 s at first, then 2 s, 4 s
+// ... with RFC 9002's initial RTT of 333 ms), so 3 s lets two lost rounds
+// through. It matters after a switch: an Initial that stayed with a stopping
+// generation would be refused (CONNECTION_REFUSED) or dropped.
 //
 // The option is off by default, as a package default: it reads the first
 // bytes of every datagram of any protocol, and a protocol that sends
@@ -173,13 +183,19 @@
 // generation at once; a QUIC server ends its connections gracefully on its
 // stop signal (GOAWAY, then CONNECTION_CLOSE), which needs their packets to
 // keep reaching it until it exits. Initials of a QUIC connection's flow stay
-// too: the client's second flight of a handshake the retired generation
-// answered is an Initial packet (its ACK, coalesced with Handshake data),
-// and sending it to another generation broke that connection in relay's
-// HTTP/3 tests (a handshake slowed down past the drain). A client that
-// opens a new connection from the same 4-tuple reaches the serving
-// generation when the flow has been idle for QUICInitialIdle, or the
-// retired generation exits.
+// too, while the flow's handshake is in progress: the client's second
+// flight of a handshake the retired generation answered is an Initial
+// packet (its ACK, coalesced with Handshake data), and sending it to another
+// generation broke that connection in relay's HTTP/3 tests (a handshake
+// slowed down past the drain). A client that opens a new connection from
+// the 4-tuple of an established connection reaches the serving generation
+// at once; from the 4-tuple of an unfinished handshake, once the flow has
+// been idle for QUICInitialIdle or the retired generation exits.
+//
+// Group.Handshakes counts a generation's QUIC flows whose handshake is in
+// progress (not established, not idle for QUICInitialIdle). relay holds a
+// retired generation's stop signal back until it is 0: a QUIC server refuses
+// a connection whose handshake it has not finished when it stops.
 //
 // The serving generation cannot retire (Retire returns an error); a
 // generation switched to after its retirement is retired no more. Retire of

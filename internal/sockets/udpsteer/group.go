@@ -42,8 +42,9 @@ type Options struct {
 	// QUIC: the program recognises QUIC v1 and v2 long-header packets
 	// (it reads the first 5 payload bytes of every datagram): a flow
 	// begun by one is a QUIC connection's, which stays with a retired
-	// generation (Retire), and an Initial packet of a known flow idle for
-	// longer than QUICInitialIdle (3 s by default) counts as a new flow.
+	// generation (Retire), and an Initial packet of a known flow counts as
+	// a new flow once a short-header packet followed on it, or it was idle
+	// for longer than QUICInitialIdle (3 s by default).
 	// Off by default; relay turns it on.
 	QUIC            bool
 	QUICInitialIdle time.Duration
@@ -583,6 +584,36 @@ func (g *Group) Flows() map[int]int {
 		g.log.Warn("reading the flow table", "listener", g.name, "err", err)
 	}
 	return out
+}
+
+// Handshakes counts generation gen's QUIC connections whose handshake is in
+// progress: flows begun by a QUIC long-header packet that no short-header
+// packet has followed yet, and that sent a datagram within
+// Options.QUICInitialIdle (an older one is an abandoned handshake). 0
+// without Options.QUIC, or for a generation without a socket.
+func (g *Group) Handshakes(gen int) (int, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	m := g.memberLocked(gen)
+	if m == nil || g.closed || !g.opts.QUIC {
+		return 0, nil
+	}
+	now := monotonic()
+	idle := uint64(g.opts.QUICInitialIdle)
+	n := 0
+	err := g.eachFlowLocked(func(_ flowKey, v flowValue) {
+		if v.Slot != m.slot || v.Flags&(flagQUIC|flagEstablished|flagProbe) != flagQUIC {
+			return
+		}
+		if v.Last < now && now-v.Last > idle {
+			return
+		}
+		n++
+	})
+	if err != nil {
+		return 0, fmt.Errorf("%s: reading the flow table: %w", g.name, err)
+	}
+	return n, nil
 }
 
 // Close closes the sockets and the maps Group made, and takes the program

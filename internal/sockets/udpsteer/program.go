@@ -71,6 +71,9 @@ const (
 	kindQUIC = flagQUIC
 	// kindInitial: and an Initial packet.
 	kindInitial = 2
+	// kindShort: a short-header packet (header form bit clear), which a
+	// QUIC connection's flow carries once the client has its 1-RTT keys.
+	kindShort = 4
 )
 
 // flagQUIC, in flowValue.Flags: the datagram that made the flow was a QUIC
@@ -84,6 +87,13 @@ const flagQUIC = 1
 // an earlier image that stopped in the middle of a probe.
 const flagProbe = 2
 
+// flagEstablished, in flowValue.Flags: a short-header (1-RTT) packet came
+// on the QUIC connection's flow, so the client has finished its handshake
+// and will send no Initial on it again: an Initial on the 4-tuple is a new
+// connection's, and goes to the serving generation. A QUIC flow without it
+// is a handshake in progress (Group.Handshakes).
+const flagEstablished = 4
+
 // flowKey is the key of the flows map, as the program builds it.
 type flowKey struct {
 	Src   [16]byte // IPv4 as ::ffff:a.b.c.d
@@ -94,7 +104,7 @@ type flowKey struct {
 // flowValue is the value of the flows map.
 type flowValue struct {
 	Slot  uint32
-	Flags uint32 // flagQUIC
+	Flags uint32 // flagQUIC, flagProbe, flagEstablished
 	Last  uint64 // ktime (CLOCK_MONOTONIC) ns of the flow's last datagram
 }
 
@@ -224,7 +234,14 @@ func program(m *maps, o programOptions) asm.Instructions {
 		add(
 			asm.JNE.Imm(asm.R0, 0, "classified"), // fewer than 5 bytes: not QUIC
 			asm.LoadMem(asm.R1, asm.RFP, quicOff, asm.Byte),
+			// A short header: kindShort (it means something on a QUIC
+			// connection's flow only).
 			asm.Mov.Reg(asm.R2, asm.R1),
+			asm.And.Imm(asm.R2, 0x80),
+			asm.JNE.Imm(asm.R2, 0, "longform"),
+			asm.StoreImm(asm.RFP, kindOff, kindShort, asm.Word),
+			asm.Ja.Label("classified"),
+			asm.Mov.Reg(asm.R2, asm.R1).WithSymbol("longform"),
 			asm.And.Imm(asm.R2, 0xc0),
 			asm.JNE.Imm(asm.R2, 0xc0, "classified"), // a short header, or not QUIC
 			asm.RSh.Imm(asm.R1, 4),
@@ -297,15 +314,34 @@ func program(m *maps, o programOptions) asm.Instructions {
 	)
 
 	if o.quic {
-		// A QUIC Initial of a flow idle for longer than quicIdle is a
-		// new connection on an old 4-tuple. One within quicIdle belongs
-		// to the handshake going on.
+		// A short-header packet on a QUIC connection's flow: the client
+		// has finished its handshake; mark the flow established.
 		add(
-			asm.LoadImm(asm.R1, int64(o.quicIdle), asm.DWord),
-			asm.JSLE.Reg(asm.R8, asm.R1, "known"),
-			asm.LoadMem(asm.R1, asm.RFP, kindOff, asm.Word),
+			asm.LoadMem(asm.R1, asm.R7, 4, asm.Word), // r1 = entry.flags
+			asm.Mov.Reg(asm.R2, asm.R1),
+			asm.And.Imm(asm.R2, flagQUIC|flagEstablished),
+			asm.JNE.Imm(asm.R2, flagQUIC, "initial"), // not QUIC, or marked
+			asm.LoadMem(asm.R2, asm.RFP, kindOff, asm.Word),
+			asm.And.Imm(asm.R2, kindShort),
+			asm.JEq.Imm(asm.R2, 0, "initial"),
+			asm.Or.Imm(asm.R1, flagEstablished),
+			asm.StoreMem(asm.R7, 4, asm.R1, asm.Word),
+			asm.Ja.Label("known"), // a short header is no Initial
+		)
+		// A QUIC Initial is a new connection on an old 4-tuple when the
+		// flow's connection finished its handshake, or when the flow was
+		// idle for longer than quicIdle (a handshake abandoned). Else it
+		// belongs to the handshake going on: the client's second flight
+		// (an ACK in an Initial), or a retransmission.
+		add(
+			asm.LoadMem(asm.R1, asm.RFP, kindOff, asm.Word).WithSymbol("initial"),
 			asm.And.Imm(asm.R1, kindInitial),
+			asm.JEq.Imm(asm.R1, 0, "known"),
+			asm.LoadMem(asm.R1, asm.R7, 4, asm.Word),
+			asm.And.Imm(asm.R1, flagEstablished),
 			asm.JNE.Imm(asm.R1, 0, "new"),
+			asm.LoadImm(asm.R1, int64(o.quicIdle), asm.DWord),
+			asm.JSGT.Reg(asm.R8, asm.R1, "new"),
 		)
 	}
 
@@ -315,13 +351,10 @@ func program(m *maps, o programOptions) asm.Instructions {
 		asm.StoreMem(asm.RFP, valSlot, asm.R1, asm.Word),
 	)
 	// Its slot retired (Group.Retire): a new flow, unless it is a QUIC
-	// connection's flow. An Initial of one stays too: it may be the
-	// client's second flight of a handshake the retired generation
-	// answered (an ACK in an Initial packet, coalesced with its Handshake
-	// packet), and sending that elsewhere would break a connection the
-	// retired generation accepted. A new connection on the old 4-tuple
-	// reaches the serving generation once the flow is idle for quicIdle
-	// (above) or the retired generation exits.
+	// connection's flow. An Initial that got here stays too: it belongs
+	// to a handshake the retired generation is answering (above), and
+	// sending it elsewhere would break a connection the retired
+	// generation accepted.
 	add(mapKey(m.retired, valSlot)...)
 	add(asm.FnMapLookupElem.Call())
 	add(asm.JEq.Imm(asm.R0, 0, "select")) // cannot be: every slot is in the array

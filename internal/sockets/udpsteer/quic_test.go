@@ -48,6 +48,18 @@ func sends(t *testing.T, c *client, socks gens, payload []byte) int {
 	return receiver(t, socks, payload)
 }
 
+// expectHandshakes checks g.Handshakes(gen).
+func expectHandshakes(t *testing.T, g *Group, gen, want int) {
+	t.Helper()
+	n, err := g.Handshakes(gen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != want {
+		t.Fatalf("generation %d has %d QUIC handshakes in progress, want %d", gen, n, want)
+	}
+}
+
 // flowFlags are the flags of c's flow in the table.
 func flowFlags(t *testing.T, g *Group, c *client) uint32 {
 	t.Helper()
@@ -120,8 +132,10 @@ func TestQUICRecognition(t *testing.T) {
 
 // After Retire, a retired generation's flows go to the serving generation
 // at their next datagram, except the QUIC connections' (begun by a long
-// header), which stay until Release, unless an Initial (a new connection
-// on the same 4-tuple) comes.
+// header), which stay until Release, Initials of a handshake in progress
+// included; an Initial on the 4-tuple of a connection whose client sent a
+// short header is a new connection's, and goes to the serving generation.
+// Handshakes counts the QUIC flows without a short header.
 func TestRetire(t *testing.T) {
 	for _, fam := range families {
 		t.Run(fam.name, func(t *testing.T) {
@@ -149,6 +163,8 @@ func TestRetire(t *testing.T) {
 			must(t, g.Retire(1)) // twice is once
 			must(t, g.Retire(9)) // no socket: nothing to retire
 			expectFlows(t, g, map[int]int{1: 3})
+			expectHandshakes(t, g, 1, 3) // three QUIC flows, no short header yet
+			expectHandshakes(t, g, 2, 0)
 
 			expect(t, "a DNS query of a retired generation's flow", sends(t, dns, socks, packet(dnsQuery, 0)), 2)
 			expect(t, "the next DNS query", sends(t, dns, socks, packet(dnsQuery, 0)), 2)
@@ -159,19 +175,36 @@ func TestRetire(t *testing.T) {
 			// An Initial within QUICInitialIdle of a retired generation's
 			// QUIC flow may be its handshake's second flight: it stays.
 			expect(t, "an Initial from a QUIC connection's 4-tuple within QUICInitialIdle", sends(t, again, socks, packet(v1Initial, 1200)), 1)
-			expect(t, "the connection's next packet", sends(t, again, socks, packet(short, 60)), 1)
 			if f := flowFlags(t, g, again); f != flagQUIC {
-				t.Fatalf("the connection's flow has flags %#x", f)
+				t.Fatalf("the connection's flow has flags %#x before its first short header, want %#x", f, flagQUIC)
+			}
+			expectHandshakes(t, g, 1, 1)
+			expect(t, "the connection's next packet", sends(t, again, socks, packet(short, 60)), 1)
+			if f := flowFlags(t, g, again); f != flagQUIC|flagEstablished {
+				t.Fatalf("the connection's flow has flags %#x after a short header, want %#x", f, flagQUIC|flagEstablished)
 			}
 			if f := flowFlags(t, g, dns); f != 0 {
 				t.Fatalf("the DNS flow has flags %#x", f)
 			}
 			expectFlows(t, g, map[int]int{1: 3, 2: 2})
+			expectHandshakes(t, g, 1, 0)
+
+			// An Initial from the 4-tuple of a connection that finished its
+			// handshake begins a new connection: the serving generation's,
+			// at once, though the flow is not idle.
+			expect(t, "an Initial from an established QUIC connection's 4-tuple", sends(t, conn2, socks, packet(v1Initial, 1200)), 2)
+			if f := flowFlags(t, g, conn2); f != flagQUIC {
+				t.Fatalf("the new connection's flow has flags %#x, want %#x", f, flagQUIC)
+			}
+			expectHandshakes(t, g, 2, 1)
+			expect(t, "the new connection's Handshake packet", sends(t, conn2, socks, packet(v1Handshake, 300)), 2)
+			expect(t, "its second Initial", sends(t, conn2, socks, packet(v1Initial, 1200)), 2)
+			expectFlows(t, g, map[int]int{1: 2, 2: 3})
 
 			g.Release(1)
 			delete(socks, 1)
 			expect(t, "a QUIC connection's packet after the release", sends(t, conn, socks, packet(short, 60)), 2)
-			expect(t, "a QUIC v2 connection's packet after the release", sends(t, conn2, socks, packet(short, 60)), 2)
+			expect(t, "the new connection's packet after the release", sends(t, conn2, socks, packet(short, 60)), 2)
 			expect(t, "the third QUIC connection's packet after the release", sends(t, again, socks, packet(short, 60)), 2)
 			expectFlows(t, g, map[int]int{2: 5})
 		})
