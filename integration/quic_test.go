@@ -294,13 +294,14 @@ type quicRun struct {
 
 // quicRestart is what one restart showed.
 type quicRestart struct {
-	code       int
-	start      time.Time
-	took       time.Duration // relay restart, run to exit
-	readyAfter time.Duration // new generation: started to ready, relay's log
-	drained    time.Duration // old generation's drain, relay's log
-	oldExit    time.Duration // old generation: stop signal to exit, relay's log
-	forced     bool          // the old quicserver's grace ran out
+	code           int
+	start          time.Time
+	took           time.Duration // relay restart, run to exit
+	readyAfter     time.Duration // new generation: started to ready, relay's log
+	drained        time.Duration // old generation's drain, relay's log
+	quicHandshakes int           // QUIC handshakes in progress that held the drain up, relay's log
+	oldExit        time.Duration // old generation: stop signal to exit, relay's log
+	forced         bool          // the old quicserver's grace ran out
 }
 
 // quicGrace is quicserver's grace under relay: the time it gives open
@@ -378,6 +379,9 @@ func quicRestarts(t *testing.T, q *quicRun) {
 		if dr, ok := r.findLog(0, "old generation drained", gen-1); ok {
 			f.drained = time.Duration(dr.num("drain"))
 		}
+		if w, ok := r.findLog(0, "connections still on their way to the old generation; its drain waits for them", gen-1); ok {
+			f.quicHandshakes = w.num("quic_handshakes")
+		}
 		q.restart = append(q.restart, f)
 		// The new generation serves before the next restart.
 		if !eventually(10*time.Second, func() bool { return ld.Snapshot().Pids[pid] >= 50 }) {
@@ -406,8 +410,8 @@ func quicRestarts(t *testing.T, q *quicRun) {
 				failed++
 			}
 		}
-		t.Logf("restart %d: relay restart exit %d, took %s; new generation ready after %s; old generation drained in %s, exited %s after its stop signal (grace ran out: %v); %d requests sent from it to the next restart failed",
-			i+1, f.code, f.took.Round(time.Millisecond), f.readyAfter.Round(time.Millisecond), f.drained, f.oldExit.Round(time.Millisecond), f.forced, failed)
+		t.Logf("restart %d: relay restart exit %d, took %s; new generation ready after %s; old generation drained in %s (waited for %d QUIC handshakes), exited %s after its stop signal (grace ran out: %v); %d requests sent from it to the next restart failed",
+			i+1, f.code, f.took.Round(time.Millisecond), f.readyAfter.Round(time.Millisecond), f.drained, f.quicHandshakes, f.oldExit.Round(time.Millisecond), f.forced, failed)
 	}
 	logSummary(t, "HTTP/3 load", q.sum)
 	logSummary(t, "slow requests", q.slow)

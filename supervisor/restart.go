@@ -346,7 +346,7 @@ func (s *Supervisor) watchDrain(run *restartRun, prev *generation, limit time.Du
 		mode, atMax = DrainAdaptive, EndedMax
 		waiting := func(b steer.Backlog) {
 			prev.log.Debug("connections still on their way to the old generation; its drain waits for them",
-				"queued", b.Queued, "handshakes", b.Handshakes, "unread", b.Unread)
+				"queued", b.Queued, "handshakes", b.Handshakes, "unread", b.Unread, "quic_handshakes", b.QUIC)
 		}
 		go func() {
 			err := s.env.drained(ctx, prev.n, waiting)

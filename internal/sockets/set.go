@@ -234,11 +234,12 @@ func (s *Set) DrainObservable() bool {
 // connections stay with it until it exits, since its stop ends them
 // gracefully), and WaitDrained waits
 // until gen's UDP sockets hold no unread datagram, so that what reached
-// gen before is read by gen while it still reads. waiting, if not nil,
+// gen before is read by gen while it still reads, and until the QUIC
+// handshakes clients began with gen are over (see drainUDP). waiting, if not nil,
 // hears once what was still on its way to gen's TCP sockets at the first
-// reading, if anything.
+// reading, if anything, and once the QUIC handshakes the UDP drain waits
+// for (Backlog.QUIC), if any.
 func (s *Set) WaitDrained(ctx context.Context, gen int, waiting func(steer.Backlog)) error {
-	switched := time.Now()
 	if tcp := s.steered(); len(tcp) > 0 {
 		if s.observer == nil {
 			return steer.ErrUnobservable
@@ -247,26 +248,29 @@ func (s *Set) WaitDrained(ctx context.Context, gen int, waiting func(steer.Backl
 			return err
 		}
 	}
-	return s.drainUDP(ctx, gen, switched)
+	return s.drainUDP(ctx, gen, waiting)
 }
-
-// quicHandshakes is how long after the switch a generation that holds QUIC
-// connections keeps its stop signal back, for the handshakes its clients
-// began before the switch: a QUIC server that stops refuses the
-// connections it has not finished accepting (quic-go answers them
-// CONNECTION_REFUSED), and relay cannot see a QUIC handshake as it sees a
-// TCP one. A handshake takes one to two round trips: 250 ms covers round
-// trips of about 100 ms.
-const quicHandshakes = 250 * time.Millisecond
 
 // udpPoll is how often drainUDP reads a retired generation's UDP queues: a
 // server that reads at all empties them within a few of these.
 const udpPoll = time.Millisecond
 
+// handshakePoll is how often drainUDP reads the flow table while a retired
+// generation has QUIC handshakes in progress: a handshake takes a round
+// trip or two, and each reading walks the table.
+const handshakePoll = 5 * time.Millisecond
+
 // drainUDP retires gen on every steered UDP listener, then waits until
-// nothing waits unread in gen's sockets and, where gen holds QUIC
-// connections, until quicHandshakes after switched; or until ctx ends.
-func (s *Set) drainUDP(ctx context.Context, gen int, switched time.Time) error {
+// nothing waits unread in gen's sockets and gen has no QUIC handshake in
+// progress (udpsteer.Group.Handshakes), or until ctx ends. The handshakes:
+// a client that began one with gen just before the switch finishes it with
+// gen, and a QUIC server that stops refuses the connections it has not
+// finished accepting (quic-go answers them CONNECTION_REFUSED). The wait
+// ends when each client sends its first short-header packet, a round trip
+// or two after its Initial, or when its flow has been silent for
+// udpsteer's QUICInitialIdle (an abandoned handshake). waiting, if not
+// nil, hears the first count of handshakes that holds the drain up.
+func (s *Set) drainUDP(ctx context.Context, gen int, waiting func(steer.Backlog)) error {
 	groups := s.udp()
 	if len(groups) == 0 {
 		return nil
@@ -282,32 +286,34 @@ func (s *Set) drainUDP(ctx context.Context, gen int, switched time.Time) error {
 			return ctx.Err()
 		case <-t.C:
 		}
-		waiting := false
+		queued, handshakes := false, 0
 		for _, g := range groups {
 			n, err := g.Queued(gen)
 			if err != nil {
 				return fmt.Errorf("reading what waits for generation %d on %s: %w", gen, g.Addr(), err)
 			}
-			waiting = waiting || n > 0
+			queued = queued || n > 0
 		}
-		if !waiting {
-			break
+		if queued {
+			t.Reset(udpPoll)
+			continue
 		}
-		t.Reset(udpPoll)
-	}
-	quic := false
-	for _, g := range groups {
-		quic = quic || g.Flows()[gen] > 0 // a retired generation's: QUIC connections only
-	}
-	if left := time.Until(switched.Add(quicHandshakes)); quic && left > 0 {
-		t.Reset(left)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-t.C:
+		for _, g := range groups {
+			n, err := g.Handshakes(gen)
+			if err != nil {
+				return fmt.Errorf("counting the QUIC handshakes of generation %d on %s: %w", gen, g.Addr(), err)
+			}
+			handshakes += n
 		}
+		if handshakes == 0 {
+			return nil
+		}
+		if waiting != nil {
+			waiting(steer.Backlog{QUIC: handshakes})
+			waiting = nil
+		}
+		t.Reset(handshakePoll)
 	}
-	return nil
 }
 
 // Retire retires generation gen, which no longer serves, on every steered

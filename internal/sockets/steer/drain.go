@@ -161,6 +161,10 @@ type Backlog struct {
 	Queued     int // connections in their accept queues
 	Handshakes int // handshakes in progress at the switch, not yet ended
 	Unread     int // connections taken whose client's bytes are not all read
+	// QUIC: QUIC handshakes clients began with it on steered UDP
+	// listeners, not yet ended (relay's sockets package fills it in; steer
+	// itself sees TCP only).
+	QUIC int
 }
 
 // watch is what may still reach, or has reached unread, one group's old
