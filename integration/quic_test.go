@@ -19,6 +19,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
 	"github.com/relaysh/relay/integration/h3load"
 )
 
@@ -705,4 +708,95 @@ func TestUpgradeFailureKeepsUDPSteering(t *testing.T) {
 	if code := r.wait(30 * time.Second); code != 0 {
 		t.Errorf("relay exit code %d, want 0", code)
 	}
+}
+
+// TestQUICReusedClientPort: a client that opens a new QUIC connection from
+// the address and port of a connection it finished with the old generation
+// (quic-go's Transport dialing twice from one socket, as a client or a NAT
+// that reuses a port does) reaches the new generation, though the flow is
+// seconds from idle and the old generation is stopping: it stopped
+// accepting at its SIGTERM, and a slow request keeps it alive.
+func TestQUICReusedClientPort(t *testing.T) {
+	needUDPSteering(t)
+	port := freeDualPort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	r := startRelay(t, nil, "--listen", "udp:"+addr, "--",
+		built.quicserver, "-inherited", "-notify", "-grace", "20s")
+	r.waitMsg(0, "generation ready", 1)
+
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &quic.Transport{Conn: conn}
+	defer tr.Close()
+	server := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}
+	tlsc := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{http3.NextProtoH3}}
+	var last time.Time // the previous connection's end
+	get := func(what string) (int, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		qc, err := tr.Dial(ctx, server, tlsc, &quic.Config{HandshakeIdleTimeout: 3 * time.Second})
+		if err != nil {
+			return 0, fmt.Errorf("%s: dialing from %s: %w", what, conn.LocalAddr(), err)
+		}
+		defer func() {
+			qc.CloseWithError(0, "")
+			last = time.Now()
+		}()
+		return h3Pid(ctx, (&http3.Transport{}).NewClientConn(qc), addr)
+	}
+	first, err := get("the first connection")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A slow request keeps generation 1 alive after its SIGTERM.
+	slow := h3load.Start(h3load.Config{Addr: addr, Path: "/slow?ms=5000", Long: 1, Timeout: 15 * time.Second, Limit: time.Minute})
+	defer slow.Stop()
+	waitUntil(t, 10*time.Second, "the slow request to begin at generation 1", func() bool {
+		return strings.Contains(r.output(), "slow request begun")
+	})
+	// --at-switch: not waiting for generation 1 to exit.
+	if out, errOut, code := r.client("restart", "--at-switch"); code != 0 {
+		t.Fatalf("relay restart: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	ready, _ := r.waitMsg(0, "generation ready", 2)
+	second := ready.num("pid")
+	waitUntil(t, 10*time.Second, "generation 1 to begin its shutdown", func() bool {
+		return strings.Contains(r.output(), "shutdown begun")
+	})
+	since := time.Since(last)
+	pid, err := get("the connection from the same port after the restart")
+	if err != nil {
+		t.Fatalf("%v (generation 1, pid %d, is stopping; generation 2 is pid %d)", err, first, second)
+	}
+	if pid != second {
+		t.Fatalf("the new connection from the same port was answered by pid %d, want generation 2's %d", pid, second)
+	}
+	t.Logf("a new connection from %s, %s after the last one ended there, was answered by generation 2 (pid %d) while generation 1 (pid %d) was stopping",
+		conn.LocalAddr(), since.Round(time.Millisecond), second, first)
+	if since >= 3*time.Second {
+		t.Logf("the port was idle for 3 s or more: this run did not test the reuse of an active flow")
+	}
+}
+
+// h3Pid sends GET / on cc and returns the pid that answered (X-Pid).
+func h3Pid(ctx context.Context, cc *http3.ClientConn, addr string) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+addr+"/", nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := cc.RoundTrip(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		return 0, fmt.Errorf("reading the body: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("status %s", resp.Status)
+	}
+	return strconv.Atoi(resp.Header.Get("X-Pid"))
 }
