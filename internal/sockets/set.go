@@ -320,27 +320,23 @@ func (s *Set) drainUDP(ctx context.Context, gen int, waiting func(steer.Backlog)
 // UDP listener (see drainUDP), if its drain did not already; nil where no
 // UDP listener is steered. A listener whose new flows still go to gen (a
 // generation stopped before another was switched to) is left as it is.
-func (s *Set) Retire(gen int) error {
-	var errs []error
-	for _, e := range s.entries {
-		if e.UDP == nil {
-			continue
-		}
-		if err := e.UDP.Retire(gen); err != nil && !errors.Is(err, udpsteer.ErrServes) {
-			errs = append(errs, fmt.Errorf("sending the datagrams of generation %d on %s to the serving generation: %w", gen, e.Listener.Spec.Name, err))
-		}
-	}
-	return errors.Join(errs...)
-}
+func (s *Set) Retire(gen int) error { return s.retire(gen, true) }
 
-// retireUDP retires gen on every steered UDP listener (see drainUDP).
-func (s *Set) retireUDP(gen int) error {
+// retireUDP retires gen on every steered UDP listener (see drainUDP); a
+// listener on which gen still serves is an error.
+func (s *Set) retireUDP(gen int) error { return s.retire(gen, false) }
+
+func (s *Set) retire(gen int, unlessServing bool) error {
 	var errs []error
 	for _, e := range s.entries {
 		if e.UDP == nil {
 			continue
 		}
-		if err := e.UDP.Retire(gen); err != nil {
+		err := e.UDP.Retire(gen)
+		if unlessServing && errors.Is(err, udpsteer.ErrServes) {
+			continue
+		}
+		if err != nil {
 			errs = append(errs, fmt.Errorf("sending the datagrams of generation %d on %s to the serving generation: %w", gen, e.Listener.Spec.Name, err))
 		}
 	}
