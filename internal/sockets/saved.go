@@ -361,7 +361,7 @@ func (s *Set) Held(gen int) ([]*os.File, error) {
 	files := make([]*os.File, len(s.entries))
 	for i, e := range s.entries {
 		if e.Group != nil {
-			files[i] = e.Group.Held(gen)
+			files[i] = e.Group.Held(gen, 0) // the one copy: Set knows no --workers yet
 		} else if e.UDP != nil {
 			files[i] = e.UDP.Held(gen)
 		} else {

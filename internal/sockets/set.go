@@ -136,7 +136,7 @@ func (s *Set) Take(gen int) ([]*os.File, error) {
 		)
 		switch {
 		case e.Group != nil:
-			f, fresh, err = e.Group.Take(gen)
+			f, fresh, err = e.Group.Take(gen, 0) // the one copy: Set knows no --workers yet
 		case e.UDP != nil:
 			f, fresh, err = e.UDP.Take(gen)
 		default:
@@ -433,7 +433,7 @@ func (s *Set) steered() []*steer.Group {
 // readiness probes: a probe of a steered listener's public address goes to
 // gen's own socket.
 func (s *Set) ProbeControl(gen int) func(network, address string, c syscall.RawConn) error {
-	return steer.ProbeControl(s.groups(), gen)
+	return steer.ProbeControl(s.groups(), gen, 0)
 }
 
 func (s *Set) groups() []*steer.Group {

@@ -257,21 +257,21 @@ func (o *Observer) backlog(groups []*Group, gen int, watches []*watch) (Backlog,
 	return b, nil
 }
 
-// Queued is the number of connections waiting in the accept queue of
-// generation gen's socket; 0 where gen has none (it exited, or Evict took
-// its socket out).
+// Queued is the number of connections waiting in the accept queues of
+// generation gen's sockets, all its copies'; 0 where gen has none (it
+// exited, or Evict took its sockets out).
 func (g *Group) Queued(gen int) (int, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	m := g.memberLocked(gen)
-	if m == nil {
-		return 0, nil
+	n := 0
+	for _, m := range g.copiesLocked(gen) {
+		info, err := unix.GetsockoptTCPInfo(m.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			return 0, fmt.Errorf("reading the accept queue of %s: %w", g.name, err)
+		}
+		n += int(info.Unacked)
 	}
-	info, err := unix.GetsockoptTCPInfo(m.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
-	if err != nil {
-		return 0, fmt.Errorf("reading the accept queue of %s: %w", g.name, err)
-	}
-	return int(info.Unacked), nil
+	return n, nil
 }
 
 // recheck finds what is left of w: by 4-tuple while it is at most

@@ -200,7 +200,7 @@ func f1(t *testing.T, g *Group) *os.File {
 	t.Helper()
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	m := g.memberLocked(1)
+	m := g.copyLocked(1, 0)
 	if m == nil {
 		t.Fatal("generation 1 has no socket")
 	}

@@ -23,7 +23,7 @@ var ErrPinned = errors.New("the socket is kept by another process (systemd), who
 // first.
 var ErrTarget = errors.New("the socket is where the steering program sends connections")
 
-// Evict takes generation gen's socket out of the group now, while gen
+// Evict takes generation gen's sockets (all its copies') out of the group now, while gen
 // still holds it: for a generation that will never accept what is queued
 // there (it hung, and has been switched away from). The socket is shut
 // down, which unhashes it at once whoever holds a copy. Where
@@ -64,28 +64,35 @@ var ErrTarget = errors.New("the socket is where the steering program sends conne
 func (g *Group) Evict(gen int) (queued int, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if gen == 0 {
-		return 0, nil // the mark of a free socket, no generation's
+	ms := g.copiesLocked(gen)
+	for _, m := range ms {
+		switch {
+		case g.isActiveLocked(m):
+			return 0, fmt.Errorf("%s: generation %d's socket gets the new connections: %w", g.name, gen, ErrTarget)
+		case m == g.probe:
+			return 0, fmt.Errorf("%s: generation %d's socket gets the readiness probe: %w", g.name, gen, ErrTarget)
+		case m.pinned:
+			return 0, fmt.Errorf("%s: generation %d's socket: %w", g.name, gen, ErrPinned)
+		}
 	}
-	m := g.memberLocked(gen)
-	switch {
-	case m == nil:
+	var errs []error
+	for _, m := range ms {
+		n, err := g.detachLocked(m)
+		queued += n
+		g.evicted = append(g.evicted, m)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: shutting down generation %d's socket: %w", g.name, gen, err))
+		}
+	}
+	if len(ms) == 0 {
 		return 0, nil
-	case m == g.active:
-		return 0, fmt.Errorf("%s: generation %d's socket gets the new connections: %w", g.name, gen, ErrTarget)
-	case m == g.probe:
-		return 0, fmt.Errorf("%s: generation %d's socket gets the readiness probe: %w", g.name, gen, ErrTarget)
-	case m.pinned:
-		return 0, fmt.Errorf("%s: generation %d's socket: %w", g.name, gen, ErrPinned)
 	}
-	queued, err = g.detachLocked(m)
-	g.evicted = append(g.evicted, m)
 	// A free socket kept because its leaving would have moved a target
 	// may be able to leave now, and take on what reached it.
 	g.tidyLocked()
-	if err != nil {
-		return queued, fmt.Errorf("%s: shutting down generation %d's socket: %w", g.name, gen, err)
+	if err := errors.Join(errs...); err != nil {
+		return queued, err
 	}
-	g.log.Debug("took a generation's socket out of the group", "listener", g.name, "gen", gen, "queued", queued, "left", len(g.members))
+	g.log.Debug("took a generation's sockets out of the group", "listener", g.name, "gen", gen, "sockets", len(ms), "queued", queued, "left", len(g.members))
 	return queued, nil
 }

@@ -317,7 +317,7 @@ func TestEvictRefuses(t *testing.T) {
 	if _, err := g.Evict(1); !errors.Is(err, ErrTarget) {
 		t.Fatalf("Evict of the public target: %v, want ErrTarget", err)
 	}
-	dialTo(t, g, "127.0.0.1", ProbeControl([]*Group{g}, 2))
+	dialTo(t, g, "127.0.0.1", ProbeControl([]*Group{g}, 2, 0))
 	if _, err := g.Evict(2); !errors.Is(err, ErrTarget) {
 		t.Fatalf("Evict of the probe's target: %v, want ErrTarget", err)
 	}

@@ -16,6 +16,12 @@
 // Group keeps a mirror of that array and is the only one to change it: a
 // socket leaves when Group shuts it down, never when the last process that
 // holds a copy closes it, so the mirror never guesses.
+//
+// A generation may run several copies of its command (a worker pool), each
+// with a socket of its own in the group (Take's worker). The serving
+// generation's copies are then all public targets, and the program picks
+// one for each new connection by a hash of its source address and port
+// (program.go's spread), so that one client's connections spread too.
 package steer
 
 import (
@@ -38,8 +44,10 @@ import (
 type member struct {
 	file *os.File
 	fd   int
-	// gen is the generation using the socket; 0 when it is free.
-	gen int
+	// gen is the generation using the socket; 0 when it is free. worker
+	// is which of gen's copies (--workers) uses it, from 0.
+	gen    int
+	worker int
 	// pinned: never shut down, because another process (systemd's socket
 	// unit or fd store) keeps a copy that must stay a working listener.
 	pinned bool
@@ -61,8 +69,11 @@ type Group struct {
 	sock    sockaddr.Socket // where sa is, and the socket's family
 	backlog int
 	members []*member // in the kernel's order
-	active  *member   // where public connections go
-	probe   *member   // where connections from probeFrom go
+	// active are where public connections go: one socket, or the
+	// sockets of a generation's copies, by worker, over which the
+	// program spreads them.
+	active  []*member
+	probe   *member // where connections from probeFrom go
 	from    netip.AddrPort
 	applied []bpf.Instruction // the program attached last
 	// evicted are the sockets taken out of the group while their
@@ -104,7 +115,7 @@ func New(f *os.File, opts Options) (*Group, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.members = []*member{first}
-	g.active = first
+	g.active = []*member{first}
 	if err := g.applyLocked(); err != nil {
 		return nil, err
 	}
@@ -190,22 +201,35 @@ func (g *Group) newMemberLocked() (*member, error) {
 	return m, nil
 }
 
-// Take returns the socket generation gen is to get. A free socket that is
-// still the public target (its generation crashed, or none has used it
-// yet) comes first: the connections waiting in it are the new
-// generation's to serve. Then any other free socket, then a new one.
+// Take returns the socket copy worker (0 for the first or only one) of
+// generation gen is to get. A free socket that is still a public target
+// (its generation crashed, or none has used it yet) comes first: the
+// connections waiting in it are the new generation's to serve. Then any
+// other free socket, then a new one. A copy that has a socket already gets
+// it again (a replacement of a copy that exited), with fresh false.
 //
 // fresh reports that no generation had the socket before, so that nothing
 // but gen and relay holds it.
-func (g *Group) Take(gen int) (f *os.File, fresh bool, err error) {
+func (g *Group) Take(gen, worker int) (f *os.File, fresh bool, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
 		return nil, false, errors.New("steering group closed")
 	}
-	m := g.active
-	if m.gen != 0 {
-		m = nil
+	if gen == 0 || worker < 0 {
+		return nil, false, fmt.Errorf("%s: no socket for generation %d, copy %d", g.name, gen, worker)
+	}
+	if m := g.copyLocked(gen, worker); m != nil {
+		return m.file, false, nil
+	}
+	var m *member
+	for _, x := range g.active {
+		if x.gen == 0 {
+			m = x
+			break
+		}
+	}
+	if m == nil {
 		for _, x := range g.members {
 			if x.gen == 0 {
 				m = x
@@ -218,37 +242,38 @@ func (g *Group) Take(gen int) (f *os.File, fresh bool, err error) {
 			return nil, false, err
 		}
 	}
-	m.gen = gen
+	m.gen, m.worker = gen, worker
 	fresh = !m.used
 	m.used = true
 	return m.file, fresh, nil
 }
 
-// Switch sends every new connection to generation gen's socket, and ends
-// any probe rule.
+// Switch sends every new connection to generation gen's sockets, spread
+// over them by a hash of the connection where gen has several copies, and
+// ends any probe rule.
 func (g *Group) Switch(gen int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	m := g.memberLocked(gen)
-	if m == nil {
+	ms := g.copiesLocked(gen)
+	if len(ms) == 0 {
 		return fmt.Errorf("%s: generation %d has no socket", g.name, gen)
 	}
-	if err := g.retargetLocked(m, nil, netip.AddrPort{}); err != nil {
+	if err := g.retargetLocked(ms, nil, netip.AddrPort{}); err != nil {
 		return err
 	}
 	g.tidyLocked()
 	return nil
 }
 
-// Probe sends the connections from "from" to generation gen's socket, so
-// that a readiness probe aimed at the public address reaches that
-// generation and no other.
-func (g *Group) Probe(gen int, from netip.AddrPort) error {
+// Probe sends the connections from "from" to the socket of copy worker of
+// generation gen, so that a readiness probe aimed at the public address
+// reaches that copy and nothing else.
+func (g *Group) Probe(gen, worker int, from netip.AddrPort) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	m := g.memberLocked(gen)
+	m := g.copyLocked(gen, worker)
 	if m == nil {
-		return fmt.Errorf("%s: generation %d has no socket (it has exited)", g.name, gen)
+		return fmt.Errorf("%s: generation %d, copy %d, has no socket (it has exited)", g.name, gen, worker)
 	}
 	return g.retargetLocked(g.active, m, from)
 }
@@ -256,7 +281,7 @@ func (g *Group) Probe(gen int, from netip.AddrPort) error {
 // retargetLocked points public connections at active and those from
 // "from" at probe (nil for no rule), and attaches the program for it. If
 // the kernel refuses it, the targets stay as they were.
-func (g *Group) retargetLocked(active, probe *member, from netip.AddrPort) error {
+func (g *Group) retargetLocked(active []*member, probe *member, from netip.AddrPort) error {
 	prevActive, prevProbe, prevFrom := g.active, g.probe, g.from
 	g.active, g.probe, g.from = active, probe, from
 	if err := g.applyLocked(); err != nil {
@@ -266,26 +291,34 @@ func (g *Group) retargetLocked(active, probe *member, from netip.AddrPort) error
 	return nil
 }
 
-// Release tells the group that generation gen has exited. Its socket
-// leaves the group, unless it is still the public target: then it keeps
-// queueing connections for the next generation to take. A socket Evict
-// took out has left already: Release only closes relay's copy.
+// Release tells the group that generation gen has exited, all its copies.
+// Its sockets leave the group, unless they are still public targets: then
+// they keep queueing connections for the next generation to take. A socket
+// Evict took out has left already: Release only closes relay's copy.
 func (g *Group) Release(gen int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if i := slices.IndexFunc(g.evicted, func(m *member) bool { return m.gen == gen }); i >= 0 {
-		g.evicted[i].file.Close()
-		g.evicted = slices.Delete(g.evicted, i, i+1)
+	if gen == 0 {
+		return // the mark of a free socket, no generation's
 	}
-	m := g.memberLocked(gen)
-	if m == nil {
+	g.evicted = slices.DeleteFunc(g.evicted, func(m *member) bool {
+		if m.gen == gen {
+			m.file.Close()
+			return true
+		}
+		return false
+	})
+	ms := g.copiesLocked(gen)
+	if len(ms) == 0 {
 		return
 	}
-	m.gen = 0
-	if g.probe == m {
-		g.probe = nil
-		if err := g.applyLocked(); err != nil {
-			g.log.Error("removing the probe rule", "listener", g.name, "err", err)
+	for _, m := range ms {
+		m.gen, m.worker = 0, 0
+		if g.probe == m {
+			g.probe = nil
+			if err := g.applyLocked(); err != nil {
+				g.log.Error("removing the probe rule", "listener", g.name, "err", err)
+			}
 		}
 	}
 	g.tidyLocked()
@@ -308,9 +341,27 @@ func (g *Group) Close() {
 	g.members, g.evicted = nil, nil
 }
 
-func (g *Group) memberLocked(gen int) *member {
+// copiesLocked are generation gen's sockets in the group, by worker; none
+// for gen 0, the mark of the free ones.
+func (g *Group) copiesLocked(gen int) []*member {
+	if gen == 0 {
+		return nil
+	}
+	var ms []*member
 	for _, m := range g.members {
 		if m.gen == gen {
+			ms = append(ms, m)
+		}
+	}
+	slices.SortFunc(ms, func(a, b *member) int { return a.worker - b.worker })
+	return ms
+}
+
+// copyLocked is the socket of copy worker of generation gen in the group,
+// or nil.
+func (g *Group) copyLocked(gen, worker int) *member {
+	for _, m := range g.copiesLocked(gen) {
+		if m.worker == worker {
 			return m
 		}
 	}
@@ -319,14 +370,21 @@ func (g *Group) memberLocked(gen int) *member {
 
 func (g *Group) indexLocked(m *member) int { return slices.Index(g.members, m) }
 
+// isActiveLocked reports whether m is a public target.
+func (g *Group) isActiveLocked(m *member) bool { return slices.Contains(g.active, m) }
+
 // applyLocked attaches the program that matches the active and probe
 // members' current indices, if it differs from the one attached.
 func (g *Group) applyLocked() error {
 	var rule *probeRule
-	if g.probe != nil && g.probe != g.active {
+	if g.probe != nil && !(len(g.active) == 1 && g.probe == g.active[0]) {
 		rule = &probeRule{from: g.from, index: uint32(g.indexLocked(g.probe))}
 	}
-	prog, err := program(uint32(g.indexLocked(g.active)), rule)
+	active := make([]uint32, len(g.active))
+	for i, m := range g.active {
+		active[i] = uint32(g.indexLocked(m))
+	}
+	prog, err := program(active, rule)
 	if err != nil {
 		return err
 	}
@@ -345,7 +403,7 @@ func (g *Group) tidyLocked() {
 	for again := true; again; {
 		again = false
 		for _, m := range g.members {
-			if m.gen == 0 && m != g.active && !m.pinned && g.canRemoveLocked(m) {
+			if m.gen == 0 && !g.isActiveLocked(m) && !m.pinned && g.canRemoveLocked(m) {
 				g.removeLocked(m)
 				again = true
 				break
@@ -358,14 +416,23 @@ func (g *Group) tidyLocked() {
 // connection. Its leaving moves the last socket into its slot; that is
 // harmless unless the program names the last socket. Then, until the
 // program is rewritten, the old index is past the end and the kernel
-// hashes over the group, which only lands right if the moved socket is
-// all that is left. Otherwise m stays, free, until a later change.
+// hashes over the group, which only lands right if every socket left is a
+// public target and there is no probe rule. Otherwise m stays, free, until
+// a later change.
 func (g *Group) canRemoveLocked(m *member) bool {
 	last := g.members[len(g.members)-1]
-	if last == m || (last != g.active && last != g.probe) {
+	if last == m || (!g.isActiveLocked(last) && last != g.probe) {
 		return true
 	}
-	return len(g.members) == 2
+	if g.probe != nil && !g.isActiveLocked(g.probe) {
+		return false
+	}
+	for _, x := range g.members {
+		if x != m && !g.isActiveLocked(x) {
+			return false
+		}
+	}
+	return true
 }
 
 // removeLocked takes m out of the group for good and closes relay's copy.

@@ -120,7 +120,7 @@ func receiver(t *testing.T, socks map[int]*os.File) int {
 
 func take(t *testing.T, g *Group, gen int, socks map[int]*os.File) {
 	t.Helper()
-	f, _, err := g.Take(gen)
+	f, _, err := g.Take(gen, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +162,7 @@ func TestGroupSteers(t *testing.T) {
 			take(t, g, 2, socks)
 			dialTo(t, g, tc.dial, nil)
 			expect(t, "public, before the switch", receiver(t, socks), 1)
-			dialTo(t, g, tc.dial, ProbeControl([]*Group{g}, 2))
+			dialTo(t, g, tc.dial, ProbeControl([]*Group{g}, 2, 0))
 			expect(t, "probe for gen 2", receiver(t, socks), 2)
 			dialTo(t, g, tc.dial, nil)
 			expect(t, "public, after a probe", receiver(t, socks), 1)
@@ -209,7 +209,7 @@ func TestGroupDefersUnsafeRemoval(t *testing.T) {
 		t.Fatal(err)
 	}
 	take(t, g, 3, socks) // [1 2 3]
-	dialTo(t, g, "127.0.0.1", ProbeControl([]*Group{g}, 3))
+	dialTo(t, g, "127.0.0.1", ProbeControl([]*Group{g}, 3, 0))
 	expect(t, "probe", receiver(t, socks), 3)
 
 	g.Release(1) // would move 3, the probe's target, with 2 left: stays
@@ -288,12 +288,12 @@ func TestGroupRefuses(t *testing.T) {
 }
 
 func TestProgramShape(t *testing.T) {
-	p, err := program(2, nil)
+	p, err := program([]uint32{2}, nil)
 	if err != nil || len(p) != 1 {
 		t.Fatalf("plain program: %v %v", p, err)
 	}
 	for _, from := range []string{"127.0.0.1:40000", "[::1]:40000"} {
-		p, err := program(0, &probeRule{from: netip.MustParseAddrPort(from), index: 1})
+		p, err := program([]uint32{0}, &probeRule{from: netip.MustParseAddrPort(from), index: 1})
 		if err != nil {
 			t.Fatal(err)
 		}

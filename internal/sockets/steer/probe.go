@@ -28,10 +28,11 @@ func (g *Group) Covers(dst netip.AddrPort) bool {
 }
 
 // ProbeControl returns a dialer Control function for the readiness probes
-// of generation gen. A probe to the address of one of groups is bound to a
-// source port of its own first, and that group is told to send the
-// connections from it to gen's socket; other probes pass untouched.
-func ProbeControl(groups []*Group, gen int) func(network, address string, c syscall.RawConn) error {
+// of copy worker of generation gen (0 for the first or only one). A probe
+// to the address of one of groups is bound to a source port of its own
+// first, and that group is told to send the connections from it to that
+// copy's socket; other probes pass untouched.
+func ProbeControl(groups []*Group, gen, worker int) func(network, address string, c syscall.RawConn) error {
 	return func(network, address string, c syscall.RawConn) error {
 		dst, err := netip.ParseAddrPort(address)
 		if err != nil {
@@ -48,7 +49,7 @@ func ProbeControl(groups []*Group, gen int) func(network, address string, c sysc
 			return nil
 		}
 		var inner error
-		err = c.Control(func(fd uintptr) { inner = bindProbe(int(fd), dst, target, gen) })
+		err = c.Control(func(fd uintptr) { inner = bindProbe(int(fd), dst, target, gen, worker) })
 		if err != nil {
 			return fmt.Errorf("steering the probe: %w", err)
 		}
@@ -58,7 +59,7 @@ func ProbeControl(groups []*Group, gen int) func(network, address string, c sysc
 
 // bindProbe binds the probe's socket to the destination's own address (it
 // is local) and a port the kernel picks, then steers that source.
-func bindProbe(fd int, dst netip.AddrPort, g *Group, gen int) error {
+func bindProbe(fd int, dst netip.AddrPort, g *Group, gen, worker int) error {
 	var sa unix.Sockaddr
 	if dst.Addr().Is4() {
 		sa = &unix.SockaddrInet4{Addr: dst.Addr().As4()}
@@ -72,5 +73,5 @@ func bindProbe(fd int, dst netip.AddrPort, g *Group, gen int) error {
 	if err != nil {
 		return fmt.Errorf("reading the probe's source port: %w", err)
 	}
-	return g.Probe(gen, sockaddr.AddrPort(bound))
+	return g.Probe(gen, worker, sockaddr.AddrPort(bound))
 }

@@ -22,8 +22,11 @@ type probeRule struct {
 }
 
 // program builds the classic BPF program for a group: every connection goes
-// to the socket at index active, except those from rule.from (when rule is
-// set), which go to rule.index.
+// to one of the sockets at the indices in active, except those from
+// rule.from (when rule is set), which go to rule.index. With one index in
+// active that is all; with several, a hash of the connection's source
+// address and port picks one (see spread), so that the connections of one
+// client spread over them too.
 //
 // A load out of the packet's bounds would end the program with 0, the
 // first socket; the loads here are all within the IP and TCP headers of any
@@ -34,15 +37,22 @@ type probeRule struct {
 // reads the address and the port right after the fixed 40-byte header: a
 // probe's SYN carries no extension headers, and a packet that does only
 // misses the rule and goes to the active socket.
-func program(active uint32, rule *probeRule) ([]bpf.Instruction, error) {
-	retActive := bpf.RetConstant{Val: active}
+func program(active []uint32, rule *probeRule) ([]bpf.Instruction, error) {
+	if len(active) == 0 {
+		return nil, fmt.Errorf("steering program: no socket to send connections to")
+	}
+	if len(active) > maxSpread {
+		return nil, fmt.Errorf("steering program: %d sockets to spread over, at most %d", len(active), maxSpread)
+	}
+	toActive := spread(active)
 	if rule == nil {
-		return []bpf.Instruction{retActive}, nil
+		return toActive, nil
 	}
 	addr := rule.from.Addr().Unmap()
 	port := uint32(rule.from.Port())
-	// Each check jumps to the last instruction, "ret active", when it
-	// fails; the jumps are filled in once the length is known.
+	// Each check jumps to the first instruction after the rule's "ret
+	// rule.index" when it fails; the jumps are filled in once the length
+	// is known.
 	var prog []bpf.Instruction
 	var misses []int // indices of the JumpIfs to fix up
 	check := func(val uint32) {
@@ -73,10 +83,10 @@ func program(active uint32, rule *probeRule) ([]bpf.Instruction, error) {
 		prog = append(prog, bpf.LoadAbsolute{Off: netOff + 40, Size: 2})
 		check(port)
 	}
-	prog = append(prog, bpf.RetConstant{Val: rule.index}, retActive)
-	last := len(prog) - 1
+	prog = append(prog, bpf.RetConstant{Val: rule.index})
+	next := len(prog)
 	for _, i := range misses {
-		skip := last - i - 1
+		skip := next - i - 1
 		if skip > 255 {
 			return nil, fmt.Errorf("steering program too long")
 		}
@@ -84,7 +94,62 @@ func program(active uint32, rule *probeRule) ([]bpf.Instruction, error) {
 		j.SkipFalse = uint8(skip)
 		prog[i] = j
 	}
-	return prog, nil
+	return append(prog, toActive...), nil
+}
+
+// maxSpread bounds how many sockets one program spreads connections over:
+// a worker pool's copies (each compare-and-return is two instructions, and
+// a jump reaches at most 255 ahead).
+const maxSpread = 64
+
+// spreadMultiplier mixes the hash's bits (2^32 divided by the golden
+// ratio, odd: Knuth's multiplicative hashing).
+const spreadMultiplier = 0x9e3779b1
+
+// spread returns the instructions that send a connection to one of the
+// sockets at the indices in active: the one index itself, or, for several,
+// index hash % len(active), where hash mixes the last 32 bits of the source
+// address with the source port. The port alone would not do: Linux gives
+// connect(2) even ports first, so a modulus of 2 would send every
+// connection of a Linux client to one socket.
+func spread(active []uint32) []bpf.Instruction {
+	if len(active) == 1 {
+		return []bpf.Instruction{bpf.RetConstant{Val: active[0]}}
+	}
+	prog := []bpf.Instruction{
+		bpf.LoadAbsolute{Off: netOff, Size: 1},
+		bpf.ALUOpConstant{Op: bpf.ALUOpShiftRight, Val: 4},
+		bpf.JumpIf{Cond: bpf.JumpEqual, Val: 4, SkipFalse: 5}, // to the IPv6 loads
+		// IPv4: M[0] = the source address; A = the source port, past
+		// the IHL.
+		bpf.LoadAbsolute{Off: netOff + 12, Size: 4},
+		bpf.StoreScratch{Src: bpf.RegA, N: 0},
+		bpf.LoadMemShift{Off: netOff},
+		bpf.LoadIndirect{Off: netOff, Size: 2},
+		bpf.Jump{Skip: 3}, // to the mix
+		// IPv6: M[0] = the last 32 bits of the source address; A = the
+		// source port right after the fixed header (a SYN with extension
+		// headers hashes on other bytes, and still lands on one of them).
+		bpf.LoadAbsolute{Off: netOff + 8 + 12, Size: 4},
+		bpf.StoreScratch{Src: bpf.RegA, N: 0},
+		bpf.LoadAbsolute{Off: netOff + 40, Size: 2},
+		// The mix: A = (M[0] ^ port*0x10001) * spreadMultiplier >> 16,
+		// then the modulus.
+		bpf.ALUOpConstant{Op: bpf.ALUOpMul, Val: 0x10001},
+		bpf.TAX{},
+		bpf.LoadScratch{Dst: bpf.RegA, N: 0},
+		bpf.ALUOpX{Op: bpf.ALUOpXor},
+		bpf.ALUOpConstant{Op: bpf.ALUOpMul, Val: spreadMultiplier},
+		bpf.ALUOpConstant{Op: bpf.ALUOpShiftRight, Val: 16},
+		bpf.ALUOpConstant{Op: bpf.ALUOpMod, Val: uint32(len(active))},
+	}
+	for i, idx := range active[:len(active)-1] {
+		prog = append(prog,
+			bpf.JumpIf{Cond: bpf.JumpEqual, Val: uint32(i), SkipFalse: 1},
+			bpf.RetConstant{Val: idx},
+		)
+	}
+	return append(prog, bpf.RetConstant{Val: active[len(active)-1]})
 }
 
 func be32(b []byte) uint32 {

@@ -22,8 +22,10 @@ import (
 // SavedMember is one socket of a saved group.
 type SavedMember struct {
 	FD int `json:"fd"`
-	// Gen is the generation using it; 0 when it is free.
+	// Gen is the generation using it; 0 when it is free. Worker is which
+	// of Gen's copies uses it.
 	Gen    int  `json:"gen"`
+	Worker int  `json:"worker,omitempty"`
 	Pinned bool `json:"pinned"`
 	Owned  bool `json:"owned"`
 	Used   bool `json:"used"`
@@ -38,8 +40,11 @@ type Saved struct {
 	Evicted []SavedMember `json:"evicted,omitempty"`
 	// Active is the index in Members of the public target; Probe that of
 	// the probe's target, -1 for none, and ProbeFrom the source address
-	// the probe rule matches.
+	// the probe rule matches. Actives, when a generation's copies are the
+	// targets, are their indexes by worker, Active the first of them (an
+	// image that knows no Actives reads Active alone).
 	Active    int    `json:"active"`
+	Actives   []int  `json:"actives,omitempty"`
 	Probe     int    `json:"probe"`
 	ProbeFrom string `json:"probe_from,omitempty"`
 }
@@ -78,7 +83,12 @@ func (g *Group) Save() (Saved, error) {
 	if g.closed {
 		return Saved{}, fmt.Errorf("saving the steering group of %s: closed", g.name)
 	}
-	s := Saved{Active: g.indexLocked(g.active), Probe: -1}
+	s := Saved{Active: g.indexLocked(g.active[0]), Probe: -1}
+	if len(g.active) > 1 {
+		for _, m := range g.active {
+			s.Actives = append(s.Actives, g.indexLocked(m))
+		}
+	}
 	for _, m := range g.members {
 		s.Members = append(s.Members, m.saved())
 	}
@@ -93,7 +103,7 @@ func (g *Group) Save() (Saved, error) {
 
 // saved is m as it crosses the exec.
 func (m *member) saved() SavedMember {
-	return SavedMember{FD: m.fd, Gen: m.gen, Pinned: m.pinned, Owned: m.owned, Used: m.used}
+	return SavedMember{FD: m.fd, Gen: m.gen, Worker: m.worker, Pinned: m.pinned, Owned: m.owned, Used: m.used}
 }
 
 // Check reports whether Restore can rebuild a group from s: every member
@@ -148,18 +158,28 @@ func (s Saved) checkTargets() error {
 	if s.Active < 0 || s.Active >= n || s.Probe < -1 || s.Probe >= n {
 		return fmt.Errorf("the saved group's targets (active %d, probe %d) are not among its %d sockets", s.Active, s.Probe, n)
 	}
+	for _, a := range s.Actives {
+		if a < 0 || a >= n {
+			return fmt.Errorf("the saved group's targets (actives %v) are not among its %d sockets", s.Actives, n)
+		}
+	}
+	if len(s.Actives) > 0 && s.Actives[0] != s.Active {
+		return fmt.Errorf("the saved group's first target %d is not its active %d", s.Actives[0], s.Active)
+	}
 	if s.Probe >= 0 {
 		if _, err := netip.ParseAddrPort(s.ProbeFrom); err != nil {
 			return fmt.Errorf("the saved group's probe source: %w", err)
 		}
 	}
-	gens := map[int]bool{}
+	type copyKey struct{ gen, worker int }
+	copies := map[copyKey]bool{}
 	original := 0
 	for _, m := range s.all() {
-		if m.Gen != 0 && gens[m.Gen] {
-			return fmt.Errorf("the saved group gives generation %d two sockets", m.Gen)
+		k := copyKey{m.Gen, m.Worker}
+		if m.Gen != 0 && copies[k] {
+			return fmt.Errorf("the saved group gives generation %d, copy %d, two sockets", m.Gen, m.Worker)
 		}
-		gens[m.Gen] = m.Gen != 0
+		copies[k] = m.Gen != 0
 		if !m.Owned {
 			original++
 		}
@@ -228,7 +248,13 @@ func Restore(name string, s Saved, log *slog.Logger) (*Group, error) {
 	for _, m := range s.Evicted {
 		g.evicted = append(g.evicted, restoreMember(name, m))
 	}
-	g.active = g.members[s.Active]
+	g.active = []*member{g.members[s.Active]}
+	if len(s.Actives) > 0 {
+		g.active = nil
+		for _, a := range s.Actives {
+			g.active = append(g.active, g.members[a])
+		}
+	}
 	if s.Probe >= 0 {
 		g.probe, g.from = g.members[s.Probe], netip.MustParseAddrPort(s.ProbeFrom)
 	}
@@ -241,7 +267,7 @@ func Restore(name string, s Saved, log *slog.Logger) (*Group, error) {
 // alone: a socket a child made non-blocking joins Go's poller, but Fd
 // then still leaves O_NONBLOCK as it is, since os did not set it.
 func restoreMember(name string, m SavedMember) *member {
-	return &member{file: os.NewFile(uintptr(m.FD), name), fd: m.FD, gen: m.Gen, pinned: m.Pinned, owned: m.Owned, used: m.Used}
+	return &member{file: os.NewFile(uintptr(m.FD), name), fd: m.FD, gen: m.Gen, worker: m.Worker, pinned: m.Pinned, owned: m.Owned, used: m.Used}
 }
 
 // Original returns the file of the socket the group was made from (New's
@@ -258,16 +284,16 @@ func (g *Group) Original() *os.File {
 	return nil
 }
 
-// Held returns the socket generation gen took (Take), in the group or
-// evicted; nil where it holds none.
-func (g *Group) Held(gen int) *os.File {
+// Held returns the socket copy worker of generation gen took (Take), in
+// the group or evicted; nil where it holds none.
+func (g *Group) Held(gen, worker int) *os.File {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if gen == 0 {
 		return nil
 	}
 	for _, m := range g.allLocked() {
-		if m.gen == gen {
+		if m.gen == gen && m.worker == worker {
 			return m.file
 		}
 	}

@@ -93,7 +93,7 @@ func TestSaveRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	from := netip.MustParseAddrPort("127.0.0.1:40000")
-	if err := g.Probe(1, from); err != nil {
+	if err := g.Probe(1, 0, from); err != nil {
 		t.Fatal(err)
 	}
 	// A bind takeover may have made gen 2's socket non-blocking.
@@ -123,10 +123,10 @@ func TestSaveRestore(t *testing.T) {
 	if again, err := r.Save(); err != nil || !reflect.DeepEqual(again, c) {
 		t.Fatalf("the restored group saves as %+v, %v; want %+v", again, err, c)
 	}
-	if r.Original() != r.Held(1) || r.Held(3) != nil {
+	if r.Original() != r.Held(1, 0) || r.Held(3, 0) != nil {
 		t.Fatal("Original or Held do not find the sockets")
 	}
-	rsocks := map[int]*os.File{1: r.Held(1), 2: r.Held(2)}
+	rsocks := map[int]*os.File{1: r.Held(1, 0), 2: r.Held(2, 0)}
 	dialTo(t, r, "127.0.0.1", nil)
 	expect(t, "after the restore", receiver(t, rsocks), 2)
 
@@ -176,17 +176,17 @@ func TestRestoreEvicted(t *testing.T) {
 		t.Fatalf("Save: %+v", s)
 	}
 	r, c := restored(t, s)
-	if r.Original() == nil || r.Original() != r.Held(1) {
+	if r.Original() == nil || r.Original() != r.Held(1, 0) {
 		t.Fatal("the evicted original is not generation 1's")
 	}
 	r.Release(1)
-	if r.Original() != nil || r.Held(1) != nil {
+	if r.Original() != nil || r.Held(1, 0) != nil {
 		t.Fatal("Release left the evicted socket")
 	}
 	if _, err := unix.FcntlInt(uintptr(c.Evicted[0].FD), unix.F_GETFD, 0); err == nil {
 		t.Fatal("Release did not close the restored copy of the evicted socket")
 	}
-	rsocks := map[int]*os.File{2: r.Held(2)}
+	rsocks := map[int]*os.File{2: r.Held(2, 0)}
 	dialTo(t, r, "127.0.0.1", nil)
 	expect(t, "after the release", receiver(t, rsocks), 2)
 }

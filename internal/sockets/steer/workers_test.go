@@ -1,0 +1,210 @@
+package steer
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+)
+
+// key names copy worker of generation gen in a receiver map.
+func key(gen, worker int) int { return gen*100 + worker }
+
+// takeCopies gives generation gen n copies' sockets, into socks.
+func takeCopies(t *testing.T, g *Group, gen, n int, socks map[int]*os.File) {
+	t.Helper()
+	for w := range n {
+		f, _, err := g.Take(gen, w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		socks[key(gen, w)] = f
+	}
+}
+
+// spreadCount dials n connections from host and counts where each landed.
+func spreadCount(t *testing.T, g *Group, host string, n int, socks map[int]*os.File) map[int]int {
+	t.Helper()
+	got := map[int]int{}
+	for range n {
+		c := dialTo(t, g, host, nil)
+		got[receiver(t, socks)]++
+		c.Close()
+	}
+	return got
+}
+
+// A generation of several copies gets every new connection, spread over
+// its copies' sockets by the hash of the source address and port: with
+// 240 connections from one client, every copy gets at least a quarter of
+// its fair share (binomially, a fair hash misses that about once in 10^9
+// runs), the copies of the other generation none. Switching moves them all
+// to the next generation's copies; the probe rule reaches one copy alone.
+func TestSpreadOverCopies(t *testing.T) {
+	const conns = 240
+	for _, host := range []string{"127.0.0.1", "::1"} {
+		for _, copies := range []int{2, 3, 4} {
+			t.Run(fmt.Sprintf("%s/%d copies", host, copies), func(t *testing.T) {
+				addr := "127.0.0.1:0"
+				if strings.Contains(host, ":") {
+					addr = "[::1]:0"
+				}
+				g := newTestGroup(t, addr)
+				socks := map[int]*os.File{}
+				takeCopies(t, g, 1, copies, socks)
+				if err := g.Switch(1); err != nil {
+					t.Fatal(err)
+				}
+				takeCopies(t, g, 2, copies, socks)
+
+				check := func(what string, got map[int]int, gen int) {
+					t.Helper()
+					t.Logf("%s: %v", what, got)
+					for k, n := range got {
+						if k/100 != gen {
+							t.Fatalf("%s: %d connections reached generation %d, copy %d", what, n, k/100, k%100)
+						}
+					}
+					for w := range copies {
+						if n := got[key(gen, w)]; n < conns/copies/4 {
+							t.Fatalf("%s: copy %d of generation %d got %d of %d connections, want at least %d", what, w, gen, n, conns, conns/copies/4)
+						}
+					}
+				}
+				check("generation 1 serving", spreadCount(t, g, host, conns, socks), 1)
+
+				// A probe reaches its copy; the public traffic still spreads.
+				dialTo(t, g, host, ProbeControl([]*Group{g}, 2, copies-1))
+				if got := receiver(t, socks); got != key(2, copies-1) {
+					t.Fatalf("the probe of generation 2, copy %d, reached %d", copies-1, got)
+				}
+				check("generation 1 serving, during a probe", spreadCount(t, g, host, conns, socks), 1)
+
+				if err := g.Switch(2); err != nil {
+					t.Fatal(err)
+				}
+				check("generation 2 serving", spreadCount(t, g, host, conns, socks), 2)
+
+				// Generation 1 exits: its sockets leave, and the moves that
+				// makes in the kernel's array keep generation 2 the target.
+				g.Release(1)
+				for w := range copies {
+					delete(socks, key(1, w))
+				}
+				check("generation 2 serving, generation 1 gone", spreadCount(t, g, host, conns, socks), 2)
+				if q, err := g.Queued(2); err != nil || q != 0 {
+					t.Fatalf("Queued(2) = %d, %v after every connection was accepted", q, err)
+				}
+			})
+		}
+	}
+}
+
+// newTestGroup makes a group on a fresh listening socket of addr.
+func newTestGroup(t *testing.T, addr string) *Group {
+	t.Helper()
+	g, err := New(listen(t, addr, true), Options{Name: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	return g
+}
+
+// A copy that takes again gets its own socket back, not another; copies
+// of one generation never share one, and Take refuses generation 0.
+func TestTakeCopies(t *testing.T) {
+	g := newTestGroup(t, "127.0.0.1:0")
+	a, fresh, err := g.Take(1, 0)
+	if err != nil || !fresh {
+		t.Fatalf("Take(1, 0): fresh %v, %v", fresh, err)
+	}
+	b, _, err := g.Take(1, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a == b {
+		t.Fatal("two copies of generation 1 got one socket")
+	}
+	again, fresh, err := g.Take(1, 1)
+	if err != nil || again != b || fresh {
+		t.Fatalf("Take(1, 1) again: %v (fresh %v, err %v), want copy 1's socket back, not fresh", again, fresh, err)
+	}
+	if _, _, err := g.Take(0, 0); err == nil {
+		t.Fatal("Take(0, 0) gave a socket to no generation")
+	}
+	if g.Held(1, 1) != b || g.Held(1, 2) != nil {
+		t.Fatal("Held does not name the copies' sockets")
+	}
+}
+
+// A group whose public targets are several copies crosses the exec: the
+// restored group has them as targets, by worker, and switches on.
+func TestSaveRestoreCopies(t *testing.T) {
+	g := newTestGroup(t, "127.0.0.1:0")
+	socks := map[int]*os.File{}
+	takeCopies(t, g, 1, 3, socks)
+	if err := g.Switch(1); err != nil {
+		t.Fatal(err)
+	}
+	s, err := g.Save()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(s.Actives) != 3 || s.Actives[0] != s.Active {
+		t.Fatalf("saved targets: active %d, actives %v", s.Active, s.Actives)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+	dup := s
+	dup.Members = append([]SavedMember(nil), s.Members...)
+	for i := range dup.Members {
+		if dup.Members[i].Gen == 1 {
+			dup.Members[i].Worker = 0
+		}
+	}
+	if err := dup.Check(); err == nil {
+		t.Fatal("a saved group with one copy's socket twice passed the check")
+	}
+	r, err := Restore("test", s, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock()
+	n := len(r.active)
+	workers := []int{}
+	for _, m := range r.active {
+		workers = append(workers, m.worker)
+	}
+	r.mu.Unlock()
+	if n != 3 || fmt.Sprint(workers) != "[0 1 2]" {
+		t.Fatalf("restored targets: workers %v", workers)
+	}
+	takeCopies(t, r, 2, 2, socks)
+	if err := r.Switch(2); err != nil {
+		t.Fatal(err)
+	}
+	got := spreadCount(t, r, "127.0.0.1", 40, socks)
+	for k := range got {
+		if k/100 != 2 {
+			t.Fatalf("after the switch on the restored group, connections reached %v", got)
+		}
+	}
+}
+
+// The program refuses more sockets than it can spread over, and none.
+func TestProgramSpreadBounds(t *testing.T) {
+	if _, err := program(nil, nil); err == nil {
+		t.Fatal("a program with no target")
+	}
+	many := make([]uint32, maxSpread+1)
+	if _, err := program(many, nil); err == nil {
+		t.Fatalf("a program spreading over %d sockets", len(many))
+	}
+	if p, err := program(make([]uint32, maxSpread), nil); err != nil {
+		t.Fatal(err)
+	} else if _, err := assemble(p); err != nil {
+		t.Fatal(err)
+	}
+}
