@@ -90,9 +90,15 @@ func realMain(args []string, stderr io.Writer, b boot) int {
 		fmt.Fprintf(stderr, "relay: %v\n", err)
 		return exitShimExec
 	}
-	err := newApp(stderr, b).Run(args)
+	app := newApp(stderr, b)
+	app.Metadata = map[string]any{argvKey: args}
+	err := app.Run(args)
 	return exitCode(err, stderr)
 }
+
+// argvKey names relay's command line in the app's Metadata, for what the
+// parsed flags no longer show (the "--" before relay restart's command).
+const argvKey = "argv"
 
 func newApp(stderr io.Writer, b boot) *cli.App {
 	return &cli.App{

@@ -121,6 +121,35 @@ func TestRestartRefusesABlankCheck(t *testing.T) {
 	}
 }
 
+// relay restart takes a new command only after "--": "relay restart web"
+// most likely names a relay, and taken as a command it would replace the
+// default relay's server. The error says both ways, before relay is asked
+// anything (the control socket here does not exist: exit 4 if reached).
+func TestRestartWantsDashesBeforeACommand(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"web"}, []string{`got "web"`, "relay restart --name web", "relay restart -- web"}},
+		{[]string{"./server", "-x"}, []string{`got "./server" "-x"`, "relay restart -- ./server -x"}},
+	} {
+		args := append([]string{"restart", "--control", "/nonexistent/relay.sock"}, c.args...)
+		code, line := runRelay(t, args...)
+		if code != exitUsage {
+			t.Errorf("relay %v: exit %d (%q), want %d", args, code, line, exitUsage)
+		}
+		for _, w := range c.want {
+			if !strings.Contains(line, w) {
+				t.Errorf("relay %v said %q, want it to say %q", args, line, w)
+			}
+		}
+	}
+	args := []string{"restart", "--control", "/nonexistent/relay.sock", "--", "web"}
+	if code, line := runRelay(t, args...); code != exitUnreachable {
+		t.Errorf("relay %v: exit %d (%q), want %d: the command after -- goes to relay", args, code, line, exitUnreachable)
+	}
+}
+
 // An upgrading relay's check passes its command line on: a candidate
 // that would not take it says so, rather than exit at once after the
 // exec with relay's children.

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 
@@ -66,6 +67,16 @@ func restartAction(c *cli.Context) error {
 	check, err := checkFlag(c)
 	if err != nil {
 		return err
+	}
+	if c.Args().Present() && !afterDashes(c) {
+		// "relay restart web" most likely names a relay: taken as a
+		// command it would replace the default relay's server.
+		args := c.Args().Slice()
+		if len(args) == 1 && control.ValidateName(args[0]) == nil {
+			return usagef("relay restart takes a new command only after \"--\", but got %q; to restart the relay named %s, use relay restart --name %s; to run %s instead, relay restart -- %s",
+				args[0], args[0], args[0], args[0], args[0])
+		}
+		return usagef("relay restart takes a new command only after \"--\", but got %s; put it after \"--\": relay restart -- %s", quoteArgs(args), strings.Join(args, " "))
 	}
 	cmd, err := absCommand(c.Args().Slice())
 	if err != nil {
@@ -197,4 +208,17 @@ func printEvent(w io.Writer, ev *control.Event) {
 
 func msDuration(ms float64) time.Duration {
 	return time.Duration(ms * float64(time.Millisecond)).Round(10 * time.Microsecond)
+}
+
+// afterDashes reports whether relay's command line has a "--" after the
+// subcommand's name: the arguments are a command given as relay restart's
+// help says. Without the command line in the app's Metadata (a test that
+// builds its own app), it reports true.
+func afterDashes(c *cli.Context) bool {
+	argv, ok := c.App.Metadata[argvKey].([]string)
+	if !ok {
+		return true
+	}
+	i := slices.Index(argv, c.Command.Name)
+	return i >= 0 && slices.Contains(argv[i+1:], "--")
 }
