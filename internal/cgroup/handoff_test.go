@@ -2,6 +2,7 @@ package cgroup
 
 import (
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -174,12 +175,27 @@ func TestRestoreKeepsGenerations(t *testing.T) {
 	if ag := got.Group(1); ag.Dir != g.Dir || ag.FD() != 0 || ag.Count() != 1 {
 		t.Errorf("the restored Tree's generation 1: %s, fd %d, %d processes; want %s, 0, 1", ag.Dir, ag.FD(), ag.Count(), g.Dir)
 	}
-	time.Sleep(300 * time.Millisecond) // time for a guard to act, were it to
+	// The guard acts only once every write end of its pipe is closed: it
+	// cannot have, nor can it later, while the restored Tree holds one.
+	// Its fd 3 is the pipe whose write end the restored Tree has.
+	guard := &Group{Dir: filepath.Join(tr.Dir, guardLeaf)}
+	procs := guard.Procs()
+	if len(procs) != 1 {
+		t.Fatalf("the guard's cgroup holds %v across the restore, want the guard alone", procs)
+	}
+	link, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", procs[0], guardFD))
+	if err != nil {
+		t.Fatalf("the guard's pipe: %v", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(saved.GuardFD, &st); err != nil {
+		t.Fatalf("the restored Tree's end of the guard's pipe (fd %d): %v", saved.GuardFD, err)
+	}
+	if want := fmt.Sprintf("pipe:[%d]", st.Ino); link != want {
+		t.Fatalf("the guard reads %s, the restored Tree holds the write end of %s", link, want)
+	}
 	if !g.Populated() || unix.Kill(cmd.Process.Pid, 0) != nil {
 		t.Fatalf("generation 1 (pid %d) was killed across the restore", cmd.Process.Pid)
-	}
-	if guard := (&Group{Dir: filepath.Join(tr.Dir, guardLeaf)}); !guard.Populated() {
-		t.Fatal("the guard exited across the restore")
 	}
 	if err := g.Kill(); err != nil {
 		t.Fatal(err)
