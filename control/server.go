@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/relaysh/relay/internal/fdlimit"
 	"github.com/relaysh/relay/internal/unixpath"
 	"github.com/relaysh/relay/supervisor"
 )
@@ -153,7 +154,7 @@ func Listen(path string, sup Supervisor, info Info, log *slog.Logger) (*Server, 
 
 // newServer is the Server of a control socket made, or taken over.
 func newServer(path string, ln *net.UnixListener, lock *os.File, sup Supervisor, info Info, log *slog.Logger) *Server {
-	reading, streams := connLimits(nofileLimit())
+	reading, streams := connLimits(fdlimit.Soft())
 	return &Server{
 		path: path, ln: ln, lock: lock, sup: sup, info: info, log: log,
 		maxReading: reading, answering: make(chan struct{}, 2*reading),
@@ -168,15 +169,6 @@ func newServer(path string, ln *net.UnixListener, lock *os.File, sup Supervisor,
 // to accept, and to start generations.
 func connLimits(nofile uint64) (reading, streams int) {
 	return int(min(max(nofile/16, 4), maxReading)), int(min(max(nofile/8, 4), maxStreams))
-}
-
-// nofileLimit is relay's RLIMIT_NOFILE, or a guess if it cannot be read.
-func nofileLimit() uint64 {
-	var rl unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
-		return 1024
-	}
-	return rl.Cur
 }
 
 // Path is the socket's path.

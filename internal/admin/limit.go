@@ -9,8 +9,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // The admin listener's cap on open connections. Whoever can reach the
@@ -39,15 +37,6 @@ const (
 // twice as many fds (connLimit.places).
 func connsLimit(nofile uint64) int {
 	return int(min(max(nofile/16, 4), maxConns))
-}
-
-// nofileLimit is relay's RLIMIT_NOFILE, or a guess if it cannot be read.
-func nofileLimit() uint64 {
-	var rl unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
-		return 1024
-	}
-	return rl.Cur
 }
 
 // connLimit caps a Server's open connections, at accept: past the cap, a

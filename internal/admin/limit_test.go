@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/fdlimit"
 )
 
 // waitFor polls cond until it holds, for 10s at most.
@@ -239,7 +241,7 @@ func TestConnectionCapHolds(t *testing.T) {
 		wantLimit int
 	}{
 		{"cap 8", 8, 400, 8},
-		{"default cap", 0, 2000, connsLimit(nofileLimit())},
+		{"default cap", 0, 2000, connsLimit(fdlimit.Soft())},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var rl unix.Rlimit

@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/relaysh/relay/internal/fdlimit"
 	"github.com/relaysh/relay/supervisor"
 )
 
@@ -106,7 +107,7 @@ func Listen(addr string, o Options) (*Server, error) {
 // newServer is the Server of ln; o has its defaults filled in.
 func newServer(ln net.Listener, o Options) *Server {
 	if o.maxConns <= 0 {
-		o.maxConns = connsLimit(nofileLimit())
+		o.maxConns = connsLimit(fdlimit.Soft())
 	}
 	s := &Server{handler: newHandler(o), addr: ln.Addr(), log: o.Log, limit: newConnLimit(o.maxConns, o.Log), ln: ln,
 		kept: -1, resumed: make(chan struct{}), closed: make(chan struct{})}
