@@ -120,6 +120,17 @@ func conformanceCases() []conformanceCase {
 			},
 		},
 		{
+			// A Node.js http.Server that binds its own port
+			// (server.listen(PORT, HOST)), as most Node servers do;
+			// relay takes the bind over. Its SIGTERM handler is the
+			// usual one: server.close() and closeIdleConnections().
+			name: "node-bind", takes: "bind",
+			setup: func(t *testing.T, port int, _ string, _ conformanceConfig) ([]string, []string) {
+				node := conformanceProgram(t, "node")
+				return nil, []string{node, conformanceApp(t, "app.js"), "127.0.0.1:" + strconv.Itoa(port)}
+			},
+		},
+		{
 			// nginx's master and two workers, binding a stock
 			// `listen 127.0.0.1:PORT;`; QUIT is its graceful stop, which
 			// lets a proxied request in flight finish.
