@@ -257,7 +257,9 @@ const udpPoll = time.Millisecond
 
 // handshakePoll is how often drainUDP reads the flow table while a retired
 // generation has QUIC handshakes in progress: a handshake takes a round
-// trip or two, and each reading walks the table.
+// trip or two. Each reading walks the table, which takes about 25 ms when
+// it is full (65,536 flows), so the pause is at least four times the last
+// reading: the walk takes at most a fifth of a CPU.
 const handshakePoll = 5 * time.Millisecond
 
 // drainUDP retires gen on every steered UDP listener, then waits until
@@ -298,6 +300,7 @@ func (s *Set) drainUDP(ctx context.Context, gen int, waiting func(steer.Backlog)
 			t.Reset(udpPoll)
 			continue
 		}
+		walked := time.Now()
 		for _, g := range groups {
 			n, err := g.Handshakes(gen)
 			if err != nil {
@@ -312,7 +315,7 @@ func (s *Set) drainUDP(ctx context.Context, gen int, waiting func(steer.Backlog)
 			waiting(steer.Backlog{QUIC: handshakes})
 			waiting = nil
 		}
-		t.Reset(handshakePoll)
+		t.Reset(max(handshakePoll, 4*time.Since(walked)))
 	}
 }
 
