@@ -287,9 +287,12 @@ func (s *session) bind(m *notif) {
 	if err != nil {
 		b.Err = err
 	} else {
-		defer unix.Close(child)
+		// relay's copy is closed before any event: a caller that hears
+		// one (readiness, through a claim) may count relay's fds.
 		b.Err = inspect(child, &b)
-		if i := s.which(child); i >= 0 {
+		i := s.which(child)
+		unix.Close(child)
+		if i >= 0 {
 			// A bind relay already answered, restarted by a signal
 			// after the socket was put in place, or a bind of a
 			// socket relay passed: it is done.
@@ -380,8 +383,8 @@ func (s *session) listen(m *notif) {
 		s.proceed(m.ID)
 		return
 	}
-	defer unix.Close(child)
 	i := s.which(child)
+	unix.Close(child) // before the event, as in bind
 	if i < 0 {
 		s.proceed(m.ID)
 		return
