@@ -591,15 +591,7 @@ func TestQUICReadinessProbe(t *testing.T) {
 		t.Errorf("restart to a server that does not speak QUIC: exit %d\nstdout: %s\nstderr: %s\nwant a failure naming the QUIC probe", code, out, errOut)
 	}
 	t.Logf("the restart to udpecho: exit %d: %s", code, strings.TrimSpace(out+errOut))
-	before := ld.Snapshot().Pids[first]
-	waitUntil(t, 10*time.Second, "generation 1 to answer 20 more requests", func() bool { return ld.Snapshot().Pids[first] >= before+20 })
-
-	if out, errOut, code := r.client("restart"); code != 0 {
-		t.Errorf("restart to quicserver: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
-	}
-	l, _ := r.waitMsg(from, "generation ready", 3)
-	third := l.num("pid")
-	waitUntil(t, 10*time.Second, "generation 3 to answer 20 requests", func() bool { return ld.Snapshot().Pids[third] >= 20 })
+	l := restartUnderH3Load(t, r, ld, first, from, 3)
 	sum := ld.Stop()
 	logSummary(t, "HTTP/3 load", sum)
 	if n := len(sum.Failures); n > 0 {
@@ -683,15 +675,7 @@ func TestUpgradeFailureKeepsUDPSteering(t *testing.T) {
 	r.waitFor(0, 30*time.Second, "the way back", func(l logLine) bool {
 		return l.str("msg") == "back on this relay: the new one could not take over"
 	})
-	before := ld.Snapshot().Pids[first]
-	waitUntil(t, 10*time.Second, "generation 1 to answer 20 more requests", func() bool { return ld.Snapshot().Pids[first] >= before+20 })
-
-	if out, errOut, code := r.client("restart"); code != 0 {
-		t.Errorf("restart after the failed upgrade: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
-	}
-	l, _ := r.waitMsg(from, "generation ready", 2)
-	second := l.num("pid")
-	waitUntil(t, 10*time.Second, "generation 2 to answer 20 requests", func() bool { return ld.Snapshot().Pids[second] >= 20 })
+	restartUnderH3Load(t, r, ld, first, from, 2)
 	r.waitFor(0, 30*time.Second, "generation 1 to exit", func(l logLine) bool {
 		return l.str("msg") == "old generation exited" && l.num("gen") == 1
 	})
@@ -744,7 +728,7 @@ func TestQUICReusedClientPort(t *testing.T) {
 			qc.CloseWithError(0, "")
 			last = time.Now()
 		}()
-		return h3Pid(ctx, (&http3.Transport{}).NewClientConn(qc), addr)
+		return h3load.Get(ctx, (&http3.Transport{}).NewClientConn(qc), addr, "/")
 	}
 	first, err := get("the first connection")
 	if err != nil {
@@ -781,22 +765,18 @@ func TestQUICReusedClientPort(t *testing.T) {
 	}
 }
 
-// h3Pid sends GET / on cc and returns the pid that answered (X-Pid).
-func h3Pid(ctx context.Context, cc *http3.ClientConn, addr string) (int, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+addr+"/", nil)
-	if err != nil {
-		return 0, err
+// restartUnderH3Load waits until pid, serving, has answered 20 more of ld's
+// requests, restarts relay, and returns generation gen's "generation ready"
+// line (sought from line from) once gen has answered 20.
+func restartUnderH3Load(t *testing.T, r *relayProc, ld *h3load.Load, pid, from, gen int) logLine {
+	t.Helper()
+	before := ld.Snapshot().Pids[pid]
+	waitUntil(t, 10*time.Second, fmt.Sprintf("pid %d to answer 20 more requests", pid), func() bool { return ld.Snapshot().Pids[pid] >= before+20 })
+	if out, errOut, code := r.client("restart"); code != 0 {
+		t.Errorf("restart to generation %d: exit %d\nstdout: %s\nstderr: %s", gen, code, out, errOut)
 	}
-	resp, err := cc.RoundTrip(req)
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		return 0, fmt.Errorf("reading the body: %w", err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("status %s", resp.Status)
-	}
-	return strconv.Atoi(resp.Header.Get("X-Pid"))
+	l, _ := r.waitMsg(from, "generation ready", gen)
+	next := l.num("pid")
+	waitUntil(t, 10*time.Second, fmt.Sprintf("generation %d to answer 20 requests", gen), func() bool { return ld.Snapshot().Pids[next] >= 20 })
+	return l
 }

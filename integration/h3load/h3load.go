@@ -393,7 +393,13 @@ func (l *Load) do(ctx context.Context, cc *http3.ClientConn) (int, error) {
 		l.sum.InFlight--
 		l.mu.Unlock()
 	}()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+l.cfg.Addr+l.cfg.Path, nil)
+	return Get(ctx, cc, l.cfg.Addr, l.cfg.Path)
+}
+
+// Get sends GET path to addr on cc, reads the answer, and returns the pid
+// that answered it (X-Pid); an answer other than 200 is an error.
+func Get(ctx context.Context, cc *http3.ClientConn, addr, path string) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+addr+path, nil)
 	if err != nil {
 		return 0, err
 	}

@@ -7,8 +7,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-
-	"golang.org/x/sys/unix"
 )
 
 // What the package needs, tried: this test binary again under setpriv, as
@@ -110,14 +108,7 @@ func TestChild(t *testing.T) {
 	// Save and Restore need nothing more.
 	s, err := g.Save()
 	must(t, err)
-	s2, moved := execLike(t, s)
-	r, err := Restore(s2, nil)
-	if err != nil {
-		for _, fd := range moved {
-			unix.Close(fd)
-		}
-		t.Fatal(err)
-	}
+	r := restoreAcross(t, s)
 	defer r.Close()
 	rs := restoredSocks(t, r, map[int]bool{1: true, 2: true})
 	expect(t, "a known flow, restored", landsOn(t, a, rs, 0), 1)

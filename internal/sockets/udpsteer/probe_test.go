@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 )
 
 // responder answers what a QUIC server answers a packet of an unknown
@@ -168,14 +167,7 @@ func TestRestoreDropsProbeFlows(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s2, moved := execLike(t, s)
-	r, err := Restore(s2, nil)
-	if err != nil {
-		for _, fd := range moved {
-			unix.Close(fd)
-		}
-		t.Fatal(err)
-	}
+	r := restoreAcross(t, s)
 	t.Cleanup(r.Close)
 	r.Settle()
 	var v flowValue

@@ -43,6 +43,21 @@ func execLike(t *testing.T, s Saved) (Saved, map[int]int) {
 	return out, moved
 }
 
+// restoreAcross is Restore of s in the next image: execLike, then Restore,
+// closing the moved fds if it fails.
+func restoreAcross(t *testing.T, s Saved) *Group {
+	t.Helper()
+	s2, moved := execLike(t, s)
+	r, err := Restore(s2, nil)
+	if err != nil {
+		for _, fd := range moved {
+			unix.Close(fd)
+		}
+		t.Fatal(err)
+	}
+	return r
+}
+
 // isOpen says whether fd is open, and its close-on-exec flag.
 func isOpen(fd int) (open, cloexec bool) {
 	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
