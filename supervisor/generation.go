@@ -187,7 +187,7 @@ func (s *Supervisor) prepare(g *generation) (_ *launch, err error) {
 	}
 	l.stderr = pr
 	l.ours, l.childEnds = append(l.ours, pr), append(l.childEnds, pw)
-	if l.socks, err = s.cfg.Sockets.Take(g.n); err != nil {
+	if l.socks, err = s.cfg.Sockets.Take(g.n, 0); err != nil {
 		return nil, err
 	}
 	l.ours = append(l.ours, closeFunc(func() { s.cfg.Sockets.Release(g.n) }))
@@ -268,7 +268,7 @@ func (s *Supervisor) startCheck(g *generation) {
 		NotifyReady:  g.notify.Ready(),
 		Notified:     g.notified,
 		SpeaksNotify: s.speaksNotify.Load,
-		Control:      s.cfg.Sockets.ProbeControl(g.n),
+		Control:      s.cfg.Sockets.ProbeControl(g.n, 0),
 	}
 	infos := s.cfg.Sockets.Info()
 	probes := make([]string, len(infos))

@@ -513,7 +513,7 @@ func (s *Supervisor) startGen(g *generation, sg SavedGeneration) {
 // adoptTakeover makes g's bind takeover again, from the notification fd
 // of sg, on its sockets; startGen answers its binds.
 func (s *Supervisor) adoptTakeover(g *generation, sg SavedGeneration) error {
-	socks, err := s.cfg.Sockets.Held(g.n)
+	socks, err := s.cfg.Sockets.Held(g.n, 0)
 	if err != nil {
 		return fmt.Errorf("restoring generation %d's bind takeover: %w", g.n, err)
 	}

@@ -137,7 +137,7 @@ func (s *Supervisor) onProbeDue(seq int) {
 	// steered listener goes to this generation's own socket.
 	child := health.Child{
 		Vars:    health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
-		Control: s.cfg.Sockets.ProbeControl(g.n),
+		Control: s.cfg.Sockets.ProbeControl(g.n, 0),
 	}
 	for i, in := range s.cfg.Sockets.Info() {
 		child.Listeners = append(child.Listeners, health.Listener{Name: in.Name, Probe: s.cfg.Sockets.Probe(i)})

@@ -215,7 +215,7 @@ func (s *Supervisor) serveBinds(g *generation, socks []*os.File) {
 	err := t.nt.Serve(takeover.Config{
 		Sockets: socks,
 		Paths:   s.unixPaths(),
-		Claim:   func(b takeover.Bind) takeover.Decision { return s.cfg.Sockets.Claim(g.n, b) },
+		Claim:   func(b takeover.Bind) takeover.Decision { return s.cfg.Sockets.Claim(g.n, 0, b) },
 		Event:   func(e takeover.Event) { s.onTakeover(g, e) },
 	})
 	if err != nil {

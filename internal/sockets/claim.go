@@ -102,7 +102,7 @@ func (a addr) covers(b takeover.Bind) bool {
 // A wildcard bind that several listeners on one port cover gets the one of
 // the child's own family, and is refused where that is not one listener or
 // the child's socket is dual-stack (it would leave a listener unserved).
-func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
+func (s *Set) Claim(gen, worker int, b takeover.Bind) takeover.Decision {
 	var covered, ownFamily []int
 	for i, e := range s.entries {
 		if e.addr.covers(b) {
@@ -145,13 +145,29 @@ func (s *Set) Claim(gen int, b takeover.Bind) takeover.Decision {
 	// Own: nothing but this generation (and relay) holds the socket, so
 	// its O_NONBLOCK may follow the child's. A member that an earlier
 	// generation had may still be held by what that one left behind.
+	k := copyKey{gen, worker}
 	s.mu.Lock()
-	own := e.fresh[gen]
-	if e.Group == nil && e.UDP == nil {
-		own = len(e.holders) == 1 && e.holders[gen]
+	var own bool
+	switch {
+	case e.Group != nil: // the copy's own member
+		own = e.fresh[k]
+	case e.UDP != nil: // its generation's member, which its copies share
+		own = e.fresh[k] && alone(e.holders, k, func(h copyKey) bool { return h.gen == gen })
+	default: // the one socket every generation shares
+		own = e.holders[k] && alone(e.holders, k, func(copyKey) bool { return true })
 	}
 	s.mu.Unlock()
 	return takeover.Decision{Socket: pick, Own: own}
+}
+
+// alone reports whether k is the only holder that matches.
+func alone(holders map[copyKey]bool, k copyKey, match func(copyKey) bool) bool {
+	for h := range holders {
+		if h != k && match(h) {
+			return false
+		}
+	}
+	return true
 }
 
 // uncovered lets a bind no listener covers pass, with a note for a UDP one

@@ -92,7 +92,7 @@ func TestDrainWaitsForQUICHandshakes(t *testing.T) {
 // takeFD takes generation gen's sockets and returns the first one's fd.
 func takeFD(t *testing.T, set *Set, gen int) int {
 	t.Helper()
-	files, err := set.Take(gen)
+	files, err := set.Take(gen, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -24,11 +24,11 @@ func TestHandOver(t *testing.T) {
 		t.Skip(why)
 	}
 	tcp, udp := port(t, set, 0), port(t, set, 1)
-	gen1, err := set.Take(1)
+	gen1, err := set.Take(1, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	gen2, err := set.Take(2)
+	gen2, err := set.Take(2, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -84,7 +84,7 @@ func Open(opts Options) (*Set, error) {
 	stored := storeSockets(log, opts.Notifier, listeners)
 	s := &Set{log: log}
 	for _, l := range listeners {
-		s.entries = append(s.entries, &entry{Listener: l, Stored: stored[l], holders: map[int]bool{}, fresh: map[int]bool{}})
+		s.entries = append(s.entries, &entry{Listener: l, Stored: stored[l], holders: map[copyKey]bool{}, fresh: map[copyKey]bool{}})
 	}
 	for _, e := range s.entries {
 		if e.addr, err = readAddr(e.Listener); err != nil {

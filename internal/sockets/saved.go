@@ -133,12 +133,12 @@ func (s *Set) saveEntry(e *entry) (SavedListener, error) {
 	return out, nil
 }
 
-// gens are the generations m marks true, in order.
-func gens(m map[int]bool) []int {
+// gens are the generations whose first copy m marks true, in order.
+func gens(m map[copyKey]bool) []int {
 	var out []int
-	for gen, on := range m {
-		if on {
-			out = append(out, gen)
+	for k, on := range m {
+		if on && k.worker == 0 {
+			out = append(out, k.gen)
 		}
 	}
 	slices.Sort(out)
@@ -336,11 +336,11 @@ func restoreEntry(l SavedListener, a addr, log *slog.Logger) (*entry, error) {
 	return e, nil
 }
 
-// marks is the set of gens.
-func marks(gens []int) map[int]bool {
-	m := make(map[int]bool, len(gens))
+// marks is the set of the first copies of gens.
+func marks(gens []int) map[copyKey]bool {
+	m := make(map[copyKey]bool, len(gens))
 	for _, gen := range gens {
-		m[gen] = true
+		m[copyKey{gen: gen}] = true
 	}
 	return m
 }
@@ -354,19 +354,20 @@ func (s *Set) Settle() {
 	}
 }
 
-// Held returns the sockets generation gen took (Take) and still holds, in
-// fd order, as Take returned them: for a generation an earlier image
-// started, once Restore has rebuilt the set. Nothing is taken anew.
-func (s *Set) Held(gen int) ([]*os.File, error) {
+// Held returns the sockets copy worker of generation gen took (Take) and
+// still holds, in fd order, as Take returned them: for a generation an
+// earlier image started, once Restore has rebuilt the set. Nothing is taken
+// anew.
+func (s *Set) Held(gen, worker int) ([]*os.File, error) {
 	files := make([]*os.File, len(s.entries))
 	for i, e := range s.entries {
 		if e.Group != nil {
-			files[i] = e.Group.Held(gen, 0) // the one copy: Set knows no --workers yet
+			files[i] = e.Group.Held(gen, worker)
 		} else if e.UDP != nil {
 			files[i] = e.UDP.Held(gen)
 		} else {
 			s.mu.Lock()
-			if e.holders[gen] {
+			if e.holders[copyKey{gen, worker}] {
 				files[i] = e.Listener.File()
 			}
 			s.mu.Unlock()

@@ -138,7 +138,7 @@ func TestSaveRestore(t *testing.T) {
 	if !set.Steered() {
 		t.Skip("steering unavailable here")
 	}
-	gen1, err := set.Take(1)
+	gen1, err := set.Take(1, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +162,7 @@ func TestSaveRestore(t *testing.T) {
 	if r.Migrates() != set.Migrates() || r.DrainObservable() != set.DrainObservable() {
 		t.Fatal("the restored set migrates or observes otherwise")
 	}
-	held, err := r.Held(1)
+	held, err := r.Held(1, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,13 +174,13 @@ func TestSaveRestore(t *testing.T) {
 			t.Fatalf("socket %d's flags: %#x, were %#x", i, got, flags[i])
 		}
 	}
-	if _, err := r.Held(2); err == nil {
+	if _, err := r.Held(2, 0); err == nil {
 		t.Fatal("Held of a generation that took nothing")
 	}
 	tcp := port(t, r, 0)
 	acceptsOn(t, tcp, held[0], "to generation 1")
 
-	gen2, err := r.Take(2)
+	gen2, err := r.Take(2, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,7 +218,7 @@ func TestSaveRestoreWithoutTheOriginal(t *testing.T) {
 		t.Skip("steering unavailable here")
 	}
 	for gen := 1; gen <= 2; gen++ {
-		if _, err := set.Take(gen); err != nil {
+		if _, err := set.Take(gen, 0); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -234,7 +234,7 @@ func TestSaveRestoreWithoutTheOriginal(t *testing.T) {
 		t.Fatalf("the listener's retired socket is saved as fd %d", saved.Listeners[0].FD)
 	}
 	r, closeSet := restoreSet(t, set)
-	held, err := r.Held(2)
+	held, err := r.Held(2, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -43,14 +44,19 @@ type entry struct {
 	UDP *udpsteer.Group
 	// Stored: systemd's fd store keeps a copy.
 	Stored bool
-	// holders are the generations that hold the shared socket.
-	holders map[int]bool
-	// fresh are the generations whose member of the group (TCP or UDP) no
-	// generation had before them: theirs alone.
-	fresh map[int]bool
+	// holders are the copies of generations that hold the shared socket.
+	holders map[copyKey]bool
+	// fresh are the copies whose member of the group (TCP or UDP) no
+	// generation had before them: theirs alone (a UDP member is shared by
+	// the copies of its generation).
+	fresh map[copyKey]bool
 	// addr is what a child's bind is compared with.
 	addr addr
 }
+
+// copyKey names copy worker (0 for the first or only one) of generation
+// gen.
+type copyKey struct{ gen, worker int }
 
 // Info describes one listener, for logs and status.
 type Info struct {
@@ -123,10 +129,13 @@ func (s *Set) Steered() bool {
 	return false
 }
 
-// Take returns the sockets generation gen gets, in fd order: its own member
-// of each steered listener's group, and the shared socket of the others.
-// Release gives them back.
-func (s *Set) Take(gen int) ([]*os.File, error) {
+// Take returns the sockets copy worker of generation gen (0 for the first
+// or only one) gets, in fd order: its own member of each steered TCP
+// listener's group, its generation's of each steered UDP one (the copies
+// share it), and the shared socket of the others. A copy that takes again
+// (a replacement) gets the same sockets. Release gives them back.
+func (s *Set) Take(gen, worker int) ([]*os.File, error) {
+	k := copyKey{gen, worker}
 	files := make([]*os.File, len(s.entries))
 	for i, e := range s.entries {
 		var (
@@ -136,29 +145,35 @@ func (s *Set) Take(gen int) ([]*os.File, error) {
 		)
 		switch {
 		case e.Group != nil:
-			f, fresh, err = e.Group.Take(gen, 0) // the one copy: Set knows no --workers yet
+			f, fresh, err = e.Group.Take(gen, worker)
 		case e.UDP != nil:
 			f, fresh, err = e.UDP.Take(gen)
 		default:
 			s.mu.Lock()
-			e.holders[gen] = true
+			e.holders[k] = true
 			s.mu.Unlock()
 			files[i] = e.Listener.File()
 			continue
 		}
 		if err != nil {
-			s.Release(gen)
+			if worker == 0 {
+				s.Release(gen)
+			}
 			return nil, fmt.Errorf("giving generation %d a socket of its own on %s: %w", gen, e.Listener.Spec.Name, err)
 		}
 		s.mu.Lock()
-		e.fresh[gen] = fresh
+		if e.UDP != nil {
+			e.holders[k] = true // its generation's copies share it
+		}
+		e.fresh[k] = fresh
 		s.mu.Unlock()
 		files[i] = f
 	}
 	return files, nil
 }
 
-// Release gives back the sockets of generation gen, which has exited.
+// Release gives back the sockets of generation gen, all its copies, which
+// have exited.
 func (s *Set) Release(gen int) {
 	for _, e := range s.entries {
 		if e.Group != nil {
@@ -168,10 +183,25 @@ func (s *Set) Release(gen int) {
 			e.UDP.Release(gen)
 		}
 		s.mu.Lock()
-		delete(e.holders, gen)
-		delete(e.fresh, gen)
+		maps.DeleteFunc(e.holders, func(k copyKey, _ bool) bool { return k.gen == gen })
+		maps.DeleteFunc(e.fresh, func(k copyKey, _ bool) bool { return k.gen == gen })
 		s.mu.Unlock()
 	}
+}
+
+// Absent marks copy worker of generation gen absent on every steered TCP
+// listener (it exited, and a replacement is to take its sockets), or
+// present again: see steer.Group.Absent. UDP listeners need no mark: the
+// copies share their generation's socket.
+func (s *Set) Absent(gen, worker int, absent bool) error {
+	var errs []error
+	for _, g := range s.steered() {
+		errs = append(errs, g.Absent(gen, worker, absent))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("steering new connections around copy %d of generation %d: %w", worker, gen, err)
+	}
+	return nil
 }
 
 // switcher is a steered listener: a TCP or a UDP group.
@@ -432,11 +462,11 @@ func (s *Set) steered() []*steer.Group {
 	return groups
 }
 
-// ProbeControl returns the dialer Control function of generation gen's
-// readiness probes: a probe of a steered listener's public address goes to
-// gen's own socket.
-func (s *Set) ProbeControl(gen int) func(network, address string, c syscall.RawConn) error {
-	return steer.ProbeControl(s.groups(), gen, 0)
+// ProbeControl returns the dialer Control function of the readiness probes
+// of copy worker of generation gen: a probe of a steered listener's public
+// address goes to that copy's own socket.
+func (s *Set) ProbeControl(gen, worker int) func(network, address string, c syscall.RawConn) error {
+	return steer.ProbeControl(s.groups(), gen, worker)
 }
 
 func (s *Set) groups() []*steer.Group {

@@ -69,7 +69,7 @@ func (g *Group) Evict(gen int) (queued int, err error) {
 		switch {
 		case g.isActiveLocked(m):
 			return 0, fmt.Errorf("%s: generation %d's socket gets the new connections: %w", g.name, gen, ErrTarget)
-		case m == g.probe:
+		case g.isProbeLocked(m):
 			return 0, fmt.Errorf("%s: generation %d's socket gets the readiness probe: %w", g.name, gen, ErrTarget)
 		case m.pinned:
 			return 0, fmt.Errorf("%s: generation %d's socket: %w", g.name, gen, ErrPinned)

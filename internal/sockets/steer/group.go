@@ -57,6 +57,9 @@ type member struct {
 	// used: some generation has had it. A used socket may still be held
 	// by what that generation left behind.
 	used bool
+	// absent: its copy has exited while its generation lives on (Absent);
+	// new connections go to the generation's other copies meanwhile.
+	absent bool
 }
 
 // Group is the reuseport group of one listener.
@@ -72,9 +75,10 @@ type Group struct {
 	// active are where public connections go: one socket, or the
 	// sockets of a generation's copies, by worker, over which the
 	// program spreads them.
-	active  []*member
-	probe   *member // where connections from probeFrom go
-	from    netip.AddrPort
+	active []*member
+	// probes send the connections from one source each to one socket: the
+	// readiness probes of copies, at most one rule per socket.
+	probes  []probeTarget
 	applied []bpf.Instruction // the program attached last
 	// evicted are the sockets taken out of the group while their
 	// generation still held them (Evict); relay's copy stays open until
@@ -248,26 +252,69 @@ func (g *Group) Take(gen, worker int) (f *os.File, fresh bool, err error) {
 	return m.file, fresh, nil
 }
 
+// probeTarget is a probe rule: the connections from "from" go to m.
+type probeTarget struct {
+	m    *member
+	from netip.AddrPort
+}
+
 // Switch sends every new connection to generation gen's sockets, spread
-// over them by a hash of the connection where gen has several copies, and
-// ends any probe rule.
+// over them by a hash of the connection where gen has several copies (those
+// not Absent; all of them if every one is), and ends every probe rule.
 func (g *Group) Switch(gen int) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	ms := g.copiesLocked(gen)
+	ms := g.targetsLocked(gen)
 	if len(ms) == 0 {
 		return fmt.Errorf("%s: generation %d has no socket", g.name, gen)
 	}
-	if err := g.retargetLocked(ms, nil, netip.AddrPort{}); err != nil {
+	if err := g.retargetLocked(ms, nil); err != nil {
 		return err
 	}
 	g.tidyLocked()
 	return nil
 }
 
+// targetsLocked are the sockets of gen that new connections go to: those
+// of its copies that are not absent, or, when every copy is, all of them,
+// where connections then wait for the copies' replacements.
+func (g *Group) targetsLocked(gen int) []*member {
+	ms := g.copiesLocked(gen)
+	present := slices.DeleteFunc(slices.Clone(ms), func(m *member) bool { return m.absent })
+	if len(present) == 0 {
+		return ms
+	}
+	return present
+}
+
+// Absent marks the socket of copy worker of generation gen absent (its
+// copy exited; a replacement is to take it) or present again. While gen
+// gets the new connections, they go to its present copies alone. The
+// socket stays in the group: the connections queued on it wait there for
+// the replacement, which Take gives the same socket. Nothing changes where
+// the copy has no socket.
+func (g *Group) Absent(gen, worker int, absent bool) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	m := g.copyLocked(gen, worker)
+	if m == nil || m.absent == absent {
+		return nil
+	}
+	m.absent = absent
+	if !slices.ContainsFunc(g.active, func(a *member) bool { return a.gen == gen }) {
+		return nil // gen gets no new connections: Switch reads the mark
+	}
+	if err := g.retargetLocked(g.targetsLocked(gen), g.probes); err != nil {
+		m.absent = !absent
+		return err
+	}
+	return nil
+}
+
 // Probe sends the connections from "from" to the socket of copy worker of
 // generation gen, so that a readiness probe aimed at the public address
-// reaches that copy and nothing else.
+// reaches that copy and nothing else. It replaces the copy's earlier rule;
+// the other copies' rules stay.
 func (g *Group) Probe(gen, worker int, from netip.AddrPort) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -275,17 +322,26 @@ func (g *Group) Probe(gen, worker int, from netip.AddrPort) error {
 	if m == nil {
 		return fmt.Errorf("%s: generation %d, copy %d, has no socket (it has exited)", g.name, gen, worker)
 	}
-	return g.retargetLocked(g.active, m, from)
+	if len(g.probes) >= maxSpread && !g.isProbeLocked(m) {
+		return fmt.Errorf("%s: %d readiness probes at once, at most %d", g.name, len(g.probes), maxSpread)
+	}
+	probes := slices.DeleteFunc(slices.Clone(g.probes), func(p probeTarget) bool { return p.m == m })
+	return g.retargetLocked(g.active, append(probes, probeTarget{m: m, from: from}))
 }
 
-// retargetLocked points public connections at active and those from
-// "from" at probe (nil for no rule), and attaches the program for it. If
-// the kernel refuses it, the targets stay as they were.
-func (g *Group) retargetLocked(active []*member, probe *member, from netip.AddrPort) error {
-	prevActive, prevProbe, prevFrom := g.active, g.probe, g.from
-	g.active, g.probe, g.from = active, probe, from
+// isProbeLocked reports whether some probe rule sends connections to m.
+func (g *Group) isProbeLocked(m *member) bool {
+	return slices.ContainsFunc(g.probes, func(p probeTarget) bool { return p.m == m })
+}
+
+// retargetLocked points public connections at active and those of each
+// probe rule at its socket, and attaches the program for it. If the kernel
+// refuses it, the targets stay as they were.
+func (g *Group) retargetLocked(active []*member, probes []probeTarget) error {
+	prevActive, prevProbes := g.active, g.probes
+	g.active, g.probes = active, probes
 	if err := g.applyLocked(); err != nil {
-		g.active, g.probe, g.from = prevActive, prevProbe, prevFrom
+		g.active, g.probes = prevActive, prevProbes
 		return err
 	}
 	return nil
@@ -312,13 +368,14 @@ func (g *Group) Release(gen int) {
 	if len(ms) == 0 {
 		return
 	}
+	probes := len(g.probes)
 	for _, m := range ms {
-		m.gen, m.worker = 0, 0
-		if g.probe == m {
-			g.probe = nil
-			if err := g.applyLocked(); err != nil {
-				g.log.Error("removing the probe rule", "listener", g.name, "err", err)
-			}
+		m.gen, m.worker, m.absent = 0, 0, false
+		g.probes = slices.DeleteFunc(g.probes, func(p probeTarget) bool { return p.m == m })
+	}
+	if len(g.probes) != probes {
+		if err := g.applyLocked(); err != nil {
+			g.log.Error("removing the probe rule", "listener", g.name, "err", err)
 		}
 	}
 	g.tidyLocked()
@@ -374,17 +431,20 @@ func (g *Group) indexLocked(m *member) int { return slices.Index(g.members, m) }
 func (g *Group) isActiveLocked(m *member) bool { return slices.Contains(g.active, m) }
 
 // applyLocked attaches the program that matches the active and probe
-// members' current indices, if it differs from the one attached.
+// members' current indices, if it differs from the one attached. A probe
+// rule whose socket is the one public target needs no rule.
 func (g *Group) applyLocked() error {
-	var rule *probeRule
-	if g.probe != nil && !(len(g.active) == 1 && g.probe == g.active[0]) {
-		rule = &probeRule{from: g.from, index: uint32(g.indexLocked(g.probe))}
+	var rules []probeRule
+	for _, p := range g.probes {
+		if !(len(g.active) == 1 && p.m == g.active[0]) {
+			rules = append(rules, probeRule{from: p.from, index: uint32(g.indexLocked(p.m))})
+		}
 	}
 	active := make([]uint32, len(g.active))
 	for i, m := range g.active {
 		active[i] = uint32(g.indexLocked(m))
 	}
-	prog, err := program(active, rule)
+	prog, err := program(active, rules...)
 	if err != nil {
 		return err
 	}
@@ -421,10 +481,10 @@ func (g *Group) tidyLocked() {
 // a later change.
 func (g *Group) canRemoveLocked(m *member) bool {
 	last := g.members[len(g.members)-1]
-	if last == m || (!g.isActiveLocked(last) && last != g.probe) {
+	if last == m || (!g.isActiveLocked(last) && !g.isProbeLocked(last)) {
 		return true
 	}
-	if g.probe != nil && !g.isActiveLocked(g.probe) {
+	if slices.ContainsFunc(g.probes, func(p probeTarget) bool { return !g.isActiveLocked(p.m) }) {
 		return false
 	}
 	for _, x := range g.members {

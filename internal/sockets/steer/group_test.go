@@ -288,12 +288,12 @@ func TestGroupRefuses(t *testing.T) {
 }
 
 func TestProgramShape(t *testing.T) {
-	p, err := program([]uint32{2}, nil)
+	p, err := program([]uint32{2})
 	if err != nil || len(p) != 1 {
 		t.Fatalf("plain program: %v %v", p, err)
 	}
 	for _, from := range []string{"127.0.0.1:40000", "[::1]:40000"} {
-		p, err := program([]uint32{0}, &probeRule{from: netip.MustParseAddrPort(from), index: 1})
+		p, err := program([]uint32{0}, probeRule{from: netip.MustParseAddrPort(from), index: 1})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -22,8 +22,8 @@ type probeRule struct {
 }
 
 // program builds the classic BPF program for a group: every connection goes
-// to one of the sockets at the indices in active, except those from
-// rule.from (when rule is set), which go to rule.index. With one index in
+// to one of the sockets at the indices in active, except those from the
+// source of one of rules, which go to that rule's index. With one index in
 // active that is all; with several, a hash of the connection's source
 // address and port picks one (see spread), so that the connections of one
 // client spread over them too.
@@ -37,17 +37,31 @@ type probeRule struct {
 // reads the address and the port right after the fixed 40-byte header: a
 // probe's SYN carries no extension headers, and a packet that does only
 // misses the rule and goes to the active socket.
-func program(active []uint32, rule *probeRule) ([]bpf.Instruction, error) {
+func program(active []uint32, rules ...probeRule) ([]bpf.Instruction, error) {
 	if len(active) == 0 {
 		return nil, fmt.Errorf("steering program: no socket to send connections to")
 	}
 	if len(active) > maxSpread {
 		return nil, fmt.Errorf("steering program: %d sockets to spread over, at most %d", len(active), maxSpread)
 	}
-	toActive := spread(active)
-	if rule == nil {
-		return toActive, nil
+	if len(rules) > maxSpread {
+		return nil, fmt.Errorf("steering program: %d probe rules, at most %d", len(rules), maxSpread)
 	}
+	var prog []bpf.Instruction
+	for _, rule := range rules {
+		block, err := ruleBlock(rule)
+		if err != nil {
+			return nil, err
+		}
+		prog = append(prog, block...)
+	}
+	return append(prog, spread(active)...), nil
+}
+
+// ruleBlock is the part of the program that sends the connections from
+// rule.from to rule.index; a connection from elsewhere goes on to the
+// instruction after the block.
+func ruleBlock(rule probeRule) ([]bpf.Instruction, error) {
 	addr := rule.from.Addr().Unmap()
 	port := uint32(rule.from.Port())
 	// Each check jumps to the first instruction after the rule's "ret
@@ -94,7 +108,7 @@ func program(active []uint32, rule *probeRule) ([]bpf.Instruction, error) {
 		j.SkipFalse = uint8(skip)
 		prog[i] = j
 	}
-	return append(prog, toActive...), nil
+	return prog, nil
 }
 
 // maxSpread bounds how many sockets one program spreads connections over:

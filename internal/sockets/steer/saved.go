@@ -95,8 +95,12 @@ func (g *Group) Save() (Saved, error) {
 	for _, m := range g.evicted {
 		s.Evicted = append(s.Evicted, m.saved())
 	}
-	if g.probe != nil {
-		s.Probe, s.ProbeFrom = g.indexLocked(g.probe), g.from.String()
+	switch len(g.probes) {
+	case 0:
+	case 1:
+		s.Probe, s.ProbeFrom = g.indexLocked(g.probes[0].m), g.probes[0].from.String()
+	default:
+		return Saved{}, fmt.Errorf("%s: %d readiness probes under way; an image carries at most one", g.name, len(g.probes))
 	}
 	return s, nil
 }
@@ -256,7 +260,7 @@ func Restore(name string, s Saved, log *slog.Logger) (*Group, error) {
 		}
 	}
 	if s.Probe >= 0 {
-		g.probe, g.from = g.members[s.Probe], netip.MustParseAddrPort(s.ProbeFrom)
+		g.probes = []probeTarget{{m: g.members[s.Probe], from: netip.MustParseAddrPort(s.ProbeFrom)}}
 	}
 	// applied stays nil: what the earlier image attached is not read
 	// back, so the next applyLocked attaches whatever it computes.

@@ -2,9 +2,15 @@ package steer
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/relaysh/relay/internal/sockaddr"
 )
 
 // key names copy worker of generation gen in a receiver map.
@@ -195,16 +201,209 @@ func TestSaveRestoreCopies(t *testing.T) {
 
 // The program refuses more sockets than it can spread over, and none.
 func TestProgramSpreadBounds(t *testing.T) {
-	if _, err := program(nil, nil); err == nil {
+	if _, err := program(nil); err == nil {
 		t.Fatal("a program with no target")
 	}
 	many := make([]uint32, maxSpread+1)
-	if _, err := program(many, nil); err == nil {
+	if _, err := program(many); err == nil {
 		t.Fatalf("a program spreading over %d sockets", len(many))
 	}
-	if p, err := program(make([]uint32, maxSpread), nil); err != nil {
+	if p, err := program(make([]uint32, maxSpread)); err != nil {
 		t.Fatal(err)
 	} else if _, err := assemble(p); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// boundClient is a TCP socket bound to a port of host's own, not yet
+// connected, and that source address.
+func boundClient(t *testing.T, host string) (int, netip.AddrPort) {
+	t.Helper()
+	ip := netip.MustParseAddr(host)
+	family := unix.AF_INET
+	var sa unix.Sockaddr = &unix.SockaddrInet6{Addr: ip.As16()}
+	if ip.Is4() {
+		family, sa = unix.AF_INET, &unix.SockaddrInet4{Addr: ip.As4()}
+	} else {
+		family = unix.AF_INET6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, sa); err != nil {
+		t.Fatal(err)
+	}
+	bound, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fd, sockaddr.AddrPort(bound)
+}
+
+// connectTo connects the bound client fd to g's address.
+func connectTo(t *testing.T, fd int, g *Group) {
+	t.Helper()
+	a := g.Addr()
+	var sa unix.Sockaddr = &unix.SockaddrInet6{Addr: a.Addr().As16(), Port: int(a.Port())}
+	if a.Addr().Is4() {
+		sa = &unix.SockaddrInet4{Addr: a.Addr().As4(), Port: int(a.Port())}
+	}
+	if err := unix.Connect(fd, sa); err != nil {
+		t.Fatalf("connecting to %s: %v", a, err)
+	}
+}
+
+// The readiness probes of a generation's copies run at once: each copy's
+// rule holds until its own probe connects, whatever rules the others set
+// meanwhile, and the public traffic still goes to the serving generation.
+func TestProbesOfCopiesAtOnce(t *testing.T) {
+	for _, host := range []string{"127.0.0.1", "::1"} {
+		t.Run(host, func(t *testing.T) {
+			const copies = 3
+			addr := "127.0.0.1:0"
+			if strings.Contains(host, ":") {
+				addr = "[::1]:0"
+			}
+			g := newTestGroup(t, addr)
+			socks := map[int]*os.File{}
+			takeCopies(t, g, 1, 1, socks)
+			if err := g.Switch(1); err != nil {
+				t.Fatal(err)
+			}
+			takeCopies(t, g, 2, copies, socks)
+			fds := make([]int, copies)
+			for w := range copies {
+				var from netip.AddrPort
+				fds[w], from = boundClient(t, host)
+				if err := g.Probe(2, w, from); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The last copy probes again from a new port: its old rule goes.
+			again, from := boundClient(t, host)
+			if err := g.Probe(2, copies-1, from); err != nil {
+				t.Fatal(err)
+			}
+			if n := len(g.probes); n != copies {
+				t.Fatalf("%d probe rules, want %d", n, copies)
+			}
+			fds[copies-1] = again
+			for w := range copies {
+				connectTo(t, fds[w], g)
+				if got := receiver(t, socks); got != key(2, w) {
+					t.Fatalf("the probe of copy %d reached %d", w, got)
+				}
+			}
+			dialTo(t, g, host, nil)
+			expect(t, "public, during the probes", receiver(t, socks), key(1, 0))
+		})
+	}
+}
+
+// A copy that exited is absent: the new connections spread over its
+// siblings, while those queued on its socket stay there for its
+// replacement; present again, it gets its share. With every copy absent,
+// connections wait on all of their sockets. A generation not yet serving
+// keeps the mark for its Switch.
+func TestAbsentCopy(t *testing.T) {
+	const copies, conns = 3, 120
+	g := newTestGroup(t, "127.0.0.1:0")
+	socks := map[int]*os.File{}
+	takeCopies(t, g, 1, copies, socks)
+	if err := g.Switch(1); err != nil {
+		t.Fatal(err)
+	}
+	// A connection waits on copy 1's socket when it exits.
+	queuedOn1 := socks[key(1, 1)]
+	reached := false
+	for range conns {
+		c := dialTo(t, g, "127.0.0.1", nil)
+		if reached = waitingOn(t, socks) == key(1, 1); reached {
+			break
+		}
+		receiver(t, socks)
+		c.Close()
+	}
+	if !reached {
+		t.Fatalf("none of %d connections reached copy 1", conns)
+	}
+	delete(socks, key(1, 1))
+	if err := g.Absent(1, 1, true); err != nil {
+		t.Fatal(err)
+	}
+	got := spreadCount(t, g, "127.0.0.1", conns, socks)
+	t.Logf("copy 1 absent: %v", got)
+	for _, w := range []int{0, 2} {
+		if got[key(1, w)] < conns/4 {
+			t.Fatalf("copy %d got %d of %d connections while copy 1 was absent", w, got[key(1, w)], conns)
+		}
+	}
+	if !pending(queuedOn1) {
+		t.Fatal("the connection queued on the absent copy's socket left it")
+	}
+	// The replacement takes the same socket, and its connection.
+	f, fresh, err := g.Take(1, 1)
+	if err != nil || fresh || f != queuedOn1 {
+		t.Fatalf("Take(1, 1) for the replacement: same socket %v, fresh %v, %v", f == queuedOn1, fresh, err)
+	}
+	socks[key(1, 1)] = f
+	expect(t, "the waiting connection", receiver(t, socks), key(1, 1))
+	if err := g.Absent(1, 1, false); err != nil {
+		t.Fatal(err)
+	}
+	got = spreadCount(t, g, "127.0.0.1", conns, socks)
+	t.Logf("copy 1 back: %v", got)
+	for w := range copies {
+		if got[key(1, w)] < conns/copies/4 {
+			t.Fatalf("copy %d got %d of %d connections once copy 1 was back", w, got[key(1, w)], conns)
+		}
+	}
+	// Every copy absent: the connections still queue, on all of them.
+	for w := range copies {
+		if err := g.Absent(1, w, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got = spreadCount(t, g, "127.0.0.1", conns, socks)
+	t.Logf("every copy absent: %v", got)
+	if len(got) != copies {
+		t.Fatalf("with every copy absent, the connections reached %v", got)
+	}
+	// Generation 2 with copy 0 absent before its switch.
+	takeCopies(t, g, 2, 2, socks)
+	if err := g.Absent(2, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Switch(2); err != nil {
+		t.Fatal(err)
+	}
+	got = spreadCount(t, g, "127.0.0.1", 20, socks)
+	if got[key(2, 1)] != 20 {
+		t.Fatalf("generation 2 with copy 0 absent: %v", got)
+	}
+}
+
+// pending reports whether a connection waits in f's accept queue.
+func pending(f *os.File) bool {
+	fds := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n == 1
+}
+
+// waitingOn waits for a connection on one of socks, up to 5 s, and names
+// that socket without accepting it.
+func waitingOn(t *testing.T, socks map[int]*os.File) int {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+		for k, f := range socks {
+			if pending(f) {
+				return k
+			}
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Fatal("no socket got the connection")
+	return 0
 }
