@@ -111,6 +111,7 @@ func statusDoc(info Info, control string, pid int, st supervisor.Status) *Status
 			Replacements: st.Restarts.Replacements, InProgress: st.Restarts.InProgress,
 			Queued: st.Restarts.Queued, QueuedRestarts: st.Restarts.QueuedRestarts,
 			LivenessReplacements: st.Restarts.LivenessReplacements,
+			CopyReplacements:     st.Restarts.CopyReplacements,
 			AfterSwitch:          map[string]int{},
 		},
 		Stopping:     st.Stopping,
@@ -132,6 +133,10 @@ func statusDoc(info Info, control string, pid int, st supervisor.Status) *Status
 		}
 		if st.UDPSteered {
 			gs.UDPFlows = &g.UDPFlows
+		}
+		for _, c := range g.Copies {
+			gs.Copies = append(gs.Copies, CopyStatus{Worker: c.Worker, Pid: c.Pid, State: c.State, Started: c.Started,
+				AgeSeconds: st.At.Sub(c.Started).Seconds(), Replaced: c.Replaced})
 		}
 		doc.Generations = append(doc.Generations, gs)
 	}

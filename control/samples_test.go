@@ -45,11 +45,13 @@ func sampleStatus() supervisor.Status {
 		Command: []string{"/srv/api", "--port", "{health_port}"},
 		Generations: []supervisor.GenerationStatus{
 			{Generation: 4, Pid: 1100, State: supervisor.Draining, Started: sampleStart(),
-				ReadyAfter: 20250 * time.Microsecond, Command: []string{"/srv/api"}, Sockets: map[string]string{"tcp-8080": "fd", "udp-53": "bind"}, Processes: 3, UDPFlows: 12},
+				ReadyAfter: 20250 * time.Microsecond, Command: []string{"/srv/api"}, Sockets: map[string]string{"tcp-8080": "fd", "udp-53": "bind"}, Processes: 3, UDPFlows: 12,
+				Copies: []supervisor.CopyStatus{{Worker: 0, Pid: 1100, State: "ready", Started: sampleStart(), Replaced: 0},
+					{Worker: 1, Pid: 1180, State: "exited", Started: sampleStart().Add(30 * time.Second), Replaced: 2}}},
 			{Generation: 5, Pid: 1240, State: supervisor.Starting, Started: sampleStart().Add(time.Minute),
 				Command: []string{"/srv/api", "-v2"}},
 		},
-		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, InProgress: true, Queued: true, QueuedRestarts: 2, LivenessReplacements: 5,
+		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, InProgress: true, Queued: true, QueuedRestarts: 2, LivenessReplacements: 5, CopyReplacements: 6,
 			AfterSwitch: map[supervisor.RollbackCause]int{supervisor.RollbackExited: 1, supervisor.RollbackManual: 2}},
 		LastRestart: &supervisor.LastRestart{
 			Result: sampleResult(), Finished: sampleStart().Add(2 * time.Minute),

@@ -86,6 +86,23 @@ type GenerationStatus struct {
 	// listeners send to it (docs/steering.md); absent where no UDP
 	// listener is steered.
 	UDPFlows *int `json:"udp_flows,omitempty"`
+	// Copies are its copies (relay run --workers), by worker number: one
+	// for a generation of one copy.
+	Copies []CopyStatus `json:"copies,omitempty"`
+}
+
+// CopyStatus describes one copy of a generation (relay run --workers).
+type CopyStatus struct {
+	Worker int `json:"worker"`
+	Pid    int `json:"pid"`
+	// State is starting (not yet ready), ready, or exited (a replacement
+	// may be pending).
+	State      string    `json:"state"`
+	Started    time.Time `json:"started"`
+	AgeSeconds float64   `json:"age_seconds"`
+	// Replaced counts the replacements of this copy before this one,
+	// while its generation served.
+	Replaced int `json:"replaced"`
 }
 
 // RestartCounts counts restarts since relay started. Crash and liveness
@@ -102,6 +119,9 @@ type RestartCounts struct {
 	// LivenessReplacements counts the restarts that replaced a serving
 	// generation that failed --liveness or --child-watchdog.
 	LivenessReplacements int `json:"liveness_replacements"`
+	// CopyReplacements counts the copies (relay run --workers) started in
+	// place of one that exited while its generation served.
+	CopyReplacements int `json:"copy_replacements"`
 	// RolledBackAfterSwitch counts the restarts rolled back in their
 	// confirmation window (relay run --confirm), by what failed: exited,
 	// liveness, notify, manual. They count in rolled_back too.

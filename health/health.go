@@ -65,6 +65,7 @@ const (
 	PlaceholderHealthAddr = "{health_addr}"
 	PlaceholderHealthPort = "{health_port}"
 	PlaceholderGeneration = "{generation}"
+	PlaceholderWorker     = "{worker}" // which copy of its generation, from 0 (--workers)
 	PlaceholderPid        = "{pid}" // in checks only: unknown before exec
 )
 
@@ -73,6 +74,7 @@ const (
 	EnvGeneration = "RELAY_GENERATION"
 	EnvHealthAddr = "RELAY_HEALTH_ADDR"
 	EnvHealthPort = "RELAY_HEALTH_PORT"
+	EnvWorker     = "RELAY_WORKER"
 	EnvChildPid   = "RELAY_CHILD_PID"
 )
 
@@ -139,20 +141,25 @@ func parse(flag, value string) (Spec, error) {
 type Vars struct {
 	Pid        int
 	Generation int
+	// Worker is which copy of its generation the child is, from 0: with
+	// --workers N, 0 to N-1.
+	Worker     int
 	HealthAddr string
 }
 
 // Env returns v as the RELAY_* variables ("KEY=value"): RELAY_GENERATION,
-// RELAY_HEALTH_ADDR and RELAY_HEALTH_PORT, which every child gets, and
-// before them RELAY_CHILD_PID when Pid is set, as it is for an exec check.
+// RELAY_WORKER, RELAY_HEALTH_ADDR and RELAY_HEALTH_PORT, which every child
+// gets, and before them RELAY_CHILD_PID when Pid is set, as it is for an
+// exec check.
 func (v Vars) Env() []string {
 	_, port, _ := net.SplitHostPort(v.HealthAddr)
-	env := make([]string, 0, 4)
+	env := make([]string, 0, 5)
 	if v.Pid != 0 {
 		env = append(env, EnvChildPid+"="+strconv.Itoa(v.Pid))
 	}
 	return append(env,
 		EnvGeneration+"="+strconv.Itoa(v.Generation),
+		EnvWorker+"="+strconv.Itoa(v.Worker),
 		EnvHealthAddr+"="+v.HealthAddr,
 		EnvHealthPort+"="+port,
 	)
@@ -168,6 +175,7 @@ func Expand(s string, v Vars) string {
 		PlaceholderHealthAddr, v.HealthAddr,
 		PlaceholderHealthPort, port,
 		PlaceholderGeneration, strconv.Itoa(v.Generation),
+		PlaceholderWorker, strconv.Itoa(v.Worker),
 	}
 	if v.Pid != 0 {
 		// Known to checks only; a child's own arguments keep {pid}.

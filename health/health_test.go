@@ -87,8 +87,8 @@ func TestSharedTarget(t *testing.T) {
 }
 
 func TestVarsEnv(t *testing.T) {
-	child := Vars{Generation: 3, HealthAddr: "127.0.0.1:4000"}
-	want := []string{"RELAY_GENERATION=3", "RELAY_HEALTH_ADDR=127.0.0.1:4000", "RELAY_HEALTH_PORT=4000"}
+	child := Vars{Generation: 3, Worker: 1, HealthAddr: "127.0.0.1:4000"}
+	want := []string{"RELAY_GENERATION=3", "RELAY_WORKER=1", "RELAY_HEALTH_ADDR=127.0.0.1:4000", "RELAY_HEALTH_PORT=4000"}
 	if got := child.Env(); !slices.Equal(got, want) {
 		t.Errorf("a child's Env() = %q, want %q", got, want)
 	}

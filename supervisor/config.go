@@ -90,6 +90,12 @@ type Config struct {
 	// generation; StopTimeout bounds that wait. At most MaxDraining+1
 	// generations have live processes at once.
 	MaxDraining int
+	// Workers is how many copies of the command make a generation; 0
+	// means 1. Each copy gets its own socket on every steered TCP
+	// listener, and the serving generation's new connections spread over
+	// them; a copy that exits while its generation serves is replaced
+	// alone.
+	Workers int
 	// RestartBackoff is the first delay before replacing a crashed
 	// child; it doubles with each failure in a row up to MaxBackoff.
 	RestartBackoff time.Duration
@@ -213,6 +219,10 @@ func (noObserver) Reloading()    {}
 func (noObserver) Stopping()     {}
 func (noObserver) Status(string) {}
 
+// MaxWorkers bounds Config.Workers: the copies a steering program spreads
+// connections over.
+const MaxWorkers = 64
+
 // Defaults used where a Config field is zero.
 const (
 	DefaultHealthTimeout  = 60 * time.Second
@@ -278,6 +288,15 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Health.Kind == "" {
 		c.Health.Kind, c.Health.Raw = health.Auto, "auto"
+	}
+	if c.Workers == 0 {
+		c.Workers = 1
+	}
+	if c.Workers < 0 || c.Workers > MaxWorkers {
+		return fmt.Errorf("%d workers: want 1 to %d", c.Workers, MaxWorkers)
+	}
+	if c.Workers > 1 && (c.Liveness.Kind != "" || c.ChildWatchdog > 0 || c.Confirm > 0) {
+		return errors.New("liveness checks, the child watchdog and the confirmation window do not work with more than one worker yet")
 	}
 	if c.Sockets == nil {
 		c.Sockets = sockets.Empty()

@@ -217,7 +217,7 @@ func (s *Supervisor) rollBack(run *restartRun, cause RollbackCause, reason strin
 	run.failed = g
 	g.log.Error("new generation rolled back after the switch: new connections go to the warm generation again",
 		"cause", cause, "reason", reason, "after_switch", took.Round(time.Microsecond),
-		"serving_gen", prev.n, "serving_pid", prev.pid(), "stderr_tail", g.stderr.Lines(stderrTailLines))
+		"serving_gen", prev.n, "serving_pid", prev.pid(), "stderr_tail", g.stderrTail())
 	run.emit(Event{Phase: PhaseRollingBack, Generation: prev.n, Pid: prev.pid(), Duration: took, Cause: string(cause), Reason: reason})
 	if g.state != Draining {
 		// It exited: nothing to drain or stop. Its sockets left their

@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"slices"
@@ -26,8 +27,10 @@ import (
 // containment is what a generation is made of, as the state machine sees
 // it. Its methods run on the loop's goroutine and log what fails.
 type containment interface {
-	// signalMain sends sig to the main process alone.
+	// signalMain sends sig to the main process alone: each copy's.
 	signalMain(sig syscall.Signal)
+	// add adds a copy's main process, started since.
+	add(p process)
 	// signal sends sig to every process of it.
 	signal(sig syscall.Signal)
 	// kill sends SIGKILL to every process of it.
@@ -53,16 +56,32 @@ type containment interface {
 	logGone()
 }
 
-// start starts generation n's process, in a cgroup of its own where relay
-// has cgroups: born in it (CLONE_INTO_CGROUP), or moved in at once on a
-// kernel without that. It returns the cgroup, or nil where the process
-// group contains the generation instead.
-func (s *Supervisor) start(n int, path string, argv []string, attr reaper.Attr) (process, container, error) {
+// start starts a copy of generation g, in g's cgroup where relay has
+// cgroups: born in it (CLONE_INTO_CGROUP), or moved in at once on a kernel
+// without that. The first copy's start creates the cgroup, and returns it;
+// it returns nil where the process groups contain the generation instead,
+// and for later copies, which join what the first has.
+func (s *Supervisor) start(g *generation, path string, argv []string, attr reaper.Attr) (process, container, error) {
+	var join container
+	if g.contain != nil {
+		cc, ok := g.contain.(*cgroupContainment)
+		if !ok {
+			p, err := s.env.start(path, argv, attr) // its process group contains it
+			return p, nil, err
+		}
+		join = cc.cg
+	}
 	if s.env.contain == nil {
 		p, err := s.env.start(path, argv, attr)
 		return p, nil, err
 	}
-	cg, err := s.env.contain(n)
+	cg := join
+	var err error
+	if join == nil {
+		cg, err = s.env.contain(g.n)
+	} else {
+		err = join.Open()
+	}
 	if err != nil {
 		return nil, nil, err
 	}
@@ -74,13 +93,22 @@ func (s *Supervisor) start(n int, path string, argv []string, attr reaper.Attr) 
 		attr.UseCgroupFD, attr.CgroupFD = false, 0
 		if p, err = s.env.start(path, argv, attr); err == nil {
 			if aerr := cg.Add(p.pid()); aerr != nil {
+				if join != nil {
+					// Its siblings are in the cgroup: one outside
+					// it would escape their stop.
+					p.SignalGroup(syscall.SIGKILL)
+					return nil, nil, fmt.Errorf("moving a copy into its generation's cgroup: %w", aerr)
+				}
 				// Contained by its process group instead: a
 				// cgroup without it would kill nothing.
-				s.cfg.Log.Warn("generation left outside its cgroup; its process group contains it", "gen", n, "pid", p.pid(), "err", aerr)
+				s.cfg.Log.Warn("generation left outside its cgroup; its process group contains it", "gen", g.n, "pid", p.pid(), "err", aerr)
 				cg.Remove()
 				return p, nil, nil
 			}
 		}
+	}
+	if join != nil {
+		return p, nil, err
 	}
 	if err != nil {
 		cg.Remove()
@@ -89,47 +117,78 @@ func (s *Supervisor) start(n int, path string, argv []string, attr reaper.Attr) 
 	return p, cg, nil
 }
 
-// containmentOf is the containment of g, just started: cg, its cgroup, or
-// where it has none its process group and the orphans of it that relay
-// adopts (none where env.adopted is nil: relay has cgroups, and g's did
-// not take it).
-func (s *Supervisor) containmentOf(g *generation, cg container) containment {
-	main := leader{proc: g.proc, log: g.log}
+// containmentOf is the containment of g, whose first copy c has just
+// started: cg, its cgroup, or where it has none its copies' process groups
+// and the orphans of it that relay adopts (none where env.adopted is nil:
+// relay has cgroups, and g's did not take it).
+func (s *Supervisor) containmentOf(g *generation, c *copyProc, cg container) containment {
+	main := &leaders{procs: []process{c.proc}, log: c.log}
 	if cg != nil {
-		return &cgroupContainment{leader: main, cg: cg}
+		return &cgroupContainment{leaders: main, cg: cg}
 	}
-	pg := &groupContainment{leader: main}
+	pg := &groupContainment{leaders: main}
 	if s.env.adopted != nil {
-		n, pid := g.n, g.pid()
-		pg.adopted = func() []int { return s.env.adopted(n, pid) }
+		n := g.n
+		pg.adopted = func() []int { return s.env.adopted(n, main.groups()) }
 		pg.signalPid = s.env.signalPid
 	}
 	return pg
 }
 
-// leader is the main process of a generation, which leads its process
-// group: what both kinds of containment signal by its pid.
-type leader struct {
-	proc process
-	log  *slog.Logger
+// leaders are the main processes of a generation's copies, each the
+// leader of its process group: what both kinds of containment signal by
+// pid. A copy replaced while its generation served stays listed: its
+// process group may outlive it.
+type leaders struct {
+	procs []process
+	log   *slog.Logger
 }
 
-func (l leader) signalMain(sig syscall.Signal) {
-	if err := l.proc.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		l.log.Warn("signalling the main process", "signal", signals.Name(sig), "err", err)
+func (l *leaders) add(p process) { l.procs = append(l.procs, p) }
+
+// groups are the process groups' ids: their leaders' pids.
+func (l *leaders) groups() []int {
+	ids := make([]int, len(l.procs))
+	for i, p := range l.procs {
+		ids[i] = p.pid()
+	}
+	return ids
+}
+
+func (l *leaders) signalMain(sig syscall.Signal) {
+	for _, p := range l.procs {
+		if err := p.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			l.log.Warn("signalling the main process", "signal", signals.Name(sig), "main_pid", p.pid(), "err", err)
+		}
 	}
 }
 
-// signalGroup sends sig to the process group of the main process.
-func (l leader) signalGroup(sig syscall.Signal) {
-	if err := l.proc.SignalGroup(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		l.log.Warn("signalling process group", "signal", signals.Name(sig), "err", err)
+// signalGroup sends sig to the process groups of the main processes.
+func (l *leaders) signalGroup(sig syscall.Signal) {
+	for _, p := range l.procs {
+		if err := p.SignalGroup(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			l.log.Warn("signalling process group", "signal", signals.Name(sig), "main_pid", p.pid(), "err", err)
+		}
 	}
+}
+
+// groupAlive reports whether any process is left in the groups.
+func (l *leaders) groupAlive() bool {
+	return slices.ContainsFunc(l.procs, func(p process) bool { return p.GroupAlive() })
+}
+
+// groupSize counts the processes of the groups.
+func (l *leaders) groupSize() int {
+	n := 0
+	for _, p := range l.procs {
+		n += p.GroupSize()
+	}
+	return n
 }
 
 // cgroupContainment is a generation contained by its cgroup.
 type cgroupContainment struct {
-	leader
+	*leaders
 	cg container
 	// watching: a goroutine waits for cg to empty (watch).
 	watching bool
@@ -184,7 +243,7 @@ func (c *cgroupContainment) logGone() {
 // groupContainment is a generation contained by its process group and
 // the orphans of it that left the group and were reparented to relay.
 type groupContainment struct {
-	leader
+	*leaders
 	// adopted lists its orphans outside its process group; nil for
 	// none.
 	adopted   func() []int
@@ -201,8 +260,8 @@ func (pg *groupContainment) signal(sig syscall.Signal) {
 
 func (pg *groupContainment) kill()        { pg.signal(syscall.SIGKILL) }
 func (pg *groupContainment) killAdopted() { pg.signalAdopted(syscall.SIGKILL) }
-func (pg *groupContainment) alive() bool  { return pg.proc.GroupAlive() || len(pg.orphans()) > 0 }
-func (pg *groupContainment) count() int   { return pg.proc.GroupSize() + len(pg.orphans()) }
+func (pg *groupContainment) alive() bool  { return pg.groupAlive() || len(pg.orphans()) > 0 }
+func (pg *groupContainment) count() int   { return pg.groupSize() + len(pg.orphans()) }
 
 func (pg *groupContainment) watch(<-chan struct{}, func()) {}
 func (pg *groupContainment) remove()                       {}

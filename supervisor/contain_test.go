@@ -50,6 +50,7 @@ func (c *fakeCgroup) Add(int) error     { return nil }
 func (c *fakeCgroup) Path() string      { return fmt.Sprintf("/cg/gen-%d", c.n) }
 func (c *fakeCgroup) Populated() bool   { return c.Count() > 0 }
 func (c *fakeCgroup) CloseFD()          { c.mu.Lock(); c.fdClosed = true; c.mu.Unlock() }
+func (c *fakeCgroup) Open() error       { c.mu.Lock(); c.fdClosed = false; c.mu.Unlock(); return nil }
 func (c *fakeCgroup) mainAlive() bool   { return c.main != nil && !c.main.exitedNow() }
 func (c *fakeCgroup) got() []string     { c.mu.Lock(); defer c.mu.Unlock(); return slices.Clone(c.signals) }
 func (c *fakeCgroup) fdWasClosed() bool { c.mu.Lock(); defer c.mu.Unlock(); return c.fdClosed }
@@ -212,7 +213,7 @@ func TestCgroupLeftoversOfACrash(t *testing.T) {
 }
 
 // adopted is env.adopted: the orphans a test put in generation n.
-func (h *harness) adopted(n, _ int) []int {
+func (h *harness) adopted(n int, _ []int) []int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return slices.Clone(h.orphans[n])

@@ -31,9 +31,10 @@ type env struct {
 	// cgroup, and generations are contained by process group only.
 	contain func(n int) (container, error)
 	// adopted lists the orphans of generation n reparented to relay
-	// that left the process group led by pid; nil for none. Only without
-	// cgroups, where it is how relay finds what escaped the group.
-	adopted func(n, pid int) []int
+	// that left the process groups of its copies (groups); nil for none.
+	// Only without cgroups, where it is how relay finds what escaped the
+	// groups.
+	adopted func(n int, groups []int) []int
 	// signalPid sends sig to an adopted orphan: unix.Kill.
 	signalPid func(pid int, sig syscall.Signal) error
 	// ready is the readiness check of a starting child: nil once it is
@@ -132,6 +133,9 @@ type container interface {
 	WaitEmpty(done <-chan struct{}) bool
 	// Remove removes it, once empty.
 	Remove() error
+	// Open opens the cgroup again for CLONE_INTO_CGROUP (FD), for a
+	// copy that joins its generation's.
+	Open() error
 	// Path is its directory, for the logs.
 	Path() string
 }
@@ -148,7 +152,7 @@ func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, 
 	checker := health.NewChecker(spec, rp, socketpass.ChildEnv(baseEnv, nil))
 	live := health.NewChecker(liveness, rp, socketpass.ChildEnv(baseEnv, nil))
 	var contain func(int) (container, error)
-	adopted := func(n, pid int) []int { return rp.Adopted(health.EnvGeneration, strconv.Itoa(n), pid) }
+	adopted := func(n int, groups []int) []int { return rp.Adopted(health.EnvGeneration, strconv.Itoa(n), groups...) }
 	var adoptContainer func(int) container
 	if tree != nil {
 		contain = func(n int) (container, error) { return tree.NewGroup(n) }

@@ -8,17 +8,47 @@ import (
 	"github.com/relaysh/relay/internal/reaper"
 )
 
+// onCopyExit handles the exit of copy c's main process: the generation's
+// exit once it was the last copy (onExit), and otherwise what one copy's
+// exit means for its generation (copyExited).
+func (s *Supervisor) onCopyExit(c *copyProc, st reaper.Status) {
+	g := c.g
+	c.exited, c.status = true, st
+	if c.cancelCheck != nil {
+		c.cancelCheck()
+	}
+	if err := c.notify.Close(); err != nil {
+		c.log.Debug("closing notify socket", "err", err)
+	}
+	if g.culprit == nil && g.state == Starting {
+		g.culprit = c // the first copy that failed the start
+	}
+	if !g.allExited() {
+		s.copyExited(c)
+		return
+	}
+	switch {
+	case g.culprit != nil:
+		st = g.culprit.status
+	default:
+		for _, x := range g.copies {
+			if x.status.ExitCode() != 0 {
+				st = x.status
+				break
+			}
+		}
+	}
+	s.onExit(g, st)
+}
+
+// onExit handles the exit of g's main process (of every copy's): its
+// status is that of the copy that failed its start, or of the first copy
+// that failed, or else of the last.
 func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 	gs := &s.gens
 	prev := g.state
 	g.status = st
 	gs.lastExit = g
-	if g.cancelCheck != nil {
-		g.cancelCheck()
-	}
-	if err := g.notify.Close(); err != nil {
-		g.log.Debug("closing notify socket", "err", err)
-	}
 	if g.contain.alive() {
 		// Processes of it outlived its main process (workers still
 		// finishing, a daemon it started): the generation lives on
@@ -68,7 +98,7 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 			g.log.Info("generation exited", "status", st.String())
 			break
 		}
-		g.log.Error("serving child exited on its own", "status", st.String(), "stderr_tail", g.stderr.Lines(stderrTailLines))
+		g.log.Error("serving child exited on its own", "status", st.String(), "stderr_tail", g.stderrTail())
 		if s.env.now().Sub(g.readyAt) >= stableAfter {
 			s.crash.crashes = 0
 		}
@@ -86,7 +116,7 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		s.scheduleReplace()
 	case prev == Warm:
 		g.log.Warn("the warm generation exited in the confirmation window: nothing is left to go back to", "status", st.String(),
-			"stderr_tail", g.stderr.Lines(stderrTailLines))
+			"stderr_tail", g.stderrTail())
 		if run := s.inWindow(); run != nil && run.prev == g {
 			s.confirm(run, ConfirmedWarmExited)
 		}
@@ -118,7 +148,7 @@ func (s *Supervisor) failDuringDrain(g *generation) bool {
 	run.drain.end()
 	gs.command = prev.cmd
 	reason := fmt.Sprintf("exited during the drain window: %s", g.status)
-	attrs := []any{"reason", reason, "stderr_tail", g.stderr.Lines(stderrTailLines)}
+	attrs := []any{"reason", reason, "stderr_tail", g.stderrTail()}
 	if prev.state == Draining {
 		// Should a listener refuse, those switched already go back
 		// to g, as steerTo would have had them while g served.
@@ -145,7 +175,7 @@ func (s *Supervisor) rollback(g *generation) {
 		s.finishRestart(s.resultFor(g, RestartRolledBack, ErrStopping.Error()))
 		return
 	}
-	tail := g.stderr.Lines(stderrTailLines)
+	tail := g.stderrTail()
 	attrs := []any{"reason", reason.Error(), "stderr_tail", tail}
 	if sv := s.gens.serving; sv != nil {
 		attrs = append(attrs, "still_serving_gen", sv.n, "still_serving_pid", sv.pid())

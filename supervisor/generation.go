@@ -40,86 +40,214 @@ const (
 	stderrGrace = 250 * time.Millisecond
 )
 
-// generation is one start of the command. The supervisor's loop owns every
-// field but the ones its helper goroutines set before they post an event.
+// generation is one start of the command: one copy of it, or with
+// --workers N, N copies, each a process (tree) of its own with its own
+// socket on every steered TCP listener. The copies start, are proven ready,
+// get their stop signal and are killed together; one that exits while its
+// generation serves is replaced alone (workers.go). The supervisor's loop
+// owns every field but the ones its helper goroutines set before they post
+// an event.
 type generation struct {
-	n          int
-	cmd        Command
-	proc       process
-	log        *slog.Logger
-	state      State
-	started    time.Time
-	readyAt    time.Time
-	healthAddr string
-	notify     *health.NotifySocket
-	stderr     *tailBuffer
-	copier     *stderrCopier
+	n       int
+	cmd     Command
+	log     *slog.Logger // its number and its first copy's pid
+	state   State
+	started time.Time
+	readyAt time.Time
+	// copies are its copies, by worker number: copies[w] is the last
+	// start of copy w.
+	copies []*copyProc
 
-	cancelCheck context.CancelFunc
-	// failure is why a starting generation was killed, if it was.
+	// failure is why a starting generation was killed, if it was;
+	// culprit is the copy that failed it, whose stderr the report quotes.
 	failure error
+	culprit *copyProc
 	// killTimer sends SIGKILL to the group after the stop timeout, at
 	// killAt.
 	killTimer timer
 	killAt    time.Time
 	// killed: the stop timeout passed and it got SIGKILL.
 	killed bool
-	// contain is what it is made of: its cgroup, or its process group
-	// and adopted orphans (contain.go).
+	// contain is what it is made of: its cgroup, or its copies' process
+	// groups and adopted orphans (contain.go).
 	contain containment
-	status  reaper.Status
+	// status is how its main process exited; with several copies, the
+	// first that failed, or else the last.
+	status reaper.Status
 	// gone: no process of it is left, its main process nor any other.
 	gone bool
 	// exitWatchers follow the restart that retired this generation, and
 	// are told when it is gone.
 	exitWatchers []*waiter
+	// failedLiveness: it failed its liveness check or watchdog while it
+	// served; no confirmation window keeps it warm.
+	failedLiveness bool
+}
+
+// copyProc is one copy of a generation's command: its main process and
+// what relay keeps for it.
+type copyProc struct {
+	g          *generation
+	worker     int // which copy, from 0
+	proc       process
+	log        *slog.Logger // its generation, worker (with several) and pid
+	started    time.Time
+	healthAddr string
+	notify     *health.NotifySocket
+	stderr     *tailBuffer
+	copier     *stderrCopier
+	// takeover answers the child tree's binds; nil with --takeover off.
+	takeover    *bindTakeover
+	cancelCheck context.CancelFunc
+	// ready: it passed its readiness check.
+	ready bool
+	// exited: its main process exited; status says how.
+	exited bool
+	status reaper.Status
+	// replaced counts the replacements of this copy before it, while its
+	// generation served; crashes, its failures in a row, for the backoff;
+	// replaceTimer, its pending replacement.
+	replaced     int
+	crashes      int
+	replaceTimer timer
 	// pidForNotify is the pid, for the notify socket's goroutine.
 	pidForNotify atomic.Int64
-	// takeover answers the child tree's binds; nil with --takeover off.
-	takeover *bindTakeover
 	// notified is closed at the child's first sd_notify message.
 	notified     chan struct{}
 	notifiedOnce sync.Once
-	// pingPosted: a watchdogPing of this generation is on its way to the
-	// loop; the notify goroutine posts no other meanwhile.
+	// pingPosted: a watchdogPing of this copy is on its way to the loop;
+	// the notify goroutine posts no other meanwhile.
 	pingPosted atomic.Bool
 	// pinged: the child sent WATCHDOG=1 at least once; lastPing is when
 	// the loop heard the last one.
 	pinged   bool
 	lastPing time.Time
-	// failedLiveness: it failed its liveness check or watchdog while it
-	// served; no confirmation window keeps it warm.
-	failedLiveness bool
-	// stoppingPosted: a stoppingNotice of this generation was posted;
-	// the notify goroutine posts no other (only the first matters).
+	// stoppingPosted: a stoppingNotice of this copy was posted; the
+	// notify goroutine posts no other (only the first matters).
 	stoppingPosted atomic.Bool
 }
 
-func (g *generation) pid() int { return g.proc.pid() }
+// pid is the generation's first copy's pid: the one events, results and
+// relay status name for the generation.
+func (g *generation) pid() int { return g.copies[0].pid() }
 
-// spawn starts generation n of cmd. The returned generation is Starting;
-// its exit is posted to the supervisor as an exitEvent.
+func (c *copyProc) pid() int { return c.proc.pid() }
+
+// first is the generation's first copy.
+func (g *generation) first() *copyProc { return g.copies[0] }
+
+// stderrTail is the tail of the stderr of the copy that failed g, or of
+// its first copy.
+func (g *generation) stderrTail() string {
+	c := g.culprit
+	if c == nil {
+		c = g.first()
+	}
+	return c.stderr.Lines(stderrTailLines)
+}
+
+// pids lists the pids of g's copies, by worker.
+func (g *generation) pids() []int {
+	pids := make([]int, len(g.copies))
+	for i, c := range g.copies {
+		pids[i] = c.pid()
+	}
+	return pids
+}
+
+// allExited reports whether every copy's main process has exited.
+func (g *generation) allExited() bool {
+	for _, c := range g.copies {
+		if !c.exited {
+			return false
+		}
+	}
+	return true
+}
+
+// spawn starts generation n of cmd: Config.Workers copies. The returned
+// generation is Starting; each copy's exit is posted to the supervisor as
+// an exitEvent. Every copy takes its sockets before the first starts, so
+// that a copy's bind finds its siblings holding the sockets they share. If
+// a copy after the first cannot start, the generation is returned with
+// those that did, killed, and its failure says why.
 func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
-	g := &generation{n: n, cmd: cmd, state: Starting, stderr: newTailBuffer(stderrTailBytes), notified: make(chan struct{})}
-	l, err := s.prepare(g)
-	if err != nil {
-		return nil, err
+	g := &generation{n: n, cmd: cmd, state: Starting}
+	launches := make([]*launch, s.cfg.Workers)
+	var err error
+	for w := range launches {
+		g.copies = append(g.copies, s.newCopy(g, w))
+		if launches[w], err = s.prepare(g.copies[w]); err != nil {
+			for _, l := range launches[:w] {
+				l.done(err)
+			}
+			return nil, err
+		}
 	}
 	g.started = s.env.now()
-	var cg container
-	g.proc, cg, err = s.start(n, l.path, l.argv, l.attr)
+	for w, l := range launches {
+		if err = s.startCopy(g.copies[w], l); err != nil {
+			for _, l := range launches[w+1:] {
+				l.done(err)
+			}
+			if w == 0 {
+				return nil, err
+			}
+			g.copies = g.copies[:w]
+			g.failure = err
+			g.log.Error("cannot start every copy of the new generation; killing the others", "err", err)
+			g.contain.kill()
+			break
+		}
+		if w == 0 {
+			g.log = s.cfg.Log.With("gen", n, "pid", g.pid())
+		}
+	}
+	return g, nil
+}
+
+// newCopy is copy w of g, not yet started.
+func (s *Supervisor) newCopy(g *generation, w int) *copyProc {
+	return &copyProc{g: g, worker: w, stderr: newTailBuffer(stderrTailBytes), notified: make(chan struct{})}
+}
+
+// startCopy starts copy c from its launch l, in its generation's cgroup.
+func (s *Supervisor) startCopy(c *copyProc, l *launch) error {
+	g := c.g
+	c.started = s.env.now()
+	var (
+		cg  container
+		err error
+	)
+	c.proc, cg, err = s.start(g, l.path, l.argv, l.attr)
 	l.done(err)
 	if err != nil {
-		return nil, fmt.Errorf("starting %s: %w", cmd.Path, err)
+		if s.cfg.Workers > 1 {
+			return fmt.Errorf("starting copy %d of %s: %w", c.worker, g.cmd.Path, err)
+		}
+		return fmt.Errorf("starting %s: %w", g.cmd.Path, err)
 	}
-	g.log = s.cfg.Log.With("gen", n, "pid", g.pid())
-	g.contain = s.containmentOf(g, cg)
-	g.pidForNotify.Store(int64(g.pid()))
-	if g.takeover != nil {
-		go s.serveTakeover(g, l.socks)
+	c.log = s.copyLog(c)
+	if g.contain == nil {
+		g.contain = s.containmentOf(g, c, cg)
+	} else {
+		g.contain.add(c.proc)
 	}
-	s.watchExit(g, l.stderr, nil)
-	return g, nil
+	c.pidForNotify.Store(int64(c.pid()))
+	if c.takeover != nil {
+		go s.serveTakeover(c, l.socks)
+	}
+	s.watchExit(c, l.stderr, nil)
+	return nil
+}
+
+// copyLog is the logger of copy c: its generation, its worker number where
+// there are several, and its pid.
+func (s *Supervisor) copyLog(c *copyProc) *slog.Logger {
+	if s.cfg.Workers > 1 {
+		return s.cfg.Log.With("gen", c.g.n, "worker", c.worker, "pid", c.pid())
+	}
+	return s.cfg.Log.With("gen", c.g.n, "pid", c.pid())
 }
 
 // launch is a start of a generation made ready: the command line and
@@ -157,27 +285,28 @@ type closeFunc func()
 
 func (f closeFunc) Close() error { f(); return nil }
 
-// prepare makes ready the start of generation g: its health address and
-// notify socket, its stderr pipe, its sockets, and with --takeover the
-// handshake of its exec shim. What it opened is closed if it fails.
-func (s *Supervisor) prepare(g *generation) (_ *launch, err error) {
+// prepare makes ready the start of copy c: its health address and notify
+// socket, its stderr pipe, its sockets, and with --takeover the handshake
+// of its exec shim. What it opened is closed if it fails.
+func (s *Supervisor) prepare(c *copyProc) (_ *launch, err error) {
+	g := c.g
 	l := &launch{}
 	defer func() {
 		if err != nil {
 			l.done(err)
 		}
 	}()
-	if g.healthAddr, err = health.PickHealthAddr(); err != nil {
+	if c.healthAddr, err = health.PickHealthAddr(); err != nil {
 		return nil, err
 	}
-	vars := health.Vars{Generation: g.n, HealthAddr: g.healthAddr}
-	notifyPath := filepath.Join(s.cfg.RuntimeDir, "gen-"+strconv.Itoa(g.n)+".notify")
-	if g.notify, err = health.ListenNotify(notifyPath, func(m health.NotifyMessage) { s.onNotify(g, m) }); err != nil {
+	vars := health.Vars{Generation: g.n, Worker: c.worker, HealthAddr: c.healthAddr}
+	notifyPath := filepath.Join(s.cfg.RuntimeDir, notifyName(c))
+	if c.notify, err = health.ListenNotify(notifyPath, func(m health.NotifyMessage) { s.onNotify(c, m) }); err != nil {
 		return nil, err
 	}
-	l.ours = append(l.ours, g.notify)
+	l.ours = append(l.ours, c.notify)
 	if u := s.cfg.User; u != nil {
-		if err := g.notify.Chown(int(u.UID), int(u.GID)); err != nil {
+		if err := c.notify.Chown(int(u.UID), int(u.GID)); err != nil {
 			return nil, err
 		}
 	}
@@ -187,19 +316,24 @@ func (s *Supervisor) prepare(g *generation) (_ *launch, err error) {
 	}
 	l.stderr = pr
 	l.ours, l.childEnds = append(l.ours, pr), append(l.childEnds, pw)
-	if l.socks, err = s.cfg.Sockets.Take(g.n, 0); err != nil {
+	if l.socks, err = s.cfg.Sockets.Take(g.n, c.worker); err != nil {
 		return nil, err
 	}
-	l.ours = append(l.ours, closeFunc(func() { s.cfg.Sockets.Release(g.n) }))
+	if c.worker == 0 && c.replaced == 0 {
+		// A generation that never started gives its sockets back; a
+		// copy's replacement that does not start leaves them to its
+		// generation.
+		l.ours = append(l.ours, closeFunc(func() { s.cfg.Sockets.Release(g.n) }))
+	}
 	files := append([]*os.File{s.cfg.Stdin, s.cfg.Stdout, pw}, l.socks...)
 	var shim socketpass.Takeover
 	if s.cfg.Takeover != TakeoverOff {
 		var shimEnd *os.File
-		if g.takeover, shimEnd, err = newBindTakeover(s.cfg.Sockets.Len()); err != nil {
+		if c.takeover, shimEnd, err = newBindTakeover(s.cfg.Sockets.Len()); err != nil {
 			return nil, err
 		}
 		// Nothing serves the handshake until the child has started.
-		l.ours, l.childEnds = append(l.ours, g.takeover.hs), append(l.childEnds, shimEnd)
+		l.ours, l.childEnds = append(l.ours, c.takeover.hs), append(l.childEnds, shimEnd)
 		files = append(files, shimEnd)
 		shim = socketpass.Takeover{FD: len(files) - 1, Required: s.cfg.Takeover == TakeoverOn, Unlink: len(s.unixPaths()) > 0, IOURing: s.cfg.IOURing}
 	}
@@ -212,6 +346,20 @@ func (s *Supervisor) prepare(g *generation) (_ *launch, err error) {
 	// type into relay's.
 	l.attr = reaper.Attr{Dir: s.cfg.Dir, Env: s.childEnv(notifyPath, vars), Files: files, NewGroup: true, NewSession: s.cfg.User != nil}
 	return l, nil
+}
+
+// notifyName names the notify socket of copy c in the runtime directory:
+// gen-N.notify for the one copy of generation N; gen-N.W.notify for copy W
+// of several, with .R for its Rth replacement.
+func notifyName(c *copyProc) string {
+	name := "gen-" + strconv.Itoa(c.g.n)
+	if c.worker > 0 || c.replaced > 0 || len(c.g.copies) > 1 {
+		name += "." + strconv.Itoa(c.worker)
+	}
+	if c.replaced > 0 {
+		name += "." + strconv.Itoa(c.replaced)
+	}
+	return name + ".notify"
 }
 
 // childEnv is the environment of a generation: relay's, its sockets', and
@@ -228,47 +376,56 @@ func (s *Supervisor) childEnv(notifyPath string, vars health.Vars) []string {
 	return socketpass.ChildEnv(s.cfg.Env, s.cfg.Sockets.Names(), extra...)
 }
 
-// watchExit passes started g's stderr on from stderr, relay's end of its
-// pipe, keeping its tail, and posts g's exit as an exitEvent once the last
-// of its stderr was read, or stderrGrace after the exit. partial is the
-// start of a line an earlier image of relay had read (handoff.go).
-func (s *Supervisor) watchExit(g *generation, stderr *os.File, partial []byte) {
-	s.copyStderr(g, stderr, partial)
+// watchExit passes started copy c's stderr on from stderr, relay's end of
+// its pipe, keeping its tail, and posts c's exit as an exitEvent once the
+// last of its stderr was read, or stderrGrace after the exit. partial is
+// the start of a line an earlier image of relay had read (handoff.go).
+func (s *Supervisor) watchExit(c *copyProc, stderr *os.File, partial []byte) {
+	s.copyStderr(c, stderr, partial)
 	go func() {
-		<-g.proc.Done()
+		<-c.proc.Done()
 		grace := make(chan struct{})
 		t := s.env.afterFunc(stderrGrace, func() { close(grace) })
 		select {
-		case <-g.copier.done:
+		case <-c.copier.done:
 		case <-grace:
 		}
 		t.Stop()
-		s.post(exitEvent{g: g, status: g.proc.Status()})
+		s.post(exitEvent{c: c, status: c.proc.Status()})
 	}()
 }
 
-// copyStderr passes g's stderr on, from relay's end of its pipe (nil: it
+// copyStderr passes c's stderr on, from relay's end of its pipe (nil: it
 // has ended), keeping its tail.
-func (s *Supervisor) copyStderr(g *generation, stderr *os.File, partial []byte) {
-	g.copier = newStderrCopier(stderr, &passThrough{out: s.cfg.Stderr, tail: g.stderr, partial: partial})
+func (s *Supervisor) copyStderr(c *copyProc, stderr *os.File, partial []byte) {
+	c.copier = newStderrCopier(stderr, &passThrough{out: s.cfg.Stderr, tail: c.stderr, partial: partial})
 	if stderr == nil {
-		close(g.copier.done)
+		close(c.copier.done)
 		return
 	}
-	go g.copier.run()
+	go c.copier.run()
 }
 
-// startCheck runs the readiness check of a starting generation and posts
-// its result as a checkEvent.
+// startCheck runs the readiness checks of a starting generation's copies,
+// each proven on its own sockets.
 func (s *Supervisor) startCheck(g *generation) {
+	for _, c := range g.copies {
+		s.startCopyCheck(c)
+	}
+}
+
+// startCopyCheck runs the readiness check of copy c and posts its result
+// as a checkEvent.
+func (s *Supervisor) startCopyCheck(c *copyProc) {
+	g := c.g
 	ctx, cancel := s.env.withTimeout(context.Background(), s.cfg.HealthTimeout)
-	g.cancelCheck = cancel
+	c.cancelCheck = cancel
 	child := health.Child{
-		Vars:         health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
-		NotifyReady:  g.notify.Ready(),
-		Notified:     g.notified,
+		Vars:         health.Vars{Pid: c.pid(), Generation: g.n, Worker: c.worker, HealthAddr: c.healthAddr},
+		NotifyReady:  c.notify.Ready(),
+		Notified:     c.notified,
 		SpeaksNotify: s.speaksNotify.Load,
-		Control:      s.cfg.Sockets.ProbeControl(g.n, 0),
+		Control:      s.cfg.Sockets.ProbeControl(g.n, c.worker),
 	}
 	infos := s.cfg.Sockets.Info()
 	probes := make([]string, len(infos))
@@ -276,8 +433,8 @@ func (s *Supervisor) startCheck(g *generation) {
 		probes[i] = s.cfg.Sockets.Probe(i)
 	}
 	var failed <-chan struct{} // stays nil without takeover
-	if g.takeover != nil {
-		failed = g.takeover.failed
+	if c.takeover != nil {
+		failed = c.takeover.failed
 	}
 	go func() {
 		// A bind relay had to refuse ends the check: the child
@@ -291,8 +448,8 @@ func (s *Supervisor) startCheck(g *generation) {
 			}
 		}()
 		var claims []chan struct{}
-		if g.takeover != nil {
-			claims = g.takeover.claims(wctx)
+		if c.takeover != nil {
+			claims = c.takeover.claims(wctx)
 		}
 		for i, in := range infos {
 			l := health.Listener{Name: in.Name, Probe: probes[i], QUIC: s.cfg.Sockets.QUICProbe(i, g.n)}
@@ -303,22 +460,25 @@ func (s *Supervisor) startCheck(g *generation) {
 		}
 		err := s.env.ready(wctx, child)
 		stop()
-		if g.takeover != nil && g.takeover.failedErr() != nil {
-			err = g.takeover.failedErr()
+		if c.takeover != nil && c.takeover.failedErr() != nil {
+			err = c.takeover.failedErr()
 		} else if err != nil && ctx.Err() == context.DeadlineExceeded {
 			err = fmt.Errorf("not ready within --health-timeout %s: %w", s.cfg.HealthTimeout, err)
 		}
-		s.post(checkEvent{g: g, err: err})
+		s.post(checkEvent{c: c, err: err})
 	}()
 }
 
-func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
+func (s *Supervisor) onNotify(c *copyProc, m health.NotifyMessage) {
 	// Runs on the notify socket's goroutine: only read immutable fields.
-	l := s.cfg.Log.With("gen", g.n, "pid", g.pidForNotify.Load())
+	l := s.cfg.Log.With("gen", c.g.n, "pid", c.pidForNotify.Load())
+	if s.cfg.Workers > 1 {
+		l = l.With("worker", c.worker)
+	}
 	// The server speaks sd_notify: from now on the default check waits
 	// for READY=1 (see health.Auto).
 	s.speaksNotify.Store(true)
-	g.notifiedOnce.Do(func() { close(g.notified) })
+	c.notifiedOnce.Do(func() { close(c.notified) })
 	if st, ok := m.Vars["STATUS"]; ok {
 		l.Info("child status", "status", st)
 	}
@@ -326,10 +486,10 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 		l.Debug("child sent READY=1")
 	}
 	watched := s.cfg.ChildWatchdog > 0
-	if watched && m.Vars["WATCHDOG"] == "1" && g.pingPosted.CompareAndSwap(false, true) {
-		// Never block the reading: at most one ping per generation is
-		// on its way, and the loop takes its time as the last ping's.
-		go s.post(watchdogPing{g: g})
+	if watched && m.Vars["WATCHDOG"] == "1" && c.pingPosted.CompareAndSwap(false, true) {
+		// Never block the reading: at most one ping per copy is on
+		// its way, and the loop takes its time as the last ping's.
+		go s.post(watchdogPing{c: c})
 	}
 	if s.cfg.Confirm > 0 {
 		// A generation on trial that says it stops or fails is rolled
@@ -341,8 +501,8 @@ func (s *Supervisor) onNotify(g *generation, m health.NotifyMessage) {
 		if e, ok := m.Vars["ERRNO"]; ok {
 			what = "ERRNO=" + e
 		}
-		if what != "" && g.stoppingPosted.CompareAndSwap(false, true) {
-			go s.post(stoppingNotice{g: g, what: what})
+		if what != "" && c.stoppingPosted.CompareAndSwap(false, true) {
+			go s.post(stoppingNotice{g: c.g, what: what})
 		}
 	}
 	// The rest (STOPPING=1, MAINPID=, RELOADING=1, WATCHDOG=1 unless
@@ -372,11 +532,13 @@ func (s *Supervisor) steerTo(g *generation) error {
 	return s.cfg.Sockets.Switch(g.n, back)
 }
 
-// releaseSockets gives back the sockets of generation g, which has exited,
-// once relay has stopped answering its binds.
+// releaseSockets gives back the sockets of generation g, whose copies have
+// all exited, once relay has stopped answering their binds.
 func (s *Supervisor) releaseSockets(g *generation) {
-	if g.takeover != nil {
-		g.takeover.stop()
+	for _, c := range g.copies {
+		if c.takeover != nil {
+			c.takeover.stop()
+		}
 	}
 	s.cfg.Sockets.Release(g.n)
 }

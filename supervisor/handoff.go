@@ -157,6 +157,8 @@ func (s *Supervisor) quiet() error {
 	switch {
 	case s.stop.begun || !s.stop.delayUntil.IsZero():
 		return fmt.Errorf("%w: relay is stopping", ErrStopping)
+	case s.cfg.Workers > 1:
+		return fmt.Errorf("relay cannot hand generations of %d workers over to a new image of itself yet; restart relay itself instead (the children restart with it)", s.cfg.Workers)
 	case gs.serving == nil:
 		return busy("no generation is serving")
 	case s.inWindow() != nil:
@@ -205,7 +207,7 @@ func (s *Supervisor) handoff(exec func(Saved) error) error {
 	gens := s.handedOver()
 	for _, g := range gens {
 		select {
-		case <-g.proc.Done():
+		case <-g.first().proc.Done():
 			if g.state != Exited {
 				return fmt.Errorf("%w: generation %d has just exited", ErrBusy, g.n)
 			}
@@ -214,11 +216,11 @@ func (s *Supervisor) handoff(exec func(Saved) error) error {
 	}
 	defer func() {
 		for _, g := range gens {
-			g.resume()
+			g.first().resume()
 		}
 	}()
 	for _, g := range gens {
-		g.pause() // a stderr that has ended has nothing to hand over
+		g.first().pause() // a stderr that has ended has nothing to hand over
 	}
 	saved, err := s.save()
 	if err != nil {
@@ -227,35 +229,35 @@ func (s *Supervisor) handoff(exec func(Saved) error) error {
 	return exec(saved)
 }
 
-// pause stops the goroutines that read g's fds: its stderr, its notify
+// pause stops the goroutines that read c's fds: its stderr, its notify
 // socket and its binds. resume undoes it.
-func (g *generation) pause() {
-	g.copier.pause()
-	if g.state != Exited { // else its notify socket is closed
-		g.notify.Pause()
+func (c *copyProc) pause() {
+	c.copier.pause()
+	if !c.exited { // else its notify socket is closed
+		c.notify.Pause()
 	}
-	if t := g.answering(); t != nil {
+	if t := c.answering(); t != nil {
 		t.nt.Pause()
 		<-t.served
 	}
 }
 
-func (g *generation) resume() {
-	if g.state != Exited {
-		g.notify.Resume()
+func (c *copyProc) resume() {
+	if !c.exited {
+		c.notify.Resume()
 	}
-	if t := g.answering(); t != nil && t.nt.Paused() {
+	if t := c.answering(); t != nil && t.nt.Paused() {
 		t.served = make(chan struct{})
 		t.nt.Resume()
 		go t.serveBinds()
 	}
-	g.copier.resume()
+	c.copier.resume()
 }
 
-// answering is g's bind takeover while it answers the child's binds; nil
+// answering is c's bind takeover while it answers the child's binds; nil
 // if it has none, or it was stopped.
-func (g *generation) answering() *bindTakeover {
-	t := g.takeover
+func (c *copyProc) answering() *bindTakeover {
+	t := c.takeover
 	if t == nil {
 		return nil
 	}
@@ -296,13 +298,14 @@ func (s *Supervisor) save() (Saved, error) {
 
 // saveGen is g's state, once paused.
 func (s *Supervisor) saveGen(g *generation) (SavedGeneration, error) {
+	c := g.first() // its one copy: quiet refuses more
 	sg := SavedGeneration{
-		N: g.n, Cmd: g.cmd, State: g.state, Started: g.started, ReadyAt: g.readyAt, HealthAddr: g.healthAddr,
-		StderrTail: g.stderr.bytes(), StderrPartial: g.copier.partial(), Killed: g.killed,
-		Spoke: isClosed(g.notified), Pinged: g.pinged, Notify: health.SavedNotify{FD: -1}, StderrFD: -1,
+		N: g.n, Cmd: g.cmd, State: g.state, Started: g.started, ReadyAt: g.readyAt, HealthAddr: c.healthAddr,
+		StderrTail: c.stderr.bytes(), StderrPartial: c.copier.partial(), Killed: g.killed,
+		Spoke: isClosed(c.notified), Pinged: c.pinged, Notify: health.SavedNotify{FD: -1}, StderrFD: -1,
 	}
 	_, sg.Cgroup = g.contain.(*cgroupContainment)
-	if p, ok := g.proc.(reaperProcess); ok {
+	if p, ok := c.proc.(reaperProcess); ok {
 		sg.Proc = p.Saved()
 	} else {
 		sg.Proc = reaper.SavedProc{Pid: g.pid(), Group: true}
@@ -316,17 +319,17 @@ func (s *Supervisor) saveGen(g *generation) (SavedGeneration, error) {
 		sg.KillIn = &left
 	}
 	var err error
-	if g.state != Exited {
-		if sg.Notify, err = g.notify.Save(); err != nil {
+	if !c.exited {
+		if sg.Notify, err = c.notify.Save(); err != nil {
 			return sg, fmt.Errorf("handing over generation %d's notify socket: %w", g.n, err)
 		}
 	}
-	if !isClosed(g.copier.done) {
-		if sg.StderrFD, err = g.copier.fd(); err != nil {
+	if !isClosed(c.copier.done) {
+		if sg.StderrFD, err = c.copier.fd(); err != nil {
 			return sg, fmt.Errorf("handing over generation %d's stderr: %w", g.n, err)
 		}
 	}
-	if t := g.answering(); t != nil {
+	if t := c.answering(); t != nil {
 		sn, err := t.nt.Save()
 		if err != nil {
 			return sg, fmt.Errorf("handing over generation %d's bind takeover: %w", g.n, err)
@@ -456,24 +459,28 @@ func (s *Supervisor) adoptGen(sg SavedGeneration) (*generation, error) {
 	if proc == nil {
 		return nil, fmt.Errorf("restoring generation %d: pid %d is not relay's child", sg.N, sg.Proc.Pid)
 	}
-	g := &generation{n: sg.N, cmd: sg.Cmd, proc: proc, state: Starting, started: sg.Started, readyAt: sg.ReadyAt,
-		healthAddr: sg.HealthAddr, stderr: newTailBuffer(stderrTailBytes), notified: make(chan struct{}), pinged: sg.Pinged}
+	g := &generation{n: sg.N, cmd: sg.Cmd, state: Starting, started: sg.Started, readyAt: sg.ReadyAt}
+	c := s.newCopy(g, 0)
+	g.copies = []*copyProc{c}
+	c.proc, c.started, c.healthAddr, c.pinged, c.ready = proc, sg.Started, sg.HealthAddr, sg.Pinged, !sg.ReadyAt.IsZero()
 	if sg.Status != nil {
 		g.status = *sg.Status
+		c.exited, c.status = true, *sg.Status
 	}
-	g.stderr.Write(sg.StderrTail)
+	c.stderr.Write(sg.StderrTail)
 	if sg.Spoke {
-		close(g.notified)
+		close(c.notified)
 	}
 	g.log = s.cfg.Log.With("gen", g.n, "pid", g.pid())
-	g.pidForNotify.Store(int64(g.pid()))
+	c.log = s.copyLog(c)
+	c.pidForNotify.Store(int64(c.pid()))
 	var cg container
 	if sg.Cgroup && s.env.adoptContainer != nil {
 		cg = s.env.adoptContainer(g.n)
 	}
-	g.contain = s.containmentOf(g, cg)
+	g.contain = s.containmentOf(g, c, cg)
 	if sg.Takeover != nil {
-		if err := s.adoptTakeover(g, sg); err != nil {
+		if err := s.adoptTakeover(c, sg); err != nil {
 			return nil, err
 		}
 	}
@@ -485,18 +492,20 @@ func (s *Supervisor) listenGen(g *generation, sg SavedGeneration) error {
 	if sg.Notify.FD < 0 {
 		return nil
 	}
-	notify, err := health.AdoptNotify(sg.Notify, func(m health.NotifyMessage) { s.onNotify(g, m) })
+	c := g.first()
+	notify, err := health.AdoptNotify(sg.Notify, func(m health.NotifyMessage) { s.onNotify(c, m) })
 	if err != nil {
 		return fmt.Errorf("restoring generation %d: %w", g.n, err)
 	}
-	g.notify = notify
+	c.notify = notify
 	return nil
 }
 
 // startGen starts reading adopted g's stderr, and its binds, and watching
 // its exit, unless relay had seen it already.
 func (s *Supervisor) startGen(g *generation, sg SavedGeneration) {
-	if t := g.takeover; t != nil {
+	c := g.first()
+	if t := c.takeover; t != nil {
 		go t.serveBinds()
 	}
 	var stderr *os.File
@@ -504,16 +513,17 @@ func (s *Supervisor) startGen(g *generation, sg SavedGeneration) {
 		stderr = os.NewFile(uintptr(sg.StderrFD), "stderr of generation "+fmt.Sprint(g.n))
 	}
 	if sg.Status != nil { // its exit was handled: only its stderr is left
-		s.copyStderr(g, stderr, sg.StderrPartial)
+		s.copyStderr(c, stderr, sg.StderrPartial)
 	} else {
-		s.watchExit(g, stderr, sg.StderrPartial)
+		s.watchExit(c, stderr, sg.StderrPartial)
 	}
 }
 
-// adoptTakeover makes g's bind takeover again, from the notification fd
+// adoptTakeover makes c's bind takeover again, from the notification fd
 // of sg, on its sockets; startGen answers its binds.
-func (s *Supervisor) adoptTakeover(g *generation, sg SavedGeneration) error {
-	socks, err := s.cfg.Sockets.Held(g.n, 0)
+func (s *Supervisor) adoptTakeover(c *copyProc, sg SavedGeneration) error {
+	g := c.g
+	socks, err := s.cfg.Sockets.Held(g.n, c.worker)
 	if err != nil {
 		return fmt.Errorf("restoring generation %d's bind takeover: %w", g.n, err)
 	}
@@ -528,8 +538,8 @@ func (s *Supervisor) adoptTakeover(g *generation, sg SavedGeneration) error {
 		t.claimed[i] = make(chan struct{})
 		close(t.claimed[i]) // it served: it claimed what it needed
 	}
-	t.serveBinds = func() { s.serveBinds(g, socks) }
-	g.takeover = t
+	t.serveBinds = func() { s.serveBinds(c, socks) }
+	c.takeover = t
 	return nil
 }
 
@@ -538,8 +548,10 @@ func (s *Supervisor) adoptTakeover(g *generation, sg SavedGeneration) error {
 // image. Call it before Run.
 func (s *Supervisor) Settle() {
 	for _, g := range s.gens.alive() {
-		if g.notify != nil {
-			g.notify.Settle()
+		for _, c := range g.copies {
+			if c.notify != nil {
+				c.notify.Settle()
+			}
 		}
 	}
 }

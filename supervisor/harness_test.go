@@ -246,7 +246,7 @@ func (h *harness) adoptProc(sp reaper.SavedProc, exited *reaper.Status) process 
 }
 
 func (h *harness) ready(ctx context.Context, ch health.Child) error {
-	c := &fakeCheck{gen: ch.Generation, ctx: ctx, reply: make(chan error, 1)}
+	c := &fakeCheck{gen: ch.Generation, worker: ch.Worker, pid: ch.Pid, ctx: ctx, reply: make(chan error, 1)}
 	h.checkC <- c
 	return c.wait()
 }

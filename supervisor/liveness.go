@@ -22,7 +22,9 @@ import (
 // whatever serves when the restart has finished. The exception is the
 // confirmation window (confirm.go): the new generation is watched on trial
 // then, probed every Config.trialInterval, and a failure rolls its restart
-// back at once instead of scheduling a replacement.
+// back at once instead of scheduling a replacement. Liveness is for one
+// copy only (Config.setDefaults refuses it with Workers above 1): the
+// generation's first copy is the one watched.
 
 // livenessState is the watch of the serving generation.
 type livenessState struct {
@@ -80,10 +82,10 @@ func (s *Supervisor) watch(g *generation, trial bool) {
 	if s.cfg.Liveness.Kind != "" {
 		s.armProbe()
 	}
-	if g.pinged {
+	if c := g.first(); c.pinged {
 		// Its watchdog counts from the watch's start: a restart that
 		// paused the watch does not count against it.
-		g.lastPing = lv.since
+		c.lastPing = lv.since
 		s.armWatchdog(s.cfg.ChildWatchdog)
 	}
 }
@@ -136,7 +138,7 @@ func (s *Supervisor) onProbeDue(seq int) {
 	// The same view of the child as its readiness check: a probe of a
 	// steered listener goes to this generation's own socket.
 	child := health.Child{
-		Vars:    health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.healthAddr},
+		Vars:    health.Vars{Pid: g.pid(), Generation: g.n, HealthAddr: g.first().healthAddr},
 		Control: s.cfg.Sockets.ProbeControl(g.n, 0),
 	}
 	for i, in := range s.cfg.Sockets.Info() {
@@ -179,16 +181,17 @@ func (s *Supervisor) onProbeDone(seq int, err error) {
 
 // onWatchdogPing notes a WATCHDOG=1 of g's child, and starts its watchdog
 // at its first while it is watched.
-func (s *Supervisor) onWatchdogPing(g *generation) {
-	g.pingPosted.Store(false) // the next ping may be posted
-	if g.state == Exited {
+func (s *Supervisor) onWatchdogPing(c *copyProc) {
+	g := c.g
+	c.pingPosted.Store(false) // the next ping may be posted
+	if c.exited {
 		return
 	}
-	if !g.pinged {
-		g.log.Info("child pings its watchdog; relay replaces it if it stays silent for --child-watchdog once serving",
+	if !c.pinged {
+		c.log.Info("child pings its watchdog; relay replaces it if it stays silent for --child-watchdog once serving",
 			"child_watchdog", s.cfg.ChildWatchdog)
 	}
-	g.pinged, g.lastPing = true, s.env.now()
+	c.pinged, c.lastPing = true, s.env.now()
 	if s.live.gen == g && s.live.watchdog == nil {
 		s.armWatchdog(s.cfg.ChildWatchdog)
 	}
@@ -208,7 +211,7 @@ func (s *Supervisor) onWatchdogDue(seq int) {
 	}
 	lv.watchdog = nil
 	g := lv.gen
-	silent := s.env.now().Sub(g.lastPing)
+	silent := s.env.now().Sub(g.first().lastPing)
 	if silent < s.cfg.ChildWatchdog {
 		s.armWatchdog(s.cfg.ChildWatchdog - silent)
 		return

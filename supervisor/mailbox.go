@@ -53,11 +53,18 @@ func (r forwardReq) handleRequest(s *Supervisor) {
 		s.cfg.Log.Warn("no serving child to forward the signal to", "signal", signals.Name(r.sig))
 		return
 	}
-	if err := g.proc.Signal(r.sig); err != nil {
-		g.log.Warn("forwarding signal", "signal", signals.Name(r.sig), "err", err)
-		return
+	// Each copy's main process gets it; one that has exited is passed
+	// over.
+	for _, c := range g.copies {
+		if c.exited {
+			continue
+		}
+		if err := c.proc.Signal(r.sig); err != nil {
+			c.log.Warn("forwarding signal", "signal", signals.Name(r.sig), "err", err)
+			continue
+		}
+		c.log.Info("forwarded signal", "signal", signals.Name(r.sig))
 	}
-	g.log.Info("forwarded signal", "signal", signals.Name(r.sig))
 }
 
 // The events, every one of them: of the generations and the restarts, then
@@ -65,17 +72,20 @@ func (r forwardReq) handleRequest(s *Supervisor) {
 // reaped, from env.orphans, and has checkLingering handle it as it does
 // emptiedEvent.
 type (
-	// exitEvent: g's main process exited, and the last of its stderr was
-	// read (or stderrGrace passed).
+	// exitEvent: copy c's main process exited, and the last of its
+	// stderr was read (or stderrGrace passed).
 	exitEvent struct {
-		g      *generation
+		c      *copyProc
 		status reaper.Status
 	}
-	// checkEvent: g's readiness check ended, ready (nil) or not.
+	// checkEvent: copy c's readiness check ended, ready (nil) or not.
 	checkEvent struct {
-		g   *generation
+		c   *copyProc
 		err error
 	}
+	// copyReplaceDue: the backoff before replacing copy c, which exited
+	// while its generation served, passed.
+	copyReplaceDue struct{ c *copyProc }
 	// preflightEvent: run's pre-flight command ended.
 	preflightEvent struct {
 		run *restartRun
@@ -107,8 +117,8 @@ type (
 	// delayEvent: the shutdown delay passed.
 	delayEvent struct{}
 
-	// watchdogPing: g's child sent WATCHDOG=1.
-	watchdogPing struct{ g *generation }
+	// watchdogPing: copy c's child sent WATCHDOG=1.
+	watchdogPing struct{ c *copyProc }
 	// probeDue: the interval before the next probe of watch seq passed.
 	probeDue struct{ seq int }
 	// probeDone: a probe of watch seq ended, passed (nil) or not.
@@ -122,8 +132,9 @@ type (
 	livenessReplaceDue struct{ g *generation }
 )
 
-func (ev exitEvent) handleEvent(s *Supervisor)      { s.onExit(ev.g, ev.status) }
-func (ev checkEvent) handleEvent(s *Supervisor)     { s.onCheck(ev.g, ev.err) }
+func (ev exitEvent) handleEvent(s *Supervisor)      { s.onCopyExit(ev.c, ev.status) }
+func (ev checkEvent) handleEvent(s *Supervisor)     { s.onCheck(ev.c, ev.err) }
+func (ev copyReplaceDue) handleEvent(s *Supervisor) { s.onCopyReplaceDue(ev.c) }
 func (ev preflightEvent) handleEvent(s *Supervisor) { s.onPreflight(ev.run, ev.err) }
 func (ev drainEvent) handleEvent(s *Supervisor)     { s.onDrainEnd(ev.run, ev.ended, ev.err) }
 func (ev stallEvent) handleEvent(s *Supervisor)     { s.onStall(ev.run) }
@@ -134,7 +145,7 @@ func (ev replaceEvent) handleEvent(s *Supervisor)   { s.onReplaceDue(ev.seq) }
 func (emptiedEvent) handleEvent(s *Supervisor)      { s.checkLingering() }
 func (delayEvent) handleEvent(s *Supervisor)        { s.onDelayEnd() }
 
-func (ev watchdogPing) handleEvent(s *Supervisor)       { s.onWatchdogPing(ev.g) }
+func (ev watchdogPing) handleEvent(s *Supervisor)       { s.onWatchdogPing(ev.c) }
 func (ev probeDue) handleEvent(s *Supervisor)           { s.onProbeDue(ev.seq) }
 func (ev probeDone) handleEvent(s *Supervisor)          { s.onProbeDone(ev.seq, ev.err) }
 func (ev watchdogDue) handleEvent(s *Supervisor)        { s.onWatchdogDue(ev.seq) }

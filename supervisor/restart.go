@@ -241,32 +241,58 @@ func (s *Supervisor) advance() {
 	}
 	run.gen = g
 	gs.move(g, Starting)
-	g.log.Info("generation starting", "cmd", cmd.Args, "check", s.cfg.Health.String(), "health_addr", g.healthAddr)
+	attrs := []any{"cmd", cmd.Args, "check", s.cfg.Health.String(), "health_addr", g.first().healthAddr}
+	if len(g.copies) > 1 {
+		attrs = append(attrs, "workers", len(g.copies), "pids", g.pids())
+	}
+	g.log.Info("generation starting", attrs...)
 	run.emit(Event{Phase: PhaseStarting, Generation: g.n, Pid: g.pid()})
 	run.emit(Event{Phase: PhaseWaiting, Generation: g.n, Pid: g.pid(), Check: s.cfg.Health.String()})
-	s.startCheck(g)
+	if g.failure == nil {
+		s.startCheck(g)
+	}
 }
 
-func (s *Supervisor) onCheck(g *generation, err error) {
-	if g != s.gens.starting || g.state != Starting {
-		return // the generation already exited or the stop took it
+// onCheck ends the readiness check of copy c: of a starting generation,
+// which is ready once every copy is; or of a copy's replacement in the
+// serving generation (workers.go).
+func (s *Supervisor) onCheck(c *copyProc, err error) {
+	g := c.g
+	if c.exited || g.copies[c.worker] != c {
+		return // it exited, or was replaced
 	}
 	select {
-	case <-g.proc.Done():
+	case <-c.proc.Done():
 		// It passed its check but has exited since; the exit event,
-		// which waits for the last of its stderr, rolls it back.
+		// which waits for the last of its stderr, handles it.
 		return
 	default:
 	}
+	if g == s.gens.serving && g.state == Serving && !s.stop.begun {
+		s.onReplacementCheck(c, err)
+		return
+	}
+	if g != s.gens.starting || g.state != Starting || g.failure != nil {
+		return // the generation already exited, failed, or the stop took it
+	}
 	if err != nil {
-		g.failure = err
+		g.failure, g.culprit = err, c
 		msg := "new generation failed its readiness check; killing it"
-		if g.takeover != nil && g.takeover.failedErr() != nil {
+		if c.takeover != nil && c.takeover.failedErr() != nil {
 			msg = "new generation cannot serve its listeners; killing it"
 		}
-		g.log.Warn(msg, "err", err)
+		if len(g.copies) > 1 {
+			err = fmt.Errorf("copy %d (pid %d): %w", c.worker, c.pid(), err)
+			g.failure = err
+		}
+		c.log.Warn(msg, "err", err)
 		g.contain.kill()
 		return // the rollback completes when it has exited
+	}
+	c.ready = true
+	if !g.allReady() {
+		c.log.Debug("copy ready; waiting for the others")
+		return
 	}
 	// The switch: from here on, steered listeners give their new
 	// connections to g alone.
@@ -284,11 +310,17 @@ func (s *Supervisor) onCheck(g *generation, err error) {
 func (s *Supervisor) promote(g *generation) {
 	run, gs := s.restarts.current, &s.gens
 	g.readyAt = s.env.now()
-	g.cancelCheck()
+	for _, c := range g.copies {
+		c.cancelCheck()
+	}
 	gs.everReady = true
 	gs.command = g.cmd
-	g.log.Info("generation ready", "ready_after", g.readyAt.Sub(g.started).Round(time.Microsecond),
-		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond), "sockets", s.socketsTaken(g))
+	attrs := []any{"ready_after", g.readyAt.Sub(g.started).Round(time.Microsecond),
+		"since_request", g.readyAt.Sub(run.begun).Round(time.Microsecond), "sockets", s.socketsTaken(g.first())}
+	if len(g.copies) > 1 {
+		attrs = append(attrs, "workers", len(g.copies), "pids", g.pids())
+	}
+	g.log.Info("generation ready", attrs...)
 	run.emit(Event{Phase: PhaseReady, Generation: g.n, Pid: g.pid(), Duration: g.readyAt.Sub(g.started)})
 	s.cfg.Recorder.GenerationReady(g.n, g.readyAt.Sub(g.started))
 	prev := gs.serving
@@ -446,7 +478,7 @@ func (s *Supervisor) resultFor(g *generation, outcome RestartOutcome, reason str
 			r.ReadyAfter = g.readyAt.Sub(g.started)
 		}
 		if outcome != RestartOK {
-			r.StderrTail = g.stderr.Lines(stderrTailLines)
+			r.StderrTail = g.stderrTail()
 		}
 	}
 	return r

@@ -52,6 +52,9 @@ type GenerationStatus struct {
 	// UDPFlows counts the UDP flows (client 4-tuples) the steered UDP
 	// listeners send to it (Status.UDPSteered).
 	UDPFlows int
+	// Copies are its copies (--workers), by worker number; one for a
+	// generation of one copy.
+	Copies []CopyStatus
 }
 
 // RestartCounts counts restarts since relay started. Crash and liveness
@@ -68,9 +71,23 @@ type RestartCounts struct {
 	// LivenessReplacements counts the restarts that replaced a serving
 	// generation that failed its liveness check or its watchdog.
 	LivenessReplacements int
+	// CopyReplacements counts the copies (--workers) started in place of
+	// one that exited while its generation served.
+	CopyReplacements int
 	// AfterSwitch counts the restarts rolled back in their confirmation
 	// window, by what rolled them back (they count in RolledBack too).
 	AfterSwitch map[RollbackCause]int
+}
+
+// CopyStatus describes one copy of a generation.
+type CopyStatus struct {
+	Worker int
+	Pid    int
+	// State: "starting" (not yet ready), "ready", "exited"
+	// (its main process; a replacement may be pending).
+	State    string
+	Started  time.Time
+	Replaced int // the replacements of this copy before this one
 }
 
 // LastRestart is the outcome of the last restart that finished.
@@ -120,8 +137,18 @@ func (s *Supervisor) status() Status {
 	for _, g := range s.oldestFirst() {
 		gs := GenerationStatus{
 			Generation: g.n, Pid: g.pid(), State: g.state, Started: g.started,
-			Command: g.cmd.Args, Sockets: s.tookSockets(g),
+			Command: g.cmd.Args, Sockets: s.tookSockets(g.first()),
 			Processes: g.contain.count(),
+		}
+		for _, c := range g.copies {
+			state := "starting"
+			switch {
+			case c.exited:
+				state = "exited"
+			case c.ready:
+				state = "ready"
+			}
+			gs.Copies = append(gs.Copies, CopyStatus{Worker: c.worker, Pid: c.pid(), State: state, Started: c.started, Replaced: c.replaced})
 		}
 		if !g.readyAt.IsZero() {
 			gs.ReadyAfter = g.readyAt.Sub(g.started)

@@ -42,9 +42,12 @@ func (s *Supervisor) beginStop(now bool) {
 		}
 	}
 	for _, g := range s.gens.alive() {
-		if g.cancelCheck != nil {
-			g.cancelCheck()
+		for _, c := range g.copies {
+			if c.cancelCheck != nil {
+				c.cancelCheck()
+			}
 		}
+		s.cancelCopyReplaces(g)
 		switch {
 		case now:
 			g.log.Warn("killing generation now", "signal", "KILL")

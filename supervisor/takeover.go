@@ -116,13 +116,13 @@ func (t *bindTakeover) took() []string {
 	return append([]string(nil), t.how...)
 }
 
-// tookSockets says how generation g took each listener, by name.
-func (s *Supervisor) tookSockets(g *generation) map[string]string {
+// tookSockets says how copy c took each listener, by name.
+func (s *Supervisor) tookSockets(c *copyProc) map[string]string {
 	infos := s.cfg.Sockets.Info()
 	out := make(map[string]string, len(infos))
 	var how []string
-	if g.takeover != nil {
-		how = g.takeover.took()
+	if c.takeover != nil {
+		how = c.takeover.took()
 	}
 	for i, in := range infos {
 		out[in.Name] = TookFD
@@ -134,8 +134,8 @@ func (s *Supervisor) tookSockets(g *generation) map[string]string {
 }
 
 // socketsTaken formats tookSockets for a log line: "tcp-8080=bind,...".
-func (s *Supervisor) socketsTaken(g *generation) string {
-	took := s.tookSockets(g)
+func (s *Supervisor) socketsTaken(c *copyProc) string {
+	took := s.tookSockets(c)
 	var parts []string
 	for _, in := range s.cfg.Sockets.Info() {
 		parts = append(parts, in.Name+"="+took[in.Name])
@@ -161,20 +161,20 @@ func (t *bindTakeover) stop() {
 
 // serveTakeover waits for the shim's handshake, then answers the child
 // tree's binds until it has exited or the takeover is stopped.
-func (s *Supervisor) serveTakeover(g *generation, socks []*os.File) {
-	t := g.takeover
-	if !s.handshake(g) {
+func (s *Supervisor) serveTakeover(c *copyProc, socks []*os.File) {
+	t := c.takeover
+	if !s.handshake(c) {
 		close(t.served)
 		return
 	}
-	t.serveBinds = func() { s.serveBinds(g, socks) }
-	s.serveBinds(g, socks)
+	t.serveBinds = func() { s.serveBinds(c, socks) }
+	s.serveBinds(c, socks)
 }
 
-// handshake receives the notification fd from g's exec shim, and reports
+// handshake receives the notification fd from c's exec shim, and reports
 // whether the takeover is active.
-func (s *Supervisor) handshake(g *generation) bool {
-	t := g.takeover
+func (s *Supervisor) handshake(c *copyProc) bool {
+	t := c.takeover
 	nt, err := t.hs.Receive()
 	t.hs.Close()
 	t.mu.Lock()
@@ -184,16 +184,16 @@ func (s *Supervisor) handshake(g *generation) bool {
 	switch {
 	case err == nil:
 	case errors.Is(err, takeover.ErrUnavailable) && s.cfg.Takeover == TakeoverOn:
-		g.log.Error("bind takeover unavailable, and --takeover on requires it", "reason", err)
+		c.log.Error("bind takeover unavailable, and --takeover on requires it", "reason", err)
 		t.fail(fmt.Errorf("%w; --takeover on requires it (use --takeover auto to pass the sockets as inherited fds only)", err))
 		return false
 	case errors.Is(err, takeover.ErrUnavailable):
 		if s.takeoverWarned.CompareAndSwap(false, true) {
-			g.log.Warn("bind takeover unavailable; children get relay's sockets as inherited fds only (LISTEN_FDS)", "reason", err)
+			c.log.Warn("bind takeover unavailable; children get relay's sockets as inherited fds only (LISTEN_FDS)", "reason", err)
 		}
 		return false
 	default:
-		g.log.Debug("no bind takeover for this generation", "reason", err)
+		c.log.Debug("no bind takeover for this generation", "reason", err)
 		return false
 	}
 	t.mu.Lock()
@@ -203,23 +203,23 @@ func (s *Supervisor) handshake(g *generation) bool {
 		return false
 	}
 	t.nt = nt
-	g.log.Debug("bind takeover ready", "wait_killable", nt.Killable, "no_new_privs", nt.NoNewPrivs)
+	c.log.Debug("bind takeover ready", "wait_killable", nt.Killable, "no_new_privs", nt.NoNewPrivs)
 	return true
 }
 
 // serveBinds answers the child tree's binds until it has exited, or the
 // takeover is stopped or paused; it closes t.served then.
-func (s *Supervisor) serveBinds(g *generation, socks []*os.File) {
-	t := g.takeover
+func (s *Supervisor) serveBinds(c *copyProc, socks []*os.File) {
+	t := c.takeover
 	defer close(t.served)
 	err := t.nt.Serve(takeover.Config{
 		Sockets: socks,
 		Paths:   s.unixPaths(),
-		Claim:   func(b takeover.Bind) takeover.Decision { return s.cfg.Sockets.Claim(g.n, 0, b) },
-		Event:   func(e takeover.Event) { s.onTakeover(g, e) },
+		Claim:   func(b takeover.Bind) takeover.Decision { return s.cfg.Sockets.Claim(c.g.n, c.worker, b) },
+		Event:   func(e takeover.Event) { s.onTakeover(c, e) },
 	})
 	if err != nil {
-		g.log.Error("answering the child's binds", "err", err)
+		c.log.Error("answering the child's binds", "err", err)
 	}
 }
 
@@ -236,8 +236,8 @@ func (s *Supervisor) unixPaths() []string {
 }
 
 // onTakeover runs on the takeover goroutine for each thing it did.
-func (s *Supervisor) onTakeover(g *generation, e takeover.Event) {
-	t := g.takeover
+func (s *Supervisor) onTakeover(c *copyProc, e takeover.Event) {
+	t := c.takeover
 	infos := s.cfg.Sockets.Info()
 	name := func(i int) string {
 		if i >= 0 && i < len(infos) {
@@ -254,13 +254,13 @@ func (s *Supervisor) onTakeover(g *generation, e takeover.Event) {
 		if infos[e.Socket].Sharing == sockets.Steered {
 			socket = "own"
 		}
-		g.log.Info("bind taken over", "listener", name(e.Socket), "addr", e.Bind.String(), "fd", e.Bind.FD,
+		c.log.Info("bind taken over", "listener", name(e.Socket), "addr", e.Bind.String(), "fd", e.Bind.FD,
 			"bind_pid", e.Bind.Pid, "socket", socket)
 		if infos[e.Socket].Network == "udp" {
 			t.claim(e.Socket) // datagram sockets do not listen
 		}
 	case takeover.Listened:
-		g.log.Debug("listen on relay's socket answered without running it; relay keeps its backlog",
+		c.log.Debug("listen on relay's socket answered without running it; relay keeps its backlog",
 			"listener", name(e.Socket), "fd", e.FD, "listen_pid", e.Pid)
 		t.claim(e.Socket)
 	case takeover.Passed:
@@ -272,22 +272,22 @@ func (s *Supervisor) onTakeover(g *generation, e takeover.Event) {
 		t.noted[e.Err.Error()] = true
 		t.mu.Unlock()
 		if first {
-			g.log.Warn(e.Err.Error(), "bind_pid", e.Bind.Pid)
+			c.log.Warn(e.Err.Error(), "bind_pid", e.Bind.Pid)
 		}
 	case takeover.Unreadable:
 		if t.unreadable.CompareAndSwap(false, true) {
-			g.log.Warn("cannot read the child's bind: it went to the kernel untouched; across users relay needs CAP_SYS_PTRACE (docs/takeover.md)",
+			c.log.Warn("cannot read the child's bind: it went to the kernel untouched; across users relay needs CAP_SYS_PTRACE (docs/takeover.md)",
 				"bind_pid", e.Pid, "fd", e.FD, "err", e.Err)
 		}
 	case takeover.RingRefused:
 		if t.ringRefused.CompareAndSwap(false, true) {
-			g.log.Warn("io_uring_setup refused (EPERM): a bind made through io_uring would bypass the takeover and put the child's own socket on the port; the server must use bind(2), or relay must run with --allow-io-uring (docs/takeover.md)",
+			c.log.Warn("io_uring_setup refused (EPERM): a bind made through io_uring would bypass the takeover and put the child's own socket on the port; the server must use bind(2), or relay must run with --allow-io-uring (docs/takeover.md)",
 				"caller_pid", e.Pid)
 		}
 	case takeover.Kept:
-		g.log.Info("kept relay's unix socket path: the child's unlink of it was answered without removing it", "path", e.Path, "unlink_pid", e.Pid)
+		c.log.Info("kept relay's unix socket path: the child's unlink of it was answered without removing it", "path", e.Path, "unlink_pid", e.Pid)
 	case takeover.Refused:
-		g.log.Error("bind refused", "listener", name(e.Socket), "addr", e.Bind.String(), "fd", e.Bind.FD,
+		c.log.Error("bind refused", "listener", name(e.Socket), "addr", e.Bind.String(), "fd", e.Bind.FD,
 			"bind_pid", e.Bind.Pid, "reason", e.Err)
 		t.fail(fmt.Errorf("its bind of %s was refused: %w", e.Bind.String(), e.Err))
 	}

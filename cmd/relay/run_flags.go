@@ -6,10 +6,12 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"strconv"
 	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/relaysh/relay/control"
 	"github.com/relaysh/relay/health"
@@ -33,6 +35,7 @@ type runOptions struct {
 	stopSignal                        syscall.Signal
 	killMode                          supervisor.KillMode
 	maxDraining                       int
+	workers                           int // --workers: copies per generation
 	name, controlPath                 string
 	check                             []string
 	logFormat                         string
@@ -67,6 +70,13 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 	}
 	if err := o.liveness.parse(c); err != nil {
 		return o, err
+	}
+	if o.workers > 1 {
+		for flag, set := range map[string]bool{"--liveness": o.liveness.check.Kind != "", "--child-watchdog": o.liveness.childWatchdog > 0, "--confirm": o.confirm > 0} {
+			if set {
+				return o, usagef("%s does not work with --workers above 1 yet; drop one of them", flag)
+			}
+		}
 	}
 	var err error
 	o.name = c.String("name")
@@ -164,7 +174,29 @@ func (o *runOptions) parseRestarts(c *cli.Context) error {
 	if o.maxDraining = c.Int("max-draining"); o.maxDraining < 1 {
 		return usagef("--max-draining %d: must be at least 1", o.maxDraining)
 	}
+	if o.workers, err = parseWorkers(c.String("workers")); err != nil {
+		return usageError{err}
+	}
 	return nil
+}
+
+// parseWorkers reads --workers: a count, or "cpus" for the CPUs relay may
+// run on (its affinity mask, as a container's cpuset limits it).
+func parseWorkers(v string) (int, error) {
+	n := 0
+	if v == "cpus" {
+		var set unix.CPUSet
+		if err := unix.SchedGetaffinity(0, &set); err != nil {
+			return 0, fmt.Errorf("--workers cpus: reading the CPUs relay may use: %w", err)
+		}
+		n = min(set.Count(), supervisor.MaxWorkers)
+	} else if _, err := fmt.Sscanf(v, "%d", &n); err != nil || strconv.Itoa(n) != v {
+		return 0, fmt.Errorf("--workers %q: want a number of copies, e.g. --workers 4, or cpus for one per CPU", v)
+	}
+	if n < 1 || n > supervisor.MaxWorkers {
+		return 0, fmt.Errorf("--workers %d: want 1 to %d copies", n, supervisor.MaxWorkers)
+	}
+	return n, nil
 }
 
 func commandError(name string, err error) error {

@@ -247,6 +247,7 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 		KillMode:      opts.killMode,
 		StopTimeout:   opts.stopTimeout,
 		MaxDraining:   opts.maxDraining,
+		Workers:       opts.workers,
 		RuntimeDir:    notifyDir,
 		Reaper:        rp,
 		Cgroups:       cg,

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -120,8 +121,12 @@ func printStatus(w io.Writer, d *control.StatusDoc) {
 		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s%s\n", g.Generation, g.Pid, g.Processes, g.State, age, ready, socketsTaken(d.Listeners, g.Sockets), flows, strings.Join(g.Command, " "))
 	}
 	tw.Flush()
+	writeCopies(w, d.Generations)
 	r := d.Restarts
 	fmt.Fprintf(w, "\nrestarts: %d ok, %d rolled back, %d refused, %d crash replacements", r.OK, r.RolledBack, r.Refused, r.Replacements)
+	if r.CopyReplacements > 0 {
+		fmt.Fprintf(w, ", %d copy replacements", r.CopyReplacements)
+	}
 	if r.LivenessReplacements > 0 {
 		fmt.Fprintf(w, ", %d liveness replacements", r.LivenessReplacements)
 	}
@@ -164,4 +169,22 @@ func shutdownLine(left time.Duration) string {
 		return "STOPPING now (--shutdown-delay over)"
 	}
 	return fmt.Sprintf("STOPPING in %s (--shutdown-delay; serving until then)", left.Round(100*time.Millisecond))
+}
+
+// writeCopies lists the copies of the generations that have several
+// (relay run --workers); nothing where none has.
+func writeCopies(w io.Writer, gens []control.GenerationStatus) {
+	if !slices.ContainsFunc(gens, func(g control.GenerationStatus) bool { return len(g.Copies) > 1 }) {
+		return
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "GEN\tWORKER\tPID\tSTATE\tAGE\tREPLACED")
+	for _, g := range gens {
+		for _, c := range g.Copies {
+			age := time.Duration(c.AgeSeconds * float64(time.Second)).Round(time.Second)
+			fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%d\n", g.Generation, c.Worker, c.Pid, c.State, age, c.Replaced)
+		}
+	}
+	tw.Flush()
 }

@@ -31,6 +31,7 @@ type statusCollector struct {
 
 	restarts, crashes, liveness, serving, generations, lastTime, lastSuccess, buildInfo *prometheus.Desc
 	upgrades, lastUpgrade, rollbacks, confirming, udpFlows                              *prometheus.Desc
+	copies, copyReplaced, copyReplacements                                              *prometheus.Desc
 }
 
 // generationStates are the states relay_generations reports, each always
@@ -69,6 +70,14 @@ func newStatusCollector(status func() (supervisor.Status, error), build BuildInf
 		udpFlows: prometheus.NewDesc("relay_udp_flows",
 			"UDP flows (client address and port pairs heard from within the flow idle timeout) that the steered UDP listeners send to each live generation; absent where no UDP listener is steered.",
 			[]string{"generation"}, nil),
+		copies: prometheus.NewDesc("relay_copy",
+			"Always 1, for each copy of each live generation (relay run --workers; one per generation without it); its labels say which, its pid, and its state: starting (not yet ready), ready, or exited (a replacement may be pending).",
+			[]string{"generation", "worker", "pid", "state"}, nil),
+		copyReplaced: prometheus.NewDesc("relay_copy_replaced",
+			"Replacements of each copy of each live generation before the one running now (relay run --workers): a copy that exits while its generation serves is replaced alone.",
+			[]string{"generation", "worker"}, nil),
+		copyReplacements: prometheus.NewDesc("relay_copy_replacements_total",
+			"Copies (relay run --workers) started in place of one that exited while its generation served.", nil, nil),
 		upgrades: prometheus.NewDesc("relay_upgrades_total",
 			"In-place upgrades of relay's own binary (relay upgrade) since relay started.", nil, nil),
 		lastUpgrade: prometheus.NewDesc("relay_last_upgrade_timestamp_seconds",
@@ -78,7 +87,7 @@ func newStatusCollector(status func() (supervisor.Status, error), build BuildInf
 
 // Describe is part of prometheus.Collector.
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.restarts, c.crashes, c.liveness, c.serving, c.generations, c.lastTime, c.lastSuccess, c.buildInfo, c.upgrades, c.lastUpgrade, c.rollbacks, c.confirming, c.udpFlows} {
+	for _, d := range []*prometheus.Desc{c.restarts, c.crashes, c.liveness, c.serving, c.generations, c.lastTime, c.lastSuccess, c.buildInfo, c.upgrades, c.lastUpgrade, c.rollbacks, c.confirming, c.udpFlows, c.copies, c.copyReplaced, c.copyReplacements} {
 		ch <- d
 	}
 }
@@ -111,12 +120,19 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(c.crashes, prometheus.CounterValue, float64(r.Replacements))
 	ch <- prometheus.MustNewConstMetric(c.liveness, prometheus.CounterValue, float64(r.LivenessReplacements))
+	ch <- prometheus.MustNewConstMetric(c.copyReplacements, prometheus.CounterValue, float64(r.CopyReplacements))
 	ch <- prometheus.MustNewConstMetric(c.serving, prometheus.GaugeValue, float64(servingGeneration(st)))
 	byState := map[supervisor.State]int{}
 	for _, g := range st.Generations {
 		byState[g.State]++
 		if st.UDPSteered {
 			ch <- prometheus.MustNewConstMetric(c.udpFlows, prometheus.GaugeValue, float64(g.UDPFlows), strconv.Itoa(g.Generation))
+		}
+		gen := strconv.Itoa(g.Generation)
+		for _, cp := range g.Copies {
+			worker := strconv.Itoa(cp.Worker)
+			ch <- prometheus.MustNewConstMetric(c.copies, prometheus.GaugeValue, 1, gen, worker, strconv.Itoa(cp.Pid), cp.State)
+			ch <- prometheus.MustNewConstMetric(c.copyReplaced, prometheus.GaugeValue, float64(cp.Replaced), gen, worker)
 		}
 	}
 	for _, s := range generationStates() {

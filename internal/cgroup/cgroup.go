@@ -265,6 +265,20 @@ type Group struct {
 // FD is the cgroup directory's fd, for reaper.Attr.CgroupFD.
 func (g *Group) FD() int { return g.fd }
 
+// Open opens the group again for CLONE_INTO_CGROUP, for a process that
+// joins it after CloseFD.
+func (g *Group) Open() error {
+	if g.fd > 0 {
+		return nil
+	}
+	fd, err := unix.Open(g.Dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening the cgroup %s: %w", g.Dir, err)
+	}
+	g.fd = fd
+	return nil
+}
+
 // CloseFD closes the fd once the generation has started.
 func (g *Group) CloseFD() {
 	if g.fd > 0 {

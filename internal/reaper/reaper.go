@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -361,16 +362,16 @@ func pgid(pid int) int {
 
 // Adopted lists relay's living children that it did not start itself
 // (orphans of its children, reparented to relay as their subreaper) whose
-// environment sets key to value, leaving out those in process group
-// group: what is left of a generation that escaped its process group, by
+// environment sets key to value, leaving out those in the process groups
+// groups: what is left of a generation that escaped its process groups, by
 // the RELAY_GENERATION its environment was given.
-func (r *Reaper) Adopted(key, value string, group int) []int {
+func (r *Reaper) Adopted(key, value string, groups ...int) []int {
 	var out []int
 	for _, pid := range procfs.Children(os.Getpid()) {
 		r.mu.Lock()
 		_, ours := r.waiters[pid]
 		r.mu.Unlock()
-		if ours || pgid(pid) == group || !hasEnv(pid, key, value) {
+		if ours || slices.Contains(groups, pgid(pid)) || !hasEnv(pid, key, value) {
 			continue
 		}
 		out = append(out, pid)

@@ -1,0 +1,143 @@
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+)
+
+// Copies (--workers N): a generation is N copies of the command, each with
+// its own socket on every steered TCP listener (sockets.Set.Take), over
+// which the steering program spreads the generation's new connections. The
+// generation is the unit of restarts: its copies start together, it is
+// ready when every copy has passed its own readiness check (each probe
+// reaches that copy's socket alone), one switch moves the traffic to all of
+// them, and the stop signal goes to each copy's main process.
+//
+// One copy's exit, while others live, depends on its generation's state
+// (copyExited):
+//
+//	Starting   the start failed: the others are killed, and the restart
+//	           rolls back once they have exited (the generation's exit)
+//	Serving    the copy is replaced alone after the crash backoff; its
+//	           sockets are marked absent meanwhile, so new connections
+//	           go to its siblings, and those queued on them wait for the
+//	           replacement, which takes the same sockets
+//	otherwise  it was stopping, or draining: nothing to do
+//
+// A replacement is a copy of its own (a new copyProc in the same slot),
+// proven ready as at a start; one that fails its check is killed, and
+// replaced in turn with a longer backoff.
+
+// copyExited handles the exit of copy c while other copies of its
+// generation live.
+func (s *Supervisor) copyExited(c *copyProc) {
+	g := c.g
+	switch {
+	case g.state == Starting:
+		if g.failure == nil {
+			g.failure = fmt.Errorf("copy %d (pid %d) exited before it was ready: %s", c.worker, c.pid(), c.status)
+		}
+		c.log.Warn("a copy of the new generation exited before it was ready; killing the others", "status", c.status.String())
+		g.contain.kill()
+	case g.state == Serving && !s.stop.begun && g.copies[c.worker] == c:
+		c.log.Error("copy exited on its own; its siblings serve its share until its replacement is ready",
+			"status", c.status.String(), "stderr_tail", c.stderr.Lines(stderrTailLines))
+		s.leftAlone(c)
+		if err := s.cfg.Sockets.Absent(g.n, c.worker, true); err != nil {
+			c.log.Warn("cannot steer new connections away from the exited copy; they wait for its replacement", "err", err)
+		}
+		s.scheduleCopyReplace(c)
+	default:
+		c.log.Info("copy exited", "status", c.status.String(), "state", g.state)
+	}
+}
+
+// leftAlone sends the stop signal to what copy c, whose main process has
+// exited while its generation lives on, left in its process group: nothing
+// else would pass it on. What ignores it is killed with its generation.
+func (s *Supervisor) leftAlone(c *copyProc) {
+	if !c.proc.GroupAlive() {
+		return
+	}
+	if err := c.proc.SignalGroup(s.cfg.StopSignal); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		c.log.Warn("signalling what the exited copy left behind", "err", err)
+	}
+}
+
+// scheduleCopyReplace replaces copy c, which exited while its generation
+// served, after the crash backoff: doubled for each failure of this copy in
+// a row, unless it had served for stableAfter.
+func (s *Supervisor) scheduleCopyReplace(c *copyProc) {
+	if c.ready && s.env.now().Sub(c.started) >= stableAfter {
+		c.crashes = 0
+	}
+	delay := s.cfg.backoff(c.crashes)
+	c.crashes++
+	c.log.Warn("replacing the copy", "after", delay, "failures_in_a_row", c.crashes)
+	c.replaceTimer = s.env.afterFunc(delay, func() { s.post(copyReplaceDue{c: c}) })
+}
+
+// onCopyReplaceDue starts the replacement of copy c, unless its generation
+// no longer serves or relay stops.
+func (s *Supervisor) onCopyReplaceDue(c *copyProc) {
+	g := c.g
+	c.replaceTimer = nil
+	if g != s.gens.serving || s.stop.begun || g.copies[c.worker] != c {
+		return
+	}
+	nc := s.newCopy(g, c.worker)
+	nc.replaced, nc.crashes = c.replaced+1, c.crashes
+	l, err := s.prepare(nc)
+	if err == nil {
+		err = s.startCopy(nc, l)
+	}
+	if err != nil {
+		c.log.Error("cannot start the copy's replacement", "err", err)
+		s.scheduleCopyReplace(c)
+		return
+	}
+	g.copies[c.worker] = nc
+	s.counts.CopyReplacements++
+	nc.log.Info("copy replacement started", "replaces_pid", c.pid(), "replacement", nc.replaced)
+	s.startCopyCheck(nc)
+}
+
+// cancelCopyReplaces stops the pending replacements of g's copies.
+func (s *Supervisor) cancelCopyReplaces(g *generation) {
+	for _, c := range g.copies {
+		if c.replaceTimer != nil {
+			c.replaceTimer.Stop()
+			c.replaceTimer = nil
+		}
+	}
+}
+
+// onReplacementCheck ends the readiness check of replacement copy c of
+// the serving generation: ready, it takes its share of the new connections
+// again; not, it is killed, and its exit replaces it again.
+func (s *Supervisor) onReplacementCheck(c *copyProc, err error) {
+	g := c.g
+	if err != nil {
+		c.log.Warn("the copy's replacement failed its readiness check; killing it", "err", err)
+		c.proc.SignalGroup(syscall.SIGKILL)
+		return
+	}
+	c.ready = true
+	if err := s.cfg.Sockets.Absent(g.n, c.worker, false); err != nil {
+		c.log.Error("cannot steer new connections to the replaced copy", "err", err)
+	}
+	c.log.Info("copy replaced and serving", "ready_after", s.env.now().Sub(c.started).Round(time.Microsecond))
+}
+
+// allReady reports whether every copy of g has passed its readiness check.
+func (g *generation) allReady() bool {
+	for _, c := range g.copies {
+		if !c.ready {
+			return false
+		}
+	}
+	return true
+}
