@@ -66,7 +66,7 @@ const (
 	PlaceholderHealthPort = "{health_port}"
 	PlaceholderGeneration = "{generation}"
 	PlaceholderWorker     = "{worker}" // which copy of its generation, from 0 (--workers)
-	PlaceholderPid        = "{pid}" // in checks only: unknown before exec
+	PlaceholderPid        = "{pid}"    // in checks only: unknown before exec
 )
 
 // Environment variables relay sets for each child and each exec check.

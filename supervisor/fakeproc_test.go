@@ -185,12 +185,12 @@ func killed(sig syscall.Signal) reaper.Status { return reaper.Status{WaitStatus:
 
 // fakeCheck is one readiness check or pre-flight command in progress.
 type fakeCheck struct {
-	gen   int      // the generation checked; 0 for a pre-flight command
+	gen int // the generation checked; 0 for a pre-flight command
 	// worker and pid are the copy checked.
 	worker, pid int
-	argv  []string // the pre-flight command
-	ctx   context.Context
-	reply chan error
+	argv        []string // the pre-flight command
+	ctx         context.Context
+	reply       chan error
 }
 
 func (c *fakeCheck) pass()          { c.reply <- nil }
