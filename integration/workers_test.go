@@ -1,0 +1,318 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Worker pools (relay run --workers): real single-process servers that bind
+// their own port, run as two copies per generation, restarted under a load
+// that opens a new connection per request. Every request must be answered,
+// both copies of every generation must answer, and each copy must listen on
+// one socket of its own, relay's.
+
+// workersRestarts is the number of restarts of each pool.
+const workersRestarts = 10
+
+// workersCopies is the copies of each generation.
+const workersCopies = 2
+
+// poolServer is a server for restartPool.
+type poolServer struct {
+	// command is the server's argv for the port; {generation} and
+	// {worker} are relay's.
+	command func(port int) []string
+	// path is what the load asks for, and ident tells who answered.
+	path  string
+	ident ident
+	// who is what ident says of copy worker of generation gen, whose pid
+	// is pid.
+	who func(gen, worker, pid int) int
+	// slow: the server is the conformance app (testdata/conformance),
+	// which holds GET /slow until the test lets it go; each restart then
+	// has a slow request in flight in the old generation.
+	slow bool
+	// exitCode is relay's exit code after SIGTERM; -1 for any.
+	exitCode int
+}
+
+// copyPids reads the pids of a generation's copies from its "generation
+// ready" line, by worker.
+func copyPids(t *testing.T, ready logLine) []int {
+	t.Helper()
+	raw, ok := ready["pids"].([]any)
+	if !ok || len(raw) != workersCopies {
+		t.Fatalf("generation %d ready with pids %v, want %d", ready.num("gen"), ready["pids"], workersCopies)
+	}
+	pids := make([]int, len(raw))
+	for i, v := range raw {
+		f, ok := v.(float64)
+		if !ok {
+			t.Fatalf("generation %d: pid %v is no number", ready.num("gen"), v)
+		}
+		pids[i] = int(f)
+	}
+	if ready.num("pid") != pids[0] || ready.num("workers") != workersCopies {
+		t.Fatalf("generation %d ready: %v", ready.num("gen"), ready)
+	}
+	return pids
+}
+
+// checkCopySockets checks that each copy of a generation (pids, by worker)
+// bound the port once and got a socket of its own from relay: relay logged
+// the takeover of its bind for it, with its own socket, and the fd it
+// names is a listening socket of the port that relay holds, no other
+// copy's. It returns the copies' sockets' inodes.
+func checkCopySockets(t *testing.T, r *relayProc, gen int, pids []int, listener string, port int) []string {
+	t.Helper()
+	taken := r.lines(msgTakenOver, gen)
+	if len(taken) != len(pids) {
+		t.Fatalf("generation %d: %d %q lines, want one per copy: %v", gen, len(taken), msgTakenOver, taken)
+	}
+	socks := listening(t, port)
+	relays := socketInodes(t, r.pid())
+	inodes := make([]string, len(pids))
+	for _, l := range taken {
+		w := l.num("worker")
+		if w < 0 || w >= len(pids) || l.num("bind_pid") != pids[w] || l.str("listener") != listener || l.str("socket") != "own" {
+			t.Errorf("generation %d: %v, want the bind of one of its copies %v on its own socket", gen, l, pids)
+			continue
+		}
+		inode := fdInode(t, pids[w], l.num("fd"))
+		inodes[w] = inode
+		if relays[inode] == nil {
+			t.Errorf("generation %d, copy %d (pid %d): its socket %s is not relay's", gen, w, pids[w], inode)
+		}
+		if !slices.ContainsFunc(socks, func(s listenSock) bool { return s.inode == inode }) {
+			t.Errorf("generation %d, copy %d (pid %d): its socket %s is not listening on port %d", gen, w, pids[w], inode, port)
+		}
+	}
+	if inodes[0] == inodes[1] {
+		t.Errorf("generation %d: its copies share socket %s", gen, inodes[0])
+	}
+	return inodes
+}
+
+// checkPoolListeners checks, once only generation gen is left, that every
+// listening socket on the port is relay's, and that each of gen's copies
+// (pids) holds exactly one of them: its own (inodes).
+func checkPoolListeners(t *testing.T, r *relayProc, gen int, pids []int, inodes []string, port int) {
+	t.Helper()
+	socks := listening(t, port)
+	relays := socketInodes(t, r.pid())
+	for _, s := range socks {
+		if relays[s.inode] == nil {
+			t.Errorf("after generation %d alone serves: the listening socket %s (inode %s) is not relay's", gen, s.local, s.inode)
+		}
+	}
+	for w, pid := range pids {
+		var held []string
+		for inode := range socketInodes(t, pid) {
+			if slices.ContainsFunc(socks, func(s listenSock) bool { return s.inode == inode }) {
+				held = append(held, inode)
+			}
+		}
+		if len(held) != 1 || held[0] != inodes[w] {
+			t.Errorf("generation %d, copy %d (pid %d) holds the listening sockets %v of port %d, want its own, %s", gen, w, pid, held, port, inodes[w])
+		}
+	}
+}
+
+// restartPool runs srv as relay run --workers 2 on 127.0.0.1:PORT with no
+// --health, restarts it workersRestarts times with SIGHUP under a load of
+// new connections, and checks that no request failed, that both copies of
+// every generation answered, and each copy's sockets.
+func restartPool(t *testing.T, srv poolServer) {
+	t.Helper()
+	port := freeLoopbackPort(t)
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	dir := t.TempDir()
+	args := append([]string{"--listen", addr, "--workers", strconv.Itoa(workersCopies), "--"}, srv.command(port)...)
+	r := startRelay(t, []string{"CONFORMANCE_DIR=" + dir}, args...)
+	listener := r.listenAddrs(1)[0]
+	if listener.str("drain") != "steered" {
+		t.Fatalf("listener not steered: %v", listener)
+	}
+	name := listener.str("name")
+
+	// copyOf maps who answered to "generation G, copy W".
+	copyOf := map[int]string{}
+	ready, from := r.waitMsg(0, "generation ready", 1)
+	pids := copyPids(t, ready)
+	inodes := checkCopySockets(t, r, 1, pids, name, port)
+	checkPoolListeners(t, r, 1, pids, inodes, port)
+	members := func(gen int, pids []int) []int {
+		ids := make([]int, len(pids))
+		for w, pid := range pids {
+			ids[w] = srv.who(gen, w, pid)
+			copyOf[ids[w]] = fmt.Sprintf("generation %d, copy %d (pid %d)", gen, w, pid)
+		}
+		return ids
+	}
+	serving := members(1, pids)
+	load := startLoadIdent(httpURL(addr)+strings.TrimPrefix(srv.path, "/"), 8, 5*time.Minute, srv.ident)
+	loadStopped := false
+	defer func() {
+		if !loadStopped {
+			load.stop()
+		}
+	}()
+	everyCopy := func(ids []int) func() bool {
+		return func() bool {
+			for _, id := range ids {
+				if n, _ := load.served(id); n == 0 {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	slowOK := 0
+	for gen := 2; gen <= workersRestarts+1; gen++ {
+		old := gen - 1
+		waitUntil(t, 60*time.Second, fmt.Sprintf("both copies of generation %d to answer", old), everyCopy(serving))
+		var slow *conformanceSlow
+		worker := 0
+		if srv.slow {
+			slow = startConformanceSlow(old, fmt.Sprintf("http://%s/slow?id=%d&ms=100", addr, old), 3*time.Minute)
+			worker = conformanceMarker(t, dir, slow)
+			if !slices.Contains(pids, worker) {
+				t.Fatalf("slow request %d was received by pid %d, no copy of generation %d %v", old, worker, old, pids)
+			}
+		}
+		r.signal(syscall.SIGHUP)
+		ready, from = r.waitMsg(from, "generation ready", gen)
+		oldPids := pids
+		pids = copyPids(t, ready)
+		inodes = checkCopySockets(t, r, gen, pids, name, port)
+		serving = members(gen, pids)
+		_, from = r.waitFor(from, 60*time.Second, fmt.Sprintf("relay to stop generation %d", old), func(l logLine) bool {
+			return l.str("msg") == "stopping generation" && l.num("gen") == old
+		})
+		if slow != nil {
+			select {
+			case res := <-slow.done:
+				t.Fatalf("slow request %d ended before relay stopped generation %d: %s", old, old, res.describe(nil))
+			default:
+			}
+			writeMode(t, filepath.Join(dir, strconv.Itoa(old)+".go"), "go")
+			var res conformanceSlowResult
+			select {
+			case res = <-slow.done:
+			case <-time.After(3 * time.Minute):
+				t.Fatalf("slow request %d: no end", old)
+			}
+			want := append(conformanceFill(), fmt.Sprintf("id=%d pid=%d gen=%d\n", old, worker, old)...)
+			if why := res.describe(want); why != "" {
+				t.Errorf("slow request %d, in flight in generation %d (copy pid %d of %v) at its stop: %s", old, old, worker, oldPids, why)
+			} else {
+				slowOK++
+			}
+		}
+		_, from = r.waitMsg(from, "old generation exited", old)
+		checkPoolListeners(t, r, gen, pids, inodes, port)
+	}
+	waitUntil(t, 60*time.Second, "both copies of the last generation to answer", everyCopy(serving))
+	load.stop()
+	loadStopped = true
+
+	requests, failures := load.summary()
+	var counts []string
+	for _, id := range load.answered() {
+		n, _ := load.served(id)
+		counts = append(counts, fmt.Sprintf("%s: %d", copyOf[id], n))
+		if copyOf[id] == "" {
+			t.Errorf("%d answered, which is no copy of any generation", id)
+		}
+	}
+	t.Logf("%d restarts of %d copies: %d requests, %d failed; slow requests answered in full: %d; answers by copy:\n%s",
+		workersRestarts, workersCopies, requests, len(failures), slowOK, strings.Join(counts, "\n"))
+	noFailures(t, failures, requests)
+	checkStatusCopies(t, r, pids)
+	r.signal(syscall.SIGTERM)
+	if code := r.wait(30 * time.Second); srv.exitCode >= 0 && code != srv.exitCode {
+		t.Errorf("relay exit code %d, want %d", code, srv.exitCode)
+	}
+}
+
+// A Node.js server that binds its own port (server.listen(PORT, HOST)), two
+// copies per generation, with a slow request in flight at every restart.
+func TestWorkersNode(t *testing.T) {
+	t.Parallel()
+	node := conformanceProgram(t, "node")
+	app := conformanceApp(t, "app.js")
+	restartPool(t, poolServer{
+		command:  func(port int) []string { return []string{node, app, "127.0.0.1:" + strconv.Itoa(port)} },
+		path:     "/",
+		ident:    pidHeader,
+		who:      func(_, _, pid int) int { return pid },
+		slow:     true,
+		exitCode: 0,
+	})
+}
+
+// Python's http.server, two copies per generation. It says nothing of its
+// pid, so each copy serves a directory of its own ({generation}.{worker})
+// whose file "who" names it. It has no graceful stop (TERM ends it at
+// once), so no slow request is sent: one in flight would be lost with or
+// without relay.
+func TestWorkersPythonHTTPServer(t *testing.T) {
+	t.Parallel()
+	python := requireProgram(t, "python3", "/usr/bin/python3")
+	if out, err := exec.Command(python, "-c", "import http.server").CombinedOutput(); err != nil {
+		t.Fatalf("%s has no http.server: %v %s", python, err, out)
+	}
+	root := t.TempDir()
+	who := func(gen, worker, _ int) int { return gen*100 + worker }
+	for gen := 1; gen <= workersRestarts+1; gen++ {
+		for w := range workersCopies {
+			dir := filepath.Join(root, fmt.Sprintf("%d.%d", gen, w))
+			if err := os.Mkdir(dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			writeMode(t, filepath.Join(dir, "who"), strconv.Itoa(who(gen, w, 0))+"\n")
+		}
+	}
+	restartPool(t, poolServer{
+		command: func(port int) []string {
+			return []string{python, "-m", "http.server", "--bind", "127.0.0.1",
+				"--directory", filepath.Join(root, "{generation}.{worker}"), strconv.Itoa(port)}
+		},
+		path:     "/who",
+		ident:    bodyNumber,
+		who:      who,
+		exitCode: -1, // SIGTERM ends Python without a handler
+	})
+}
+
+// checkStatusCopies checks that relay status --json lists one generation,
+// whose copies are pids, by worker, all ready.
+func checkStatusCopies(t *testing.T, r *relayProc, pids []int) {
+	t.Helper()
+	doc := r.statusJSON(t)
+	gens, _ := doc["generations"].([]any)
+	if len(gens) != 1 {
+		t.Fatalf("relay status lists %d generations, want 1: %v", len(gens), doc["generations"])
+	}
+	copies, _ := gens[0].(map[string]any)["copies"].([]any)
+	var got []string
+	for _, c := range copies {
+		m, _ := c.(map[string]any)
+		got = append(got, fmt.Sprintf("%v:%v:%v", m["worker"], m["pid"], m["state"]))
+	}
+	var want []string
+	for w, pid := range pids {
+		want = append(want, fmt.Sprintf("%d:%d:ready", w, pid))
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("relay status lists the copies %q, want %q", got, want)
+	}
+}
