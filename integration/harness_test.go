@@ -491,6 +491,21 @@ func startLoadBy(client *http.Client, url string, workers int, limit time.Durati
 	return ld
 }
 
+// failuresSent splits the failed requests into those sent before at and
+// those sent at or after it.
+func (ld *load) failuresSent(at time.Time) (before, after []error) {
+	ld.mu.Lock()
+	defer ld.mu.Unlock()
+	for i, err := range ld.failures {
+		if ld.failSent[i].Before(at) {
+			before = append(before, err)
+		} else {
+			after = append(after, err)
+		}
+	}
+	return before, after
+}
+
 func (ld *load) stop() {
 	close(ld.stopC)
 	ld.wg.Wait()

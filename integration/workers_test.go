@@ -2,6 +2,7 @@ package integration
 
 import (
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -315,4 +316,110 @@ func checkStatusCopies(t *testing.T, r *relayProc, pids []int) {
 	if !slices.Equal(got, want) {
 		t.Errorf("relay status lists the copies %q, want %q", got, want)
 	}
+}
+
+// kill -9 of one copy of a Node.js server under a load of new connections:
+// the other copy serves on, no request sent after the kill fails, and relay
+// replaces the copy alone, on the same socket, and the replacement takes
+// its share again. What the killed copy had accepted (a slow request held
+// in it, and whatever of the load it was serving) is lost with it, and
+// counted apart.
+func TestWorkersKillOneCopy(t *testing.T) {
+	t.Parallel()
+	node := conformanceProgram(t, "node")
+	app := conformanceApp(t, "app.js")
+	port := freeLoopbackPort(t)
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	dir := t.TempDir()
+	r := startRelay(t, []string{"CONFORMANCE_DIR=" + dir}, "--listen", addr, "--workers", "2", "--", node, app, addr)
+	name := r.listenAddrs(1)[0].str("name")
+	ready, from := r.waitMsg(0, "generation ready", 1)
+	pids := copyPids(t, ready)
+	inodes := checkCopySockets(t, r, 1, pids, name, port)
+	load := startLoadIdent(httpURL(addr), 8, 5*time.Minute, pidHeader)
+	loadStopped := false
+	defer func() {
+		if !loadStopped {
+			load.stop()
+		}
+	}()
+	waitUntil(t, 60*time.Second, "both copies to answer", func() bool {
+		a, _ := load.served(pids[0])
+		b, _ := load.served(pids[1])
+		return a > 0 && b > 0
+	})
+
+	// A slow request held by copy 1: the hash of its source port picks
+	// the copy, so send them until one lands there; those that land on
+	// copy 0 are let go.
+	var held *conformanceSlow
+	for id := 1; id <= 40 && held == nil; id++ {
+		s := startConformanceSlow(id, fmt.Sprintf("http://%s/slow?id=%d&ms=0", addr, id), 3*time.Minute)
+		if conformanceMarker(t, dir, s) == pids[1] {
+			held = s
+			break
+		}
+		writeMode(t, filepath.Join(dir, strconv.Itoa(id)+".go"), "go")
+		if res := <-s.done; res.err != nil || res.status != http.StatusOK {
+			t.Fatalf("slow request %d to copy 0: %s", id, res.describe(nil))
+		}
+	}
+	if held == nil {
+		t.Fatal("no slow request of 40 reached copy 1")
+	}
+	before0, _ := load.served(pids[0])
+	killedAt := time.Now()
+	if err := syscall.Kill(pids[1], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	exited, from := r.waitFor(from, 30*time.Second, "copy 1 to exit", func(l logLine) bool {
+		return strings.HasPrefix(l.str("msg"), "copy exited on its own") && l.num("worker") == 1
+	})
+	if exited.num("pid") != pids[1] || exited.num("gen") != 1 {
+		t.Errorf("exited: %v, want generation 1's copy 1, pid %d", exited, pids[1])
+	}
+	replaced, _ := r.waitFor(from, 60*time.Second, "copy 1's replacement to serve", func(l logLine) bool {
+		return l.str("msg") == "copy replaced and serving" && l.num("worker") == 1
+	})
+	newPid := replaced.num("pid")
+	if newPid == pids[1] || newPid == 0 || replaced.num("gen") != 1 {
+		t.Fatalf("replacement: %v", replaced)
+	}
+	between, _ := load.served(pids[0])
+	waitUntil(t, 60*time.Second, "the replacement to take its share", func() bool {
+		n, _ := load.served(newPid)
+		return n >= 20
+	})
+	res := <-held.done
+	lost := res.describe(append(conformanceFill(), fmt.Sprintf("id=%d pid=%d gen=1\n", held.id, pids[1])...))
+	if lost == "" {
+		t.Errorf("the slow request held by the killed copy was answered in full")
+	}
+	load.stop()
+	loadStopped = true
+
+	// The replacement got copy 1's socket, and is the only other copy.
+	now := []int{pids[0], newPid}
+	taken := r.lines(msgTakenOver, 1)
+	last := taken[len(taken)-1]
+	if last.num("bind_pid") != newPid || last.num("worker") != 1 || fdInode(t, newPid, last.num("fd")) != inodes[1] {
+		t.Errorf("the replacement's bind: %v, want pid %d on copy 1's socket %s", last, newPid, inodes[1])
+	}
+	checkPoolListeners(t, r, 1, now, inodes, port)
+	checkStatusCopies(t, r, now)
+	requests, _ := load.summary()
+	lostBefore, failedAfter := load.failuresSent(killedAt)
+	served0, _ := load.served(pids[0])
+	served1, _ := load.served(pids[1])
+	servedNew, _ := load.served(newPid)
+	t.Logf("kill -9 of copy 1 (pid %d): the killed copy had accepted and lost the slow request (%s) and %d requests of the load; "+
+		"requests sent after the kill: %d failed of %d in all; copy 0 (pid %d) answered %d (%d while copy 1 was being replaced), "+
+		"copy 1 %d before the kill, its replacement (pid %d) %d",
+		pids[1], lost, len(lostBefore), len(failedAfter), requests, pids[0], served0, between-before0, served1, newPid, servedNew)
+	noFailures(t, failedAfter, requests)
+	if between <= before0 {
+		t.Errorf("copy 0 answered nothing while copy 1 was being replaced")
+	}
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
 }
