@@ -79,6 +79,11 @@ first restart, after the 1st, 10th, 100th, 250th, 500th, 1000th and last, and af
 of at most --memory-settle that ends once RssAnon has stayed the same for 2s. Each restart
 takes at least relay's drain: with a fixed 1s drain, 1000 restarts take about 17 minutes.
 
+Worker pool (--pool-duration, 0 skips it): hello -bind -burn --pool-burn, a single-threaded
+CPU-bound backend (each request costs that much CPU, one at a time), under relay run
+--workers 1 and then --workers 2, each with the same new-conn load for --pool-duration and no
+restart: requests per second, their ratio, and each copy's share of the answers.
+
 Everywhere a supervisor's RSS is shown, it is split into RssAnon and RssFile too.
 
 It prints and writes to --out: results.md (the tables), results.json (every figure,
@@ -95,6 +100,7 @@ Examples:
    go run ./bench --duration 2m --restarts 40 -c 64 --startup 1s --work 2ms
    go run ./bench --scenarios '' --idle 0 --cost-rounds 0 --memory-restarts 0       # the tight restarts alone
    go run ./bench --scenarios '' --idle 0 --cost-rounds 0 --tight-restarts 0 --memory-restarts 100 --memory-drain 0s
+   go run ./bench --scenarios '' --idle 0 --cost-rounds 0 --tight-restarts 0 --memory-restarts 0 --pool-duration 10s   # the worker pool alone
    go run ./bench --tight-restarts 20 --tight-interval 1s --tight-startup 500ms --scenarios '' --idle 0 --cost-rounds 0 --memory-restarts 0`
 
 func main() {
@@ -133,6 +139,8 @@ func newApp() *cli.App {
 			&cli.DurationFlag{Name: "tight-startup", Value: 300 * time.Millisecond, Usage: "the backend's startup `DURATION` in the tight run (hello -startup)"},
 			&cli.IntFlag{Name: "memory-restarts", Value: 1000, Usage: "`N` restarts in a row in the memory run (relay restart, no load); 0 skips it"},
 			&cli.DurationFlag{Name: "memory-drain", Usage: "relay's --drain `DURATION` in the memory run (default: relay's own)"},
+			&cli.DurationFlag{Name: "pool-duration", Value: 10 * time.Second, Usage: "`DURATION` of each run of the worker-pool comparison; 0 skips it"},
+			&cli.DurationFlag{Name: "pool-burn", Value: 2 * time.Millisecond, Usage: "CPU `DURATION` the pool run's backend spends on each request (hello -burn)"},
 			&cli.DurationFlag{Name: "memory-settle", Value: 10 * time.Second, Usage: "the longest `DURATION` to wait for relay's memory to settle after the memory run's last restart"},
 		},
 		Action:          benchAction,
@@ -165,6 +173,10 @@ func benchAction(c *cli.Context) error {
 		costRounds:    c.Int("cost-rounds"), costDuration: c.Duration("cost-duration"), costRestarts: c.Int("cost-restarts"),
 		tightRestarts: c.Int("tight-restarts"), tightInterval: c.Duration("tight-interval"), tightStartup: c.Duration("tight-startup"),
 		memoryRestarts: c.Int("memory-restarts"), memorySettle: c.Duration("memory-settle"),
+		poolDuration: c.Duration("pool-duration"), poolBurn: c.Duration("pool-burn"),
+	}
+	if s.poolDuration < 0 || (s.poolDuration > 0 && s.poolBurn <= 0) {
+		return errors.New("--pool-duration must not be negative, --pool-burn positive")
 	}
 	if c.IsSet("memory-drain") {
 		if c.Duration("memory-drain") < 0 {
@@ -275,6 +287,7 @@ func benchAction(c *cli.Context) error {
 		"delay": s.delay.String(), "timeout": s.timeout.String(), "plain_shutdown": strconv.FormatBool(s.plainShutdown),
 		"cost_rounds": strconv.Itoa(s.costRounds), "cost_duration": s.costDuration.String(), "cost_restarts": strconv.Itoa(s.costRestarts),
 		"tight_restarts": strconv.Itoa(s.tightRestarts), "tight_interval": s.tightInterval.String(), "tight_startup": s.tightStartup.String(),
+		"pool_duration": s.poolDuration.String(), "pool_burn": s.poolBurn.String(),
 		"memory_restarts": strconv.Itoa(s.memoryRestarts), "memory_drain": cmp.Or(s.memoryDrain, "relay's default"), "memory_settle": s.memorySettle.String(),
 	}}
 
@@ -350,6 +363,16 @@ func benchAction(c *cli.Context) error {
 			runErrs = append(runErrs, err)
 		}
 		rep.Tight = tight
+	}
+	if s.poolDuration > 0 {
+		pool, err := runPool(ctx, s)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil {
+			runErrs = append(runErrs, err)
+		}
+		rep.Pool = pool
 	}
 	if s.memoryRestarts > 0 {
 		mem, err := runMemory(ctx, s)

@@ -36,6 +36,8 @@ type settings struct {
 	memoryRestarts int
 	memoryDrain    string
 	memorySettle   time.Duration
+	// The worker-pool run (pool.go).
+	poolDuration, poolBurn time.Duration
 }
 
 // scenario is one way of running and restarting the backend.

@@ -35,6 +35,8 @@ type Report struct {
 	Tight *Tight `json:"tight_restarts,omitempty"`
 	// Memory is relay's memory over many restarts, nil when not run.
 	Memory *Memory `json:"memory,omitempty"`
+	// Pool is the worker-pool run, nil when not run.
+	Pool *Pool `json:"pool,omitempty"`
 }
 
 // SetRatios fills VsDirect from the direct run of the same mode.
@@ -74,6 +76,9 @@ func (rep *Report) WriteMarkdown(w io.Writer) error {
 	}
 	if rep.Memory != nil && len(rep.Memory.Points) > 0 {
 		rep.Memory.writeMarkdown(&b)
+	}
+	if rep.Pool != nil && len(rep.Pool.Runs) > 0 {
+		rep.Pool.writeMarkdown(&b)
 	}
 	if len(rep.Idle) > 0 {
 		b.WriteString("\n**Idle.** One child serving, no load.\n\n")

@@ -43,6 +43,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -52,10 +53,54 @@ import (
 
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
 )
 
 func main() {
 	os.Exit(run())
+}
+
+// cpuBurner spends d of CPU time per call, one call at a time, as a
+// single-threaded server spends its one core on each request in turn.
+type cpuBurner struct {
+	mu  sync.Mutex
+	d   time.Duration
+	sum uint64 // the work's result, kept so that it is not optimized away
+}
+
+// burn spins until this thread has used b.d of CPU time. The goroutine
+// stays on its thread meanwhile, so the thread's clock is the burn's.
+func (b *cpuBurner) burn() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	start, err := threadCPU()
+	if err != nil {
+		return
+	}
+	x := b.sum | 1
+	for {
+		for range 1000 {
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+		}
+		now, err := threadCPU()
+		if err != nil || now-start >= b.d {
+			break
+		}
+	}
+	b.sum = x
+}
+
+// threadCPU is the CPU time the calling thread has used.
+func threadCPU() (time.Duration, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts); err != nil {
+		return 0, err
+	}
+	return time.Duration(ts.Nano()), nil
 }
 
 // namedListener is a listening socket plus the name it was passed under
@@ -98,10 +143,18 @@ func run() int {
 			"(lame duck and all) and then exit with -exit-code; 0: never")
 	exitCode := flag.Int("exit-code", 1,
 		"the exit code after -exit-after, even when the shutdown was clean")
+	burn := flag.Duration("burn", 0,
+		"spend this much CPU time on each request to /, one request at a time, and run Go on\n"+
+			"one CPU (GOMAXPROCS=1): a CPU-bound single-threaded server, as a benchmark backend")
 	unhealthyAfter := flag.Duration("unhealthy-after", 0,
 		"play a bad version that sickens: this long after becoming ready, GET /healthz answers\n"+
 			"500 while GET / keeps answering 200; 0: never")
 	flag.Parse()
+	var burner *cpuBurner
+	if *burn > 0 {
+		runtime.GOMAXPROCS(1)
+		burner = &cpuBurner{d: *burn}
+	}
 
 	// Every log line carries pid and generation, so that the interleaved
 	// output of two generations during a restart can be told apart.
@@ -184,6 +237,9 @@ func run() int {
 			case <-r.Context().Done():
 				return // client went away
 			}
+		}
+		if burner != nil {
+			burner.burn()
 		}
 		w.Header().Set("X-Pid", strconv.Itoa(pid))
 		w.Header().Set("X-Generation", gen)
