@@ -243,6 +243,37 @@ func (s *Set) Switch(gen, back int) error {
 	return nil
 }
 
+// Spread sends the new connections of every steered TCP listener to the
+// sockets of copies, whatever their generations (see steer.Group.Spread):
+// a rolling restart's. UDP listeners keep their generation until Switch:
+// their flows are by generation, and its copies share its socket.
+func (s *Set) Spread(copies []steer.Copy) error {
+	for _, g := range s.steered() {
+		if err := g.Spread(copies); err != nil {
+			return fmt.Errorf("spreading new connections over %d copies: %w", len(copies), err)
+		}
+	}
+	return nil
+}
+
+// WaitCopyDrained returns once nothing more can reach the socket of copy
+// worker of generation gen on any steered TCP listener, gen's copy having
+// just been taken out of the spread (Spread); ctx's error if it ends
+// first, steer.ErrUnobservable at once where the kernel cannot show it.
+func (s *Set) WaitCopyDrained(ctx context.Context, gen, worker int, waiting func(steer.Backlog)) error {
+	tcp := s.steered()
+	if len(tcp) == 0 {
+		return nil
+	}
+	if s.observer == nil {
+		return steer.ErrUnobservable
+	}
+	if err := s.observer.WaitCopyDrained(ctx, tcp, gen, worker, waiting); err != nil {
+		return fmt.Errorf("waiting for copy %d of generation %d to drain: %w", worker, gen, err)
+	}
+	return nil
+}
+
 // DrainObservable reports whether WaitDrained can see a replaced
 // generation's sockets empty: some listener is steered, and the kernel
 // shows the queue and handshakes of every steered TCP listener.

@@ -116,6 +116,19 @@ func (o *Observer) Close() error { return o.diag.Close() }
 // error of a reading that failed. If waiting is not nil, it is called
 // once, with what the first reading found, if that was not nothing.
 func (o *Observer) WaitDrained(ctx context.Context, groups []*Group, gen int, waiting func(Backlog)) error {
+	return o.waitDrained(ctx, groups, func(g *Group) (int, error) { return g.Queued(gen) }, waiting)
+}
+
+// WaitCopyDrained is WaitDrained for the socket of one copy of generation
+// gen, taken out of the spread just now (Spread) while its siblings, or
+// the next generation's copies, take the new connections.
+func (o *Observer) WaitCopyDrained(ctx context.Context, groups []*Group, gen, worker int, waiting func(Backlog)) error {
+	return o.waitDrained(ctx, groups, func(g *Group) (int, error) { return g.QueuedCopy(gen, worker) }, waiting)
+}
+
+// waitDrained is WaitDrained with queued reading the accept queues of the
+// sockets drained in each group.
+func (o *Observer) waitDrained(ctx context.Context, groups []*Group, queued func(*Group) (int, error), waiting func(Backlog)) error {
 	if err := sleep(ctx, drainSettle); err != nil {
 		return err
 	}
@@ -129,7 +142,7 @@ func (o *Observer) WaitDrained(ctx context.Context, groups []*Group, gen int, wa
 	}
 	var quietSince time.Time
 	for first := true; ; first = false {
-		b, err := o.backlog(groups, gen, watches)
+		b, err := o.backlog(groups, queued, watches)
 		if err != nil {
 			return err
 		}
@@ -206,7 +219,7 @@ func read(c sockdiag.Connection) bool {
 // the connections in gen's accept queues. Handshakes and connections are
 // read in one walk, then the queues: a connection accepted in between is
 // then seen as taken.
-func (o *Observer) backlog(groups []*Group, gen int, watches []*watch) (Backlog, error) {
+func (o *Observer) backlog(groups []*Group, queued func(*Group) (int, error), watches []*watch) (Backlog, error) {
 	var b Backlog
 	for i, g := range groups {
 		w := watches[i]
@@ -248,13 +261,29 @@ func (o *Observer) backlog(groups []*Group, gen int, watches []*watch) (Backlog,
 		}
 	}
 	for _, g := range groups {
-		n, err := g.Queued(gen)
+		n, err := queued(g)
 		if err != nil {
 			return Backlog{}, err
 		}
 		b.Queued += n
 	}
 	return b, nil
+}
+
+// QueuedCopy is the number of connections waiting in the accept queue of
+// the socket of copy worker of generation gen; 0 where it has none.
+func (g *Group) QueuedCopy(gen, worker int) (int, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	m := g.copyLocked(gen, worker)
+	if m == nil {
+		return 0, nil
+	}
+	info, err := unix.GetsockoptTCPInfo(m.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return 0, fmt.Errorf("reading the accept queue of %s: %w", g.name, err)
+	}
+	return int(info.Unacked), nil
 }
 
 // Queued is the number of connections waiting in the accept queues of

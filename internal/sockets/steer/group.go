@@ -275,6 +275,35 @@ func (g *Group) Switch(gen int) error {
 	return nil
 }
 
+// Copy names copy Worker of generation Gen.
+type Copy struct{ Gen, Worker int }
+
+// Spread sends every new connection to the sockets of copies, spread over
+// them by a hash of the connection, whatever their generations: the
+// traffic of a rolling restart, which moves from one generation's copies to
+// the next one's a few at a time. Probe rules stay. A copy with no socket
+// is an error, and the targets stay as they were.
+func (g *Group) Spread(copies []Copy) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var ms []*member
+	for _, c := range copies {
+		m := g.copyLocked(c.Gen, c.Worker)
+		if m == nil {
+			return fmt.Errorf("%s: generation %d, copy %d, has no socket", g.name, c.Gen, c.Worker)
+		}
+		ms = append(ms, m)
+	}
+	if len(ms) == 0 {
+		return fmt.Errorf("%s: no copy to send connections to", g.name)
+	}
+	if err := g.retargetLocked(ms, g.probes); err != nil {
+		return err
+	}
+	g.tidyLocked()
+	return nil
+}
+
 // targetsLocked are the sockets of gen that new connections go to: those
 // of its copies that are not absent, or, when every copy is, all of them,
 // where connections then wait for the copies' replacements.

@@ -407,3 +407,41 @@ func waitingOn(t *testing.T, socks map[int]*os.File) int {
 	t.Fatal("no socket got the connection")
 	return 0
 }
+
+// A rolling restart's spread mixes two generations' copies: the new
+// connections reach exactly the copies named, and QueuedCopy counts one
+// copy's queue alone.
+func TestSpreadOverTwoGenerations(t *testing.T) {
+	const conns = 120
+	g := newTestGroup(t, "127.0.0.1:0")
+	socks := map[int]*os.File{}
+	takeCopies(t, g, 1, 2, socks)
+	takeCopies(t, g, 2, 2, socks)
+	if err := g.Switch(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Spread([]Copy{{Gen: 1, Worker: 1}, {Gen: 2, Worker: 0}}); err != nil {
+		t.Fatal(err)
+	}
+	got := spreadCount(t, g, "127.0.0.1", conns, socks)
+	t.Logf("generation 1 copy 1 and generation 2 copy 0: %v", got)
+	if len(got) != 2 || got[key(1, 1)] < conns/4 || got[key(2, 0)] < conns/4 {
+		t.Fatalf("the connections reached %v, want both named copies and no other", got)
+	}
+	c := dialTo(t, g, "127.0.0.1", nil)
+	k := waitingOn(t, socks)
+	gen, w := k/100, k%100
+	if n, err := g.QueuedCopy(gen, w); err != nil || n != 1 {
+		t.Errorf("QueuedCopy(%d, %d) = %d, %v with one connection waiting there", gen, w, n, err)
+	}
+	if n, err := g.QueuedCopy(1, 0); err != nil || n != 0 {
+		t.Errorf("QueuedCopy(1, 0) = %d, %v for a copy out of the spread", n, err)
+	}
+	c.Close()
+	if err := g.Spread([]Copy{{Gen: 3, Worker: 0}}); err == nil {
+		t.Error("Spread to a copy with no socket")
+	}
+	if err := g.Spread(nil); err == nil {
+		t.Error("Spread to no copy")
+	}
+}
