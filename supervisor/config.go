@@ -96,6 +96,12 @@ type Config struct {
 	// them; a copy that exits while its generation serves is replaced
 	// alone.
 	Workers int
+	// Rolling, when above 0 and below Workers, makes restarts of a
+	// serving generation roll: the new generation's copies start Rolling
+	// at a time, each batch in the place of as many old copies, so that
+	// at most Workers+Rolling copies are alive (rolling.go). 0 starts
+	// every new copy at once.
+	Rolling int
 	// RestartBackoff is the first delay before replacing a crashed
 	// child; it doubles with each failure in a row up to MaxBackoff.
 	RestartBackoff time.Duration
@@ -294,6 +300,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Workers < 0 || c.Workers > MaxWorkers {
 		return fmt.Errorf("%d workers: want 1 to %d", c.Workers, MaxWorkers)
+	}
+	if c.Rolling < 0 {
+		return fmt.Errorf("rolling %d is negative", c.Rolling)
 	}
 	if c.Workers > 1 && (c.Liveness.Kind != "" || c.ChildWatchdog > 0 || c.Confirm > 0) {
 		return errors.New("liveness checks, the child watchdog and the confirmation window do not work with more than one worker yet")

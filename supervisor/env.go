@@ -58,8 +58,13 @@ type env struct {
 	// how many connections were queued. Both nil where the kernel would
 	// reset them instead (net.ipv4.tcp_migrate_req off) or nothing is
 	// steered.
-	stalled  func(ctx context.Context, n int, quiet time.Duration) error
-	handOver func(n int) (int, error)
+	stalled func(ctx context.Context, n int, quiet time.Duration) error
+	// copyDrained returns once nothing more can reach the steered
+	// sockets of copy worker of generation n, taken out of the spread;
+	// nil where that cannot be seen (a leaving copy then drains for
+	// --drain).
+	copyDrained func(ctx context.Context, n, worker int) error
+	handOver    func(n int) (int, error)
 
 	// adopt is the process of a child an earlier image of relay started
 	// (Restore), or, given its status, that it reaped; nil if it is not
@@ -160,8 +165,10 @@ func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, 
 		adopted = nil
 	}
 	var drained func(context.Context, int, func(steer.Backlog)) error
+	var copyDrained func(context.Context, int, int) error
 	if set.DrainObservable() {
 		drained = set.WaitDrained
+		copyDrained = func(ctx context.Context, n, worker int) error { return set.WaitCopyDrained(ctx, n, worker, nil) }
 	}
 	var stalled func(context.Context, int, time.Duration) error
 	var handOver func(int) (int, error)
@@ -169,12 +176,13 @@ func reaperEnv(rp *reaper.Reaper, spec, liveness health.Spec, baseEnv []string, 
 		stalled, handOver = set.WaitStalled, set.HandOver
 	}
 	return env{
-		drained:   drained,
-		stalled:   stalled,
-		handOver:  handOver,
-		contain:   contain,
-		adopted:   adopted,
-		signalPid: unix.Kill,
+		drained:     drained,
+		copyDrained: copyDrained,
+		stalled:     stalled,
+		handOver:    handOver,
+		contain:     contain,
+		adopted:     adopted,
+		signalPid:   unix.Kill,
 		start: func(path string, argv []string, attr reaper.Attr) (process, error) {
 			p, err := rp.Start(path, argv, attr)
 			if err != nil {

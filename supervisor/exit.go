@@ -25,6 +25,7 @@ func (s *Supervisor) onCopyExit(c *copyProc, st reaper.Status) {
 	}
 	if !g.allExited() {
 		s.copyExited(c)
+		s.refill()
 		return
 	}
 	switch {
@@ -39,6 +40,7 @@ func (s *Supervisor) onCopyExit(c *copyProc, st reaper.Status) {
 		}
 	}
 	s.onExit(g, st)
+	s.refill()
 }
 
 // onExit handles the exit of g's main process (of every copy's): its

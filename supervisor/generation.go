@@ -110,6 +110,14 @@ type copyProc struct {
 	replaced     int
 	crashes      int
 	replaceTimer timer
+	// A rolling restart's old copy (rolling.go): leaving, it is out of
+	// the spread and drains (drainCancel ends the watch, drainTimer is
+	// --drain); stopSent, it had the stop signal, and killTimer kills it
+	// after the stop timeout; refilled, it was started again after the
+	// restart fell back.
+	leaving, stopSent, refilled bool
+	drainCancel                 context.CancelFunc
+	drainTimer, killTimer       timer
 	// pidForNotify is the pid, for the notify socket's goroutine.
 	pidForNotify atomic.Int64
 	// notified is closed at the child's first sd_notify message.
@@ -155,7 +163,8 @@ func (g *generation) pids() []int {
 	return pids
 }
 
-// allExited reports whether every copy's main process has exited.
+// allExited reports whether every copy's main process has exited: of the
+// copies started, for a generation a rolling restart starts in batches.
 func (g *generation) allExited() bool {
 	for _, c := range g.copies {
 		if !c.exited {
@@ -165,15 +174,22 @@ func (g *generation) allExited() bool {
 	return true
 }
 
-// spawn starts generation n of cmd: Config.Workers copies. The returned
+// spawn starts generation n of cmd: its first count copies of
+// Config.Workers (a rolling restart starts the rest later). The returned
 // generation is Starting; each copy's exit is posted to the supervisor as
 // an exitEvent. Every copy takes its sockets before the first starts, so
 // that a copy's bind finds its siblings holding the sockets they share. If
 // a copy after the first cannot start, the generation is returned with
 // those that did, killed, and its failure says why.
-func (s *Supervisor) spawn(n int, cmd Command) (*generation, error) {
+func (s *Supervisor) spawn(n int, cmd Command, count int) (*generation, error) {
 	g := &generation{n: n, cmd: cmd, state: Starting}
-	launches := make([]*launch, s.cfg.Workers)
+	for w := count; w < s.cfg.Workers; w++ {
+		if _, err := s.cfg.Sockets.Take(n, w); err != nil {
+			s.cfg.Sockets.Release(n)
+			return nil, err
+		}
+	}
+	launches := make([]*launch, count)
 	var err error
 	for w := range launches {
 		g.copies = append(g.copies, s.newCopy(g, w))

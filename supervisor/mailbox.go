@@ -86,6 +86,18 @@ type (
 	// copyReplaceDue: the backoff before replacing copy c, which exited
 	// while its generation served, passed.
 	copyReplaceDue struct{ c *copyProc }
+	// copyDrainedEvent: leaving copy c's socket drained (err nil), the
+	// watch failed (err), or --drain passed (atMax).
+	copyDrainedEvent struct {
+		c     *copyProc
+		atMax bool
+		err   error
+	}
+	// copyKillEvent: leaving copy c's stop timeout passed.
+	copyKillEvent struct{ c *copyProc }
+	// fallBackDrainedEvent: the new generation of run, a rolling restart
+	// that fell back, drained (or --drain passed).
+	fallBackDrainedEvent struct{ run *restartRun }
 	// preflightEvent: run's pre-flight command ended.
 	preflightEvent struct {
 		run *restartRun
@@ -135,15 +147,20 @@ type (
 func (ev exitEvent) handleEvent(s *Supervisor)      { s.onCopyExit(ev.c, ev.status) }
 func (ev checkEvent) handleEvent(s *Supervisor)     { s.onCheck(ev.c, ev.err) }
 func (ev copyReplaceDue) handleEvent(s *Supervisor) { s.onCopyReplaceDue(ev.c) }
-func (ev preflightEvent) handleEvent(s *Supervisor) { s.onPreflight(ev.run, ev.err) }
-func (ev drainEvent) handleEvent(s *Supervisor)     { s.onDrainEnd(ev.run, ev.ended, ev.err) }
-func (ev stallEvent) handleEvent(s *Supervisor)     { s.onStall(ev.run) }
-func (ev confirmEvent) handleEvent(s *Supervisor)   { s.onConfirmDue(ev.run) }
-func (ev stoppingNotice) handleEvent(s *Supervisor) { s.onChildStopping(ev.g, ev.what) }
-func (ev killEvent) handleEvent(s *Supervisor)      { s.onKillTimeout(ev.g) }
-func (ev replaceEvent) handleEvent(s *Supervisor)   { s.onReplaceDue(ev.seq) }
-func (emptiedEvent) handleEvent(s *Supervisor)      { s.checkLingering() }
-func (delayEvent) handleEvent(s *Supervisor)        { s.onDelayEnd() }
+func (ev copyDrainedEvent) handleEvent(s *Supervisor) {
+	s.onCopyDrained(ev.c, ev.atMax, ev.err)
+}
+func (ev copyKillEvent) handleEvent(s *Supervisor)        { s.onCopyKillTimeout(ev.c) }
+func (ev fallBackDrainedEvent) handleEvent(s *Supervisor) { s.onFallBackDrained(ev.run) }
+func (ev preflightEvent) handleEvent(s *Supervisor)       { s.onPreflight(ev.run, ev.err) }
+func (ev drainEvent) handleEvent(s *Supervisor)           { s.onDrainEnd(ev.run, ev.ended, ev.err) }
+func (ev stallEvent) handleEvent(s *Supervisor)           { s.onStall(ev.run) }
+func (ev confirmEvent) handleEvent(s *Supervisor)         { s.onConfirmDue(ev.run) }
+func (ev stoppingNotice) handleEvent(s *Supervisor)       { s.onChildStopping(ev.g, ev.what) }
+func (ev killEvent) handleEvent(s *Supervisor)            { s.onKillTimeout(ev.g) }
+func (ev replaceEvent) handleEvent(s *Supervisor)         { s.onReplaceDue(ev.seq) }
+func (emptiedEvent) handleEvent(s *Supervisor)            { s.checkLingering() }
+func (delayEvent) handleEvent(s *Supervisor)              { s.onDelayEnd() }
 
 func (ev watchdogPing) handleEvent(s *Supervisor)       { s.onWatchdogPing(ev.c) }
 func (ev probeDue) handleEvent(s *Supervisor)           { s.onProbeDue(ev.seq) }

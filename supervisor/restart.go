@@ -44,6 +44,9 @@ type restartRun struct {
 	// phase is where the restart is: the last phase its callers were
 	// told of (emit sets it); "" before the first.
 	phase Phase
+	// roll is the rolling restart's state (rolling.go); nil for a
+	// restart that starts every copy at once.
+	roll *rolling
 }
 
 // drainWindow is the time between the switch to a restart's new
@@ -230,7 +233,12 @@ func (s *Supervisor) advance() {
 		cmd = *run.cmd
 	}
 	gs.next++
-	g, err := s.spawn(gs.next, cmd)
+	count := s.cfg.Workers
+	if s.rolls(run) {
+		count = s.cfg.Rolling
+		run.roll = &rolling{k: count}
+	}
+	g, err := s.spawn(gs.next, cmd, count)
 	if err != nil {
 		s.cfg.Log.Error("starting new generation", "gen", gs.next, "err", err)
 		if !gs.everReady {
@@ -240,10 +248,16 @@ func (s *Supervisor) advance() {
 		return
 	}
 	run.gen = g
+	if run.roll != nil {
+		run.roll.batch = slices.Clone(g.copies)
+	}
 	gs.move(g, Starting)
 	attrs := []any{"cmd", cmd.Args, "check", s.cfg.Health.String(), "health_addr", g.first().healthAddr}
-	if len(g.copies) > 1 {
-		attrs = append(attrs, "workers", len(g.copies), "pids", g.pids())
+	if s.cfg.Workers > 1 {
+		attrs = append(attrs, "workers", s.cfg.Workers, "pids", g.pids())
+	}
+	if run.roll != nil {
+		attrs = append(attrs, "rolling", run.roll.k)
 	}
 	g.log.Info("generation starting", attrs...)
 	run.emit(Event{Phase: PhaseStarting, Generation: g.n, Pid: g.pid()})
@@ -258,7 +272,7 @@ func (s *Supervisor) advance() {
 // serving generation (workers.go).
 func (s *Supervisor) onCheck(c *copyProc, err error) {
 	g := c.g
-	if c.exited || g.copies[c.worker] != c {
+	if c.exited || c.worker >= len(g.copies) || g.copies[c.worker] != c {
 		return // it exited, or was replaced
 	}
 	select {
@@ -267,6 +281,10 @@ func (s *Supervisor) onCheck(c *copyProc, err error) {
 		// which waits for the last of its stderr, handles it.
 		return
 	default:
+	}
+	if run := s.restarts.current; run != nil && run.roll != nil && run.gen == g && g.state == Starting && !s.stop.begun {
+		s.onRollCheck(run, c, err)
+		return
 	}
 	if g == s.gens.serving && g.state == Serving && !s.stop.begun {
 		s.onReplacementCheck(c, err)
@@ -290,19 +308,13 @@ func (s *Supervisor) onCheck(c *copyProc, err error) {
 		return // the rollback completes when it has exited
 	}
 	c.ready = true
-	if !g.allReady() {
+	if !s.allReady(g) {
 		c.log.Debug("copy ready; waiting for the others")
 		return
 	}
 	// The switch: from here on, steered listeners give their new
 	// connections to g alone.
-	if err := s.steerTo(g); err != nil {
-		g.failure = err
-		g.log.Error("cannot send new connections to the new generation; killing it", "err", err)
-		g.contain.kill()
-		return
-	}
-	s.promote(g)
+	s.readyToServe(g)
 }
 
 // promote makes a ready generation the serving one and sends the one it
@@ -526,6 +538,7 @@ func (s *Supervisor) finishRestart(res Result) {
 	if s.gens.serving == nil {
 		s.scheduleReplace()
 	}
+	s.refill()
 }
 
 // answer sends the outcome to every caller following run. If the restart

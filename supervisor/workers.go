@@ -35,7 +35,16 @@ import (
 // generation live.
 func (s *Supervisor) copyExited(c *copyProc) {
 	g := c.g
+	run := s.restarts.current
 	switch {
+	case c.leaving:
+		s.copyLeft(c)
+	case g.state == Starting && run != nil && run.roll != nil && run.gen == g:
+		if g.failure == nil {
+			s.fallBack(run, c, fmt.Errorf("copy %d (pid %d) exited: %s", c.worker, c.pid(), c.status))
+		} else {
+			c.log.Info("copy of the failed new generation exited", "status", c.status.String())
+		}
 	case g.state == Starting:
 		if g.failure == nil {
 			g.failure = fmt.Errorf("copy %d (pid %d) exited before it was ready: %s", c.worker, c.pid(), c.status)
@@ -132,8 +141,12 @@ func (s *Supervisor) onReplacementCheck(c *copyProc, err error) {
 	c.log.Info("copy replaced and serving", "ready_after", s.env.now().Sub(c.started).Round(time.Microsecond))
 }
 
-// allReady reports whether every copy of g has passed its readiness check.
-func (g *generation) allReady() bool {
+// allReady reports whether every copy of g has started and passed its
+// readiness check.
+func (s *Supervisor) allReady(g *generation) bool {
+	if len(g.copies) < s.cfg.Workers {
+		return false
+	}
 	for _, c := range g.copies {
 		if !c.ready {
 			return false

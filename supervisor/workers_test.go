@@ -194,3 +194,127 @@ func TestStopSignalsEveryCopy(t *testing.T) {
 		t.Errorf("outcome %+v, %v: want copy 1's exit status 4", out, err)
 	}
 }
+
+// rollingHarness runs n copies per generation with restarts k at a time.
+func rollingHarness(t *testing.T, n, k int) *harness {
+	t.Helper()
+	return newHarness(t, func(c *Config) {
+		c.Workers, c.Rolling = n, k
+		c.Command = Command{Path: "/srv/server", Args: []string{"server", "-worker", "{worker}"}}
+	})
+}
+
+// alive counts the fake children not exited.
+func (h *harness) alive() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, p := range h.procs {
+		if !p.exitedNow() {
+			n++
+		}
+	}
+	return n
+}
+
+// A rolling restart of 4 copies, 1 at a time: each new copy, once ready,
+// takes the place of the old copy of its number, which drains (here for
+// --drain), gets the stop signal and exits before the next new copy
+// starts; the last one ends with the old generation's drain and stop. At
+// no point are more than 5 copies alive.
+func TestRollingRestart(t *testing.T) {
+	t.Parallel()
+	h := rollingHarness(t, 4, 1)
+	old := h.servingCopies(4)
+	events := h.restart(RestartRequest{})
+	most := 0
+	for w := range 4 {
+		p := h.started()
+		c := h.check(2)
+		if c.worker != w || c.pid != p.id {
+			t.Fatalf("batch %d: the check of copy %d pid %d, want copy %d pid %d", w, c.worker, c.pid, w, p.id)
+		}
+		h.noStart()
+		most = max(most, h.alive())
+		c.pass()
+		if w == 3 {
+			break
+		}
+		h.waitLog(fmt.Sprintf("leaving_pids=[%d]", old[w].id))
+		h.clock.waitTimer(t, testDrain)
+		h.clock.advance(testDrain)
+		old[w].waitSignals(t, "TERM")
+		h.noStart() // not before the old copy has exited
+		old[w].exit(killed(15), false)
+	}
+	until(t, events, PhaseDraining)
+	h.clock.waitTimer(t, testDrain)
+	h.clock.advance(testDrain)
+	old[3].waitSignals(t, "TERM")
+	old[3].exit(killed(15), false)
+	evs := all(t, events)
+	if res := result(t, evs); res.Outcome != RestartOK || res.Generation != 2 {
+		t.Errorf("result %+v, want generation 2 serving", res)
+	}
+	h.wantGens("2:serving")
+	if most > 5 {
+		t.Errorf("%d copies alive at once, want at most 5", most)
+	}
+	for _, p := range old[:3] {
+		if got := p.got(); !slices.Equal(got, []string{"TERM"}) {
+			t.Errorf("old copy pid %d got %q, want its own TERM alone", p.id, got)
+		}
+	}
+}
+
+// A rolling restart whose second new copy fails its check falls back: the
+// failing copy is killed, the first new copy, which served, drains and
+// stops, the old copy it replaced is started again, and the restart is
+// rolled back with the failure.
+func TestRollingRestartFallsBack(t *testing.T) {
+	t.Parallel()
+	h := rollingHarness(t, 4, 1)
+	old := h.servingCopies(4)
+	events := h.restart(RestartRequest{})
+	first := h.started()
+	h.check(2).pass()
+	h.clock.waitTimer(t, testDrain)
+	h.clock.advance(testDrain)
+	old[0].waitSignals(t, "TERM")
+	old[0].exit(killed(15), false)
+	second := h.started()
+	h.check(2).fail(fmt.Errorf("no answer"))
+	second.waitSignals(t, "group KILL")
+	second.exit(killed(9), false)
+	// The old copy 0 again, while the first new copy drains.
+	again := h.started()
+	c := h.check(1)
+	if c.worker != 0 || c.pid != again.id {
+		t.Fatalf("the check of copy %d pid %d, want the old copy 0 started again, pid %d", c.worker, c.pid, again.id)
+	}
+	if n := h.alive(); n > 5 {
+		t.Errorf("%d copies alive at once, want at most 5", n)
+	}
+	c.pass()
+	h.clock.waitTimer(t, testDrain)
+	h.clock.advance(testDrain)
+	first.waitSignals(t, "TERM")
+	first.exit(killed(15), false)
+	res := result(t, all(t, events))
+	if res.Outcome != RestartRolledBack || !strings.Contains(res.Reason, "copy 1 (pid 1006): no answer") {
+		t.Errorf("result %+v, want a rollback naming copy 1's check", res)
+	}
+	st := h.wantGens("1:serving")
+	var pids []int
+	for _, cp := range st.Generations[0].Copies {
+		pids = append(pids, cp.Pid)
+	}
+	if want := []int{again.id, old[1].id, old[2].id, old[3].id}; !slices.Equal(pids, want) {
+		t.Errorf("generation 1's copies %v, want %v", pids, want)
+	}
+	for _, p := range old[1:] {
+		if got := p.got(); len(got) != 0 {
+			t.Errorf("old copy pid %d got %q", p.id, got)
+		}
+	}
+}

@@ -36,6 +36,7 @@ type runOptions struct {
 	killMode                          supervisor.KillMode
 	maxDraining                       int
 	workers                           int // --workers: copies per generation
+	rolling                           int // --rolling: copies restarted at a time; 0 for all
 	name, controlPath                 string
 	check                             []string
 	logFormat                         string
@@ -176,6 +177,9 @@ func (o *runOptions) parseRestarts(c *cli.Context) error {
 	}
 	if o.workers, err = parseWorkers(c.String("workers")); err != nil {
 		return usageError{err}
+	}
+	if o.rolling = c.Int("rolling"); o.rolling < 0 || (o.rolling > 0 && o.rolling >= o.workers) {
+		return usagef("--rolling %d: restarts K copies at a time, from 1 to --workers less one (--workers is %d); 0, the default, starts every new copy at once", o.rolling, o.workers)
 	}
 	return nil
 }

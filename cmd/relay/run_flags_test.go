@@ -38,6 +38,8 @@ func TestRunUsageErrors(t *testing.T) {
 		{"--workers 0", []string{"--listen", ":0", "--workers", "0", "--", "true"}, "--workers 0: want 1 to 64 copies"},
 		{"--workers 65", []string{"--listen", ":0", "--workers", "65", "--", "true"}, "--workers 65: want 1 to 64 copies"},
 		{"--workers many", []string{"--listen", ":0", "--workers", "many", "--", "true"}, "--workers \"many\": want a number of copies, e.g. --workers 4, or cpus for one per CPU"},
+		{"--rolling without --workers", []string{"--listen", ":0", "--rolling", "1", "--", "true"}, "--rolling 1: restarts K copies at a time, from 1 to --workers less one (--workers is 1)"},
+		{"--rolling as many as --workers", []string{"--listen", ":0", "--workers", "4", "--rolling", "4", "--", "true"}, "--rolling 4: restarts K copies at a time"},
 		{"--workers with --liveness", []string{"--listen", ":0", "--workers", "2", "--liveness", "accept", "--", "true"}, "--liveness does not work with --workers above 1 yet"},
 		{"--workers with --confirm", []string{"--listen", ":0", "--workers", "2", "--confirm", "5s", "--", "true"}, "--confirm does not work with --workers above 1 yet"},
 		{"--kill-mode process", []string{"--listen", ":0", "--kill-mode", "process", "--", "true"}, "--kill-mode: \"process\" would leave a stopped generation's other processes running"},

@@ -248,6 +248,7 @@ func newSupervisor(opts runOptions, set *sockets.Set, notifyDir string, rp *reap
 		StopTimeout:   opts.stopTimeout,
 		MaxDraining:   opts.maxDraining,
 		Workers:       opts.workers,
+		Rolling:       opts.rolling,
 		RuntimeDir:    notifyDir,
 		Reaper:        rp,
 		Cgroups:       cg,
