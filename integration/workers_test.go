@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/relaysh/relay/internal/procfs"
 )
 
 // Worker pools (relay run --workers): real single-process servers that bind
@@ -49,18 +51,7 @@ type poolServer struct {
 // ready" line, by worker.
 func copyPids(t *testing.T, ready logLine) []int {
 	t.Helper()
-	raw, ok := ready["pids"].([]any)
-	if !ok || len(raw) != workersCopies {
-		t.Fatalf("generation %d ready with pids %v, want %d", ready.num("gen"), ready["pids"], workersCopies)
-	}
-	pids := make([]int, len(raw))
-	for i, v := range raw {
-		f, ok := v.(float64)
-		if !ok {
-			t.Fatalf("generation %d: pid %v is no number", ready.num("gen"), v)
-		}
-		pids[i] = int(f)
-	}
+	pids := pidsOf(t, ready, workersCopies)
 	if ready.num("pid") != pids[0] || ready.num("workers") != workersCopies {
 		t.Fatalf("generation %d ready: %v", ready.num("gen"), ready)
 	}
@@ -422,4 +413,149 @@ func TestWorkersKillOneCopy(t *testing.T) {
 	}
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
+}
+
+// nodeCopiesAlive counts relay's children that run the conformance app and
+// have not exited (zombies, exited but not yet reaped, do not count).
+func nodeCopiesAlive(relay int, app string) int {
+	n := 0
+	for _, pid := range procfs.Children(relay) {
+		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || !strings.Contains(string(cmdline), app) {
+			continue
+		}
+		if st, err := procfs.ReadStatus(pid); err == nil && !strings.HasPrefix(st["State"], "Z") {
+			n++
+		}
+	}
+	return n
+}
+
+// A rolling restart (--workers 4 --rolling 1) of a Node.js server that
+// binds its own port, 5 times under a load of new connections, with a slow
+// request in flight in a copy of the old generation each time: a sampler
+// reading relay's children every millisecond never sees more than 5 copies
+// alive, and sees 5, no request fails, every slow request is answered in
+// full by the copy that received it, and all 4 copies of every generation
+// answer.
+func TestWorkersRolling(t *testing.T) {
+	t.Parallel()
+	const copies, k, restarts = 4, 1, 5
+	node := conformanceProgram(t, "node")
+	app := conformanceApp(t, "app.js")
+	port := freeLoopbackPort(t)
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	dir := t.TempDir()
+	r := startRelay(t, []string{"CONFORMANCE_DIR=" + dir}, "--listen", addr, "--workers", strconv.Itoa(copies), "--rolling", strconv.Itoa(k), "--", node, app, addr)
+	ready, from := r.waitMsg(0, "generation ready", 1)
+	pids := pidsOf(t, ready, copies)
+
+	stopSampling := make(chan struct{})
+	sampled := make(chan [2]int, 1) // the most alive at once, and the samples
+	go func() {
+		most, samples := 0, 0
+		for {
+			select {
+			case <-stopSampling:
+				sampled <- [2]int{most, samples}
+				return
+			default:
+			}
+			most = max(most, nodeCopiesAlive(r.pid(), app))
+			samples++
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	load := startLoadIdent(httpURL(addr), 8, 5*time.Minute, pidHeader)
+	loadStopped := false
+	defer func() {
+		if !loadStopped {
+			load.stop()
+			close(stopSampling)
+		}
+	}()
+	everyCopy := func(pids []int) func() bool {
+		return func() bool {
+			for _, pid := range pids {
+				if n, _ := load.served(pid); n == 0 {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	for gen := 2; gen <= restarts+1; gen++ {
+		old := gen - 1
+		waitUntil(t, 60*time.Second, fmt.Sprintf("the copies of generation %d to answer", old), everyCopy(pids))
+		slow := startConformanceSlow(old, fmt.Sprintf("http://%s/slow?id=%d&ms=100", addr, old), 3*time.Minute)
+		worker := conformanceMarker(t, dir, slow)
+		restart := startConformanceRestart(r)
+		stopped, _ := r.waitFor(from, 120*time.Second, fmt.Sprintf("relay to stop the copy pid %d holding slow request %d", worker, old), func(l logLine) bool {
+			return (l.str("msg") == "leaving copy drained; stopping it" && l.num("pid") == worker) ||
+				(l.str("msg") == "stopping generation" && l.num("gen") == old)
+		})
+		t.Logf("restart %d: %s (gen %d, pid %d)", old, stopped.str("msg"), stopped.num("gen"), stopped.num("pid"))
+		writeMode(t, filepath.Join(dir, strconv.Itoa(old)+".go"), "go")
+		var res conformanceSlowResult
+		select {
+		case res = <-slow.done:
+		case <-time.After(3 * time.Minute):
+			t.Fatalf("slow request %d: no end", old)
+		}
+		want := append(conformanceFill(), fmt.Sprintf("id=%d pid=%d gen=%d\n", old, worker, old)...)
+		if why := res.describe(want); why != "" {
+			t.Errorf("slow request %d, held by pid %d of generation %d at its stop: %s", old, worker, old, why)
+		}
+		var outcome conformanceRestart
+		select {
+		case outcome = <-restart:
+		case <-time.After(3 * time.Minute):
+			t.Fatalf("relay restart %d did not return", old)
+		}
+		if outcome.err != nil || outcome.code != 0 {
+			t.Fatalf("relay restart %d: exit %d, %v\n%s%s", old, outcome.code, outcome.err, outcome.stdout, outcome.stderr)
+		}
+		ready, _ = r.waitMsg(from, "generation ready", gen)
+		pids = pidsOf(t, ready, copies)
+		batches := r.linesWhere(func(l logLine) bool {
+			return l.num("gen") == gen && strings.HasPrefix(l.str("msg"), "rolling restart: ") && strings.Contains(l.str("msg"), "batch is ready")
+		})
+		if len(batches) != copies/k {
+			t.Errorf("restart %d: %d batch lines, want %d: %v", old, len(batches), copies/k, batches)
+		}
+		_, from = r.waitMsg(from, "old generation exited", old)
+	}
+	waitUntil(t, 60*time.Second, "the copies of the last generation to answer", everyCopy(pids))
+	load.stop()
+	close(stopSampling)
+	loadStopped = true
+	s := <-sampled
+	requests, failures := load.summary()
+	t.Logf("%d rolling restarts of %d copies, %d at a time: %d requests, %d failed; at most %d copies alive in %d samples",
+		restarts, copies, k, requests, len(failures), s[0], s[1])
+	noFailures(t, failures, requests)
+	if s[0] > copies+k {
+		t.Errorf("%d copies alive at once, want at most %d", s[0], copies+k)
+	}
+	if s[0] < copies+k {
+		t.Errorf("never more than %d copies alive in %d samples: the sampler missed every batch's %d", s[0], s[1], copies+k)
+	}
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
+}
+
+// pidsOf reads the pids of a generation's n copies from its "generation
+// ready" line.
+func pidsOf(t *testing.T, ready logLine, n int) []int {
+	t.Helper()
+	raw, _ := ready["pids"].([]any)
+	if len(raw) != n {
+		t.Fatalf("generation %d ready with pids %v, want %d", ready.num("gen"), ready["pids"], n)
+	}
+	pids := make([]int, n)
+	for i, v := range raw {
+		f, _ := v.(float64)
+		pids[i] = int(f)
+	}
+	return pids
 }

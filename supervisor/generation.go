@@ -178,17 +178,12 @@ func (g *generation) allExited() bool {
 // Config.Workers (a rolling restart starts the rest later). The returned
 // generation is Starting; each copy's exit is posted to the supervisor as
 // an exitEvent. Every copy takes its sockets before the first starts, so
-// that a copy's bind finds its siblings holding the sockets they share. If
+// that a copy's bind finds its siblings holding the sockets they share (a
+// rolling restart's later batches take theirs when they start). If
 // a copy after the first cannot start, the generation is returned with
 // those that did, killed, and its failure says why.
 func (s *Supervisor) spawn(n int, cmd Command, count int) (*generation, error) {
 	g := &generation{n: n, cmd: cmd, state: Starting}
-	for w := count; w < s.cfg.Workers; w++ {
-		if _, err := s.cfg.Sockets.Take(n, w); err != nil {
-			s.cfg.Sockets.Release(n)
-			return nil, err
-		}
-	}
 	launches := make([]*launch, count)
 	var err error
 	for w := range launches {
