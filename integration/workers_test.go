@@ -559,3 +559,95 @@ func pidsOf(t *testing.T, ready logLine, n int) []int {
 	}
 	return pids
 }
+
+// A rolling restart whose third new copy fails at its start falls back,
+// under a load of new connections: no request fails, relay restart reports
+// the rollback with the copy's stderr, and the old generation serves on
+// with its 4 copies (the two that had left started again), never more than
+// 5 alive.
+func TestWorkersRollingFallsBack(t *testing.T) {
+	t.Parallel()
+	const copies, k = 4, 1
+	node := conformanceProgram(t, "node")
+	app := conformanceApp(t, "app.js")
+	port := freeLoopbackPort(t)
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	r := startRelay(t, []string{"CONFORMANCE_DIR=" + t.TempDir()}, "--listen", addr, "--workers", strconv.Itoa(copies), "--rolling", strconv.Itoa(k), "--", node, app, addr)
+	ready, from := r.waitMsg(0, "generation ready", 1)
+	pids := pidsOf(t, ready, copies)
+	stopSampling := make(chan struct{})
+	sampled := make(chan int, 1)
+	go func() {
+		most := 0
+		for {
+			select {
+			case <-stopSampling:
+				sampled <- most
+				return
+			default:
+			}
+			most = max(most, nodeCopiesAlive(r.pid(), app))
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	load := startLoadIdent(httpURL(addr), 8, 5*time.Minute, pidHeader)
+	waitUntil(t, 60*time.Second, "the copies of generation 1 to answer", func() bool {
+		for _, pid := range pids {
+			if n, _ := load.served(pid); n == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	stdout, stderr, code := r.client("restart", "--", "env", "FAIL_WORKER=2", node, app, addr)
+	if code != 3 || !strings.Contains(stdout+stderr, "FAIL_WORKER") {
+		t.Errorf("relay restart into a failing copy 2: exit %d, want 3 with its stderr\n%s%s", code, stdout, stderr)
+	}
+	_, from = r.waitFor(from, 60*time.Second, "the fall back", func(l logLine) bool {
+		return strings.HasPrefix(l.str("msg"), "rolling restart failed half-way")
+	})
+	fellBack := from
+	// Copies 0 and 1 of generation 1 left; both start again.
+	var again []int
+	for range 2 {
+		var l logLine
+		l, from = r.waitFor(from, 60*time.Second, "an old copy to serve again", func(l logLine) bool {
+			return l.str("msg") == "copy replaced and serving" && l.num("gen") == 1
+		})
+		again = append(again, l.num("pid"))
+	}
+	now := []int{0, 0, pids[2], pids[3]}
+	for _, pid := range again {
+		for w, old := range pids[:2] {
+			if l := r.linesWhere(func(l logLine) bool {
+				return l.str("msg") == "the old generation's copy started again after the rolling restart failed" && l.num("pid") == pid && l.num("replaces_pid") == old
+			}); len(l) == 1 {
+				now[w] = pid
+			}
+		}
+	}
+	if slices.Contains(now, 0) {
+		t.Fatalf("the old copies started again %v do not replace copies 0 and 1 %v", again, pids[:2])
+	}
+	r.waitMsg(fellBack, "restart finished", 2)
+	waitUntil(t, 60*time.Second, "the old generation's 4 copies to answer", func() bool {
+		for _, pid := range now {
+			if n, _ := load.served(pid); n == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	load.stop()
+	close(stopSampling)
+	most := <-sampled
+	requests, failures := load.summary()
+	t.Logf("a rolling restart failing at copy 2: %d requests, %d failed; at most %d copies alive; generation 1 serves with %v", requests, len(failures), most, now)
+	noFailures(t, failures, requests)
+	if most > copies+k {
+		t.Errorf("%d copies alive at once, want at most %d", most, copies+k)
+	}
+	checkStatusCopies(t, r, now)
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
+}

@@ -24,6 +24,13 @@ const GATE_POLL_MS = 10;
 const GATE_MAX_MS = 120000;
 
 const [host, port] = (process.argv[2] || "").split(/:(?=[^:]*$)/);
+// FAIL_WORKER=W makes copy W (relay run --workers) fail at its start: a
+// bad version of one copy, for the tests of a rolling restart that fails
+// half-way.
+if (process.env.FAIL_WORKER !== undefined && process.env.FAIL_WORKER === process.env.RELAY_WORKER) {
+  console.error(`node app copy ${process.env.RELAY_WORKER}: failing at start (FAIL_WORKER)`);
+  process.exit(4);
+}
 if (!host || !port) {
   console.error("usage: node app.js HOST:PORT");
   process.exit(2);
