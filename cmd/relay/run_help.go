@@ -20,7 +20,7 @@ The server needs no relay-specific code, whichever way it gets its port:
    in --listen order, and the environment has LISTEN_FDS, LISTEN_FDNAMES and
    LISTEN_PID (the child's own pid). It gets the same socket either way.
 
-Every child also gets RELAY_GENERATION, a private NOTIFY_SOCKET and RELAY_HEALTH_ADDR.
+Every child also gets RELAY_GENERATION, RELAY_WORKER, a private NOTIFY_SOCKET and RELAY_HEALTH_ADDR.
 
 Family rule for taken-over binds: an IPv6 socket may get an IPv4 listener (Go's ":8080"
 with --listen 127.0.0.1:8080), an IPv4 socket never gets an IPv6 one: nginx's
@@ -121,6 +121,17 @@ of a requested restart (no new connections, no stop signal). If the new one exit
 new connections go back to the warm one at once and the new one drains and stops; relay restart
 then exits 3. Otherwise the warm one drains and stops when D ends. Needs a steered listener.
 
+Workers (opt-in): --workers N runs N copies of COMMAND in each generation (--workers cpus: one
+per CPU), for servers that use one core (Node.js, asyncio, python3 -m http.server). Each copy
+gets a socket of its own on every TCP listener (its own bind lands on it, or it is its fd 3),
+RELAY_WORKER (0..N-1) and {worker} in its arguments; new connections spread over the copies by
+a hash of the client's address and port. UDP and unix listeners are shared by the copies (not
+for QUIC). A generation is ready when every copy is, each proven on its own socket; a copy that
+exits while serving is replaced alone (backoff), its siblings taking its share meanwhile. A
+restart starts all N new copies at once; --rolling K starts K at a time, each batch replacing as
+many old copies once ready, so at most N+K are alive. Not yet with --liveness, --child-watchdog,
+--confirm or relay upgrade. docs/workers.md says everything.
+
 Admin listener (opt-in): --metrics ADDR binds a listener of relay's own (never passed to a
 child) serving GET /metrics (Prometheus text format: relay_restarts_total{outcome}, readiness
 and restart-duration histograms, the serving generation, ...; docs/containers.md tables them),
@@ -145,5 +156,6 @@ Examples:
    relay run --listen :8080 --child-watchdog 30s -- ./server-that-pings-sd_notify-WATCHDOG
    relay run --listen :8080 --shutdown-delay 5s --stop-timeout 20s -- ./server   # Kubernetes: grace period 30s
    relay run --listen :8080 --metrics :9090 -- ./server   # curl localhost:9090/metrics
+   relay run --listen 127.0.0.1:8080 --workers 4 --rolling 1 -- node server.js   # 4 copies, restarted 1 at a time
    relay restart --name api -- ./server-v2     # restart into a new binary
    kill -HUP $(pidof relay)                    # restart`
