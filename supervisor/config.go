@@ -304,8 +304,8 @@ func (c *Config) setDefaults() error {
 	if c.Rolling < 0 {
 		return fmt.Errorf("rolling %d is negative", c.Rolling)
 	}
-	if c.Workers > 1 && (c.Liveness.Kind != "" || c.ChildWatchdog > 0 || c.Confirm > 0) {
-		return errors.New("liveness checks, the child watchdog and the confirmation window do not work with more than one worker yet")
+	if c.Workers > 1 && c.Confirm > 0 {
+		return errors.New("the confirmation window does not work with more than one worker yet")
 	}
 	if c.Sockets == nil {
 		c.Sockets = sockets.Empty()

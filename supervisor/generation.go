@@ -116,8 +116,15 @@ type copyProc struct {
 	// after the stop timeout; refilled, it was started again after the
 	// restart fell back.
 	leaving, stopSent, refilled bool
-	drainCancel                 context.CancelFunc
-	drainTimer, killTimer       timer
+	// Liveness of a copy of several (liveness.go, workers.go):
+	// probing, a probe of it runs; liveFailures, its probes failed in a
+	// row; failedLiveness, it failed its check or watchdog and is
+	// stopped, to be replaced once it exits.
+	probing               bool
+	liveFailures          int
+	failedLiveness        bool
+	drainCancel           context.CancelFunc
+	drainTimer, killTimer timer
 	// pidForNotify is the pid, for the notify socket's goroutine.
 	pidForNotify atomic.Int64
 	// notified is closed at the child's first sd_notify message.
@@ -311,7 +318,7 @@ func (s *Supervisor) prepare(c *copyProc) (_ *launch, err error) {
 		return nil, err
 	}
 	vars := health.Vars{Generation: g.n, Worker: c.worker, HealthAddr: c.healthAddr}
-	notifyPath := filepath.Join(s.cfg.RuntimeDir, notifyName(c))
+	notifyPath := filepath.Join(s.cfg.RuntimeDir, s.notifyName(c))
 	if c.notify, err = health.ListenNotify(notifyPath, func(m health.NotifyMessage) { s.onNotify(c, m) }); err != nil {
 		return nil, err
 	}
@@ -362,9 +369,9 @@ func (s *Supervisor) prepare(c *copyProc) (_ *launch, err error) {
 // notifyName names the notify socket of copy c in the runtime directory:
 // gen-N.notify for the one copy of generation N; gen-N.W.notify for copy W
 // of several, with .R for its Rth replacement.
-func notifyName(c *copyProc) string {
+func (s *Supervisor) notifyName(c *copyProc) string {
 	name := "gen-" + strconv.Itoa(c.g.n)
-	if c.worker > 0 || c.replaced > 0 || len(c.g.copies) > 1 {
+	if s.cfg.Workers > 1 || c.replaced > 0 {
 		name += "." + strconv.Itoa(c.worker)
 	}
 	if c.replaced > 0 {

@@ -252,7 +252,7 @@ func (h *harness) ready(ctx context.Context, ch health.Child) error {
 }
 
 func (h *harness) liveProbe(ctx context.Context, ch health.Child) error {
-	c := &fakeCheck{gen: ch.Generation, ctx: ctx, reply: make(chan error, 1)}
+	c := &fakeCheck{gen: ch.Generation, worker: ch.Worker, pid: ch.Pid, ctx: ctx, reply: make(chan error, 1)}
 	h.probeC <- c
 	return c.wait()
 }

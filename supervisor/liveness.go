@@ -22,9 +22,9 @@ import (
 // whatever serves when the restart has finished. The exception is the
 // confirmation window (confirm.go): the new generation is watched on trial
 // then, probed every Config.trialInterval, and a failure rolls its restart
-// back at once instead of scheduling a replacement. Liveness is for one
-// copy only (Config.setDefaults refuses it with Workers above 1): the
-// generation's first copy is the one watched.
+// back at once instead of scheduling a replacement. With several copies
+// (Workers above 1), each copy is probed and watched on its own, and one
+// that fails is replaced alone (workers.go).
 
 // livenessState is the watch of the serving generation.
 type livenessState struct {
@@ -82,10 +82,15 @@ func (s *Supervisor) watch(g *generation, trial bool) {
 	if s.cfg.Liveness.Kind != "" {
 		s.armProbe()
 	}
-	if c := g.first(); c.pinged {
-		// Its watchdog counts from the watch's start: a restart that
-		// paused the watch does not count against it.
-		c.lastPing = lv.since
+	pinged := false
+	for _, c := range g.copies {
+		if c.pinged {
+			// Its watchdog counts from the watch's start: a restart
+			// that paused the watch does not count against it.
+			c.lastPing, pinged = lv.since, true
+		}
+	}
+	if pinged {
 		s.armWatchdog(s.cfg.ChildWatchdog)
 	}
 }
@@ -133,6 +138,10 @@ func (s *Supervisor) onProbeDue(seq int) {
 	}
 	lv.probe = nil
 	g := lv.gen
+	if s.cfg.Workers > 1 {
+		s.probeCopies(g, seq)
+		return
+	}
 	ctx, cancel := s.env.withTimeout(context.Background(), s.livenessTimeout())
 	lv.cancel = cancel
 	// The same view of the child as its readiness check: a probe of a
@@ -151,10 +160,14 @@ func (s *Supervisor) onProbeDue(seq int) {
 	}()
 }
 
-func (s *Supervisor) onProbeDone(seq int, err error) {
+func (s *Supervisor) onProbeDone(seq int, c *copyProc, err error) {
 	lv := &s.live
 	if seq != lv.seq || lv.gen == nil {
 		return // the watch ended meanwhile
+	}
+	if c != nil {
+		s.onCopyProbeDone(c, err)
+		return
 	}
 	lv.cancel = nil
 	g := lv.gen
@@ -211,6 +224,10 @@ func (s *Supervisor) onWatchdogDue(seq int) {
 	}
 	lv.watchdog = nil
 	g := lv.gen
+	if s.cfg.Workers > 1 {
+		s.checkCopyWatchdogs(g)
+		return
+	}
 	silent := s.env.now().Sub(g.first().lastPing)
 	if silent < s.cfg.ChildWatchdog {
 		s.armWatchdog(s.cfg.ChildWatchdog - silent)

@@ -136,6 +136,7 @@ type (
 	// probeDone: a probe of watch seq ended, passed (nil) or not.
 	probeDone struct {
 		seq int
+		c   *copyProc // the copy probed, with --workers; nil for the one copy
 		err error
 	}
 	// watchdogDue: the child's watchdog of watch seq may have expired.
@@ -164,7 +165,7 @@ func (delayEvent) handleEvent(s *Supervisor)              { s.onDelayEnd() }
 
 func (ev watchdogPing) handleEvent(s *Supervisor)       { s.onWatchdogPing(ev.c) }
 func (ev probeDue) handleEvent(s *Supervisor)           { s.onProbeDue(ev.seq) }
-func (ev probeDone) handleEvent(s *Supervisor)          { s.onProbeDone(ev.seq, ev.err) }
+func (ev probeDone) handleEvent(s *Supervisor)          { s.onProbeDone(ev.seq, ev.c, ev.err) }
 func (ev watchdogDue) handleEvent(s *Supervisor)        { s.onWatchdogDue(ev.seq) }
 func (ev livenessReplaceDue) handleEvent(s *Supervisor) { s.onLivenessReplaceDue(ev.g) }
 

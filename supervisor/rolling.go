@@ -2,9 +2,7 @@ package supervisor
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"os"
 	"syscall"
 
 	"github.com/relaysh/relay/internal/sockets/steer"
@@ -182,35 +180,22 @@ func (s *Supervisor) onCopyDrained(c *copyProc, atMax bool, err error) {
 	if c.drainTimer != nil {
 		c.drainTimer.Stop()
 	}
-	c.stopSent = true
-	sig := s.cfg.StopSignal
-	var serr error
-	if s.cfg.KillMode == KillControlGroup {
-		serr = c.proc.SignalGroup(sig)
-	} else {
-		serr = c.proc.Signal(sig)
-	}
-	if serr != nil && !errors.Is(serr, os.ErrProcessDone) {
-		c.log.Warn("signalling the leaving copy", "signal", signals.Name(sig), "err", serr)
-	}
-	if sig != syscall.SIGCONT {
-		c.proc.SignalGroup(syscall.SIGCONT)
-	}
 	ended := "empty"
 	if atMax {
 		ended = "max"
 	}
-	c.log.Info("leaving copy drained; stopping it", "signal", signals.Name(sig), "ended", ended, "stop_timeout", s.cfg.StopTimeout)
-	c.killTimer = s.env.afterFunc(s.cfg.StopTimeout, func() { s.post(copyKillEvent{c: c}) })
+	c.log.Info("leaving copy drained; stopping it", "signal", signals.Name(s.cfg.StopSignal), "ended", ended, "stop_timeout", s.cfg.StopTimeout)
+	s.stopCopy(c)
 }
 
-// onCopyKillTimeout kills leaving copy c's process group: it did not stop
+// onCopyKillTimeout kills copy c's process group: stopped alone (it left
+// in a rolling restart, or failed its liveness check), it did not exit
 // within the stop timeout.
 func (s *Supervisor) onCopyKillTimeout(c *copyProc) {
 	if c.exited {
 		return
 	}
-	c.log.Warn("leaving copy did not stop within the stop timeout; killing its process group", "stop_timeout", s.cfg.StopTimeout, "signal", "KILL")
+	c.log.Warn("copy did not stop within the stop timeout; killing its process group", "stop_timeout", s.cfg.StopTimeout, "signal", "KILL")
 	c.proc.SignalGroup(syscall.SIGKILL)
 }
 

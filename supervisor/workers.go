@@ -1,11 +1,15 @@
 package supervisor
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"syscall"
 	"time"
+
+	"github.com/relaysh/relay/health"
+	"github.com/relaysh/relay/signals"
 )
 
 // Copies (--workers N): a generation is N copies of the command, each with
@@ -52,8 +56,15 @@ func (s *Supervisor) copyExited(c *copyProc) {
 		c.log.Warn("a copy of the new generation exited before it was ready; killing the others", "status", c.status.String())
 		g.contain.kill()
 	case g.state == Serving && !s.stop.begun && g.copies[c.worker] == c:
-		c.log.Error("copy exited on its own; its siblings serve its share until its replacement is ready",
-			"status", c.status.String(), "stderr_tail", c.stderr.Lines(stderrTailLines))
+		if c.killTimer != nil {
+			c.killTimer.Stop()
+		}
+		if c.failedLiveness {
+			c.log.Info("copy that failed its liveness check exited; its siblings serve its share until its replacement is ready", "status", c.status.String())
+		} else {
+			c.log.Error("copy exited on its own; its siblings serve its share until its replacement is ready",
+				"status", c.status.String(), "stderr_tail", c.stderr.Lines(stderrTailLines))
+		}
 		s.leftAlone(c)
 		if err := s.cfg.Sockets.Absent(g.n, c.worker, true); err != nil {
 			c.log.Warn("cannot steer new connections away from the exited copy; they wait for its replacement", "err", err)
@@ -153,4 +164,127 @@ func (s *Supervisor) allReady(g *generation) bool {
 		}
 	}
 	return true
+}
+
+// Liveness with several copies (Config.Workers above 1): each probe round
+// probes every ready copy on its own sockets, and each copy's watchdog is
+// its own. A copy that fails LivenessFailures probes in a row, or pinged
+// WATCHDOG=1 and then stayed silent for ChildWatchdog, is replaced alone,
+// as a copy that exits is: it leaves the spread, gets the stop signal
+// (SIGKILL to its process group after the stop timeout), and its exit
+// starts a replacement after the backoff, on the same sockets. Its
+// siblings serve meanwhile.
+
+// probeCopies probes every ready copy of g that is not failing already;
+// the next round is armed once all have answered.
+func (s *Supervisor) probeCopies(g *generation, seq int) {
+	infos := s.cfg.Sockets.Info()
+	running := 0
+	for _, c := range g.copies {
+		if !c.ready || c.exited || c.failedLiveness || c.probing {
+			continue
+		}
+		c.probing = true
+		running++
+		ctx, cancel := s.env.withTimeout(context.Background(), s.livenessTimeout())
+		child := health.Child{
+			Vars:    health.Vars{Pid: c.pid(), Generation: g.n, Worker: c.worker, HealthAddr: c.healthAddr},
+			Control: s.cfg.Sockets.ProbeControl(g.n, c.worker),
+		}
+		for i, in := range infos {
+			child.Listeners = append(child.Listeners, health.Listener{Name: in.Name, Probe: s.cfg.Sockets.Probe(i)})
+		}
+		go func() {
+			err := s.env.probe(ctx, child)
+			cancel()
+			s.post(probeDone{seq: seq, c: c, err: err})
+		}()
+	}
+	if running == 0 {
+		s.armProbe()
+	}
+}
+
+// onCopyProbeDone counts the outcome of copy c's probe, and arms the next
+// round once no probe of the round runs.
+func (s *Supervisor) onCopyProbeDone(c *copyProc, err error) {
+	c.probing = false
+	switch {
+	case c.exited || c.failedLiveness:
+	case err == nil:
+		if c.liveFailures > 0 {
+			c.log.Info("liveness check passed again", "check", s.cfg.Liveness.String(), "failed_before", c.liveFailures)
+		}
+		c.liveFailures = 0
+	default:
+		c.liveFailures++
+		c.log.Warn("liveness check failed", "check", s.cfg.Liveness.String(), "failures_in_a_row", c.liveFailures,
+			"of", s.cfg.LivenessFailures, "err", err)
+		if c.liveFailures >= s.cfg.LivenessFailures {
+			s.copyFailedLiveness(c, fmt.Errorf("%d liveness checks failed in a row (--liveness %s), the last: %w", c.liveFailures, s.cfg.Liveness, err))
+		}
+	}
+	for _, x := range c.g.copies {
+		if x.probing {
+			return
+		}
+	}
+	s.armProbe()
+}
+
+// checkCopyWatchdogs fails the copies of g that pinged WATCHDOG=1 and have
+// been silent for ChildWatchdog since, and arms the next look for the
+// soonest of the others.
+func (s *Supervisor) checkCopyWatchdogs(g *generation) {
+	now := s.env.now()
+	next := time.Duration(0)
+	for _, c := range g.copies {
+		if !c.pinged || c.exited || c.failedLiveness {
+			continue
+		}
+		silent := now.Sub(c.lastPing)
+		if silent >= s.cfg.ChildWatchdog {
+			s.copyFailedLiveness(c, fmt.Errorf("no WATCHDOG=1 for %s (--child-watchdog %s)", silent.Round(time.Millisecond), s.cfg.ChildWatchdog))
+			continue
+		}
+		if left := s.cfg.ChildWatchdog - silent; next == 0 || left < next {
+			next = left
+		}
+	}
+	if next > 0 {
+		s.armWatchdog(next)
+	}
+}
+
+// copyFailedLiveness stops copy c, which failed its liveness check or its
+// watchdog: out of the spread, the stop signal, SIGKILL to its process
+// group after the stop timeout. Its exit replaces it (copyExited).
+func (s *Supervisor) copyFailedLiveness(c *copyProc, why error) {
+	c.failedLiveness = true
+	c.log.Error("copy failed its liveness check; stopping it, to replace it alone", "err", why.Error())
+	if err := s.cfg.Sockets.Absent(c.g.n, c.worker, true); err != nil {
+		c.log.Warn("cannot steer new connections away from the failing copy", "err", err)
+	}
+	s.stopCopy(c)
+}
+
+// stopCopy sends copy c alone the stop signal (its main process, or with
+// --kill-mode control-group its process group), SIGCONT to its process
+// group, and SIGKILL to it after the stop timeout (copyKillEvent).
+func (s *Supervisor) stopCopy(c *copyProc) {
+	c.stopSent = true
+	sig := s.cfg.StopSignal
+	var err error
+	if s.cfg.KillMode == KillControlGroup {
+		err = c.proc.SignalGroup(sig)
+	} else {
+		err = c.proc.Signal(sig)
+	}
+	if err != nil && !errors.Is(err, os.ErrProcessDone) {
+		c.log.Warn("signalling the copy", "signal", signals.Name(sig), "err", err)
+	}
+	if sig != syscall.SIGCONT {
+		c.proc.SignalGroup(syscall.SIGCONT)
+	}
+	c.killTimer = s.env.afterFunc(s.cfg.StopTimeout, func() { s.post(copyKillEvent{c: c}) })
 }

@@ -2,9 +2,14 @@ package supervisor
 
 import (
 	"fmt"
+	"net"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/relaysh/relay/health"
 )
 
 // workersHarness runs a supervisor whose generations are n copies of a
@@ -316,5 +321,86 @@ func TestRollingRestartFallsBack(t *testing.T) {
 		if got := p.got(); len(got) != 0 {
 			t.Errorf("old copy pid %d got %q", p.id, got)
 		}
+	}
+}
+
+// With several copies, every ready copy is probed each round on its own;
+// one that fails --liveness-failures probes in a row gets the stop signal
+// alone and is replaced once it exits, while its sibling serves on. A
+// copy that pinged its watchdog and fell silent is stopped the same way.
+func TestCopyFailingLivenessIsReplacedAlone(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, func(c *Config) {
+		c.Workers = 2
+		c.Liveness = health.Spec{Kind: health.Accept, Raw: "accept"}
+		c.LivenessInterval = 6 * time.Second // a probe's timeout is 5 s: its timer is another
+		c.LivenessFailures = 2
+	})
+	procs := h.servingCopies(2)
+	pids := []int{procs[0].id, procs[1].id}
+	round := func() map[int]*fakeCheck {
+		h.clock.waitTimer(t, 6*time.Second)
+		h.clock.advance(6 * time.Second)
+		got := map[int]*fakeCheck{}
+		for range 2 {
+			c := recv(t, h.probeC, "a liveness probe")
+			got[c.worker] = c
+		}
+		if got[0] == nil || got[1] == nil || got[0].pid != pids[0] || got[1].pid != pids[1] {
+			t.Fatalf("a round probed %+v, want each copy once: pids %v", got, pids)
+		}
+		return got
+	}
+	for i := range 2 {
+		r := round()
+		r[0].pass()
+		r[1].fail(fmt.Errorf("refused %d", i))
+	}
+	procs[1].waitSignals(t, "TERM")
+	h.waitLog("copy failed its liveness check; stopping it")
+	if got := procs[0].got(); len(got) != 0 {
+		t.Errorf("the healthy copy got %q", got)
+	}
+	procs[1].exit(killed(15), false)
+	h.clock.waitTimer(t, testRestartBackoff)
+	h.clock.advance(testRestartBackoff)
+	p := h.started()
+	c := h.check(1)
+	if c.worker != 1 {
+		t.Fatalf("the replacement's check is of copy %d", c.worker)
+	}
+	c.pass()
+	h.waitLog("copy replaced and serving")
+	h.wantGens("1:serving")
+	// The next round probes the replacement too.
+	pids[1] = p.id
+	round()
+}
+
+// A copy that pinged WATCHDOG=1 and then stays silent for
+// --child-watchdog is stopped alone; its sibling, which never pinged, is
+// not watched.
+func TestCopyWatchdogSilenceStopsTheCopy(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, func(c *Config) {
+		c.Workers = 2
+		c.ChildWatchdog = testChildWatchdog
+	})
+	procs := h.servingCopies(2)
+	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: filepath.Join(h.sup.cfg.RuntimeDir, "gen-1.0.notify"), Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("WATCHDOG=1")); err != nil {
+		t.Fatal(err)
+	}
+	h.waitLog("child pings its watchdog")
+	h.clock.waitTimer(t, testChildWatchdog)
+	h.clock.advance(testChildWatchdog)
+	procs[0].waitSignals(t, "TERM")
+	h.waitLog("no WATCHDOG=1 for")
+	if got := procs[1].got(); len(got) != 0 {
+		t.Errorf("the copy that never pinged got %q", got)
 	}
 }

@@ -72,12 +72,8 @@ func parseRunFlags(c *cli.Context) (runOptions, error) {
 	if err := o.liveness.parse(c); err != nil {
 		return o, err
 	}
-	if o.workers > 1 {
-		for flag, set := range map[string]bool{"--liveness": o.liveness.check.Kind != "", "--child-watchdog": o.liveness.childWatchdog > 0, "--confirm": o.confirm > 0} {
-			if set {
-				return o, usagef("%s does not work with --workers above 1 yet; drop one of them", flag)
-			}
-		}
+	if o.workers > 1 && o.confirm > 0 {
+		return o, usagef("--confirm does not work with --workers above 1 yet; drop one of them")
 	}
 	var err error
 	o.name = c.String("name")

@@ -40,7 +40,6 @@ func TestRunUsageErrors(t *testing.T) {
 		{"--workers many", []string{"--listen", ":0", "--workers", "many", "--", "true"}, "--workers \"many\": want a number of copies, e.g. --workers 4, or cpus for one per CPU"},
 		{"--rolling without --workers", []string{"--listen", ":0", "--rolling", "1", "--", "true"}, "--rolling 1: restarts K copies at a time, from 1 to --workers less one (--workers is 1)"},
 		{"--rolling as many as --workers", []string{"--listen", ":0", "--workers", "4", "--rolling", "4", "--", "true"}, "--rolling 4: restarts K copies at a time"},
-		{"--workers with --liveness", []string{"--listen", ":0", "--workers", "2", "--liveness", "accept", "--", "true"}, "--liveness does not work with --workers above 1 yet"},
 		{"--workers with --confirm", []string{"--listen", ":0", "--workers", "2", "--confirm", "5s", "--", "true"}, "--confirm does not work with --workers above 1 yet"},
 		{"--kill-mode process", []string{"--listen", ":0", "--kill-mode", "process", "--", "true"}, "--kill-mode: \"process\" would leave a stopped generation's other processes running"},
 		{"--kill-mode none", []string{"--listen", ":0", "--kill-mode", "none", "--", "true"}, "use mixed (the stop signal to the main process) or control-group"},

@@ -127,10 +127,11 @@ gets a socket of its own on every TCP listener (its own bind lands on it, or it 
 RELAY_WORKER (0..N-1) and {worker} in its arguments; new connections spread over the copies by
 a hash of the client's address and port. UDP and unix listeners are shared by the copies (not
 for QUIC). A generation is ready when every copy is, each proven on its own socket; a copy that
-exits while serving is replaced alone (backoff), its siblings taking its share meanwhile. A
-restart starts all N new copies at once; --rolling K starts K at a time, each batch replacing as
-many old copies once ready, so at most N+K are alive. Not yet with --liveness, --child-watchdog,
---confirm or relay upgrade. docs/workers.md says everything.
+exits while serving, or fails --liveness or --child-watchdog (each copy is watched on its own),
+is replaced alone (backoff), its siblings taking its share meanwhile. A restart starts all N new
+copies at once; --rolling K starts K at a time, each batch replacing as many old copies once
+ready, so at most N+K are alive. Not yet with --confirm or relay upgrade. docs/workers.md says
+everything.
 
 Admin listener (opt-in): --metrics ADDR binds a listener of relay's own (never passed to a
 child) serving GET /metrics (Prometheus text format: relay_restarts_total{outcome}, readiness
