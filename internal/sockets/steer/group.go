@@ -25,6 +25,7 @@
 package steer
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -317,11 +318,14 @@ func (g *Group) targetsLocked(gen int) []*member {
 }
 
 // Absent marks the socket of copy worker of generation gen absent (its
-// copy exited; a replacement is to take it) or present again. While gen
-// gets the new connections, they go to its present copies alone. The
-// socket stays in the group: the connections queued on it wait there for
-// the replacement, which Take gives the same socket. Nothing changes where
-// the copy has no socket.
+// copy exited; a replacement is to take it) or present again. An absent
+// socket leaves the targets of new connections, unless it is the last one
+// (connections then wait on it for the replacement); a socket present again
+// joins them while they hold a socket of its generation. Either way the
+// other targets stay, whatever their generations (a rolling restart's
+// spread). The socket stays in the group: the connections queued on it wait
+// there for the replacement, which Take gives the same socket. Switch reads
+// the mark too. Nothing changes where the copy has no socket.
 func (g *Group) Absent(gen, worker int, absent bool) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -330,10 +334,17 @@ func (g *Group) Absent(gen, worker int, absent bool) error {
 		return nil
 	}
 	m.absent = absent
-	if !slices.ContainsFunc(g.active, func(a *member) bool { return a.gen == gen }) {
-		return nil // gen gets no new connections: Switch reads the mark
+	active := g.active
+	switch {
+	case absent && g.isActiveLocked(m) && len(g.active) > 1:
+		active = slices.DeleteFunc(slices.Clone(g.active), func(a *member) bool { return a == m })
+	case !absent && !g.isActiveLocked(m) && slices.ContainsFunc(g.active, func(a *member) bool { return a.gen == gen }):
+		active = append(slices.Clone(g.active), m)
+		slices.SortFunc(active, func(a, b *member) int { return cmp.Or(a.gen-b.gen, a.worker-b.worker) })
+	default:
+		return nil
 	}
-	if err := g.retargetLocked(g.targetsLocked(gen), g.probes); err != nil {
+	if err := g.retargetLocked(active, g.probes); err != nil {
 		m.absent = !absent
 		return err
 	}

@@ -26,7 +26,9 @@ func crossed(t *testing.T, s Saved) Saved {
 		}
 		return out
 	}
-	return Saved{Members: dup(s.Members), Evicted: dup(s.Evicted), Active: s.Active, Probe: s.Probe, ProbeFrom: s.ProbeFrom}
+	c := s
+	c.Members, c.Evicted = dup(s.Members), dup(s.Evicted)
+	return c
 }
 
 // restored restores s, crossed, and closes what it restored at the end.

@@ -173,10 +173,9 @@ func TestSaveRestoreCopies(t *testing.T) {
 	if err := dup.Check(); err == nil {
 		t.Fatal("a saved group with one copy's socket twice passed the check")
 	}
-	r, err := Restore("test", s, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Restored from duplicates, as after an exec: a group of the same
+	// fds would close them twice, once by the finalizers of its files.
+	r, _ := restored(t, s)
 	r.mu.Lock()
 	n := len(r.active)
 	workers := []int{}
@@ -305,7 +304,7 @@ func TestProbesOfCopiesAtOnce(t *testing.T) {
 // A copy that exited is absent: the new connections spread over its
 // siblings, while those queued on its socket stay there for its
 // replacement; present again, it gets its share. With every copy absent,
-// connections wait on all of their sockets. A generation not yet serving
+// connections wait on the last target's socket. A generation not yet serving
 // keeps the mark for its Switch.
 func TestAbsentCopy(t *testing.T) {
 	const copies, conns = 3, 120
@@ -368,8 +367,8 @@ func TestAbsentCopy(t *testing.T) {
 	}
 	got = spreadCount(t, g, "127.0.0.1", conns, socks)
 	t.Logf("every copy absent: %v", got)
-	if len(got) != copies {
-		t.Fatalf("with every copy absent, the connections reached %v", got)
+	if len(got) != 1 {
+		t.Fatalf("with every copy absent, the connections reached %v, want the last target alone", got)
 	}
 	// Generation 2 with copy 0 absent before its switch.
 	takeCopies(t, g, 2, 2, socks)
@@ -443,5 +442,47 @@ func TestSpreadOverTwoGenerations(t *testing.T) {
 	}
 	if err := g.Spread(nil); err == nil {
 		t.Error("Spread to no copy")
+	}
+}
+
+// Absent on a spread over two generations takes out, or puts back, the
+// one socket and keeps the others, whatever their generation.
+func TestAbsentKeepsAMixedSpread(t *testing.T) {
+	const conns = 120
+	g := newTestGroup(t, "127.0.0.1:0")
+	socks := map[int]*os.File{}
+	takeCopies(t, g, 1, 2, socks)
+	takeCopies(t, g, 2, 2, socks)
+	if err := g.Spread([]Copy{{Gen: 1, Worker: 0}, {Gen: 1, Worker: 1}, {Gen: 2, Worker: 0}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Absent(2, 1, true); err != nil { // not a target: nothing changes
+		t.Fatal(err)
+	}
+	if err := g.Absent(1, 1, true); err != nil {
+		t.Fatal(err)
+	}
+	got := spreadCount(t, g, "127.0.0.1", conns, socks)
+	t.Logf("generation 1's copy 1 absent: %v", got)
+	if len(got) != 2 || got[key(1, 0)] < conns/4 || got[key(2, 0)] < conns/4 {
+		t.Fatalf("generation 1's copy 1 absent: %v, want generation 1's copy 0 and generation 2's copy 0", got)
+	}
+	if err := g.Absent(1, 1, false); err != nil {
+		t.Fatal(err)
+	}
+	got = spreadCount(t, g, "127.0.0.1", conns, socks)
+	t.Logf("back: %v", got)
+	if len(got) != 3 || got[key(1, 1)] < conns/6 {
+		t.Fatalf("generation 1's copy 1 back: %v, want the three targets", got)
+	}
+	// The last target stays, absent: connections wait on it.
+	if err := g.Spread([]Copy{{Gen: 2, Worker: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Absent(2, 1, true); err != nil {
+		t.Fatal(err)
+	}
+	if got := spreadCount(t, g, "127.0.0.1", 10, socks); got[key(2, 1)] != 10 {
+		t.Fatalf("the last target absent: %v", got)
 	}
 }
