@@ -20,8 +20,13 @@ func (s *Supervisor) onCopyExit(c *copyProc, st reaper.Status) {
 	if err := c.notify.Close(); err != nil {
 		c.log.Debug("closing notify socket", "err", err)
 	}
-	if g.culprit == nil && g.state == Starting {
+	if g.culprit == nil && g.state == Starting && g.failure == nil {
 		g.culprit = c // the first copy that failed the start
+	}
+	if run := s.restarts.current; g.allExited() && run != nil && run.roll != nil && run.gen == g && g.state == Starting && g.failure == nil {
+		// The last copy of a rolling restart's new generation: its
+		// socket may be in the spread; the old copies take it back.
+		s.fallBack(run, c, fmt.Errorf("copy %d (pid %d) exited: %s", c.worker, c.pid(), c.status))
 	}
 	if !g.allExited() {
 		s.copyExited(c)
@@ -99,6 +104,11 @@ func (s *Supervisor) onExit(g *generation, st reaper.Status) {
 		if s.stop.begun {
 			g.log.Info("generation exited", "status", st.String())
 			break
+		}
+		if run := s.restarts.current; run != nil && run.roll != nil && run.gen == gs.starting {
+			// Its copies that had not left yet died in the middle
+			// of a rolling restart.
+			s.rollRest(run)
 		}
 		g.log.Error("serving child exited on its own", "status", st.String(), "stderr_tail", g.stderrTail())
 		if s.env.now().Sub(g.readyAt) >= stableAfter {

@@ -3,6 +3,7 @@ package supervisor
 import (
 	"context"
 	"fmt"
+	"slices"
 	"syscall"
 
 	"github.com/relaysh/relay/internal/sockets/steer"
@@ -95,6 +96,9 @@ func (s *Supervisor) onRollCheck(run *restartRun, c *copyProc, err error) {
 		return
 	}
 	old := s.gens.serving
+	if old == nil {
+		return // gone: rollRest started every copy
+	}
 	var targets []steer.Copy
 	for _, x := range g.copies {
 		if x.ready && !x.exited {
@@ -118,11 +122,14 @@ func (s *Supervisor) onRollCheck(run *restartRun, c *copyProc, err error) {
 	g.log.Info("rolling restart: a batch is ready and takes its share; the old copies it replaces drain",
 		"batch", workers(roll.batch), "leaving_pids", pidsOf(leaving), "serving_copies", len(targets))
 	for _, x := range old.copies {
-		if x.worker < len(g.copies) && x.exited && x.replaceTimer != nil {
+		if x.worker < len(g.copies) && x.exited && !x.leaving {
 			// A crashed old copy is not replaced: the new one took
-			// its place.
-			x.replaceTimer.Stop()
-			x.replaceTimer = nil
+			// its place. It left, as far as a fall back goes.
+			if x.replaceTimer != nil {
+				x.replaceTimer.Stop()
+				x.replaceTimer = nil
+			}
+			x.leaving = true
 		}
 	}
 	roll.leaving = leaving
@@ -150,6 +157,9 @@ func (s *Supervisor) readyToServe(g *generation) {
 // among them until it is started again.
 func (s *Supervisor) leave(run *restartRun, c *copyProc) {
 	c.leaving = true
+	if c.cancelCheck != nil && !c.ready {
+		c.cancelCheck() // a replacement still starting: it leaves as it is
+	}
 	if err := s.cfg.Sockets.Absent(c.g.n, c.worker, true); err != nil {
 		c.log.Warn("marking the leaving copy's socket absent", "err", err)
 	}
@@ -169,8 +179,8 @@ func (s *Supervisor) leave(run *restartRun, c *copyProc) {
 // onCopyDrained sends leaving copy c its stop signal: its socket drained,
 // or --drain passed. A watch that failed leaves it to --drain.
 func (s *Supervisor) onCopyDrained(c *copyProc, atMax bool, err error) {
-	if c.exited || c.stopSent {
-		return
+	if c.exited || c.stopSent || s.stop.begun {
+		return // relay's stop signals every copy
 	}
 	if err != nil && !atMax {
 		c.log.Warn("cannot see the leaving copy's socket empty; it drains for the whole --drain", "drain", s.cfg.Drain, "err", err)
@@ -208,8 +218,11 @@ func (s *Supervisor) copyLeft(c *copyProc) {
 	if c.drainCancel != nil {
 		c.drainCancel()
 	}
+	if c.drainTimer != nil {
+		c.drainTimer.Stop()
+	}
 	c.log.Info("leaving copy exited", "status", c.status.String())
-	if run := s.restarts.current; run != nil && run.roll != nil {
+	if run := s.restarts.current; run != nil && run.roll != nil && slices.Contains(run.roll.leaving, c) {
 		s.rollOn(run)
 	}
 }
@@ -226,8 +239,10 @@ func (s *Supervisor) rollOn(run *restartRun) {
 			return
 		}
 	}
-	if len(roll.batch) > 0 && !roll.batch[0].ready {
-		return // the batch under way is not ready yet
+	for _, b := range roll.batch {
+		if !b.ready {
+			return // the batch under way is not ready yet
+		}
 	}
 	roll.leaving = nil
 	roll.batch = nil
@@ -251,6 +266,37 @@ func (s *Supervisor) rollOn(run *restartRun) {
 	}
 }
 
+// rollRest starts at once every copy of the rolling restart's new
+// generation not yet started: the old generation is gone (its last copies
+// exited), so nothing bounds the roll, and nothing else serves. The
+// restart then ends as one that started every copy at once.
+func (s *Supervisor) rollRest(run *restartRun) {
+	roll, g := run.roll, run.gen
+	if roll.back || g.failure != nil || s.stop.begun {
+		return
+	}
+	roll.leaving = nil
+	from := len(g.copies)
+	for w := from; w < s.cfg.Workers; w++ {
+		c := s.newCopy(g, w)
+		l, err := s.prepare(c)
+		if err == nil {
+			err = s.startCopy(c, l)
+		}
+		if err != nil {
+			s.fallBack(run, nil, err)
+			return
+		}
+		g.copies = append(g.copies, c)
+		roll.batch = append(roll.batch, c)
+	}
+	g.log.Warn("the old generation is gone in the middle of the rolling restart; starting the rest of the new copies at once",
+		"started", workers(g.copies[from:]))
+	for _, c := range g.copies[from:] {
+		s.startCopyCheck(c)
+	}
+}
+
 // fallBack fails a rolling restart half-way: copy c (nil for none) of the
 // new generation failed with why. See the top of this file.
 func (s *Supervisor) fallBack(run *restartRun, c *copyProc, why error) {
@@ -261,9 +307,11 @@ func (s *Supervisor) fallBack(run *restartRun, c *copyProc, why error) {
 	roll.back = true
 	g.failure, g.culprit = why, c
 	var targets []steer.Copy
-	for _, x := range old.copies {
-		if !x.exited && !x.leaving && x.ready {
-			targets = append(targets, steer.Copy{Gen: old.n, Worker: x.worker})
+	if old != nil {
+		for _, x := range old.copies {
+			if !x.exited && !x.leaving && x.ready {
+				targets = append(targets, steer.Copy{Gen: old.n, Worker: x.worker})
+			}
 		}
 	}
 	if len(targets) > 0 {
@@ -272,7 +320,7 @@ func (s *Supervisor) fallBack(run *restartRun, c *copyProc, why error) {
 		}
 	}
 	g.log.Error("rolling restart failed half-way; the old generation's copies take every new connection again, and the new generation's ready copies drain and stop",
-		"err", why.Error(), "serving_gen", old.n, "old_copies_serving", len(targets))
+		"err", why.Error(), "old_copies_serving", len(targets))
 	ready := false
 	for _, x := range g.copies {
 		switch {

@@ -140,6 +140,9 @@ func (s *Supervisor) cancelCopyReplaces(g *generation) {
 // again; not, it is killed, and its exit replaces it again.
 func (s *Supervisor) onReplacementCheck(c *copyProc, err error) {
 	g := c.g
+	if c.leaving {
+		return // a rolling restart's batch took its place
+	}
 	if err != nil {
 		c.log.Warn("the copy's replacement failed its readiness check; killing it", "err", err)
 		c.proc.SignalGroup(syscall.SIGKILL)

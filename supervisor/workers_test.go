@@ -404,3 +404,62 @@ func TestCopyWatchdogSilenceStopsTheCopy(t *testing.T) {
 		t.Errorf("the copy that never pinged got %q", got)
 	}
 }
+
+// The old generation's copies all die in the middle of a rolling restart:
+// the rest of the new copies start at once, and the restart ends with the
+// new generation serving.
+func TestRollingRestartOldGenerationDies(t *testing.T) {
+	t.Parallel()
+	h := rollingHarness(t, 2, 1)
+	old := h.servingCopies(2)
+	events := h.restart(RestartRequest{})
+	first := h.started()
+	c0 := h.check(2)
+	old[0].exit(exited(2), false)
+	old[1].exit(exited(2), false)
+	h.waitLog("starting the rest of the new copies at once")
+	second := h.started()
+	c1 := h.check(2)
+	if c0.pid != first.id || c1.pid != second.id || c1.worker != 1 {
+		t.Fatalf("checks of pids %d and %d (copy %d), want %d and %d (copy 1)", c0.pid, c1.pid, c1.worker, first.id, second.id)
+	}
+	c0.pass()
+	c1.pass()
+	if res := result(t, all(t, events)); res.Outcome != RestartOK || res.Generation != 2 {
+		t.Errorf("result %+v, want generation 2 serving", res)
+	}
+	h.wantGens("2:serving")
+}
+
+// The only new copy of a rolling restart's first batch (K=1) exits after
+// its batch took its share: the restart falls back, the old copy that left
+// starts again, and the restart is rolled back.
+func TestRollingRestartLastNewCopyExits(t *testing.T) {
+	t.Parallel()
+	h := rollingHarness(t, 2, 1)
+	old := h.servingCopies(2)
+	events := h.restart(RestartRequest{})
+	first := h.started()
+	h.check(2).pass()
+	h.clock.waitTimer(t, testDrain)
+	h.clock.advance(testDrain)
+	old[0].waitSignals(t, "TERM")
+	old[0].exit(killed(15), false)
+	second := h.started()
+	h.check(2) // copy 1 of generation 2, checking
+	first.exit(exited(5), false)
+	h.waitLog("rolling restart failed half-way")
+	second.waitSignals(t, "group KILL")
+	second.exit(killed(9), false)
+	again := h.started()
+	h.check(1).pass()
+	res := result(t, all(t, events))
+	if res.Outcome != RestartRolledBack || !strings.Contains(res.Reason, fmt.Sprintf("copy 0 (pid %d) exited: exit status 5", first.id)) {
+		t.Errorf("result %+v, want a rollback naming copy 0's exit", res)
+	}
+	h.waitLog("copy replaced and serving")
+	st := h.wantGens("1:serving")
+	if cs := st.Generations[0].Copies; cs[0].Pid != again.id || cs[1].Pid != old[1].id {
+		t.Errorf("generation 1's copies %+v, want pids %d and %d", cs, again.id, old[1].id)
+	}
+}
