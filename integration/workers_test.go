@@ -651,3 +651,64 @@ func TestWorkersRollingFallsBack(t *testing.T) {
 	r.signal(syscall.SIGTERM)
 	r.wait(30 * time.Second)
 }
+
+// --liveness per copy: one of two Node.js copies hangs (SIGSTOP) under a
+// load of new connections. Its probes, steered to its own socket, fail; it
+// alone leaves the spread, gets the stop signal (and SIGCONT), and is
+// replaced on the same socket. Its sibling serves throughout, and no
+// request fails: what waited on the hung copy's socket is served by the
+// copy itself once it runs again, or by its replacement.
+func TestWorkersLivenessReplacesOneCopy(t *testing.T) {
+	t.Parallel()
+	node := conformanceProgram(t, "node")
+	app := conformanceApp(t, "app.js")
+	port := freeLoopbackPort(t)
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	r := startRelay(t, []string{"CONFORMANCE_DIR=" + t.TempDir()}, "--listen", addr, "--workers", "2",
+		"--liveness", "http://"+addr+"/healthz", "--liveness-interval", "500ms", "--liveness-failures", "2", "--", node, app, addr)
+	ready, from := r.waitMsg(0, "generation ready", 1)
+	pids := copyPids(t, ready)
+	load := startLoadIdent(httpURL(addr), 8, 5*time.Minute, pidHeader)
+	loadStopped := false
+	defer func() {
+		if !loadStopped {
+			load.stop()
+		}
+	}()
+	waitUntil(t, 60*time.Second, "both copies to answer", func() bool {
+		a, _ := load.served(pids[0])
+		b, _ := load.served(pids[1])
+		return a > 0 && b > 0
+	})
+	if err := syscall.Kill(pids[1], syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	failed, from := r.waitFor(from, 30*time.Second, "copy 1 to fail its liveness check", func(l logLine) bool {
+		return strings.HasPrefix(l.str("msg"), "copy failed its liveness check") && l.num("worker") == 1
+	})
+	if failed.num("pid") != pids[1] {
+		t.Errorf("failed: %v, want copy 1, pid %d", failed, pids[1])
+	}
+	replaced, _ := r.waitFor(from, 60*time.Second, "copy 1's replacement to serve", func(l logLine) bool {
+		return l.str("msg") == "copy replaced and serving" && l.num("worker") == 1
+	})
+	newPid := replaced.num("pid")
+	waitUntil(t, 60*time.Second, "the replacement to take its share", func() bool {
+		n, _ := load.served(newPid)
+		return n >= 20
+	})
+	load.stop()
+	loadStopped = true
+	if l := r.lines("copy failed its liveness check; stopping it, to replace it alone", 1); len(l) != 1 {
+		t.Errorf("%d copies failed their liveness check, want 1: %v", len(l), l)
+	}
+	requests, failures := load.summary()
+	served0, _ := load.served(pids[0])
+	servedNew, _ := load.served(newPid)
+	t.Logf("copy 1 (pid %d) hung: replaced by pid %d; %d requests, %d failed; copy 0 (pid %d) answered %d, the replacement %d",
+		pids[1], newPid, requests, len(failures), pids[0], served0, servedNew)
+	noFailures(t, failures, requests)
+	checkStatusCopies(t, r, []int{pids[0], newPid})
+	r.signal(syscall.SIGTERM)
+	r.wait(30 * time.Second)
+}
