@@ -65,9 +65,10 @@ func serving() supervisor.Status {
 		Generations: []supervisor.GenerationStatus{
 			{Generation: 3, Pid: 90, State: supervisor.Exited, Processes: 2},
 			{Generation: 4, Pid: 100, State: supervisor.Draining},
-			{Generation: 5, Pid: 101, State: supervisor.Serving},
+			{Generation: 5, Pid: 101, State: supervisor.Serving, Copies: []supervisor.CopyStatus{
+				{Worker: 0, Pid: 101, State: "ready"}, {Worker: 1, Pid: 107, State: "starting", Replaced: 2}}},
 		},
-		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, LivenessReplacements: 1,
+		Restarts: supervisor.RestartCounts{OK: 3, RolledBack: 2, Refused: 1, Replacements: 4, LivenessReplacements: 1, CopyReplacements: 2,
 			AfterSwitch: map[supervisor.RollbackCause]int{supervisor.RollbackExited: 1, supervisor.RollbackLiveness: 1}},
 		Confirm: &supervisor.ConfirmStatus{Generation: 5, Pid: 101, Warm: 4, WarmPid: 100, Until: time.Unix(1700000100, 250e6)},
 		LastRestart: &supervisor.LastRestart{
@@ -111,6 +112,17 @@ relay_crash_replacements_total 4
 # HELP relay_liveness_replacements_total Restarts relay began by itself to replace a serving generation that failed its liveness check or its watchdog.
 # TYPE relay_liveness_replacements_total counter
 relay_liveness_replacements_total 1
+# HELP relay_copy_replacements_total Copies (relay run --workers) started in place of one that exited or failed while its generation served.
+# TYPE relay_copy_replacements_total counter
+relay_copy_replacements_total 2
+# HELP relay_copy Always 1, for each copy of each live generation (relay run --workers; one per generation without it); its labels say which, its pid, and its state: starting (not yet ready), ready, or exited (a replacement may be pending).
+# TYPE relay_copy gauge
+relay_copy{generation="5",pid="101",state="ready",worker="0"} 1
+relay_copy{generation="5",pid="107",state="starting",worker="1"} 1
+# HELP relay_copy_replaced Replacements of each copy of each live generation before the one running now (relay run --workers): a copy that exits, or fails its liveness check or watchdog, while its generation serves is replaced alone.
+# TYPE relay_copy_replaced gauge
+relay_copy_replaced{generation="5",worker="0"} 0
+relay_copy_replaced{generation="5",worker="1"} 2
 # HELP relay_serving_generation Number of the generation that serves new connections; 0 while none does.
 # TYPE relay_serving_generation gauge
 relay_serving_generation 5
@@ -133,6 +145,7 @@ relay_last_restart_success 1
 relay_build_info{goversion="go1.26.8",version="v1.2.3"} 1
 `
 	names := []string{"relay_restarts_total", "relay_crash_replacements_total", "relay_liveness_replacements_total",
+		"relay_copy_replacements_total", "relay_copy", "relay_copy_replaced",
 		"relay_serving_generation", "relay_generations", "relay_last_restart_timestamp_seconds", "relay_last_restart_success", "relay_build_info"}
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), names...); err != nil {
 		t.Error(err)
