@@ -157,20 +157,10 @@ func restartPool(t *testing.T, srv poolServer) {
 			load.stop()
 		}
 	}()
-	everyCopy := func(ids []int) func() bool {
-		return func() bool {
-			for _, id := range ids {
-				if n, _ := load.served(id); n == 0 {
-					return false
-				}
-			}
-			return true
-		}
-	}
 	slowOK := 0
 	for gen := 2; gen <= workersRestarts+1; gen++ {
 		old := gen - 1
-		waitUntil(t, 60*time.Second, fmt.Sprintf("both copies of generation %d to answer", old), everyCopy(serving))
+		waitUntil(t, 60*time.Second, fmt.Sprintf("both copies of generation %d to answer", old), answeredBy(load, serving))
 		var slow *conformanceSlow
 		worker := 0
 		if srv.slow {
@@ -212,7 +202,7 @@ func restartPool(t *testing.T, srv poolServer) {
 		_, from = r.waitMsg(from, "old generation exited", old)
 		checkPoolListeners(t, r, gen, pids, inodes, port)
 	}
-	waitUntil(t, 60*time.Second, "both copies of the last generation to answer", everyCopy(serving))
+	waitUntil(t, 60*time.Second, "both copies of the last generation to answer", answeredBy(load, serving))
 	load.stop()
 	loadStopped = true
 
@@ -285,6 +275,19 @@ func TestWorkersPythonHTTPServer(t *testing.T) {
 	})
 }
 
+// answeredBy reports, for waitUntil, whether each of ids has answered the
+// load at least once.
+func answeredBy(ld *load, ids []int) func() bool {
+	return func() bool {
+		for _, id := range ids {
+			if n, _ := ld.served(id); n == 0 {
+				return false
+			}
+		}
+		return true
+	}
+}
+
 // checkStatusCopies checks that relay status --json lists one generation,
 // whose copies are pids, by worker, all ready.
 func checkStatusCopies(t *testing.T, r *relayProc, pids []int) {
@@ -334,11 +337,7 @@ func TestWorkersKillOneCopy(t *testing.T) {
 			load.stop()
 		}
 	}()
-	waitUntil(t, 60*time.Second, "both copies to answer", func() bool {
-		a, _ := load.served(pids[0])
-		b, _ := load.served(pids[1])
-		return a > 0 && b > 0
-	})
+	waitUntil(t, 60*time.Second, "both copies to answer", answeredBy(load, pids))
 
 	// A slow request held by copy 1: the hash of its source port picks
 	// the copy, so send them until one lands there; those that land on
@@ -474,19 +473,9 @@ func TestWorkersRolling(t *testing.T) {
 			close(stopSampling)
 		}
 	}()
-	everyCopy := func(pids []int) func() bool {
-		return func() bool {
-			for _, pid := range pids {
-				if n, _ := load.served(pid); n == 0 {
-					return false
-				}
-			}
-			return true
-		}
-	}
 	for gen := 2; gen <= restarts+1; gen++ {
 		old := gen - 1
-		waitUntil(t, 60*time.Second, fmt.Sprintf("the copies of generation %d to answer", old), everyCopy(pids))
+		waitUntil(t, 60*time.Second, fmt.Sprintf("the copies of generation %d to answer", old), answeredBy(load, pids))
 		slow := startConformanceSlow(old, fmt.Sprintf("http://%s/slow?id=%d&ms=100", addr, old), 3*time.Minute)
 		worker := conformanceMarker(t, dir, slow)
 		restart := startConformanceRestart(r)
@@ -525,7 +514,7 @@ func TestWorkersRolling(t *testing.T) {
 		}
 		_, from = r.waitMsg(from, "old generation exited", old)
 	}
-	waitUntil(t, 60*time.Second, "the copies of the last generation to answer", everyCopy(pids))
+	waitUntil(t, 60*time.Second, "the copies of the last generation to answer", answeredBy(load, pids))
 	load.stop()
 	close(stopSampling)
 	loadStopped = true
@@ -591,14 +580,7 @@ func TestWorkersRollingFallsBack(t *testing.T) {
 		}
 	}()
 	load := startLoadIdent(httpURL(addr), 8, 5*time.Minute, pidHeader)
-	waitUntil(t, 60*time.Second, "the copies of generation 1 to answer", func() bool {
-		for _, pid := range pids {
-			if n, _ := load.served(pid); n == 0 {
-				return false
-			}
-		}
-		return true
-	})
+	waitUntil(t, 60*time.Second, "the copies of generation 1 to answer", answeredBy(load, pids))
 	stdout, stderr, code := r.client("restart", "--", "env", "FAIL_WORKER=2", node, app, addr)
 	if code != 3 || !strings.Contains(stdout+stderr, "FAIL_WORKER") {
 		t.Errorf("relay restart into a failing copy 2: exit %d, want 3 with its stderr\n%s%s", code, stdout, stderr)
@@ -630,14 +612,7 @@ func TestWorkersRollingFallsBack(t *testing.T) {
 		t.Fatalf("the old copies started again %v do not replace copies 0 and 1 %v", again, pids[:2])
 	}
 	r.waitMsg(fellBack, "restart finished", 2)
-	waitUntil(t, 60*time.Second, "the old generation's 4 copies to answer", func() bool {
-		for _, pid := range now {
-			if n, _ := load.served(pid); n == 0 {
-				return false
-			}
-		}
-		return true
-	})
+	waitUntil(t, 60*time.Second, "the old generation's 4 copies to answer", answeredBy(load, now))
 	load.stop()
 	close(stopSampling)
 	most := <-sampled
@@ -675,11 +650,7 @@ func TestWorkersLivenessReplacesOneCopy(t *testing.T) {
 			load.stop()
 		}
 	}()
-	waitUntil(t, 60*time.Second, "both copies to answer", func() bool {
-		a, _ := load.served(pids[0])
-		b, _ := load.served(pids[1])
-		return a > 0 && b > 0
-	})
+	waitUntil(t, 60*time.Second, "both copies to answer", answeredBy(load, pids))
 	if err := syscall.Kill(pids[1], syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}

@@ -229,6 +229,25 @@ func (s *Supervisor) newCopy(g *generation, w int) *copyProc {
 	return &copyProc{g: g, worker: w, stderr: newTailBuffer(stderrTailBytes), notified: make(chan struct{})}
 }
 
+// launchCopy makes ready and starts copy w of g on its own (a rolling
+// restart's later batch, a replacement); old is the copy it takes the place
+// of, nil for none, whose count of replacements and failures it carries on.
+// Its check is the caller's to start.
+func (s *Supervisor) launchCopy(g *generation, w int, old *copyProc) (*copyProc, error) {
+	c := s.newCopy(g, w)
+	if old != nil {
+		c.replaced, c.crashes = old.replaced+1, old.crashes
+	}
+	l, err := s.prepare(c)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.startCopy(c, l); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
 // startCopy starts copy c from its launch l, in its generation's cgroup.
 func (s *Supervisor) startCopy(c *copyProc, l *launch) error {
 	g := c.g

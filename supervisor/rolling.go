@@ -134,7 +134,7 @@ func (s *Supervisor) onRollCheck(run *restartRun, c *copyProc, err error) {
 	}
 	roll.leaving = leaving
 	for _, x := range leaving {
-		s.leave(run, x)
+		s.leave(x)
 	}
 	s.rollOn(run)
 }
@@ -155,7 +155,7 @@ func (s *Supervisor) readyToServe(g *generation) {
 // signal (copyDrainedEvent). Its socket is marked absent: should its
 // generation get all its copies' share again (a fall back), c's is not
 // among them until it is started again.
-func (s *Supervisor) leave(run *restartRun, c *copyProc) {
+func (s *Supervisor) leave(c *copyProc) {
 	c.leaving = true
 	if c.cancelCheck != nil && !c.ready {
 		c.cancelCheck() // a replacement still starting: it leaves as it is
@@ -246,24 +246,30 @@ func (s *Supervisor) rollOn(run *restartRun) {
 	}
 	roll.leaving = nil
 	roll.batch = nil
-	from := len(g.copies)
-	for w := from; w < min(from+roll.k, s.cfg.Workers); w++ {
-		c := s.newCopy(g, w)
-		l, err := s.prepare(c)
-		if err == nil {
-			err = s.startCopy(c, l)
+	if started, ok := s.addRollCopies(run, len(g.copies)+roll.k); ok {
+		g.log.Info("rolling restart: next batch starting", "batch", workers(started), "pids", pidsOf(started))
+		for _, c := range started {
+			s.startCopyCheck(c)
 		}
+	}
+}
+
+// addRollCopies starts the copies of the rolling restart's new generation
+// from the next not started up to to (at most Workers), into the batch. If
+// one cannot start, the restart falls back and ok is false.
+func (s *Supervisor) addRollCopies(run *restartRun, to int) (started []*copyProc, ok bool) {
+	g := run.gen
+	for w := len(g.copies); w < min(to, s.cfg.Workers); w++ {
+		c, err := s.launchCopy(g, w, nil)
 		if err != nil {
 			s.fallBack(run, nil, err)
-			return
+			return nil, false
 		}
 		g.copies = append(g.copies, c)
-		roll.batch = append(roll.batch, c)
+		run.roll.batch = append(run.roll.batch, c)
+		started = append(started, c)
 	}
-	g.log.Info("rolling restart: next batch starting", "batch", workers(roll.batch), "pids", pidsOf(roll.batch))
-	for _, c := range roll.batch {
-		s.startCopyCheck(c)
-	}
+	return started, true
 }
 
 // rollRest starts at once every copy of the rolling restart's new
@@ -276,24 +282,12 @@ func (s *Supervisor) rollRest(run *restartRun) {
 		return
 	}
 	roll.leaving = nil
-	from := len(g.copies)
-	for w := from; w < s.cfg.Workers; w++ {
-		c := s.newCopy(g, w)
-		l, err := s.prepare(c)
-		if err == nil {
-			err = s.startCopy(c, l)
+	if started, ok := s.addRollCopies(run, s.cfg.Workers); ok {
+		g.log.Warn("the old generation is gone in the middle of the rolling restart; starting the rest of the new copies at once",
+			"started", workers(started))
+		for _, c := range started {
+			s.startCopyCheck(c)
 		}
-		if err != nil {
-			s.fallBack(run, nil, err)
-			return
-		}
-		g.copies = append(g.copies, c)
-		roll.batch = append(roll.batch, c)
-	}
-	g.log.Warn("the old generation is gone in the middle of the rolling restart; starting the rest of the new copies at once",
-		"started", workers(g.copies[from:]))
-	for _, c := range g.copies[from:] {
-		s.startCopyCheck(c)
 	}
 }
 
@@ -385,12 +379,7 @@ func (s *Supervisor) refill() {
 			continue
 		}
 		c.refilled = true
-		nc := s.newCopy(sv, c.worker)
-		nc.replaced = c.replaced + 1
-		l, err := s.prepare(nc)
-		if err == nil {
-			err = s.startCopy(nc, l)
-		}
+		nc, err := s.launchCopy(sv, c.worker, c)
 		if err != nil {
 			c.log.Error("cannot start the old generation's copy again; it is replaced as a crashed one", "err", err)
 			c.leaving = false

@@ -108,12 +108,7 @@ func (s *Supervisor) onCopyReplaceDue(c *copyProc) {
 	if g != s.gens.serving || s.stop.begun || g.copies[c.worker] != c {
 		return
 	}
-	nc := s.newCopy(g, c.worker)
-	nc.replaced, nc.crashes = c.replaced+1, c.crashes
-	l, err := s.prepare(nc)
-	if err == nil {
-		err = s.startCopy(nc, l)
-	}
+	nc, err := s.launchCopy(g, c.worker, c)
 	if err != nil {
 		c.log.Error("cannot start the copy's replacement", "err", err)
 		s.scheduleCopyReplace(c)

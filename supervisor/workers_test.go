@@ -272,6 +272,23 @@ func TestRollingRestart(t *testing.T) {
 	}
 }
 
+// rollFirstBatch serves n copies, begins a rolling restart (K=1) whose
+// first new copy becomes ready, lets the old copy 0 it replaces drain,
+// stop and exit, and returns the old copies, the restart's events, the
+// first new copy and the second, just started.
+func (h *harness) rollFirstBatch(n int) (old []*fakeProc, events <-chan Event, first, second *fakeProc) {
+	h.t.Helper()
+	old = h.servingCopies(n)
+	events = h.restart(RestartRequest{})
+	first = h.started()
+	h.check(2).pass()
+	h.clock.waitTimer(h.t, testDrain)
+	h.clock.advance(testDrain)
+	old[0].waitSignals(h.t, "TERM")
+	old[0].exit(killed(15), false)
+	return old, events, first, h.started()
+}
+
 // A rolling restart whose second new copy fails its check falls back: the
 // failing copy is killed, the first new copy, which served, drains and
 // stops, the old copy it replaced is started again, and the restart is
@@ -279,15 +296,7 @@ func TestRollingRestart(t *testing.T) {
 func TestRollingRestartFallsBack(t *testing.T) {
 	t.Parallel()
 	h := rollingHarness(t, 4, 1)
-	old := h.servingCopies(4)
-	events := h.restart(RestartRequest{})
-	first := h.started()
-	h.check(2).pass()
-	h.clock.waitTimer(t, testDrain)
-	h.clock.advance(testDrain)
-	old[0].waitSignals(t, "TERM")
-	old[0].exit(killed(15), false)
-	second := h.started()
+	old, events, first, second := h.rollFirstBatch(4)
 	h.check(2).fail(fmt.Errorf("no answer"))
 	second.waitSignals(t, "group KILL")
 	second.exit(killed(9), false)
@@ -437,15 +446,7 @@ func TestRollingRestartOldGenerationDies(t *testing.T) {
 func TestRollingRestartLastNewCopyExits(t *testing.T) {
 	t.Parallel()
 	h := rollingHarness(t, 2, 1)
-	old := h.servingCopies(2)
-	events := h.restart(RestartRequest{})
-	first := h.started()
-	h.check(2).pass()
-	h.clock.waitTimer(t, testDrain)
-	h.clock.advance(testDrain)
-	old[0].waitSignals(t, "TERM")
-	old[0].exit(killed(15), false)
-	second := h.started()
+	old, events, first, second := h.rollFirstBatch(2)
 	h.check(2) // copy 1 of generation 2, checking
 	first.exit(exited(5), false)
 	h.waitLog("rolling restart failed half-way")

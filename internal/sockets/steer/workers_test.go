@@ -1,6 +1,7 @@
 package steer
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -395,13 +396,25 @@ func pending(f *os.File) bool {
 // that socket without accepting it.
 func waitingOn(t *testing.T, socks map[int]*os.File) int {
 	t.Helper()
+	var keys []int
+	var fds []unix.PollFd
+	for k, f := range socks {
+		keys = append(keys, k)
+		fds = append(fds, unix.PollFd{Fd: int32(f.Fd()), Events: unix.POLLIN})
+	}
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
-		for k, f := range socks {
-			if pending(f) {
-				return k
+		n, err := unix.Poll(fds, int(time.Until(deadline).Milliseconds())+1)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, p := range fds {
+			if n > 0 && p.Revents&unix.POLLIN != 0 {
+				return keys[i]
 			}
 		}
-		time.Sleep(time.Millisecond)
 	}
 	t.Fatal("no socket got the connection")
 	return 0
